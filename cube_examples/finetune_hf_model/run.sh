@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Finetune a Hugging Face model with fairseq-train + fairseq_ext, launched by torchrun.
+# Every setting is an environment variable (table in README.md beside this file); arguments after
+# the script name go to fairseq-train unchanged. With nothing set, it finetunes the shipped tiny
+# Llama on the shipped instruction data and prints test exact match before and after.
+set -euo pipefail
+
+EXAMPLE_PATH=${EXAMPLE_PATH:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}
+REPO_ROOT=$(cd "$EXAMPLE_PATH/../.." && pwd)
+PYTHON=${PYTHON:-python3}
+
+# ---- settings: environment variables and their defaults ----
+NPROC_PER_NODE=${NPROC_PER_NODE:-1}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+SCRIPT_PATH=${SCRIPT_PATH:-$EXAMPLE_PATH/output}
+DATASET_NAME=${DATASET_NAME:-toy_instructions}
+DATA_DIR=${DATA_DIR:-$EXAMPLE_PATH/data}
+OUTPUT_DIR=${OUTPUT_DIR:-$SCRIPT_PATH}
+TENSORBOARD_DIR=${TENSORBOARD_DIR:-$OUTPUT_DIR/tensorboard}
+LOG_DIR=${LOG_DIR:-$OUTPUT_DIR/log}
+CHECKPOINT_DIR=${CHECKPOINT_DIR:-$OUTPUT_DIR/checkpoint}
+MODEL_ARCH=${MODEL_ARCH:-hf_auto_causal_lm}
+HUGGINGFACE_MODEL_NAME_OR_PATH=${HUGGINGFACE_MODEL_NAME_OR_PATH:-$EXAMPLE_PATH/model/tiny-llama}
+DATASET_TYPE=${DATASET_TYPE:-instruction}
+DATASET_PATH=${DATASET_PATH:-$DATA_DIR}
+PROMPT_TYPE=${PROMPT_TYPE:-plain}
+SEQUENCE_LENGTH=${SEQUENCE_LENGTH:-512}
+BATCH_SIZE=${BATCH_SIZE:-32}
+GRADIENT_ACCU_NUM=${GRADIENT_ACCU_NUM:-1}
+WARMUP_STEPS=${WARMUP_STEPS:-50}
+MAX_STEPS=${MAX_STEPS:-1000}
+SEED=${SEED:-1}
+OPTIMIZE_PARAMS=${OPTIMIZE_PARAMS:---optimizer adam --adam-betas (0.9,0.95) --weight-decay 0.0 --lr 3e-3 --clip-norm 1.0}
+SAVE_STEPS=${SAVE_STEPS:-$(( MAX_STEPS / 4 > 0 ? MAX_STEPS / 4 : 1 ))}
+LOG_INTERVAL=${LOG_INTERVAL:-50}
+LOG_FORMAT=${LOG_FORMAT:-simple}
+EVALUATE=${EVALUATE:-1}
+
+fail() { echo "run.sh: error: $*" >&2; exit 2; }
+for name in NPROC_PER_NODE NNODES BATCH_SIZE GRADIENT_ACCU_NUM MAX_STEPS SEQUENCE_LENGTH SAVE_STEPS LOG_INTERVAL; do
+    [[ ${!name} =~ ^[0-9]+$ && ${!name} -gt 0 ]] || fail "$name must be a positive integer, got '${!name}'"
+done
+for name in NODE_RANK WARMUP_STEPS SEED MASTER_PORT; do
+    [[ ${!name} =~ ^[0-9]+$ ]] || fail "$name must be a non-negative integer, got '${!name}'"
+done
+(( NODE_RANK < NNODES )) || fail "NODE_RANK $NODE_RANK must be below NNODES $NNODES"
+if [[ $DATASET_TYPE == instruction ]]; then DATA=$DATA_DIR; else DATA=$DATASET_PATH; fi
+[[ -e $DATA ]] || fail "data folder $DATA does not exist (DATA_DIR / DATASET_PATH)"
+DATA=$(cd "$DATA" && pwd)
+if [[ -d $HUGGINGFACE_MODEL_NAME_OR_PATH ]]; then
+    HUGGINGFACE_MODEL_NAME_OR_PATH=$(cd "$HUGGINGFACE_MODEL_NAME_OR_PATH" && pwd)
+fi
+
+if "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    DEVICE_ARGS=(--distributed-backend nccl)
+else
+    DEVICE_ARGS=(--cpu --distributed-backend gloo)
+fi
+mkdir -p "$OUTPUT_DIR" "$TENSORBOARD_DIR" "$LOG_DIR" "$CHECKPOINT_DIR"
+
+# ---- environment variables -> fairseq-train flags ----
+# shellcheck disable=SC2206  # OPTIMIZE_PARAMS is a list of flags, split on spaces on purpose
+TRAIN_ARGS=(
+    "$DATA" --user-dir "$REPO_ROOT/fairseq_ext" --task hf_finetune --arch "$MODEL_ARCH"
+    --hf-model-name-or-path "$HUGGINGFACE_MODEL_NAME_OR_PATH"
+    --dataset-type "$DATASET_TYPE" --dataset-name "$DATASET_NAME" --prompt-type "$PROMPT_TYPE"
+    --sequence-length "$SEQUENCE_LENGTH" --batch-size "$BATCH_SIZE" --update-freq "$GRADIENT_ACCU_NUM"
+    --max-update "$MAX_STEPS" --lr-scheduler polynomial_decay --warmup-updates "$WARMUP_STEPS"
+    --total-num-update "$MAX_STEPS" --seed "$SEED"
+    $OPTIMIZE_PARAMS
+    --save-dir "$CHECKPOINT_DIR" --save-interval-updates "$SAVE_STEPS" --validate-interval-updates "$SAVE_STEPS"
+    --keep-interval-updates 2 --no-epoch-checkpoints
+    --tensorboard-logdir "$TENSORBOARD_DIR" --log-file "$LOG_DIR/train.log"
+    --log-format "$LOG_FORMAT" --log-interval "$LOG_INTERVAL" --num-workers 0
+    "${DEVICE_ARGS[@]}"
+    "$@"
+)
+
+echo "fairseq_ext run.sh settings:"
+for name in NPROC_PER_NODE NNODES NODE_RANK MASTER_ADDR MASTER_PORT EXAMPLE_PATH SCRIPT_PATH DATASET_NAME DATA_DIR \
+    OUTPUT_DIR TENSORBOARD_DIR LOG_DIR CHECKPOINT_DIR MODEL_ARCH HUGGINGFACE_MODEL_NAME_OR_PATH DATASET_TYPE \
+    DATASET_PATH PROMPT_TYPE SEQUENCE_LENGTH BATCH_SIZE GRADIENT_ACCU_NUM WARMUP_STEPS MAX_STEPS SEED OPTIMIZE_PARAMS; do
+    printf '  %-32s %s\n' "$name" "${!name}"
+done
+
+# Workers' stderr goes to a file: on failure run.sh shows our one-line errors, or the full output of a crash.
+run_or_explain() {
+    local stderr_file=$LOG_DIR/stderr_$1.log; shift
+    if "$@" 2>"$stderr_file"; then return 0; fi
+    if grep -q "^fairseq_ext: error:" "$stderr_file"; then
+        grep "^fairseq_ext: error:" "$stderr_file" | sort -u >&2
+        exit 2
+    fi
+    cat "$stderr_file" >&2
+    exit 1
+}
+
+evaluate() {
+    [[ $EVALUATE == 1 && $DATASET_TYPE == instruction && $MODEL_ARCH == hf_auto_causal_lm && $NODE_RANK == 0 ]] || return 0
+    [[ -f $DATA/${DATASET_NAME}_test.json ]] || return 0
+    run_or_explain "evaluate_$1" "$PYTHON" "$REPO_ROOT/scripts/evaluate.py" --label "$1" "${@:2}"
+}
+
+export PYTHONPATH=$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}
+if [[ ! -f $CHECKPOINT_DIR/checkpoint_last.pt ]]; then
+    evaluate before --hf-model-name-or-path "$HUGGINGFACE_MODEL_NAME_OR_PATH" --data "$DATA" \
+        --dataset-name "$DATASET_NAME" --prompt-type "$PROMPT_TYPE" --seed "$SEED"
+fi
+run_or_explain train torchrun --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --node-rank "$NODE_RANK" \
+    --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
+    "$(command -v fairseq-train)" "${TRAIN_ARGS[@]}"
+evaluate after --checkpoint "$CHECKPOINT_DIR/checkpoint_best.pt"
+echo "checkpoints: $CHECKPOINT_DIR  tensorboard: $TENSORBOARD_DIR  log: $LOG_DIR/train.log"

@@ -1,0 +1,1 @@
+"""The cube: parallel plans (search) and their application (runtime)."""

@@ -1,0 +1,70 @@
+"""Checkpoints: load a trained fairseq checkpoint back into its task and model; export to Hugging Face.
+
+Every folder or file written here appears whole or not at all: it is written under a temporary name
+beside its destination and renamed into place.
+"""
+
+import contextlib
+import os
+import shutil
+import tempfile
+from typing import Dict, Optional, Tuple
+
+from fairseq import checkpoint_utils, tasks
+
+from ..errors import UserInputError
+
+
+def load_trained(checkpoint_path: str, arg_overrides: Optional[Dict] = None) -> Tuple[object, object, object]:
+    """Rebuild the task and model a checkpoint was trained with and load its weights.
+
+    Returns:
+        (cfg, task, model): the checkpoint's fairseq config, its task (with the tokenizer) and the
+        fairseq model with the checkpoint's weights, on the CPU, in eval mode.
+    """
+    if not os.path.isfile(checkpoint_path):
+        raise UserInputError(f"checkpoint {checkpoint_path}: no such file")
+    state = checkpoint_utils.load_checkpoint_to_cpu(checkpoint_path, arg_overrides=arg_overrides)
+    cfg = state["cfg"]
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    model.load_state_dict(state["model"], strict=True)
+    return cfg, task, model.eval()
+
+
+@contextlib.contextmanager
+def atomic_directory(destination: str, overwrite: bool = False):
+    """Yield a temporary folder beside ``destination``; on success it replaces ``destination`` in one rename.
+
+    An existing ``destination`` is kept if anything fails, and is refused unless ``overwrite``.
+    """
+    destination = os.path.abspath(destination)
+    if os.path.exists(destination) and not overwrite:
+        raise UserInputError(f"{destination} already exists; choose another folder or pass --overwrite")
+    parent = os.path.dirname(destination)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(destination)}.tmp-", dir=parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.exists(destination):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(destination)}.old-", dir=parent)
+        os.rename(destination, os.path.join(old, "previous"))
+    os.rename(tmp, destination)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_hf(checkpoint_path: str, out_dir: str, overwrite: bool = False) -> str:
+    """Write a checkpoint's model as a Hugging Face folder (``save_pretrained`` + tokenizer) at ``out_dir``.
+
+    The weights are the checkpoint's, bit for bit; ``AutoModelFor*.from_pretrained(out_dir)`` loads them.
+    """
+    _, task, model = load_trained(checkpoint_path)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        model.hf_model.save_pretrained(tmp)
+        task.tokenizer.save_pretrained(tmp)
+    return out_dir

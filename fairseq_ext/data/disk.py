@@ -1,0 +1,69 @@
+"""The ``disk`` dataset type: a folder written by ``datasets``' ``save_to_disk``.
+
+The folder holds a ``DatasetDict`` whose split names are ``train``, ``valid`` (or ``validation``) and
+``test``. Columns, in the order they are looked for:
+``input_ids`` (already tokenized; ``labels`` optional, all tokens trained on when absent),
+``instruction``/``output`` (+ optional ``input``: formatted with the prompt template, prompt masked),
+``text`` (plain language modelling; EOS appended, every token trained on).
+"""
+
+import os
+
+import datasets
+
+from .instruction import tokenize_records
+from .registry import register_dataset_type
+from ..errors import UserInputError
+
+SPLIT_ALIASES = {"valid": ("valid", "validation"), "train": ("train",), "test": ("test",)}
+
+
+def load_disk_split(path: str, split: str) -> datasets.Dataset:
+    """Load one split of a ``save_to_disk`` folder, with errors that name the folder and the splits it has."""
+    if not os.path.isdir(path):
+        raise UserInputError(f"DATASET_PATH {path}: no such folder (expected a datasets.save_to_disk folder)")
+    try:
+        loaded = datasets.load_from_disk(path, keep_in_memory=False)
+    except FileNotFoundError as err:
+        raise UserInputError(f"DATASET_PATH {path} is not a folder written by datasets' save_to_disk ({err})") from None
+    if isinstance(loaded, datasets.Dataset):
+        raise UserInputError(f"DATASET_PATH {path} holds a single Dataset; save a DatasetDict with train/valid/test splits")
+    for name in SPLIT_ALIASES.get(split, (split,)):
+        if name in loaded:
+            ds = loaded[name]
+            if len(ds) == 0:
+                raise UserInputError(f"DATASET_PATH {path}: split {name!r} is empty")
+            return ds
+    raise UserInputError(f"DATASET_PATH {path} has no split {split!r}; it has: {', '.join(loaded.keys())}")
+
+
+def _tokenize_text(batch, tokenizer):
+    ids = [list(x) + [tokenizer.eos_token_id] for x in tokenizer(batch["text"])["input_ids"]]
+    return {"input_ids": ids, "labels": ids}
+
+
+def _label_all(batch):
+    return {"labels": batch["input_ids"]}
+
+
+@register_dataset_type("disk")
+def build_disk_split(cfg, split: str, tokenizer):
+    """Builder for ``DATASET_TYPE=disk``."""
+    ds = load_disk_split(cfg.data, split)
+    columns = set(ds.column_names)
+    if "input_ids" in columns:
+        if "labels" not in columns:
+            ds = ds.map(_label_all, batched=True, keep_in_memory=True)
+        return ds.select_columns(["input_ids", "labels"])
+    if {"instruction", "output"} <= columns:
+        return tokenize_records(list(ds), tokenizer, cfg.prompt_type)
+    if "text" in columns:
+        if tokenizer.eos_token_id is None:
+            raise UserInputError("the tokenizer has no EOS token; set eos_token in its tokenizer_config.json")
+        return ds.map(_tokenize_text, batched=True, fn_kwargs={"tokenizer": tokenizer},
+                      remove_columns=ds.column_names, keep_in_memory=True)
+    raise UserInputError(
+        f"DATASET_PATH {cfg.data} split {split!r} has columns {sorted(columns)}; expected input_ids "
+        "(optionally labels), instruction + output (optionally input), or text"
+    )
+

@@ -1,0 +1,72 @@
+"""The ``instruction`` dataset type: alpaca-style records, prompt tokens masked out of the loss.
+
+Files: ``{data}/{dataset_name}_{split}.json`` (JSON lines or one JSON list) whose records hold
+``instruction`` and ``output`` strings and an optional ``input`` string.
+"""
+
+import os
+from typing import Dict, List
+
+from .prompts import get_prompt_template
+from .records import read_json_records, require_fields
+from .registry import register_dataset_type
+from ..errors import UserInputError
+
+IGNORE_INDEX = -100
+
+
+def instruction_split_path(data_dir: str, dataset_name: str, split: str) -> str:
+    """Where the records of ``split`` live."""
+    return os.path.join(data_dir, f"{dataset_name}_{split}.json")
+
+
+def read_instruction_records(path: str) -> List[Dict]:
+    """Read and validate the records of one split; an empty split is a UserInputError."""
+    records = read_json_records(path)
+    if not records:
+        raise UserInputError(f"{path}: the split is empty; it needs at least one record")
+    require_fields(records, ["instruction", "output"], path)
+    optional = [r for r in records if "input" in r]
+    require_fields(optional, ["input"], path)
+    return records
+
+
+def encode_prompt(tokenizer, prompt: str) -> List[int]:
+    """Token ids of a prompt as the model sees it at the start of a sample (BOS included, no EOS)."""
+    ids = list(tokenizer(prompt)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if ids and eos is not None and ids[-1] == eos and eos != tokenizer.bos_token_id:
+        ids = ids[:-1]  # tokenizers like T5's append EOS to every text
+    return ids
+
+
+def tokenize_instruction(tokenizer, prompt: str, answer: str) -> Dict[str, List[int]]:
+    """Token ids of prompt + answer + EOS, with labels that keep only the answer and EOS.
+
+    The prompt and the answer are tokenized separately and concatenated, so the label mask falls
+    exactly on the boundary whatever the tokenizer merges across it.
+    """
+    if tokenizer.eos_token_id is None:
+        raise UserInputError("the tokenizer has no EOS token; set eos_token in its tokenizer_config.json")
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    answer_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+    return {
+        "input_ids": prompt_ids + answer_ids,
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids,
+    }
+
+
+def tokenize_records(records: List[Dict], tokenizer, prompt_type: str) -> List[Dict[str, List[int]]]:
+    """Render each record with the ``prompt_type`` template and tokenize it."""
+    template = get_prompt_template(prompt_type)
+    return [
+        tokenize_instruction(tokenizer, template.render(r["instruction"], r.get("input", "")), r["output"])
+        for r in records
+    ]
+
+
+@register_dataset_type("instruction")
+def build_instruction_split(cfg, split: str, tokenizer) -> List[Dict[str, List[int]]]:
+    """Builder for ``DATASET_TYPE=instruction``."""
+    path = instruction_split_path(cfg.data, cfg.dataset_name, split)
+    return tokenize_records(read_instruction_records(path), tokenizer, cfg.prompt_type)

@@ -1,0 +1,3 @@
+"""fairseq tasks."""
+
+from .hf_finetune import HFFinetuneTask  # noqa: F401
