@@ -72,7 +72,7 @@ TRAIN_ARGS=(
     --total-num-update "$MAX_STEPS" --seed "$SEED"
     $OPTIMIZE_PARAMS
     --save-dir "$CHECKPOINT_DIR" --save-interval-updates "$SAVE_STEPS" --validate-interval-updates "$SAVE_STEPS"
-    --keep-interval-updates 2 --no-epoch-checkpoints
+    --keep-interval-updates 2 --keep-last-epochs 2
     --tensorboard-logdir "$TENSORBOARD_DIR" --log-file "$LOG_DIR/train.log"
     --log-format "$LOG_FORMAT" --log-interval "$LOG_INTERVAL" --num-workers 0
     "${DEVICE_ARGS[@]}"

@@ -1,0 +1,58 @@
+"""Shared pieces of the tests: paths of the shipped assets and a tiny fairseq-train run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "cube_examples" / "finetune_hf_model"
+RUN_SH = EXAMPLE / "run.sh"
+MODEL_DIR = EXAMPLE / "model" / "tiny-llama"
+DATA_DIR = EXAMPLE / "data"
+BIN = Path(sys.executable).parent
+
+
+def tiny_train_args(save_dir, data_dir=DATA_DIR, max_update: int = 6, extra: Sequence[str] = ()) -> List[str]:
+    """fairseq-train arguments for a few quick steps on the shipped data, losses logged every step as JSON."""
+    return [
+        str(data_dir), "--user-dir", str(REPO / "fairseq_ext"), "--task", "hf_finetune",
+        "--arch", "hf_auto_causal_lm", "--hf-model-name-or-path", str(MODEL_DIR),
+        "--cpu", "--batch-size", "4", "--optimizer", "adam", "--lr", "1e-3",
+        "--lr-scheduler", "polynomial_decay", "--warmup-updates", "2", "--total-num-update", "100",
+        "--max-update", str(max_update), "--save-dir", str(save_dir), "--log-format", "json",
+        "--log-interval", "1", "--num-workers", "0", "--seed", "3", "--disable-validation",
+        *extra,
+    ]
+
+
+def env() -> Dict[str, str]:
+    out = dict(os.environ)
+    out["PATH"] = f"{BIN}{os.pathsep}{out.get('PATH', '')}"
+    out["PYTHONPATH"] = f"{REPO}{os.pathsep}{out.get('PYTHONPATH', '')}"
+    out.setdefault("OMP_NUM_THREADS", "1")
+    return out
+
+
+def run(cmd: Sequence[str], timeout: int = 600, extra_env: Dict[str, str] = None, **kwargs):
+    """Run a command with the test environment; return the CompletedProcess (stdout and stderr as text)."""
+    full_env = env()
+    full_env.update(extra_env or {})
+    return subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=timeout, env=full_env,
+                          **kwargs)
+
+
+def fairseq_train(args: Sequence[str], **kwargs):
+    return run([BIN / "fairseq-train", *args], **kwargs)
+
+
+def train_losses(stdout: str) -> Dict[int, float]:
+    """Per-update training loss from fairseq's JSON progress lines (``--log-format json --log-interval 1``)."""
+    losses = {}
+    for line in stdout.splitlines():
+        if "| train_inner |" in line:
+            record = json.loads(line.split("| train_inner |", 1)[1])
+            losses[int(record["num_updates"])] = float(record["loss"])
+    return losses
