@@ -1,0 +1,96 @@
+"""fairseq-train end to end on the shipped data, and what fairseq's tools and our scripts do with the result."""
+
+import glob
+
+import pytest
+import torch
+from fairseq import checkpoint_utils
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.helpers import BIN, DATA_DIR, REPO, fairseq_train, run, tiny_train_args, train_losses
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short run with validation, interval checkpoints, tensorboard and a log file."""
+    out = tmp_path_factory.mktemp("train")
+    args = tiny_train_args(out / "checkpoint", max_update=8, extra=[
+        "--save-interval-updates", "4", "--validate-interval-updates", "4", "--keep-interval-updates", "2",
+        "--tensorboard-logdir", str(out / "tensorboard"), "--log-file", str(out / "train.log"),
+        "--batch-size", "8", "--lr", "3e-3",
+    ])
+    args.remove("--disable-validation")
+    result = fairseq_train(args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result
+
+
+def test_loss_falls_and_fairseq_outputs_exist(trained):
+    out, result = trained
+    losses = train_losses(result.stdout)
+    assert sorted(losses) == list(range(1, 9))
+    assert losses[8] < losses[1] - 1.0, losses
+    for name in ("checkpoint_last.pt", "checkpoint_best.pt", "checkpoint_1_4.pt", "checkpoint_1_8.pt"):
+        assert (out / "checkpoint" / name).is_file(), name
+    assert glob.glob(str(out / "tensorboard" / "train_inner" / "events.out.tfevents.*"))
+    assert glob.glob(str(out / "tensorboard" / "valid" / "events.out.tfevents.*"))
+    log = (out / "train.log").read_text()
+    assert '"num_updates": "8"' in log and "done training" in log
+    assert "criterion: hf_causal_lm" in result.stdout
+
+
+def test_fairseq_reads_our_checkpoints(trained):
+    out, _ = trained
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(out / "checkpoint" / "checkpoint_last.pt"))
+    assert state["cfg"].task._name == "hf_finetune" and state["cfg"].model._name == "hf_auto_causal_lm"
+    assert state["extra_state"]["train_iterator"]["epoch"] == 1
+    assert all(key.startswith("hf_model.") for key in state["model"])
+
+
+def test_fairseq_validate_evaluates_a_split(trained):
+    out, _ = trained
+    result = run([BIN / "fairseq-validate", DATA_DIR, "--user-dir", REPO / "fairseq_ext", "--task", "hf_finetune",
+                  "--path", out / "checkpoint" / "checkpoint_best.pt", "--valid-subset", "test", "--cpu",
+                  "--batch-size", "16"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "valid on 'test' subset" in result.stdout and "| loss " in result.stdout
+
+
+def test_export_is_bit_identical_and_generates(trained, tmp_path):
+    out, _ = trained
+    checkpoint = out / "checkpoint" / "checkpoint_last.pt"
+    export_dir = tmp_path / "hf"
+    result = run([BIN / "python", REPO / "scripts" / "export_hf.py", checkpoint, export_dir])
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(export_dir)
+    tokenizer = AutoTokenizer.from_pretrained(export_dir)
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(checkpoint))["model"]
+    exported = model.state_dict()
+    assert set(exported) == {k[len("hf_model."):] for k in state}
+    for key, value in state.items():
+        assert torch.equal(exported[key[len("hf_model."):]], value), key
+    prompt = tokenizer("What is the last word?\ncat owl\n", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_export_never_clobbers_without_overwrite(trained, tmp_path):
+    out, _ = trained
+    export_dir = tmp_path / "hf"
+    export_dir.mkdir()
+    (export_dir / "keep.txt").write_text("mine")
+    cmd = [BIN / "python", REPO / "scripts" / "export_hf.py", out / "checkpoint" / "checkpoint_last.pt", export_dir]
+    result = run(cmd)
+    assert result.returncode == 2 and "already exists" in result.stderr and "Traceback" not in result.stderr
+    assert (export_dir / "keep.txt").read_text() == "mine"
+    assert run(cmd + ["--overwrite"]).returncode == 0
+    assert (export_dir / "config.json").is_file() and not (export_dir / "keep.txt").exists()
+    assert not list(tmp_path.glob(".hf.*")), "temporary folders left behind"
+
+
+def test_evaluate_script_reports_exact_match(trained):
+    out, _ = trained
+    result = run([BIN / "python", REPO / "scripts" / "evaluate.py", "--checkpoint",
+                  out / "checkpoint" / "checkpoint_best.pt", "--label", "after", "--max-new-tokens", "4"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test exact match (after): " in result.stdout and "/200 = " in result.stdout

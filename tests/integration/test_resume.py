@@ -1,0 +1,45 @@
+"""A run killed mid-way and started again gives the losses and weights of a run that never stopped."""
+
+import subprocess
+import time
+
+import torch
+from fairseq import checkpoint_utils
+
+from tests.helpers import BIN, env, fairseq_train, tiny_train_args, train_losses
+
+TOTAL = 24
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+    extra = ["--save-interval-updates", "3", "--batch-size", "8"]
+    reference = fairseq_train(tiny_train_args(tmp_path / "ref", max_update=TOTAL, extra=extra))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    expected = train_losses(reference.stdout)
+    assert sorted(expected) == list(range(1, TOTAL + 1))
+
+    # The killed run would go on for 1000 updates; it is killed (SIGKILL) once its 6th-update checkpoint exists.
+    save_dir = tmp_path / "killed"
+    killed_args = tiny_train_args(save_dir, max_update=1000, extra=extra)
+    proc = subprocess.Popen([str(BIN / "fairseq-train"), *killed_args], env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (save_dir / "checkpoint_1_6.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    resumed_from = checkpoint_utils.load_checkpoint_to_cpu(str(save_dir / "checkpoint_last.pt"))
+    start = resumed_from["optimizer_history"][-1]["num_updates"]
+    assert 0 < start < TOTAL, f"killed too late (checkpoint_last at update {start})"
+
+    resumed = fairseq_train(tiny_train_args(save_dir, max_update=TOTAL, extra=extra))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Loaded checkpoint {save_dir / 'checkpoint_last.pt'}" in resumed.stdout
+    got = train_losses(resumed.stdout)
+    assert sorted(got) == list(range(start + 1, TOTAL + 1))
+    assert got == {step: expected[step] for step in got}
+
+    final_ref = checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "ref" / "checkpoint_last.pt"))["model"]
+    final_resumed = checkpoint_utils.load_checkpoint_to_cpu(str(save_dir / "checkpoint_last.pt"))["model"]
+    for key, value in final_ref.items():
+        torch.testing.assert_close(final_resumed[key], value, rtol=1e-6, atol=1e-7, msg=key)
