@@ -6,8 +6,13 @@ Each override says which fairseq behaviour it replaces. No other module of fairs
 import os
 import shutil
 
+import torch
 from fairseq import trainer as fairseq_trainer
+from fairseq.distributed import utils as distributed_utils
 from fairseq.file_io import PathManager
+from fairseq.logging import progress_bar
+from fairseq.distributed import ModuleProxyWrapper
+from torch.nn.parallel import DistributedDataParallel
 
 
 def _temporary_name(path: str) -> str:
@@ -16,7 +21,19 @@ def _temporary_name(path: str) -> str:
 
 
 class CubeTrainer(fairseq_trainer.Trainer):
-    """fairseq's Trainer with checkpoints that are never left half-written."""
+    """fairseq's Trainer with data-parallel CPU runs and checkpoints that are never left half-written."""
+
+    @property
+    def model(self):
+        """Replaces fairseq's DDP wrapping on CPU hosts, which passes CUDA ``device_ids`` that DDP rejects
+        for CPU modules. Same DDP settings otherwise; GPU runs keep fairseq's wrapper."""
+        if self._wrapped_model is None and self.use_distributed_wrapper and self.device.type == "cpu":
+            dt = self.cfg.distributed_training
+            self._wrapped_model = ModuleProxyWrapper(DistributedDataParallel(
+                self._model, process_group=self.data_parallel_process_group,
+                broadcast_buffers=dt.broadcast_buffers, bucket_cap_mb=dt.bucket_cap_mb,
+                find_unused_parameters=dt.find_unused_parameters, gradient_as_bucket_view=dt.gradient_as_bucket_view))
+        return super().model
 
     def save_checkpoint(self, filename, extra_state):
         """Replaces fairseq's direct write of ``filename``: write a temporary file, then rename it into place.
@@ -55,9 +72,47 @@ def atomic_copy(src_path: str, dst_path: str, overwrite: bool = False):
     return dst_path
 
 
+_fairseq_progress_bar = progress_bar.progress_bar
+
+
+def progress_bar_once_per_log_file(iterator, *args, log_file=None, **kwargs):
+    """Replaces fairseq's progress_bar, which adds a new handler for ``--log-file`` at every epoch and
+    validation, so each line was written to the log file once more per epoch. The handler is added once."""
+    if log_file is not None and any(getattr(h, "baseFilename", None) == os.path.abspath(log_file)
+                                    for h in progress_bar.logger.handlers):
+        log_file = None
+    return _fairseq_progress_bar(iterator, *args, log_file=log_file, **kwargs)
+
+
+_fairseq_infer_init_method = distributed_utils.infer_init_method
+TORCHRUN_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")
+
+
+def infer_init_method(cfg, force_distributed=False):
+    """Replaces fairseq's launch detection for torchrun on hosts without GPUs.
+
+    fairseq takes the world size from ``--distributed-world-size`` (default: the CUDA device count, so
+    1 on a CPU host, which makes every torchrun worker train alone) and the device from ``rank %
+    cuda.device_count()`` (a division by zero on a CPU host). Under torchrun both come from the
+    environment here: world size, rank, and the local rank as device.
+    """
+    if (cfg.distributed_init_method is None and all(k in os.environ for k in TORCHRUN_VARIABLES)
+            and int(os.environ["WORLD_SIZE"]) > 1):
+        cfg.distributed_init_method = "env://"
+        cfg.distributed_world_size = int(os.environ["WORLD_SIZE"])
+        cfg.distributed_rank = int(os.environ["RANK"])
+        cfg.device_id = int(os.environ["LOCAL_RANK"]) if torch.cuda.is_available() else 0
+        cfg.distributed_no_spawn = True
+        return
+    _fairseq_infer_init_method(cfg, force_distributed)
+
+
 def install() -> None:
-    """Make ``fairseq-train`` build :class:`CubeTrainer` and copy checkpoints atomically (idempotent)."""
+    """Make ``fairseq-train`` build :class:`CubeTrainer`, copy checkpoints atomically, log once and
+    launch under torchrun on CPU hosts too (idempotent)."""
     import fairseq_cli.train
 
     fairseq_cli.train.Trainer = CubeTrainer
     PathManager.copy = staticmethod(atomic_copy)
+    progress_bar.progress_bar = progress_bar_once_per_log_file
+    distributed_utils.infer_init_method = infer_init_method

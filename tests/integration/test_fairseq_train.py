@@ -36,6 +36,8 @@ def test_loss_falls_and_fairseq_outputs_exist(trained):
     assert glob.glob(str(out / "tensorboard" / "valid" / "events.out.tfevents.*"))
     log = (out / "train.log").read_text()
     assert '"num_updates": "8"' in log and "done training" in log
+    progress_lines = [line for line in log.splitlines() if '"num_updates"' in line]
+    assert len(progress_lines) == len(set(progress_lines)), "log file lines are duplicated"
     assert "criterion: hf_causal_lm" in result.stdout
 
 

@@ -1,0 +1,100 @@
+"""run.sh: the shipped default visibly learns; bad input gets one clear line and a non-zero exit."""
+
+import json
+import re
+import shutil
+import socket
+
+import pytest
+
+from tests.helpers import BIN, DATA_DIR, RUN_SH, fairseq_train, run, tiny_train_args
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_sh(tmp_path, timeout=900, args=(), **variables):
+    settings = {"OUTPUT_DIR": str(tmp_path / "out"), "MASTER_PORT": str(free_port()), "PYTHON": str(BIN / "python")}
+    settings.update({k: str(v) for k, v in variables.items()})
+    return run(["bash", RUN_SH, *args], timeout=timeout, extra_env=settings)
+
+
+def exact_match(stdout: str, label: str) -> float:
+    found = re.search(rf"test exact match \({label}\): \d+/\d+ = ([\d.]+)%", stdout)
+    assert found, stdout[-3000:]
+    return float(found.group(1))
+
+
+def test_default_run_learns_the_shipped_task(tmp_path):
+    """run.sh with no settings (but the output folder) trains and reports a large, real improvement."""
+    result = run_sh(tmp_path, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "fairseq_ext run.sh settings:" in result.stdout and "MAX_STEPS" in result.stdout
+    before, after = exact_match(result.stdout, "before"), exact_match(result.stdout, "after")
+    assert before < 5.0 and after > before + 50.0, (before, after)
+    assert (tmp_path / "out" / "checkpoint" / "checkpoint_best.pt").is_file()
+    assert list((tmp_path / "out" / "tensorboard" / "valid").glob("events.out.tfevents.*"))
+    assert (tmp_path / "out" / "log" / "train.log").is_file()
+
+
+def write_data(folder, splits):
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "valid", "test"):
+        content = splits.get(split, (DATA_DIR / f"toy_instructions_{split}.json").read_text())
+        (folder / f"toy_instructions_{split}.json").write_text(content)
+    return folder
+
+
+GOOD = json.dumps({"instruction": "What is the first word?", "input": "cat owl", "output": "cat"}) + "\n"
+
+BAD_INPUTS = {
+    "malformed JSON line": ({"DATA_DIR": {"train": GOOD + '{"instruction": "x", \n'}},
+                            r"toy_instructions_train\.json:2: malformed JSON line"),
+    "missing field": ({"DATA_DIR": {"valid": GOOD + json.dumps({"instruction": "x", "input": ""}) + "\n"}},
+                      r"toy_instructions_valid\.json: line 2: record is missing field 'output'"),
+    "empty split": ({"DATA_DIR": {"train": ""}}, r"toy_instructions_train\.json: the split is empty"),
+    "unknown PROMPT_TYPE": ({"PROMPT_TYPE": "alpacca"}, r"unknown PROMPT_TYPE 'alpacca'; registered templates: alpaca"),
+    "unknown DATASET_TYPE": ({"DATASET_TYPE": "jsonl"}, r"unknown DATASET_TYPE 'jsonl'; registered types: disk"),
+    "missing model path": ({"HUGGINGFACE_MODEL_NAME_OR_PATH": "no-such-org/no-such-model"},
+                           r"model 'no-such-org/no-such-model' is not a local folder and is not in the Hugging Face "
+                           r"cache; runs are offline"),
+    "BATCH_SIZE zero": ({"BATCH_SIZE": "0"}, r"run\.sh: error: BATCH_SIZE must be a positive integer, got '0'"),
+    "MAX_STEPS not a number": ({"MAX_STEPS": "ten"}, r"run\.sh: error: MAX_STEPS must be a positive integer"),
+    "BATCH_SIZE negative": ({"BATCH_SIZE": "-4"}, r"BATCH_SIZE must be a positive integer, got '-4'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gets_one_clear_error(tmp_path, case):
+    variables, message = BAD_INPUTS[case]
+    variables = dict(variables, MAX_STEPS=variables.get("MAX_STEPS", 4))
+    if "DATA_DIR" in variables:
+        variables["DATA_DIR"] = write_data(tmp_path / "data", variables["DATA_DIR"])
+    result = run_sh(tmp_path, **variables)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert re.search(message, result.stderr), output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert len([line for line in result.stderr.splitlines() if "error:" in line]) == 1, result.stderr
+    assert not list((tmp_path / "out").rglob("*.pt")), "a checkpoint was written for a run that never started"
+
+
+def test_fairseq_train_itself_prints_one_line_for_bad_input(tmp_path):
+    data = write_data(tmp_path / "data", {"train": "[1, 2]"})
+    result = fairseq_train(tiny_train_args(tmp_path / "ck", data_dir=data))
+    assert result.returncode != 0
+    assert "fairseq_ext: error:" in result.stderr and "item 0 of the JSON list is not an object" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_resume_through_run_sh_skips_before_evaluation(tmp_path):
+    shutil.rmtree(tmp_path / "out", ignore_errors=True)
+    first = run_sh(tmp_path, MAX_STEPS=4, EVALUATE=0, BATCH_SIZE=4)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_sh(tmp_path, MAX_STEPS=8, BATCH_SIZE=4, SAVE_STEPS=4)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Loaded checkpoint" in second.stdout and "num_updates 8" in second.stdout.replace("=", " ")
+    assert "(before)" not in second.stdout and "test exact match (after)" in second.stdout
