@@ -31,18 +31,21 @@ SEQUENCE_LENGTH=${SEQUENCE_LENGTH:-512}
 BATCH_SIZE=${BATCH_SIZE:-32}
 GRADIENT_ACCU_NUM=${GRADIENT_ACCU_NUM:-1}
 WARMUP_STEPS=${WARMUP_STEPS:-50}
-MAX_STEPS=${MAX_STEPS:-1000}
+MAX_STEPS=${MAX_STEPS:-2000}
 SEED=${SEED:-1}
 OPTIMIZE_PARAMS=${OPTIMIZE_PARAMS:---optimizer adam --adam-betas (0.9,0.95) --weight-decay 0.0 --lr 3e-3 --clip-norm 1.0}
-SAVE_STEPS=${SAVE_STEPS:-$(( MAX_STEPS / 4 > 0 ? MAX_STEPS / 4 : 1 ))}
+SAVE_STEPS=${SAVE_STEPS:-}  # default: MAX_STEPS / 4, set once MAX_STEPS is checked
 LOG_INTERVAL=${LOG_INTERVAL:-50}
 LOG_FORMAT=${LOG_FORMAT:-simple}
 EVALUATE=${EVALUATE:-1}
 
 fail() { echo "run.sh: error: $*" >&2; exit 2; }
-for name in NPROC_PER_NODE NNODES BATCH_SIZE GRADIENT_ACCU_NUM MAX_STEPS SEQUENCE_LENGTH SAVE_STEPS LOG_INTERVAL; do
-    [[ ${!name} =~ ^[0-9]+$ && ${!name} -gt 0 ]] || fail "$name must be a positive integer, got '${!name}'"
+positive() { [[ ${!1} =~ ^[0-9]+$ && ${!1} -gt 0 ]] || fail "$1 must be a positive integer, got '${!1}'"; }
+for name in NPROC_PER_NODE NNODES BATCH_SIZE GRADIENT_ACCU_NUM MAX_STEPS SEQUENCE_LENGTH LOG_INTERVAL; do
+    positive "$name"
 done
+SAVE_STEPS=${SAVE_STEPS:-$(( MAX_STEPS / 4 > 0 ? MAX_STEPS / 4 : 1 ))}
+positive SAVE_STEPS
 for name in NODE_RANK WARMUP_STEPS SEED MASTER_PORT; do
     [[ ${!name} =~ ^[0-9]+$ ]] || fail "$name must be a non-negative integer, got '${!name}'"
 done
