@@ -4,7 +4,9 @@
 
 OUT_DIR gets ``save_pretrained`` weights (bit-identical to the checkpoint) and the tokenizer, so
 ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` loads it. It is written under a temporary name and
-renamed into place: an existing OUT_DIR is never left half-written.
+renamed into place: an existing OUT_DIR is never left half-written. A LoRA checkpoint exports as a
+PEFT adapter folder (``PeftModel.from_pretrained(base_model, OUT_DIR)``), or with ``--merge-lora`` as
+full weights with the adapters merged in.
 """
 
 import argparse
@@ -19,9 +21,11 @@ def main(argv=None) -> int:
     parser.add_argument("checkpoint", help="a checkpoint written by fairseq-train --user-dir fairseq_ext")
     parser.add_argument("out_dir", help="the Hugging Face folder to write")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument("--merge-lora", action="store_true",
+                        help="for a LoRA checkpoint: write full weights with the adapters merged, not an adapter")
     args = parser.parse_args(argv)
     try:
-        export_hf(args.checkpoint, args.out_dir, overwrite=args.overwrite)
+        export_hf(args.checkpoint, args.out_dir, overwrite=args.overwrite, merge_lora=args.merge_lora)
     except UserInputError as err:
         print(f"{PREFIX} {err}", file=sys.stderr)
         return 2

@@ -33,6 +33,8 @@ GRADIENT_ACCU_NUM=${GRADIENT_ACCU_NUM:-1}
 WARMUP_STEPS=${WARMUP_STEPS:-50}
 MAX_STEPS=${MAX_STEPS:-2000}
 SEED=${SEED:-1}
+USE_LORA=${USE_LORA:-0}
+LORA_CONFIG=${LORA_CONFIG:-}
 OPTIMIZE_PARAMS=${OPTIMIZE_PARAMS:---optimizer adam --adam-betas (0.9,0.95) --weight-decay 0.0 --lr 3e-3 --clip-norm 1.0}
 SAVE_STEPS=${SAVE_STEPS:-}  # default: MAX_STEPS / 4, set once MAX_STEPS is checked
 LOG_INTERVAL=${LOG_INTERVAL:-50}
@@ -57,6 +59,10 @@ if [[ -d $HUGGINGFACE_MODEL_NAME_OR_PATH ]]; then
     HUGGINGFACE_MODEL_NAME_OR_PATH=$(cd "$HUGGINGFACE_MODEL_NAME_OR_PATH" && pwd)
 fi
 
+[[ $USE_LORA == 0 || $USE_LORA == 1 ]] || fail "USE_LORA must be 0 or 1, got '$USE_LORA'"
+LORA_ARGS=()
+if [[ $USE_LORA == 1 ]]; then LORA_ARGS=(--use-lora --lora-config "$LORA_CONFIG"); fi
+
 if "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     DEVICE_ARGS=(--distributed-backend nccl)
 else
@@ -70,6 +76,7 @@ TRAIN_ARGS=(
     "$DATA" --user-dir "$REPO_ROOT/fairseq_ext" --task hf_finetune --arch "$MODEL_ARCH"
     --hf-model-name-or-path "$HUGGINGFACE_MODEL_NAME_OR_PATH"
     --dataset-type "$DATASET_TYPE" --dataset-name "$DATASET_NAME" --prompt-type "$PROMPT_TYPE"
+    "${LORA_ARGS[@]}"
     --sequence-length "$SEQUENCE_LENGTH" --batch-size "$BATCH_SIZE" --update-freq "$GRADIENT_ACCU_NUM"
     --max-update "$MAX_STEPS" --lr-scheduler polynomial_decay --warmup-updates "$WARMUP_STEPS"
     --total-num-update "$MAX_STEPS" --seed "$SEED"
@@ -85,7 +92,8 @@ TRAIN_ARGS=(
 echo "fairseq_ext run.sh settings:"
 for name in NPROC_PER_NODE NNODES NODE_RANK MASTER_ADDR MASTER_PORT EXAMPLE_PATH SCRIPT_PATH DATASET_NAME DATA_DIR \
     OUTPUT_DIR TENSORBOARD_DIR LOG_DIR CHECKPOINT_DIR MODEL_ARCH HUGGINGFACE_MODEL_NAME_OR_PATH DATASET_TYPE \
-    DATASET_PATH PROMPT_TYPE SEQUENCE_LENGTH BATCH_SIZE GRADIENT_ACCU_NUM WARMUP_STEPS MAX_STEPS SEED OPTIMIZE_PARAMS; do
+    DATASET_PATH PROMPT_TYPE SEQUENCE_LENGTH BATCH_SIZE GRADIENT_ACCU_NUM WARMUP_STEPS MAX_STEPS SEED USE_LORA \
+    LORA_CONFIG OPTIMIZE_PARAMS; do
     printf '  %-32s %s\n' "$name" "${!name}"
 done
 

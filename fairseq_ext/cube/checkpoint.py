@@ -13,6 +13,7 @@ from typing import Dict, Optional, Tuple
 from fairseq import checkpoint_utils, tasks
 
 from ..errors import UserInputError
+from ..models.lora import is_lora
 
 
 def load_trained(checkpoint_path: str, arg_overrides: Optional[Dict] = None) -> Tuple[object, object, object]:
@@ -58,13 +59,20 @@ def atomic_directory(destination: str, overwrite: bool = False):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_hf(checkpoint_path: str, out_dir: str, overwrite: bool = False) -> str:
+def export_hf(checkpoint_path: str, out_dir: str, overwrite: bool = False, merge_lora: bool = False) -> str:
     """Write a checkpoint's model as a Hugging Face folder (``save_pretrained`` + tokenizer) at ``out_dir``.
 
     The weights are the checkpoint's, bit for bit; ``AutoModelFor*.from_pretrained(out_dir)`` loads them.
+    A LoRA checkpoint becomes a PEFT adapter folder (``PeftModel.from_pretrained(base, out_dir)``), or,
+    with ``merge_lora``, full weights with the adapters merged in.
     """
     _, task, model = load_trained(checkpoint_path)
+    hf_model = model.hf_model
+    if merge_lora:
+        if not is_lora(hf_model):
+            raise UserInputError(f"{checkpoint_path} was not trained with LoRA; export it without --merge-lora")
+        hf_model = hf_model.merge_and_unload()
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        model.hf_model.save_pretrained(tmp)
+        hf_model.save_pretrained(tmp)
         task.tokenizer.save_pretrained(tmp)
     return out_dir

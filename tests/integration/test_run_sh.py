@@ -63,6 +63,9 @@ BAD_INPUTS = {
                            r"cache; runs are offline"),
     "BATCH_SIZE zero": ({"BATCH_SIZE": "0"}, r"run\.sh: error: BATCH_SIZE must be a positive integer, got '0'"),
     "MAX_STEPS not a number": ({"MAX_STEPS": "ten"}, r"run\.sh: error: MAX_STEPS must be a positive integer"),
+    "unknown LORA_CONFIG key": ({"USE_LORA": "1", "LORA_CONFIG": "rank=4"},
+                                r"LORA_CONFIG has unknown keys \['rank'\]; peft.LoraConfig accepts"),
+    "USE_LORA not 0/1": ({"USE_LORA": "yes"}, r"run\.sh: error: USE_LORA must be 0 or 1, got 'yes'"),
     "BATCH_SIZE negative": ({"BATCH_SIZE": "-4"}, r"BATCH_SIZE must be a positive integer, got '-4'"),
 }
 

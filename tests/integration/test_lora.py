@@ -1,0 +1,61 @@
+"""USE_LORA through fairseq-train: few trainable weights, small checkpoints, adapters that reproduce the logits."""
+
+import re
+
+import pytest
+import torch
+from fairseq import checkpoint_utils
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from fairseq_ext.cube.checkpoint import export_hf, load_trained
+from fairseq_ext.models.hf_loading import load_hf_model
+from tests.helpers import MODEL_DIR, fairseq_train, tiny_train_args, train_losses
+
+LORA = ["--use-lora", "--lora-config", "r=8 lora_alpha=16 target_modules=q_proj,k_proj,v_proj,o_proj",
+        "--lr", "1e-2", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora")
+    result = fairseq_train(tiny_train_args(out, max_update=8, extra=LORA))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_lora_trains_few_weights_and_saves_only_them(lora_run):
+    out, result = lora_run
+    found = re.search(r"LoRA: training ([\d,]+) of ([\d,]+) parameters", result.stdout)
+    trainable, total = (int(x.replace(",", "")) for x in found.groups())
+    assert trainable < 0.05 * total
+    losses = train_losses(result.stdout)
+    assert losses[8] < losses[1], losses
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(out / "checkpoint_last.pt"))["model"]
+    assert state and all("lora_A" in key or "lora_B" in key for key in state)
+    assert sum(v.numel() for v in state.values()) == trainable
+
+
+def test_lora_checkpoint_resumes(lora_run):
+    out, _ = lora_run
+    result = fairseq_train(tiny_train_args(out, max_update=10, extra=LORA))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Loaded checkpoint" in result.stdout and sorted(train_losses(result.stdout)) == [9, 10]
+
+
+def test_exported_adapter_and_merged_weights_reproduce_the_logits(lora_run, tmp_path):
+    out, _ = lora_run
+    checkpoint = str(out / "checkpoint_last.pt")
+    cfg, _, model = load_trained(checkpoint)
+    input_ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
+    with torch.no_grad():
+        expected = model(input_ids)
+        export_hf(checkpoint, str(tmp_path / "adapter"))
+        base = load_hf_model(AutoModelForCausalLM, str(MODEL_DIR), init_seed=cfg.task.seed)
+        adapter = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+        torch.testing.assert_close(adapter(input_ids=input_ids).logits, expected)
+        assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+        export_hf(checkpoint, str(tmp_path / "merged"), merge_lora=True)
+        merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+        torch.testing.assert_close(merged(input_ids=input_ids).logits, expected, rtol=1e-5, atol=1e-5)
