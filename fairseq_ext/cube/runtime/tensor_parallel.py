@@ -1,0 +1,56 @@
+"""Tensor parallel with DTensor: Hugging Face's tp-plan vocabulary applied with torch's ``parallelize_module``.
+
+Rules map module names under the base model (``model.model`` of a Llama) to a style, as in
+``config.base_model_tp_plan``: ``{"layers.*.self_attn.q_proj": "colwise", ...}``. ``colwise`` shards a
+linear layer's output features, ``rowwise`` its input features and all-reduces the output, so an
+attention or MLP block runs on ``1/tp`` of its heads or FFN width between one pair of collectives.
+Modules no rule names (embeddings, norms, the LM head) stay replicated on every tensor-parallel rank.
+"""
+
+from fnmatch import fnmatchcase
+from typing import Dict, Optional
+
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from ...errors import UserInputError
+
+STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+
+
+def tp_rules(hf_model) -> Dict[str, str]:
+    """The model's tensor-parallel rules: ``config.base_model_tp_plan`` (Llama, Mistral, Qwen2, ...)."""
+    rules = getattr(hf_model.config, "base_model_tp_plan", None)
+    if not rules:
+        raise UserInputError(f"model type {hf_model.config.model_type!r} has no tensor-parallel rules "
+                             "(config.base_model_tp_plan); use tp=1 for it")
+    unknown = {style for style in rules.values() if style not in STYLES}
+    if unknown:
+        raise UserInputError(f"tensor-parallel styles {sorted(unknown)} are not supported; use {sorted(STYLES)}")
+    return dict(rules)
+
+
+def check_divisible(config, tp: int) -> None:
+    """Raise a UserInputError when ``tp`` does not divide the heads, kv heads or FFN width of ``config``."""
+    sizes = {"num_attention_heads": getattr(config, "num_attention_heads", None),
+             "num_key_value_heads": getattr(config, "num_key_value_heads", None),
+             "intermediate_size": getattr(config, "intermediate_size", None)}
+    for name, size in sizes.items():
+        if size is not None and size % tp:
+            raise UserInputError(f"tp {tp} does not divide {name} {size}; choose a tp that divides it")
+
+
+def apply_tensor_parallel(hf_model, tp_mesh: DeviceMesh, rules: Optional[Dict[str, str]] = None):
+    """Shard ``hf_model``'s layers in place over the 1-D ``tp_mesh``; return the number of modules sharded.
+
+    Every rank of ``tp_mesh`` must hold the same weights (same init seed or checkpoint) before the call.
+    """
+    rules = rules or tp_rules(hf_model)
+    check_divisible(hf_model.config, tp_mesh.size())
+    base = hf_model.base_model
+    plan = {name: STYLES[style]() for name, _ in base.named_modules()
+            for pattern, style in rules.items() if name and fnmatchcase(name, pattern)}
+    if not plan:
+        raise UserInputError(f"no module of {type(base).__name__} matches the tensor-parallel rules {sorted(rules)}")
+    parallelize_module(base, tp_mesh, plan)
+    return len(plan)
