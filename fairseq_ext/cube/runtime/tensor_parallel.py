@@ -4,13 +4,15 @@ Rules map module names under the base model (``model.model`` of a Llama) to a st
 ``config.base_model_tp_plan``: ``{"layers.*.self_attn.q_proj": "colwise", ...}``. ``colwise`` shards a
 linear layer's output features, ``rowwise`` its input features and all-reduces the output, so an
 attention or MLP block runs on ``1/tp`` of its heads or FFN width between one pair of collectives.
-Modules no rule names (embeddings, norms, the LM head) stay replicated on every tensor-parallel rank.
+Modules no rule names (norms, and the embeddings unless :func:`apply_vocab_parallel` shards them) stay
+replicated on every tensor-parallel rank.
 """
 
 from fnmatch import fnmatchcase
 from typing import Dict, Optional
 
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from ...errors import UserInputError
@@ -54,3 +56,21 @@ def apply_tensor_parallel(hf_model, tp_mesh: DeviceMesh, rules: Optional[Dict[st
         raise UserInputError(f"no module of {type(base).__name__} matches the tensor-parallel rules {sorted(rules)}")
     parallelize_module(base, tp_mesh, plan)
     return len(plan)
+
+
+def apply_vocab_parallel(hf_model, tp_mesh: DeviceMesh) -> None:
+    """Shard the input embedding and the LM head over the vocabulary.
+
+    The embedding's rows are split (each rank looks up its slice, one all-reduce completes the
+    vectors); the LM head's output features are split and its logits stay a DTensor sharded on the
+    vocabulary dim, ``(B, T, V/tp)`` per rank. Compute the loss from them under
+    ``torch.distributed.tensor.parallel.loss_parallel()`` (forward and backward), so no rank ever
+    holds full-vocabulary logits.
+    """
+    if getattr(hf_model.config, "tie_word_embeddings", False):
+        raise UserInputError("vocab-parallel needs untied input and output embeddings "
+                             "(config.tie_word_embeddings is true)")
+    embedding, head = hf_model.get_input_embeddings(), hf_model.get_output_embeddings()
+    parallelize_module(embedding, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
+    parallelize_module(head, tp_mesh, ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1),
+                                                      use_local_output=False))
