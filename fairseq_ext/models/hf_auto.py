@@ -7,6 +7,7 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
 from transformers import AutoModelForCausalLM
 
+from ..cube.runtime.recompute import apply_recompute, parse_module_names, state_dict_name
 from .hf_loading import DTYPES, load_hf_model
 from .lora import apply_lora, is_lora
 
@@ -19,6 +20,9 @@ class HFAutoModelConfig(FairseqDataclass):
         default="float32", metadata={"help": "dtype the Hugging Face weights are loaded in"})
     attn_implementation: ChoiceEnum(["sdpa", "eager", "flash_attention_2"]) = field(
         default="sdpa", metadata={"help": "attention kernel: PyTorch SDPA, eager, or flash-attn 2 when installed"})
+    recompute_module_names: str = field(default="", metadata={
+        "help": "module class names (comma separated) whose forward is recomputed in backward to save memory, "
+                "e.g. LlamaDecoderLayer"})
     use_lora: bool = field(default=False, metadata={"help": "train LoRA adapters (PEFT) instead of all weights"})
     lora_config: str = field(default="", metadata={
         "help": "peft.LoraConfig keys as JSON or 'key=value ...' (e.g. 'r=16 lora_alpha=32 "
@@ -51,6 +55,9 @@ class HFAutoModel(BaseFairseqModel):
             trust_remote_code=task.cfg.trust_remote_code,
             init_seed=task.cfg.seed,
         )
+        num_recomputed = apply_recompute(hf_model, parse_module_names(cfg.recompute_module_names))
+        if num_recomputed:
+            logger.info(f"recompute: {num_recomputed} modules ({cfg.recompute_module_names}) recompute their forward")
         if cfg.use_lora:
             hf_model = apply_lora(hf_model, cfg.lora_config, cls.peft_task_type)
             trainable = sum(p.numel() for p in hf_model.parameters() if p.requires_grad)
@@ -63,7 +70,7 @@ class HFAutoModel(BaseFairseqModel):
         return is_lora(self.hf_model)
 
     def _trainable_keys(self, prefix: str = "") -> set:
-        return {prefix + name for name, p in self.named_parameters() if p.requires_grad}
+        return {prefix + state_dict_name(name) for name, p in self.named_parameters() if p.requires_grad}
 
     def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
         full = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
