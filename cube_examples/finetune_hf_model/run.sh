@@ -33,6 +33,8 @@ GRADIENT_ACCU_NUM=${GRADIENT_ACCU_NUM:-1}
 WARMUP_STEPS=${WARMUP_STEPS:-50}
 MAX_STEPS=${MAX_STEPS:-2000}
 SEED=${SEED:-1}
+USE_ZERO=${USE_ZERO:-0}
+ZERO_N_GROUPS=${ZERO_N_GROUPS:-$NNODES}
 RECOMPUTE_MODULE_NAMES=${RECOMPUTE_MODULE_NAMES:-}
 USE_LORA=${USE_LORA:-0}
 LORA_CONFIG=${LORA_CONFIG:-}
@@ -44,7 +46,7 @@ EVALUATE=${EVALUATE:-1}
 
 fail() { echo "run.sh: error: $*" >&2; exit 2; }
 positive() { [[ ${!1} =~ ^[0-9]+$ && ${!1} -gt 0 ]] || fail "$1 must be a positive integer, got '${!1}'"; }
-for name in NPROC_PER_NODE NNODES BATCH_SIZE GRADIENT_ACCU_NUM MAX_STEPS SEQUENCE_LENGTH LOG_INTERVAL; do
+for name in NPROC_PER_NODE NNODES BATCH_SIZE GRADIENT_ACCU_NUM MAX_STEPS SEQUENCE_LENGTH LOG_INTERVAL ZERO_N_GROUPS; do
     positive "$name"
 done
 SAVE_STEPS=${SAVE_STEPS:-$(( MAX_STEPS / 4 > 0 ? MAX_STEPS / 4 : 1 ))}
@@ -61,6 +63,9 @@ if [[ -d $HUGGINGFACE_MODEL_NAME_OR_PATH ]]; then
 fi
 
 [[ $USE_LORA == 0 || $USE_LORA == 1 ]] || fail "USE_LORA must be 0 or 1, got '$USE_LORA'"
+[[ $USE_ZERO == 0 || $USE_ZERO == 1 ]] || fail "USE_ZERO must be 0 or 1, got '$USE_ZERO'"
+ZERO_ARGS=()
+if [[ $USE_ZERO == 1 ]]; then ZERO_ARGS=(--use-zero --zero-n-groups "$ZERO_N_GROUPS"); fi
 LORA_ARGS=()
 if [[ $USE_LORA == 1 ]]; then LORA_ARGS=(--use-lora --lora-config "$LORA_CONFIG"); fi
 
@@ -77,7 +82,7 @@ TRAIN_ARGS=(
     "$DATA" --user-dir "$REPO_ROOT/fairseq_ext" --task hf_finetune --arch "$MODEL_ARCH"
     --hf-model-name-or-path "$HUGGINGFACE_MODEL_NAME_OR_PATH"
     --dataset-type "$DATASET_TYPE" --dataset-name "$DATASET_NAME" --prompt-type "$PROMPT_TYPE"
-    "${LORA_ARGS[@]}" --recompute-module-names "$RECOMPUTE_MODULE_NAMES"
+    "${LORA_ARGS[@]}" "${ZERO_ARGS[@]}" --recompute-module-names "$RECOMPUTE_MODULE_NAMES"
     --sequence-length "$SEQUENCE_LENGTH" --batch-size "$BATCH_SIZE" --update-freq "$GRADIENT_ACCU_NUM"
     --max-update "$MAX_STEPS" --lr-scheduler polynomial_decay --warmup-updates "$WARMUP_STEPS"
     --total-num-update "$MAX_STEPS" --seed "$SEED"
@@ -93,8 +98,8 @@ TRAIN_ARGS=(
 echo "fairseq_ext run.sh settings:"
 for name in NPROC_PER_NODE NNODES NODE_RANK MASTER_ADDR MASTER_PORT EXAMPLE_PATH SCRIPT_PATH DATASET_NAME DATA_DIR \
     OUTPUT_DIR TENSORBOARD_DIR LOG_DIR CHECKPOINT_DIR MODEL_ARCH HUGGINGFACE_MODEL_NAME_OR_PATH DATASET_TYPE \
-    DATASET_PATH PROMPT_TYPE SEQUENCE_LENGTH BATCH_SIZE GRADIENT_ACCU_NUM WARMUP_STEPS MAX_STEPS SEED RECOMPUTE_MODULE_NAMES \
-    USE_LORA LORA_CONFIG OPTIMIZE_PARAMS; do
+    DATASET_PATH PROMPT_TYPE SEQUENCE_LENGTH BATCH_SIZE GRADIENT_ACCU_NUM WARMUP_STEPS MAX_STEPS SEED USE_ZERO \
+    ZERO_N_GROUPS RECOMPUTE_MODULE_NAMES USE_LORA LORA_CONFIG OPTIMIZE_PARAMS; do
     printf '  %-32s %s\n' "$name" "${!name}"
 done
 

@@ -3,16 +3,22 @@
 Each override says which fairseq behaviour it replaces. No other module of fairseq_ext patches fairseq.
 """
 
+import logging
 import os
 import shutil
 
 import torch
+import torch.distributed as dist
 from fairseq import trainer as fairseq_trainer
 from fairseq.distributed import utils as distributed_utils
 from fairseq.file_io import PathManager
 from fairseq.logging import progress_bar
 from fairseq.distributed import ModuleProxyWrapper
 from torch.nn.parallel import DistributedDataParallel
+
+from .runtime.zero import shard_optimizer_states
+
+logger = logging.getLogger(__name__)
 
 
 def _temporary_name(path: str) -> str:
@@ -34,6 +40,19 @@ class CubeTrainer(fairseq_trainer.Trainer):
                 broadcast_buffers=dt.broadcast_buffers, bucket_cap_mb=dt.bucket_cap_mb,
                 find_unused_parameters=dt.find_unused_parameters, gradient_as_bucket_view=dt.gradient_as_bucket_view))
         return super().model
+
+    def _build_optimizer(self):
+        """Adds ZeRO-1 (``--use-zero``) to fairseq's optimizer. fairseq's own ``--zero-sharding os`` needs
+        fairscale, which is unmaintained: this uses torch's ZeroRedundancyOptimizer, and fairseq's
+        ``consolidate_optimizer`` before checkpoints already calls its ``consolidate_state_dict``."""
+        super()._build_optimizer()
+        task_cfg = self.cfg.task
+        if getattr(task_cfg, "use_zero", False) and self.data_parallel_world_size > 1:
+            fairseq_optimizer = self._optimizer
+            fairseq_optimizer.optimizer = shard_optimizer_states(
+                fairseq_optimizer.optimizer, fairseq_optimizer.optimizer_config, task_cfg.zero_n_groups)
+            logger.info(f"ZeRO-1: optimizer states sharded among {self.data_parallel_world_size} replicas "
+                        f"in {task_cfg.zero_n_groups} group(s)")
 
     def save_checkpoint(self, filename, extra_state):
         """Replaces fairseq's direct write of ``filename``: write a temporary file, then rename it into place.
@@ -107,6 +126,16 @@ def infer_init_method(cfg, force_distributed=False):
     _fairseq_infer_init_method(cfg, force_distributed)
 
 
+def broadcast_object_slow(obj, src_rank, group, dist_device):
+    """Replaces fairseq's broadcast of a loaded checkpoint from data-parallel rank 0 to the others, which
+    round-trips it through ``torch.load`` and fails on torch >= 2.6 (``weights_only`` refuses fairseq's
+    config objects). The object comes from a rank of this same job, so torch's pickle-based
+    ``broadcast_object_list`` carries it; checkpoint files themselves are still read by fairseq's loader."""
+    objects = [obj if dist.get_rank(group) == src_rank else None]
+    dist.broadcast_object_list(objects, group_src=src_rank, group=group, device=dist_device)
+    return objects[0]
+
+
 def install() -> None:
     """Make ``fairseq-train`` build :class:`CubeTrainer`, copy checkpoints atomically, log once and
     launch under torchrun on CPU hosts too (idempotent)."""
@@ -116,3 +145,4 @@ def install() -> None:
     PathManager.copy = staticmethod(atomic_copy)
     progress_bar.progress_bar = progress_bar_once_per_log_file
     distributed_utils.infer_init_method = infer_init_method
+    distributed_utils._broadcast_object_slow = broadcast_object_slow

@@ -34,6 +34,10 @@ class HFFinetuneConfig(FairseqDataclass):
         "help": "samples longer than this are truncated (counted and reported per split)"})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "allow code shipped with the model or tokenizer to run; off unless you trust its source"})
+    use_zero: bool = field(default=False, metadata={
+        "help": "ZeRO-1: shard optimizer states among the data-parallel replicas (USE_ZERO)"})
+    zero_n_groups: int = field(default=1, metadata={
+        "help": "ZeRO-1 shards inside this many groups of consecutive replicas (ZERO_N_GROUPS; run.sh: NNODES)"})
     seed: int = II("common.seed")
 
 

@@ -1,0 +1,55 @@
+"""ZeRO-1: optimizer states sharded among the data-parallel replicas, with PyTorch's ZeroRedundancyOptimizer.
+
+Gradients stay whole (DDP all-reduces them); each replica steps the optimizer for its share of the
+parameters only, holding that share's states (Adam's two moments), then broadcasts the updated
+parameters. ``ZERO_N_GROUPS`` splits the replicas into groups of consecutive ranks (by default one
+group per node, so the broadcasts stay inside a node); states are sharded inside each group.
+"""
+
+from typing import List
+
+import torch
+import torch.distributed as dist
+from torch.distributed.optim import ZeroRedundancyOptimizer
+
+from ...errors import UserInputError
+
+
+def zero_group_ranks(world_size: int, num_groups: int) -> List[List[int]]:
+    """Split ranks ``0..world_size-1`` into ``num_groups`` groups of consecutive ranks."""
+    if num_groups < 1 or world_size % num_groups:
+        raise UserInputError(f"ZERO_N_GROUPS {num_groups} does not divide the {world_size} data-parallel "
+                             f"replicas; choose a divisor of {world_size}")
+    size = world_size // num_groups
+    return [list(range(start, start + size)) for start in range(0, world_size, size)]
+
+
+class GroupZeroRedundancyOptimizer(ZeroRedundancyOptimizer):
+    """ZeroRedundancyOptimizer whose ``consolidate_state_dict`` gathers to the first rank of its own group."""
+
+    def __init__(self, *args, leader: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.leader = leader
+
+    def consolidate_state_dict(self, to: int = None) -> None:
+        super().consolidate_state_dict(to=self.leader if to is None else to)
+
+
+def shard_optimizer_states(torch_optimizer: torch.optim.Optimizer, defaults: dict,
+                           num_groups: int = 1) -> GroupZeroRedundancyOptimizer:
+    """Return a ZeRO-1 optimizer stepping like ``torch_optimizer``, its states sharded in this rank's group.
+
+    Collective: every rank of the default process group must call it (each creates all the groups).
+    """
+    groups = zero_group_ranks(dist.get_world_size(), num_groups)
+    process_groups = [dist.new_group(ranks) for ranks in groups]
+    mine = next(i for i, ranks in enumerate(groups) if dist.get_rank() in ranks)
+    return GroupZeroRedundancyOptimizer(torch_optimizer.param_groups, type(torch_optimizer),
+                                        process_group=process_groups[mine], leader=groups[mine][0], **defaults)
+
+
+def local_state_numel(optimizer: torch.optim.Optimizer) -> int:
+    """Number of optimizer-state elements this rank holds (for ZeRO: only its shard)."""
+    inner = optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
+    return sum(value.numel() for state in inner.state.values() for value in state.values()
+               if torch.is_tensor(value) and value.dim() > 0)
