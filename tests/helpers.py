@@ -44,8 +44,12 @@ def run(cmd: Sequence[str], timeout: int = 600, extra_env: Dict[str, str] = None
                           **kwargs)
 
 
+FAIRSEQ_TRAIN = [sys.executable, "-m", "fairseq_cli.train"]  # what the fairseq-train console script runs
+FAIRSEQ_VALIDATE = [sys.executable, "-m", "fairseq_cli.validate"]
+
+
 def fairseq_train(args: Sequence[str], **kwargs):
-    return run([BIN / "fairseq-train", *args], **kwargs)
+    return run([*FAIRSEQ_TRAIN, *args], **kwargs)
 
 
 def train_losses(stdout: str) -> Dict[int, float]:

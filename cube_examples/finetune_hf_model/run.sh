@@ -126,8 +126,8 @@ if [[ ! -f $CHECKPOINT_DIR/checkpoint_last.pt ]]; then
     evaluate before --hf-model-name-or-path "$HUGGINGFACE_MODEL_NAME_OR_PATH" --data "$DATA" \
         --dataset-name "$DATASET_NAME" --prompt-type "$PROMPT_TYPE" --seed "$SEED"
 fi
-run_or_explain train torchrun --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --node-rank "$NODE_RANK" \
+run_or_explain train "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --node-rank "$NODE_RANK" \
     --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
-    "$(command -v fairseq-train)" "${TRAIN_ARGS[@]}"
+    -m fairseq_cli.train "${TRAIN_ARGS[@]}"  # what the fairseq-train command runs
 evaluate after --checkpoint "$CHECKPOINT_DIR/checkpoint_best.pt"
 echo "checkpoints: $CHECKPOINT_DIR  tensorboard: $TENSORBOARD_DIR  log: $LOG_DIR/train.log"

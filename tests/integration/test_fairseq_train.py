@@ -1,13 +1,14 @@
 """fairseq-train end to end on the shipped data, and what fairseq's tools and our scripts do with the result."""
 
 import glob
+import sys
 
 import pytest
 import torch
 from fairseq import checkpoint_utils
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.helpers import BIN, DATA_DIR, REPO, fairseq_train, run, tiny_train_args, train_losses
+from tests.helpers import DATA_DIR, FAIRSEQ_VALIDATE, REPO, fairseq_train, run, tiny_train_args, train_losses
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_fairseq_reads_our_checkpoints(trained):
 
 def test_fairseq_validate_evaluates_a_split(trained):
     out, _ = trained
-    result = run([BIN / "fairseq-validate", DATA_DIR, "--user-dir", REPO / "fairseq_ext", "--task", "hf_finetune",
+    result = run([*FAIRSEQ_VALIDATE, DATA_DIR, "--user-dir", REPO / "fairseq_ext", "--task", "hf_finetune",
                   "--path", out / "checkpoint" / "checkpoint_best.pt", "--valid-subset", "test", "--cpu",
                   "--batch-size", "16"])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -62,7 +63,7 @@ def test_export_is_bit_identical_and_generates(trained, tmp_path):
     out, _ = trained
     checkpoint = out / "checkpoint" / "checkpoint_last.pt"
     export_dir = tmp_path / "hf"
-    result = run([BIN / "python", REPO / "scripts" / "export_hf.py", checkpoint, export_dir])
+    result = run([sys.executable, REPO / "scripts" / "export_hf.py", checkpoint, export_dir])
     assert result.returncode == 0, result.stderr[-3000:]
     model = AutoModelForCausalLM.from_pretrained(export_dir)
     tokenizer = AutoTokenizer.from_pretrained(export_dir)
@@ -81,7 +82,7 @@ def test_export_never_clobbers_without_overwrite(trained, tmp_path):
     export_dir = tmp_path / "hf"
     export_dir.mkdir()
     (export_dir / "keep.txt").write_text("mine")
-    cmd = [BIN / "python", REPO / "scripts" / "export_hf.py", out / "checkpoint" / "checkpoint_last.pt", export_dir]
+    cmd = [sys.executable, REPO / "scripts" / "export_hf.py", out / "checkpoint" / "checkpoint_last.pt", export_dir]
     result = run(cmd)
     assert result.returncode == 2 and "already exists" in result.stderr and "Traceback" not in result.stderr
     assert (export_dir / "keep.txt").read_text() == "mine"
@@ -92,7 +93,7 @@ def test_export_never_clobbers_without_overwrite(trained, tmp_path):
 
 def test_evaluate_script_reports_exact_match(trained):
     out, _ = trained
-    result = run([BIN / "python", REPO / "scripts" / "evaluate.py", "--checkpoint",
+    result = run([sys.executable, REPO / "scripts" / "evaluate.py", "--checkpoint",
                   out / "checkpoint" / "checkpoint_best.pt", "--label", "after", "--max-new-tokens", "4"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test exact match (after): " in result.stdout and "/200 = " in result.stdout

@@ -6,7 +6,7 @@ import time
 import torch
 from fairseq import checkpoint_utils
 
-from tests.helpers import BIN, env, fairseq_train, tiny_train_args, train_losses
+from tests.helpers import FAIRSEQ_TRAIN, env, fairseq_train, tiny_train_args, train_losses
 
 TOTAL = 24
 
@@ -21,7 +21,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     # The killed run would go on for 1000 updates; it is killed (SIGKILL) once its 6th-update checkpoint exists.
     save_dir = tmp_path / "killed"
     killed_args = tiny_train_args(save_dir, max_update=1000, extra=extra)
-    proc = subprocess.Popen([str(BIN / "fairseq-train"), *killed_args], env=env(),
+    proc = subprocess.Popen([*FAIRSEQ_TRAIN, *killed_args], env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (save_dir / "checkpoint_1_6.pt").exists() and proc.poll() is None and time.time() < deadline:

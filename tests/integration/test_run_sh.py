@@ -4,10 +4,11 @@ import json
 import re
 import shutil
 import socket
+import sys
 
 import pytest
 
-from tests.helpers import BIN, DATA_DIR, RUN_SH, fairseq_train, run, tiny_train_args
+from tests.helpers import DATA_DIR, RUN_SH, fairseq_train, run, tiny_train_args
 
 
 def free_port() -> int:
@@ -17,7 +18,7 @@ def free_port() -> int:
 
 
 def run_sh(tmp_path, timeout=900, args=(), **variables):
-    settings = {"OUTPUT_DIR": str(tmp_path / "out"), "MASTER_PORT": str(free_port()), "PYTHON": str(BIN / "python")}
+    settings = {"OUTPUT_DIR": str(tmp_path / "out"), "MASTER_PORT": str(free_port()), "PYTHON": sys.executable}
     settings.update({k: str(v) for k, v in variables.items()})
     return run(["bash", RUN_SH, *args], timeout=timeout, extra_env=settings)
 
