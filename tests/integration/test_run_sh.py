@@ -18,7 +18,9 @@ def free_port() -> int:
 
 
 def run_sh(tmp_path, timeout=900, args=(), **variables):
-    settings = {"OUTPUT_DIR": str(tmp_path / "out"), "MASTER_PORT": str(free_port()), "PYTHON": sys.executable}
+    # CPU and gloo on every machine: several processes cannot share one GPU through NCCL
+    settings = {"OUTPUT_DIR": str(tmp_path / "out"), "MASTER_PORT": str(free_port()), "PYTHON": sys.executable,
+                "CUDA_VISIBLE_DEVICES": ""}
     settings.update({k: str(v) for k, v in variables.items()})
     return run(["bash", RUN_SH, *args], timeout=timeout, extra_env=settings)
 
