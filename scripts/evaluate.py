@@ -11,6 +11,7 @@ exactly as fairseq-train does.
 import argparse
 import sys
 
+from fairseq.utils import import_user_module
 from transformers import AutoModelForCausalLM
 
 from fairseq_ext.cube.checkpoint import load_trained
@@ -37,6 +38,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint")
     parser.add_argument("--hf-model-name-or-path")
+    parser.add_argument("--user-dir", help="a --user-dir with your own prompt templates (a checkpoint names its own)")
     parser.add_argument("--data", help="DATA_DIR with {dataset_name}_{split}.json")
     parser.add_argument("--dataset-name")
     parser.add_argument("--prompt-type")
@@ -46,6 +48,8 @@ def main(argv=None) -> int:
     parser.add_argument("--label", default="", help="a word printed with the result, e.g. before/after")
     parser.add_argument("--show", type=int, default=3, help="how many predictions to print")
     args = parser.parse_args(argv)
+    if args.user_dir:
+        import_user_module(args)
     try:
         hf_model, tokenizer, data, dataset_name, prompt_type = load_model(args)
         records = read_instruction_records(instruction_split_path(data, dataset_name, args.split))

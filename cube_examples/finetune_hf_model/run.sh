@@ -22,6 +22,7 @@ OUTPUT_DIR=${OUTPUT_DIR:-$SCRIPT_PATH}
 TENSORBOARD_DIR=${TENSORBOARD_DIR:-$OUTPUT_DIR/tensorboard}
 LOG_DIR=${LOG_DIR:-$OUTPUT_DIR/log}
 CHECKPOINT_DIR=${CHECKPOINT_DIR:-$OUTPUT_DIR/checkpoint}
+USER_DIR=${USER_DIR:-$REPO_ROOT/fairseq_ext}  # your own --user-dir must import fairseq_ext
 MODEL_ARCH=${MODEL_ARCH:-hf_auto_causal_lm}
 HUGGINGFACE_MODEL_NAME_OR_PATH=${HUGGINGFACE_MODEL_NAME_OR_PATH:-$EXAMPLE_PATH/model/tiny-llama}
 DATASET_TYPE=${DATASET_TYPE:-instruction}
@@ -79,7 +80,7 @@ mkdir -p "$OUTPUT_DIR" "$TENSORBOARD_DIR" "$LOG_DIR" "$CHECKPOINT_DIR"
 # ---- environment variables -> fairseq-train flags ----
 # shellcheck disable=SC2206  # OPTIMIZE_PARAMS is a list of flags, split on spaces on purpose
 TRAIN_ARGS=(
-    "$DATA" --user-dir "$REPO_ROOT/fairseq_ext" --task hf_finetune --arch "$MODEL_ARCH"
+    "$DATA" --user-dir "$USER_DIR" --task hf_finetune --arch "$MODEL_ARCH"
     --hf-model-name-or-path "$HUGGINGFACE_MODEL_NAME_OR_PATH"
     --dataset-type "$DATASET_TYPE" --dataset-name "$DATASET_NAME" --prompt-type "$PROMPT_TYPE"
     "${LORA_ARGS[@]}" "${ZERO_ARGS[@]}" --recompute-module-names "$RECOMPUTE_MODULE_NAMES"
@@ -97,7 +98,7 @@ TRAIN_ARGS=(
 
 echo "fairseq_ext run.sh settings:"
 for name in NPROC_PER_NODE NNODES NODE_RANK MASTER_ADDR MASTER_PORT EXAMPLE_PATH SCRIPT_PATH DATASET_NAME DATA_DIR \
-    OUTPUT_DIR TENSORBOARD_DIR LOG_DIR CHECKPOINT_DIR MODEL_ARCH HUGGINGFACE_MODEL_NAME_OR_PATH DATASET_TYPE \
+    OUTPUT_DIR TENSORBOARD_DIR LOG_DIR CHECKPOINT_DIR USER_DIR MODEL_ARCH HUGGINGFACE_MODEL_NAME_OR_PATH DATASET_TYPE \
     DATASET_PATH PROMPT_TYPE SEQUENCE_LENGTH BATCH_SIZE GRADIENT_ACCU_NUM WARMUP_STEPS MAX_STEPS SEED USE_ZERO \
     ZERO_N_GROUPS RECOMPUTE_MODULE_NAMES USE_LORA LORA_CONFIG OPTIMIZE_PARAMS; do
     printf '  %-32s %s\n' "$name" "${!name}"
@@ -123,7 +124,7 @@ evaluate() {
 
 export PYTHONPATH=$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}
 if [[ ! -f $CHECKPOINT_DIR/checkpoint_last.pt ]]; then
-    evaluate before --hf-model-name-or-path "$HUGGINGFACE_MODEL_NAME_OR_PATH" --data "$DATA" \
+    evaluate before --user-dir "$USER_DIR" --hf-model-name-or-path "$HUGGINGFACE_MODEL_NAME_OR_PATH" --data "$DATA" \
         --dataset-name "$DATASET_NAME" --prompt-type "$PROMPT_TYPE" --seed "$SEED"
 fi
 run_or_explain train "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --node-rank "$NODE_RANK" \

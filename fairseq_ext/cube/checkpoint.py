@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from typing import Dict, Optional, Tuple
 
-from fairseq import checkpoint_utils, tasks
+from fairseq import checkpoint_utils, tasks, utils
 
 from ..errors import UserInputError
 from ..models.lora import is_lora
@@ -27,6 +27,7 @@ def load_trained(checkpoint_path: str, arg_overrides: Optional[Dict] = None) -> 
         raise UserInputError(f"checkpoint {checkpoint_path}: no such file")
     state = checkpoint_utils.load_checkpoint_to_cpu(checkpoint_path, arg_overrides=arg_overrides)
     cfg = state["cfg"]
+    utils.import_user_module(cfg.common)  # a user's --user-dir registers its dataset types, templates, models
     task = tasks.setup_task(cfg.task)
     model = task.build_model(cfg.model)
     model.load_state_dict(state["model"], strict=True)
