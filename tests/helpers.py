@@ -44,8 +44,16 @@ def run(cmd: Sequence[str], timeout: int = 600, extra_env: Dict[str, str] = None
                           **kwargs)
 
 
-FAIRSEQ_TRAIN = [sys.executable, "-m", "fairseq_cli.train"]  # what the fairseq-train console script runs
-FAIRSEQ_VALIDATE = [sys.executable, "-m", "fairseq_cli.validate"]
+
+
+def console_script(name: str, module: str) -> List[str]:
+    """fairseq's console script beside this Python when installed there (pip), else ``python -m module``."""
+    script = BIN / name
+    return [str(script)] if script.is_file() else [sys.executable, "-m", module]
+
+
+FAIRSEQ_TRAIN = console_script("fairseq-train", "fairseq_cli.train")  # run.sh itself uses the -m form
+FAIRSEQ_VALIDATE = console_script("fairseq-validate", "fairseq_cli.validate")
 
 
 def fairseq_train(args: Sequence[str], **kwargs):

@@ -6,6 +6,7 @@ Each override says which fairseq behaviour it replaces. No other module of fairs
 import logging
 import os
 import shutil
+import sys
 
 import torch
 import torch.distributed as dist
@@ -142,6 +143,9 @@ def install() -> None:
     import fairseq_cli.train
 
     fairseq_cli.train.Trainer = CubeTrainer
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None) == "fairseq_cli.train":
+        main.Trainer = CubeTrainer  # launched as `python -m fairseq_cli.train`: that module runs as __main__
     PathManager.copy = staticmethod(atomic_copy)
     progress_bar.progress_bar = progress_bar_once_per_log_file
     distributed_utils.infer_init_method = infer_init_method

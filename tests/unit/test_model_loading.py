@@ -63,3 +63,12 @@ def test_max_tokens_and_batch_multiple_shape_the_batches():
     by_multiple = task.get_batch_iterator(task.dataset("valid"), max_tokens=400, required_batch_size_multiple=4,
                                           seed=1).next_epoch_itr(shuffle=False)
     assert all(b["nsentences"] % 4 == 0 for b in by_multiple)  # 200 samples: no remainder batch
+
+
+def test_importing_the_user_dir_installs_the_cube_trainer():
+    import fairseq_cli.train
+
+    import fairseq_ext  # noqa: F401
+    from fairseq_ext.cube.trainer import CubeTrainer
+
+    assert fairseq_cli.train.Trainer is CubeTrainer
