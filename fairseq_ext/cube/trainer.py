@@ -11,10 +11,10 @@ import sys
 import torch
 import torch.distributed as dist
 from fairseq import trainer as fairseq_trainer
+from fairseq.distributed import ModuleProxyWrapper
 from fairseq.distributed import utils as distributed_utils
 from fairseq.file_io import PathManager
 from fairseq.logging import progress_bar
-from fairseq.distributed import ModuleProxyWrapper
 from torch.nn.parallel import DistributedDataParallel
 
 from .runtime.zero import shard_optimizer_states

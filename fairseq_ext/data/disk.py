@@ -11,9 +11,9 @@ import os
 
 import datasets
 
+from ..errors import UserInputError
 from .instruction import tokenize_records
 from .registry import register_dataset_type
-from ..errors import UserInputError
 
 SPLIT_ALIASES = {"valid": ("valid", "validation"), "train": ("train",), "test": ("test",)}
 

@@ -7,10 +7,10 @@ Files: ``{data}/{dataset_name}_{split}.json`` (JSON lines or one JSON list) whos
 import os
 from typing import Dict, List
 
+from ..errors import UserInputError
 from .prompts import get_prompt_template
 from .records import read_json_records, require_fields
 from .registry import register_dataset_type
-from ..errors import UserInputError
 
 IGNORE_INDEX = -100
 

@@ -10,6 +10,7 @@ Users add their own with :func:`register_prompt_template` from their ``--user-di
 
 from dataclasses import dataclass
 from typing import Dict
+
 from ..errors import UserInputError
 
 

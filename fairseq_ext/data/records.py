@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 from typing import Dict, List, Sequence
+
 from ..errors import UserInputError
 
 

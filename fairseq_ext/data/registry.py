@@ -13,6 +13,7 @@ and returns tokenized samples: a ``datasets.Dataset`` or a list of dicts with ``
 """
 
 from typing import Callable, Dict
+
 from ..errors import UserInputError
 
 DATASET_TYPES: Dict[str, Callable] = {}

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from fairseq.data import FairseqDataset
 
-from .instruction import IGNORE_INDEX
 from ..errors import UserInputError
+from .instruction import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
