@@ -19,6 +19,7 @@ from fairseq_ext.data.instruction import instruction_split_path, read_instructio
 from fairseq_ext.errors import PREFIX, UserInputError
 from fairseq_ext.evaluation import exact_match
 from fairseq_ext.models.hf_loading import load_hf_model, load_tokenizer
+from fairseq_ext.tasks.hf_finetune import HFFinetuneConfig
 
 
 def load_model(args):
@@ -30,8 +31,9 @@ def load_model(args):
     if not (args.hf_model_name_or_path and args.data):
         raise UserInputError("give --checkpoint, or --hf-model-name-or-path with --data")
     hf_model = load_hf_model(AutoModelForCausalLM, args.hf_model_name_or_path, init_seed=args.seed)
+    defaults = HFFinetuneConfig()  # the same defaults as fairseq-train's task
     return (hf_model, load_tokenizer(args.hf_model_name_or_path), args.data,
-            args.dataset_name or "toy_instructions", args.prompt_type or "plain")
+            args.dataset_name or defaults.dataset_name, args.prompt_type or defaults.prompt_type)
 
 
 def main(argv=None) -> int:
