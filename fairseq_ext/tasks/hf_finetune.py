@@ -3,10 +3,10 @@
 import logging
 from dataclasses import dataclass, field
 
-from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
+from ..cube.config import CubeConfig
 from ..data.registry import get_dataset_builder
 from ..data.tokenized import TokenizedDataset, to_hf_dataset, truncate
 from ..errors import UserInputError
@@ -18,7 +18,7 @@ CRITERION_FOR_ARCH = {"hf_auto_causal_lm": "hf_causal_lm"}
 
 
 @dataclass
-class HFFinetuneConfig(FairseqDataclass):
+class HFFinetuneConfig(CubeConfig):
     data: str = field(default="", metadata={
         "help": "DATA_DIR holding {dataset_name}_{train,valid,test}.json (instruction), or a save_to_disk "
                 "folder (disk)"})
@@ -34,10 +34,6 @@ class HFFinetuneConfig(FairseqDataclass):
         "help": "samples longer than this are truncated (counted and reported per split)"})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "allow code shipped with the model or tokenizer to run; off unless you trust its source"})
-    use_zero: bool = field(default=False, metadata={
-        "help": "ZeRO-1: shard optimizer states among the data-parallel replicas (USE_ZERO)"})
-    zero_n_groups: int = field(default=1, metadata={
-        "help": "ZeRO-1 shards inside this many groups of consecutive replicas (ZERO_N_GROUPS; run.sh: NNODES)"})
     seed: int = II("common.seed")
 
 
