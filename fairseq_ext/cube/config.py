@@ -1,12 +1,18 @@
 """Command-line settings of the cube runtime, mixed into the ``hf_finetune`` task's config.
 
 They live on the task because fairseq hands every component the task config; the cube trainer reads
-them from ``cfg.task``.
+them from ``cfg.task`` and turns them into a Plan with :func:`plan_from_config`.
 """
 
+import logging
 from dataclasses import dataclass, field
 
 from fairseq.dataclass import FairseqDataclass
+
+from ..errors import UserInputError
+from .plan import Plan, default_plan
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -15,3 +21,36 @@ class CubeConfig(FairseqDataclass):
         "help": "ZeRO-1: shard optimizer states among the data-parallel replicas (USE_ZERO)"})
     zero_n_groups: int = field(default=1, metadata={
         "help": "ZeRO-1 shards inside this many groups of consecutive replicas (ZERO_N_GROUPS; run.sh: NNODES)"})
+    plan_ngpus: int = field(default=1, metadata={
+        "help": "GPUs (processes) in one scale unit, which runs tensor x pipeline parallel inside (PLAN_NGPUS)"})
+    cube_scaling_factor: int = field(default=0, metadata={
+        "help": "scale units, data parallel to each other (CUBE_SCALING_FACTOR); 0: world size / plan-ngpus"})
+    plan_file: str = field(default="", metadata={
+        "help": "a Plan JSON file (PLAN_FILE); it replaces --plan-ngpus, --cube-scaling-factor, --use-zero "
+                "and --zero-n-groups"})
+
+
+def plan_from_config(task_cfg, world_size: int, gpus_per_node: int) -> Plan:
+    """The Plan of this run: ``--plan-file`` when given, else the default rule for ``--plan-ngpus``.
+
+    Raises:
+        UserInputError: a plan that does not run on ``world_size`` processes, or bad counts.
+    """
+    plan_file = getattr(task_cfg, "plan_file", "") or ""
+    if plan_file:
+        plan = Plan.load(plan_file)
+    else:
+        plan_ngpus = getattr(task_cfg, "plan_ngpus", 1)
+        scaling_factor = getattr(task_cfg, "cube_scaling_factor", 0)
+        if plan_ngpus < 1:
+            raise UserInputError(f"PLAN_NGPUS must be a positive integer, got {plan_ngpus}")
+        if scaling_factor == 0:
+            if world_size % plan_ngpus:
+                raise UserInputError(f"PLAN_NGPUS {plan_ngpus} does not divide the world size {world_size} "
+                                     f"(NPROC_PER_NODE x NNODES)")
+            scaling_factor = world_size // plan_ngpus
+        zero = bool(getattr(task_cfg, "use_zero", False))
+        plan = default_plan(plan_ngpus, scaling_factor, gpus_per_node=gpus_per_node, zero=zero,
+                            zero_n_groups=getattr(task_cfg, "zero_n_groups", 1) if zero else 1)
+    plan.check_world_size(world_size)
+    return plan

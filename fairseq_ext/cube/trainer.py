@@ -1,8 +1,16 @@
 """The one seam into fairseq's training loop: a Trainer subclass, installed from ``--user-dir`` import.
 
 Each override says which fairseq behaviour it replaces. No other module of fairseq_ext patches fairseq.
+
+Plans whose scale unit has one GPU (PLAN_NGPUS=1) are plain data parallel: fairseq's DDP path, with
+ZeRO-1 on top. A tensor-parallel plan runs on a (dp, pp, tp) DeviceMesh: the model is sharded with
+DTensor before the optimizer exists, fairseq's data-parallel rank, size and group become the mesh's dp
+axis (all ranks of a scale unit read the same batch; logged sums run over dp only), gradients are
+averaged over dp explicitly instead of by DDP, and the optimizer steps each rank's local shards.
 """
 
+import contextlib
+import json
 import logging
 import os
 import shutil
@@ -15,8 +23,15 @@ from fairseq.distributed import ModuleProxyWrapper
 from fairseq.distributed import utils as distributed_utils
 from fairseq.file_io import PathManager
 from fairseq.logging import progress_bar
+from torch.distributed.tensor.parallel import loss_parallel
 from torch.nn.parallel import DistributedDataParallel
 
+from ..errors import UserInputError
+from .config import plan_from_config
+from .runtime.data_parallel import average_gradients
+from .runtime.local_shards import LocalShards, full_state_dict, local_tensor, localize_state_dict
+from .runtime.mesh import DP, PP, TP, build_mesh
+from .runtime.parallelize import check_plan_fits_model, parallelize
 from .runtime.zero import shard_optimizer_states
 
 logger = logging.getLogger(__name__)
@@ -27,13 +42,113 @@ def _temporary_name(path: str) -> str:
     return os.path.join(directory, f".{name}.tmp-{os.getpid()}")
 
 
+class TensorParallelModel(torch.nn.Module):
+    """What fairseq's Trainer holds in place of its DDP wrapper when the model is tensor parallel.
+
+    Calls and missing attributes go to the model. fairseq calls ``all_reduce_grads`` after the last
+    backward of an update (``reduce_grads``: the trainer averages them over the dp axis);
+    ``state_dict`` gathers DTensors into full tensors (collective over tp), so a checkpoint loads in one
+    process; ``load_state_dict`` takes such full tensors and keeps each rank's shard.
+    """
+
+    def __init__(self, module: torch.nn.Module, reduce_grads):
+        super().__init__()
+        self.module = module
+        self._reduce_grads = reduce_grads
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+    def all_reduce_grads(self) -> None:
+        self._reduce_grads()
+
+    def state_dict(self, *args, **kwargs):
+        return full_state_dict(self.module.state_dict(*args, **kwargs))
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        return self.module.load_state_dict(localize_state_dict(self.module, state_dict), strict=strict,
+                                           model_cfg=model_cfg, args=args)
+
+
 class CubeTrainer(fairseq_trainer.Trainer):
-    """fairseq's Trainer with data-parallel CPU runs and checkpoints that are never left half-written."""
+    """fairseq's Trainer running a cube Plan: data parallel (DDP, also on CPU hosts), or tensor parallel
+    on a DeviceMesh; ZeRO-1; checkpoints that are never left half-written."""
+
+    def __init__(self, cfg, task, model, criterion, quantizer=None):
+        # The plan is applied before fairseq's __init__, which reads the data-parallel size and places the model.
+        self.plan, self.mesh, self.vocab_parallel = self._apply_plan(cfg, model)
+        self._shards = None
+        super().__init__(cfg, task, model, criterion, quantizer)
+
+    @staticmethod
+    def _apply_plan(cfg, model):
+        """Resolve the run's Plan and, for a tensor-parallel one, build the mesh and shard ``model``."""
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        gpus_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        plan = plan_from_config(cfg.task, world_size, gpus_per_node)
+        logger.info(f"cube plan: {json.dumps(plan.to_dict(), sort_keys=True)}")
+        if plan.plan_ngpus == 1:
+            return plan, None, False
+        hf_model = getattr(model, "hf_model", None)
+        if hf_model is None:
+            raise UserInputError(f"PLAN_NGPUS {plan.plan_ngpus} needs a Hugging Face model (--arch hf_auto_*), "
+                                 f"got {type(model).__name__}; use PLAN_NGPUS=1")
+        if plan.pp > 1:
+            raise UserInputError(f"pipeline parallel is not available yet (the plan has pp {plan.pp}); "
+                                 f"choose PLAN_NGPUS that fits in one node, or a plan file with pp 1")
+        if cfg.common.fp16 or cfg.common.bf16 or cfg.common.amp:
+            raise UserInputError("--fp16/--bf16/--amp with tensor parallel (PLAN_NGPUS > 1) are not available yet; "
+                                 "train in float32")
+        if getattr(model, "saves_trainable_only", False):
+            raise UserInputError("LoRA with tensor parallel (PLAN_NGPUS > 1) is not available yet; use PLAN_NGPUS=1")
+        check_plan_fits_model(plan, hf_model.config)
+        mesh = build_mesh(plan, "cuda" if torch.cuda.is_available() and not cfg.common.cpu else "cpu")
+        vocab_parallel = parallelize(hf_model, plan, mesh)
+        return plan, mesh, vocab_parallel
+
+    @property
+    def data_parallel_world_size(self):
+        """Replaces fairseq's data-parallel size (the whole world) by the mesh's dp axis: the scale units."""
+        if self.mesh is None:
+            return super().data_parallel_world_size
+        return self.mesh[DP].size()
+
+    @property
+    def data_parallel_rank(self):
+        """Replaces fairseq's data-parallel rank (the global rank) by this rank's scale unit, so that every
+        rank of a unit reads the same batches and only units are counted in logged sums."""
+        if self.mesh is None:
+            return super().data_parallel_rank
+        return self.mesh.get_local_rank(DP)
+
+    @property
+    def data_parallel_process_group(self):
+        """Replaces fairseq's data-parallel group (the global one) by this rank's dp group of the mesh:
+        logging sums, checkpoint broadcasts and the grad-norm consistency check run over it."""
+        if self.mesh is None:
+            return super().data_parallel_process_group
+        return self.mesh.get_group(DP)
+
+    @property
+    def use_distributed_wrapper(self) -> bool:
+        """A tensor-parallel model is never wrapped in DDP: its gradients are reduced by :meth:`_reduce_grads`."""
+        if self.mesh is not None:
+            return False
+        return super().use_distributed_wrapper
 
     @property
     def model(self):
-        """Replaces fairseq's DDP wrapping on CPU hosts, which passes CUDA ``device_ids`` that DDP rejects
-        for CPU modules. Same DDP settings otherwise; GPU runs keep fairseq's wrapper."""
+        """Replaces fairseq's DDP wrapping: on CPU hosts, fairseq passes CUDA ``device_ids`` that DDP rejects
+        for CPU modules (same DDP settings otherwise; GPU runs keep fairseq's wrapper); a tensor-parallel
+        model gets :class:`TensorParallelModel` instead of a DDP wrapper."""
+        if self._wrapped_model is None and self.mesh is not None:
+            self._wrapped_model = TensorParallelModel(self._model, self._reduce_grads)
         if self._wrapped_model is None and self.use_distributed_wrapper and self.device.type == "cpu":
             dt = self.cfg.distributed_training
             self._wrapped_model = ModuleProxyWrapper(DistributedDataParallel(
@@ -43,17 +158,116 @@ class CubeTrainer(fairseq_trainer.Trainer):
         return super().model
 
     def _build_optimizer(self):
-        """Adds ZeRO-1 (``--use-zero``) to fairseq's optimizer. fairseq's own ``--zero-sharding os`` needs
-        fairscale, which is unmaintained: this uses torch's ZeroRedundancyOptimizer, and fairseq's
-        ``consolidate_optimizer`` before checkpoints already calls its ``consolidate_state_dict``."""
+        """Adds to fairseq's optimizer: stepping local shards of a tensor-parallel model, and ZeRO-1.
+
+        With tensor parallel the optimizer's parameters become each rank's local shards (plain tensors
+        sharing storage with the DTensors), so fairseq's gradient scaling, its optimizers and ZeRO work
+        unchanged; its state_dict is gathered to full tensors for checkpoints and cut back on load.
+        ZeRO-1 (``--use-zero``): fairseq's own ``--zero-sharding os`` needs fairscale, which is
+        unmaintained; this uses torch's ZeroRedundancyOptimizer among the replicas of each parameter
+        shard (the dp group), and fairseq's ``consolidate_optimizer`` before checkpoints already calls
+        its ``consolidate_state_dict``.
+        """
         super()._build_optimizer()
-        task_cfg = self.cfg.task
-        if getattr(task_cfg, "use_zero", False) and self.data_parallel_world_size > 1:
-            fairseq_optimizer = self._optimizer
+        fairseq_optimizer = self._optimizer
+        if self.mesh is not None:
+            inner = fairseq_optimizer.optimizer
+            self._shards = LocalShards(p for group in inner.param_groups for p in group["params"])
+            view_of = {id(p): v for p, v in zip(self._shards.params, self._shards.views)}
+            for group in inner.param_groups:
+                group["params"] = [view_of[id(p)] for p in group["params"]]
+            self._gather_optimizer_state_in_checkpoints(fairseq_optimizer)
+        if self.plan.zero and self.data_parallel_world_size > 1:
+            replica_groups = None
+            if self.mesh is not None:
+                ranks = self.mesh.mesh  # (dp, pp, tp) -> global rank
+                replica_groups = [ranks[:, pp, tp].tolist() for pp in range(ranks.shape[1])
+                                  for tp in range(ranks.shape[2])]
             fairseq_optimizer.optimizer = shard_optimizer_states(
-                fairseq_optimizer.optimizer, fairseq_optimizer.optimizer_config, task_cfg.zero_n_groups)
+                fairseq_optimizer.optimizer, fairseq_optimizer.optimizer_config, self.plan.zero_n_groups,
+                replica_groups)
             logger.info(f"ZeRO-1: optimizer states sharded among {self.data_parallel_world_size} replicas "
-                        f"in {task_cfg.zero_n_groups} group(s)")
+                        f"in {self.plan.zero_n_groups} group(s)")
+
+    def _gather_optimizer_state_in_checkpoints(self, fairseq_optimizer):
+        """Replaces the fairseq optimizer's ``state_dict``/``load_state_dict`` (on this instance) by ones that
+        give and take full tensors, as the model's do, so a tensor-parallel checkpoint loads in one process."""
+        shards, state_dict, load_state_dict = self._shards, fairseq_optimizer.state_dict, fairseq_optimizer.load_state_dict
+
+        def views():
+            return [p for group in fairseq_optimizer.optimizer.param_groups for p in group["params"]]
+
+        def full_state_dict_():
+            return shards.full_optimizer_state(state_dict(), views())
+
+        def load_local_state_dict(state, optimizer_overrides=None):
+            return load_state_dict(shards.local_optimizer_state(state, views()), optimizer_overrides)
+
+        fairseq_optimizer.state_dict = full_state_dict_
+        fairseq_optimizer.load_state_dict = load_local_state_dict
+
+    def _reduce_grads(self) -> None:
+        """Average the gradients of a tensor-parallel model over the dp axis (what DDP does otherwise)."""
+        self._shards.link_grads()
+        average_gradients(self._shards.local_grads(), self.data_parallel_process_group)
+
+    def zero_grad(self):
+        """Also clears the model's DTensor gradients, which the optimizer (stepping local views) does not see."""
+        super().zero_grad()
+        if self.mesh is not None:
+            for param in self._model.parameters():
+                param.grad = None
+
+    def clip_grad_norm(self, clip_norm):
+        """Replaces fairseq's norm of the local gradients: with tensor parallel, the norm of the full
+        gradient (sharded squares summed over tp, replicated ones counted once), then clipped alike."""
+        if self.mesh is None:
+            return super().clip_grad_norm(clip_norm)
+        total_norm = self._shards.grad_norm()
+        if clip_norm > 0:
+            grads = self._shards.local_grads()
+            clip_coef = (float(clip_norm) / (total_norm + 1e-6)).clamp_(max=1)
+            torch._foreach_mul_(grads, clip_coef.to(grads[0].device))
+        return total_norm
+
+    def _loss_context(self):
+        return loss_parallel() if self.vocab_parallel else contextlib.nullcontext()
+
+    def train_step(self, samples, raise_oom=False):
+        """Runs fairseq's train step under ``loss_parallel`` when the LM head is vocab parallel, so the
+        criterion's cross entropy (forward and backward) works on logits sharded over the vocabulary."""
+        with self._loss_context():
+            return super().train_step(samples, raise_oom)
+
+    def valid_step(self, sample, raise_oom=False):
+        """fairseq's valid step, under ``loss_parallel`` like :meth:`train_step`."""
+        with self._loss_context():
+            return super().valid_step(sample, raise_oom)
+
+    def _aggregate_logging_outputs(self, logging_outputs, *extra_stats_to_sum, ignore=False):
+        """Logged values that are DTensors (a vocab-parallel loss, replicated over tp) become plain tensors
+        before fairseq sums them over the dp group."""
+        return super()._aggregate_logging_outputs(_plain(logging_outputs), *extra_stats_to_sum, ignore=ignore)
+
+    def _reduce_and_log_stats(self, logging_outputs, sample_size, grad_norm=None):
+        """As :meth:`_aggregate_logging_outputs`, for the single-unit case where fairseq skips the sum."""
+        return super()._reduce_and_log_stats(_plain(logging_outputs), sample_size, grad_norm)
+
+    @property
+    def should_save_checkpoint_on_current_rank(self) -> bool:
+        """Replaces "every rank of dp rank 0 writes" (all tp ranks of the first unit, racing on one file):
+        only the first rank of the mesh writes; the others of its unit join the gathers (next property)."""
+        if self.mesh is None:
+            return super().should_save_checkpoint_on_current_rank
+        return self.data_parallel_rank == 0 and self.mesh.get_local_rank(TP) == 0 \
+            and self.mesh.get_local_rank(PP) == 0
+
+    @property
+    def always_call_state_dict_during_save_checkpoint(self) -> bool:
+        """The ranks of the first scale unit build the state dict (its gathers are collective over tp)."""
+        if self.mesh is None:
+            return super().always_call_state_dict_during_save_checkpoint
+        return self.data_parallel_rank == 0
 
     def save_checkpoint(self, filename, extra_state):
         """Replaces fairseq's direct write of ``filename``: write a temporary file, then rename it into place.
@@ -70,6 +284,11 @@ class CubeTrainer(fairseq_trainer.Trainer):
             if os.path.exists(tmp):
                 os.remove(tmp)
         return os.path.abspath(filename)
+
+
+def _plain(logging_outputs):
+    return [{key: local_tensor(value) if torch.is_tensor(value) else value for key, value in log.items()}
+            for log in logging_outputs]
 
 
 _fairseq_copy = PathManager.copy

@@ -1,12 +1,14 @@
 """ZeRO-1: optimizer states sharded among the data-parallel replicas, with PyTorch's ZeroRedundancyOptimizer.
 
-Gradients stay whole (DDP all-reduces them); each replica steps the optimizer for its share of the
-parameters only, holding that share's states (Adam's two moments), then broadcasts the updated
-parameters. ``ZERO_N_GROUPS`` splits the replicas into groups of consecutive ranks (by default one
-group per node, so the broadcasts stay inside a node); states are sharded inside each group.
+Gradients stay whole (all-reduced over the replicas); each replica steps the optimizer for its share of
+the parameters only, holding that share's states (Adam's two moments), then broadcasts the updated
+parameters. The replicas of a parameter are the ranks of one data-parallel group: the whole world
+without tensor parallel, else the ranks holding the same tensor-parallel shard in each scale unit.
+``ZERO_N_GROUPS`` splits each set of replicas into groups of consecutive ranks (by default one group per
+node, so the broadcasts stay inside a node); states are sharded inside each group.
 """
 
-from typing import List
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -35,13 +37,19 @@ class GroupZeroRedundancyOptimizer(ZeroRedundancyOptimizer):
         super().consolidate_state_dict(to=self.leader if to is None else to)
 
 
-def shard_optimizer_states(torch_optimizer: torch.optim.Optimizer, defaults: dict,
-                           num_groups: int = 1) -> GroupZeroRedundancyOptimizer:
+def shard_optimizer_states(torch_optimizer: torch.optim.Optimizer, defaults: dict, num_groups: int = 1,
+                           replica_groups: Optional[Sequence[Sequence[int]]] = None) -> GroupZeroRedundancyOptimizer:
     """Return a ZeRO-1 optimizer stepping like ``torch_optimizer``, its states sharded in this rank's group.
 
+    Args:
+        replica_groups: every set of global ranks that hold replicas of the same parameters (the
+            data-parallel groups of the mesh), the same list on every rank; default: one set, the world.
     Collective: every rank of the default process group must call it (each creates all the groups).
     """
-    groups = zero_group_ranks(dist.get_world_size(), num_groups)
+    if replica_groups is None:
+        replica_groups = [list(range(dist.get_world_size()))]
+    groups = [[replicas[i] for i in local] for replicas in replica_groups
+              for local in zero_group_ranks(len(replicas), num_groups)]
     process_groups = [dist.new_group(ranks) for ranks in groups]
     mine = next(i for i, ranks in enumerate(groups) if dist.get_rank() in ranks)
     return GroupZeroRedundancyOptimizer(torch_optimizer.param_groups, type(torch_optimizer),

@@ -1,0 +1,158 @@
+"""The optimizer's view of a tensor-parallel model: each rank's local shards as plain tensors.
+
+Tensor parallel leaves some parameters as DTensors (sharded over the tp axis) and others plain
+(replicated: norms, and the embeddings unless vocab parallel). Optimizers, fairseq's gradient scaling
+(``torch._foreach_mul_`` over all grads) and ZeroRedundancyOptimizer's parameter broadcasts want plain
+tensors of one kind. :class:`LocalShards` hands them the local shard of every parameter: a plain tensor
+sharing storage with the DTensor's local tensor, so an in-place optimizer step updates the model.
+Gradients are linked the same way after backward (:meth:`LocalShards.link_grads`).
+
+It also knows which shards make up one full tensor, so it computes the global gradient norm, and turns
+optimizer states into full tensors (checkpoint on one rank) and back into local shards (load).
+"""
+
+from typing import Dict, Iterable, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (the same storage), or the tensor itself."""
+    if isinstance(tensor, DTensor):
+        with torch.no_grad():  # to_local() then returns the DTensor's own local tensor, not a copy
+            return tensor.to_local()
+    return tensor
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor split over some mesh axis (not replicated on all of them)."""
+    return isinstance(tensor, DTensor) and any(not isinstance(p, Replicate) for p in tensor.placements)
+
+
+def full_tensor(tensor):
+    """Gather a DTensor into the full tensor (collective over its mesh); other values pass through."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def full_state_dict(state: Dict[str, object]) -> Dict[str, object]:
+    """A module state_dict with every DTensor gathered (collective: every rank of the mesh must call it)."""
+    return {key: full_tensor(value) for key, value in state.items()}
+
+
+def localize_state_dict(module: torch.nn.Module, state: Dict[str, object]) -> Dict[str, object]:
+    """A full-tensor state_dict made loadable into ``module``'s DTensor parameters.
+
+    Each entry whose parameter or buffer in ``module`` is a DTensor becomes a DTensor with the same mesh
+    and placements, cut locally from the full tensor every rank holds (no communication).
+    """
+    targets = module.state_dict(keep_vars=True)  # keyed as ``state``, wrapper prefixes removed
+    out = dict(state)
+    for key, value in state.items():
+        target = targets.get(key)
+        if isinstance(target, DTensor) and torch.is_tensor(value) and not isinstance(value, DTensor):
+            out[key] = distribute_tensor(value.to(target.dtype), target.device_mesh, target.placements,
+                                         src_data_rank=None)
+    return out
+
+
+class LocalShards:
+    """Maps a model's parameters (DTensor or plain) to the plain local tensors an optimizer steps.
+
+    Args:
+        params: the model's trainable parameters, in the optimizer's order.
+    Invariant relied on: every rank of a tensor-parallel group holds the same list, in the same order,
+    with the same placements (they ran the same ``parallelize``).
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor]):
+        self.params: List[torch.Tensor] = list(params)
+        self.views: List[torch.Tensor] = [local_tensor(p) for p in self.params]
+        self._param_of_view = {id(v): p for v, p in zip(self.views, self.params)}
+
+    def param_of(self, view: torch.Tensor) -> torch.Tensor:
+        """The model parameter whose local shard ``view`` is."""
+        return self._param_of_view[id(view)]
+
+    def link_grads(self) -> None:
+        """Point each local view's ``.grad`` at the local shard of its parameter's gradient (no copy)."""
+        for param, view in zip(self.params, self.views):
+            if view is param:
+                continue
+            grad = param.grad
+            if isinstance(grad, DTensor) and grad.placements != param.placements:
+                # e.g. a vocab-parallel embedding's gradient arrives as Partial sums on every rank
+                grad = param.grad = grad.redistribute(param.device_mesh, param.placements)
+            view.grad = None if grad is None else local_tensor(grad)
+
+    def local_grads(self) -> List[torch.Tensor]:
+        """The local gradient shards present, in parameter order."""
+        return [local_tensor(p.grad) for p in self.params if p.grad is not None]
+
+    def grad_norm(self, views: Optional[Iterable[torch.Tensor]] = None) -> torch.Tensor:
+        """The L2 norm of the full gradient of the whole model, the same on every rank.
+
+        Squares of sharded gradients are summed over their mesh (each element counted once); replicated
+        gradients are counted once, from the local copy.
+
+        Args:
+            views: the local views whose gradients count (default: all).
+        """
+        params = self.params if views is None else [self.param_of(v) for v in views]
+        sharded_sq, replicated_sq = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        mesh = None
+        for param in params:
+            if param.grad is None:
+                continue
+            square = local_tensor(param.grad).detach().double().pow(2).sum().cpu()
+            if is_sharded(param.grad):
+                sharded_sq += square
+                mesh = param.grad.device_mesh
+            else:
+                replicated_sq += square
+        if mesh is not None:
+            # All DTensor parameters of a tensor-parallel model live on the same 1-D tp mesh.
+            sharded_sq = sharded_sq.to(mesh.device_type)
+            dist.all_reduce(sharded_sq, group=mesh.get_group())
+            sharded_sq = sharded_sq.cpu()
+        return (sharded_sq + replicated_sq).sqrt().float()
+
+    def full_optimizer_state(self, state_dict: dict, views: List[torch.Tensor]) -> dict:
+        """An optimizer state_dict whose per-parameter tensors are gathered into full tensors.
+
+        Args:
+            state_dict: ``optimizer.state_dict()`` (states keyed by index into ``views``).
+            views: the optimizer's parameters in state_dict order (its param_groups, flattened).
+        Collective over each sharded parameter's mesh, in parameter order.
+        """
+        out = dict(state_dict)
+        out["state"] = {}
+        for index, state in state_dict["state"].items():
+            param = self.param_of(views[index])
+            out["state"][index] = {name: self._full_like(param, value) for name, value in state.items()}
+        return out
+
+    def local_optimizer_state(self, state_dict: dict, views: List[torch.Tensor]) -> dict:
+        """The inverse of :meth:`full_optimizer_state`: cut each full per-parameter tensor to the local shard."""
+        out = dict(state_dict)
+        out["state"] = {}
+        for index, state in state_dict["state"].items():
+            param = self.param_of(views[index])
+            out["state"][index] = {name: self._local_like(param, value) for name, value in state.items()}
+        return out
+
+    @staticmethod
+    def _full_like(param, value):
+        if isinstance(param, DTensor) and torch.is_tensor(value) and value.shape == local_tensor(param).shape \
+                and value.dim() > 0:
+            return DTensor.from_local(value, param.device_mesh, param.placements, run_check=False,
+                                      shape=param.shape, stride=param.stride()).full_tensor()
+        return value
+
+    @staticmethod
+    def _local_like(param, value):
+        if isinstance(param, DTensor) and torch.is_tensor(value) and value.shape == param.shape and value.dim() > 0:
+            return distribute_tensor(value.to(param.device), param.device_mesh, param.placements,
+                                     src_data_rank=None).to_local()
+        return value

@@ -1,0 +1,105 @@
+"""Tensor-parallel plans through run.sh (torchrun, gloo, CPU) give the single-process training.
+
+Each run trains the shipped tiny Llama (4 heads, 2 kv heads, FFN 384, vocabulary 554) for 10 updates
+and is compared with one process on the same data order and global batch: the loss logged at every
+update (fairseq rounds it to 3 decimals) and every parameter of the saved checkpoint (rtol 1e-5), which
+also shows that a tensor-parallel checkpoint is a full one that loads in one process.
+"""
+
+import json
+import re
+
+import pytest
+import torch
+from fairseq import checkpoint_utils
+
+from tests.helpers import train_losses
+from tests.integration.test_run_sh import run_sh
+
+STEPS = 10
+COMMON = dict(MAX_STEPS=STEPS, SAVE_STEPS=STEPS, WARMUP_STEPS=2, BATCH_SIZE=4, SEQUENCE_LENGTH=64, EVALUATE=0,
+              LOG_FORMAT="json", LOG_INTERVAL=1)
+
+
+def train(folder, **variables):
+    result = run_sh(folder, **{**COMMON, **variables})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    log = result.stdout + (folder / "out" / "log" / "train.log").read_text()
+    weights = checkpoint_utils.load_checkpoint_to_cpu(str(folder / "out" / "checkpoint" / "checkpoint_last.pt"))
+    return train_losses(result.stdout), weights["model"], log
+
+
+def assert_same_training(got, expected):
+    (got_losses, got_weights, _), (expected_losses, expected_weights, _) = got, expected
+    assert sorted(got_losses) == sorted(expected_losses) == list(range(1, STEPS + 1))
+    assert got_losses == expected_losses, (got_losses, expected_losses)  # equal to the logged 3 decimals
+    assert expected_losses[STEPS] < expected_losses[1] - 0.5, expected_losses  # the steps really train
+    assert got_weights.keys() == expected_weights.keys()
+    for key, value in expected_weights.items():
+        assert got_weights[key].shape == value.shape, key  # full tensors, not shards
+        torch.testing.assert_close(got_weights[key], value, rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The single-process reference runs, each trained once per module: accumulation 1, 2 and 4."""
+    cache = {}
+
+    def reference(accumulation):
+        if accumulation not in cache:
+            folder = tmp_path_factory.mktemp(f"one_accu{accumulation}")
+            cache[accumulation] = train(folder, NPROC_PER_NODE=1, GRADIENT_ACCU_NUM=accumulation)
+        return cache[accumulation]
+
+    return reference
+
+
+def test_tp2_matches_one_process(tmp_path, one_process):
+    tp2 = train(tmp_path, NPROC_PER_NODE=2, PLAN_NGPUS=2)
+    log = tp2[2]
+    assert '"tp": 2' in log and '"scaling_factor": 1' in log, "the plan is printed in the log"
+    assert "embeddings and LM head vocab parallel" in log
+    assert_same_training(tp2, one_process(1))
+
+
+def test_tp2_with_gradient_accumulation_matches_one_process(tmp_path, one_process):
+    assert_same_training(train(tmp_path, NPROC_PER_NODE=2, PLAN_NGPUS=2, GRADIENT_ACCU_NUM=4), one_process(4))
+
+
+def test_two_tp2_scale_units_with_zero_match_one_process(tmp_path, one_process):
+    """4 processes: 2 scale units of tp 2. Unit u reads batches u, u+2, ... (fairseq shards by unit), so one
+    update sees two consecutive batches: exactly one process with GRADIENT_ACCU_NUM=2."""
+    run = train(tmp_path, NPROC_PER_NODE=4, PLAN_NGPUS=2, USE_ZERO=1)
+    assert '"scaling_factor": 2' in run[2] and '"zero": true' in run[2]
+    assert "ZeRO-1: optimizer states sharded among 2 replicas" in run[2]
+    assert_same_training(run, one_process(2))
+
+
+BAD_PLANS = {
+    "world size not PLAN_NGPUS x CUBE_SCALING_FACTOR": (
+        dict(NPROC_PER_NODE=2, PLAN_NGPUS=2, CUBE_SCALING_FACTOR=2),
+        r"PLAN_NGPUS 2 x CUBE_SCALING_FACTOR 2 = 4 does not equal the world size 2"),
+    "PLAN_NGPUS does not divide the world size": (
+        dict(NPROC_PER_NODE=3, PLAN_NGPUS=2), r"run\.sh: error: PLAN_NGPUS 2 does not divide the world size 3"),
+    "tp does not divide the heads": (
+        dict(NPROC_PER_NODE=3, PLAN_NGPUS=3), r"tp 3 does not divide num_attention_heads 4"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PLANS))
+def test_bad_plan_gets_one_clear_error(tmp_path, case):
+    variables, message = BAD_PLANS[case]
+    result = run_sh(tmp_path, **{**COMMON, **variables})
+    assert result.returncode != 0
+    assert re.search(message, result.stderr), result.stderr[-3000:]
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
+    assert len([line for line in result.stderr.splitlines() if "error:" in line]) == 1, result.stderr
+
+
+def test_plan_file_with_pipeline_parallel_is_refused_clearly(tmp_path):
+    plan = dict(plan_ngpus=2, scaling_factor=1, tp=1, pp=2, num_microbatches=2)
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    result = run_sh(tmp_path, **{**COMMON, "NPROC_PER_NODE": 2, "PLAN_FILE": tmp_path / "plan.json"})
+    assert result.returncode != 0
+    assert "pipeline parallel is not available yet" in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
