@@ -7,13 +7,24 @@ is downloaded. The model folder holds config and tokenizer only: fairseq_ext ini
 from the config under the run's seed. Everything here is deterministic: running the script again
 rewrites the same bytes (tests check that against the committed files).
 
+The other default datasets (toy_sentiment, toy_ner, toy_qa, toy_pairs) and the tiny-t5 model folder
+come from the generators in scripts/default_assets/.
+
 Usage: python scripts/build_default_assets.py [--out-dir cube_examples/finetune_hf_model]
 """
 
 import argparse
-import json
 import os
 import random
+import sys
+
+if __package__ in (None, ""):  # run as a file: make the repository root importable for scripts.default_assets
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from scripts.default_assets import write_datasets  # noqa: E402
+from scripts.default_assets.common import write_jsonl  # noqa: E402
+from scripts.default_assets.tiny_t5 import MODEL_NAME as T5_MODEL_NAME, build_t5_folder  # noqa: E402
+from scripts.default_assets.tokenizer import build_tokenizer  # noqa: E402
 
 WORDS = (
     "apple bear cat dog egg fish goat hat ice jam kite lamp moon nest owl pen queen rose sun tree "
@@ -64,29 +75,6 @@ def make_splits(seed: int = 0) -> dict:
     return splits
 
 
-def write_jsonl(path: str, records: list) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-
-
-def build_tokenizer(texts: list, vocab_size: int = 1024):
-    """Byte-level BPE trained on ``texts``, wrapped as a transformers fast tokenizer that adds BOS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
-                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", model_max_length=512)
-
-
 def build_model_folder(out: str, texts: list) -> None:
     from transformers import LlamaConfig
 
@@ -117,7 +105,10 @@ def main(argv=None) -> None:
     texts = [template.render(r["instruction"], r["input"]) + r["output"]
              for template in PROMPT_TEMPLATES.values() for r in splits["train"]]
     build_model_folder(os.path.join(args.out_dir, "model", "tiny-llama"), texts)
-    print(f"wrote {data_dir} and {os.path.join(args.out_dir, 'model', 'tiny-llama')}")
+    build_t5_folder(os.path.join(args.out_dir, "model", T5_MODEL_NAME), texts)
+    write_datasets(data_dir)
+    print(f"wrote {data_dir}, {os.path.join(args.out_dir, 'model', 'tiny-llama')} and "
+          f"{os.path.join(args.out_dir, 'model', T5_MODEL_NAME)}")
 
 
 if __name__ == "__main__":
