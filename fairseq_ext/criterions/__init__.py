@@ -1,3 +1,3 @@
 """Losses for the Hugging Face heads."""
 
-from .lm_loss import CausalLMLoss  # noqa: F401
+from . import classification, contrastive, lm_loss, question_answering  # noqa: F401

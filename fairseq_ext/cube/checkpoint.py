@@ -8,7 +8,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 from fairseq import checkpoint_utils, tasks, utils
 
@@ -31,6 +31,22 @@ def load_trained(checkpoint_path: str, arg_overrides: Optional[Dict] = None) -> 
     task = tasks.setup_task(cfg.task)
     model = task.build_model(cfg.model)
     model.load_state_dict(state["model"], strict=True)
+    return cfg, task, model.eval()
+
+
+def load_initial(train_args: Sequence[str]) -> Tuple[object, object, object]:
+    """Build the task and model exactly as ``fairseq-train train_args`` starts training (same seeded init).
+
+    Returns:
+        (cfg, task, model) like ``load_trained``, with the model's initial weights.
+    """
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    args = options.parse_args_and_arch(options.get_training_parser(), list(train_args))
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
     return cfg, task, model.eval()
 
 

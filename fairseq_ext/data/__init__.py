@@ -1,7 +1,8 @@
-"""Data: dataset-type registry with the built-in ``instruction`` and ``disk`` types, prompt templates."""
+"""Data: dataset-type registry with the built-in types, sample layouts per head, prompt templates."""
 
-from . import disk, instruction  # noqa: F401  (register the built-in dataset types)
+from . import classification, disk, instruction, question_answering, text_pairs, token_classification  # noqa: F401
+from .labels import LabelSet
 from .prompts import PromptTemplate, register_prompt_template
 from .registry import register_dataset_type
 
-__all__ = ["PromptTemplate", "register_prompt_template", "register_dataset_type"]
+__all__ = ["LabelSet", "PromptTemplate", "register_prompt_template", "register_dataset_type"]

@@ -2,7 +2,9 @@
 
 The folder holds a ``DatasetDict`` whose split names are ``train``, ``valid`` (or ``validation``) and
 ``test``. Columns, in the order they are looked for:
-``input_ids`` (already tokenized; ``labels`` optional, all tokens trained on when absent),
+``input_ids`` (already tokenized, with the other columns of the model head's layout: ``labels``,
+``label``, ``start_positions``/``end_positions`` or ``pair_input_ids``; with none of them, all tokens
+are trained on as language modelling),
 ``instruction``/``output`` (+ optional ``input``: formatted with the prompt template, prompt masked),
 ``text`` (plain language modelling; EOS appended, every token trained on).
 """
@@ -15,6 +17,7 @@ from ..errors import UserInputError
 from .instruction import tokenize_records
 from .registry import register_dataset_type
 
+TARGET_COLUMNS = {"labels", "label", "start_positions", "pair_input_ids"}
 SPLIT_ALIASES = {"valid": ("valid", "validation"), "train": ("train",), "test": ("test",)}
 
 
@@ -52,9 +55,9 @@ def build_disk_split(cfg, split: str, tokenizer):
     ds = load_disk_split(cfg.data, split)
     columns = set(ds.column_names)
     if "input_ids" in columns:
-        if "labels" not in columns:
+        if not columns & TARGET_COLUMNS:
             ds = ds.map(_label_all, batched=True, keep_in_memory=True)
-        return ds.select_columns(["input_ids", "labels"])
+        return ds
     if {"instruction", "output"} <= columns:
         return tokenize_records(list(ds), tokenizer, cfg.prompt_type)
     if "text" in columns:

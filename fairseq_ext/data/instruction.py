@@ -4,30 +4,21 @@ Files: ``{data}/{dataset_name}_{split}.json`` (JSON lines or one JSON list) whos
 ``instruction`` and ``output`` strings and an optional ``input`` string.
 """
 
-import os
 from typing import Dict, List
 
 from ..errors import UserInputError
+from .layouts import IGNORE_INDEX
 from .prompts import get_prompt_template
-from .records import read_json_records, require_fields
+from .records import read_split, require_fields, split_path
 from .registry import register_dataset_type
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "read_instruction_records", "tokenize_instruction", "tokenize_records"]
 
 
-def instruction_split_path(data_dir: str, dataset_name: str, split: str) -> str:
-    """Where the records of ``split`` live."""
-    return os.path.join(data_dir, f"{dataset_name}_{split}.json")
-
-
-def read_instruction_records(path: str) -> List[Dict]:
-    """Read and validate the records of one split; an empty split is a UserInputError."""
-    records = read_json_records(path)
-    if not records:
-        raise UserInputError(f"{path}: the split is empty; it needs at least one record")
-    require_fields(records, ["instruction", "output"], path)
-    optional = [r for r in records if "input" in r]
-    require_fields(optional, ["input"], path)
+def read_instruction_records(data_dir: str, dataset_name: str, split: str) -> List[Dict]:
+    """Read and validate the instruction records of one split; an empty split is a UserInputError."""
+    records = read_split(data_dir, dataset_name, split, ["instruction", "output"])
+    require_fields([r for r in records if "input" in r], ["input"], split_path(data_dir, dataset_name, split))
     return records
 
 
@@ -68,5 +59,4 @@ def tokenize_records(records: List[Dict], tokenizer, prompt_type: str) -> List[D
 @register_dataset_type("instruction")
 def build_instruction_split(cfg, split: str, tokenizer) -> List[Dict[str, List[int]]]:
     """Builder for ``DATASET_TYPE=instruction``."""
-    path = instruction_split_path(cfg.data, cfg.dataset_name, split)
-    return tokenize_records(read_instruction_records(path), tokenizer, cfg.prompt_type)
+    return tokenize_records(read_instruction_records(cfg.data, cfg.dataset_name, split), tokenizer, cfg.prompt_type)

@@ -1,8 +1,9 @@
 """Reading record files: JSON lines or one JSON list, with errors that name the file and line."""
 
 import json
+import os
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Union
 
 from ..errors import UserInputError
 
@@ -45,13 +46,48 @@ def _where(record: Dict, index: int) -> str:
     return f"line {record['__line__']}" if "__line__" in record else f"item {index}"
 
 
-def require_fields(records: Sequence[Dict], fields: Sequence[str], path: str) -> None:
-    """Raise a UserInputError naming file and line (or item) of the first record lacking a string in one of ``fields``."""
+TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object"}
+
+
+def require_fields(records: Sequence[Dict], fields: Union[Sequence[str], Dict[str, type]], path: str) -> None:
+    """Raise a UserInputError naming file and line (or item) of the first record lacking one of ``fields``.
+
+    ``fields`` is a list of names whose values must be strings, or a mapping from name to the type
+    (or tuple of types) its value must have.
+    """
+    expected = fields if isinstance(fields, dict) else {name: str for name in fields}
     for index, record in enumerate(records):
-        for name in fields:
+        for name, types in expected.items():
             if name not in record:
                 present = ", ".join(k for k in record if k != "__line__")
                 raise UserInputError(f"{path}: {_where(record, index)}: record is missing field {name!r} (has: {present})")
-            if not isinstance(record[name], str):
-                kind = type(record[name]).__name__
-                raise UserInputError(f"{path}: {_where(record, index)}: field {name!r} must be a string, got {kind}")
+            types = types if isinstance(types, tuple) else (types,)
+            value = record[name]
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                wanted = " or ".join(TYPE_NAMES.get(t, t.__name__) for t in types)
+                raise UserInputError(f"{path}: {_where(record, index)}: field {name!r} must be {wanted}, "
+                                     f"got {type(value).__name__}")
+
+
+def split_path(data_dir: str, dataset_name: str, split: str) -> str:
+    """Where the records of ``split`` live: ``{data_dir}/{dataset_name}_{split}.json``."""
+    return os.path.join(data_dir, f"{dataset_name}_{split}.json")
+
+
+def read_split(data_dir: str, dataset_name: str, split: str, fields: Union[Sequence[str], Dict[str, type]]) -> List[Dict]:
+    """Read and validate the records of one split; an empty split is a UserInputError."""
+    path = split_path(data_dir, dataset_name, split)
+    records = read_json_records(path)
+    if not records:
+        raise UserInputError(f"{path}: the split is empty; it needs at least one record")
+    require_fields(records, fields, path)
+    return records
+
+
+SPLITS = ("train", "valid", "test")
+
+
+def read_present_splits(data_dir: str, dataset_name: str, fields) -> Dict[str, List[Dict]]:
+    """Records of train (required) and of valid and test where their files exist, keyed by split."""
+    return {split: read_split(data_dir, dataset_name, split, fields) for split in SPLITS
+            if split == "train" or os.path.isfile(split_path(data_dir, dataset_name, split))}

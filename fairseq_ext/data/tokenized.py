@@ -9,102 +9,79 @@ import torch
 from fairseq.data import FairseqDataset
 
 from ..errors import UserInputError
-from .instruction import IGNORE_INDEX
+from .layouts import SampleLayout
 
 logger = logging.getLogger(__name__)
 
 
-def to_hf_dataset(samples: Union[datasets.Dataset, List[Dict]]) -> datasets.Dataset:
-    """Accept a builder's output (``datasets.Dataset`` or list of dicts) and check its columns."""
+def to_hf_dataset(samples: Union[datasets.Dataset, List[Dict]], layout: SampleLayout) -> datasets.Dataset:
+    """Accept a builder's output (``datasets.Dataset`` or list of dicts) and arrange it for ``layout``."""
     if isinstance(samples, list):
-        samples = datasets.Dataset.from_list(samples) if samples else datasets.Dataset.from_dict(
-            {"input_ids": [], "labels": []})
-    missing = {"input_ids", "labels"} - set(samples.column_names)
-    if missing:
-        raise UserInputError(f"a dataset builder must return input_ids and labels; missing {sorted(missing)}")
+        if not samples:
+            raise UserInputError("the dataset builder returned no samples")
+        samples = datasets.Dataset.from_list(samples)
+    columns = layout.columns(samples.column_names)
+    samples = samples.select_columns(columns)
+    if type(layout).prepare is not SampleLayout.prepare:
+        samples = samples.map(layout.prepare, keep_in_memory=True)
     return samples
 
 
-def truncate(samples: datasets.Dataset, max_length: int, split: str) -> datasets.Dataset:
-    """Cut samples to ``max_length`` tokens, drop those left without a trained token, and log the counts."""
-    lengths = np.fromiter((len(x) for x in samples["input_ids"]), dtype=np.int64, count=len(samples))
-    num_truncated = int((lengths > max_length).sum())
-
-    def cut(batch):
-        return {key: [x[:max_length] for x in batch[key]] for key in ("input_ids", "labels")}
-
-    if num_truncated:
-        samples = samples.map(cut, batched=True, keep_in_memory=True)
-    keep = [i for i, labels in enumerate(samples["labels"]) if any(t != IGNORE_INDEX for t in labels[1:])]
+def truncate(samples: datasets.Dataset, layout: SampleLayout, max_length: int, split: str) -> datasets.Dataset:
+    """Cut samples to ``max_length`` tokens, drop those left with nothing to learn, and log the counts."""
+    sequence_columns = [c for c in samples.column_names
+                        if c in layout.sequence_columns or c in layout.optional_sequence_columns]
+    too_long = [i for i, row in enumerate(samples.select_columns(sequence_columns))
+                if any(len(row[c]) > max_length for c in sequence_columns)]
+    if too_long:
+        samples = samples.map(layout.cut, fn_kwargs={"max_length": max_length}, keep_in_memory=True)
+    keep = [i for i, row in enumerate(samples) if layout.trainable(row)]
     num_dropped = len(samples) - len(keep)
     if num_dropped:
         samples = samples.select(keep, keep_in_memory=True)
     logger.info(
-        f"split {split}: {len(samples)} samples; {num_truncated} truncated to SEQUENCE_LENGTH={max_length}, "
-        f"{num_dropped} dropped with no answer token left"
+        f"split {split}: {len(samples)} samples; {len(too_long)} truncated to SEQUENCE_LENGTH={max_length}, "
+        f"{num_dropped} dropped with nothing left to learn (no answer token or label)"
     )
-    if num_truncated:
-        logger.warning(f"split {split}: {num_truncated} of {len(lengths)} samples were longer than "
-                       f"SEQUENCE_LENGTH={max_length} and were truncated")
+    if too_long:
+        logger.warning(f"split {split}: {len(too_long)} samples were longer than SEQUENCE_LENGTH={max_length} "
+                       f"and were truncated")
     if len(samples) == 0:
-        raise UserInputError(f"split {split}: no sample has an answer token within SEQUENCE_LENGTH={max_length}")
+        raise UserInputError(f"split {split}: no sample has an answer token or label within "
+                             f"SEQUENCE_LENGTH={max_length}; raise SEQUENCE_LENGTH")
     return samples
 
 
-def collate(samples: List[Dict], pad_id: int) -> Dict:
-    """Pad a list of samples to the longest one and build fairseq's sample dict.
-
-    ``target[b, t]`` is the label of the token that follows position ``t`` (labels are shifted here,
-    once), ``-100`` where nothing is trained; ``ntokens`` counts trained targets.
-    """
-    if not samples:
-        return {}
-    batch_size = len(samples)
-    max_len = max(len(s["input_ids"]) for s in samples)
-    input_ids = torch.full((batch_size, max_len), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch_size, max_len), dtype=torch.long)
-    labels = torch.full((batch_size, max_len), IGNORE_INDEX, dtype=torch.long)
-    for row, s in enumerate(samples):
-        n = len(s["input_ids"])
-        input_ids[row, :n] = s["input_ids"]
-        attention_mask[row, :n] = 1
-        labels[row, :n] = s["labels"]
-    target = torch.cat([labels[:, 1:], labels.new_full((batch_size, 1), IGNORE_INDEX)], dim=1)  # (B, T)
-    return {
-        "id": torch.tensor([s["id"] for s in samples], dtype=torch.long),
-        "nsentences": batch_size,
-        "ntokens": int((target != IGNORE_INDEX).sum()),
-        "net_input": {"input_ids": input_ids, "attention_mask": attention_mask},
-        "target": target,
-    }
-
-
 class TokenizedDataset(FairseqDataset):
-    """A split of tokenized samples (``input_ids``, ``labels``), batched with dynamic padding.
+    """A split of tokenized samples, batched by ``layout`` with dynamic padding.
 
     ``ordered_indices`` shuffles (under the seed fairseq sets per epoch) and then sorts by length,
-    as fairseq's own datasets do, so batches built by ``--max-tokens`` waste little padding.
+    as fairseq's own datasets do, so batches built by ``--max-tokens`` waste little padding. Samples
+    that share a ``group`` stay next to each other (so in one batch unless it ends between them):
+    groups are shuffled and sorted by their longest sample.
     """
 
-    def __init__(self, samples: datasets.Dataset, pad_id: int, shuffle: bool = True):
-        self.samples = samples
+    def __init__(self, samples: datasets.Dataset, layout: SampleLayout, pad_id: int, shuffle: bool = True):
+        self.samples = samples.with_format("torch")
+        self.layout = layout
         self.pad_id = pad_id
         self.shuffle = shuffle
-        self.sizes = np.fromiter((len(x) for x in samples["input_ids"]), dtype=np.int64, count=len(samples))
+        self.sizes = np.fromiter((layout.size(row) for row in samples), dtype=np.int64, count=len(samples))
+        self.groups = None
+        if "group" in samples.column_names:
+            self.groups = np.unique(np.asarray(samples["group"]), return_inverse=True)[1].reshape(-1)
+            self.samples = self.samples.remove_columns("group")
 
     def __getitem__(self, index: int) -> Dict:
-        row = self.samples[int(index)]
-        return {
-            "id": int(index),
-            "input_ids": torch.tensor(row["input_ids"], dtype=torch.long),
-            "labels": torch.tensor(row["labels"], dtype=torch.long),
-        }
+        row = {k: v.long() for k, v in self.samples[int(index)].items()}
+        row["id"] = int(index)
+        return row
 
     def __len__(self) -> int:
         return len(self.sizes)
 
     def collater(self, samples: List[Dict]) -> Dict:
-        return collate(samples, self.pad_id)
+        return self.layout.collate(samples, self.pad_id)
 
     def num_tokens(self, index: int) -> int:
         return int(self.sizes[index])
@@ -116,8 +93,18 @@ class TokenizedDataset(FairseqDataset):
         return int(self.sizes[index])
 
     def ordered_indices(self) -> np.ndarray:
+        if self.groups is not None:
+            return self._grouped_order()
         if self.shuffle:
             order = np.random.permutation(len(self))
         else:
             order = np.arange(len(self))
         return order[np.argsort(self.sizes[order], kind="mergesort")]
+
+    def _grouped_order(self) -> np.ndarray:
+        num_groups = int(self.groups.max()) + 1
+        rank = np.random.permutation(num_groups) if self.shuffle else np.arange(num_groups)
+        longest = np.zeros(num_groups, dtype=np.int64)
+        np.maximum.at(longest, self.groups, self.sizes)
+        # sort keys, last one first: group's longest sample, then the group's (shuffled) rank, then position
+        return np.lexsort((np.arange(len(self)), rank[self.groups], longest[self.groups]))

@@ -1,3 +1,4 @@
 """fairseq models around Hugging Face Auto classes."""
 
-from .hf_auto import HFAutoCausalLM, HFAutoModel  # noqa: F401
+from .hf_auto import (HFAutoBase, HFAutoCausalLM, HFAutoModel, HFAutoQuestionAnswering,  # noqa: F401
+                      HFAutoSeq2SeqLM, HFAutoSequenceClassification, HFAutoTokenClassification)

@@ -3,11 +3,14 @@
 import logging
 from dataclasses import dataclass, field
 
+import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
-from transformers import AutoModelForCausalLM
+from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForQuestionAnswering, AutoModelForSeq2SeqLM,
+                          AutoModelForSequenceClassification, AutoModelForTokenClassification)
 
 from ..cube.runtime.recompute import apply_recompute, parse_module_names, state_dict_name
+from ..errors import UserInputError
 from .hf_loading import DTYPES, load_hf_model
 from .lora import apply_lora, is_lora
 
@@ -32,18 +35,36 @@ class HFAutoModelConfig(FairseqDataclass):
 class HFAutoModel(BaseFairseqModel):
     """A fairseq model holding one Hugging Face model as ``hf_model``.
 
-    Subclasses set ``auto_class`` and ``peft_task_type``. The model folder, ``trust_remote_code`` and
-    the seed come from the task, which owns the tokenizer made from the same folder. ``forward``
-    returns logits. With LoRA, ``state_dict`` holds only the trainable weights (checkpoints stay
-    small) and ``load_state_dict`` accepts exactly those: the frozen weights come from the model folder.
+    Subclasses set ``auto_class``, ``peft_task_type``, the sample ``layout`` their batches follow
+    (``data/layouts.py``), the ``default_criterion`` used when ``--criterion`` is left at fairseq's
+    default, and ``needs_labels`` for heads whose size is the data's class count. The model folder,
+    ``trust_remote_code``, the seed and the label set come from the task, which owns the tokenizer
+    made from the same folder. ``forward`` returns the head's output tensor (``output``). With LoRA,
+    ``state_dict`` holds only the trainable weights (checkpoints stay small) and ``load_state_dict``
+    accepts exactly those: the frozen weights come from the model folder.
     """
 
     auto_class = None
     peft_task_type = None
+    layout = "causal_lm"
+    default_criterion = None
+    needs_labels = False
 
     def __init__(self, hf_model):
         super().__init__()
         self.hf_model = hf_model
+
+    @classmethod
+    def label_config(cls, task) -> dict:
+        """``num_labels``, ``id2label`` and ``label2id`` from the task's label set, for heads that need them."""
+        if not cls.needs_labels:
+            return {}
+        labels = task.label_set
+        if labels is None:
+            raise UserInputError(f"this model head needs class labels, and DATASET_TYPE {task.cfg.dataset_type!r} "
+                                 "has none; use classification / token_classification data, or register your "
+                                 "dataset type with labels=")
+        return {"num_labels": len(labels.names), "id2label": labels.id2label, "label2id": labels.label2id}
 
     @classmethod
     def build_model(cls, cfg, task):
@@ -54,6 +75,7 @@ class HFAutoModel(BaseFairseqModel):
             attn_implementation=str(cfg.attn_implementation),
             trust_remote_code=task.cfg.trust_remote_code,
             init_seed=task.cfg.seed,
+            **cls.label_config(task),
         )
         num_recomputed = apply_recompute(hf_model, parse_module_names(cfg.recompute_module_names))
         if num_recomputed:
@@ -94,12 +116,89 @@ class HFAutoModel(BaseFairseqModel):
         return getattr(self.hf_model.config, "max_position_embeddings", None)
 
 
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        return self.output(self.hf_model(**inputs))
+
+    def output(self, hf_output):
+        """The tensor the criterion reads from the Hugging Face model's output."""
+        return hf_output.logits
+
+
 @register_model("hf_auto_causal_lm", dataclass=HFAutoModelConfig)
 class HFAutoCausalLM(HFAutoModel):
     """``AutoModelForCausalLM``: next-token logits of shape (B, T, vocab)."""
 
     auto_class = AutoModelForCausalLM
     peft_task_type = "CAUSAL_LM"
+    default_criterion = "hf_causal_lm"
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         return self.hf_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+@register_model("hf_auto_seq2seq_lm", dataclass=HFAutoModelConfig)
+class HFAutoSeq2SeqLM(HFAutoModel):
+    """``AutoModelForSeq2SeqLM`` (T5, BART, ...): the prompt is encoded, the decoder is fed the labels shifted
+    right (teacher forcing); logits of shape (B, T_labels, vocab), aligned with the labels."""
+
+    auto_class = AutoModelForSeq2SeqLM
+    peft_task_type = "SEQ_2_SEQ_LM"
+    layout = "seq2seq_lm"
+    default_criterion = "hf_seq2seq_lm"
+
+    def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None):
+        decoder_input_ids = self.hf_model.prepare_decoder_input_ids_from_labels(labels=labels)
+        return self.hf_model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                             use_cache=False).logits
+
+
+@register_model("hf_auto_seq_cls_lm", dataclass=HFAutoModelConfig)
+class HFAutoSequenceClassification(HFAutoModel):
+    """``AutoModelForSequenceClassification``: class logits (B, num_labels); ``num_labels`` comes from the data."""
+
+    auto_class = AutoModelForSequenceClassification
+    peft_task_type = "SEQ_CLS"
+    layout = "seq_cls"
+    default_criterion = "hf_seq_cls"
+    needs_labels = True
+
+
+@register_model("hf_auto_token_cls_lm", dataclass=HFAutoModelConfig)
+class HFAutoTokenClassification(HFAutoModel):
+    """``AutoModelForTokenClassification``: per-token class logits (B, T, num_labels)."""
+
+    auto_class = AutoModelForTokenClassification
+    peft_task_type = "TOKEN_CLS"
+    layout = "token_cls"
+    default_criterion = "hf_token_cls"
+    needs_labels = True
+
+
+@register_model("hf_auto_qa_lm", dataclass=HFAutoModelConfig)
+class HFAutoQuestionAnswering(HFAutoModel):
+    """``AutoModelForQuestionAnswering``: answer start and end logits stacked as (B, T, 2)."""
+
+    auto_class = AutoModelForQuestionAnswering
+    peft_task_type = "QUESTION_ANS"
+    layout = "qa"
+    default_criterion = "hf_qa"
+
+    def output(self, hf_output):
+        return torch.stack([hf_output.start_logits, hf_output.end_logits], dim=-1)
+
+
+@register_model("hf_auto_lm", dataclass=HFAutoModelConfig)
+class HFAutoBase(HFAutoModel):
+    """``AutoModel`` without a head: the last hidden states (B, T, hidden), for criteria that bring their own
+    objective (the shipped one: ``hf_contrastive`` sentence embeddings on text pairs)."""
+
+    auto_class = AutoModel
+    peft_task_type = "FEATURE_EXTRACTION"
+    layout = "embedding"
+    default_criterion = "hf_contrastive"
+
+    def output(self, hf_output):
+        return hf_output.last_hidden_state

@@ -69,20 +69,25 @@ def check_attn_implementation(name: str) -> None:
 
 
 def load_hf_model(auto_class, name_or_path: str, *, dtype: str = "float32", attn_implementation: str = "sdpa",
-                  trust_remote_code: bool = False, init_seed: int = 1):
+                  trust_remote_code: bool = False, init_seed: int = 1, **config_overrides):
     """Load ``auto_class`` (e.g. ``AutoModelForCausalLM``) from a folder or cached hub id.
 
-    A folder with weights is loaded with ``from_pretrained``. A folder with only a config (like the
-    shipped default model) is initialised from the config under ``init_seed``, independent of any
-    other use of the random generators, so the same seed always gives the same initial weights.
+    A folder with weights is loaded with ``from_pretrained``; weights it lacks (a new classification
+    head) are initialised under ``init_seed``. A folder with only a config (like the shipped default
+    model) is initialised from the config under ``init_seed``. Either way the random generators are
+    used apart from the rest of the run, so the same seed always gives the same initial weights.
+    ``config_overrides`` (e.g. ``num_labels``, ``id2label``) replace values of the folder's config.
     """
     folder = resolve_model_folder(name_or_path)
     check_attn_implementation(attn_implementation)
     kwargs = dict(dtype=DTYPES[dtype], attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
-    if has_weights(folder):
-        return auto_class.from_pretrained(folder, **kwargs)
-    logger.warning(f"{folder} has no weight files: initialising {auto_class.__name__} from its config (seed {init_seed})")
-    config = load_config(folder, trust_remote_code)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
+        if has_weights(folder):
+            return auto_class.from_pretrained(folder, **kwargs, **config_overrides)
+        logger.warning(f"{folder} has no weight files: initialising {auto_class.__name__} from its config "
+                       f"(seed {init_seed})")
+        config = load_config(folder, trust_remote_code)
+        for key, value in config_overrides.items():
+            setattr(config, key, value)
         return auto_class.from_config(config, **kwargs)

@@ -3,18 +3,19 @@
 import logging
 from dataclasses import dataclass, field
 
+from fairseq.models import ARCH_MODEL_REGISTRY
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
 from ..cube.config import CubeConfig
-from ..data.registry import get_dataset_builder
+
+from ..data.layouts import get_layout
+from ..data.registry import get_dataset_builder, get_label_reader
 from ..data.tokenized import TokenizedDataset, to_hf_dataset, truncate
 from ..errors import UserInputError
 from ..models.hf_loading import load_tokenizer
 
 logger = logging.getLogger(__name__)
-
-CRITERION_FOR_ARCH = {"hf_auto_causal_lm": "hf_causal_lm"}
 
 
 @dataclass
@@ -39,19 +40,29 @@ class HFFinetuneConfig(CubeConfig):
 
 @register_task("hf_finetune", dataclass=HFFinetuneConfig)
 class HFFinetuneTask(FairseqTask):
-    """Finetune a Hugging Face model on tokenized samples from a registered dataset type."""
+    """Finetune a Hugging Face model on tokenized samples from a registered dataset type.
 
-    def __init__(self, cfg: HFFinetuneConfig, tokenizer):
+    The model's head decides how samples are batched (its ``layout``) and which criterion is the
+    default; class labels, where the dataset type has them, are read once here and size the head.
+    """
+
+    def __init__(self, cfg: HFFinetuneConfig, tokenizer, label_set=None):
         super().__init__(cfg)
         self.tokenizer = tokenizer
+        self.label_set = label_set
         self._arch = None
+        self.layout = None
 
     @classmethod
     def setup_task(cls, cfg: HFFinetuneConfig, **kwargs):
         if cfg.sequence_length <= 0:
             raise UserInputError(f"SEQUENCE_LENGTH must be a positive integer, got {cfg.sequence_length}")
         get_dataset_builder(cfg.dataset_type)  # an unknown type fails before the model is loaded
-        return cls(cfg, load_tokenizer(cfg.hf_model_name_or_path, cfg.trust_remote_code))
+        reader = get_label_reader(cfg.dataset_type)
+        label_set = reader(cfg) if reader else None
+        if label_set is not None:
+            logger.info(f"labels ({len(label_set.names)}): {', '.join(label_set.names[:20])}")
+        return cls(cfg, load_tokenizer(cfg.hf_model_name_or_path, cfg.trust_remote_code), label_set)
 
     @property
     def pad_id(self) -> int:
@@ -60,24 +71,32 @@ class HFFinetuneTask(FairseqTask):
         return self.tokenizer.eos_token_id  # padded positions are masked, any id will do
 
     def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
+        if self.layout is None:
+            raise RuntimeError("build the model (or call select_arch) before loading data: the head sets the layout")
         builder = get_dataset_builder(self.cfg.dataset_type)
-        samples = to_hf_dataset(builder(self.cfg, split, self.tokenizer))
-        samples = truncate(samples, self.cfg.sequence_length, split)
-        self.datasets[split] = TokenizedDataset(samples, self.pad_id, shuffle=(split == "train"))
+        samples = to_hf_dataset(builder(self.cfg, split, self.tokenizer), self.layout)
+        samples = truncate(samples, self.layout, self.cfg.sequence_length, split)
+        self.datasets[split] = TokenizedDataset(samples, self.layout, self.pad_id, shuffle=(split == "train"))
 
     def build_criterion(self, cfg, from_checkpoint=False):
         """Use the arch's own loss when the criterion is fairseq's default (cross_entropy needs dictionaries)."""
         if cfg._name == "cross_entropy":
-            if self._arch not in CRITERION_FOR_ARCH:
+            name = getattr(ARCH_MODEL_REGISTRY.get(self._arch), "default_criterion", None)
+            if name is None:
                 raise UserInputError(f"--criterion cross_entropy does not work with hf_finetune; choose a criterion "
                                      f"for --arch {self._arch}")
-            name = CRITERION_FOR_ARCH[self._arch]
             logger.info(f"criterion: {name} (the loss of --arch {self._arch})")
             cfg = name  # fairseq builds a criterion from its registered name with its default settings
         return super().build_criterion(cfg, from_checkpoint)
 
+    def select_arch(self, arch: str) -> None:
+        """Batch samples for the head of ``arch`` (its ``layout``) and default to its criterion.
+        ``build_model`` calls it; call it yourself to load data without building a model."""
+        self._arch = arch
+        self.layout = get_layout(getattr(ARCH_MODEL_REGISTRY.get(arch), "layout", "causal_lm"))
+
     def build_model(self, cfg, from_checkpoint=False):
-        self._arch = cfg._name
+        self.select_arch(cfg._name)
         return super().build_model(cfg, from_checkpoint)
 
     def max_positions(self):

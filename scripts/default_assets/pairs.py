@@ -1,10 +1,11 @@
 """toy_pairs: sentence pairs stating one relation between two people from each side.
 
-Record: ``{"text": str, "text_pair": str}``: ``text`` states a relation ("Anna is taller than Ben."),
+Record: ``{"text": str, "text_pair": str, "group": int}``: ``text`` states a relation ("Anna is taller than Ben."),
 ``text_pair`` the same fact from the other person's side ("Ben is shorter than Anna."). Records come in
 adjacent twins with the roles swapped ("Ben is taller than Anna." / "Anna is shorter than Ben."), so for
 every text a pair with exactly the same words but the wrong meaning is in the same split: bag-of-words
-similarity cannot decide, which is why a pretrained paraphrase embedder does not already solve it. Each
+similarity cannot decide, which is why a pretrained paraphrase embedder does not already solve it. Twins
+share a ``group``, which the ``text_pairs`` loader keeps in one batch (each is the other's hard negative). Each
 (relation, two people) occurs once per split; names of valid/test come from their split's part of the pools.
 """
 
@@ -37,12 +38,12 @@ RELATIONS = {
 }
 
 
-def twins(rng: random.Random, relation: str, first: str, second: str) -> list:
+def twins(rng: random.Random, relation: str, first: str, second: str, group: int) -> list:
     """The two records of one relation between two people: one per direction, in random order."""
     text, text_pair = RELATIONS[relation]
     obj = rng.choice(OBJECTS)
-    records = [{"text": text.format(x=x, y=y, obj=obj), "text_pair": text_pair.format(x=x, y=y, obj=obj)}
-               for x, y in ((first, second), (second, first))]
+    records = [{"text": text.format(x=x, y=y, obj=obj), "text_pair": text_pair.format(x=x, y=y, obj=obj),
+                "group": group} for x, y in ((first, second), (second, first))]
     rng.shuffle(records)
     return records
 
@@ -56,7 +57,7 @@ def split_records(rng: random.Random, split: str) -> list:
         key = (relation, frozenset((first, second)))
         if key not in seen:
             seen.add(key)
-            records += twins(rng, relation, first, second)
+            records += twins(rng, relation, first, second, len(records) // 2)
     assert len(records) == SPLIT_SIZES[split], "split sizes must be even: records come in twins"
     return records
 

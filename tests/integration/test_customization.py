@@ -21,6 +21,19 @@ def test_user_dir_dataset_type_template_and_criterion(tmp_path):
 
     # The checkpoint remembers the user dir: evaluation finds the user's template ("question" is only there).
     evaluated = run([sys.executable, REPO / "scripts" / "evaluate.py", "--checkpoint", tmp_path / "checkpoint_last.pt",
-                     "--max-new-tokens", "2", "--show", "1"])
+                     "--show", "1"])
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "test exact match: " in evaluated.stdout
+
+
+def test_user_dir_model_trains_with_our_task_and_criterion(tmp_path):
+    """A plain nn.Module registered with @register_model in the user's --user-dir: our data, batches and loss."""
+    args = tiny_train_args(tmp_path, max_update=8, extra=["--arch", "my_gru_lm", "--hidden-size", "32",
+                                                          "--batch-size", "8", "--lr", "1e-2"])
+    args[args.index("--user-dir") + 1] = str(USER_DIR)
+    result = fairseq_train(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "GRULanguageModel" in result.stdout and "criterion: hf_causal_lm" in result.stdout + result.stderr
+    losses = train_losses(result.stdout)
+    assert losses[8] < losses[1] - 1.0, losses
+    assert (tmp_path / "checkpoint_last.pt").is_file()

@@ -94,6 +94,6 @@ def test_export_never_clobbers_without_overwrite(trained, tmp_path):
 def test_evaluate_script_reports_exact_match(trained):
     out, _ = trained
     result = run([sys.executable, REPO / "scripts" / "evaluate.py", "--checkpoint",
-                  out / "checkpoint" / "checkpoint_best.pt", "--label", "after", "--max-new-tokens", "4"])
+                  out / "checkpoint" / "checkpoint_best.pt", "--label", "after"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test exact match (after): " in result.stdout and "/200 = " in result.stdout

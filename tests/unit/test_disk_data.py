@@ -8,6 +8,8 @@ from transformers import AutoTokenizer
 
 from fairseq_ext.data.disk import build_disk_split
 from fairseq_ext.data.instruction import IGNORE_INDEX
+from fairseq_ext.data.layouts import get_layout
+from fairseq_ext.data.tokenized import to_hf_dataset
 from fairseq_ext.errors import UserInputError
 from tests.helpers import MODEL_DIR
 
@@ -32,9 +34,12 @@ def test_text_column_trains_on_every_token(tmp_path, tokenizer):
 
 def test_tokenized_columns_are_used_as_they_are(tmp_path, tokenizer):
     cfg = save(tmp_path, {"input_ids": [[1, 7, 8]], "labels": [[-100, 7, 8]], "extra": ["x"]})
-    out = build_disk_split(cfg, "train", tokenizer)
-    assert out.column_names == ["input_ids", "labels"]
+    out = to_hf_dataset(build_disk_split(cfg, "train", tokenizer), get_layout("causal_lm"))
+    assert out.column_names == ["input_ids", "labels"]  # the layout keeps its own columns
     assert out["labels"][0] == [-100, 7, 8]
+    cfg = save(tmp_path / "c", {"input_ids": [[1, 7, 8]], "label": [2]})
+    out = to_hf_dataset(build_disk_split(cfg, "train", tokenizer), get_layout("seq_cls"))
+    assert out.column_names == ["input_ids", "label"] and out["label"] == [2]
     cfg = save(tmp_path / "b", {"input_ids": [[1, 7, 8]]})
     assert build_disk_split(cfg, "train", tokenizer)["labels"][0] == [1, 7, 8]
 

@@ -55,27 +55,26 @@ def test_user_template_registry():
 
 def test_json_list_and_json_lines_are_both_read(tmp_path):
     records = [{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "output": "d"}]
-    (tmp_path / "list.json").write_text(json.dumps(records))
-    (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    for name in ("list.json", "lines.json"):
-        got = read_instruction_records(str(tmp_path / name))
+    (tmp_path / "list_train.json").write_text(json.dumps(records))
+    (tmp_path / "lines_train.json").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    for name in ("list", "lines"):
+        got = read_instruction_records(str(tmp_path), name, "train")
         assert [(r["instruction"], r["output"]) for r in got] == [("a", "b"), ("c", "d")]
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', r"bad\.json:2: malformed JSON line"),
-    ('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n', r"bad\.json: line 2: record is missing field 'output'"),
-    ('{"instruction": "a", "output": 3}\n', r"bad\.json: line 1: field 'output' must be a string"),
-    ('\n\n', r"bad\.json: the split is empty"),
-    ('[{"instruction": "a", "output": "b"}, 3]', r"bad\.json: item 1 of the JSON list is not an object"),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', r"bad_train\.json:2: malformed JSON line"),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n', r"bad_train\.json: line 2: record is missing field 'output'"),
+    ('{"instruction": "a", "output": 3}\n', r"bad_train\.json: line 1: field 'output' must be a string"),
+    ('\n\n', r"bad_train\.json: the split is empty"),
+    ('[{"instruction": "a", "output": "b"}, 3]', r"bad_train\.json: item 1 of the JSON list is not an object"),
 ])
 def test_bad_files_name_file_and_line(tmp_path, content, message):
-    path = tmp_path / "bad.json"
-    path.write_text(content)
+    (tmp_path / "bad_train.json").write_text(content)
     with pytest.raises(UserInputError, match=message):
-        read_instruction_records(str(path))
+        read_instruction_records(str(tmp_path), "bad", "train")
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(UserInputError, match="no such file"):
-        read_instruction_records(str(tmp_path / "absent.json"))
+        read_instruction_records(str(tmp_path), "absent", "train")

@@ -53,6 +53,7 @@ def test_max_tokens_and_batch_multiple_shape_the_batches():
 
     task = HFFinetuneTask.setup_task(HFFinetuneConfig(data=str(DATA_DIR), hf_model_name_or_path=str(MODEL_DIR),
                                                       seed=1))
+    task.select_arch("hf_auto_causal_lm")
     task.load_dataset("valid")
     dataset = task.dataset("valid")
     by_tokens = task.get_batch_iterator(dataset, max_tokens=400, seed=1).next_epoch_itr(shuffle=False)

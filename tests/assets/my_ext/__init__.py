@@ -1,13 +1,17 @@
 """A user's own --user-dir, as the example README shows: it imports fairseq_ext and adds to it.
 
 fairseq loads one --user-dir, so a user's package imports fairseq_ext first (which registers the
-task, archs and criteria) and then registers its own dataset type, prompt template and criterion.
+task, archs and criteria) and then registers its own dataset type, prompt template, criterion and model.
 """
+
+from dataclasses import dataclass, field
 
 import fairseq_ext  # noqa: F401  (registers hf_finetune, hf_auto_causal_lm, hf_causal_lm)
 from fairseq import metrics
 from fairseq.criterions import register_criterion
 from fairseq.dataclass import FairseqDataclass
+from fairseq.models import BaseFairseqModel, register_model
+from torch import nn
 from fairseq_ext.criterions.lm_loss import CausalLMLoss
 from fairseq_ext.data import PromptTemplate, register_dataset_type, register_prompt_template
 from fairseq_ext.data.instruction import tokenize_instruction
@@ -37,3 +41,31 @@ class AnswerTokensLoss(CausalLMLoss):
         tokens = sum(log.get("ntokens", 0) for log in logging_outputs)
         sentences = sum(log.get("nsentences", 0) for log in logging_outputs)
         metrics.log_scalar("answer_tokens", tokens / max(sentences, 1), sentences, round=3)
+
+
+@dataclass
+class GRULanguageModelConfig(FairseqDataclass):
+    hidden_size: int = field(default=64, metadata={"help": "GRU width"})
+
+
+@register_model("my_gru_lm", dataclass=GRULanguageModelConfig)
+class GRULanguageModel(BaseFairseqModel):
+    """A user's own nn.Module, trained by fairseq_ext's task and criterion: it declares the batch layout it
+    reads (``causal_lm``: input_ids in, next-token logits out) and the criterion used by default."""
+
+    layout = "causal_lm"
+    default_criterion = "hf_causal_lm"
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, hidden_size)
+        self.gru = nn.GRU(hidden_size, hidden_size, batch_first=True)
+        self.out = nn.Linear(hidden_size, vocab_size)
+
+    @classmethod
+    def build_model(cls, cfg, task):
+        return cls(len(task.tokenizer), cfg.hidden_size)
+
+    def forward(self, input_ids, attention_mask=None):
+        hidden, _ = self.gru(self.embed(input_ids))
+        return self.out(hidden)
