@@ -2,8 +2,15 @@
 
 Each run trains the shipped tiny Llama (4 heads, 2 kv heads, FFN 384, vocabulary 554) for 10 updates
 and is compared with one process on the same data order and global batch: the loss logged at every
-update (fairseq rounds it to 3 decimals) and every parameter of the saved checkpoint (rtol 1e-5), which
-also shows that a tensor-parallel checkpoint is a full one that loads in one process.
+update and the gradient norm (fairseq logs both to 3 decimals; the norm catches a wrongly scaled gradient,
+which Adam and clipping would hide from the loss), and every parameter of the saved checkpoint, which also
+shows that a tensor-parallel checkpoint is a full one that loads in one process.
+
+Weights: tensor parallel sums partial products in another order, so gradients differ by float32
+rounding; Adam divides by sqrt(v), and where a gradient is near zero (the embedding row of a token
+seen once) that rounding moves a weight by a visible fraction of the learning rate (3e-3). So all but
+0.01% of the elements must match to 1e-5, and none may differ by more than 1e-4; a real bug (a wrong
+shard, a missed reduction) moves most elements of a tensor.
 """
 
 import json
@@ -26,18 +33,34 @@ def train(folder, **variables):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     log = result.stdout + (folder / "out" / "log" / "train.log").read_text()
     weights = checkpoint_utils.load_checkpoint_to_cpu(str(folder / "out" / "checkpoint" / "checkpoint_last.pt"))
-    return train_losses(result.stdout), weights["model"], log
+    return train_losses(result.stdout), gradient_norms(result.stdout), weights["model"], log
+
+
+def gradient_norms(stdout):
+    norms = {}
+    for line in stdout.splitlines():
+        if "| train_inner |" in line:
+            record = json.loads(line.split("| train_inner |", 1)[1])
+            norms[int(record["num_updates"])] = record["gnorm"]
+    return norms
+
+
+def assert_weights_match(got, expected, name):
+    assert got.shape == expected.shape, name  # full tensors, not shards
+    close = torch.isclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert (~close).sum().item() <= max(2, expected.numel() // 10000), (name, (~close).sum().item())
+    assert (got - expected).abs().max().item() <= 1e-4, (name, (got - expected).abs().max().item())
 
 
 def assert_same_training(got, expected):
-    (got_losses, got_weights, _), (expected_losses, expected_weights, _) = got, expected
+    (got_losses, got_norms, got_weights, _), (expected_losses, expected_norms, expected_weights, _) = got, expected
     assert sorted(got_losses) == sorted(expected_losses) == list(range(1, STEPS + 1))
-    assert got_losses == expected_losses, (got_losses, expected_losses)  # equal to the logged 3 decimals
+    assert got_losses == expected_losses, (got_losses, expected_losses)
+    assert got_norms == expected_norms, (got_norms, expected_norms)
     assert expected_losses[STEPS] < expected_losses[1] - 0.5, expected_losses  # the steps really train
     assert got_weights.keys() == expected_weights.keys()
-    for key, value in expected_weights.items():
-        assert got_weights[key].shape == value.shape, key  # full tensors, not shards
-        torch.testing.assert_close(got_weights[key], value, rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+    for name, value in expected_weights.items():
+        assert_weights_match(got_weights[name], value, name)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +79,7 @@ def one_process(tmp_path_factory):
 
 def test_tp2_matches_one_process(tmp_path, one_process):
     tp2 = train(tmp_path, NPROC_PER_NODE=2, PLAN_NGPUS=2)
-    log = tp2[2]
+    log = tp2[3]
     assert '"tp": 2' in log and '"scaling_factor": 1' in log, "the plan is printed in the log"
     assert "embeddings and LM head vocab parallel" in log
     assert_same_training(tp2, one_process(1))
@@ -70,8 +93,8 @@ def test_two_tp2_scale_units_with_zero_match_one_process(tmp_path, one_process):
     """4 processes: 2 scale units of tp 2. Unit u reads batches u, u+2, ... (fairseq shards by unit), so one
     update sees two consecutive batches: exactly one process with GRADIENT_ACCU_NUM=2."""
     run = train(tmp_path, NPROC_PER_NODE=4, PLAN_NGPUS=2, USE_ZERO=1)
-    assert '"scaling_factor": 2' in run[2] and '"zero": true' in run[2]
-    assert "ZeRO-1: optimizer states sharded among 2 replicas" in run[2]
+    assert '"scaling_factor": 2' in run[3] and '"zero": true' in run[3]
+    assert "ZeRO-1: optimizer states sharded among 2 replicas" in run[3]
     assert_same_training(run, one_process(2))
 
 

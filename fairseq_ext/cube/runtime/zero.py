@@ -26,20 +26,12 @@ def zero_group_ranks(world_size: int, num_groups: int) -> List[List[int]]:
     return [list(range(start, start + size)) for start in range(0, world_size, size)]
 
 
-class GroupZeroRedundancyOptimizer(ZeroRedundancyOptimizer):
-    """ZeroRedundancyOptimizer whose ``consolidate_state_dict`` gathers to the first rank of its own group."""
-
-    def __init__(self, *args, leader: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.leader = leader
-
-    def consolidate_state_dict(self, to: int = None) -> None:
-        super().consolidate_state_dict(to=self.leader if to is None else to)
-
-
 def shard_optimizer_states(torch_optimizer: torch.optim.Optimizer, defaults: dict, num_groups: int = 1,
-                           replica_groups: Optional[Sequence[Sequence[int]]] = None) -> GroupZeroRedundancyOptimizer:
+                           replica_groups: Optional[Sequence[Sequence[int]]] = None) -> ZeroRedundancyOptimizer:
     """Return a ZeRO-1 optimizer stepping like ``torch_optimizer``, its states sharded in this rank's group.
+
+    ``consolidate_state_dict()`` (fairseq calls it before saving) gathers the states on the group's first
+    rank (``to`` counts ranks inside the group): the first replica, dp rank 0, which writes checkpoints.
 
     Args:
         replica_groups: every set of global ranks that hold replicas of the same parameters (the
@@ -52,8 +44,8 @@ def shard_optimizer_states(torch_optimizer: torch.optim.Optimizer, defaults: dic
               for local in zero_group_ranks(len(replicas), num_groups)]
     process_groups = [dist.new_group(ranks) for ranks in groups]
     mine = next(i for i, ranks in enumerate(groups) if dist.get_rank() in ranks)
-    return GroupZeroRedundancyOptimizer(torch_optimizer.param_groups, type(torch_optimizer),
-                                        process_group=process_groups[mine], leader=groups[mine][0], **defaults)
+    return ZeroRedundancyOptimizer(torch_optimizer.param_groups, type(torch_optimizer),
+                                   process_group=process_groups[mine], **defaults)
 
 
 def local_state_numel(optimizer: torch.optim.Optimizer) -> int:
