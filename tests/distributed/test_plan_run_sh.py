@@ -28,8 +28,8 @@ COMMON = dict(MAX_STEPS=STEPS, SAVE_STEPS=STEPS, WARMUP_STEPS=2, BATCH_SIZE=4, S
               LOG_FORMAT="json", LOG_INTERVAL=1)
 
 
-def train(folder, **variables):
-    result = run_sh(folder, **{**COMMON, **variables})
+def train(folder, args=(), **variables):
+    result = run_sh(folder, args=args, **{**COMMON, **variables})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     log = result.stdout + (folder / "out" / "log" / "train.log").read_text()
     weights = checkpoint_utils.load_checkpoint_to_cpu(str(folder / "out" / "checkpoint" / "checkpoint_last.pt"))
@@ -126,3 +126,15 @@ def test_plan_file_with_pipeline_parallel_is_refused_clearly(tmp_path):
     assert result.returncode != 0
     assert "pipeline parallel is not available yet" in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+
+
+def test_checkpoints_resume_across_plans(tmp_path, one_process):
+    """tp 2 for updates 1-5, one process for 6-8, tp 2 again for 9-10, all in one checkpoint folder: the
+    same losses, gradient norms and final weights as one process that never stopped (model and Adam
+    states are saved as full tensors and cut back into shards on load)."""
+    first = train(tmp_path, NPROC_PER_NODE=2, PLAN_NGPUS=2, args=["--max-update", "5"])
+    second = train(tmp_path, NPROC_PER_NODE=1, args=["--max-update", "8"])
+    third = train(tmp_path, NPROC_PER_NODE=2, PLAN_NGPUS=2)
+    assert sorted(first[0]) == [1, 2, 3, 4, 5] and sorted(second[0]) == [6, 7, 8] and sorted(third[0]) == [9, 10]
+    resumed = ({**first[0], **second[0], **third[0]}, {**first[1], **second[1], **third[1]}, third[2], third[3])
+    assert_same_training(resumed, one_process(1))
