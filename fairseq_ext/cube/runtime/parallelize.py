@@ -14,16 +14,23 @@ logger = logging.getLogger(__name__)
 
 
 def check_plan_fits_model(plan: Plan, config) -> None:
-    """Raise UserInputError when the model's config cannot be split as ``plan`` says."""
-    plan.check_model(num_layers=config.num_hidden_layers,
-                     num_heads=config.num_attention_heads,
-                     num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-                     intermediate_size=config.intermediate_size)
+    """Raise UserInputError when the model's config cannot be split as ``plan`` says.
+
+    Sizes a config does not name (other families call them differently) are not checked here; the
+    tensor-parallel rules of such a model are checked when they are applied.
+    """
+    heads = getattr(config, "num_attention_heads", None) or plan.tp
+    plan.check_model(num_layers=getattr(config, "num_hidden_layers", None) or plan.num_stages,
+                     num_heads=heads,
+                     num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                     intermediate_size=getattr(config, "intermediate_size", None) or plan.tp)
 
 
-def vocab_parallel_possible(config, tp: int) -> bool:
-    """Vocab parallel needs untied embeddings and a vocabulary that splits evenly over tp."""
-    return not getattr(config, "tie_word_embeddings", False) and config.vocab_size % tp == 0
+def vocab_parallel_possible(hf_model, tp: int) -> bool:
+    """Vocab parallel needs an LM head, untied embeddings and a vocabulary that splits evenly over tp."""
+    config = hf_model.config
+    return (hf_model.get_output_embeddings() is not None and not getattr(config, "tie_word_embeddings", False)
+            and getattr(config, "vocab_size", 1) % tp == 0)
 
 
 def parallelize(hf_model, plan: Plan, mesh: DeviceMesh) -> bool:
@@ -40,12 +47,12 @@ def parallelize(hf_model, plan: Plan, mesh: DeviceMesh) -> bool:
         apply_recompute(hf_model, plan.recompute_modules)  # from a plan file; the flag applies it at build time
     tp_mesh = mesh[TP]
     num_sharded = apply_tensor_parallel(hf_model, tp_mesh)
-    vocab_parallel = vocab_parallel_possible(hf_model.config, plan.tp)
+    vocab_parallel = vocab_parallel_possible(hf_model, plan.tp)
     if vocab_parallel:
         apply_vocab_parallel(hf_model, tp_mesh)
     else:
-        logger.info(f"vocab parallel off: vocabulary {hf_model.config.vocab_size} does not split over tp {plan.tp} "
-                    f"or the embeddings are tied; embeddings and LM head stay replicated")
+        logger.info(f"vocab parallel off (no LM head, tied embeddings, or vocabulary {getattr(hf_model.config, 'vocab_size', None)} "
+                    f"does not split over tp {plan.tp}): embeddings and head stay replicated")
     logger.info(f"tensor parallel: {num_sharded} modules sharded over tp {plan.tp}"
                 + (", embeddings and LM head vocab parallel" if vocab_parallel else ""))
     return vocab_parallel
