@@ -18,12 +18,13 @@ shard, a missed reduction) moves most elements of a tensor.
 import json
 import math
 import re
+from multiprocessing.pool import ThreadPool
 
 import pytest
 import torch
 from fairseq import checkpoint_utils
 
-from tests.integration.test_run_sh import run_sh
+from tests.integration.test_run_sh import free_port, run_sh
 
 STEPS = 10
 COMMON = dict(MAX_STEPS=STEPS, SAVE_STEPS=STEPS, WARMUP_STEPS=2, BATCH_SIZE=4, SEQUENCE_LENGTH=64, EVALUATE=0,
@@ -150,3 +151,21 @@ def test_checkpoints_resume_across_plans(tmp_path, one_process):
     assert sorted(first[0]) == [1, 2, 3, 4, 5] and sorted(second[0]) == [6, 7, 8] and sorted(third[0]) == [9, 10]
     resumed = ({**first[0], **second[0], **third[0]}, {**first[1], **second[1], **third[1]}, third[2], third[3])
     assert_same_training(resumed, one_process(1))
+
+
+def test_two_nodes_simulated_match_one_process(tmp_path, one_process):
+    """Two run.sh launches on this machine (NNODES=2, NODE_RANK 0 and 1, 2 processes each): a scale unit of
+    tp 2 per node, ZeRO-1 with the default ZERO_N_GROUPS (= NNODES: shards stay inside a node)."""
+    port = free_port()
+    nodes = dict(NNODES=2, NPROC_PER_NODE=2, PLAN_NGPUS=2, USE_ZERO=1, MASTER_PORT=port)
+    with ThreadPool(1) as pool:
+        node1 = pool.apply_async(run_sh, (tmp_path / "node1",), {**COMMON, **nodes, "NODE_RANK": 1})
+        node0 = run_sh(tmp_path / "node0", **{**COMMON, **nodes, "NODE_RANK": 0})
+        node1 = node1.get(timeout=900)
+    for result in (node0, node1):
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "ZeRO-1: optimizer states sharded among 2 replicas in 2 group(s)" in node0.stdout + (
+        tmp_path / "node0" / "out" / "log" / "train.log").read_text()
+    weights = checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "node0" / "out" / "checkpoint" / "checkpoint_last.pt"))
+    run = (full_precision_losses(node0.stdout), counted(node0.stdout), weights["model"], "")
+    assert_same_training(run, one_process(2))
