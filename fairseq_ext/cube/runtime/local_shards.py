@@ -52,8 +52,8 @@ def localize_state_dict(module: torch.nn.Module, state: Dict[str, object]) -> Di
     for key, value in state.items():
         target = targets.get(key)
         if isinstance(target, DTensor) and torch.is_tensor(value) and not isinstance(value, DTensor):
-            out[key] = distribute_tensor(value.to(target.dtype), target.device_mesh, target.placements,
-                                         src_data_rank=None)
+            full = value.to(device=target.device, dtype=target.dtype)
+            out[key] = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
     return out
 
 
