@@ -83,8 +83,11 @@ def export_hf(checkpoint_path: str, out_dir: str, overwrite: bool = False, merge
     A LoRA checkpoint becomes a PEFT adapter folder (``PeftModel.from_pretrained(base, out_dir)``), or,
     with ``merge_lora``, full weights with the adapters merged in.
     """
-    _, task, model = load_trained(checkpoint_path)
-    hf_model = model.hf_model
+    cfg, task, model = load_trained(checkpoint_path)
+    hf_model = getattr(model, "hf_model", None)
+    if hf_model is None:
+        raise UserInputError(f"{checkpoint_path} holds a {type(model).__name__} (--arch {cfg.model._name}), not a "
+                             "Hugging Face model: there is nothing to export with save_pretrained")
     if merge_lora:
         if not is_lora(hf_model):
             raise UserInputError(f"{checkpoint_path} was not trained with LoRA; export it without --merge-lora")

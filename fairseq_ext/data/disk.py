@@ -4,21 +4,30 @@ The folder holds a ``DatasetDict`` whose split names are ``train``, ``valid`` (o
 ``test``. Columns, in the order they are looked for:
 ``input_ids`` (already tokenized, with the other columns of the model head's layout: ``labels``,
 ``label``, ``start_positions``/``end_positions`` or ``pair_input_ids``; with none of them, all tokens
-are trained on as language modelling),
+are trained on as language modelling). A ``label`` column (class names or ids) is the data's label
+set for sequence classification, read like the ``classification`` type's,
 ``instruction``/``output`` (+ optional ``input``: formatted with the prompt template, prompt masked),
 ``text`` (plain language modelling; EOS appended, every token trained on).
 """
 
 import os
+from typing import Optional
 
 import datasets
 
 from ..errors import UserInputError
+from .labels import LabelSet, label_set
 from .instruction import tokenize_records
 from .registry import register_dataset_type
 
 TARGET_COLUMNS = {"labels", "label", "start_positions", "pair_input_ids"}
 SPLIT_ALIASES = {"valid": ("valid", "validation"), "train": ("train",), "test": ("test",)}
+
+
+def has_split(path: str, split: str) -> bool:
+    """Whether the ``save_to_disk`` folder at ``path`` holds ``split`` (under one of its names)."""
+    loaded = datasets.load_from_disk(path, keep_in_memory=False)
+    return any(name in loaded for name in SPLIT_ALIASES.get(split, (split,)))
 
 
 def load_disk_split(path: str, split: str) -> datasets.Dataset:
@@ -49,7 +58,16 @@ def _label_all(batch):
     return {"labels": batch["input_ids"]}
 
 
-@register_dataset_type("disk")
+def read_disk_labels(cfg) -> Optional[LabelSet]:
+    """The label set of a ``label`` column (None without one); valid/test may only use labels train has."""
+    splits = {split: load_disk_split(cfg.data, split) for split in ("train", "valid", "test")
+              if split == "train" or has_split(cfg.data, split)}
+    if "label" not in splits["train"].column_names:
+        return None
+    return label_set({split: ds["label"] for split, ds in splits.items()})
+
+
+@register_dataset_type("disk", labels=read_disk_labels)
 def build_disk_split(cfg, split: str, tokenizer):
     """Builder for ``DATASET_TYPE=disk``."""
     ds = load_disk_split(cfg.data, split)
@@ -57,6 +75,9 @@ def build_disk_split(cfg, split: str, tokenizer):
     if "input_ids" in columns:
         if not columns & TARGET_COLUMNS:
             ds = ds.map(_label_all, batched=True, keep_in_memory=True)
+        if "label" in columns:
+            labels = read_disk_labels(cfg)
+            ds = ds.map(lambda row: {"label": labels.index(row["label"])}, keep_in_memory=True)
         return ds
     if {"instruction", "output"} <= columns:
         return tokenize_records(list(ds), tokenizer, cfg.prompt_type)

@@ -37,3 +37,6 @@ def test_user_dir_model_trains_with_our_task_and_criterion(tmp_path):
     losses = train_losses(result.stdout)
     assert losses[8] < losses[1] - 1.0, losses
     assert (tmp_path / "checkpoint_last.pt").is_file()
+    export = run([sys.executable, REPO / "scripts" / "export_hf.py", tmp_path / "checkpoint_last.pt", tmp_path / "hf"])
+    assert export.returncode == 2 and "Traceback" not in export.stderr
+    assert "holds a GRULanguageModel (--arch my_gru_lm), not a Hugging Face model" in export.stderr, export.stderr
