@@ -104,3 +104,11 @@ def test_resume_through_run_sh_skips_before_evaluation(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Loaded checkpoint" in second.stdout and "num_updates 8" in second.stdout.replace("=", " ")
     assert "(before)" not in second.stdout and "test exact match (after)" in second.stdout
+
+
+def test_default_output_folder_is_one_per_arch(tmp_path):
+    """Without OUTPUT_DIR, checkpoints, logs and TensorBoard files go to $SCRIPT_PATH/$MODEL_ARCH."""
+    result = run_sh(tmp_path, OUTPUT_DIR="", SCRIPT_PATH=tmp_path / "runs", MAX_STEPS=2, EVALUATE=0, BATCH_SIZE=4)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    out = tmp_path / "runs" / "hf_auto_causal_lm"
+    assert (out / "checkpoint" / "checkpoint_last.pt").is_file() and (out / "log" / "train.log").is_file()
