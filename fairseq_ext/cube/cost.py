@@ -1,0 +1,294 @@
+"""Cost model: predicted peak memory per GPU and step time of a Plan, from a ModelProfile.
+
+Memory of one rank (the fullest pipeline stage decides the plan's peak)::
+
+    static      = local parameters x (weight + gradient + optimizer bytes per parameter)
+                  optimizer: Adam's two fp32 moments (+ fp32 master weights and gradients when the weights
+                  are fp16), divided by the ZeRO-1 shard count (replicas of a shard / ZERO_N_GROUPS)
+    activations = what one micro-batch keeps on the rank's stages x micro-batches in flight:
+                  GPipe keeps all m, 1F1B keeps pp - rank (stage 0: pp), Interleaved1F1B keeps
+                  (v - 1) x pp + 2 x (pp - 1 - rank) + 1 chunk-forwards (torch.distributed.pipelining's warm-up)
+    transient   = the largest backward-only buffer: the LM head's logits gradient, or one recomputed
+                  layer's activations rebuilt during its backward
+    comm        = pipeline send/receive buffers (one micro-batch's hidden states per chunk, both ways);
+                  after backward, the runtime's flat data-parallel gradient buffer (a copy of the gradients)
+    peak        = max(static + activations + transient + comm, static + dp buffer) x (1 + allocator_slack)
+                  + workspace
+
+Step time of one update::
+
+    per micro-batch and rank: 3 x forward FLOPs (backward = 2 x forward) + recomputed forward FLOPs, at
+        device_flops x efficiency, + tensor-parallel all-reduces (ring: 2 (n-1)/n bytes / bandwidth
+        + 2 (n-1) x latency, intra-node when tp <= gpus_per_node) + pipeline sends
+    pipeline:  m x slowest rank x (1 + (pp - 1) / (v x m))     (the bubble; v = virtual stages per rank)
+    update:    GRADIENT_ACCU_NUM x pipeline + data-parallel gradient all-reduce (+ ZeRO-1's parameter
+               broadcast) + the optimizer step (memory bound: bytes touched / HBM bandwidth)
+
+Nothing is overlapped (communication and compute add up): a conservative ranking that calibration on
+a GPU (``predicted_vs_measured``) can correct through ``efficiency`` and the bandwidths.
+"""
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..errors import UserInputError
+from .plan import INTERLEAVED, Plan
+from .profile import ModelProfile
+
+GIB = float(2 ** 30)  # MEM_PER_GPU and every memory figure printed are in GiB ("GB" in the docs)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Device and link parameters. Defaults: H100 SXM 80 GB, NVLink inside a node, InfiniBand between nodes.
+
+    Override any of them with a JSON file (``--cost-params``) holding some of these keys.
+    """
+
+    gpus_per_node: int = 8
+    device_flops: float = 989e12  # bf16/fp16 dense tensor-core peak, FLOP/s
+    fp32_flops: float = 67e12  # fp32 without TF32 (torch's default for matmuls)
+    efficiency: float = 0.5  # fraction of peak the model's kernels reach
+    hbm_bandwidth: float = 3.35e12  # bytes/s, for the memory-bound optimizer step
+    intra_node_bandwidth: float = 450e9  # bytes/s per GPU, NVLink, effective for all-reduce
+    intra_node_latency: float = 5e-6  # s per ring step
+    inter_node_bandwidth: float = 50e9  # bytes/s per GPU, InfiniBand (400 Gb/s NIC per GPU)
+    inter_node_latency: float = 10e-6
+    allocator_slack: float = 0.05  # fraction the caching allocator loses to fragmentation
+    workspace_bytes: float = 0.25 * GIB  # cuBLAS / NCCL workspaces and other small buffers
+    ddp_bucket_bytes: float = 2 * 25 * 2 ** 20  # DDP's two 25 MB buckets (PLAN_NGPUS=1)
+
+    @classmethod
+    def from_json(cls, path: str) -> "Hardware":
+        """Defaults overridden by the keys of a JSON object in ``path``; unknown keys are an error."""
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserInputError(f"cannot read cost parameters {path}: {exc}") from None
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict) or set(data) - known:
+            raise UserInputError(f"{path}: unknown cost parameters {sorted(set(data) - known) if isinstance(data, dict) else data!r}; "
+                                 f"known: {', '.join(sorted(known))}")
+        for key, value in data.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise UserInputError(f"{path}: {key} must be a non-negative number, got {value!r}")
+        return dataclasses.replace(cls(), **data)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The run's settings that the cost depends on (run.sh's variables)."""
+
+    batch_size: int  # BATCH_SIZE: samples per scale unit per micro-step
+    seq_len: int  # SEQUENCE_LENGTH
+    grad_accu: int = 1  # GRADIENT_ACCU_NUM
+
+
+# bytes per parameter: (weight, gradient, optimizer states not sharded by ZeRO... see bytes_per_param)
+_PRECISION_BYTES = {
+    "fp32": (4, 4, 0),  # weight, gradient, fp32 master weight + gradient copies
+    "bf16": (4, 4, 0),  # the runtime's bf16 is autocast over fp32 weights
+    "fp16": (2, 2, 8),  # fairseq's --fp16: fp32 master weights and gradients in the optimizer
+}
+ADAM_STATE_BYTES = 8  # two fp32 moments
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Predicted cost of one plan: peak memory of its fullest rank, step time, and their parts (bytes, s)."""
+
+    peak_bytes: float
+    step_time: float
+    parts: Dict[str, float]
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / GIB
+
+
+def layer_ranges(num_layers: int, num_stages: int, boundaries: Sequence[int] = ()) -> List[range]:
+    """The decoder layers of each pipeline stage: ``boundaries`` (first layer of stages 1..S-1), or balanced
+    by layer count when empty (the runtime's rule)."""
+    if not boundaries:
+        base, extra = divmod(num_layers, num_stages)
+        boundaries, start = [], 0
+        for stage in range(num_stages - 1):
+            start += base + (1 if stage < extra else 0)
+            boundaries.append(start)
+    edges = [0, *boundaries, num_layers]
+    return [range(a, b) for a, b in zip(edges, edges[1:])]
+
+
+def in_flight(plan: Plan, rank: int) -> int:
+    """Micro-batch chunk-forwards whose activations a pipeline rank holds at its peak."""
+    m, pp, v = plan.num_microbatches, plan.pp, plan.virtual_stages_per_rank
+    if pp == 1:
+        return 1
+    if plan.pp_schedule == "GPipe":
+        return m
+    if plan.pp_schedule == INTERLEAVED:
+        return min(m * v, (v - 1) * pp + 2 * (pp - 1 - rank) + 1)
+    return min(m, pp - rank)
+
+
+def estimate(profile: ModelProfile, plan: Plan, work: Workload, hw: Hardware,
+             recompute: Optional[Sequence[Optional[str]]] = None) -> Cost:
+    """Predict ``plan``'s peak memory per GPU and step time.
+
+    Args:
+        recompute: per decoder layer, the class recomputed in it (or None); default: every layer
+            recomputes ``plan.recompute_modules`` (the first one the layer has).
+    """
+    tp, pp, v = plan.tp, plan.pp, plan.virtual_stages_per_rank
+    if recompute is None:
+        recompute = [_recomputed_class(profile, plan.recompute_modules)] * profile.num_layers
+    mb_tokens = work.batch_size // plan.num_microbatches * work.seq_len
+    layer = profile.module(tp, "layers")
+    embed, norm, head = (profile.module(tp, name) for name in ("embed", "norm", "head"))
+    shared = profile.shared[tp]
+    stages = layer_ranges(profile.num_layers, plan.num_stages, plan.stage_boundaries)
+    weight_b, grad_b, master_b = _PRECISION_BYTES[profile.precision]
+    zero_shards = plan.scaling_factor // plan.zero_n_groups if plan.zero else 1
+    per_param = weight_b + grad_b + (master_b + ADAM_STATE_BYTES) / zero_shards
+    rate = (hw.fp32_flops if profile.precision == "fp32" else hw.device_flops) * hw.efficiency
+    act_bytes = 4 if profile.precision == "fp32" else 2
+    tp_link = _link(hw, tp <= hw.gpus_per_node)
+
+    def layer_kept(cls):
+        acts = layer.activations if cls is None else layer.recompute[cls][0]
+        return acts.bytes(mb_tokens)
+
+    worst, ranks = None, []
+    for rank in range(pp):
+        rank_stages = [s for s in range(plan.num_stages) if s % pp == rank]
+        numel, kept, transient, seconds = 0, 0.0, 0.0, 0.0
+        for s in rank_stages:
+            layers = stages[s]
+            numel += len(layers) * layer.local_numel(tp)
+            kept += sum(layer_kept(recompute[i]) for i in layers) + shared.bytes(mb_tokens)
+            for i in layers:
+                cls = recompute[i]
+                extra = 0.0 if cls is None else layer.recompute[cls][1]
+                seconds += (3 * layer.fwd_flops_per_token + extra) * mb_tokens / rate
+                seconds += _tp_seconds(layer, tp, mb_tokens, tp_link, again=cls is not None)
+                if cls is not None:
+                    transient = max(transient, layer.activations.bytes(mb_tokens) - layer_kept(cls))
+            if s == 0:
+                numel += embed.local_numel(tp)
+                kept += embed.activations.bytes(mb_tokens)
+                seconds += 3 * embed.fwd_flops_per_token * mb_tokens / rate + _tp_seconds(embed, tp, mb_tokens, tp_link)
+            if s == plan.num_stages - 1:
+                numel += norm.local_numel(tp) + head.local_numel(tp)
+                kept += norm.activations.bytes(mb_tokens) + head.activations.bytes(mb_tokens)
+                transient = max(transient, head.activations.transient_per_token * mb_tokens)
+                seconds += 3 * (norm.fwd_flops_per_token + head.fwd_flops_per_token) * mb_tokens / rate
+                seconds += _tp_seconds(head, tp, mb_tokens, tp_link)
+        activations = kept / len(rank_stages) * in_flight(plan, rank) if pp > 1 else kept
+        p2p_bytes = mb_tokens * profile.hidden_size * 4  # fp32 hidden states between stages
+        comm = 4 * p2p_bytes * len(rank_stages) if pp > 1 else 0.0  # send + receive, forward + backward
+        if pp > 1:
+            seconds += 2 * len(rank_stages) * _p2p_seconds(hw, p2p_bytes, plan.plan_ngpus <= hw.gpus_per_node)
+        static = numel * per_param
+        grads = numel * grad_b
+        dp_buffer = 0.0
+        if plan.scaling_factor > 1:
+            dp_buffer = grads if plan.plan_ngpus > 1 else min(grads, hw.ddp_bucket_bytes)
+        peak = max(static + activations + transient + comm, static + dp_buffer)
+        peak = peak * (1 + hw.allocator_slack) + hw.workspace_bytes
+        ranks.append(dict(rank=rank, numel=numel, static=static, activations=activations, transient=transient,
+                          comm=comm, dp_buffer=dp_buffer, peak=peak, seconds_per_microbatch=seconds))
+        if worst is None or peak > worst["peak"]:
+            worst = ranks[-1]
+
+    m = plan.num_microbatches
+    slowest = max(r["seconds_per_microbatch"] for r in ranks)
+    pipeline = m * slowest * (1 + (pp - 1) / (v * m))
+    bubble = pipeline - m * slowest
+    numel = max(r["numel"] for r in ranks)
+    dp_link = _link(hw, plan.world_size <= hw.gpus_per_node)
+    dp_seconds = _allreduce_seconds(numel * grad_b, plan.scaling_factor, dp_link)
+    if plan.zero and zero_shards > 1:
+        # ZeroRedundancyOptimizer: each replica broadcasts the parameters it updated, to its group
+        dp_seconds += _broadcast_seconds(numel * weight_b, zero_shards, dp_link)
+    optimizer_seconds = numel * (3 * weight_b + grad_b + 2 * (master_b + ADAM_STATE_BYTES)) / zero_shards \
+        / hw.hbm_bandwidth
+    step = work.grad_accu * pipeline + dp_seconds + optimizer_seconds
+    parts = dict(static=worst["static"], activations=worst["activations"], transient=worst["transient"],
+                 comm=worst["comm"], dp_buffer=worst["dp_buffer"], worst_rank=worst["rank"],
+                 compute_and_tp=work.grad_accu * m * slowest, bubble=work.grad_accu * bubble,
+                 dp=dp_seconds, optimizer=optimizer_seconds)
+    return Cost(peak_bytes=worst["peak"], step_time=step, parts=parts)
+
+
+def stage_seconds_per_layer(profile: ModelProfile, tp: int, recompute_cls: Optional[str]) -> float:
+    """Relative cost of one decoder layer (forward + backward + recompute FLOPs per token), for balancing."""
+    layer = profile.module(tp, "layers")
+    extra = 0.0 if recompute_cls is None else layer.recompute[recompute_cls][1]
+    return 3 * layer.fwd_flops_per_token + extra
+
+
+def _recomputed_class(profile: ModelProfile, names: Sequence[str]) -> Optional[str]:
+    layer = profile.module(profile.tp_degrees[0], "layers")
+    for name in names:
+        if name in layer.recompute:
+            return name
+    return None
+
+
+def _link(hw: Hardware, intra: bool) -> Tuple[float, float]:
+    return (hw.intra_node_bandwidth, hw.intra_node_latency) if intra else (hw.inter_node_bandwidth,
+                                                                           hw.inter_node_latency)
+
+
+def _allreduce_seconds(nbytes: float, n: int, link: Tuple[float, float]) -> float:
+    """Ring all-reduce: each rank sends and receives 2 (n-1)/n of the data in 2 (n-1) steps."""
+    if n <= 1:
+        return 0.0
+    bandwidth, latency = link
+    return 2 * (n - 1) / n * nbytes / bandwidth + 2 * (n - 1) * latency
+
+
+def _broadcast_seconds(nbytes: float, n: int, link: Tuple[float, float]) -> float:
+    bandwidth, latency = link
+    return (n - 1) / n * nbytes / bandwidth + (n - 1) * latency
+
+
+def _p2p_seconds(hw: Hardware, nbytes: float, intra: bool) -> float:
+    bandwidth, latency = _link(hw, intra)
+    return nbytes / bandwidth + latency
+
+
+def _tp_seconds(module, tp: int, tokens: int, link, again: bool = False) -> float:
+    """Tensor-parallel all-reduces of one micro-batch through ``module``: forward, backward, and the
+    forward's again when the module is recomputed."""
+    if tp <= 1:
+        return 0.0
+    (fwd_bytes, bwd_bytes), (fwd_count, bwd_count) = module.tp_allreduce_per_token, module.tp_allreduce_count
+    total = 0.0
+    for per_token, count in ((fwd_bytes, fwd_count), (bwd_bytes, bwd_count)) + (((fwd_bytes, fwd_count),) if again else ()):
+        if count:
+            total += count * _allreduce_seconds(per_token / count * tokens, tp, link)
+    return total
+
+
+def predicted_vs_measured(rows: Sequence[dict]) -> str:
+    """The calibration table: each row holds a plan's ``name``, ``predicted_gib``, ``measured_gib``
+    (``torch.cuda.max_memory_allocated`` / 2**30) and optionally ``predicted_s`` and ``measured_s`` (seconds
+    per update). Returns the table as text, with the memory error per row and whether the predicted step
+    times rank the plans as the measured ones do. Issue 5 asks for memory within 5%."""
+    lines = [f"{'plan':<40} {'pred GiB':>9} {'meas GiB':>9} {'error':>7} {'pred s':>8} {'meas s':>8}"]
+    for row in rows:
+        error = (row["predicted_gib"] - row["measured_gib"]) / row["measured_gib"]
+        lines.append(f"{row['name']:<40} {row['predicted_gib']:9.2f} {row['measured_gib']:9.2f} {error:+7.1%} "
+                     f"{row.get('predicted_s', math.nan):8.3f} {row.get('measured_s', math.nan):8.3f}")
+    timed = [row for row in rows if "predicted_s" in row and "measured_s" in row]
+    if len(timed) > 1:
+        same = sorted(timed, key=lambda r: r["predicted_s"]) == sorted(timed, key=lambda r: r["measured_s"])
+        lines.append(f"step-time ranking {'matches' if same else 'DIFFERS from'} the measured one")
+    worst = max(abs(r["predicted_gib"] - r["measured_gib"]) / r["measured_gib"] for r in rows) if rows else 0.0
+    lines.append(f"largest memory error {worst:.1%} ({'within' if worst <= 0.05 else 'outside'} 5%)")
+    return "\n".join(lines)

@@ -1,0 +1,214 @@
+"""Plan search: enumerate the plans of a scale unit, predict each one's cost, keep those under MEM_PER_GPU,
+pick the fastest, and say why every other one lost.
+
+Enumerated: tp (dividing heads, kv heads and FFN width, at most the GPUs of a node), pp = PLAN_NGPUS / tp
+(at most the layers), schedule (GPipe, 1F1B, Interleaved1F1B with 2.. virtual stages per rank), micro-batch
+count (divisors of BATCH_SIZE, at least pp), recompute (none, or the decoder layer / attention / MLP class;
+the user's RECOMPUTE_MODULE_NAMES only, when set), and stage boundaries balanced by cost (the contiguous
+partition of the layers that minimises the slowest stage). ZeRO-1 is the user's (USE_ZERO). A per-layer
+recompute (the fewest layers of each stage) is shown where it would fit, but Plan v1 names classes, not
+layers, so it is never emitted.
+
+The runtime cannot run pipeline parallel yet: while ``RUNTIME_RUNS_PIPELINE`` is False, plans with pp > 1
+are costed and listed as "needs pipeline runtime" but never chosen. Flip it when runtime/pipeline.py lands.
+"""
+
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..errors import UserInputError
+from .cost import GIB, Cost, Hardware, Workload, estimate, in_flight, layer_ranges, stage_seconds_per_layer
+from .plan import INTERLEAVED, Plan
+from .profile import ModelProfile
+
+RUNTIME_RUNS_PIPELINE = False  # the one switch: True once fairseq_ext/cube/runtime runs pp > 1
+MAX_VIRTUAL_STAGES = 4
+PER_LAYER = "per-layer"
+NEEDS_PIPELINE = "needs pipeline runtime"
+NOT_IN_PLAN = "per-layer recompute: Plan v1 names classes, not layers"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One costed plan. ``rejected`` is empty for a plan that may be chosen, else the reasons."""
+
+    plan: Plan
+    cost: Cost
+    recompute: str  # what the table prints: "none", class names, or "LlamaDecoderLayer 5/8 per stage"
+    rejected: Tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    best: Optional[Candidate]
+    candidates: List[Candidate]  # chosen first, then the other viable ones by step time, then the rejected
+    budget_gib: float
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """What the user fixed; None: the search chooses."""
+
+    tp: Optional[int] = None
+    pp: Optional[int] = None
+    pp_schedule: Optional[str] = None
+    num_microbatches: Optional[int] = None
+    stage_boundaries: Optional[Tuple[int, ...]] = None
+    recompute_modules: Optional[Tuple[str, ...]] = None  # RECOMPUTE_MODULE_NAMES, when set
+
+
+def search(profile: ModelProfile, work: Workload, hw: Hardware, plan_ngpus: int, scaling_factor: int,
+           budget_gib: float, zero: bool = False, zero_n_groups: int = 1, fixed: Fixed = Fixed(),
+           allow_pipeline: bool = RUNTIME_RUNS_PIPELINE) -> SearchResult:
+    """Cost every plan of a ``plan_ngpus`` scale unit; return them ranked, the fastest one that fits first.
+
+    Invariant relied on by callers: the set of plans does not depend on ``budget_gib``, so a larger budget
+    never yields a slower best plan.
+    """
+    candidates = []
+    for plan, recompute in _plans(profile, work, hw, plan_ngpus, scaling_factor, zero, zero_n_groups, fixed):
+        cost = estimate(profile, plan, work, hw)
+        candidates.append(_judge(plan, cost, _label(recompute), budget_gib, allow_pipeline))
+        if recompute is None and cost.peak_gib > budget_gib and profile.layer_class in _recompute_options(profile, fixed):
+            per_layer = _per_layer(profile, plan, work, hw, budget_gib)
+            if per_layer is not None:
+                candidates.append(_judge(*per_layer, budget_gib, allow_pipeline, extra=(NOT_IN_PLAN,)))
+    viable = sorted((c for c in candidates if not c.rejected), key=_rank)
+    rejected = sorted((c for c in candidates if c.rejected), key=lambda c: (c.cost.peak_bytes, c.cost.step_time))
+    return SearchResult(best=viable[0] if viable else None, candidates=viable + rejected, budget_gib=budget_gib)
+
+
+def smallest_fit(result: SearchResult) -> Optional[Candidate]:
+    """The candidate with the smallest predicted peak among those rejected only for memory."""
+    allowed = [c for c in result.candidates if all(r.startswith("over MEM_PER_GPU") for r in c.rejected)]
+    return min(allowed, key=lambda c: (c.cost.peak_bytes, c.cost.step_time), default=None)
+
+
+def balanced_boundaries(profile: ModelProfile, tp: int, num_stages: int, recompute_cls: Optional[str]) -> Tuple[int, ...]:
+    """First layer of stages 1..S-1 for the contiguous partition of the layers that minimises the slowest
+    stage; stage 0 also runs the embedding, the last stage the norm and the LM head (with its loss)."""
+    n = profile.num_layers
+    per_layer = stage_seconds_per_layer(profile, tp, recompute_cls)
+    first = 3 * profile.module(tp, "embed").fwd_flops_per_token
+    last = 3 * (profile.module(tp, "norm").fwd_flops_per_token + profile.module(tp, "head").fwd_flops_per_token)
+
+    def cost(stage: int, a: int, b: int) -> float:  # layers a..b-1 on ``stage``
+        return (b - a) * per_layer + (first if stage == 0 else 0.0) + (last if stage == num_stages - 1 else 0.0)
+
+    # best[s][j]: the slowest stage of the best split of layers 0..j-1 into stages 0..s
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(num_stages)]
+    cut = [[0] * (n + 1) for _ in range(num_stages)]
+    for j in range(1, n + 1):
+        best[0][j] = cost(0, 0, j)
+    for s in range(1, num_stages):
+        for j in range(s + 1, n + 1):
+            for i in range(s, j):
+                value = max(best[s - 1][i], cost(s, i, j))
+                if value < best[s][j] - 1e-9:
+                    best[s][j], cut[s][j] = value, i
+    bounds, j = [], n
+    for s in range(num_stages - 1, 0, -1):
+        j = cut[s][j]
+        bounds.append(j)
+    return tuple(reversed(bounds))
+
+
+def _plans(profile, work, hw, plan_ngpus, scaling_factor, zero, zero_n_groups, fixed):
+    """Yield (plan, recompute class or None) for every combination the search considers."""
+    for tp in profile.tp_degrees:
+        if plan_ngpus % tp or tp > hw.gpus_per_node or (fixed.tp and tp != fixed.tp):
+            continue
+        pp = plan_ngpus // tp
+        if pp > profile.num_layers or (fixed.pp and pp != fixed.pp):
+            continue
+        for schedule, m, v in _schedules(profile, work, pp, fixed):
+            for recompute in _recompute_options(profile, fixed):
+                names = fixed.recompute_modules if fixed.recompute_modules else ((recompute,) if recompute else ())
+                stages = pp * v
+                if fixed.stage_boundaries is not None:
+                    bounds = fixed.stage_boundaries
+                elif stages > 1:
+                    bounds = balanced_boundaries(profile, tp, stages, recompute)
+                else:
+                    bounds = ()
+                plan = Plan(plan_ngpus=plan_ngpus, scaling_factor=scaling_factor, tp=tp, pp=pp, pp_schedule=schedule,
+                            num_microbatches=m, virtual_stages_per_rank=v, stage_boundaries=bounds, zero=zero,
+                            zero_n_groups=zero_n_groups if zero else 1, recompute_modules=names)
+                try:
+                    plan.validate()
+                    plan.check_model(profile.num_layers, profile.num_heads, profile.num_kv_heads,
+                                     profile.intermediate_size)
+                except UserInputError:
+                    continue
+                yield plan, recompute
+
+
+def _schedules(profile, work, pp, fixed):
+    if pp == 1:
+        yield "1F1B", 1, 1  # no pipeline: one micro-batch of BATCH_SIZE; GRADIENT_ACCU_NUM stays the user's
+        return
+    counts = [m for m in range(pp, work.batch_size + 1) if work.batch_size % m == 0]
+    for schedule in ("GPipe", "1F1B", INTERLEAVED):
+        if fixed.pp_schedule and schedule != fixed.pp_schedule:
+            continue
+        for m in counts:
+            if fixed.num_microbatches and m != fixed.num_microbatches:
+                continue
+            if schedule != INTERLEAVED:
+                yield schedule, m, 1
+                continue
+            if m % pp:
+                continue  # torch's interleaved schedules want whole rounds of micro-batches
+            for v in range(2, MAX_VIRTUAL_STAGES + 1):
+                if pp * v <= profile.num_layers:
+                    yield schedule, m, v
+
+
+def _recompute_options(profile, fixed) -> List[Optional[str]]:
+    """Recompute classes to try: the user's when set (the model is built with them), else none, the
+    decoder layer, its attention and its MLP."""
+    known = [profile.layer_class, profile.attention_class, profile.mlp_class]
+    if fixed.recompute_modules:
+        unknown = [name for name in fixed.recompute_modules if name not in known]
+        if unknown:
+            raise UserInputError(f"RECOMPUTE_MODULE_NAMES {', '.join(unknown)}: the compile pass models recompute "
+                                 f"of {', '.join(known)}; choose among them or leave it empty to let the search choose")
+        for name in known:  # the outermost class the user named decides what a layer keeps
+            if name in fixed.recompute_modules:
+                return [name]
+    return [None] + list(dict.fromkeys(known))
+
+
+def _per_layer(profile, plan, work, hw, budget_gib):
+    """Recompute the whole decoder layer on the fewest layers of each stage (the same count k in every
+    stage) that brings the peak under the budget; None when even every layer is not enough."""
+    stages = layer_ranges(profile.num_layers, plan.num_stages, plan.stage_boundaries)
+    longest = max(len(r) for r in stages)
+    for k in range(1, longest):
+        recompute = [None] * profile.num_layers
+        for r in stages:
+            for i in list(r)[:k]:
+                recompute[i] = profile.layer_class
+        cost = estimate(profile, plan, work, hw, recompute=recompute)
+        if cost.peak_gib <= budget_gib:
+            plan = replace(plan, recompute_modules=(profile.layer_class,))
+            return plan, cost, f"{profile.layer_class} {k}/{longest} {PER_LAYER}"
+    return None
+
+
+def _judge(plan, cost, label, budget_gib, allow_pipeline, extra=()) -> Candidate:
+    reasons = []
+    if cost.peak_gib > budget_gib:
+        reasons.append(f"over MEM_PER_GPU ({cost.peak_gib:.1f} > {budget_gib:g})")
+    if plan.pp > 1 and not allow_pipeline:
+        reasons.append(NEEDS_PIPELINE)
+    return Candidate(plan=plan, cost=cost, recompute=label, rejected=tuple(reasons) + tuple(extra))
+
+
+def _label(recompute: Optional[str]) -> str:
+    return recompute or "none"
+
+
+def _rank(c: Candidate):
+    return (round(c.cost.step_time, 9), c.cost.peak_bytes, len(c.plan.recompute_modules), c.plan.pp)

@@ -1,0 +1,104 @@
+"""Compile a parallel plan for a model and print why it was chosen.
+
+    python scripts/plan_report.py --model MODEL_DIR_OR_CONFIG_JSON --plan-ngpus 8 --mem-per-gpu 20 [--output plan.json]
+
+Builds the model from its config on fake tensors (no weights), costs every plan of a scale unit of
+``--plan-ngpus`` GPUs, and prints the chosen plan and the best alternatives as a table (tp, pp, schedule,
+micro-batches, recompute, ZeRO, predicted memory, predicted step time, why rejected). ``--output`` writes
+the plan JSON (atomically) for ``PLAN_FILE``. When no plan fits it prints one line naming the MEM_PER_GPU
+(or PLAN_NGPUS) that would, and exits 2. ``run.sh compile`` runs this with the run's settings.
+"""
+
+import argparse
+import os
+import sys
+
+from fairseq_ext.cube.compile import CompileSettings, compile_plan, format_report
+from fairseq_ext.cube.cost import GIB, Hardware
+from fairseq_ext.cube.plan import PIPELINE_SCHEDULES
+from fairseq_ext.cube.profile import PRECISIONS
+from fairseq_ext.cube.runtime.recompute import parse_module_names
+from fairseq_ext.cube.search import RUNTIME_RUNS_PIPELINE, Fixed
+from fairseq_ext.errors import PREFIX, UserInputError
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="model folder with config.json, or the config.json file")
+    parser.add_argument("--plan-ngpus", type=int, required=True, help="GPUs of one scale unit (PLAN_NGPUS)")
+    parser.add_argument("--mem-per-gpu", type=float, default=None,
+                        help="budget in GB (2**30 bytes) per GPU (MEM_PER_GPU); default 0.8 x this host's GPU memory")
+    parser.add_argument("--scaling-factor", type=int, default=1, help="scale units (CUBE_SCALING_FACTOR)")
+    parser.add_argument("--batch-size", type=int, default=32, help="samples per scale unit per micro-step (BATCH_SIZE)")
+    parser.add_argument("--sequence-length", type=int, default=512, help="tokens per sample (SEQUENCE_LENGTH)")
+    parser.add_argument("--gradient-accu-num", type=int, default=1, help="micro-steps per update (GRADIENT_ACCU_NUM)")
+    parser.add_argument("--use-zero", type=int, choices=(0, 1), default=0, help="ZeRO-1 (USE_ZERO)")
+    parser.add_argument("--zero-n-groups", type=int, default=1, help="ZeRO-1 groups (ZERO_N_GROUPS)")
+    parser.add_argument("--recompute-module-names", default="",
+                        help="fix recompute to these classes (RECOMPUTE_MODULE_NAMES); empty: the search chooses")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="PRECISION")
+    parser.add_argument("--attn-implementation", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa")
+    parser.add_argument("--tp", type=int, help="fix the tensor-parallel degree")
+    parser.add_argument("--pp", type=int, help="fix the pipeline-parallel degree")
+    parser.add_argument("--pp-schedule", choices=PIPELINE_SCHEDULES, help="fix the pipeline schedule")
+    parser.add_argument("--num-microbatches", type=int, help="fix the micro-batch count")
+    parser.add_argument("--stage-boundaries", help="fix the first layer of stages 1..S-1, comma separated")
+    parser.add_argument("--cost-params", help="JSON file overriding cost-model parameters (see cube/cost.py Hardware)")
+    parser.add_argument("--gpus-per-node", type=int, help="GPUs per node (default 8, or the cost-params file's)")
+    parser.add_argument("--allow-pipeline", action="store_true", default=RUNTIME_RUNS_PIPELINE,
+                        help="emit plans with pp > 1 although the runtime cannot run them yet")
+    parser.add_argument("--output", help="write the chosen plan here (e.g. $OUTPUT_DIR/plan.json)")
+    parser.add_argument("--top", type=int, default=8, help="alternatives to show of each kind")
+    return parser.parse_args(argv)
+
+
+def default_mem_per_gpu() -> float:
+    """0.8 x the memory of this host's first GPU, in GiB; a host without a GPU must be told."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserInputError("MEM_PER_GPU is not set and this host has no GPU to read it from; set MEM_PER_GPU to "
+                             "the GB per GPU the plan may use on the training GPUs (e.g. 64 for 80 GB H100s)")
+    return 0.8 * torch.cuda.get_device_properties(0).total_memory / GIB
+
+
+def settings_from(args) -> CompileSettings:
+    hardware = Hardware.from_json(args.cost_params) if args.cost_params else Hardware()
+    if args.gpus_per_node:
+        hardware = Hardware(**{**hardware.__dict__, "gpus_per_node": args.gpus_per_node})
+    bounds = None
+    if args.stage_boundaries:
+        try:
+            bounds = tuple(int(x) for x in args.stage_boundaries.replace(",", " ").split())
+        except ValueError:
+            raise UserInputError(f"--stage-boundaries must be layer indices, got {args.stage_boundaries!r}") from None
+    recompute = tuple(parse_module_names(args.recompute_module_names)) or None
+    fixed = Fixed(tp=args.tp, pp=args.pp, pp_schedule=args.pp_schedule, num_microbatches=args.num_microbatches,
+                  stage_boundaries=bounds, recompute_modules=recompute)
+    return CompileSettings(
+        model=args.model, plan_ngpus=args.plan_ngpus,
+        mem_per_gpu=args.mem_per_gpu if args.mem_per_gpu is not None else default_mem_per_gpu(),
+        scaling_factor=args.scaling_factor, batch_size=args.batch_size, seq_len=args.sequence_length,
+        grad_accu=args.gradient_accu_num, zero=bool(args.use_zero), zero_n_groups=args.zero_n_groups,
+        precision=args.precision, attn_implementation="sdpa" if args.attn_implementation != "eager" else "eager",
+        fixed=fixed, hardware=hardware, allow_pipeline=args.allow_pipeline)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        compiled = compile_plan(settings_from(args))
+        if compiled.plan is None:
+            raise UserInputError(compiled.error)
+        print(format_report(compiled, top=args.top))
+        if args.output:
+            compiled.plan.save(args.output)
+            print(f"plan written to {os.path.abspath(args.output)} (train with PLAN_FILE={os.path.abspath(args.output)})")
+    except UserInputError as err:
+        print(f"{PREFIX} {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
