@@ -64,6 +64,7 @@ PLAN_NGPUS=${PLAN_NGPUS:-1}  # GPUs of one scale unit (tensor parallel inside); 
 CUBE_SCALING_FACTOR=${CUBE_SCALING_FACTOR:-}  # scale units; default: world size / PLAN_NGPUS, set once checked
 PLAN_FILE=${PLAN_FILE:-}  # a Plan JSON; replaces PLAN_NGPUS, CUBE_SCALING_FACTOR, USE_ZERO, ZERO_N_GROUPS
 RECOMPUTE_MODULE_NAMES=${RECOMPUTE_MODULE_NAMES:-}
+MEM_PER_GPU=${MEM_PER_GPU:-}  # GB (2**30 bytes) per GPU for `run.sh compile`; default 0.8 x the GPU's memory
 PRECISION=${PRECISION:-fp32}  # fp32, bf16 (autocast over fp32 weights) or fp16 (fairseq's --fp16)
 USE_LORA=${USE_LORA:-0}
 LORA_CONFIG=${LORA_CONFIG:-}
@@ -84,6 +85,19 @@ for name in NODE_RANK WARMUP_STEPS SEED MASTER_PORT; do
     [[ ${!name} =~ ^[0-9]+$ ]] || fail "$name must be a non-negative integer, got '${!name}'"
 done
 (( NODE_RANK < NNODES )) || fail "NODE_RANK $NODE_RANK must be below NNODES $NNODES"
+# ---- run.sh compile: search the plan for these settings, write $OUTPUT_DIR/plan.json, and stop ----
+if [[ ${1:-} == compile ]]; then
+    shift
+    COMPILE_SCALING=${CUBE_SCALING_FACTOR:-$(( NPROC_PER_NODE * NNODES % PLAN_NGPUS ? 1 : NPROC_PER_NODE * NNODES / PLAN_NGPUS ))}
+    [[ -z $MEM_PER_GPU || $MEM_PER_GPU =~ ^[0-9]+([.][0-9]+)?$ ]] || fail "MEM_PER_GPU must be a number of GB, got '$MEM_PER_GPU'"
+    mkdir -p "$OUTPUT_DIR"
+    COMPILE_ARGS=(--model "$HUGGINGFACE_MODEL_NAME_OR_PATH" --plan-ngpus "$PLAN_NGPUS" --scaling-factor "$COMPILE_SCALING"
+        --use-zero "$USE_ZERO" --zero-n-groups "$ZERO_N_GROUPS" --recompute-module-names "$RECOMPUTE_MODULE_NAMES"
+        --batch-size "$BATCH_SIZE" --sequence-length "$SEQUENCE_LENGTH" --gradient-accu-num "$GRADIENT_ACCU_NUM"
+        --precision "$PRECISION" --output "$OUTPUT_DIR/plan.json")
+    if [[ -n $MEM_PER_GPU ]]; then COMPILE_ARGS+=(--mem-per-gpu "$MEM_PER_GPU"); fi
+    PYTHONPATH=$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH} exec "$PYTHON" "$REPO_ROOT/scripts/plan_report.py" "${COMPILE_ARGS[@]}" "$@"
+fi
 if [[ $DATASET_TYPE == instruction ]]; then DATA=$DATA_DIR; else DATA=$DATASET_PATH; fi
 [[ -e $DATA ]] || fail "data folder $DATA does not exist (DATA_DIR / DATASET_PATH)"
 DATA=$(cd "$DATA" && pwd)

@@ -6,6 +6,7 @@ chosen Plan with its ``model_fingerprint`` (model sizes, sequence length, batch 
 the costed candidates. ``format_report`` prints them as a table.
 """
 
+import functools
 import hashlib
 import json
 import time
@@ -79,8 +80,8 @@ def compile_plan(s: CompileSettings) -> Compiled:
     start = time.perf_counter()
     config = load_config(s.model)
     max_tp = min(s.hardware.gpus_per_node, max(s.plan_ngpus, MAX_SUGGESTED_NGPUS))
-    profile = profile_model(config, s.seq_len, s.precision, valid_tp_degrees(config, max_tp),
-                            attn_implementation=s.attn_implementation)
+    profile = _profile(config.to_json_string(), s.seq_len, s.precision, tuple(valid_tp_degrees(config, max_tp)),
+                       s.attn_implementation)
     work = Workload(batch_size=s.batch_size, seq_len=s.seq_len, grad_accu=s.grad_accu)
 
     def run(plan_ngpus, budget):
@@ -92,6 +93,16 @@ def compile_plan(s: CompileSettings) -> Compiled:
         plan = replace(result.best.plan, model_fingerprint=model_fingerprint(config, s)).validate()
         return Compiled(plan, result, time.perf_counter() - start)
     return Compiled(None, result, time.perf_counter() - start, _no_fit_message(s, result, run))
+
+
+@functools.lru_cache(maxsize=8)
+def _profile(config_json: str, seq_len: int, precision: str, tp_degrees: Tuple[int, ...], attn_implementation: str):
+    """The profile, remembered per config text and settings (the search is cheap, profiling is not)."""
+    from transformers import AutoConfig
+
+    data = json.loads(config_json)
+    config = AutoConfig.for_model(data.pop("model_type"), **data)
+    return profile_model(config, seq_len, precision, tp_degrees, attn_implementation=attn_implementation)
 
 
 def _no_fit_message(s: CompileSettings, result: SearchResult, run) -> str:

@@ -8,12 +8,14 @@ Memory of one rank (the fullest pipeline stage decides the plan's peak)::
     activations = what one micro-batch keeps on the rank's stages x micro-batches in flight:
                   GPipe keeps all m, 1F1B keeps pp - rank (stage 0: pp), Interleaved1F1B keeps
                   (v - 1) x pp + 2 x (pp - 1 - rank) + 1 chunk-forwards (torch.distributed.pipelining's warm-up)
-    transient   = the largest backward-only buffer: the LM head's logits gradient, or one recomputed
-                  layer's activations rebuilt during its backward
-    comm        = pipeline send/receive buffers (one micro-batch's hidden states per chunk, both ways);
-                  after backward, the runtime's flat data-parallel gradient buffer (a copy of the gradients)
-    peak        = max(static + activations + transient + comm, static + dp buffer) x (1 + allocator_slack)
-                  + workspace
+    comm        = pipeline send/receive buffers (one micro-batch's hidden states per chunk, both ways)
+    backward    = walked module by module from the last: each frees its activations, adds its gradients
+                  (fairseq sets gradients to None, so without accumulation they do not exist in the
+                  forward) and holds its backward-only buffers while it runs (the LM head's logits
+                  gradient; a recomputed layer's rebuilt activations)
+    step        = static (gradients included) + the data-parallel buffer (the runtime's flat copy of the
+                  gradients for tp plans; DDP's buckets for PLAN_NGPUS=1)
+    peak        = max(forward/backward peak, step) x (1 + allocator_slack) + workspace
 
 Step time of one update::
 
@@ -162,45 +164,62 @@ def estimate(profile: ModelProfile, plan: Plan, work: Workload, hw: Hardware,
         acts = layer.activations if cls is None else layer.recompute[cls][0]
         return acts.bytes(mb_tokens)
 
+    # Gradients live through the forward when they accumulate: over micro-steps, or over pipeline micro-batches.
+    grads_persist = work.grad_accu > 1 or (pp > 1 and plan.num_microbatches > 1)
     worst, ranks = None, []
     for rank in range(pp):
         rank_stages = [s for s in range(plan.num_stages) if s % pp == rank]
-        numel, kept, transient, seconds = 0, 0.0, 0.0, 0.0
+        # per module of one micro-batch, in forward order: (kept bytes, gradient bytes, rise during its backward,
+        # measured change over its backward or None for gradients made - kept freed)
+        walk = []
+        numel, seconds = 0, 0.0
         for s in rank_stages:
-            layers = stages[s]
-            numel += len(layers) * layer.local_numel(tp)
-            kept += sum(layer_kept(recompute[i]) for i in layers) + shared.bytes(mb_tokens)
-            for i in layers:
+            if s == 0:
+                walk.append((embed.activations.bytes(mb_tokens), embed.local_numel(tp) * grad_b, 0.0, None))
+                seconds += 3 * embed.fwd_flops_per_token * mb_tokens / rate + _tp_seconds(embed, tp, mb_tokens, tp_link)
+            walk.append((shared.bytes(mb_tokens), 0.0, 0.0, None))
+            for i in stages[s]:
                 cls = recompute[i]
+                acts = layer.activations if cls is None else layer.recompute[cls][0]
+                walk.append((acts.bytes(mb_tokens), layer.local_numel(tp) * grad_b, acts.backward_bytes(mb_tokens),
+                             None))
                 extra = 0.0 if cls is None else layer.recompute[cls][1]
                 seconds += (3 * layer.fwd_flops_per_token + extra) * mb_tokens / rate
                 seconds += _tp_seconds(layer, tp, mb_tokens, tp_link, again=cls is not None)
-                if cls is not None:
-                    transient = max(transient, layer.activations.bytes(mb_tokens) - layer_kept(cls))
-            if s == 0:
-                numel += embed.local_numel(tp)
-                kept += embed.activations.bytes(mb_tokens)
-                seconds += 3 * embed.fwd_flops_per_token * mb_tokens / rate + _tp_seconds(embed, tp, mb_tokens, tp_link)
             if s == plan.num_stages - 1:
-                numel += norm.local_numel(tp) + head.local_numel(tp)
-                kept += norm.activations.bytes(mb_tokens) + head.activations.bytes(mb_tokens)
-                transient = max(transient, head.activations.transient_per_token * mb_tokens)
+                walk.append((norm.activations.bytes(mb_tokens), norm.local_numel(tp) * grad_b, 0.0, None))
+                walk.append((head.activations.bytes(mb_tokens), head.local_numel(tp) * grad_b,
+                             head.activations.backward_bytes(mb_tokens), None))
                 seconds += 3 * (norm.fwd_flops_per_token + head.fwd_flops_per_token) * mb_tokens / rate
                 seconds += _tp_seconds(head, tp, mb_tokens, tp_link)
+        numel = round(sum(w[1] for w in walk) / grad_b)
+        kept = sum(w[0] for w in walk)
         activations = kept / len(rank_stages) * in_flight(plan, rank) if pp > 1 else kept
         p2p_bytes = mb_tokens * profile.hidden_size * 4  # fp32 hidden states between stages
         comm = 4 * p2p_bytes * len(rank_stages) if pp > 1 else 0.0  # send + receive, forward + backward
         if pp > 1:
             seconds += 2 * len(rank_stages) * _p2p_seconds(hw, p2p_bytes, plan.plan_ngpus <= hw.gpus_per_node)
-        static = numel * per_param
+        static = numel * per_param - (0.0 if grads_persist else numel * grad_b)
         grads = numel * grad_b
+        # Backward of the last micro-batch in flight, module by module from the end: its activations are
+        # freed as its gradients appear; a module's backward-only buffers exist while it runs.
+        current = static + activations + comm
+        fwd_bwd, transient = current, 0.0
+        for kept_bytes, grad_bytes, backward_only, net in reversed(walk):
+            if current + backward_only > fwd_bwd:
+                fwd_bwd, transient = current + backward_only, backward_only
+            if net is None:
+                net = grad_bytes - kept_bytes
+            current += net - (grad_bytes if grads_persist else 0.0)
+        fwd_bwd = max(fwd_bwd, current)
         dp_buffer = 0.0
         if plan.scaling_factor > 1:
             dp_buffer = grads if plan.plan_ngpus > 1 else min(grads, hw.ddp_bucket_bytes)
-        peak = max(static + activations + transient + comm, static + dp_buffer)
-        peak = peak * (1 + hw.allocator_slack) + hw.workspace_bytes
-        ranks.append(dict(rank=rank, numel=numel, static=static, activations=activations, transient=transient,
-                          comm=comm, dp_buffer=dp_buffer, peak=peak, seconds_per_microbatch=seconds))
+        step_peak = numel * per_param + dp_buffer
+        peak = max(fwd_bwd, step_peak) * (1 + hw.allocator_slack) + hw.workspace_bytes
+        ranks.append(dict(rank=rank, numel=numel, static=numel * per_param, activations=activations,
+                          transient=transient, comm=comm, dp_buffer=dp_buffer, peak=peak,
+                          seconds_per_microbatch=seconds))
         if worst is None or peak > worst["peak"]:
             worst = ranks[-1]
 

@@ -40,16 +40,23 @@ class Activations:
     """Bytes autograd keeps for backward, for one micro-batch, on one tensor-parallel rank.
 
     ``per_token * tokens + fixed``: ``fixed`` does not grow with tokens (autocast's low-precision weight
-    copies). ``transient_per_token`` is memory that lives only during the module's backward (the LM
-    head's logits gradient), on top of what is kept.
+    copies). ``transient_*`` is how far memory rises while the module's backward runs, on top of what
+    is kept (the LM head's logits gradients; a layer's parameter and intermediate gradients; the
+    activations a recomputed layer rebuilds).
     """
 
     per_token: float
     fixed: float = 0.0
     transient_per_token: float = 0.0
+    transient_fixed: float = 0.0
 
     def bytes(self, tokens: int) -> float:
+        """Kept for backward by a micro-batch of ``tokens`` tokens."""
         return self.per_token * tokens + self.fixed
+
+    def backward_bytes(self, tokens: int) -> float:
+        """The rise in memory while the module's backward runs, for ``tokens`` tokens."""
+        return max(0.0, self.transient_per_token * tokens + self.transient_fixed)
 
 
 @dataclass(frozen=True)
@@ -309,18 +316,83 @@ def _measure(config, seq_len: int, precision: str, attn_implementation: str, cla
         per_token = (two - one) / seq_len
         return per_token, max(0.0, one - per_token * seq_len)
 
+    # A layer's backward rises above what it keeps by its gradients and its intermediates' gradients
+    # (measured); a recomputed one also by the activations it rebuilds (kept without - kept with recompute).
+    layer_class = runs[0]["layers"]["class"]
+
+    def rise(cls):
+        """Per token and fixed: the first layer's backward peak above where a module-by-module walk (each
+        earlier backward: + its gradients - its kept activations) would have memory; so whatever a layer's
+        backward leaves behind for the next one is counted (non-reentrant checkpoint holds some)."""
+        values = []
+        for batch, run in zip((1, 2), runs):
+            kept = run["layers"]["kept"] if cls is None else run["layers"]["recompute"][cls]
+            peak_first, before_last, grads = _backward_working_set(config, batch, seq_len, precision,
+                                                                   attn_implementation, cls)
+            values.append(peak_first - before_last - grads + kept)
+        return split(*values)
+
+    ws_per_token, ws_fixed = rise(None)
+    rc_per_token, rc_fixed = rise(layer_class)  # recomputing the whole layer is measured: the common choice
     out = {}
     for name in ("embed", "layers", "norm", "head"):
         one, two = runs[0][name], runs[1][name]
+        full = Activations(*split(one["kept"], two["kept"]))
         recompute = {}
         for cls, kept in one["recompute"].items():
-            recompute[cls] = (Activations(*split(kept, two["recompute"][cls])),
+            kept = Activations(*split(kept, two["recompute"][cls]))
+            if cls == layer_class:
+                up = (rc_per_token, rc_fixed)
+            else:
+                up = (full.per_token - kept.per_token + ws_per_token, full.fixed - kept.fixed + ws_fixed)
+            recompute[cls] = (Activations(kept.per_token, kept.fixed, *up),
                               one["recompute_flops"][cls] / seq_len)
+        if name == "layers":
+            transient = (ws_per_token, ws_fixed)
+        else:
+            transient = ((two["transient"] - one["transient"]) / seq_len, 0.0)
         out[name] = dict(class_name=one["class"],
-                         activations=Activations(*split(one["kept"], two["kept"]),
-                                                 transient_per_token=(two["transient"] - one["transient"]) / seq_len),
+                         activations=Activations(full.per_token, full.fixed, *transient),
                          recompute=recompute, fwd_flops_per_token=one["flops"] / seq_len)
     return out, Activations(*split(runs[0]["shared"], runs[1]["shared"]))
+
+
+def _backward_working_set(config, batch: int, seq_len: int, precision: str, attn_implementation: str,
+                          recompute_cls: Optional[str] = None) -> Tuple[float, float, float]:
+    """Run a two-layer copy of the model forward and backward on fake tensors under torch's ``MemTracker``
+    (``recompute_cls`` recomputed with the runtime's ``apply_recompute``). Returns the peak memory during
+    the first layer's backward, the memory just before the last layer's backward, and the last layer's
+    parameter bytes (its gradients)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker, _ModState
+    from transformers import AutoModelForCausalLM
+
+    from .runtime.recompute import apply_recompute
+
+    config = copy.deepcopy(config)
+    config._attn_implementation = attn_implementation
+    config.num_hidden_layers = 2
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16 if precision == "fp16" else torch.float32)
+    if recompute_cls:
+        apply_recompute(model, [recompute_cls])
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model.to_empty(device="cpu")
+        ids = torch.randint(0, config.vocab_size, (batch, seq_len))
+        tracker = MemTracker()
+        tracker.track_external(model)
+        with tracker, torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(input_ids=ids).logits
+            loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)).float(), ids.view(-1))
+            del logits
+            loss.backward()
+    first, last = model.base_model.layers[0], model.base_model.layers[-1]
+
+    def total(layer, state):
+        return max(s[torch.device("cpu")]["Total"] for s in tracker.memory_tracking[layer].snapshots[state])
+
+    grads = sum(p.numel() * p.element_size() for p in last.parameters())
+    return total(first, _ModState.PEAK_BW), total(last, _ModState.PRE_BW), float(grads)
 
 
 class _Recorder:
@@ -370,7 +442,9 @@ class _Recorder:
                     torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 logits = model(input_ids=ids).logits
                 loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)).float(), ids.view(-1))
-            logits_grad_bytes = logits.numel() * 4  # the fp32 logits' gradient, alive during the head's backward
+            # The loss's backward holds two fp32 logits-sized gradients at once (nll_loss's and log_softmax's),
+            # and under autocast the low-precision gradient of the logits next.
+            logits_grad_bytes = logits.numel() * (8 + (logits.element_size() if logits.element_size() < 4 else 0))
             loss.backward()
         for handle in handles:
             handle.remove()

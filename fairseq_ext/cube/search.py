@@ -211,4 +211,4 @@ def _label(recompute: Optional[str]) -> str:
 
 
 def _rank(c: Candidate):
-    return (round(c.cost.step_time, 9), c.cost.peak_bytes, len(c.plan.recompute_modules), c.plan.pp)
+    return (c.cost.step_time, c.cost.peak_bytes, len(c.plan.recompute_modules), c.plan.pp)

@@ -1,0 +1,130 @@
+"""The plan search: a hand-checked toy problem, Llama-3-8B on 8 GPUs at MEM_PER_GPU=20, the refusal at
+MEM_PER_GPU=1, and monotonicity (more memory never gives a slower predicted plan)."""
+
+import time
+
+import pytest
+
+from fairseq_ext.cube.compile import CompileSettings, compile_plan, format_report
+from fairseq_ext.cube.cost import GIB, Hardware, Workload, estimate
+from fairseq_ext.cube.plan import Plan
+from fairseq_ext.cube.profile import Activations, ModelProfile, ModuleProfile, load_config
+from fairseq_ext.cube.search import NEEDS_PIPELINE, search
+from scripts import plan_report
+from tests.helpers import REPO
+
+LLAMA3_8B = str(REPO / "tests" / "assets" / "llama3-8b-config")
+BARE = Hardware(allocator_slack=0.0, workspace_bytes=0.0)
+
+
+def toy_profile() -> ModelProfile:
+    """Two decoder layers of 100 parameters that keep 1000 bytes per token (10 when recomputed); embedding
+    and head of 50 parameters that keep nothing; tp=1 only."""
+    layer = ModuleProfile(name="layers", class_name="Block", param_numel=100, sharded_numel=0,
+                          activations=Activations(per_token=1000.0),
+                          recompute={"Block": (Activations(per_token=10.0, transient_per_token=990.0), 1.0)},
+                          fwd_flops_per_token=1.0)
+    edge = dict(sharded_numel=0, activations=Activations(per_token=0.0))
+    modules = {"embed": ModuleProfile(name="embed", class_name="Emb", param_numel=50, **edge),
+               "layers": layer,
+               "norm": ModuleProfile(name="norm", class_name="Norm", param_numel=0, **edge),
+               "head": ModuleProfile(name="head", class_name="Head", param_numel=50, **edge)}
+    return ModelProfile(model_type="toy", num_layers=2, hidden_size=4, num_heads=1, num_kv_heads=1,
+                        intermediate_size=4, vocab_size=50, seq_len=10, precision="fp32", layer_class="Block",
+                        attention_class="Block", mlp_class="Block", tp_degrees=(1,), vocab_parallel={1: False},
+                        modules={1: modules}, shared={1: Activations(per_token=0.0)})
+
+
+def test_toy_problem_worked_by_hand():
+    # 300 parameters, fp32 + Adam: weights 4 + Adam 8 = 12 bytes each before backward = 3600; gradients
+    # (4 bytes) appear during backward. Batch 1 x 10 tokens.
+    # No recompute: activations 2 layers x 1000 x 10 = 20000; the head's backward adds its gradients (50 x 4)
+    # before any layer frees anything: 3600 + 20000 + 200 = 23800.
+    # Recompute: kept 2 x 10 x 10 = 200; after the head 3600 + 200 + 200 = 4000; the last layer rebuilds
+    # 990 x 10 = 9900 (13900), then leaves its gradients (400) and frees its 100: 4300; the first layer
+    # rebuilds 9900 on that: 14200. The optimizer step needs only 300 x 16 = 4800.
+    profile, work = toy_profile(), Workload(batch_size=1, seq_len=10)
+    plain = Plan(plan_ngpus=1, scaling_factor=1, tp=1, pp=1)
+    recomputed = Plan(plan_ngpus=1, scaling_factor=1, tp=1, pp=1, recompute_modules=("Block",))
+    assert estimate(profile, plain, work, BARE).peak_bytes == 23800
+    assert estimate(profile, recomputed, work, BARE).peak_bytes == 14200
+    # A budget between the two picks recompute; above both, the faster plan without it.
+    assert search(profile, work, BARE, 1, 1, 20000 / GIB).best.plan.recompute_modules == ("Block",)
+    assert search(profile, work, BARE, 1, 1, 30000 / GIB).best.plan.recompute_modules == ()
+    assert search(profile, work, BARE, 1, 1, 10000 / GIB).best is None
+
+
+@pytest.fixture(scope="module")
+def llama3_8b():
+    from fairseq_ext.cube.compile import _profile
+
+    # the cached profile compile_plan uses for the same model and settings: profiled once per test run
+    return _profile(load_config(LLAMA3_8B).to_json_string(), 512, "bf16", (1, 2, 4, 8), "sdpa")
+
+
+def test_llama3_8b_on_8_gpus_at_20gb_compiles_quickly():
+    start = time.perf_counter()
+    compiled = compile_plan(CompileSettings(model=LLAMA3_8B, plan_ngpus=8, mem_per_gpu=20, batch_size=4,
+                                            seq_len=512, precision="bf16"))
+    seconds = time.perf_counter() - start
+    assert seconds < 60, seconds
+    plan = compiled.plan
+    assert plan is not None and plan.pp == 1 and plan.tp == 8, compiled.error  # what the runtime runs today
+    plan.validate()
+    plan.check_model(num_layers=32, num_heads=32, num_kv_heads=8, intermediate_size=14336)
+    assert len(plan.model_fingerprint) == 16
+    assert compiled.result.best.cost.peak_gib <= 20
+    report = format_report(compiled)
+    assert "chosen" in report and NEEDS_PIPELINE in report and '"tp": 8' in report
+
+
+def test_pipeline_plans_are_chosen_once_the_runtime_runs_them():
+    # BATCH_SIZE 32 x 512 tokens: no pp=1 plan fits 20 GB; with pipeline parallel one does.
+    settings = dict(model=LLAMA3_8B, plan_ngpus=8, mem_per_gpu=20, batch_size=32, seq_len=512, precision="bf16")
+    assert compile_plan(CompileSettings(**settings)).plan is None
+    piped = compile_plan(CompileSettings(**settings, allow_pipeline=True)).plan
+    assert piped is not None and piped.pp > 1 and piped.num_microbatches >= piped.pp
+    assert len(piped.stage_boundaries) == piped.num_stages - 1
+
+
+def test_mem_per_gpu_1_is_refused_with_the_smallest_budget(capsys):
+    code = plan_report.main(["--model", LLAMA3_8B, "--plan-ngpus", "8", "--mem-per-gpu", "1", "--precision", "bf16",
+                             "--batch-size", "4"])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip() and "DEBUG" not in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("fairseq_ext: error: no plan fits MEM_PER_GPU=1: the smallest needs ")
+    smallest = float(lines[0].split("the smallest needs ")[1].split(" GB")[0])
+    assert f"raise MEM_PER_GPU to {int(smallest) + 1}" in lines[0]
+    # ... and that budget does fit
+    assert compile_plan(CompileSettings(model=LLAMA3_8B, plan_ngpus=8, mem_per_gpu=int(smallest) + 1, batch_size=4,
+                                        seq_len=512, precision="bf16")).plan is not None
+
+
+def test_more_memory_never_gives_a_slower_plan(llama3_8b):
+    work = Workload(batch_size=8, seq_len=512)
+    previous = float("inf")
+    for budget in range(12, 81, 4):
+        for allow_pipeline in (False, True):
+            best = search(llama3_8b, work, Hardware(), 8, 2, budget, allow_pipeline=allow_pipeline).best
+            if best is None:
+                continue
+            assert best.cost.peak_gib <= budget
+            if not allow_pipeline:
+                assert best.cost.step_time <= previous + 1e-12, (budget, best)
+                previous = best.cost.step_time
+    assert previous < float("inf")
+
+
+def test_user_fixed_settings_are_respected(llama3_8b):
+    work = Workload(batch_size=8, seq_len=512)
+    from fairseq_ext.cube.search import Fixed
+
+    result = search(llama3_8b, work, Hardware(), 8, 2, 40, zero=True, zero_n_groups=1,
+                    fixed=Fixed(tp=4, pp_schedule="GPipe", recompute_modules=("LlamaDecoderLayer",)),
+                    allow_pipeline=True)
+    assert result.candidates
+    for c in result.candidates:
+        assert c.plan.tp == 4 and c.plan.pp_schedule == "GPipe" and c.plan.zero
+        assert c.plan.recompute_modules == ("LlamaDecoderLayer",)
