@@ -1,0 +1,35 @@
+"""run.sh compile: the plan it writes for the tiny Llama at PLAN_NGPUS=2 is one the runtime trains with
+(PLAN_FILE, 2 gloo processes), and a budget nothing fits stops with one line naming the budget that would."""
+
+import json
+
+from fairseq_ext.cube.plan import Plan
+from tests.integration.test_run_sh import run_sh
+
+SETTINGS = dict(PLAN_NGPUS=2, BATCH_SIZE=4, SEQUENCE_LENGTH=64, EVALUATE=0)
+
+
+def test_compiled_plan_trains_under_the_runtime(tmp_path):
+    compiled = run_sh(tmp_path, args=["compile"], MEM_PER_GPU=1, **SETTINGS)
+    assert compiled.returncode == 0, compiled.stdout[-2000:] + compiled.stderr[-3000:]
+    assert "chosen" in compiled.stdout and "needs pipeline runtime" in compiled.stdout  # tp=1 x pp=2 is listed
+    plan_file = tmp_path / "out" / "plan.json"
+    plan = Plan.load(str(plan_file))
+    assert (plan.plan_ngpus, plan.tp, plan.pp) == (2, 2, 1) and plan.model_fingerprint
+    plan.check_model(num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=384)
+
+    trained = run_sh(tmp_path / "train", NPROC_PER_NODE=2, PLAN_FILE=plan_file, MAX_STEPS=3, SAVE_STEPS=3,
+                     WARMUP_STEPS=1, LOG_INTERVAL=1, LOG_FORMAT="json", **SETTINGS)
+    assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-3000:]
+    log = trained.stdout + (tmp_path / "train" / "out" / "log" / "train.log").read_text()
+    assert json.dumps(plan.to_dict(), sort_keys=True) in log  # the runtime ran exactly the compiled plan
+    assert '"num_updates": "3"' in log
+
+
+def test_no_fit_is_one_clear_line(tmp_path):
+    result = run_sh(tmp_path, args=["compile"], MEM_PER_GPU=0.001, **SETTINGS)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert errors[0].startswith("fairseq_ext: error: no plan fits MEM_PER_GPU=0.001: the smallest needs 0.")
+    assert not (tmp_path / "out" / "plan.json").exists()
