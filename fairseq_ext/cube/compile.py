@@ -164,9 +164,10 @@ def format_report(compiled: Compiled, top: int = 8) -> str:
     if compiled.plan is not None:
         best = result.best
         parts = best.cost.parts
-        lines.append(f"chosen plan: {_describe(best)}; memory {best.cost.peak_gib:.2f} GB = static "
-                     f"{parts['static'] / GIB:.2f} + activations {parts['activations'] / GIB:.2f} + transient "
-                     f"{parts['transient'] / GIB:.2f} + comm {parts['comm'] / GIB:.2f} (+ slack, workspace); "
+        lines.append(f"chosen plan: {_describe(best)}; peak memory {best.cost.peak_gib:.2f} GB of which weights, "
+                     f"gradients and optimizer states {parts['static'] / GIB:.2f} (gradients only from backward on), "
+                     f"activations kept {parts['activations'] / GIB:.2f}, backward working set "
+                     f"{parts['transient'] / GIB:.2f}, pipeline buffers {parts['comm'] / GIB:.2f}; "
                      f"step {best.cost.step_time:.3f} s = compute+tp {parts['compute_and_tp']:.3f} + bubble "
                      f"{parts['bubble']:.3f} + dp {parts['dp']:.3f} + optimizer {parts['optimizer']:.3f}")
         lines.append(compiled.plan.to_json().rstrip())

@@ -150,7 +150,9 @@ def estimate(profile: ModelProfile, plan: Plan, work: Workload, hw: Hardware,
         recompute = [_recomputed_class(profile, plan.recompute_modules)] * profile.num_layers
     mb_tokens = work.batch_size // plan.num_microbatches * work.seq_len
     layer = profile.module(tp, "layers")
-    embed, norm, head = (profile.module(tp, name) for name in ("embed", "norm", "head"))
+    # Under pipeline parallel the runtime keeps the embeddings and the LM head whole (no vocab parallel).
+    edge_tp = tp if pp == 1 else 1
+    embed, norm, head = (profile.module(edge_tp, name) for name in ("embed", "norm", "head"))
     shared = profile.shared[tp]
     stages = layer_ranges(profile.num_layers, plan.num_stages, plan.stage_boundaries)
     weight_b, grad_b, master_b = _PRECISION_BYTES[profile.precision]
@@ -175,8 +177,8 @@ def estimate(profile: ModelProfile, plan: Plan, work: Workload, hw: Hardware,
         numel, seconds = 0, 0.0
         for s in rank_stages:
             if s == 0:
-                walk.append((embed.activations.bytes(mb_tokens), embed.local_numel(tp) * grad_b, 0.0, None))
-                seconds += 3 * embed.fwd_flops_per_token * mb_tokens / rate + _tp_seconds(embed, tp, mb_tokens, tp_link)
+                walk.append((embed.activations.bytes(mb_tokens), embed.local_numel(edge_tp) * grad_b, 0.0, None))
+                seconds += 3 * embed.fwd_flops_per_token * mb_tokens / rate + _tp_seconds(embed, edge_tp, mb_tokens, tp_link)
             walk.append((shared.bytes(mb_tokens), 0.0, 0.0, None))
             for i in stages[s]:
                 cls = recompute[i]
@@ -187,11 +189,11 @@ def estimate(profile: ModelProfile, plan: Plan, work: Workload, hw: Hardware,
                 seconds += (3 * layer.fwd_flops_per_token + extra) * mb_tokens / rate
                 seconds += _tp_seconds(layer, tp, mb_tokens, tp_link, again=cls is not None)
             if s == plan.num_stages - 1:
-                walk.append((norm.activations.bytes(mb_tokens), norm.local_numel(tp) * grad_b, 0.0, None))
-                walk.append((head.activations.bytes(mb_tokens), head.local_numel(tp) * grad_b,
+                walk.append((norm.activations.bytes(mb_tokens), norm.local_numel(edge_tp) * grad_b, 0.0, None))
+                walk.append((head.activations.bytes(mb_tokens), head.local_numel(edge_tp) * grad_b,
                              head.activations.backward_bytes(mb_tokens), None))
                 seconds += 3 * (norm.fwd_flops_per_token + head.fwd_flops_per_token) * mb_tokens / rate
-                seconds += _tp_seconds(head, tp, mb_tokens, tp_link)
+                seconds += _tp_seconds(head, edge_tp, mb_tokens, tp_link)
         numel = round(sum(w[1] for w in walk) / grad_b)
         kept = sum(w[0] for w in walk)
         activations = kept / len(rank_stages) * in_flight(plan, rank) if pp > 1 else kept

@@ -79,8 +79,9 @@ def test_llama3_8b_on_8_gpus_at_20gb_compiles_quickly():
 
 
 def test_pipeline_plans_are_chosen_once_the_runtime_runs_them():
-    # BATCH_SIZE 32 x 512 tokens: no pp=1 plan fits 20 GB; with pipeline parallel one does.
-    settings = dict(model=LLAMA3_8B, plan_ngpus=8, mem_per_gpu=20, batch_size=32, seq_len=512, precision="bf16")
+    # BATCH_SIZE 32 x 512 tokens: no pp=1 plan fits 24 GB (the smallest needs 28); with pipeline parallel
+    # (micro-batches of one sample) one does.
+    settings = dict(model=LLAMA3_8B, plan_ngpus=8, mem_per_gpu=24, batch_size=32, seq_len=512, precision="bf16")
     assert compile_plan(CompileSettings(**settings)).plan is None
     piped = compile_plan(CompileSettings(**settings, allow_pipeline=True)).plan
     assert piped is not None and piped.pp > 1 and piped.num_microbatches >= piped.pp
