@@ -20,7 +20,6 @@ Module names: ``embed`` (input embedding), ``layers.i`` (decoder layers), ``norm
 
 import copy
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase

@@ -13,11 +13,11 @@ The runtime cannot run pipeline parallel yet: while ``RUNTIME_RUNS_PIPELINE`` is
 are costed and listed as "needs pipeline runtime" but never chosen. Flip it when runtime/pipeline.py lands.
 """
 
-from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, replace
+from typing import List, Optional, Tuple
 
 from ..errors import UserInputError
-from .cost import GIB, Cost, Hardware, Workload, estimate, in_flight, layer_ranges, stage_seconds_per_layer
+from .cost import Cost, Hardware, Workload, estimate, layer_ranges, stage_seconds_per_layer
 from .plan import INTERLEAVED, Plan
 from .profile import ModelProfile
 
