@@ -7,6 +7,11 @@ ZeRO-1 on top. A tensor-parallel plan runs on a (dp, pp, tp) DeviceMesh: the mod
 DTensor before the optimizer exists, fairseq's data-parallel rank, size and group become the mesh's dp
 axis (all ranks of a scale unit read the same batch; logged sums run over dp only), gradients are
 averaged over dp explicitly instead of by DDP, and the optimizer steps each rank's local shards.
+
+A pipeline-parallel plan (pp > 1) also cuts the model to each rank's stages (``runtime/pipeline.py``);
+the pipeline schedule runs forward and backward of each batch in place of the task's train and valid
+steps, the last stage's loss is broadcast to the other stages (identical logging outputs on every rank),
+the gradient norm sums over the stages, and checkpoints gather every stage into one full model.
 """
 
 import contextlib
@@ -26,12 +31,16 @@ from fairseq.logging import progress_bar
 from torch.distributed.tensor.parallel import loss_parallel
 from torch.nn.parallel import DistributedDataParallel
 
+from ..criterions.base import logging_output
 from ..errors import UserInputError
 from .config import plan_from_config
 from .runtime.data_parallel import average_gradients
 from .runtime.local_shards import LocalShards, full_state_dict, local_tensor, localize_state_dict
 from .runtime.mesh import DP, PP, TP, build_mesh
 from .runtime.parallelize import check_plan_fits_model, parallelize
+from .runtime.pipeline import PipelineRunner
+from .runtime.precision import autocast
+from .runtime.recompute import state_dict_name
 from .runtime.zero import shard_optimizer_states
 
 logger = logging.getLogger(__name__)
@@ -49,12 +58,19 @@ class TensorParallelModel(torch.nn.Module):
     backward of an update (``reduce_grads``: the trainer averages them over the dp axis);
     ``state_dict`` gathers DTensors into full tensors (collective over tp), so a checkpoint loads in one
     process; ``load_state_dict`` takes such full tensors and keeps each rank's shard.
+
+
+    With pipeline parallel (``pipeline_group``) the module holds only this rank's stages: ``state_dict``
+    also gathers the other stages' tensors (collective over the pp group) and ``load_state_dict`` keeps
+    the entries of this rank's stages.
     """
 
-    def __init__(self, module: torch.nn.Module, reduce_grads):
+    def __init__(self, module: torch.nn.Module, reduce_grads, pipeline_group=None, full_keys=()):
         super().__init__()
         self.module = module
         self._reduce_grads = reduce_grads
+        self._pipeline_group = pipeline_group
+        self._full_keys = list(full_keys)  # the single-process state_dict order
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -69,11 +85,28 @@ class TensorParallelModel(torch.nn.Module):
         self._reduce_grads()
 
     def state_dict(self, *args, **kwargs):
-        return full_state_dict(self.module.state_dict(*args, **kwargs))
+        state = full_state_dict(self.module.state_dict(*args, **kwargs))
+        if self._pipeline_group is None:
+            return state
+        parts = gather_over(self._pipeline_group, {key: value.cpu() if torch.is_tensor(value) else value
+                                                   for key, value in state.items()})
+        merged = {key: value for part in parts for key, value in part.items()}
+        order = {key: i for i, key in enumerate(self._full_keys)}
+        return dict(sorted(merged.items(), key=lambda item: order.get(item[0], len(order))))
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        if self._pipeline_group is not None:
+            mine = self.module.state_dict(keep_vars=True)
+            state_dict = {key: value for key, value in state_dict.items() if key in mine}
         return self.module.load_state_dict(localize_state_dict(self.module, state_dict), strict=strict,
                                            model_cfg=model_cfg, args=args)
+
+
+def gather_over(group, obj):
+    """``obj`` of every rank of ``group``, in group rank order (collective over ``group``)."""
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, obj, group=group)
+    return parts
 
 
 class CubeTrainer(fairseq_trainer.Trainer):
@@ -81,36 +114,69 @@ class CubeTrainer(fairseq_trainer.Trainer):
     on a DeviceMesh; ZeRO-1; checkpoints that are never left half-written."""
 
     def __init__(self, cfg, task, model, criterion, quantizer=None):
+        # Names of the single-process model, before a pipeline plan cuts it to this rank's stages.
+        self._full_keys = list(model.state_dict().keys())
+        self._full_param_names = [state_dict_name(n) for n, p in model.named_parameters() if p.requires_grad]
         # The plan is applied before fairseq's __init__, which reads the data-parallel size and places the model.
-        self.plan, self.mesh, self.vocab_parallel = self._apply_plan(cfg, model)
+        self.plan, self.mesh, self.vocab_parallel, self.pipeline = self._apply_plan(cfg, model, criterion)
         self._shards = None
         super().__init__(cfg, task, model, criterion, quantizer)
 
     @staticmethod
-    def _apply_plan(cfg, model):
-        """Resolve the run's Plan and, for a tensor-parallel one, build the mesh and shard ``model``."""
+    def _apply_plan(cfg, model, criterion=None):
+        """Resolve the run's Plan and, for a tensor- or pipeline-parallel one, build the mesh and split
+        ``model``. Returns (plan, mesh, vocab_parallel, pipeline runner or None)."""
         world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         gpus_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         plan = plan_from_config(cfg.task, world_size, gpus_per_node)
         logger.info(f"cube plan: {json.dumps(plan.to_dict(), sort_keys=True)}")
         if plan.plan_ngpus == 1:
-            return plan, None, False
+            return plan, None, False, None
         hf_model = getattr(model, "hf_model", None)
         if hf_model is None:
             raise UserInputError(f"PLAN_NGPUS {plan.plan_ngpus} needs a Hugging Face model (--arch hf_auto_*), "
                                  f"got {type(model).__name__}; use PLAN_NGPUS=1")
         if plan.pp > 1:
-            raise UserInputError(f"pipeline parallel is not available yet (the plan has pp {plan.pp}); "
-                                 f"choose PLAN_NGPUS that fits in one node, or a plan file with pp 1")
+            CubeTrainer._check_pipeline_settings(cfg, plan, model, criterion)
         if cfg.common.fp16 or cfg.common.bf16 or cfg.common.amp:
             raise UserInputError("--fp16/--bf16/--amp with tensor parallel (PLAN_NGPUS > 1) are not available yet; "
                                  "train in float32")
         if getattr(model, "saves_trainable_only", False):
             raise UserInputError("LoRA with tensor parallel (PLAN_NGPUS > 1) is not available yet; use PLAN_NGPUS=1")
         check_plan_fits_model(plan, hf_model.config)
-        mesh = build_mesh(plan, "cuda" if torch.cuda.is_available() and not cfg.common.cpu else "cpu")
-        vocab_parallel = parallelize(hf_model, plan, mesh)
-        return plan, mesh, vocab_parallel
+        on_gpu = torch.cuda.is_available() and not cfg.common.cpu
+        mesh = build_mesh(plan, "cuda" if on_gpu else "cpu")
+        vocab_parallel, stages = parallelize(hf_model, plan, mesh)
+        pipeline = None
+        if stages:
+            device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+            pipeline = PipelineRunner(stages, plan, mesh.get_group(PP), device,
+                                      pad_token_id=getattr(hf_model.config, "pad_token_id", None) or 0)
+        return plan, mesh, vocab_parallel, pipeline
+
+    @staticmethod
+    def _check_pipeline_settings(cfg, plan, model, criterion) -> None:
+        """What pipeline parallel does not run yet, refused with what to change instead."""
+        if getattr(model, "saves_trainable_only", False):
+            raise UserInputError(f"LoRA with pipeline parallel (pp {plan.pp}) is not available yet; use a plan "
+                                 f"with pp 1 (PLAN_NGPUS within one node) or USE_LORA=0")
+        criterion_name = type(criterion).__name__ if criterion is not None else ""
+        if type(model).__name__ != "HFAutoCausalLM" or criterion_name != "CausalLMLoss":
+            raise UserInputError(f"pipeline parallel (pp {plan.pp}) runs the causal LM only (--arch hf_auto_causal_lm "
+                                 f"with its criterion hf_causal_lm), got {type(model).__name__} with "
+                                 f"{criterion_name or 'no criterion'}; use a plan with pp 1 for this head")
+        if plan.zero:
+            raise UserInputError(f"ZeRO-1 with pipeline parallel (pp {plan.pp}) is not available yet; "
+                                 f"set USE_ZERO=0 (zero false in the plan) or use a plan with pp 1")
+        batch_size = cfg.dataset.batch_size
+        if not batch_size:
+            raise UserInputError(f"pipeline parallel (pp {plan.pp}) splits each batch into "
+                                 f"{plan.num_microbatches} micro-batches and needs a fixed --batch-size "
+                                 f"(BATCH_SIZE) instead of --max-tokens")
+        if batch_size % plan.num_microbatches:
+            raise UserInputError(f"BATCH_SIZE {batch_size} is not divisible by the plan's num_microbatches "
+                                 f"{plan.num_microbatches}; choose a BATCH_SIZE that is a multiple of "
+                                 f"{plan.num_microbatches}, or num_microbatches that divides {batch_size}")
 
     @property
     def data_parallel_world_size(self):
@@ -148,7 +214,9 @@ class CubeTrainer(fairseq_trainer.Trainer):
         for CPU modules (same DDP settings otherwise; GPU runs keep fairseq's wrapper); a tensor-parallel
         model gets :class:`TensorParallelModel` instead of a DDP wrapper."""
         if self._wrapped_model is None and self.mesh is not None:
-            self._wrapped_model = TensorParallelModel(self._model, self._reduce_grads)
+            self._wrapped_model = TensorParallelModel(
+                self._model, self._reduce_grads, self.mesh.get_group(PP) if self.pipeline else None,
+                self._full_keys)
         if self._wrapped_model is None and self.use_distributed_wrapper and self.device.type == "cpu":
             dt = self.cfg.distributed_training
             self._wrapped_model = ModuleProxyWrapper(DistributedDataParallel(
@@ -172,7 +240,8 @@ class CubeTrainer(fairseq_trainer.Trainer):
         fairseq_optimizer = self._optimizer
         if self.mesh is not None:
             inner = fairseq_optimizer.optimizer
-            self._shards = LocalShards(p for group in inner.param_groups for p in group["params"])
+            self._shards = LocalShards((p for group in inner.param_groups for p in group["params"]),
+                                       pipeline_group=self.mesh.get_group(PP) if self.pipeline else None)
             view_of = {id(p): v for p, v in zip(self._shards.params, self._shards.views)}
             for group in inner.param_groups:
                 group["params"] = [view_of[id(p)] for p in group["params"]]
@@ -197,14 +266,29 @@ class CubeTrainer(fairseq_trainer.Trainer):
         def views():
             return [p for group in fairseq_optimizer.optimizer.param_groups for p in group["params"]]
 
+        pipeline_group = self.mesh.get_group(PP) if self.pipeline else None
+        global_index = self._global_param_indices() if pipeline_group is not None else None
+
         def full_state_dict_():
-            return shards.full_optimizer_state(state_dict(), views())
+            state = shards.full_optimizer_state(state_dict(), views())
+            if pipeline_group is None:
+                return state
+            return merge_stage_optimizer_states(gather_over(pipeline_group, to_global_indices(state, global_index)))
 
         def load_local_state_dict(state, optimizer_overrides=None):
+            if pipeline_group is not None:
+                state = to_local_indices(state, global_index)
             return load_state_dict(shards.local_optimizer_state(state, views()), optimizer_overrides)
 
         fairseq_optimizer.state_dict = full_state_dict_
         fairseq_optimizer.load_state_dict = load_local_state_dict
+
+    def _global_param_indices(self):
+        """For each parameter the optimizer steps on this rank, its index among the single-process
+        model's trainable parameters (the optimizer state keys of a one-process checkpoint)."""
+        index = {name: i for i, name in enumerate(self._full_param_names)}
+        local = [state_dict_name(n) for n, p in self._model.named_parameters() if p.requires_grad]
+        return [index[name] for name in local]
 
     def _reduce_grads(self) -> None:
         """Average the gradients of a tensor-parallel model over the dp axis (what DDP does otherwise)."""
@@ -235,14 +319,53 @@ class CubeTrainer(fairseq_trainer.Trainer):
 
     def train_step(self, samples, raise_oom=False):
         """Runs fairseq's train step under ``loss_parallel`` when the LM head is vocab parallel, so the
-        criterion's cross entropy (forward and backward) works on logits sharded over the vocabulary."""
-        with self._loss_context():
+        criterion's cross entropy (forward and backward) works on logits sharded over the vocabulary.
+
+        With pipeline parallel, the task's step (forward of the criterion, then ``loss.backward()``) is
+        replaced, for the duration of fairseq's step, by the pipeline schedule's forward and backward of
+        the batch (:meth:`_pipeline_train_step`); fairseq's accumulation over ``--update-freq``, its sums
+        over the dp group, gradient scaling, clipping and optimizer step run as usual around it.
+        """
+        with self._loss_context(), self._pipeline_steps():
             return super().train_step(samples, raise_oom)
 
     def valid_step(self, sample, raise_oom=False):
-        """fairseq's valid step, under ``loss_parallel`` like :meth:`train_step`."""
-        with self._loss_context():
+        """fairseq's valid step, under ``loss_parallel`` like :meth:`train_step`, and through the pipeline
+        (forward only) with pipeline parallel."""
+        with self._loss_context(), self._pipeline_steps():
             return super().valid_step(sample, raise_oom)
+
+    @contextlib.contextmanager
+    def _pipeline_steps(self):
+        if self.pipeline is None:
+            yield
+            return
+        self.task.train_step, self.task.valid_step = self._pipeline_train_step, self._pipeline_valid_step
+        try:
+            yield
+        finally:
+            del self.task.train_step, self.task.valid_step  # the task's own methods again
+
+    def _pipeline_train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False, **_):
+        """The task's train step (``hf_finetune``: criterion forward, then backward) through the pipeline.
+
+        Returns what the criterion returns (summed token loss, trained tokens, logging output), the same
+        on every rank of the scale unit; the loss is already backpropagated (times 0 for fairseq's dummy batch).
+        """
+        model.train()
+        model.set_num_updates(update_num)
+        return self._pipeline_forward(sample, train=True, loss_scale=0.0 if ignore_grad else 1.0)
+
+    def _pipeline_valid_step(self, sample, model, criterion, **_):
+        model.eval()
+        return self._pipeline_forward(sample, train=False)
+
+    def _pipeline_forward(self, sample, train: bool, loss_scale: float = 1.0):
+        net_input = sample["net_input"]
+        with autocast(getattr(self.cfg.task, "precision", "fp32"), self.device):
+            loss = self.pipeline.run(net_input["input_ids"], net_input.get("attention_mask"), sample["target"],
+                                     train=train, loss_scale=loss_scale)
+        return loss, sample["ntokens"], logging_output(loss, sample, sample["ntokens"], nll_loss=loss.data)
 
     def _aggregate_logging_outputs(self, logging_outputs, *extra_stats_to_sum, ignore=False):
         """Logged values that are DTensors (a vocab-parallel loss, replicated over tp) become plain tensors
@@ -284,6 +407,31 @@ class CubeTrainer(fairseq_trainer.Trainer):
             if os.path.exists(tmp):
                 os.remove(tmp)
         return os.path.abspath(filename)
+
+
+def to_global_indices(state: dict, global_index) -> dict:
+    """An optimizer state_dict of one pipeline rank, keyed by the single-process parameter indices."""
+    return {"state": {global_index[i]: value for i, value in state["state"].items()},
+            "param_groups": [{**group, "params": [global_index[i] for i in group["params"]]}
+                             for group in state["param_groups"]]}
+
+
+def merge_stage_optimizer_states(parts) -> dict:
+    """The single-process optimizer state_dict from every pipeline rank's (:func:`to_global_indices`)."""
+    state = {index: value for part in parts for index, value in part["state"].items()}
+    groups = [{**group, "params": sorted(i for part in parts for i in part["param_groups"][g]["params"])}
+              for g, group in enumerate(parts[0]["param_groups"])]
+    return {"state": dict(sorted(state.items())), "param_groups": groups}
+
+
+def to_local_indices(state: dict, global_index) -> dict:
+    """The inverse of the gather: this rank's entries of a single-process optimizer state_dict."""
+    local_of = {g: i for i, g in enumerate(global_index)}
+    groups = []
+    for group in state["param_groups"]:
+        groups.append({**group, "params": [local_of[g] for g in group["params"] if g in local_of]})
+    return {"state": {local_of[g]: value for g, value in state["state"].items() if g in local_of},
+            "param_groups": groups}
 
 
 def _plain(logging_outputs):

@@ -132,15 +132,6 @@ def test_bad_plan_gets_one_clear_error(tmp_path, case):
     assert len([line for line in result.stderr.splitlines() if "error:" in line]) == 1, result.stderr
 
 
-def test_plan_file_with_pipeline_parallel_is_refused_clearly(tmp_path):
-    plan = dict(plan_ngpus=2, scaling_factor=1, tp=1, pp=2, num_microbatches=2)
-    (tmp_path / "plan.json").write_text(json.dumps(plan))
-    result = run_sh(tmp_path, **{**COMMON, "NPROC_PER_NODE": 2, "PLAN_FILE": tmp_path / "plan.json"})
-    assert result.returncode != 0
-    assert "pipeline parallel is not available yet" in result.stderr, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
-
-
 def test_checkpoints_resume_across_plans(tmp_path, one_process):
     """tp 2 for updates 1-5, one process for 6-8, tp 2 again for 9-10, all in one checkpoint folder: the
     same losses, gradient norms and final weights as one process that never stopped (model and Adam

@@ -62,11 +62,14 @@ class LocalShards:
 
     Args:
         params: the model's trainable parameters, in the optimizer's order.
+        pipeline_group: with pipeline parallel, the group of the ranks that hold the other stages
+            (disjoint parameters): the squares of the gradient norm are summed over it too.
     Invariant relied on: every rank of a tensor-parallel group holds the same list, in the same order,
     with the same placements (they ran the same ``parallelize``).
     """
 
-    def __init__(self, params: Iterable[torch.Tensor]):
+    def __init__(self, params: Iterable[torch.Tensor], pipeline_group=None):
+        self.pipeline_group = pipeline_group
         self.params: List[torch.Tensor] = list(params)
         self.views: List[torch.Tensor] = [local_tensor(p) for p in self.params]
         self._param_of_view = {id(v): p for v, p in zip(self.views, self.params)}
@@ -116,7 +119,13 @@ class LocalShards:
             sharded_sq = sharded_sq.to(mesh.device_type)
             dist.all_reduce(sharded_sq, group=mesh.get_group())
             sharded_sq = sharded_sq.cpu()
-        return (sharded_sq + replicated_sq).sqrt().float()
+        total_sq = sharded_sq + replicated_sq
+        if self.pipeline_group is not None and views is None:
+            device = self.params[0].device if self.params else torch.device("cpu")
+            total_sq = total_sq.to(device)
+            dist.all_reduce(total_sq, group=self.pipeline_group)  # each stage's parameters counted once
+            total_sq = total_sq.cpu()
+        return total_sq.sqrt().float()
 
     def full_optimizer_state(self, state_dict: dict, views: List[torch.Tensor]) -> dict:
         """An optimizer state_dict whose per-parameter tensors are gathered into full tensors.

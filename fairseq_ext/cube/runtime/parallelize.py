@@ -1,12 +1,15 @@
 """Apply a Plan to a Hugging Face model: the order of the runtime's techniques in one place."""
 
 import logging
+from typing import List, NamedTuple, Tuple
 
+import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from ...errors import UserInputError
 from ..plan import Plan
 from .mesh import PP, TP
+from .pipeline import check_pipeline_model, split_model
 from .recompute import apply_recompute
 from .tensor_parallel import apply_tensor_parallel, apply_vocab_parallel
 
@@ -33,26 +36,41 @@ def vocab_parallel_possible(hf_model, tp: int) -> bool:
             and getattr(config, "vocab_size", 1) % tp == 0)
 
 
-def parallelize(hf_model, plan: Plan, mesh: DeviceMesh) -> bool:
-    """Shard ``hf_model`` in place as ``plan`` says, on the (dp, pp, tp) ``mesh``.
+class Parallelized(NamedTuple):
+    """What :func:`parallelize` did: whether the LM head is vocab parallel, and this rank's pipeline stages
+    (``[(stage_index, module)]``; empty without pipeline parallel)."""
 
-    Every rank must hold the same weights before the call. Returns whether the LM head is vocab parallel:
-    then its logits are a DTensor sharded on the vocabulary, and the loss must be computed (forward
-    and backward) under ``torch.distributed.tensor.parallel.loss_parallel()``.
+    vocab_parallel: bool
+    stages: List[Tuple[int, torch.nn.Module]]
+
+
+def parallelize(hf_model, plan: Plan, mesh: DeviceMesh) -> Parallelized:
+    """Split and shard ``hf_model`` in place as ``plan`` says, on the (dp, pp, tp) ``mesh``.
+
+    Every rank must hold the same weights before the call. With pp > 1 the model is first cut to this
+    rank's pipeline stages (see ``pipeline.split_model``), then the remaining layers are sharded over tp.
+    When the LM head is vocab parallel (pp 1 only) its logits are a DTensor sharded on the vocabulary, and
+    the loss must be computed (forward and backward) under ``torch.distributed.tensor.parallel.loss_parallel()``.
     """
-    if mesh[PP].size() > 1:
-        raise UserInputError(f"pipeline parallel is not available yet (the plan has pp {plan.pp}); "
-                             f"use a plan with pp 1")
     if plan.recompute_modules and not any("checkpoint_wrapped" in n for n, _ in hf_model.named_modules()):
         apply_recompute(hf_model, plan.recompute_modules)  # from a plan file; the flag applies it at build time
+    # Recompute wraps layers in place, so it comes before the pipeline split, which keeps references to them.
+    stages = []
+    if mesh[PP].size() > 1:
+        check_pipeline_model(hf_model, plan)
+        stages = split_model(hf_model, plan, mesh.get_local_rank(PP))
+    if plan.tp == 1:
+        return Parallelized(False, stages)
     tp_mesh = mesh[TP]
     num_sharded = apply_tensor_parallel(hf_model, tp_mesh)
-    vocab_parallel = vocab_parallel_possible(hf_model, plan.tp)
+    # With pp the embeddings and head live on different stages; they stay replicated over tp there.
+    vocab_parallel = plan.pp == 1 and vocab_parallel_possible(hf_model, plan.tp)
     if vocab_parallel:
         apply_vocab_parallel(hf_model, tp_mesh)
     else:
-        logger.info(f"vocab parallel off (no LM head, tied embeddings, or vocabulary {getattr(hf_model.config, 'vocab_size', None)} "
-                    f"does not split over tp {plan.tp}): embeddings and head stay replicated")
+        logger.info(f"vocab parallel off (pipeline parallel, no LM head, tied embeddings, or vocabulary "
+                    f"{getattr(hf_model.config, 'vocab_size', None)} does not split over tp {plan.tp}): "
+                    f"embeddings and head stay replicated")
     logger.info(f"tensor parallel: {num_sharded} modules sharded over tp {plan.tp}"
                 + (", embeddings and LM head vocab parallel" if vocab_parallel else ""))
-    return vocab_parallel
+    return Parallelized(vocab_parallel, stages)

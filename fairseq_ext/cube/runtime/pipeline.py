@@ -1,0 +1,255 @@
+"""Pipeline parallel with ``torch.distributed.pipelining``: a causal LM cut at decoder-layer boundaries.
+
+A Plan with ``pp`` ranks and ``virtual_stages_per_rank`` v runs S = pp x v stages. Stage s holds a
+contiguous slice of decoder layers (``plan.stage_boundaries``, else balanced by layer count); the first
+stage also holds the token embeddings, the last one the final norm and the LM head. Stage s runs on
+pp rank ``s % pp`` (the looped placement torch's interleaved schedule expects).
+
+Hugging Face forwards do not tolerate missing layers, so a stage runs :class:`DecoderStage`, a small
+forward over its slice that recomputes what the base model's forward computes before its layers
+(positions, rotary embeddings, the causal + padding mask) with the model's own functions, so every
+layer sees exactly what it sees in the single-process forward. The Hugging Face model itself is pruned
+to the rank's modules (the others become ``None``): its state_dict keeps the single-process names and
+its parameters are exactly the rank's, so fairseq's optimizer and checkpoints need no renaming.
+
+The loss given to the schedule is the criterion's summed token cross entropy per micro-batch; schedules
+run with ``scale_grads=False``, so the gradients are those of the full batch's summed loss, and fairseq's
+normalisation by ``sample_size`` stays exact.
+"""
+
+import inspect
+import logging
+import sys
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+)
+
+from ...errors import UserInputError
+from ..plan import Plan
+
+IGNORE_INDEX = -100  # fairseq_ext.data.layouts.IGNORE_INDEX: targets not trained
+SCHEDULES = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B, "Interleaved1F1B": ScheduleInterleaved1F1B}
+_BASE_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
+_MAX_CACHED_SCHEDULES = 8
+
+logger = logging.getLogger(__name__)
+
+
+def check_pipeline_model(hf_model, plan: Plan) -> None:
+    """Raise UserInputError unless ``hf_model`` is a decoder-only LM that :class:`DecoderStage` can cut.
+
+    Needs a Llama-style base model (``embed_tokens``, ``layers``, ``norm``, ``rotary_emb``), an LM head
+    untied from the embeddings (they would live on different stages), and at least one layer per stage.
+    """
+    base = hf_model.base_model
+    missing = [name for name in _BASE_PARTS if getattr(base, name, None) is None]
+    if hf_model.get_output_embeddings() is None or missing or base is hf_model:
+        raise UserInputError(
+            f"pipeline parallel (pp {plan.pp}) splits decoder-only causal LMs (Llama-style: embed_tokens, layers, "
+            f"norm, rotary_emb, lm_head); {type(hf_model).__name__} lacks "
+            f"{', '.join(missing) or 'an LM head'}; use a plan with pp 1 (tensor or data parallel) for it")
+    if getattr(hf_model.config, "tie_word_embeddings", False):
+        raise UserInputError(f"pipeline parallel (pp {plan.pp}) needs untied input and output embeddings (the model's "
+                             f"config has tie_word_embeddings true); use a plan with pp 1")
+    num_layers = len(base.layers)
+    if plan.num_stages > num_layers:
+        raise UserInputError(
+            f"pp {plan.pp} x virtual_stages_per_rank {plan.virtual_stages_per_rank} = {plan.num_stages} pipeline "
+            f"stages exceed the model's {num_layers} decoder layers; choose at most {num_layers} stages")
+
+
+def stage_layers(num_layers: int, plan: Plan) -> List[range]:
+    """The decoder layers of each of the plan's S stages: ``plan.stage_boundaries`` (the first layer of
+    stages 1..S-1), else balanced by count (the first ``num_layers % S`` stages get one more)."""
+    num_stages = plan.num_stages
+    if plan.stage_boundaries:
+        starts = [0, *plan.stage_boundaries]
+    else:
+        size, extra = divmod(num_layers, num_stages)
+        starts = [s * size + min(s, extra) for s in range(num_stages)]
+    ends = [*starts[1:], num_layers]
+    return [range(start, end) for start, end in zip(starts, ends)]
+
+
+def rank_stages(plan: Plan, pp_rank: int) -> List[int]:
+    """Stage indices run by pipeline rank ``pp_rank``: ``pp_rank, pp_rank + pp, ...`` (looped placement)."""
+    return list(range(pp_rank, plan.num_stages, plan.pp))
+
+
+class DecoderStage(torch.nn.Module):
+    """One pipeline stage of a Llama-style causal LM: ``(input_ids | hidden) -> hidden | logits``.
+
+    The first stage embeds ``input_ids``; the last one applies the final norm and the LM head. Each stage
+    computes positions, rotary embeddings and the attention mask (causal + padding) from its input as the
+    base model's forward does, so the layers compute what they compute in one process.
+    Args of ``forward``: ``x`` (B, T) token ids on the first stage, else (B, T, H) hidden states;
+    ``attention_mask`` (B, T), 1 for tokens and 0 for padding (every stage receives it).
+    """
+
+    def __init__(self, hf_model, layers: Sequence[int], is_first: bool, is_last: bool):
+        super().__init__()
+        base = hf_model.base_model
+        self.config = base.config
+        self.is_first, self.is_last = is_first, is_last
+        self.embed_tokens = base.embed_tokens if is_first else None
+        self.layers = torch.nn.ModuleDict({str(i): base.layers[i] for i in layers})
+        self.norm = base.norm if is_last else None
+        self.lm_head = hf_model.get_output_embeddings() if is_last else None
+        self.rotary_emb = base.rotary_emb
+        self._create_mask = _mask_function(base)
+
+    def forward(self, x, attention_mask=None):
+        hidden = self.embed_tokens(x) if self.is_first else x  # (B, T, H)
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        mask = self._create_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                 past_key_values=None, position_ids=position_ids,
+                                 **({"cache_position": position_ids[0]} if self._wants_cache_position else {}))
+        position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
+        for layer in self.layers.values():
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
+                           position_ids=position_ids, use_cache=False)
+            if isinstance(hidden, tuple):  # older transformers return (hidden_states, ...)
+                hidden = hidden[0]
+        if self.is_last:
+            return self.lm_head(self.norm(hidden))  # (B, T, V)
+        return hidden
+
+    @property
+    def _wants_cache_position(self) -> bool:
+        return "cache_position" in inspect.signature(self._create_mask).parameters
+
+
+def _mask_function(base):
+    """The mask builder the base model's own forward uses (``create_causal_mask`` of its module)."""
+    module = sys.modules[type(base).__module__]
+    create = getattr(module, "create_causal_mask", None)
+    if create is None:
+        from transformers.masking_utils import create_causal_mask as create
+    return create
+
+
+def split_model(hf_model, plan: Plan, pp_rank: int) -> List[Tuple[int, DecoderStage]]:
+    """Build this rank's stage modules and prune ``hf_model`` to them, in place.
+
+    Every rank must hold the same full model before the call (same seed or checkpoint); afterwards
+    ``hf_model`` holds only this rank's parameters (other layers, embeddings, norm and head are ``None``),
+    under their single-process names.
+
+    Returns:
+        ``[(stage_index, DecoderStage), ...]`` for the stages of ``pp_rank``, in order.
+    """
+    check_pipeline_model(hf_model, plan)
+    base = hf_model.base_model
+    layers = stage_layers(len(base.layers), plan)
+    mine = rank_stages(plan, pp_rank)
+    stages = [(s, DecoderStage(hf_model, layers[s], is_first=s == 0, is_last=s == plan.num_stages - 1))
+              for s in mine]
+    kept = {i for s in mine for i in layers[s]}
+    for i in range(len(base.layers)):
+        if i not in kept:
+            base.layers[i] = None
+    if 0 not in mine:
+        base.embed_tokens = None
+    if plan.num_stages - 1 not in mine:
+        base.norm = None
+        head_name = next(name for name, module in hf_model.named_children()
+                         if module is hf_model.get_output_embeddings())
+        setattr(hf_model, head_name, None)
+    logger.info(f"pipeline rank {pp_rank}: stages {mine}, decoder layers "
+                f"{[f'{layers[s].start}-{layers[s].stop - 1}' for s in mine]} of {len(layers)} stages")
+    return stages
+
+
+class PipelineRunner:
+    """Runs this rank's stages under the plan's schedule: forward and backward of one batch.
+
+    Args:
+        stages: this rank's ``(stage_index, module)`` from :func:`split_model`.
+        pp_group: the process group of the pipeline ranks of this scale unit (mesh axis ``pp``).
+    """
+
+    def __init__(self, stages: List[Tuple[int, torch.nn.Module]], plan: Plan, pp_group, device: torch.device,
+                 pad_token_id: int = 0):
+        self.stages, self.plan, self.pp_group, self.device = stages, plan, pp_group, device
+        self.pad_token_id = pad_token_id
+        self.num_stages = plan.num_stages
+        self.has_last = any(s == self.num_stages - 1 for s, _ in stages)
+        self._last_rank = (self.num_stages - 1) % plan.pp  # pp rank of the last stage
+        self._schedules: Dict[tuple, object] = {}
+        self._loss_scale = 1.0
+
+    def _loss(self, logits, target):
+        """The criterion's loss for one micro-batch: token cross entropy summed over trained tokens."""
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss * self._loss_scale if self._loss_scale != 1.0 else loss
+
+    def _schedule(self, shape: tuple):
+        """A schedule whose stages were set up for micro-batches of ``shape`` (stage buffers are sized on
+        first use, so each distinct batch shape gets its own, a few kept)."""
+        schedule = self._schedules.get(shape)
+        if schedule is None:
+            if len(self._schedules) >= _MAX_CACHED_SCHEDULES:
+                self._schedules.pop(next(iter(self._schedules)))
+            stages = [PipelineStage(module, index, self.num_stages, self.device, group=self.pp_group)
+                      for index, module in self.stages]
+            cls = SCHEDULES[self.plan.pp_schedule]
+            schedule = cls(stages if cls is ScheduleInterleaved1F1B else stages[0], self.plan.num_microbatches,
+                           loss_fn=self._loss, scale_grads=False)
+            self._schedules[shape] = schedule
+        return schedule
+
+    def _pad(self, input_ids, attention_mask, target):
+        """Pad the batch with untrained rows up to a multiple of the micro-batch count (a short last batch).
+
+        The rows are pad tokens with a full attention mask (no all-masked softmax) and ignored targets, so
+        they add exactly zero to the loss and to every gradient.
+        """
+        rows = (-input_ids.shape[0]) % self.plan.num_microbatches
+        if not rows:
+            return input_ids, attention_mask, target
+        def more(t, value):
+            return torch.cat([t, t.new_full((rows, *t.shape[1:]), value)])
+        return more(input_ids, self.pad_token_id), more(attention_mask, 1), more(target, IGNORE_INDEX)
+
+    def run(self, input_ids, attention_mask, target, train: bool = True, loss_scale: float = 1.0) -> torch.Tensor:
+        """Forward (and with ``train``, backward) of one batch through the pipeline.
+
+        Gradients accumulate into the stage parameters' ``.grad`` (as ``loss.backward()`` would), those of
+        ``loss_scale`` x the batch's summed loss.
+
+        Returns:
+            the batch's summed token cross entropy (float32 scalar, unscaled), the same on every pp rank.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        input_ids, attention_mask, target = self._pad(input_ids, attention_mask, target)
+        micro_batch = input_ids.shape[0] // self.plan.num_microbatches
+        schedule = self._schedule((micro_batch, *input_ids.shape[1:]))
+        self._loss_scale = loss_scale
+        losses: List[torch.Tensor] = []  # per micro-batch, filled on the last stage
+        # args go to the first stage only; kwargs (the mask) are split the same way and given to every stage
+        if train:
+            schedule.step(input_ids, target=target, losses=losses, return_outputs=False, attention_mask=attention_mask)
+        else:
+            schedule.eval(input_ids, target=target, losses=losses, attention_mask=attention_mask)
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for loss in losses:
+            total = total + _plain(loss).detach().float()
+        if loss_scale not in (0.0, 1.0):
+            total = total / loss_scale
+        dist.broadcast(total, group=self.pp_group, group_src=self._last_rank)
+        return total
+
+
+def _plain(tensor):
+    from torch.distributed.tensor import DTensor
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

@@ -1,0 +1,118 @@
+"""Pipeline-parallel plans through run.sh (torchrun, gloo, CPU) give the single-process training.
+
+Each plan is a hand-written Plan JSON (PLAN_FILE) run on the tiny Llama for 10 updates and compared with
+one process on the same data order and global batch, as in ``test_plan_run_sh.py``: the loss of every
+update (relative 1e-5), the logged gradient norm, tokens and samples (the norm sums over the stages; the
+counts are the unit's, not summed over its stages), and every parameter of the saved checkpoint, which
+gathers all stages into one full model that loads in one process.
+
+The 4-layer model (a copy of the shipped tiny Llama with ``num_hidden_layers`` 4) lets interleaved 1F1B
+run 2 virtual stages per rank; its weights are initialised from the config under the seed, the same in
+one process and on every pipeline rank (each builds the full model, then keeps its stages).
+"""
+
+import json
+import re
+import shutil
+
+import pytest
+
+from tests.distributed.test_plan_run_sh import COMMON, assert_same_training, train
+from tests.helpers import MODEL_DIR
+from tests.integration.test_run_sh import run_sh
+
+
+def plan_file(folder, **fields):
+    """Write a Plan JSON for one scale unit of tp x pp (more units with ``scaling_factor``)."""
+    plan = {"scaling_factor": 1, "tp": 1, "pp": 2, "pp_schedule": "1F1B", "num_microbatches": 2, **fields}
+    plan["plan_ngpus"] = plan["tp"] * plan["pp"]
+    path = folder / "plan.json"
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(plan))
+    return path
+
+
+@pytest.fixture(scope="module")
+def four_layer_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model") / "tiny-llama-4"
+    shutil.copytree(MODEL_DIR, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] = 4
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """Single-process references, trained once per module: (model folder or None, accumulation)."""
+    cache = {}
+
+    def reference(model=None, accumulation=1):
+        key = (str(model), accumulation)
+        if key not in cache:
+            folder = tmp_path_factory.mktemp("one")
+            extra = {"HUGGINGFACE_MODEL_NAME_OR_PATH": model} if model else {}
+            cache[key] = train(folder, NPROC_PER_NODE=1, GRADIENT_ACCU_NUM=accumulation, **extra)
+        return cache[key]
+
+    return reference
+
+
+def test_pp2_1f1b_matches_one_process(tmp_path, one_process):
+    run = train(tmp_path, NPROC_PER_NODE=2, PLAN_FILE=plan_file(tmp_path))
+    assert '"pp": 2' in run[3] and "pipeline rank 0: stages [0], decoder layers ['0-0']" in run[3]
+    assert_same_training(run, one_process())
+
+
+def test_pp2_interleaved_matches_one_process(tmp_path, one_process, four_layer_model):
+    plan = plan_file(tmp_path, pp_schedule="Interleaved1F1B", virtual_stages_per_rank=2)
+    run = train(tmp_path, NPROC_PER_NODE=2, PLAN_FILE=plan, HUGGINGFACE_MODEL_NAME_OR_PATH=four_layer_model)
+    assert "pipeline rank 0: stages [0, 2], decoder layers ['0-0', '2-2']" in run[3]
+    assert_same_training(run, one_process(four_layer_model))
+
+
+def test_tp2_x_pp2_matches_one_process(tmp_path, one_process):
+    """4 processes, one scale unit: 2 stages of one layer each, each sharded over tp 2 (the embeddings and
+    the LM head stay replicated over tp under pipeline parallel)."""
+    run = train(tmp_path, NPROC_PER_NODE=4, PLAN_FILE=plan_file(tmp_path, tp=2))
+    assert '"tp": 2' in run[3] and "tensor parallel:" in run[3]
+    assert_same_training(run, one_process())
+
+
+def test_two_pp2_units_with_recompute_match_one_process(tmp_path, one_process):
+    """4 processes: 2 scale units of pp 2, decoder layers recomputed in backward. Unit u reads batches u,
+    u+2, ..., so one update sees two consecutive batches: one process with GRADIENT_ACCU_NUM=2."""
+    plan = plan_file(tmp_path, scaling_factor=2, pp_schedule="GPipe", recompute_modules=["LlamaDecoderLayer"])
+    run = train(tmp_path, NPROC_PER_NODE=4, PLAN_FILE=plan)
+    assert '"scaling_factor": 2' in run[3] and '"recompute_modules": ["LlamaDecoderLayer"]' in run[3]
+    assert_same_training(run, one_process(accumulation=2))
+
+
+def test_pipeline_checkpoint_resumes_in_one_process(tmp_path, one_process):
+    """tp 2 x pp 2 for updates 1-5, then one process for 6-10 in the same checkpoint folder: the losses,
+    gradient norms and final weights of one process that never stopped (model and Adam states of every
+    stage are gathered into one full checkpoint and cut back on load)."""
+    plan = plan_file(tmp_path / "plan", tp=2)
+    first = train(tmp_path, NPROC_PER_NODE=4, PLAN_FILE=plan, args=["--max-update", "5"])
+    second = train(tmp_path, NPROC_PER_NODE=1)
+    assert sorted(first[0]) == [1, 2, 3, 4, 5] and sorted(second[0]) == [6, 7, 8, 9, 10]
+    resumed = ({**first[0], **second[0]}, {**first[1], **second[1]}, second[2], second[3])
+    assert_same_training(resumed, one_process())
+
+
+BAD_PIPELINE_PLANS = {
+    "micro-batches do not divide the batch size": (
+        dict(num_microbatches=3), r"BATCH_SIZE 4 is not divisible by the plan's num_microbatches 3"),
+    "more stages than layers": (
+        dict(pp_schedule="Interleaved1F1B", virtual_stages_per_rank=2),
+        r"4 pipeline stages exceed num_hidden_layers 2"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PIPELINE_PLANS))
+def test_bad_pipeline_plan_gets_one_clear_error(tmp_path, case):
+    fields, message = BAD_PIPELINE_PLANS[case]
+    result = run_sh(tmp_path, **{**COMMON, "NPROC_PER_NODE": 2, "PLAN_FILE": plan_file(tmp_path, **fields)})
+    assert result.returncode != 0
+    assert re.search(message, result.stderr), result.stderr[-3000:]
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
