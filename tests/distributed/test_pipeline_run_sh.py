@@ -64,11 +64,14 @@ def test_pp2_1f1b_matches_one_process(tmp_path, one_process):
     assert_same_training(run, one_process())
 
 
-def test_pp2_interleaved_matches_one_process(tmp_path, one_process, four_layer_model):
+def test_pp2_interleaved_with_gradient_accumulation_matches_one_process(tmp_path, one_process, four_layer_model):
+    """Interleaved 1F1B, 2 stages of one layer per rank, and fairseq's accumulation over 2 batches
+    (two pipeline steps per update, gradients adding up in the stages)."""
     plan = plan_file(tmp_path, pp_schedule="Interleaved1F1B", virtual_stages_per_rank=2)
-    run = train(tmp_path, NPROC_PER_NODE=2, PLAN_FILE=plan, HUGGINGFACE_MODEL_NAME_OR_PATH=four_layer_model)
+    run = train(tmp_path, NPROC_PER_NODE=2, PLAN_FILE=plan, HUGGINGFACE_MODEL_NAME_OR_PATH=four_layer_model,
+                GRADIENT_ACCU_NUM=2)
     assert "pipeline rank 0: stages [0, 2], decoder layers ['0-0', '2-2']" in run[3]
-    assert_same_training(run, one_process(four_layer_model))
+    assert_same_training(run, one_process(four_layer_model, accumulation=2))
 
 
 def test_tp2_x_pp2_matches_one_process(tmp_path, one_process):

@@ -31,6 +31,7 @@ from torch.distributed.pipelining import (
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
 )
+from torch.distributed.tensor import DTensor
 
 from ...errors import UserInputError
 from ..plan import Plan
@@ -105,6 +106,8 @@ class DecoderStage(torch.nn.Module):
         self.lm_head = hf_model.get_output_embeddings() if is_last else None
         self.rotary_emb = base.rotary_emb
         self._create_mask = _mask_function(base)
+        # transformers versions differ: some mask builders still take cache_position
+        self._wants_cache_position = "cache_position" in inspect.signature(self._create_mask).parameters
 
     def forward(self, x, attention_mask=None):
         hidden = self.embed_tokens(x) if self.is_first else x  # (B, T, H)
@@ -121,10 +124,6 @@ class DecoderStage(torch.nn.Module):
         if self.is_last:
             return self.lm_head(self.norm(hidden))  # (B, T, V)
         return hidden
-
-    @property
-    def _wants_cache_position(self) -> bool:
-        return "cache_position" in inspect.signature(self._create_mask).parameters
 
 
 def _mask_function(base):
@@ -216,6 +215,7 @@ class PipelineRunner:
         rows = (-input_ids.shape[0]) % self.plan.num_microbatches
         if not rows:
             return input_ids, attention_mask, target
+
         def more(t, value):
             return torch.cat([t, t.new_full((rows, *t.shape[1:]), value)])
         return more(input_ids, self.pad_token_id), more(attention_mask, 1), more(target, IGNORE_INDEX)
@@ -251,5 +251,4 @@ class PipelineRunner:
 
 
 def _plain(tensor):
-    from torch.distributed.tensor import DTensor
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
