@@ -60,7 +60,7 @@ BAD_INPUTS = {
                       r"toy_instructions_valid\.json: line 2: record is missing field 'output'"),
     "empty split": ({"DATA_DIR": {"train": ""}}, r"toy_instructions_train\.json: the split is empty"),
     "unknown PROMPT_TYPE": ({"PROMPT_TYPE": "alpacca"}, r"unknown PROMPT_TYPE 'alpacca'; registered templates: alpaca"),
-    "unknown DATASET_TYPE": ({"DATASET_TYPE": "jsonl"}, r"unknown DATASET_TYPE 'jsonl'; registered types: disk"),
+    "unknown DATASET_TYPE": ({"DATASET_TYPE": "jsonl"}, r"unknown DATASET_TYPE 'jsonl'; registered types: classification, disk, instruction"),
     "missing model path": ({"HUGGINGFACE_MODEL_NAME_OR_PATH": "no-such-org/no-such-model"},
                            r"model 'no-such-org/no-such-model' is not a local folder and is not in the Hugging Face "
                            r"cache; runs are offline"),
@@ -70,6 +70,7 @@ BAD_INPUTS = {
                                 r"LORA_CONFIG has unknown keys \['rank'\]; peft.LoraConfig accepts"),
     "USE_LORA not 0/1": ({"USE_LORA": "yes"}, r"run\.sh: error: USE_LORA must be 0 or 1, got 'yes'"),
     "BATCH_SIZE negative": ({"BATCH_SIZE": "-4"}, r"BATCH_SIZE must be a positive integer, got '-4'"),
+    "unknown PRECISION": ({"PRECISION": "fp8"}, r"run\.sh: error: PRECISION must be fp32, bf16 or fp16, got 'fp8'"),
 }
 
 
