@@ -9,8 +9,8 @@ partition of the layers that minimises the slowest stage). ZeRO-1 is the user's 
 recompute (the fewest layers of each stage) is shown where it would fit, but Plan v1 names classes, not
 layers, so it is never emitted.
 
-The runtime cannot run pipeline parallel yet: while ``RUNTIME_RUNS_PIPELINE`` is False, plans with pp > 1
-are costed and listed as "needs pipeline runtime" but never chosen. Flip it when runtime/pipeline.py lands.
+Plans the runtime refuses are costed and listed with the reason, never chosen: pp > 1 while
+``RUNTIME_RUNS_PIPELINE`` is False, and ZeRO-1 together with pipeline parallel.
 """
 
 from dataclasses import dataclass, replace
@@ -21,10 +21,11 @@ from .cost import Cost, Hardware, Workload, estimate, layer_ranges, stage_second
 from .plan import INTERLEAVED, Plan
 from .profile import ModelProfile
 
-RUNTIME_RUNS_PIPELINE = False  # the one switch: True once fairseq_ext/cube/runtime runs pp > 1
+RUNTIME_RUNS_PIPELINE = True  # runtime/pipeline.py runs pp > 1 (causal LMs, Llama-style)
 MAX_VIRTUAL_STAGES = 4
 PER_LAYER = "per-layer"
 NEEDS_PIPELINE = "needs pipeline runtime"
+NO_ZERO_WITH_PIPELINE = "ZeRO-1 with pipeline parallel: not in the runtime"
 NOT_IN_PLAN = "per-layer recompute: Plan v1 names classes, not layers"
 
 
@@ -203,6 +204,8 @@ def _judge(plan, cost, label, budget_gib, allow_pipeline, extra=()) -> Candidate
         reasons.append(f"over MEM_PER_GPU ({cost.peak_gib:.1f} > {budget_gib:g})")
     if plan.pp > 1 and not allow_pipeline:
         reasons.append(NEEDS_PIPELINE)
+    if plan.pp > 1 and plan.zero:
+        reasons.append(NO_ZERO_WITH_PIPELINE)
     return Candidate(plan=plan, cost=cost, recompute=label, rejected=tuple(reasons) + tuple(extra))
 
 

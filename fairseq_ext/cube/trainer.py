@@ -37,7 +37,7 @@ from .config import plan_from_config
 from .runtime.data_parallel import average_gradients
 from .runtime.local_shards import LocalShards, full_state_dict, local_tensor, localize_state_dict
 from .runtime.mesh import DP, PP, TP, build_mesh
-from .runtime.parallelize import check_plan_fits_model, parallelize
+from .runtime.parallelize import apply_plan_recompute, check_plan_fits_model, parallelize
 from .runtime.pipeline import PipelineRunner
 from .runtime.precision import autocast
 from .runtime.recompute import state_dict_name
@@ -131,6 +131,7 @@ class CubeTrainer(fairseq_trainer.Trainer):
         plan = plan_from_config(cfg.task, world_size, gpus_per_node)
         logger.info(f"cube plan: {json.dumps(plan.to_dict(), sort_keys=True)}")
         if plan.plan_ngpus == 1:
+            apply_plan_recompute(getattr(model, "hf_model", model), plan)
             return plan, None, False, None
         hf_model = getattr(model, "hf_model", None)
         if hf_model is None:

@@ -1,5 +1,7 @@
 """RECOMPUTE_MODULE_NAMES: recomputed decoder layers give the same training; unknown names are a clear error."""
 
+import json
+
 import pytest
 import torch
 from fairseq import checkpoint_utils
@@ -47,3 +49,15 @@ def test_fairseq_train_with_recompute_matches_without(tmp_path, lora):
     assert final[0].keys() == final[1].keys()
     for key in final[0]:
         torch.testing.assert_close(final[1][key], final[0][key], rtol=1e-6, atol=1e-7)
+
+
+def test_a_plan_files_recompute_applies_on_one_process(tmp_path):
+    """recompute_modules of a PLAN_FILE (as the compile pass writes it) take effect with PLAN_NGPUS 1 too."""
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"plan_ngpus": 1, "scaling_factor": 1, "tp": 1, "pp": 1,
+                                "recompute_modules": ["LlamaDecoderLayer"]}))
+    plain = fairseq_train(tiny_train_args(tmp_path / "plain", max_update=3))
+    planned = fairseq_train(tiny_train_args(tmp_path / "planned", max_update=3, extra=["--plan-file", str(plan)]))
+    assert planned.returncode == 0, planned.stderr[-3000:]
+    assert "recompute: 2 modules (LlamaDecoderLayer) from the plan" in planned.stdout + planned.stderr
+    assert train_losses(planned.stdout) == train_losses(plain.stdout)

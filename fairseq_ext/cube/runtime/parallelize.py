@@ -16,6 +16,13 @@ from .tensor_parallel import apply_tensor_parallel, apply_vocab_parallel
 logger = logging.getLogger(__name__)
 
 
+def apply_plan_recompute(module, plan: Plan) -> None:
+    """Recompute the plan's module classes (a plan file's; RECOMPUTE_MODULE_NAMES is applied at build time)."""
+    if plan.recompute_modules and not any("checkpoint_wrapped" in n for n, _ in module.named_modules()):
+        count = apply_recompute(module, plan.recompute_modules)
+        logger.info(f"recompute: {count} modules ({', '.join(plan.recompute_modules)}) from the plan")
+
+
 def check_plan_fits_model(plan: Plan, config) -> None:
     """Raise UserInputError when the model's config cannot be split as ``plan`` says.
 
@@ -52,8 +59,7 @@ def parallelize(hf_model, plan: Plan, mesh: DeviceMesh) -> Parallelized:
     When the LM head is vocab parallel (pp 1 only) its logits are a DTensor sharded on the vocabulary, and
     the loss must be computed (forward and backward) under ``torch.distributed.tensor.parallel.loss_parallel()``.
     """
-    if plan.recompute_modules and not any("checkpoint_wrapped" in n for n, _ in hf_model.named_modules()):
-        apply_recompute(hf_model, plan.recompute_modules)  # from a plan file; the flag applies it at build time
+    apply_plan_recompute(hf_model, plan)
     # Recompute wraps layers in place, so it comes before the pipeline split, which keeps references to them.
     stages = []
     if mesh[PP].size() > 1:
