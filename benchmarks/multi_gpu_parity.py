@@ -28,13 +28,16 @@ RUN_SH = REPO / "cube_examples" / "finetune_hf_model" / "run.sh"
 TINY_LLAMA = REPO / "cube_examples" / "finetune_hf_model" / "model" / "tiny-llama"
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
-# name -> (processes, accumulation of the one-GPU reference, run.sh variables, plan JSON or None)
+# name -> (processes, accumulation of the one-GPU reference, run.sh variables, plan JSON or None); the plan
+# itself runs without accumulation: its scale units together take the reference's accumulated batch.
 PLANS = {
+    "dp2": (2, 2, {}, None),
     "tp2": (2, 1, {"PLAN_NGPUS": "2"}, None),
     "pp2_1f1b": (2, 1, {}, dict(plan_ngpus=2, scaling_factor=1, tp=1, pp=2, pp_schedule="1F1B", num_microbatches=2)),
     "pp2_interleaved": (2, 1, {}, dict(plan_ngpus=2, scaling_factor=1, tp=1, pp=2, pp_schedule="Interleaved1F1B",
                                        num_microbatches=2, virtual_stages_per_rank=2)),
     "tp2_pp2": (4, 1, {}, dict(plan_ngpus=4, scaling_factor=1, tp=2, pp=2, pp_schedule="1F1B", num_microbatches=2)),
+    "tp2_x2units": (4, 2, {"PLAN_NGPUS": "2"}, None),
     "tp2_x2units_zero": (4, 2, {"PLAN_NGPUS": "2", "USE_ZERO": "1"}, None),
 }
 
@@ -99,7 +102,7 @@ def main(argv=None) -> int:
             plan_file = args.out / f"{name}.plan.json"
             plan_file.write_text(json.dumps(plan))
             variables = dict(variables, PLAN_FILE=str(plan_file))
-        results[name] = train(name, nproc, accumulation, variables, args.out, args)
+        results[name] = train(name, nproc, 1, variables, args.out, args)
         results[name]["reference"] = f"1gpu_accu{accumulation}"
     write_tables(results, args)
     return 0

@@ -237,10 +237,12 @@ class PipelineRunner:
         self._loss_scale = loss_scale
         losses: List[torch.Tensor] = []  # per micro-batch, filled on the last stage
         # args go to the first stage only; kwargs (the mask) are split the same way and given to every stage
+        # (torch 2.11 refuses args on a rank without the first stage; newer versions ignore them)
+        args = (input_ids,) if any(index == 0 for index, _ in self.stages) else ()
         if train:
-            schedule.step(input_ids, target=target, losses=losses, return_outputs=False, attention_mask=attention_mask)
+            schedule.step(*args, target=target, losses=losses, return_outputs=False, attention_mask=attention_mask)
         else:
-            schedule.eval(input_ids, target=target, losses=losses, attention_mask=attention_mask)
+            schedule.eval(*args, target=target, losses=losses, attention_mask=attention_mask)
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for loss in losses:
             total = total + _plain(loss).detach().float()
