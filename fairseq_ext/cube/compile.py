@@ -73,6 +73,23 @@ def model_fingerprint(config, s: CompileSettings) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
+def check_plan_is_current(plan: Plan, config, seq_len: int, batch_size: int, grad_accu: int, precision: str,
+                          source: str = "PLAN_FILE") -> None:
+    """Refuse a compiled plan (one with a ``model_fingerprint``) made for another model or other settings.
+
+    A hand-written plan without a fingerprint is taken as it is.
+    """
+    if not plan.model_fingerprint:
+        return
+    settings = CompileSettings(model="", plan_ngpus=plan.plan_ngpus, mem_per_gpu=1.0, batch_size=batch_size,
+                               seq_len=seq_len, grad_accu=grad_accu, precision=precision)
+    if model_fingerprint(config, settings) != plan.model_fingerprint:
+        raise UserInputError(
+            f"{source} was compiled for another model or other settings (model sizes, SEQUENCE_LENGTH, BATCH_SIZE, "
+            f"GRADIENT_ACCU_NUM, PRECISION): run `bash run.sh compile` again with this run's settings, or remove "
+            f"model_fingerprint from the file to use it anyway")
+
+
 def compile_plan(s: CompileSettings) -> Compiled:
     """Profile, search and pick. Returns the chosen plan (fingerprint filled) or, when nothing fits, an
     error message naming the smallest MEM_PER_GPU (and PLAN_NGPUS, when more GPUs would do) that fits."""

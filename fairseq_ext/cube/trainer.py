@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..criterions.base import logging_output
 from ..errors import UserInputError
+from .compile import check_plan_is_current
 from .config import plan_from_config
 from .runtime.data_parallel import average_gradients
 from .runtime.local_shards import LocalShards, full_state_dict, local_tensor, localize_state_dict
@@ -130,6 +131,12 @@ class CubeTrainer(fairseq_trainer.Trainer):
         gpus_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         plan = plan_from_config(cfg.task, world_size, gpus_per_node)
         logger.info(f"cube plan: {json.dumps(plan.to_dict(), sort_keys=True)}")
+        hf_config = getattr(getattr(model, "hf_model", None), "config", None)
+        if hf_config is not None:
+            precision = "fp16" if cfg.common.fp16 else getattr(cfg.task, "precision", "fp32")
+            check_plan_is_current(plan, hf_config, seq_len=cfg.task.sequence_length,
+                                  batch_size=cfg.dataset.batch_size or 0, grad_accu=cfg.optimization.update_freq[0],
+                                  precision=precision, source=f"PLAN_FILE {cfg.task.plan_file}")
         if plan.plan_ngpus == 1:
             apply_plan_recompute(getattr(model, "hf_model", model), plan)
             return plan, None, False, None

@@ -2,6 +2,7 @@
 (PLAN_FILE, 2 gloo processes), and a budget nothing fits stops with one line naming the budget that would."""
 
 import json
+import re
 
 from fairseq_ext.cube.plan import Plan
 from tests.integration.test_run_sh import run_sh
@@ -24,6 +25,12 @@ def test_compiled_plan_trains_under_the_runtime(tmp_path):
     log = trained.stdout + (tmp_path / "train" / "out" / "log" / "train.log").read_text()
     assert json.dumps(plan.to_dict(), sort_keys=True) in log  # the runtime ran exactly the compiled plan
     assert '"num_updates": "3"' in log
+
+    stale = run_sh(tmp_path / "stale", NPROC_PER_NODE=2, PLAN_FILE=plan_file, MAX_STEPS=3,
+                   **{**SETTINGS, "SEQUENCE_LENGTH": 128})
+    assert stale.returncode == 2 and "Traceback" not in stale.stderr, stale.stderr[-3000:]
+    assert re.search(r"fairseq_ext: error: PLAN_FILE .*plan\.json was compiled for another model or other settings.*"
+                     r"run `bash run\.sh compile` again", stale.stderr), stale.stderr[-3000:]
 
 
 def test_no_fit_is_one_clear_line(tmp_path):
