@@ -115,3 +115,79 @@ def test_tp_must_divide_heads_and_ffn():
     config.num_attention_heads = 8
     with pytest.raises(UserInputError, match="tp 4 does not divide num_key_value_heads 2"):
         check_divisible(config, 4)
+
+
+class FusedQKVAttention(torch.nn.Module):
+    """A custom attention: one fused q/k/v projection, which the Llama tp plan's q/k/v rules do not name,
+    but whose ``o_proj`` they do: sharding o_proj alone would break it, so it is registered to stay whole."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.sizes = [config.num_attention_heads * self.head_dim] + [config.num_key_value_heads * self.head_dim] * 2
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim ** -0.5
+        self.qkv = torch.nn.Linear(config.hidden_size, sum(self.sizes), bias=False)
+        self.o_proj = torch.nn.Linear(self.sizes[0], config.hidden_size, bias=False)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+
+        batch, length, _ = hidden_states.shape
+        q, k, v = (x.view(batch, length, -1, self.head_dim).transpose(1, 2)
+                   for x in self.qkv(hidden_states).split(self.sizes, dim=-1))
+        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+        out, weights = eager_attention_forward(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling)
+        return self.o_proj(out.reshape(batch, length, -1)), weights
+
+
+def tiny_llama_with_custom_attention(seed=0):
+    model = tiny_llama(seed)
+    model.config._attn_implementation = "eager"  # a full causal mask for the custom attention
+    torch.manual_seed(seed + 1)
+    for layer in model.model.layers:
+        layer.self_attn = FusedQKVAttention(model.config)
+    return model
+
+
+def custom_worker(rank, world_size, port, out):
+    from fairseq_ext.cube.custom import CUSTOM_MODULES, register_module
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        register_module(FusedQKVAttention)  # stays whole; the MLPs are still sharded by the Llama rules
+        model = tiny_llama_with_custom_attention()
+        num_sharded = apply_tensor_parallel(model, init_device_mesh("cpu", (world_size,)))
+        CUSTOM_MODULES.clear()
+        sharded = [n for n, p in model.named_parameters() if hasattr(p, "full_tensor")]
+        losses, grads = train(model, batches())
+        torch.save({"losses": losses, "sharded": sharded, "num_sharded": num_sharded,
+                    "weights": {n: full(p) for n, p in model.named_parameters()}}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_registered_custom_attention_stays_whole_and_matches_single_process(tmp_path):
+    mp.spawn(custom_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    reference = tiny_llama_with_custom_attention()
+    ref_losses, _ = train(reference, batches())
+    assert ref_losses[2] < ref_losses[0] - 0.1, ref_losses  # the first batch again, after two steps
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert result["num_sharded"] == 6  # gate/up/down of 2 layers; nothing of the custom attention
+        assert result["sharded"] and not any("self_attn" in n for n in result["sharded"]), result["sharded"]
+        torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+        for name, weight in result["weights"].items():
+            torch.testing.assert_close(weight, dict(reference.named_parameters())[name].detach(),
+                                       rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_register_module_rejects_unknown_styles():
+    from fairseq_ext.cube.custom import register_module
+
+    with pytest.raises(UserInputError, match=r"register_module\(MyMLP\): tensor-parallel styles \['diagonal'\]"):
+        register_module("MyMLP", tp_rules={"up": "diagonal"})

@@ -5,7 +5,8 @@ Rules map module names under the base model (``model.model`` of a Llama) to a st
 linear layer's output features, ``rowwise`` its input features and all-reduces the output, so an
 attention or MLP block runs on ``1/tp`` of its heads or FFN width between one pair of collectives.
 Modules no rule names (norms, and the embeddings unless :func:`apply_vocab_parallel` shards them) stay
-replicated on every tensor-parallel rank.
+replicated on every tensor-parallel rank. Module classes registered with
+``fairseq_ext.cube.custom.register_module`` follow their own rules instead (or stay whole).
 """
 
 from fnmatch import fnmatchcase
@@ -16,6 +17,7 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from ...errors import UserInputError
+from ..custom import CUSTOM_MODULES, registered_rules
 
 STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
 
@@ -23,6 +25,8 @@ STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
 def tp_rules(hf_model) -> Dict[str, str]:
     """The model's tensor-parallel rules: ``config.base_model_tp_plan`` (Llama, Mistral, Qwen2, ...)."""
     rules = getattr(hf_model.config, "base_model_tp_plan", None)
+    if not rules and CUSTOM_MODULES:
+        return {}  # registered module classes may carry all the rules
     if not rules:
         raise UserInputError(f"model type {hf_model.config.model_type!r} has no tensor-parallel rules "
                              "(config.base_model_tp_plan); use tp=1 for it")
@@ -52,10 +56,25 @@ def apply_tensor_parallel(hf_model, tp_mesh: DeviceMesh, rules: Optional[Dict[st
     base = hf_model.base_model
     plan = {name: STYLES[style]() for name, _ in base.named_modules()
             for pattern, style in rules.items() if name and fnmatchcase(name, pattern)}
+    apply_registered_modules(base, plan)
     if not plan:
         raise UserInputError(f"no module of {type(base).__name__} matches the tensor-parallel rules {sorted(rules)}")
     parallelize_module(base, tp_mesh, plan)
     return len(plan)
+
+
+def apply_registered_modules(base, plan: Dict[str, object]) -> None:
+    """Replace, inside modules of registered classes, the model's rules by the registered ones (none: whole)."""
+    for prefix, module in base.named_modules():
+        rules = registered_rules(type(module).__name__)
+        if rules is None or not prefix:
+            continue
+        for name in [n for n in plan if n.startswith(prefix + ".")]:
+            del plan[name]
+        for child, _ in module.named_modules():
+            for pattern, style in rules.items():
+                if child and fnmatchcase(child, pattern):
+                    plan[f"{prefix}.{child}"] = STYLES[style]()
 
 
 def apply_vocab_parallel(hf_model, tp_mesh: DeviceMesh) -> None:
