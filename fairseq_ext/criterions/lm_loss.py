@@ -17,6 +17,9 @@ class CausalLMLoss(HFCriterion):
     the number of trained tokens, so the loss is the token mean over the global batch.
     """
 
+    # The runtime's pipeline computes exactly this loss per micro-batch; a subclass that changes forward sets False.
+    supports_pipeline = True
+
     def forward(self, model, sample, reduce=True):
         logits = model(**sample["net_input"])  # (B, T, V)
         target = sample["target"]  # (B, T)
@@ -35,3 +38,5 @@ class CausalLMLoss(HFCriterion):
 class Seq2SeqLMLoss(CausalLMLoss):
     """The same token cross entropy for encoder-decoder models: decoder logits against the (unshifted)
     answer labels, which the model fed to its decoder shifted right."""
+
+    supports_pipeline = False

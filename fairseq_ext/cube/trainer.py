@@ -169,7 +169,7 @@ class CubeTrainer(fairseq_trainer.Trainer):
             raise UserInputError(f"LoRA with pipeline parallel (pp {plan.pp}) is not available yet; use a plan "
                                  f"with pp 1 (PLAN_NGPUS within one node) or USE_LORA=0")
         criterion_name = type(criterion).__name__ if criterion is not None else ""
-        if type(model).__name__ != "HFAutoCausalLM" or criterion_name != "CausalLMLoss":
+        if not (getattr(model, "supports_pipeline", False) and getattr(criterion, "supports_pipeline", False)):
             raise UserInputError(f"pipeline parallel (pp {plan.pp}) runs the causal LM only (--arch hf_auto_causal_lm "
                                  f"with its criterion hf_causal_lm), got {type(model).__name__} with "
                                  f"{criterion_name or 'no criterion'}; use a plan with pp 1 for this head")

@@ -49,6 +49,7 @@ class HFAutoModel(BaseFairseqModel):
     layout = "causal_lm"
     default_criterion = None
     needs_labels = False
+    supports_pipeline = False  # the runtime's pipeline stages run this head (decoder-layer slices)
 
     def __init__(self, hf_model):
         super().__init__()
@@ -134,6 +135,7 @@ class HFAutoCausalLM(HFAutoModel):
     auto_class = AutoModelForCausalLM
     peft_task_type = "CAUSAL_LM"
     default_criterion = "hf_causal_lm"
+    supports_pipeline = True
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         return self.hf_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
