@@ -1,8 +1,6 @@
 """Tensor parallel (DTensor, gloo, 2 CPU ranks) gives the single-process losses, gradients and weights."""
 
 import contextlib
-import os
-import socket
 
 import pytest
 import torch
@@ -58,10 +56,14 @@ def full(tensor):
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor.detach().clone()
 
 
-def worker(rank, world_size, port, out, vocab_parallel):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def init_group(rank, world_size, out):
+    """gloo over a rendezvous file in the test's own folder: no TCP port another run could take."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world_size)
+
+
+def worker(rank, world_size, out, vocab_parallel):
+    init_group(rank, world_size, out)
     try:
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -84,15 +86,9 @@ def worker(rank, world_size, port, out, vocab_parallel):
         dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("vocab_parallel", [False, True], ids=["layers", "layers+vocab"])
 def test_tp2_matches_single_process(tmp_path, vocab_parallel):
-    mp.spawn(worker, args=(2, free_port(), str(tmp_path), vocab_parallel), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, str(tmp_path), vocab_parallel), nprocs=2, join=True)
     reference = tiny_llama()  # the single-process run, here in the parent, from the same seed and data
     ref_losses, ref_grads = train(reference, batches())
     for rank in range(2):
@@ -150,12 +146,10 @@ def tiny_llama_with_custom_attention(seed=0):
     return model
 
 
-def custom_worker(rank, world_size, port, out):
+def custom_worker(rank, world_size, out):
     from fairseq_ext.cube.custom import CUSTOM_MODULES, register_module
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    init_group(rank, world_size, out)
     try:
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -172,7 +166,7 @@ def custom_worker(rank, world_size, port, out):
 
 
 def test_registered_custom_attention_stays_whole_and_matches_single_process(tmp_path):
-    mp.spawn(custom_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(custom_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     reference = tiny_llama_with_custom_attention()
     ref_losses, _ = train(reference, batches())
     assert ref_losses[2] < ref_losses[0] - 0.1, ref_losses  # the first batch again, after two steps
