@@ -7,6 +7,7 @@ from typing import List, Sequence
 
 import torch
 
+from ..data.layouts import get_layout
 from ..data.question_answering import context_token_range, encode_question_context, read_qa_records
 from .batches import model_device
 from .metric import Metric
@@ -48,17 +49,11 @@ def predict_answers(model, tokenizer, records: Sequence[dict], max_length: int, 
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
         encoded = [encode_question_context(tokenizer, r["question"], r["context"], max_length) for r in chunk]
-        width = max(len(e["input_ids"]) for e in encoded)
-        inputs = {"input_ids": torch.full((len(chunk), width), pad_id), "attention_mask": torch.zeros(len(chunk), width)}
-        if "token_type_ids" in encoded[0]:
-            inputs["token_type_ids"] = torch.zeros(len(chunk), width)
-        for row, e in enumerate(encoded):
-            n = len(e["input_ids"])
-            inputs["input_ids"][row, :n] = torch.tensor(e["input_ids"])
-            inputs["attention_mask"][row, :n] = 1
-            if "token_type_ids" in inputs:
-                inputs["token_type_ids"][row, :n] = torch.tensor(e["token_type_ids"])
-        logits = model(**{k: v.long().to(device) for k, v in inputs.items()}).float().cpu()
+        rows = [{"id": i, "start_positions": torch.tensor(0), "end_positions": torch.tensor(0),
+                 **{k: torch.tensor(e[k]) for k in ("input_ids", "token_type_ids") if k in e}}
+                for i, e in enumerate(encoded)]
+        inputs = get_layout("qa").collate(rows, pad_id)["net_input"]  # padded exactly as in training
+        logits = model(**{k: v.to(device) for k, v in inputs.items()}).float().cpu()
         for row, (record, e) in enumerate(zip(chunk, encoded)):
             first, last = context_token_range(e)
             begin, end = best_span(logits[row, :, 0], logits[row, :, 1], first, last)
