@@ -8,7 +8,7 @@ from .errors import install_excepthook
 
 install_excepthook()
 
-from . import criterions, data, models, tasks  # noqa: E402,F401  (registrations)
+from . import criterions, data, models, optim, tasks  # noqa: E402,F401  (registrations)
 from .cube import trainer  # noqa: E402
 
 trainer.install()

@@ -65,10 +65,12 @@ CUBE_SCALING_FACTOR=${CUBE_SCALING_FACTOR:-}  # scale units; default: world size
 PLAN_FILE=${PLAN_FILE:-}  # a Plan JSON; replaces PLAN_NGPUS, CUBE_SCALING_FACTOR, USE_ZERO, ZERO_N_GROUPS
 RECOMPUTE_MODULE_NAMES=${RECOMPUTE_MODULE_NAMES:-}
 MEM_PER_GPU=${MEM_PER_GPU:-}  # GB (2**30 bytes) per GPU for `run.sh compile`; default 0.8 x the GPU's memory
-PRECISION=${PRECISION:-fp32}  # fp32, bf16 (autocast over fp32 weights) or fp16 (fairseq's --fp16)
+PRECISION=${PRECISION:-fp32}  # fp32, bf16 (autocast over fp32 weights), bf16-master, bf16-lean (bf16 weights), fp16
+COMPILE=${COMPILE:-0}  # 1: torch.compile each decoder layer
+SPEED_LOG=${SPEED_LOG:-}  # a file: one JSON line per update (seconds, tokens, peak memory)
 USE_LORA=${USE_LORA:-0}
 LORA_CONFIG=${LORA_CONFIG:-}
-OPTIMIZE_PARAMS=${OPTIMIZE_PARAMS:---optimizer adam --adam-betas (0.9,0.95) --weight-decay 0.0 --lr $LEARNING_RATE --clip-norm 1.0}
+OPTIMIZE_PARAMS=${OPTIMIZE_PARAMS:---optimizer torch_adamw --adam-betas (0.9,0.95) --weight-decay 0.0 --lr $LEARNING_RATE --clip-norm 1.0}
 SAVE_STEPS=${SAVE_STEPS:-}  # default: MAX_STEPS / 4, set once MAX_STEPS is checked
 LOG_INTERVAL=${LOG_INTERVAL:-50}
 LOG_FORMAT=${LOG_FORMAT:-simple}
@@ -123,10 +125,13 @@ if [[ -n $PLAN_FILE ]]; then
 fi
 case $PRECISION in
     fp32) PRECISION_ARGS=() ;;
-    bf16) PRECISION_ARGS=(--precision bf16) ;;
+    bf16 | bf16-master | bf16-lean) PRECISION_ARGS=(--precision "$PRECISION") ;;
     fp16) PRECISION_ARGS=(--fp16) ;;
-    *) fail "PRECISION must be fp32, bf16 or fp16, got '$PRECISION'" ;;
+    *) fail "PRECISION must be fp32, bf16, bf16-master, bf16-lean or fp16, got '$PRECISION'" ;;
 esac
+[[ $COMPILE == 0 || $COMPILE == 1 ]] || fail "COMPILE must be 0 or 1, got '$COMPILE'"
+if [[ $COMPILE == 1 ]]; then PRECISION_ARGS+=(--compile-layers); fi
+if [[ -n $SPEED_LOG ]]; then PRECISION_ARGS+=(--speed-log "$SPEED_LOG"); fi
 LORA_ARGS=()
 if [[ $USE_LORA == 1 ]]; then LORA_ARGS=(--use-lora --lora-config "$LORA_CONFIG"); fi
 
@@ -160,7 +165,8 @@ echo "fairseq_ext run.sh settings:"
 for name in NPROC_PER_NODE NNODES NODE_RANK MASTER_ADDR MASTER_PORT EXAMPLE_PATH SCRIPT_PATH DATASET_NAME DATA_DIR \
     OUTPUT_DIR TENSORBOARD_DIR LOG_DIR CHECKPOINT_DIR USER_DIR MODEL_ARCH HUGGINGFACE_MODEL_NAME_OR_PATH DATASET_TYPE LEARNING_RATE \
     DATASET_PATH PROMPT_TYPE SEQUENCE_LENGTH BATCH_SIZE GRADIENT_ACCU_NUM WARMUP_STEPS MAX_STEPS SEED USE_ZERO \
-    ZERO_N_GROUPS PLAN_NGPUS CUBE_SCALING_FACTOR PLAN_FILE RECOMPUTE_MODULE_NAMES PRECISION USE_LORA LORA_CONFIG OPTIMIZE_PARAMS; do
+    ZERO_N_GROUPS PLAN_NGPUS CUBE_SCALING_FACTOR PLAN_FILE RECOMPUTE_MODULE_NAMES PRECISION COMPILE SPEED_LOG USE_LORA LORA_CONFIG \
+    OPTIMIZE_PARAMS; do
     printf '  %-32s %s\n' "$name" "${!name}"
 done
 

@@ -28,6 +28,9 @@ class CubeConfig(FairseqDataclass):
     plan_file: str = field(default="", metadata={
         "help": "a Plan JSON file (PLAN_FILE); it replaces --plan-ngpus, --cube-scaling-factor, --use-zero "
                 "and --zero-n-groups"})
+    speed_log: str = field(default="", metadata={
+        "help": "append one JSON line per update (wall and compute seconds, tokens, peak memory) to this file "
+                "(SPEED_LOG; written by the first rank)"})
 
 
 def plan_from_config(task_cfg, world_size: int, gpus_per_node: int) -> Plan:

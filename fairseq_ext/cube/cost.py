@@ -90,11 +90,13 @@ class Workload:
     grad_accu: int = 1  # GRADIENT_ACCU_NUM
 
 
-# bytes per parameter: (weight, gradient, optimizer states not sharded by ZeRO... see bytes_per_param)
+# bytes per parameter: (weight, gradient, optimizer-held bytes that ZeRO-1 shards: master copies and Adam's moments)
 _PRECISION_BYTES = {
-    "fp32": (4, 4, 0),  # weight, gradient, fp32 master weight + gradient copies
-    "bf16": (4, 4, 0),  # the runtime's bf16 is autocast over fp32 weights
-    "fp16": (2, 2, 8),  # fairseq's --fp16: fp32 master weights and gradients in the optimizer
+    "fp32": (4, 4, 8),  # two fp32 moments
+    "bf16": (4, 4, 8),  # the runtime's bf16 is autocast over fp32 weights
+    "bf16-master": (2, 2, 12),  # bf16 weights and gradients; fp32 master weights and moments (torch_adamw)
+    "bf16-lean": (2, 2, 4),  # bf16 weights, gradients and moments (torch_adamw, stochastic rounding)
+    "fp16": (2, 2, 16),  # fairseq's --fp16: fp32 master weights and gradients, fp32 moments
 }
 ADAM_STATE_BYTES = 8  # two fp32 moments
 
@@ -155,9 +157,9 @@ def estimate(profile: ModelProfile, plan: Plan, work: Workload, hw: Hardware,
     embed, norm, head = (profile.module(edge_tp, name) for name in ("embed", "norm", "head"))
     shared = profile.shared[tp]
     stages = layer_ranges(profile.num_layers, plan.num_stages, plan.stage_boundaries)
-    weight_b, grad_b, master_b = _PRECISION_BYTES[profile.precision]
+    weight_b, grad_b, optimizer_b = _PRECISION_BYTES[profile.precision]
     zero_shards = plan.scaling_factor // plan.zero_n_groups if plan.zero else 1
-    per_param = weight_b + grad_b + (master_b + ADAM_STATE_BYTES) / zero_shards
+    per_param = weight_b + grad_b + optimizer_b / zero_shards
     rate = (hw.fp32_flops if profile.precision == "fp32" else hw.device_flops) * hw.efficiency
     act_bytes = 4 if profile.precision == "fp32" else 2
     tp_link = _link(hw, tp <= hw.gpus_per_node)
@@ -235,7 +237,7 @@ def estimate(profile: ModelProfile, plan: Plan, work: Workload, hw: Hardware,
     if plan.zero and zero_shards > 1:
         # ZeroRedundancyOptimizer: each replica broadcasts the parameters it updated, to its group
         dp_seconds += _broadcast_seconds(numel * weight_b, zero_shards, dp_link)
-    optimizer_seconds = numel * (3 * weight_b + grad_b + 2 * (master_b + ADAM_STATE_BYTES)) / zero_shards \
+    optimizer_seconds = numel * (3 * weight_b + grad_b + 2 * optimizer_b) / zero_shards \
         / hw.hbm_bandwidth
     step = work.grad_accu * pipeline + dp_seconds + optimizer_seconds
     parts = dict(static=worst["static"], activations=worst["activations"], transient=worst["transient"],

@@ -29,7 +29,9 @@ import torch
 
 from ..errors import UserInputError
 
-PRECISIONS = ("fp32", "bf16", "fp16")  # run.sh PRECISION: bf16 is autocast over fp32 weights, fp16 is fairseq's
+# run.sh PRECISION: bf16 is autocast over fp32 weights, bf16-master / bf16-lean keep bf16 weights, fp16 is fairseq's
+PRECISIONS = ("fp32", "bf16", "bf16-master", "bf16-lean", "fp16")
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16-master": torch.bfloat16, "bf16-lean": torch.bfloat16}
 SHARDED_STYLES = ("colwise", "rowwise")
 _PROFILE_LAYERS = 2  # two layers tell tensors shared by all layers (rotary cos/sin) from per-layer ones
 
@@ -203,7 +205,7 @@ def profile_model(config, seq_len: int, precision: str = "fp32", tp_degrees=(1,)
         measured, shared[tp] = _measure(_shard_config(config, tp, vocab[tp]), seq_len, precision,
                                         attn_implementation, (layer_class, attention_class, mlp_class))
         h = config.hidden_size
-        act_bytes = 2 if precision in ("bf16", "fp16") else 4
+        act_bytes = 4 if precision == "fp32" else 2
         rules = tp_rules_of(config)
         modules[tp] = {}
         for name, prof in measured.items():
@@ -372,7 +374,7 @@ def _backward_working_set(config, batch: int, seq_len: int, precision: str, attn
     config._attn_implementation = attn_implementation
     config.num_hidden_layers = 2
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16 if precision == "fp16" else torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=WEIGHT_DTYPES.get(precision, torch.float32))
     if recompute_cls:
         apply_recompute(model, [recompute_cls])
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -415,7 +417,7 @@ class _Recorder:
         from torch.utils.flop_counter import FlopCounterMode
         from transformers import AutoModelForCausalLM
 
-        dtype = torch.float16 if self.precision == "fp16" else torch.float32
+        dtype = WEIGHT_DTYPES.get(self.precision, torch.float32)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
         base = model.base_model

@@ -40,9 +40,10 @@ from .runtime.local_shards import LocalShards, full_state_dict, local_tensor, lo
 from .runtime.mesh import DP, PP, TP, build_mesh
 from .runtime.parallelize import apply_plan_recompute, check_plan_fits_model, parallelize
 from .runtime.pipeline import PipelineRunner
-from .runtime.precision import autocast
+from .runtime.precision import autocast, check_precision
 from .runtime.recompute import state_dict_name
 from .runtime.zero import shard_optimizer_states
+from .speed_log import SpeedLog, batch_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,11 @@ class CubeTrainer(fairseq_trainer.Trainer):
         # The plan is applied before fairseq's __init__, which reads the data-parallel size and places the model.
         self.plan, self.mesh, self.vocab_parallel, self.pipeline = self._apply_plan(cfg, model, criterion)
         self._shards = None
+        self._speed_log = None
         super().__init__(cfg, task, model, criterion, quantizer)
+        speed_log = getattr(cfg.task, "speed_log", "")
+        self._speed_log = SpeedLog(speed_log, self.device) if speed_log and distributed_utils.get_global_rank() == 0 \
+            else None
 
     @staticmethod
     def _apply_plan(cfg, model, criterion=None):
@@ -129,6 +134,7 @@ class CubeTrainer(fairseq_trainer.Trainer):
         ``model``. Returns (plan, mesh, vocab_parallel, pipeline runner or None)."""
         world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         gpus_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        check_precision(getattr(cfg.task, "precision", "fp32"), optimizer=getattr(cfg.optimizer, "_name", None))
         plan = plan_from_config(cfg.task, world_size, gpus_per_node)
         logger.info(f"cube plan: {json.dumps(plan.to_dict(), sort_keys=True)}")
         hf_config = getattr(getattr(model, "hf_model", None), "config", None)
@@ -151,6 +157,8 @@ class CubeTrainer(fairseq_trainer.Trainer):
                                  "train in float32")
         if getattr(model, "saves_trainable_only", False):
             raise UserInputError("LoRA with tensor parallel (PLAN_NGPUS > 1) is not available yet; use PLAN_NGPUS=1")
+        if getattr(cfg.model, "compile_layers", False):
+            raise UserInputError("COMPILE=1 (--compile-layers) with PLAN_NGPUS > 1 is not available yet; use COMPILE=0")
         check_plan_fits_model(plan, hf_model.config)
         on_gpu = torch.cuda.is_available() and not cfg.common.cpu
         mesh = build_mesh(plan, "cuda" if on_gpu else "cpu")
@@ -313,6 +321,11 @@ class CubeTrainer(fairseq_trainer.Trainer):
     def clip_grad_norm(self, clip_norm):
         """Replaces fairseq's norm of the local gradients: with tensor parallel, the norm of the full
         gradient (sharded squares summed over tp, replicated ones counted once), then clipped alike."""
+        if self._speed_log is not None:
+            return self._speed_log.timed(self._clip_grad_norm)(clip_norm)
+        return self._clip_grad_norm(clip_norm)
+
+    def _clip_grad_norm(self, clip_norm):
         if self.mesh is None:
             return super().clip_grad_norm(clip_norm)
         total_norm = self._shards.grad_norm()
@@ -334,8 +347,32 @@ class CubeTrainer(fairseq_trainer.Trainer):
         the batch (:meth:`_pipeline_train_step`); fairseq's accumulation over ``--update-freq``, its sums
         over the dp group, gradient scaling, clipping and optimizer step run as usual around it.
         """
-        with self._loss_context(), self._pipeline_steps():
-            return super().train_step(samples, raise_oom)
+        with self._loss_context(), self._pipeline_steps(), self._timed_steps():
+            if self._speed_log is not None:
+                self._speed_log.begin_update()
+            result = super().train_step(samples, raise_oom)
+            if self._speed_log is not None:
+                self._speed_log.end_update(batch_tokens(samples))
+            return result
+
+    @contextlib.contextmanager
+    def _timed_steps(self):
+        """With ``--speed-log``: the task's forward/backward and optimizer steps, timed as compute."""
+        if self._speed_log is None:
+            yield
+            return
+        names = ("train_step", "optimizer_step")
+        own = {name: vars(self.task)[name] for name in names if name in vars(self.task)}  # e.g. the pipeline's
+        for name in names:
+            setattr(self.task, name, self._speed_log.timed(getattr(self.task, name)))
+        try:
+            yield
+        finally:
+            for name in names:
+                if name in own:
+                    setattr(self.task, name, own[name])
+                else:
+                    delattr(self.task, name)
 
     def valid_step(self, sample, raise_oom=False):
         """fairseq's valid step, under ``loss_parallel`` like :meth:`train_step`, and through the pipeline

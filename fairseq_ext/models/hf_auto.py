@@ -9,9 +9,11 @@ from fairseq.models import BaseFairseqModel, register_model
 from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForQuestionAnswering, AutoModelForSeq2SeqLM,
                           AutoModelForSequenceClassification, AutoModelForTokenClassification)
 
+from ..cube.runtime.compile_layers import compile_layers
+from ..cube.runtime.precision import weight_dtype
 from ..cube.runtime.recompute import apply_recompute, parse_module_names, state_dict_name
 from ..errors import UserInputError
-from .hf_loading import DTYPES, load_hf_model
+from .hf_loading import DTYPES, init_device, load_hf_model
 from .lora import apply_lora, is_lora
 
 logger = logging.getLogger(__name__)
@@ -27,6 +29,9 @@ class HFAutoModelConfig(FairseqDataclass):
         "help": "module class names (comma separated) whose forward is recomputed in backward to save memory, "
                 "e.g. LlamaDecoderLayer"})
     use_lora: bool = field(default=False, metadata={"help": "train LoRA adapters (PEFT) instead of all weights"})
+    compile_layers: bool = field(default=False, metadata={
+        "help": "torch.compile each decoder layer (the model's _no_split_modules classes): fused kernels, "
+                "one compilation shared by all layers"})
     lora_config: str = field(default="", metadata={
         "help": "peft.LoraConfig keys as JSON or 'key=value ...' (e.g. 'r=16 lora_alpha=32 "
                 "target_modules=q_proj,v_proj'); unset keys take PEFT's defaults"})
@@ -72,7 +77,8 @@ class HFAutoModel(BaseFairseqModel):
         hf_model = load_hf_model(
             cls.auto_class,
             task.cfg.hf_model_name_or_path,
-            dtype=str(cfg.hf_dtype),
+            dtype=weight_dtype(task.cfg.precision) or str(cfg.hf_dtype),
+            init_device=init_device(task.cfg),
             attn_implementation=str(cfg.attn_implementation),
             trust_remote_code=task.cfg.trust_remote_code,
             init_seed=task.cfg.seed,
@@ -86,6 +92,8 @@ class HFAutoModel(BaseFairseqModel):
             trainable = sum(p.numel() for p in hf_model.parameters() if p.requires_grad)
             total = sum(p.numel() for p in hf_model.parameters())
             logger.info(f"LoRA: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
+        if cfg.compile_layers:
+            logger.info(f"torch.compile: {compile_layers(hf_model)} decoder layers")
         return cls(hf_model)
 
     @property

@@ -68,26 +68,38 @@ def check_attn_implementation(name: str) -> None:
                              "installed; use sdpa (the default) or eager, or pip install flash-attn on a GPU machine")
 
 
+def init_device(task_cfg) -> torch.device:
+    """Where a model initialised from its config is built: the run's GPU unless the run is on the CPU
+    (``--cpu``); building there directly saves the host-side init and copy of billions of weights."""
+    if torch.cuda.is_available() and not getattr(task_cfg, "cpu", False):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def load_hf_model(auto_class, name_or_path: str, *, dtype: str = "float32", attn_implementation: str = "sdpa",
-                  trust_remote_code: bool = False, init_seed: int = 1, **config_overrides):
+                  trust_remote_code: bool = False, init_seed: int = 1, init_device: torch.device = None,
+                  **config_overrides):
     """Load ``auto_class`` (e.g. ``AutoModelForCausalLM``) from a folder or cached hub id.
 
     A folder with weights is loaded with ``from_pretrained``; weights it lacks (a new classification
     head) are initialised under ``init_seed``. A folder with only a config (like the shipped default
-    model) is initialised from the config under ``init_seed``. Either way the random generators are
-    used apart from the rest of the run, so the same seed always gives the same initial weights.
+    model) is initialised from the config under ``init_seed``, on ``init_device`` (default: the CPU).
+    Either way the random generators are used apart from the rest of the run, so the same seed always
+    gives the same initial weights on the same kind of device.
     ``config_overrides`` (e.g. ``num_labels``, ``id2label``) replace values of the folder's config.
     """
     folder = resolve_model_folder(name_or_path)
     check_attn_implementation(attn_implementation)
     kwargs = dict(dtype=DTYPES[dtype], attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
-    with torch.random.fork_rng(devices=[]):
+    init_device = torch.device(init_device or "cpu")
+    with torch.random.fork_rng(devices=[init_device] if init_device.type == "cuda" else []):
         torch.manual_seed(init_seed)
         if has_weights(folder):
             return auto_class.from_pretrained(folder, **kwargs, **config_overrides)
         logger.warning(f"{folder} has no weight files: initialising {auto_class.__name__} from its config "
-                       f"(seed {init_seed})")
+                       f"(seed {init_seed}, on {init_device})")
         config = load_config(folder, trust_remote_code)
         for key, value in config_overrides.items():
             setattr(config, key, value)
-        return auto_class.from_config(config, **kwargs)
+        with init_device:
+            return auto_class.from_config(config, **kwargs)

@@ -38,13 +38,16 @@ class HFFinetuneConfig(CubeConfig):
     sequence_length: int = field(default=512, metadata={
         "help": "samples longer than this are truncated (counted and reported per split)"})
     precision: str = field(default="fp32", metadata={
-        "help": "fp32, or bf16: forward under bfloat16 autocast with fp32 weights and optimizer (fairseq's own "
-                "--bf16 does not work on GPUs; fp16 is fairseq's --fp16)"})
+        "help": "fp32; bf16: forward under bfloat16 autocast with fp32 weights and optimizer; bf16-master: bf16 "
+                "weights, fp32 master weights and moments in the optimizer; bf16-lean: bf16 weights and moments "
+                "(both need --optimizer torch_adamw). fairseq's own --bf16 does not work on GPUs; fp16 is "
+                "fairseq's --fp16"})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "allow code shipped with the model or tokenizer to run; off unless you trust its source"})
     seed: int = II("common.seed")
     fp16: bool = II("common.fp16")
     bf16: bool = II("common.bf16")
+    cpu: bool = II("common.cpu")
 
 
 def sample_device(sample) -> torch.device:

@@ -1,33 +1,57 @@
-"""Mixed precision of the cube runtime: bf16 autocast over fp32 master weights.
+"""Precision of the cube runtime: which dtype weights live in, and the autocast of the forward.
 
 fairseq's own ``--bf16`` casts the model and, with ve-fairseq, crashes on GPUs (it takes the TPU
-path); ``--fp16`` keeps working and stays fairseq's. ``bf16`` here is what Hugging Face's
-``Trainer(bf16=True)`` does: weights, gradients and optimizer states stay fp32, the forward runs
-under ``torch.autocast`` in bfloat16.
+path); ``--fp16`` keeps working and stays fairseq's. The runtime's settings (``--precision``,
+run.sh ``PRECISION``):
+
+- ``fp32``: everything in float32.
+- ``bf16``: what Hugging Face's ``Trainer(bf16=True)`` does: weights, gradients and optimizer states
+  stay float32, the forward runs under ``torch.autocast`` in bfloat16.
+- ``bf16-master``: weights and gradients in bfloat16 (no casts in the forward, half the activation and
+  gradient traffic); the optimizer (``--optimizer torch_adamw``) keeps float32 master weights and moments.
+- ``bf16-lean``: bfloat16 weights, gradients and moments, no master weights; updates are rounded
+  stochastically. 8 bytes per parameter: the full finetune of the largest model that fits.
 """
 
 import contextlib
+from typing import Optional
 
 import torch
 
 from ...errors import UserInputError
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "bf16-master", "bf16-lean")
+BF16_WEIGHTS = ("bf16-master", "bf16-lean")  # the model is loaded in bfloat16
+NEEDS_OPTIMIZER = "torch_adamw"  # the optimizer that keeps master weights / rounds stochastically
+
+
+def _unknown(precision: str) -> UserInputError:
+    return UserInputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)} (fp16: --fp16)")
 
 
 def autocast(precision: str, device: torch.device):
-    """A context for the forward pass: bf16 autocast for ``bf16``, nothing for ``fp32``."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
+    """A context for the forward pass: bf16 autocast for ``bf16``, nothing for the others."""
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    raise UserInputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)} (fp16: --fp16)")
+    if precision in PRECISIONS:
+        return contextlib.nullcontext()
+    raise _unknown(precision)
 
 
-def check_precision(precision: str, fp16: bool = False, bf16: bool = False) -> None:
-    """A known precision; bf16 autocast and fairseq's own half precision (``--fp16``, ``--bf16``) exclude each other."""
+def weight_dtype(precision: str) -> Optional[str]:
+    """The dtype (a ``--hf-dtype`` name) the model's weights are loaded in under ``precision``, or None to
+    keep the model's ``--hf-dtype``."""
+    return "bfloat16" if precision in BF16_WEIGHTS else None
+
+
+def check_precision(precision: str, fp16: bool = False, bf16: bool = False, optimizer: Optional[str] = None) -> None:
+    """A known precision; the runtime's bf16 settings and fairseq's own half precision (``--fp16``,
+    ``--bf16``) exclude each other; bf16 weights need ``--optimizer torch_adamw``."""
     if precision not in PRECISIONS:
-        raise UserInputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)} (fp16: --fp16)")
-    if precision == "bf16" and (fp16 or bf16):
-        raise UserInputError("--precision bf16 is the runtime's bf16 autocast; drop --fp16/--bf16 (PRECISION=bf16 "
-                             "alone) or use --precision fp32 with --fp16")
+        raise _unknown(precision)
+    if precision != "fp32" and (fp16 or bf16):
+        raise UserInputError(f"--precision {precision} is the runtime's bf16; drop --fp16/--bf16 "
+                             f"(PRECISION={precision} alone) or use --precision fp32 with --fp16")
+    if precision in BF16_WEIGHTS and optimizer is not None and optimizer != NEEDS_OPTIMIZER:
+        raise UserInputError(f"PRECISION={precision} keeps bf16 weights and needs --optimizer {NEEDS_OPTIMIZER} "
+                             f"(its float32 master weights / stochastic rounding); got --optimizer {optimizer}")

@@ -1,0 +1,144 @@
+"""``--optimizer torch_adamw``: PyTorch's AdamW (fused kernels on GPUs) for fp32 and bf16 weights.
+
+fairseq's own ``adam`` steps parameters one by one in Python unless apex is installed (it is not on
+the package registry). This optimizer steps them with torch's fused AdamW kernel on GPUs (the
+multi-tensor ``foreach`` path on CPUs), and keeps weights and states in one of three ways, set by
+the parameters' dtype (the run's PRECISION) and ``lean_states``:
+
+============  ============================  ========================================  ===============
+PRECISION     model weights and gradients   held by the optimizer                     bytes / param
+============  ============================  ========================================  ===============
+fp32, bf16    float32                       float32 moments                           16
+bf16-master   bfloat16                      float32 master weights and moments        16
+bf16-lean     bfloat16                      bfloat16 moments; no master weights       8
+============  ============================  ========================================  ===============
+
+With master weights the update is applied to the float32 copy, which is then rounded to the bf16
+weight, so updates smaller than bf16's resolution still accumulate. Without (bf16-lean) the update
+is computed in float32 and rounded *stochastically* to bf16: unbiased, so small updates are kept on
+average instead of being rounded away. That halves the memory of a full finetune (an 8B model's
+weights, gradients and states fit in 64 GB).
+"""
+
+import math
+from typing import List
+
+import torch
+from torch.optim.adamw import adamw as functional_adamw
+
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "master")
+LEAN_CHUNK = 1 << 24  # elements stepped at once by the lean path (bounds its float32 temporaries)
+
+
+def stochastic_round_to_bf16(value: torch.Tensor, generator: torch.Generator = None) -> torch.Tensor:
+    """Round float32 ``value`` to bfloat16 up or down at random, with the probability that makes the
+    result's expectation equal ``value`` (the lower 16 bits of the float32 decide)."""
+    bits = value.view(torch.int32)
+    noise = torch.randint(0, 1 << 16, value.shape, device=value.device, dtype=torch.int32, generator=generator)
+    rounded = (bits + noise) & -65536  # carry into bf16's last bit with probability low16 / 2**16
+    return rounded.view(torch.float32).to(torch.bfloat16)
+
+
+class MixedPrecisionAdamW(torch.optim.Optimizer):
+    """AdamW with decoupled weight decay; float32 master weights for low-precision parameters, or
+    bf16 moments with stochastic rounding (``lean_states``). See the module docstring."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 lean_states: bool = False):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, lean_states=lean_states)
+        super().__init__(params, defaults)
+        self._generators = {}
+
+    def _init_state(self, param: torch.Tensor, lean: bool) -> dict:
+        state = self.state[param]
+        if not state:
+            keeps_master = param.dtype != torch.float32 and not lean
+            target = param.detach().float() if keeps_master else param
+            # fused AdamW wants its step counts on the device; the lean path reads its count on the host
+            state["step"] = torch.zeros((), dtype=torch.float32, device="cpu" if lean and param.dtype != torch.float32
+                                        else param.device)
+            state["exp_avg"] = torch.zeros_like(target, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(target, memory_format=torch.preserve_format)
+            if keeps_master:
+                state["master"] = target
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            dense, master_params = [], []
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise RuntimeError("torch_adamw does not support sparse gradients")
+                state = self._init_state(param, group["lean_states"])
+                if param.dtype == torch.float32:
+                    dense.append(param)
+                elif "master" in state:
+                    master_params.append(param)
+                else:
+                    self._lean_step(param, state, group)
+            self._adamw(dense, [p.grad for p in dense], [self.state[p] for p in dense], group)
+            if master_params:
+                masters = [self.state[p]["master"] for p in master_params]
+                grads = [p.grad.float() for p in master_params]
+                self._adamw(masters, grads, [self.state[p] for p in master_params], group)
+                torch._foreach_copy_(master_params, masters)
+        return loss
+
+    @staticmethod
+    def _adamw(params: List[torch.Tensor], grads: List[torch.Tensor], states: List[dict], group: dict) -> None:
+        if not params:
+            return
+        on_gpu = params[0].is_cuda
+        beta1, beta2 = group["betas"]
+        functional_adamw(
+            params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+            [s["step"] for s in states], foreach=not on_gpu, fused=on_gpu or None, amsgrad=False,
+            beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+            maximize=False)
+
+    def _lean_step(self, param: torch.Tensor, state: dict, group: dict) -> None:
+        """One AdamW step of a bf16 weight with bf16 moments: float32 arithmetic chunk by chunk, the
+        moments rounded to nearest, the weight stochastically."""
+        beta1, beta2 = group["betas"]
+        lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+        state["step"] += 1
+        step = state["step"].item()
+        step_size = lr / (1 - beta1 ** step)
+        denom_scale = 1 / math.sqrt(1 - beta2 ** step)
+        generator = self._generator(param.device)
+        flat = [t.view(-1) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
+        for start in range(0, param.numel(), LEAN_CHUNK):
+            weight, grad, exp_avg, exp_avg_sq = (t[start:start + LEAN_CHUNK] for t in flat)
+            grad32 = grad.float()
+            avg = exp_avg.float().lerp_(grad32, 1 - beta1)
+            avg_sq = exp_avg_sq.float().mul_(beta2).addcmul_(grad32, grad32, value=1 - beta2)
+            exp_avg.copy_(avg)
+            exp_avg_sq.copy_(avg_sq)
+            weight32 = weight.float().mul_(1 - lr * decay)
+            weight32.addcdiv_(avg, avg_sq.sqrt_().mul_(denom_scale).add_(eps), value=-step_size)
+            weight.copy_(stochastic_round_to_bf16(weight32, generator))
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """A generator of this optimizer's own per device, so rounding leaves the run's random streams alone."""
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device)
+            self._generators[device].manual_seed(0x5EED)
+        return self._generators[device]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch casts loaded states to their parameter's dtype; master weights and float32 moments of
+        bf16 parameters keep the dtype they were saved in."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, param in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if key in STATE_KEYS and torch.is_tensor(value):
+                    self.state[param][key] = value.to(device=param.device, copy=True)

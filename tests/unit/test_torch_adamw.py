@@ -1,0 +1,128 @@
+"""torch_adamw: torch's AdamW for fp32 weights, float32 master weights for bf16 ones, bf16 states with
+stochastic rounding (bf16-lean), and checkpoints that keep each state's dtype."""
+
+import copy
+
+import pytest
+import torch
+
+from fairseq_ext.errors import UserInputError
+from fairseq_ext.cube.runtime.precision import check_precision
+from fairseq_ext.optim.adamw import MixedPrecisionAdamW, stochastic_round_to_bf16
+
+SETTINGS = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+
+def _params(dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(shape, generator=generator).to(dtype)) for shape in ((7, 5), (11,))]
+
+
+def _grads(step, shapes):
+    generator = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(shape, generator=generator) for shape in shapes]
+
+
+def _run(optimizer, params, steps, grad_dtype=None):
+    for step in range(steps):
+        for param, grad in zip(params, _grads(step, [p.shape for p in params])):
+            param.grad = grad.to(grad_dtype or param.dtype)
+        optimizer.step()
+
+
+def test_fp32_weights_step_exactly_as_torch_adamw():
+    ours, reference = _params(torch.float32), _params(torch.float32)
+    _run(MixedPrecisionAdamW(ours, **SETTINGS), ours, 5)
+    _run(torch.optim.AdamW(reference, **SETTINGS), reference, 5)
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_bf16_weights_follow_float32_master_weights():
+    bf16 = _params(torch.bfloat16)
+    master_reference = [torch.nn.Parameter(p.detach().float()) for p in bf16]
+    optimizer = MixedPrecisionAdamW(bf16, **SETTINGS)
+    reference = torch.optim.AdamW(master_reference, **SETTINGS)
+    for step in range(5):
+        grads = _grads(step, [p.shape for p in bf16])
+        for param, ref, grad in zip(bf16, master_reference, grads):
+            param.grad = grad.bfloat16()
+            ref.grad = grad.bfloat16().float()  # the same gradient the model produced
+        optimizer.step()
+        reference.step()
+    for param, ref in zip(bf16, master_reference):
+        state = optimizer.state[param]
+        assert state["master"].dtype == state["exp_avg"].dtype == torch.float32
+        torch.testing.assert_close(state["master"], ref.detach(), rtol=0, atol=0)
+        assert torch.equal(param.detach(), ref.detach().bfloat16())
+
+
+def test_master_weights_keep_updates_smaller_than_bf16_resolution():
+    param = torch.nn.Parameter(torch.ones(1000, dtype=torch.bfloat16))
+    optimizer = MixedPrecisionAdamW([param], lr=1e-4, betas=(0.9, 0.95))
+    for _ in range(100):  # each update (1e-4) is below bf16's spacing at 1.0 (2**-7), 100 of them are not
+        param.grad = torch.ones_like(param)
+        optimizer.step()
+    assert torch.allclose(optimizer.state[param]["master"], torch.full((1000,), 1 - 1e-2), atol=1e-4)
+    assert param.detach().float().mean().item() == pytest.approx(0.99, abs=4e-3)
+
+
+def test_stochastic_rounding_is_unbiased_and_exact_on_bf16_values():
+    value = torch.full((200_000,), 1.0 + 2 ** -10)  # a quarter of the way between bf16 neighbours 1 and 1 + 2**-7
+    rounded = stochastic_round_to_bf16(value, torch.Generator().manual_seed(0)).float()
+    assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2 ** -7}
+    assert rounded.mean().item() == pytest.approx(1.0 + 2 ** -10, abs=2e-5)
+    negative = stochastic_round_to_bf16(-value, torch.Generator().manual_seed(1)).float()
+    assert negative.mean().item() == pytest.approx(-(1.0 + 2 ** -10), abs=2e-5)
+    exact = torch.tensor([0.5, -3.0, 1.0 + 2 ** -7])
+    assert torch.equal(stochastic_round_to_bf16(exact).float(), exact)
+
+
+def test_lean_states_are_bf16_and_small_updates_survive_on_average():
+    param = torch.nn.Parameter(torch.ones(100_000, dtype=torch.bfloat16))
+    optimizer = MixedPrecisionAdamW([param], lr=1e-4, betas=(0.9, 0.95), lean_states=True)
+    for _ in range(100):
+        param.grad = torch.ones_like(param)
+        optimizer.step()
+    state = optimizer.state[param]
+    assert "master" not in state and state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+    # round-to-nearest would leave every weight at 1.0; stochastic rounding moves the mean by 100 * 1e-4
+    assert param.detach().float().mean().item() == pytest.approx(0.99, abs=1e-3)
+
+
+def test_lean_step_matches_float32_adamw_on_one_step():
+    lean, reference = _params(torch.bfloat16), _params(torch.bfloat16)
+    reference = [torch.nn.Parameter(p.detach().float()) for p in reference]
+    _run(MixedPrecisionAdamW(lean, **SETTINGS, lean_states=True), lean, 1)
+    _run(torch.optim.AdamW(reference, **SETTINGS), reference, 1, grad_dtype=torch.float32)
+    for a, b in zip(lean, reference):
+        torch.testing.assert_close(a.detach().float(), b.detach(), rtol=0, atol=2 ** -6)
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_state_dict_round_trip_keeps_state_dtypes_and_resumes_exactly(lean):
+    params = _params(torch.bfloat16)
+    optimizer = MixedPrecisionAdamW(params, **SETTINGS, lean_states=lean)
+    _run(optimizer, params, 2)
+    saved_params, saved_state = copy.deepcopy(params), copy.deepcopy(optimizer.state_dict())
+
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in saved_params]
+    optimizer_resumed = MixedPrecisionAdamW(resumed, **SETTINGS, lean_states=lean)
+    optimizer_resumed.load_state_dict(saved_state)
+    for param, resumed_param in zip(params, resumed):
+        for key, value in optimizer.state[param].items():
+            assert optimizer_resumed.state[resumed_param][key].dtype == value.dtype, key
+    if lean:  # stochastic rounding draws from the optimizer's own generator: compare one deterministic step
+        return
+    _run(optimizer, params, 2)
+    _run(optimizer_resumed, resumed, 2)
+    for a, b in zip(params, resumed):
+        assert torch.equal(a, b)
+
+
+def test_bf16_weight_precisions_need_torch_adamw():
+    check_precision("bf16-master", optimizer="torch_adamw")
+    with pytest.raises(UserInputError, match="--optimizer torch_adamw"):
+        check_precision("bf16-lean", optimizer="adam")
+    with pytest.raises(UserInputError, match="unknown precision"):
+        check_precision("bf16-pure")
