@@ -5,8 +5,12 @@ from fairseq import metrics
 from fairseq.criterions import register_criterion
 from fairseq.dataclass import FairseqDataclass
 
+from ..cube.runtime.chunked_loss import linear_cross_entropy
 from ..data.layouts import IGNORE_INDEX
 from .base import HFCriterion, logging_output
+
+
+CHUNK_ELEMENTS = 1 << 27  # logits computed at once by the fused loss: 512 MB in float32
 
 
 @register_criterion("hf_causal_lm", dataclass=FairseqDataclass)
@@ -21,10 +25,17 @@ class CausalLMLoss(HFCriterion):
     supports_pipeline = True
 
     def forward(self, model, sample, reduce=True):
-        logits = model(**sample["net_input"])  # (B, T, V)
         target = sample["target"]  # (B, T)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), target.view(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum" if reduce else "none")
+        head = getattr(model, "fused_lm_head", lambda: None)() if reduce else None
+        if head is not None:
+            # The LM head applied chunk by chunk inside the loss: no (B, T, vocab) logits in memory.
+            hidden = model(**sample["net_input"], features_only=True)  # (B, T, H)
+            loss = linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), head, target.view(-1),
+                                        ignore_index=IGNORE_INDEX, chunk_size=max(512, CHUNK_ELEMENTS // head.size(0)))
+        else:
+            logits = model(**sample["net_input"])  # (B, T, V)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), target.view(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="sum" if reduce else "none")
         return loss, sample["ntokens"], logging_output(loss, sample, sample["ntokens"], nll_loss=loss.data)
 
     @staticmethod

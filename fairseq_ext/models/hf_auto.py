@@ -18,6 +18,9 @@ from .lora import apply_lora, is_lora
 
 logger = logging.getLogger(__name__)
 
+# Config fields of families whose causal LM rescales the LM head's logits (no fused loss for them).
+LOGIT_RESCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
 
 @dataclass
 class HFAutoModelConfig(FairseqDataclass):
@@ -145,8 +148,28 @@ class HFAutoCausalLM(HFAutoModel):
     default_criterion = "hf_causal_lm"
     supports_pipeline = True
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, features_only=False):
+        """Next-token logits; with ``features_only`` the last hidden states (B, T, hidden) that the LM head
+        reads, for a loss that applies the head itself (:meth:`fused_lm_head`)."""
+        if features_only:
+            base = self._causal_lm().base_model
+            return base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         return self.hf_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def _causal_lm(self):
+        return self.hf_model.get_base_model() if is_lora(self.hf_model) else self.hf_model
+
+    def fused_lm_head(self):
+        """The LM head's weight (vocab, hidden) when logits are exactly ``hidden @ weight.T``, so that the loss
+        may compute them chunk by chunk from the hidden states; None when the head has a bias, adapters
+        or a tensor-parallel shard, or the model rescales its logits (e.g. Gemma-2's soft-capping)."""
+        config = self._causal_lm().config
+        if any(getattr(config, name, None) not in (None, 1.0) for name in LOGIT_RESCALING):
+            return None
+        head = self._causal_lm().get_output_embeddings()
+        if type(head) is not torch.nn.Linear or head.bias is not None or type(head.weight) is not torch.nn.Parameter:
+            return None
+        return head.weight
 
 
 @register_model("hf_auto_seq2seq_lm", dataclass=HFAutoModelConfig)
