@@ -86,6 +86,8 @@ VARIANTS = [
     dict(name="1.1B-full-bf16master", model="A", mode="full", mb=8, precision="bf16-master", compile=0, timeout=180),
     dict(name="1.1B-full-bf16master-compile", model="A", mode="full", mb=8, precision="bf16-master", compile=1,
          timeout=300),
+    dict(name="1.1B-full-bf16master-compile-logitsloss", model="A", mode="full", mb=8, precision="bf16-master",
+         compile=1, timeout=300, args=["--lm-loss-logits"]),
     dict(name="1.1B-lora-bf16master-compile", model="A", mode="lora", mb=8, precision="bf16-master", compile=1,
          timeout=300),
     dict(name="8B-lora-bf16master-compile", model="B", mode="lora", mb=2, precision="bf16-master", compile=1,
@@ -93,7 +95,7 @@ VARIANTS = [
     dict(name="8B-full-bf16lean-recompute-compile", model="B", mode="full", mb=2, precision="bf16-lean", compile=1,
          recompute="LlamaDecoderLayer", timeout=420),
 ]
-ROW_KEYS = {"name", "model", "mode", "mb", "precision", "compile", "recompute", "timeout"}
+ROW_KEYS = {"name", "model", "mode", "mb", "precision", "compile", "recompute", "timeout", "args"}
 MIN_START_S = {0: 60, 1: 120}  # a row (by COMPILE) is not started with less budget than this left, as the baseline
 TAIL_LINES = 25
 # A line that ends a traceback or states run.sh's / fairseq_ext's one-line error (torchrun may prefix [rankN]: ).
@@ -448,7 +450,7 @@ class Benchmark:
             NPROC_PER_NODE="1", NNODES="1", NODE_RANK="0", PLAN_NGPUS="1", USE_ZERO="0", PLAN_FILE="",
             CUBE_SCALING_FACTOR="", MASTER_PORT=str(free_port()))
         env = dict(os.environ, PYTHON=sys.executable, PYTHONUNBUFFERED="1", **settings)
-        cmd = ["bash", str(RUN_SH), "--no-save", "--disable-validation"]
+        cmd = ["bash", str(RUN_SH), "--no-save", "--disable-validation", *row.get("args", [])]
         header = "".join(f"# {k}={v}\n" for k, v in settings.items()) + f"# {' '.join(cmd)}\n"
         log = self.logs / f"{row['name']}.log"
         self.log(f"START {row['name']} (timeout {timeout:.0f} s)")

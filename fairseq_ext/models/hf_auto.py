@@ -35,6 +35,9 @@ class HFAutoModelConfig(FairseqDataclass):
     compile_layers: bool = field(default=False, metadata={
         "help": "torch.compile each decoder layer (the model's _no_split_modules classes): fused kernels, "
                 "one compilation shared by all layers"})
+    lm_loss_logits: bool = field(default=False, metadata={
+        "help": "causal LM: compute the loss from full (batch, length, vocab) logits as Hugging Face does, "
+                "instead of applying the LM head chunk by chunk inside the loss"})
     lora_config: str = field(default="", metadata={
         "help": "peft.LoraConfig keys as JSON or 'key=value ...' (e.g. 'r=16 lora_alpha=32 "
                 "target_modules=q_proj,v_proj'); unset keys take PEFT's defaults"})
@@ -62,6 +65,7 @@ class HFAutoModel(BaseFairseqModel):
     def __init__(self, hf_model):
         super().__init__()
         self.hf_model = hf_model
+        self.lm_loss_logits = False  # --lm-loss-logits
 
     @classmethod
     def label_config(cls, task) -> dict:
@@ -97,7 +101,9 @@ class HFAutoModel(BaseFairseqModel):
             logger.info(f"LoRA: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
         if cfg.compile_layers:
             logger.info(f"torch.compile: {compile_layers(hf_model)} decoder layers")
-        return cls(hf_model)
+        model = cls(hf_model)
+        model.lm_loss_logits = cfg.lm_loss_logits
+        return model
 
     @property
     def saves_trainable_only(self) -> bool:
@@ -162,9 +168,10 @@ class HFAutoCausalLM(HFAutoModel):
     def fused_lm_head(self):
         """The LM head's weight (vocab, hidden) when logits are exactly ``hidden @ weight.T``, so that the loss
         may compute them chunk by chunk from the hidden states; None when the head has a bias, adapters
-        or a tensor-parallel shard, or the model rescales its logits (e.g. Gemma-2's soft-capping)."""
+        or a tensor-parallel shard, the model rescales its logits (e.g. Gemma-2's soft-capping), or the run
+        asks for full logits (``--lm-loss-logits``)."""
         config = self._causal_lm().config
-        if any(getattr(config, name, None) not in (None, 1.0) for name in LOGIT_RESCALING):
+        if self.lm_loss_logits or any(getattr(config, name, None) not in (None, 1.0) for name in LOGIT_RESCALING):
             return None
         head = self._causal_lm().get_output_embeddings()
         if type(head) is not torch.nn.Linear or head.bias is not None or type(head.weight) is not torch.nn.Parameter:

@@ -3,10 +3,10 @@
 Each run trains the shipped tiny Llama (4 heads, 2 kv heads, FFN 384, vocabulary 554) for 10 updates
 and is compared with one process on the same data order and global batch: the loss of every update
 (relative 1e-5; read from the unrounded ``ppl``, as fairseq rounds ``loss`` to 3 decimals); the gradient
-norm, tokens and samples of every update as logged (the norm catches a wrongly scaled gradient, which
-Adam and clipping hide from the loss; the counts catch sums over the ranks of a scale unit); and every
-parameter of the saved checkpoint, which also shows that a tensor-parallel checkpoint holds full
-tensors and loads in one process.
+norm (to the last of its 3 logged decimals), tokens and samples of every update (the norm catches a
+wrongly scaled gradient, which Adam and clipping hide from the loss; the counts catch sums over the
+ranks of a scale unit); and every parameter of the saved checkpoint, which also shows that a
+tensor-parallel checkpoint holds full tensors and loads in one process.
 
 Weights: tensor parallel sums partial products in another order, so gradients differ by float32
 rounding; Adam divides by sqrt(v), and where a gradient is near zero (the embedding row of a token
@@ -69,7 +69,12 @@ def assert_same_training(got, expected):
     assert sorted(got_losses) == sorted(expected_losses) == list(range(1, STEPS + 1))
     for step, loss in expected_losses.items():
         assert abs(got_losses[step] - loss) <= 1e-5 * abs(loss), (step, got_losses[step], loss)
-    assert got_counts == expected_counts, (got_counts, expected_counts)
+    assert sorted(got_counts) == sorted(expected_counts)
+    for step, (norm, tokens, samples) in expected_counts.items():
+        got_norm, got_tokens, got_samples = got_counts[step]
+        # fairseq logs the norm rounded to 3 decimals: float rounding may flip the last one, a wrong scale does more
+        assert abs(float(got_norm) - float(norm)) <= 1.5e-3, (step, got_counts[step], expected_counts[step])
+        assert (got_tokens, got_samples) == (tokens, samples), (step, got_counts[step], expected_counts[step])
     assert expected_losses[STEPS] < expected_losses[1] - 0.5, expected_losses  # the steps really train
     assert got_weights.keys() == expected_weights.keys()
     for name, value in expected_weights.items():
