@@ -88,6 +88,8 @@ VARIANTS = [
          timeout=300),
     dict(name="1.1B-full-bf16master-compile-logitsloss", model="A", mode="full", mb=8, precision="bf16-master",
          compile=1, timeout=300, args=["--lm-loss-logits"]),
+    dict(name="1.1B-full-bf16master-compile-mb16", model="A", mode="full", mb=16, precision="bf16-master", compile=1,
+         timeout=300),
     dict(name="1.1B-lora-bf16master-compile", model="A", mode="lora", mb=8, precision="bf16-master", compile=1,
          timeout=300),
     dict(name="8B-lora-bf16master-compile", model="B", mode="lora", mb=2, precision="bf16-master", compile=1,

@@ -6,6 +6,8 @@ training loop does; ``compute_s`` is the synchronized time of the forward and ba
 task's ``train_step``), gradient clipping and the optimizer step. ``step_s - compute_s`` is fairseq's
 bookkeeping: batching, logging, metrics, checkpoint and validation checks. The device is synchronized
 around each timed part, so timings are exact at the price of a few idle microseconds per update.
+Peak memory is read at the end of each timed part and kept here, because fairseq resets the device's
+peak counters at every update (for its own ``gb_free``).
 """
 
 import json
@@ -26,6 +28,7 @@ class SpeedLog:
         self._update = 0
         self._previous_end: Optional[float] = None
         self._compute = 0.0
+        self._peaks = {"peak_allocated_bytes": 0, "peak_reserved_bytes": 0}
 
     def _now(self) -> float:
         if self.device.type == "cuda":
@@ -40,7 +43,15 @@ class SpeedLog:
                 return function(*args, **kwargs)
             finally:
                 self._compute += self._now() - start
+                self._read_peaks()
         return run
+
+    def _read_peaks(self) -> None:
+        if self.device.type == "cuda":
+            self._peaks["peak_allocated_bytes"] = max(self._peaks["peak_allocated_bytes"],
+                                                      torch.cuda.max_memory_allocated(self.device))
+            self._peaks["peak_reserved_bytes"] = max(self._peaks["peak_reserved_bytes"],
+                                                     torch.cuda.max_memory_reserved(self.device))
 
     def begin_update(self) -> None:
         """Mark the start of an update (the first update's step time starts here)."""
@@ -55,8 +66,7 @@ class SpeedLog:
         record = {"update": self._update, "step_s": end - self._previous_end, "compute_s": self._compute,
                   "tokens": int(tokens)}
         if self.device.type == "cuda":
-            record["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
-            record["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
+            record.update(self._peaks)
         self._previous_end = end
         if self._file is None:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)

@@ -328,6 +328,8 @@ class CubeTrainer(fairseq_trainer.Trainer):
     def _clip_grad_norm(self, clip_norm):
         if self.mesh is None:
             return super().clip_grad_norm(clip_norm)
+        if hasattr(self.optimizer, "apply_grad_multiplier"):
+            self.optimizer.apply_grad_multiplier()  # the norm below reads the gradients themselves
         total_norm = self._shards.grad_norm()
         if clip_norm > 0:
             grads = self._shards.local_grads()

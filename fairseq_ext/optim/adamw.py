@@ -64,7 +64,10 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
         return state
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, grad_scale=None):
+        """One AdamW step. ``grad_scale`` (a float or a 0-dim tensor) multiplies every gradient first:
+        fairseq's normalization and gradient clipping folded into the update instead of passes over
+        the gradients of their own."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -82,28 +85,35 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
                 elif "master" in state:
                     master_params.append(param)
                 else:
-                    self._lean_step(param, state, group)
-            self._adamw(dense, [p.grad for p in dense], [self.state[p] for p in dense], group)
+                    self._lean_step(param, state, group, grad_scale)
+            self._adamw(dense, [p.grad for p in dense], [self.state[p] for p in dense], group, grad_scale)
             if master_params:
                 masters = [self.state[p]["master"] for p in master_params]
                 grads = [p.grad.float() for p in master_params]
-                self._adamw(masters, grads, [self.state[p] for p in master_params], group)
+                self._adamw(masters, grads, [self.state[p] for p in master_params], group, grad_scale)
                 torch._foreach_copy_(master_params, masters)
         return loss
 
     @staticmethod
-    def _adamw(params: List[torch.Tensor], grads: List[torch.Tensor], states: List[dict], group: dict) -> None:
+    def _adamw(params: List[torch.Tensor], grads: List[torch.Tensor], states: List[dict], group: dict,
+               grad_scale=None) -> None:
         if not params:
             return
         on_gpu = params[0].is_cuda
+        divide_by = None
+        if grad_scale is not None:
+            if on_gpu:  # the fused kernel divides the gradients by its ``grad_scale`` as it reads them
+                divide_by = torch.as_tensor(grad_scale, dtype=torch.float32, device=params[0].device).reciprocal()
+            else:
+                torch._foreach_mul_(grads, grad_scale)
         beta1, beta2 = group["betas"]
         functional_adamw(
             params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
-            [s["step"] for s in states], foreach=not on_gpu, fused=on_gpu or None, amsgrad=False,
-            beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
-            maximize=False)
+            [s["step"] for s in states], foreach=not on_gpu, fused=on_gpu or None, grad_scale=divide_by,
+            amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+            eps=group["eps"], maximize=False)
 
-    def _lean_step(self, param: torch.Tensor, state: dict, group: dict) -> None:
+    def _lean_step(self, param: torch.Tensor, state: dict, group: dict, grad_scale=None) -> None:
         """One AdamW step of a bf16 weight with bf16 moments: float32 arithmetic chunk by chunk, the
         moments rounded to nearest, the weight stochastically."""
         beta1, beta2 = group["betas"]
@@ -116,7 +126,7 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
         flat = [t.view(-1) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
         for start in range(0, param.numel(), LEAN_CHUNK):
             weight, grad, exp_avg, exp_avg_sq = (t[start:start + LEAN_CHUNK] for t in flat)
-            grad32 = grad.float()
+            grad32 = grad.float() if grad_scale is None else grad.float().mul_(grad_scale)
             avg = exp_avg.float().lerp_(grad32, 1 - beta1)
             avg_sq = exp_avg_sq.float().mul_(beta2).addcmul_(grad32, grad32, value=1 - beta2)
             exp_avg.copy_(avg)

@@ -5,6 +5,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, List
 
+import torch
 from fairseq.dataclass import FairseqDataclass
 from fairseq.optim import FairseqOptimizer, register_optimizer
 from omegaconf import II, OmegaConf
@@ -29,6 +30,46 @@ class FairseqTorchAdamW(FairseqOptimizer):
     def __init__(self, cfg: TorchAdamWConfig, params):
         super().__init__(cfg)
         self._optimizer = MixedPrecisionAdamW(params, **self.optimizer_config)
+        self._grad_multiplier = 1.0  # pending factor of the gradients, applied by the next step
+
+    def multiply_grads(self, c) -> None:
+        """Replaces fairseq's pass over every gradient (normalization by the sample size): the factor is
+        kept and applied inside the optimizer step."""
+        self._grad_multiplier = self._grad_multiplier * c
+
+    def apply_grad_multiplier(self) -> None:
+        """Multiply the gradients by the pending factor now (for code that reads gradients directly)."""
+        multiplier, self._grad_multiplier = self._grad_multiplier, 1.0
+        if torch.is_tensor(multiplier) or multiplier != 1.0:
+            super().multiply_grads(multiplier)
+
+    def clip_grad_norm(self, max_norm, aggregate_norm_fn=None):
+        """fairseq's clipping (the norm of all gradients, scaled to at most ``max_norm``) without touching
+        the gradients: the norm includes the pending factor, and the clip coefficient joins it."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+        total_norm = torch.linalg.vector_norm(torch.stack(norms)) * self._grad_multiplier
+        if aggregate_norm_fn is not None:
+            total_norm = aggregate_norm_fn(total_norm)
+        if max_norm > 0:
+            self._grad_multiplier = self._grad_multiplier * (max_norm / (total_norm + 1e-6)).clamp_(max=1)
+        return total_norm
+
+    def step(self, closure=None, scale=1.0, groups=None):
+        """The optimizer step, with the pending gradient factor (and fairseq's ``scale``) folded into it."""
+        if groups is not None:
+            raise ValueError("torch_adamw steps all parameter groups together")
+        multiplier, self._grad_multiplier = self._grad_multiplier / scale, 1.0
+        if torch.is_tensor(multiplier) or multiplier != 1.0:
+            self.optimizer.step(closure, grad_scale=multiplier)
+        else:
+            self.optimizer.step(closure)
+
+    def zero_grad(self) -> None:
+        super().zero_grad()
+        self._grad_multiplier = 1.0
 
     @property
     def optimizer_config(self) -> dict:

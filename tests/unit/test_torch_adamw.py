@@ -126,3 +126,51 @@ def test_bf16_weight_precisions_need_torch_adamw():
         check_precision("bf16-lean", optimizer="adam")
     with pytest.raises(UserInputError, match="unknown precision"):
         check_precision("bf16-pure")
+
+
+def _fairseq_optimizer(params):
+    from omegaconf import OmegaConf
+
+    from fairseq_ext.optim.torch_adamw import FairseqTorchAdamW
+    cfg = OmegaConf.create({"adam_betas": "(0.9, 0.95)", "adam_eps": 1e-8, "weight_decay": 0.1, "precision": "fp32",
+                            "lr": [1e-2]})
+    return FairseqTorchAdamW(cfg, params)
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 0.5, 1e3])
+def test_fairseq_scaling_and_clipping_fold_into_the_step(max_norm):
+    """multiply_grads and clip_grad_norm leave the gradients alone and the step applies both: the same
+    weights and norm as scaling, clipping (torch's clip_grad_norm_) and stepping one after the other."""
+    ours, reference = _params(torch.float32), _params(torch.float32)
+    optimizer, torch_optimizer = _fairseq_optimizer(ours), torch.optim.AdamW(reference, lr=1e-2, betas=(0.9, 0.95),
+                                                                              weight_decay=0.1)
+    for step in range(3):
+        grads = _grads(step, [p.shape for p in ours])
+        for a, b, grad in zip(ours, reference, grads):
+            a.grad, b.grad = grad.clone(), grad.clone()
+        optimizer.multiply_grads(0.25)
+        norm = optimizer.clip_grad_norm(max_norm)
+        assert torch.equal(ours[0].grad, grads[0])  # untouched until the step
+        for b in reference:
+            b.grad.mul_(0.25)
+        expected_norm = torch.nn.utils.clip_grad_norm_(reference, max_norm if max_norm > 0 else float("inf"))
+        torch.testing.assert_close(norm, expected_norm, rtol=1e-6, atol=0)
+        optimizer.step()
+        torch_optimizer.step()
+        optimizer.zero_grad()
+        torch_optimizer.zero_grad()
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_apply_grad_multiplier_scales_the_gradients_once():
+    params = _params(torch.float32)
+    optimizer = _fairseq_optimizer(params)
+    grads = _grads(0, [p.shape for p in params])
+    for p, grad in zip(params, grads):
+        p.grad = grad.clone()
+    optimizer.multiply_grads(0.5)
+    optimizer.apply_grad_multiplier()
+    optimizer.apply_grad_multiplier()
+    for p, grad in zip(params, grads):
+        assert torch.equal(p.grad, grad * 0.5)

@@ -12,28 +12,46 @@ import contextlib
 import torch
 
 
+def _loss_and_grad_logits(logits, target, ignore_index: int, want_grad: bool):
+    """Summed float32 cross entropy of one chunk's logits and, if ``want_grad``, its gradient with respect
+    to the logits (softmax minus one-hot, zero on ignored rows) in the logits' dtype.
+
+    Written as one expression so that ``torch.compile`` (on GPUs) fuses it into a reduction and one
+    elementwise pass over the chunk, instead of a float32 buffer rewritten op by op.
+    """
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, 0)
+    scores = logits.float()
+    log_sum_exp = torch.logsumexp(scores, dim=1)
+    target_logit = scores.gather(1, safe_target.unsqueeze(1)).squeeze(1)
+    loss = torch.where(valid, log_sum_exp - target_logit, 0.0).sum()
+    if not want_grad:
+        return loss, None
+    one_hot = torch.arange(scores.shape[1], device=scores.device).unsqueeze(0) == safe_target.unsqueeze(1)
+    grad = torch.exp(scores - log_sum_exp.unsqueeze(1)) - one_hot.float()
+    return loss, torch.where(valid.unsqueeze(1), grad, 0.0).to(logits.dtype)
+
+
+_compiled_loss_and_grad_logits = None
+
+
+def _loss_and_grad_function(device: torch.device):
+    """The compiled :func:`_loss_and_grad_logits` on GPUs (compiled once per process), else the eager one."""
+    global _compiled_loss_and_grad_logits
+    if device.type != "cuda":
+        return _loss_and_grad_logits
+    if _compiled_loss_and_grad_logits is None:
+        _compiled_loss_and_grad_logits = torch.compile(_loss_and_grad_logits)
+    return _compiled_loss_and_grad_logits
+
+
 def _chunk_loss(h, w, target, ignore_index, grad_hidden, grad_weight):
     """Summed loss of one chunk of rows; writes its gradient into ``grad_hidden`` and adds it to ``grad_weight``.
 
     ``h`` and ``w`` are in the matmul dtype; either gradient may be None (not wanted).
     """
-    valid = target != ignore_index
-    safe_target = target.masked_fill(~valid, 0).unsqueeze(1)
-    # One float32 (chunk, V) buffer, changed in place: the logits, exp(logits - max), the softmax, grad_logits.
-    scores = (h @ w.T).float()
-    target_logit = scores.gather(1, safe_target).squeeze(1)
-    max_logit = scores.amax(dim=1, keepdim=True)
-    sum_exp = scores.sub_(max_logit).exp_().sum(dim=1, keepdim=True)
-    log_sum_exp = (max_logit + sum_exp.log()).squeeze(1)
-    loss = torch.where(valid, log_sum_exp - target_logit, 0.0).sum()
-    if grad_hidden is None and grad_weight is None:
-        return loss
-
-    scores.div_(sum_exp)
-    scores.scatter_add_(1, safe_target, torch.full(safe_target.shape, -1.0, device=scores.device))
-    scores.masked_fill_(~valid.unsqueeze(1), 0.0)
-    grad_logits = scores.to(h.dtype)
-    del scores  # frees the float32 buffer before the matmuls when they run in a lower precision
+    want_grad = grad_hidden is not None or grad_weight is not None
+    loss, grad_logits = _loss_and_grad_function(h.device)(h @ w.T, target, ignore_index, want_grad)
     if grad_hidden is not None:
         grad_hidden.copy_(grad_logits @ w)
     if grad_weight is not None:
