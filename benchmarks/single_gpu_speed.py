@@ -94,10 +94,11 @@ VARIANTS = [
          timeout=300),
     dict(name="8B-lora-bf16master-compile", model="B", mode="lora", mb=2, precision="bf16-master", compile=1,
          timeout=420),
-    dict(name="8B-full-bf16lean-recompute-compile", model="B", mode="full", mb=2, precision="bf16-lean", compile=1,
-         recompute="LlamaDecoderLayer", timeout=420),
+    # mem_per_gpu: `run.sh compile` chooses the plan (recompute) for this budget (GB), the run trains with it
+    dict(name="8B-full-bf16lean-plan-compile", model="B", mode="full", mb=2, precision="bf16-lean", compile=1,
+         mem_per_gpu=74, timeout=420),
 ]
-ROW_KEYS = {"name", "model", "mode", "mb", "precision", "compile", "recompute", "timeout", "args"}
+ROW_KEYS = {"name", "model", "mode", "mb", "precision", "compile", "recompute", "timeout", "args", "mem_per_gpu"}
 MIN_START_S = {0: 60, 1: 120}  # a row (by COMPILE) is not started with less budget than this left, as the baseline
 TAIL_LINES = 25
 # A line that ends a traceback or states run.sh's / fairseq_ext's one-line error (torchrun may prefix [rankN]: ).
@@ -455,6 +456,12 @@ class Benchmark:
         cmd = ["bash", str(RUN_SH), "--no-save", "--disable-validation", *row.get("args", [])]
         header = "".join(f"# {k}={v}\n" for k, v in settings.items()) + f"# {' '.join(cmd)}\n"
         log = self.logs / f"{row['name']}.log"
+        if row.get("mem_per_gpu"):
+            planned = self.compile_plan(row, env, run_dir)
+            if "plan_file" not in planned:
+                return dict(result, status="failed", **planned)
+            result.update(planned)
+            env.update(PLAN_FILE=planned["plan_file"], RECOMPUTE_MODULE_NAMES="")
         self.log(f"START {row['name']} (timeout {timeout:.0f} s)")
         run = run_logged(cmd, env, log, timeout, header)
         result.update(rc=run["rc"], wall_s=round(run["wall_s"], 1))
@@ -488,6 +495,23 @@ class Benchmark:
         self.log(f"END {row['name']}: {result['tokens_per_s']:,.0f} tokens/s in {run['wall_s']:.0f} s")
         return result
 
+    def compile_plan(self, row: dict, env: dict, run_dir: Path) -> dict:
+        """``run.sh compile`` for the row's settings and MEM_PER_GPU: the plan file and its predictions."""
+        log = self.logs / f"{row['name']}.plan.log"
+        run = run_logged(["bash", str(RUN_SH), "compile"], dict(env, MEM_PER_GPU=str(row["mem_per_gpu"]),
+                                                                RECOMPUTE_MODULE_NAMES=""), log, 180)
+        plan_file = run_dir / "plan.json"
+        text = log.read_text()
+        if run["rc"] != 0 or not plan_file.is_file():
+            return dict(reason=f"run.sh compile failed (rc {run['rc']})", tail=text.splitlines()[-TAIL_LINES:])
+        chosen = re.search(r"chosen plan: (.*?); peak memory ([\d.]+) GB.*?step ([\d.]+) s", text)
+        planned = dict(plan_file=str(plan_file), plan=json.loads(plan_file.read_text()))
+        if chosen:
+            planned.update(plan_summary=chosen.group(1), predicted_peak_gib=float(chosen.group(2)),
+                           predicted_step_s=float(chosen.group(3)))
+        self.log(f"PLAN {row['name']}: {planned.get('plan_summary')} (MEM_PER_GPU {row['mem_per_gpu']})")
+        return planned
+
     def compare(self) -> None:
         """Ratio of our tokens/s to the HF row of the same model and mode; flag a FLOP count that differs."""
         hf = {(r["model"], r["mode"]): r for r in self.results if r["source"] == "hf" and r["status"] == "ok"}
@@ -496,7 +520,8 @@ class Benchmark:
             if r["source"] != "ours" or r["status"] != "ok" or ref is None:
                 continue
             r["ratio_to_hf"] = r["tokens_per_s"] / ref["tokens_per_s"]
-            notes = [r["note"]] if r.get("note") else []
+            r.setdefault("own_note", r.get("note", ""))  # compare() runs after every row: notes are rebuilt
+            notes = [r["own_note"]] if r["own_note"] else []
             if ref["mb"] != r["mb"]:
                 notes.append(f"HF ran micro-batch {ref['mb']}")
             if abs(ref["flops_per_token"] - r["flops_per_token"]) > 1e-6 * r["flops_per_token"]:
@@ -628,6 +653,9 @@ def render_table(results: List[dict], environment: dict, baseline: dict, setting
                     failed.append(r)
                 continue
             notes = r.get("note", "")
+            if r.get("plan_summary"):
+                notes = "; ".join(filter(None, [notes, f"compile pass: {r['plan_summary']}, predicted peak "
+                                                       f"{r['predicted_peak_gib']:.1f} GiB, step {r['predicted_step_s']:.3f} s"]))
             if r.get("loss_last") is not None and not math.isfinite(r["loss_last"]):
                 notes = "; ".join(filter(None, [notes, "NON-FINITE LOSS"]))
             ratio = f"{r['ratio_to_hf']:.2f}x" if r.get("ratio_to_hf") is not None else "-"

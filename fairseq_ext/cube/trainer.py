@@ -350,8 +350,6 @@ class CubeTrainer(fairseq_trainer.Trainer):
         over the dp group, gradient scaling, clipping and optimizer step run as usual around it.
         """
         with self._loss_context(), self._pipeline_steps(), self._timed_steps():
-            if self._speed_log is not None:
-                self._speed_log.begin_update()
             result = super().train_step(samples, raise_oom)
             if self._speed_log is not None:
                 self._speed_log.end_update(batch_tokens(samples))

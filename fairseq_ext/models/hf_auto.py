@@ -95,7 +95,8 @@ class HFAutoModel(BaseFairseqModel):
         if num_recomputed:
             logger.info(f"recompute: {num_recomputed} modules ({cfg.recompute_module_names}) recompute their forward")
         if cfg.use_lora:
-            hf_model = apply_lora(hf_model, cfg.lora_config, cls.peft_task_type)
+            hf_model = apply_lora(hf_model, cfg.lora_config, cls.peft_task_type,
+                                  adapters_in_model_dtype=weight_dtype(task.cfg.precision) is not None)
             trainable = sum(p.numel() for p in hf_model.parameters() if p.requires_grad)
             total = sum(p.numel() for p in hf_model.parameters())
             logger.info(f"LoRA: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")

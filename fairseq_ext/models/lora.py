@@ -54,15 +54,20 @@ def linear_module_names(model: torch.nn.Module) -> List[str]:
                    if isinstance(module, torch.nn.Linear)})
 
 
-def apply_lora(hf_model, lora_config: str, task_type: str):
-    """Wrap ``hf_model`` in a PEFT LoRA model; only the adapters (and ``modules_to_save``) stay trainable."""
+def apply_lora(hf_model, lora_config: str, task_type: str, adapters_in_model_dtype: bool = False):
+    """Wrap ``hf_model`` in a PEFT LoRA model; only the adapters (and ``modules_to_save``) stay trainable.
+
+    PEFT makes the adapters of a bf16 model float32 by default, and then runs their matmuls (and casts
+    every adapted layer's input) in float32. With ``adapters_in_model_dtype`` they stay in the model's
+    dtype, for runs whose optimizer keeps float32 master weights (PRECISION=bf16-master).
+    """
     options = parse_lora_config(lora_config)
     try:
         config = LoraConfig(task_type=task_type, **options)
     except (TypeError, ValueError) as err:
         raise UserInputError(f"LORA_CONFIG is not a valid peft.LoraConfig: {err}") from None
     try:
-        return get_peft_model(hf_model, config)
+        return get_peft_model(hf_model, config, autocast_adapter_dtype=not adapters_in_model_dtype)
     except ValueError as err:
         if "not found in the base model" in str(err) or "Target modules" in str(err):
             raise UserInputError(

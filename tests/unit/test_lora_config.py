@@ -1,6 +1,7 @@
 """LORA_CONFIG parsing and LoRA application errors."""
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from fairseq_ext.errors import UserInputError
@@ -42,3 +43,12 @@ def test_default_lora_trains_a_small_fraction():
     total = sum(p.numel() for p in model.parameters())
     assert 0 < trainable < 0.05 * total
     assert all("lora_" in name for name, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("in_model_dtype, expected", [(False, torch.float32), (True, torch.bfloat16)])
+def test_adapters_of_a_bf16_model_stay_bf16_when_asked(in_model_dtype, expected):
+    """PEFT's default makes adapters float32 (and their matmuls); bf16-master keeps them bf16, its
+    optimizer holding their float32 master weights."""
+    model = load_hf_model(AutoModelForCausalLM, MODEL_DIR, dtype="bfloat16")
+    lora = apply_lora(model, "r=4 target_modules=q_proj,v_proj", "CAUSAL_LM", adapters_in_model_dtype=in_model_dtype)
+    assert {p.dtype for p in lora.parameters() if p.requires_grad} == {expected}
