@@ -143,12 +143,15 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
         return self._generators[device]
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch casts loaded states to their parameter's dtype; master weights and float32 moments of
-        bf16 parameters keep the dtype they were saved in."""
+        """Loads states in the dtypes this optimizer keeps, whatever the checkpoint holds (fairseq saves
+        bf16 tensors as float32; torch casts loaded states to their parameter's dtype): float32 master
+        weights and moments beside them, the parameter's dtype for lean moments."""
         super().load_state_dict(state_dict)
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         for saved_id, param in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(saved_id, {}).items():
-                if key in STATE_KEYS and torch.is_tensor(value):
-                    self.state[param][key] = value.to(device=param.device, copy=True)
+            saved = state_dict["state"].get(saved_id, {})
+            if "master" not in saved:
+                continue
+            for key in STATE_KEYS:
+                self.state[param][key] = saved[key].to(device=param.device, dtype=torch.float32, copy=True)

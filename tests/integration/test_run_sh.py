@@ -70,7 +70,7 @@ BAD_INPUTS = {
                                 r"LORA_CONFIG has unknown keys \['rank'\]; peft.LoraConfig accepts"),
     "USE_LORA not 0/1": ({"USE_LORA": "yes"}, r"run\.sh: error: USE_LORA must be 0 or 1, got 'yes'"),
     "BATCH_SIZE negative": ({"BATCH_SIZE": "-4"}, r"BATCH_SIZE must be a positive integer, got '-4'"),
-    "unknown PRECISION": ({"PRECISION": "fp8"}, r"run\.sh: error: PRECISION must be fp32, bf16 or fp16, got 'fp8'"),
+    "unknown PRECISION": ({"PRECISION": "fp8"}, r"run\.sh: error: PRECISION must be fp32, bf16, bf16-master, bf16-lean or fp16, got 'fp8'"),
 }
 
 
