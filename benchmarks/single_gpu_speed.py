@@ -10,7 +10,8 @@ Models are Llama configs with random weights (no downloads; shapes exactly as th
 MODEL_B), data is random token ids in [3, vocab) (never zeros), the first ``--warmup`` updates
 (``--compile-warmup`` for COMPILE=1 rows) are dropped and the medians of the timed updates are reported:
 
-- tokens/s = median over timed updates of tokens / step_s (step_s is the whole update, wall clock);
+- tokens/s = median over timed updates of tokens / step_s (step_s: the whole update, end to end, as
+  the speed log measures it: CUDA events on GPUs);
 - fairseq bookkeeping = median(step_s - compute_s) / median(step_s);
 - peak GiB = the last update's peak_allocated_bytes / 2**30;
 - MFU = flops/token * tokens/s / 989e12 (and / the matmul rate the baseline measured in this run), with
@@ -88,6 +89,8 @@ VARIANTS = [
          timeout=300),
     dict(name="1.1B-full-bf16master-compile-logitsloss", model="A", mode="full", mb=8, precision="bf16-master",
          compile=1, timeout=300, args=["--lm-loss-logits"]),
+    dict(name="1.1B-full-bf16master-compile-workers2", model="A", mode="full", mb=8, precision="bf16-master",
+         compile=1, timeout=300, args=["--num-workers", "2"]),
     dict(name="1.1B-full-bf16master-compile-mb16", model="A", mode="full", mb=16, precision="bf16-master", compile=1,
          timeout=300),
     dict(name="1.1B-lora-bf16master-compile", model="A", mode="lora", mb=8, precision="bf16-master", compile=1,
