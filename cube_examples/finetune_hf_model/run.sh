@@ -67,6 +67,7 @@ RECOMPUTE_MODULE_NAMES=${RECOMPUTE_MODULE_NAMES:-}
 MEM_PER_GPU=${MEM_PER_GPU:-}  # GB (2**30 bytes) per GPU for `run.sh compile`; default 0.8 x the GPU's memory
 PRECISION=${PRECISION:-fp32}  # fp32, bf16 (autocast over fp32 weights), bf16-master, bf16-lean (bf16 weights), fp16
 COMPILE=${COMPILE:-0}  # 1: torch.compile each decoder layer
+PACK_SEQUENCES=${PACK_SEQUENCES:-0}  # 1: causal LM samples packed into rows of SEQUENCE_LENGTH tokens
 SPEED_LOG=${SPEED_LOG:-}  # a file: one JSON line per update (seconds, tokens, peak memory)
 USE_LORA=${USE_LORA:-0}
 LORA_CONFIG=${LORA_CONFIG:-}
@@ -132,6 +133,8 @@ case $PRECISION in
 esac
 [[ $COMPILE == 0 || $COMPILE == 1 ]] || fail "COMPILE must be 0 or 1, got '$COMPILE'"
 if [[ $COMPILE == 1 ]]; then PRECISION_ARGS+=(--compile-layers); fi
+[[ $PACK_SEQUENCES == 0 || $PACK_SEQUENCES == 1 ]] || fail "PACK_SEQUENCES must be 0 or 1, got '$PACK_SEQUENCES'"
+if [[ $PACK_SEQUENCES == 1 ]]; then PRECISION_ARGS+=(--pack-sequences); fi
 if [[ -n $SPEED_LOG ]]; then PRECISION_ARGS+=(--speed-log "$SPEED_LOG"); fi
 LORA_ARGS=()
 if [[ $USE_LORA == 1 ]]; then LORA_ARGS=(--use-lora --lora-config "$LORA_CONFIG"); fi
@@ -167,8 +170,8 @@ echo "fairseq_ext run.sh settings:"
 for name in NPROC_PER_NODE NNODES NODE_RANK MASTER_ADDR MASTER_PORT EXAMPLE_PATH SCRIPT_PATH DATASET_NAME DATA_DIR \
     OUTPUT_DIR TENSORBOARD_DIR LOG_DIR CHECKPOINT_DIR USER_DIR MODEL_ARCH HUGGINGFACE_MODEL_NAME_OR_PATH DATASET_TYPE LEARNING_RATE \
     DATASET_PATH PROMPT_TYPE SEQUENCE_LENGTH BATCH_SIZE GRADIENT_ACCU_NUM WARMUP_STEPS MAX_STEPS SEED USE_ZERO \
-    ZERO_N_GROUPS PLAN_NGPUS CUBE_SCALING_FACTOR PLAN_FILE RECOMPUTE_MODULE_NAMES PRECISION COMPILE SPEED_LOG NUM_WORKERS USE_LORA \
-    LORA_CONFIG OPTIMIZE_PARAMS; do
+    ZERO_N_GROUPS PLAN_NGPUS CUBE_SCALING_FACTOR PLAN_FILE RECOMPUTE_MODULE_NAMES PRECISION COMPILE PACK_SEQUENCES \
+    SPEED_LOG NUM_WORKERS USE_LORA LORA_CONFIG OPTIMIZE_PARAMS; do
     printf '  %-32s %s\n' "$name" "${!name}"
 done
 

@@ -104,6 +104,8 @@ class SampleLayout:
 class CausalLMLayout(SampleLayout):
     name = "causal_lm"
     sequence_columns = {"input_ids": PAD, "labels": IGNORE_INDEX}
+    # packed rows (data/packing.py): padding gets position 0, so each pad token is a sequence of its own
+    optional_sequence_columns = {**SampleLayout.optional_sequence_columns, "position_ids": 0}
 
     def trainable(self, row):
         return any(t != IGNORE_INDEX for t in row["labels"][1:])
@@ -111,8 +113,10 @@ class CausalLMLayout(SampleLayout):
     def arrange(self, batch):
         labels = batch["labels"]
         target = torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), IGNORE_INDEX)], dim=1)
-        return {"net_input": self.net_input(batch), "target": target,
-                "ntokens": int((target != IGNORE_INDEX).sum())}
+        net_input = self.net_input(batch, "position_ids")
+        if "position_ids" in net_input:
+            del net_input["attention_mask"]  # the model derives the per-sample causal mask from the positions
+        return {"net_input": net_input, "target": target, "ntokens": int((target != IGNORE_INDEX).sum())}
 
 
 class Seq2SeqLMLayout(SampleLayout):

@@ -155,13 +155,14 @@ class HFAutoCausalLM(HFAutoModel):
     default_criterion = "hf_causal_lm"
     supports_pipeline = True
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, features_only=False):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, features_only=False):
         """Next-token logits; with ``features_only`` the last hidden states (B, T, hidden) that the LM head
-        reads, for a loss that applies the head itself (:meth:`fused_lm_head`)."""
+        reads, for a loss that applies the head itself (:meth:`fused_lm_head`). Packed rows come with
+        ``position_ids`` (restarting per sample) and no attention mask."""
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         if features_only:
-            base = self._causal_lm().base_model
-            return base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return self.hf_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return self._causal_lm().base_model(**inputs).last_hidden_state
+        return self.hf_model(**inputs).logits
 
     def _causal_lm(self):
         return self.hf_model.get_base_model() if is_lora(self.hf_model) else self.hf_model

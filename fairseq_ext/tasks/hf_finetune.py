@@ -14,6 +14,7 @@ from ..cube.config import CubeConfig
 from ..cube.runtime.precision import autocast, check_precision
 
 from ..data.layouts import get_layout
+from ..data.packing import pack
 from ..data.registry import get_dataset_builder, get_label_reader
 from ..data.tokenized import TokenizedDataset, to_hf_dataset, truncate
 from ..errors import UserInputError
@@ -42,6 +43,9 @@ class HFFinetuneConfig(CubeConfig):
                 "weights, fp32 master weights and moments in the optimizer; bf16-lean: bf16 weights and moments "
                 "(both need --optimizer torch_adamw). fairseq's own --bf16 does not work on GPUs; fp16 is "
                 "fairseq's --fp16"})
+    pack_sequences: bool = field(default=False, metadata={
+        "help": "causal LM: pack several samples into each row of up to --sequence-length tokens, each attending "
+                "only to itself (no compute on padding)"})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "allow code shipped with the model or tokenizer to run; off unless you trust its source"})
     seed: int = II("common.seed")
@@ -93,6 +97,11 @@ class HFFinetuneTask(FairseqTask):
         builder = get_dataset_builder(self.cfg.dataset_type)
         samples = to_hf_dataset(builder(self.cfg, split, self.tokenizer), self.layout)
         samples = truncate(samples, self.layout, self.cfg.sequence_length, split)
+        if self.cfg.pack_sequences:
+            if self.layout.name != "causal_lm":
+                raise UserInputError(f"PACK_SEQUENCES=1 packs causal LM samples; the {self.layout.name} head of "
+                                     f"--arch {self._arch} takes one sample per row: set PACK_SEQUENCES=0")
+            samples = pack(samples, self.cfg.sequence_length, split)
         self.datasets[split] = TokenizedDataset(samples, self.layout, self.pad_id, shuffle=(split == "train"))
 
     def build_criterion(self, cfg, from_checkpoint=False):
