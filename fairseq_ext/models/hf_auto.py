@@ -65,6 +65,7 @@ class HFAutoModel(BaseFairseqModel):
     def __init__(self, hf_model):
         super().__init__()
         self.hf_model = hf_model
+        self.training = hf_model.training  # from_pretrained returns models in eval mode (see train())
         self.lm_loss_logits = False  # --lm-loss-logits
 
     @classmethod
@@ -133,6 +134,18 @@ class HFAutoModel(BaseFairseqModel):
 
     def max_positions(self):
         return getattr(self.hf_model.config, "max_position_embeddings", None)
+
+    def set_num_updates(self, num_updates):
+        """Replaces fairseq's walk over every submodule looking for ``set_num_updates`` (none of a Hugging
+        Face model has one; the walk costs milliseconds per update for models with thousands of modules)."""
+        self.num_updates = num_updates
+
+    def train(self, mode: bool = True):
+        """``nn.Module.train`` walks every submodule, and fairseq calls it at every update: a model already
+        in ``mode`` is left as it is (switch a submodule alone with its own ``train``/``eval``)."""
+        if mode == self.training:
+            return self
+        return super().train(mode)
 
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):

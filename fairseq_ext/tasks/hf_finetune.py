@@ -127,7 +127,7 @@ class HFFinetuneTask(FairseqTask):
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         """fairseq's step with the forward under the runtime's precision (``--precision``) or fairseq's ``--amp``."""
-        model.train()
+        model.train()  # fairseq's trainer did it already: HFAutoModel.train returns at once then
         model.set_num_updates(update_num)
         fairseq_amp = isinstance(optimizer, AMPOptimizer)
         with torch.autocast("cuda", enabled=fairseq_amp), autocast(self.cfg.precision, sample_device(sample)):

@@ -52,3 +52,13 @@ def test_adapters_of_a_bf16_model_stay_bf16_when_asked(in_model_dtype, expected)
     model = load_hf_model(AutoModelForCausalLM, MODEL_DIR, dtype="bfloat16")
     lora = apply_lora(model, "r=4 target_modules=q_proj,v_proj", "CAUSAL_LM", adapters_in_model_dtype=in_model_dtype)
     assert {p.dtype for p in lora.parameters() if p.requires_grad} == {expected}
+
+
+def test_train_and_eval_switch_every_submodule_and_updates_are_counted():
+    from fairseq_ext.models.hf_auto import HFAutoCausalLM
+    model = HFAutoCausalLM(apply_lora(load_hf_model(AutoModelForCausalLM, MODEL_DIR), "r=4", "CAUSAL_LM").eval())
+    for mode in (True, False, True, True, False, False, True):
+        model.train(mode)
+        assert all(m.training == mode for m in model.modules())
+    model.set_num_updates(7)
+    assert model.num_updates == 7
