@@ -2,9 +2,11 @@
 
 import logging
 from dataclasses import dataclass, field
+from typing import List
 
 import torch
 
+from fairseq.data import data_utils
 from fairseq.models import ARCH_MODEL_REGISTRY
 from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import FairseqTask, register_task
@@ -14,6 +16,7 @@ from ..cube.config import CubeConfig
 from ..cube.runtime.precision import autocast, check_precision
 
 from ..data.layouts import get_layout
+from ..data.global_batches import GlobalBatchIterator
 from ..data.packing import pack
 from ..data.registry import get_dataset_builder, get_label_reader
 from ..data.tokenized import TokenizedDataset, to_hf_dataset, truncate
@@ -52,6 +55,7 @@ class HFFinetuneConfig(CubeConfig):
     fp16: bool = II("common.fp16")
     bf16: bool = II("common.bf16")
     cpu: bool = II("common.cpu")
+    update_freq: List[int] = II("optimization.update_freq")
 
 
 def sample_device(sample) -> torch.device:
@@ -103,6 +107,39 @@ class HFFinetuneTask(FairseqTask):
                                      f"--arch {self._arch} takes one sample per row: set PACK_SEQUENCES=0")
             samples = pack(samples, self.cfg.sequence_length, split)
         self.datasets[split] = TokenizedDataset(samples, self.layout, self.pad_id, shuffle=(split == "train"))
+
+    def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, max_positions=None,
+                           ignore_invalid_inputs=False, required_batch_size_multiple=1, seed=1, num_shards=1,
+                           shard_id=0, num_workers=0, epoch=1, data_buffer_size=0, disable_iterator_cache=False,
+                           skip_remainder_batch=False, grouped_shuffling=False, update_epoch_batch_itr=False):
+        """Training batches of a fixed ``--batch-size`` come as global batches (``data/global_batches.py``):
+        the samples of each update, and a checkpoint's position, are the same under every plan with the
+        same global batch. Other iterators (validation, ``--max-tokens`` batches) are fairseq's."""
+        if dataset is not self.datasets.get("train") or max_tokens or not max_sentences:
+            return super().get_batch_iterator(
+                dataset, max_tokens=max_tokens, max_sentences=max_sentences, max_positions=max_positions,
+                ignore_invalid_inputs=ignore_invalid_inputs, required_batch_size_multiple=required_batch_size_multiple,
+                seed=seed, num_shards=num_shards, shard_id=shard_id, num_workers=num_workers, epoch=epoch,
+                data_buffer_size=data_buffer_size, disable_iterator_cache=disable_iterator_cache,
+                skip_remainder_batch=skip_remainder_batch, grouped_shuffling=grouped_shuffling,
+                update_epoch_batch_itr=update_epoch_batch_itr)
+        reuse = not disable_iterator_cache and not update_epoch_batch_itr and self.can_reuse_epoch_itr(dataset)
+        if reuse and dataset in self.dataset_to_epoch_iter:
+            return self.dataset_to_epoch_iter[dataset]
+        dataset.set_epoch(epoch)
+        with data_utils.numpy_seed(seed + epoch):
+            indices = dataset.ordered_indices()
+        if max_positions is not None:
+            indices = self.filter_indices_by_size(indices, dataset, max_positions, ignore_invalid_inputs)
+        accumulation = self.cfg.update_freq[0]
+        global_batches = dataset.batch_by_size(indices, max_sentences=max_sentences * num_shards * accumulation)
+        epoch_iter = GlobalBatchIterator(
+            units=num_shards, unit=shard_id, accumulation=accumulation, micro_batch=max_sentences,
+            dataset=dataset, collate_fn=dataset.collater, batch_sampler=global_batches, seed=seed,
+            num_workers=num_workers, epoch=epoch, buffer_size=data_buffer_size, skip_remainder_batch=skip_remainder_batch)
+        if reuse:
+            self.dataset_to_epoch_iter[dataset] = epoch_iter
+        return epoch_iter
 
     def build_criterion(self, cfg, from_checkpoint=False):
         """Use the arch's own loss when the criterion is fairseq's default (cross_entropy needs dictionaries)."""

@@ -91,15 +91,18 @@ def test_two_pp2_units_with_recompute_match_one_process(tmp_path, one_process):
     assert_same_training(run, one_process(accumulation=2))
 
 
-def test_pipeline_checkpoint_resumes_in_one_process(tmp_path, one_process):
-    """tp 2 x pp 2 for updates 1-5, then one process for 6-10 in the same checkpoint folder: the losses,
-    gradient norms and final weights of one process that never stopped (model and Adam states of every
-    stage are gathered into one full checkpoint and cut back on load)."""
+def test_pipeline_checkpoint_resumes_under_dp4_and_in_one_process(tmp_path, one_process):
+    """tp 2 x pp 2 for updates 1-4, four data-parallel processes of BATCH_SIZE 1 for 5-7 (the same global
+    batch of 4), then one process for 8-10, all in one checkpoint folder: the losses, gradient norms and
+    final weights of one process that never stopped. The checkpoint is one full model and optimizer state
+    (every stage gathered) and its data position counts global batches, so each plan resumes at the same
+    samples."""
     plan = plan_file(tmp_path / "plan", tp=2)
-    first = train(tmp_path, NPROC_PER_NODE=4, PLAN_FILE=plan, args=["--max-update", "5"])
-    second = train(tmp_path, NPROC_PER_NODE=1)
-    assert sorted(first[0]) == [1, 2, 3, 4, 5] and sorted(second[0]) == [6, 7, 8, 9, 10]
-    resumed = ({**first[0], **second[0]}, {**first[1], **second[1]}, second[2], second[3])
+    first = train(tmp_path, NPROC_PER_NODE=4, PLAN_FILE=plan, args=["--max-update", "4"])
+    second = train(tmp_path, NPROC_PER_NODE=4, BATCH_SIZE=1, args=["--max-update", "7"])
+    third = train(tmp_path, NPROC_PER_NODE=1)
+    assert sorted(first[0]) == [1, 2, 3, 4] and sorted(second[0]) == [5, 6, 7] and sorted(third[0]) == [8, 9, 10]
+    resumed = ({**first[0], **second[0], **third[0]}, {**first[1], **second[1], **third[1]}, third[2], third[3])
     assert_same_training(resumed, one_process())
 
 

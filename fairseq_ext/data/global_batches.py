@@ -1,0 +1,62 @@
+"""Training batches made as global batches, so that the data order does not depend on the plan.
+
+fairseq makes batches of ``--batch-size`` samples, shuffles that list and deals it out to the
+data-parallel ranks; ``--update-freq`` then groups each rank's consecutive batches. Which samples
+meet in one update therefore depends on the number of scale units and on GRADIENT_ACCU_NUM, and a
+checkpoint's position (batches consumed per rank) means something else under another plan.
+
+Here the batches are *global*: BATCH_SIZE x scale units x GRADIENT_ACCU_NUM consecutive samples of
+the length-sorted order, shuffled per epoch as whole batches. Each update consumes one global batch;
+scale unit ``u`` takes micro-batch ``a * units + u`` of it for accumulation step ``a``. One process
+with BATCH_SIZE 8, four units of 2, or one unit accumulating 4 batches of 2 train on the same samples
+at every update, and a checkpoint records how many global batches the epoch has consumed, so it
+resumes at the same sample under any plan with the same global batch.
+"""
+
+from typing import List
+
+import numpy as np
+from fairseq.data import data_utils, iterators
+
+
+class GlobalBatchIterator(iterators.EpochBatchIterator):
+    """An EpochBatchIterator over ``frozen_batches`` of global batches that yields this scale unit's
+    micro-batches of each, in update order (see the module docstring)."""
+
+    def __init__(self, *, units: int, unit: int, accumulation: int, micro_batch: int, **kwargs):
+        super().__init__(num_shards=1, shard_id=0, **kwargs)
+        self.units, self.unit, self.accumulation, self.micro_batch = units, unit, accumulation, micro_batch
+
+    def _my_pieces(self, global_batch) -> List[List[int]]:
+        starts = [(step * self.units + self.unit) * self.micro_batch for step in range(self.accumulation)]
+        return [list(global_batch[start:start + self.micro_batch]) for start in starts]
+
+    def ordered_batches(self, epoch, fix_batches_to_gpus, shuffle):
+        """This unit's micro-batches for ``epoch``: global batches shuffled under ``seed + epoch``, as a
+        whole, then cut (a micro-batch of the epoch's short last batch may be empty: fairseq then runs
+        its dummy batch without gradient)."""
+        batches = list(self.frozen_batches)
+        if shuffle:
+            with data_utils.numpy_seed(self.seed + epoch):
+                np.random.shuffle(batches)
+        return [piece for batch in batches for piece in self._my_pieces(batch)]
+
+    def __len__(self) -> int:
+        return len(self.frozen_batches) * self.accumulation
+
+    @property
+    def first_batch(self):
+        """A micro-batch of the first global batch (fairseq's dummy batch is made from it)."""
+        return self.collate_fn([self.dataset[i] for i in self.frozen_batches[0][:self.micro_batch]])
+
+    def state_dict(self):
+        """fairseq's iterator state, plus the position in global batches (the same under every plan)."""
+        state = super().state_dict()
+        state["global_batches_in_epoch"] = state["iterations_in_epoch"] // self.accumulation
+        return state
+
+    def load_state_dict(self, state_dict):
+        """Resume at the saved global batch, whatever the saving run's scale units and accumulation were."""
+        if "global_batches_in_epoch" in state_dict:
+            state_dict = dict(state_dict, iterations_in_epoch=state_dict["global_batches_in_epoch"] * self.accumulation)
+        return super().load_state_dict(state_dict)
