@@ -16,8 +16,10 @@ import re
 import shutil
 
 import pytest
+from safetensors.torch import load_file
 
-from tests.distributed.test_plan_run_sh import COMMON, assert_same_training, train
+from fairseq_ext.cube.checkpoint import export_hf
+from tests.distributed.test_plan_run_sh import COMMON, assert_same_training, assert_weights_match, train
 from tests.helpers import MODEL_DIR
 from tests.integration.test_run_sh import run_sh
 
@@ -80,6 +82,12 @@ def test_tp2_x_pp2_matches_one_process(tmp_path, one_process):
     run = train(tmp_path, NPROC_PER_NODE=4, PLAN_FILE=plan_file(tmp_path, tp=2))
     assert '"tp": 2' in run[3] and "tensor parallel:" in run[3]
     assert_same_training(run, one_process())
+    # Export of the sharded run's checkpoint: the single-process run's weights, as a Hugging Face folder.
+    export_hf(str(tmp_path / "out" / "checkpoint" / "checkpoint_last.pt"), str(tmp_path / "hf"))
+    exported, single = load_file(str(tmp_path / "hf" / "model.safetensors")), one_process()[2]
+    assert {f"hf_model.{name}" for name in exported} == set(single)
+    for name, value in exported.items():
+        assert_weights_match(value, single[f"hf_model.{name}"], name)
 
 
 def test_two_pp2_units_with_recompute_match_one_process(tmp_path, one_process):
