@@ -22,14 +22,30 @@ from ..custom import CUSTOM_MODULES, registered_rules
 STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
 
 
+# Rules for families whose configs carry no base_model_tp_plan. Their attention views use -1 heads, so
+# shards of 1/tp of the heads run unchanged.
+_BERT_STYLE = {
+    "encoder.layer.*.attention.self.query": "colwise",
+    "encoder.layer.*.attention.self.key": "colwise",
+    "encoder.layer.*.attention.self.value": "colwise",
+    "encoder.layer.*.attention.output.dense": "rowwise",
+    "encoder.layer.*.intermediate.dense": "colwise",
+    "encoder.layer.*.output.dense": "rowwise",
+}
+FALLBACK_RULES = {"bert": _BERT_STYLE, "roberta": _BERT_STYLE, "xlm-roberta": _BERT_STYLE}
+
+
 def tp_rules(hf_model) -> Dict[str, str]:
-    """The model's tensor-parallel rules: ``config.base_model_tp_plan`` (Llama, Mistral, Qwen2, ...)."""
-    rules = getattr(hf_model.config, "base_model_tp_plan", None)
+    """The model's tensor-parallel rules: ``config.base_model_tp_plan`` (Llama, Mistral, Qwen2, ...), else
+    this module's own for the family (BERT-style encoders)."""
+    config = hf_model.config
+    rules = getattr(config, "base_model_tp_plan", None) or FALLBACK_RULES.get(getattr(config, "model_type", None))
     if not rules and CUSTOM_MODULES:
         return {}  # registered module classes may carry all the rules
     if not rules:
-        raise UserInputError(f"model type {hf_model.config.model_type!r} has no tensor-parallel rules "
-                             "(config.base_model_tp_plan); use tp=1 for it")
+        raise UserInputError(f"model type {config.model_type!r} has no tensor-parallel rules "
+                             f"(config.base_model_tp_plan, or this runtime's for {', '.join(sorted(FALLBACK_RULES))}); "
+                             "use tp=1 for it, or register its module types with fairseq_ext.cube.custom")
     unknown = {style for style in rules.values() if style not in STYLES}
     if unknown:
         raise UserInputError(f"tensor-parallel styles {sorted(unknown)} are not supported; use {sorted(STYLES)}")
