@@ -191,3 +191,12 @@ def test_tp2_bert_sequence_classification_matches_one_process(tmp_path, minilm_w
     assert "tensor parallel: 36 modules sharded over tp 2" in tp2[3]
     one = train(tmp_path / "one", NPROC_PER_NODE=1, **settings)
     assert_same_training(tp2, one, min_progress=0.0, loss_atol=1.5e-3)  # classification logs 3 decimals only
+
+
+def test_tp2_t5_seq2seq_matches_one_process(tmp_path):
+    """T5 (the shipped tiny T5, encoder-decoder, tied embeddings) has no base_model_tp_plan either: the
+    runtime's rules shard self- and cross-attention, the relative position bias by heads, and the FFN."""
+    settings = dict(MODEL_ARCH="hf_auto_seq2seq_lm")
+    tp2 = train(tmp_path / "tp2", NPROC_PER_NODE=2, PLAN_NGPUS=2, **settings)
+    assert "tensor parallel: 34 modules sharded over tp 2" in tp2[3]
+    assert_same_training(tp2, train(tmp_path / "one", NPROC_PER_NODE=1, **settings))

@@ -32,7 +32,20 @@ _BERT_STYLE = {
     "encoder.layer.*.intermediate.dense": "colwise",
     "encoder.layer.*.output.dense": "rowwise",
 }
-FALLBACK_RULES = {"bert": _BERT_STYLE, "roberta": _BERT_STYLE, "xlm-roberta": _BERT_STYLE}
+# T5: self- and cross-attention and the FFN (gated or not); the relative position bias is an embedding of
+# (buckets, heads), so it is split by heads like q, k and v.
+_T5 = {
+    **{f"*.{attention}.{proj}": "colwise" for attention in ("SelfAttention", "EncDecAttention") for proj in "qkv"},
+    "*.SelfAttention.o": "rowwise",
+    "*.EncDecAttention.o": "rowwise",
+    "*.relative_attention_bias": "colwise",
+    **{f"*.DenseReluDense.{wi}": "colwise" for wi in ("wi", "wi_0", "wi_1")},
+    "*.DenseReluDense.wo": "rowwise",
+}
+FALLBACK_RULES = {"bert": _BERT_STYLE, "roberta": _BERT_STYLE, "xlm-roberta": _BERT_STYLE, "t5": _T5}
+# Attributes that count heads in a family's attention modules and are used in its forward (T5 makes
+# zero position biases of n_heads): divided by tp on the sharded modules.
+HEAD_COUNTS = {"T5Attention": ("n_heads", "inner_dim")}
 
 
 def tp_rules(hf_model) -> Dict[str, str]:
@@ -56,7 +69,8 @@ def check_divisible(config, tp: int) -> None:
     """Raise a UserInputError when ``tp`` does not divide the heads, kv heads or FFN width of ``config``."""
     sizes = {"num_attention_heads": getattr(config, "num_attention_heads", None),
              "num_key_value_heads": getattr(config, "num_key_value_heads", None),
-             "intermediate_size": getattr(config, "intermediate_size", None)}
+             "intermediate_size": getattr(config, "intermediate_size", None),
+             "d_ff": getattr(config, "d_ff", None)}  # T5's FFN width
     for name, size in sizes.items():
         if size is not None and size % tp:
             raise UserInputError(f"tp {tp} does not divide {name} {size}; choose a tp that divides it")
@@ -76,6 +90,10 @@ def apply_tensor_parallel(hf_model, tp_mesh: DeviceMesh, rules: Optional[Dict[st
     if not plan:
         raise UserInputError(f"no module of {type(base).__name__} matches the tensor-parallel rules {sorted(rules)}")
     parallelize_module(base, tp_mesh, plan)
+    sharded = {name.rsplit(".", 1)[0] for name in plan}
+    for name, module in base.named_modules():
+        for attribute in HEAD_COUNTS.get(type(module).__name__, ()) if name in sharded else ():
+            setattr(module, attribute, getattr(module, attribute) // tp_mesh.size())
     return len(plan)
 
 
