@@ -160,7 +160,12 @@ class HFFinetuneTask(FairseqTask):
 
     def build_model(self, cfg, from_checkpoint=False):
         self.select_arch(cfg._name)
-        return super().build_model(cfg, from_checkpoint)
+        model = super().build_model(cfg, from_checkpoint)
+        limit = model.max_positions() if hasattr(model, "max_positions") else None
+        if isinstance(limit, int) and self.cfg.sequence_length > limit:
+            raise UserInputError(f"SEQUENCE_LENGTH {self.cfg.sequence_length} exceeds the model's "
+                                 f"max_position_embeddings {limit}; set SEQUENCE_LENGTH to at most {limit}")
+        return model
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         """fairseq's step with the forward under the runtime's precision (``--precision``) or fairseq's ``--amp``."""

@@ -70,7 +70,12 @@ BAD_INPUTS = {
                                 r"LORA_CONFIG has unknown keys \['rank'\]; peft.LoraConfig accepts"),
     "USE_LORA not 0/1": ({"USE_LORA": "yes"}, r"run\.sh: error: USE_LORA must be 0 or 1, got 'yes'"),
     "BATCH_SIZE negative": ({"BATCH_SIZE": "-4"}, r"BATCH_SIZE must be a positive integer, got '-4'"),
-    "unknown PRECISION": ({"PRECISION": "fp8"}, r"run\.sh: error: PRECISION must be fp32, bf16, bf16-master, bf16-lean or fp16, got 'fp8'"),
+    "unknown PRECISION": ({"PRECISION": "fp8"},
+                          r"run\.sh: error: PRECISION must be fp32, bf16, bf16-master, bf16-lean or fp16, got 'fp8'"),
+    "COMPILE not 0/1": ({"COMPILE": "yes"}, r"run\.sh: error: COMPILE must be 0 or 1, got 'yes'"),
+    "SEQUENCE_LENGTH beyond the model": ({"SEQUENCE_LENGTH": "1024"},
+                                         r"SEQUENCE_LENGTH 1024 exceeds the model's max_position_embeddings 512; "
+                                         r"set SEQUENCE_LENGTH to at most 512"),
 }
 
 
