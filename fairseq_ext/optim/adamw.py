@@ -143,15 +143,19 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
         return self._generators[device]
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Loads states in the dtypes this optimizer keeps, whatever the checkpoint holds (fairseq saves
-        bf16 tensors as float32; torch casts loaded states to their parameter's dtype): float32 master
-        weights and moments beside them, the parameter's dtype for lean moments."""
+        """Loads states in the dtypes and places this optimizer keeps, whatever the checkpoint holds (fairseq
+        saves bf16 tensors as float32 and everything on the CPU; torch casts loaded states to their
+        parameter's dtype): float32 master weights and moments beside them, the parameter's dtype for lean
+        moments, step counts on the weight's device (on the host for the lean path)."""
         super().load_state_dict(state_dict)
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
+        lean = {id(p) for group in self.param_groups if group["lean_states"] for p in group["params"]}
         for saved_id, param in zip(saved_ids, params):
-            saved = state_dict["state"].get(saved_id, {})
-            if "master" not in saved:
-                continue
-            for key in STATE_KEYS:
-                self.state[param][key] = saved[key].to(device=param.device, dtype=torch.float32, copy=True)
+            saved, state = state_dict["state"].get(saved_id, {}), self.state[param]
+            if "step" in state:  # checkpoints hold it on the CPU; the fused kernel wants it beside the weight
+                on_host = id(param) in lean and param.dtype != torch.float32
+                state["step"] = state["step"].to(device="cpu" if on_host else param.device, dtype=torch.float32)
+            if "master" in saved:
+                for key in STATE_KEYS:
+                    state[key] = saved[key].to(device=param.device, dtype=torch.float32, copy=True)
