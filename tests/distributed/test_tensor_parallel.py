@@ -82,6 +82,7 @@ def worker(rank, world_size, out, vocab_parallel):
         losses, grads = train(model, data, context)
         weights = {n: full(p) for n, p in model.named_parameters()}
         torch.save({"losses": losses, "grads": grads, "sharded": sharded, "weights": weights}, f"{out}/rank{rank}.pt")
+        dist.barrier()  # no rank tears the group down while another is still in a collective
     finally:
         dist.destroy_process_group()
 
@@ -161,6 +162,7 @@ def custom_worker(rank, world_size, out):
         losses, grads = train(model, batches())
         torch.save({"losses": losses, "sharded": sharded, "num_sharded": num_sharded,
                     "weights": {n: full(p) for n, p in model.named_parameters()}}, f"{out}/rank{rank}.pt")
+        dist.barrier()  # no rank tears the group down while another is still in a collective
     finally:
         dist.destroy_process_group()
 
