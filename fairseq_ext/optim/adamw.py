@@ -61,6 +61,11 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(target, memory_format=torch.preserve_format)
             if keeps_master:
                 state["master"] = target
+        elif lean and "master" not in state and state["exp_avg"].dtype != param.dtype:
+            # loaded by a path that kept the checkpoint's float32 (ZeroRedundancyOptimizer's): lean again
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = state[key].to(param.dtype)
+            state["step"] = state["step"].to("cpu")
         return state
 
     @torch.no_grad()

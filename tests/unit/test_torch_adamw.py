@@ -178,3 +178,15 @@ def test_apply_grad_multiplier_scales_the_gradients_once():
     optimizer.apply_grad_multiplier()
     for p, grad in zip(params, grads):
         assert torch.equal(p.grad, grad * 0.5)
+
+
+def test_lean_states_loaded_as_float32_become_bf16_again():
+    """ZeroRedundancyOptimizer loads states as saved (fairseq saves bf16 as float32): the next step puts the
+    lean moments back in bf16 instead of keeping twice their memory."""
+    params = _params(torch.bfloat16)
+    optimizer = MixedPrecisionAdamW(params, **SETTINGS, lean_states=True)
+    _run(optimizer, params, 1)
+    for state in optimizer.state.values():
+        state["exp_avg"], state["exp_avg_sq"] = state["exp_avg"].float(), state["exp_avg_sq"].float()
+    _run(optimizer, params, 1)
+    assert {s[k].dtype for s in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")} == {torch.bfloat16}
