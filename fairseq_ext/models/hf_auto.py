@@ -82,10 +82,11 @@ class HFAutoModel(BaseFairseqModel):
 
     @classmethod
     def build_model(cls, cfg, task):
+        bf16_weights = weight_dtype(task.cfg.precision)
         hf_model = load_hf_model(
             cls.auto_class,
             task.cfg.hf_model_name_or_path,
-            dtype=weight_dtype(task.cfg.precision) or str(cfg.hf_dtype),
+            dtype=bf16_weights or str(cfg.hf_dtype),
             init_device=init_device(task.cfg),
             attn_implementation=str(cfg.attn_implementation),
             trust_remote_code=task.cfg.trust_remote_code,
@@ -97,7 +98,7 @@ class HFAutoModel(BaseFairseqModel):
             logger.info(f"recompute: {num_recomputed} modules ({cfg.recompute_module_names}) recompute their forward")
         if cfg.use_lora:
             hf_model = apply_lora(hf_model, cfg.lora_config, cls.peft_task_type,
-                                  adapters_in_model_dtype=weight_dtype(task.cfg.precision) is not None)
+                                  adapters_in_model_dtype=bf16_weights is not None)
             trainable = sum(p.numel() for p in hf_model.parameters() if p.requires_grad)
             total = sum(p.numel() for p in hf_model.parameters())
             logger.info(f"LoRA: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
@@ -185,10 +186,11 @@ class HFAutoCausalLM(HFAutoModel):
         may compute them chunk by chunk from the hidden states; None when the head has a bias, adapters
         or a tensor-parallel shard, the model rescales its logits (e.g. Gemma-2's soft-capping), or the run
         asks for full logits (``--lm-loss-logits``)."""
-        config = self._causal_lm().config
-        if self.lm_loss_logits or any(getattr(config, name, None) not in (None, 1.0) for name in LOGIT_RESCALING):
+        causal_lm = self._causal_lm()
+        if self.lm_loss_logits or any(getattr(causal_lm.config, name, None) not in (None, 1.0)
+                                      for name in LOGIT_RESCALING):
             return None
-        head = self._causal_lm().get_output_embeddings()
+        head = causal_lm.get_output_embeddings()
         if type(head) is not torch.nn.Linear or head.bias is not None or type(head.weight) is not torch.nn.Parameter:
             return None
         return head.weight
