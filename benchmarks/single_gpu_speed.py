@@ -97,6 +97,10 @@ VARIANTS = [
          timeout=300),
     dict(name="8B-lora-bf16master-compile", model="B", mode="lora", mb=2, precision="bf16-master", compile=1,
          timeout=420),
+    dict(name="8B-lora-bf16master-compile-mb3", model="B", mode="lora", mb=3, precision="bf16-master", compile=1,
+         timeout=420),
+    dict(name="8B-lora-bf16master-compile-mb4", model="B", mode="lora", mb=4, precision="bf16-master", compile=1,
+         timeout=420),
     # mem_per_gpu: `run.sh compile` chooses the plan (recompute) for this budget (GB), the run trains with it
     dict(name="8B-full-bf16lean-plan-compile", model="B", mode="full", mb=2, precision="bf16-lean", compile=1,
          mem_per_gpu=74, timeout=420),

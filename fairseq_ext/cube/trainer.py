@@ -35,6 +35,7 @@ from ..criterions.base import logging_output
 from ..errors import UserInputError
 from .compile import check_plan_is_current
 from .config import plan_from_config
+from .host_copies import HostCopies, pinned
 from .runtime.data_parallel import average_gradients
 from .runtime.local_shards import LocalShards, full_state_dict, local_tensor, localize_state_dict
 from .runtime.mesh import DP, PP, TP, build_mesh
@@ -123,6 +124,8 @@ class CubeTrainer(fairseq_trainer.Trainer):
         self.plan, self.mesh, self.vocab_parallel, self.pipeline = self._apply_plan(cfg, model, criterion)
         self._shards = None
         self._speed_log = None
+        self._host_copies = HostCopies()
+        self._grad_norm_copy = None  # (the norm on the device, its host copy)
         super().__init__(cfg, task, model, criterion, quantizer)
         speed_log = getattr(cfg.task, "speed_log", "")
         self._speed_log = SpeedLog(speed_log, self.device) if speed_log and distributed_utils.get_global_rank() == 0 \
@@ -322,10 +325,13 @@ class CubeTrainer(fairseq_trainer.Trainer):
 
     def clip_grad_norm(self, clip_norm):
         """Replaces fairseq's norm of the local gradients: with tensor parallel, the norm of the full
-        gradient (sharded squares summed over tp, replicated ones counted once), then clipped alike."""
-        if self._speed_log is not None:
-            return self._speed_log.timed(self._clip_grad_norm)(clip_norm)
-        return self._clip_grad_norm(clip_norm)
+        gradient (sharded squares summed over tp, replicated ones counted once), then clipped alike.
+        On GPUs the norm is also copied to the host for logging, before the optimizer step."""
+        clip = self._clip_grad_norm if self._speed_log is None else self._speed_log.timed(self._clip_grad_norm)
+        norm = clip(clip_norm)
+        if self.cuda and torch.is_tensor(norm):
+            self._grad_norm_copy = (norm, self._host_copies.copy({"norm": norm})["norm"])
+        return norm
 
     def _clip_grad_norm(self, clip_norm):
         if self.mesh is None:
@@ -351,7 +357,7 @@ class CubeTrainer(fairseq_trainer.Trainer):
         the batch (:meth:`_pipeline_train_step`); fairseq's accumulation over ``--update-freq``, its sums
         over the dp group, gradient scaling, clipping and optimizer step run as usual around it.
         """
-        with self._loss_context(), self._pipeline_steps(), self._timed_steps():
+        with self._loss_context(), self._pipeline_steps(), self._timed_steps(), self._logged_on_host():
             result = super().train_step(samples, raise_oom)
             if self._speed_log is not None:
                 self._speed_log.end_update(batch_tokens(samples))
@@ -375,6 +381,34 @@ class CubeTrainer(fairseq_trainer.Trainer):
                     setattr(self.task, name, own[name])
                 else:
                     delattr(self.task, name)
+
+    @contextlib.contextmanager
+    def _logged_on_host(self):
+        """On GPUs: the logging outputs of the task's train step copied to the host as they are returned."""
+        if not self.cuda:
+            yield
+            return
+        own = vars(self.task).get("train_step")  # e.g. the pipeline's
+        step = self.task.train_step
+
+        def train_step(*args, **kwargs):
+            loss, sample_size, logging_output = step(*args, **kwargs)
+            return loss, sample_size, self._host_copies.copy(logging_output)
+
+        self.task.train_step = train_step
+        try:
+            yield
+        finally:
+            if own is not None:
+                self.task.train_step = own
+            else:
+                del self.task.train_step
+
+    def _prepare_sample(self, sample, is_dummy=False):
+        """fairseq's, with the batch pinned first on GPUs: its copy to the device then waits for nothing."""
+        if self.cuda and sample and sample != "DUMMY":
+            sample = pinned(sample)
+        return super()._prepare_sample(sample, is_dummy)
 
     def valid_step(self, sample, raise_oom=False):
         """fairseq's valid step, under ``loss_parallel`` like :meth:`train_step`, and through the pipeline
@@ -416,11 +450,22 @@ class CubeTrainer(fairseq_trainer.Trainer):
 
     def _aggregate_logging_outputs(self, logging_outputs, *extra_stats_to_sum, ignore=False):
         """Logged values that are DTensors (a vocab-parallel loss, replicated over tp) become plain tensors
-        before fairseq sums them over the dp group."""
-        return super()._aggregate_logging_outputs(_plain(logging_outputs), *extra_stats_to_sum, ignore=ignore)
+        before fairseq sums them over the dp group; on GPUs the sums are copied to the host (as in
+        :meth:`_logged_on_host`)."""
+        logging_outputs, extra_stats = super()._aggregate_logging_outputs(_plain(logging_outputs), *extra_stats_to_sum,
+                                                                          ignore=ignore)
+        if self.cuda:
+            logging_outputs = [self._host_copies.copy(log) for log in logging_outputs]
+        return logging_outputs, extra_stats
 
     def _reduce_and_log_stats(self, logging_outputs, sample_size, grad_norm=None):
-        """As :meth:`_aggregate_logging_outputs`, for the single-unit case where fairseq skips the sum."""
+        """As :meth:`_aggregate_logging_outputs`, for the single-unit case where fairseq skips the sum. On
+        GPUs the values come from their host copies (:mod:`host_copies`): reading them does not wait for
+        the optimizer step."""
+        self._host_copies.wait()
+        if self._grad_norm_copy is not None and grad_norm is self._grad_norm_copy[0]:
+            grad_norm = self._grad_norm_copy[1]
+        self._grad_norm_copy = None
         return super()._reduce_and_log_stats(_plain(logging_outputs), sample_size, grad_norm)
 
     @property

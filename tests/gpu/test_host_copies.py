@@ -1,0 +1,53 @@
+"""On a GPU: fairseq's update returns to the host while the device still runs its optimizer step.
+
+Runs on the GPU machine (``python -m pytest -q tests/gpu``); without CUDA there is no device to run ahead of.
+"""
+
+import math
+
+import pytest
+import torch
+
+from tests.helpers import tiny_train_args
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+SLEEP_CYCLES = 2_000_000_000  # about a second of device time, queued behind each optimizer step
+
+
+def build_trainer(save_dir, extra=()):
+    """fairseq-train's setup in this process (task, model, criterion, CubeTrainer, epoch iterator) on the GPU."""
+    from fairseq import checkpoint_utils, options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    from fairseq_ext.cube.trainer import CubeTrainer
+
+    args = [a for a in tiny_train_args(save_dir, extra=["--optimizer", "torch_adamw", *extra]) if a != "--cpu"]
+    args = options.parse_args_and_arch(options.get_training_parser(), args)
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    model, criterion = task.build_model(cfg.model), task.build_criterion(cfg.criterion)
+    task.load_dataset("train", combine=False, epoch=1)
+    trainer = CubeTrainer(cfg, task, model, criterion)
+    _, epoch_itr = checkpoint_utils.load_checkpoint(cfg.checkpoint, trainer)
+    return trainer, iter(epoch_itr.next_epoch_itr(shuffle=False))
+
+
+def test_update_returns_before_the_device_finishes_its_optimizer_step(tmp_path):
+    trainer, batches = build_trainer(tmp_path)
+    task_step = trainer.task.optimizer_step
+
+    def slow_optimizer_step(*args, **kwargs):
+        task_step(*args, **kwargs)
+        torch.cuda._sleep(SLEEP_CYCLES)
+
+    trainer.task.optimizer_step = slow_optimizer_step
+    for _ in range(2):  # the first update also builds the optimizer state
+        torch.cuda.synchronize()
+        log = trainer.train_step([next(batches)])
+        assert not torch.cuda.current_stream().query(), "train_step waited for the device's optimizer step"
+        # the logged values are already on the host, and real
+        assert isinstance(log["loss"], float) and math.isfinite(log["loss"]) and log["loss"] > 0
+        next_batch = trainer._prepare_sample(next(batches))[0]
+        assert next_batch["net_input"]["input_ids"].is_cuda
+        assert not torch.cuda.current_stream().query(), "copying the next batch waited for the device"
