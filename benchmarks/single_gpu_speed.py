@@ -89,8 +89,6 @@ VARIANTS = [
          timeout=300),
     dict(name="1.1B-full-bf16master-compile-logitsloss", model="A", mode="full", mb=8, precision="bf16-master",
          compile=1, timeout=300, args=["--lm-loss-logits"]),
-    dict(name="1.1B-full-bf16master-compile-sdpatorch", model="A", mode="full", mb=8, precision="bf16-master",
-         compile=1, timeout=300, args=["--sdpa-priority", "torch"]),
     dict(name="1.1B-full-bf16master-compile-recompute", model="A", mode="full", mb=8, precision="bf16-master",
          compile=1, recompute="LlamaDecoderLayer", timeout=300),
     dict(name="1.1B-full-bf16-compile", model="A", mode="full", mb=8, precision="bf16", compile=1, timeout=300),
@@ -102,9 +100,6 @@ VARIANTS = [
          timeout=300),
     dict(name="8B-lora-bf16master-compile", model="B", mode="lora", mb=2, precision="bf16-master", compile=1,
          timeout=420),
-    # the same with PyTorch's attention kernel order (FlashAttention first): what cuDNN attention gives
-    dict(name="8B-lora-bf16master-compile-sdpatorch", model="B", mode="lora", mb=2, precision="bf16-master",
-         compile=1, timeout=420, args=["--sdpa-priority", "torch"]),
     dict(name="8B-lora-bf16master-compile-mb3", model="B", mode="lora", mb=3, precision="bf16-master", compile=1,
          timeout=420),
     dict(name="8B-lora-bf16master-compile-mb4", model="B", mode="lora", mb=4, precision="bf16-master", compile=1,

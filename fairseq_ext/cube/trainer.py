@@ -36,7 +36,6 @@ from ..errors import UserInputError
 from .compile import check_plan_is_current
 from .config import plan_from_config
 from .host_copies import HostCopies, pinned
-from .runtime.attention import sdpa_priority
 from .runtime.data_parallel import average_gradients
 from .runtime.local_shards import LocalShards, full_state_dict, local_tensor, localize_state_dict
 from .runtime.mesh import DP, PP, TP, build_mesh
@@ -444,8 +443,7 @@ class CubeTrainer(fairseq_trainer.Trainer):
 
     def _pipeline_forward(self, sample, train: bool, loss_scale: float = 1.0):
         net_input = sample["net_input"]
-        with autocast(getattr(self.cfg.task, "precision", "fp32"), self.device), \
-                sdpa_priority(getattr(self.cfg.task, "sdpa_priority", "torch"), self.device):
+        with autocast(getattr(self.cfg.task, "precision", "fp32"), self.device):
             loss = self.pipeline.run(net_input["input_ids"], net_input.get("attention_mask"), sample["target"],
                                      train=train, loss_scale=loss_scale)
         return loss, sample["ntokens"], logging_output(loss, sample, sample["ntokens"], nll_loss=loss.data)

@@ -13,7 +13,6 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
 from ..cube.config import CubeConfig
-from ..cube.runtime.attention import sdpa_priority
 from ..cube.runtime.precision import autocast, check_precision
 
 from ..data.layouts import get_layout
@@ -50,9 +49,6 @@ class HFFinetuneConfig(CubeConfig):
     pack_sequences: bool = field(default=False, metadata={
         "help": "causal LM: pack several samples into each row of up to --sequence-length tokens, each attending "
                 "only to itself (no compute on padding)"})
-    sdpa_priority: str = field(default="auto", metadata={
-        "help": "attention kernels of Hugging Face's sdpa attention: auto tries cuDNN's first on Hopper GPUs "
-                "(faster there), torch keeps PyTorch's order (FlashAttention first)"})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "allow code shipped with the model or tokenizer to run; off unless you trust its source"})
     seed: int = II("common.seed")
@@ -86,7 +82,6 @@ class HFFinetuneTask(FairseqTask):
         if cfg.sequence_length <= 0:
             raise UserInputError(f"SEQUENCE_LENGTH must be a positive integer, got {cfg.sequence_length}")
         check_precision(cfg.precision, fp16=cfg.fp16, bf16=cfg.bf16)
-        sdpa_priority(cfg.sdpa_priority, torch.device("cpu"))  # an unknown choice fails here
         get_dataset_builder(cfg.dataset_type)  # an unknown type fails before the model is loaded
         reader = get_label_reader(cfg.dataset_type)
         label_set = reader(cfg) if reader else None
@@ -177,9 +172,7 @@ class HFFinetuneTask(FairseqTask):
         model.train()  # fairseq's trainer did it already: HFAutoModel.train returns at once then
         model.set_num_updates(update_num)
         fairseq_amp = isinstance(optimizer, AMPOptimizer)
-        device = sample_device(sample)
-        with torch.autocast("cuda", enabled=fairseq_amp), autocast(self.cfg.precision, device), \
-                sdpa_priority(self.cfg.sdpa_priority, device):
+        with torch.autocast("cuda", enabled=fairseq_amp), autocast(self.cfg.precision, sample_device(sample)):
             loss, sample_size, logging_output = criterion(model, sample)
         if ignore_grad:
             loss *= 0
@@ -188,8 +181,7 @@ class HFFinetuneTask(FairseqTask):
 
     def valid_step(self, sample, model, criterion):
         model.eval()
-        device = sample_device(sample)
-        with torch.no_grad(), autocast(self.cfg.precision, device), sdpa_priority(self.cfg.sdpa_priority, device):
+        with torch.no_grad(), autocast(self.cfg.precision, sample_device(sample)):
             return criterion(model, sample)
 
     def max_positions(self):
