@@ -37,6 +37,7 @@ class CompileSettings:
     zero_n_groups: int = 1  # ZERO_N_GROUPS
     precision: str = "fp32"  # PRECISION
     attn_implementation: str = "sdpa"
+    compiled: bool = False  # COMPILE: decoder layers under torch.compile (they keep fewer activations)
     fixed: Fixed = field(default_factory=Fixed)
     hardware: Hardware = field(default_factory=Hardware)
     allow_pipeline: bool = RUNTIME_RUNS_PIPELINE
@@ -64,17 +65,19 @@ def check_settings(s: CompileSettings) -> None:
 
 def model_fingerprint(config, s: CompileSettings) -> str:
     """16 hex digits identifying what a plan was compiled for: the model's sizes, SEQUENCE_LENGTH,
-    BATCH_SIZE, GRADIENT_ACCU_NUM and PRECISION. A saved plan whose fingerprint differs is stale."""
+    BATCH_SIZE, GRADIENT_ACCU_NUM, PRECISION and COMPILE. A saved plan whose fingerprint differs is stale."""
     keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "intermediate_size", "vocab_size", "head_dim", "tie_word_embeddings")
     data = {key: getattr(config, key, None) for key in keys}
     data.update(seq_len=s.seq_len, batch_size=s.batch_size, grad_accu=s.grad_accu, precision=s.precision)
+    if s.compiled:  # absent when off, so plans compiled before the setting existed stay current
+        data.update(compiled=True)
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
 def check_plan_is_current(plan: Plan, config, seq_len: int, batch_size: int, grad_accu: int, precision: str,
-                          source: str = "PLAN_FILE") -> None:
+                          source: str = "PLAN_FILE", compiled: bool = False) -> None:
     """Refuse a compiled plan (one with a ``model_fingerprint``) made for another model or other settings.
 
     A hand-written plan without a fingerprint is taken as it is.
@@ -82,11 +85,11 @@ def check_plan_is_current(plan: Plan, config, seq_len: int, batch_size: int, gra
     if not plan.model_fingerprint:
         return
     settings = CompileSettings(model="", plan_ngpus=plan.plan_ngpus, mem_per_gpu=1.0, batch_size=batch_size,
-                               seq_len=seq_len, grad_accu=grad_accu, precision=precision)
+                               seq_len=seq_len, grad_accu=grad_accu, precision=precision, compiled=compiled)
     if model_fingerprint(config, settings) != plan.model_fingerprint:
         raise UserInputError(
             f"{source} was compiled for another model or other settings (model sizes, SEQUENCE_LENGTH, BATCH_SIZE, "
-            f"GRADIENT_ACCU_NUM, PRECISION): run `bash run.sh compile` again with this run's settings, or remove "
+            f"GRADIENT_ACCU_NUM, PRECISION, COMPILE): run `bash run.sh compile` again with this run's settings, or remove "
             f"model_fingerprint from the file to use it anyway")
 
 
@@ -98,7 +101,7 @@ def compile_plan(s: CompileSettings) -> Compiled:
     config = load_config(s.model)
     max_tp = min(s.hardware.gpus_per_node, max(s.plan_ngpus, MAX_SUGGESTED_NGPUS))
     profile = _profile(config.to_json_string(), s.seq_len, s.precision, tuple(valid_tp_degrees(config, max_tp)),
-                       s.attn_implementation)
+                       s.attn_implementation, s.compiled)
     work = Workload(batch_size=s.batch_size, seq_len=s.seq_len, grad_accu=s.grad_accu)
 
     def run(plan_ngpus, budget):
@@ -113,13 +116,15 @@ def compile_plan(s: CompileSettings) -> Compiled:
 
 
 @functools.lru_cache(maxsize=8)
-def _profile(config_json: str, seq_len: int, precision: str, tp_degrees: Tuple[int, ...], attn_implementation: str):
+def _profile(config_json: str, seq_len: int, precision: str, tp_degrees: Tuple[int, ...], attn_implementation: str,
+             compiled: bool = False):
     """The profile, remembered per config text and settings (the search is cheap, profiling is not)."""
     from transformers import AutoConfig
 
     data = json.loads(config_json)
     config = AutoConfig.for_model(data.pop("model_type"), **data)
-    return profile_model(config, seq_len, precision, tp_degrees, attn_implementation=attn_implementation)
+    return profile_model(config, seq_len, precision, tp_degrees, attn_implementation=attn_implementation,
+                         compiled=compiled)
 
 
 def _no_fit_message(s: CompileSettings, result: SearchResult, run) -> str:

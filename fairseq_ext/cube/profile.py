@@ -19,9 +19,10 @@ Module names: ``embed`` (input embedding), ``layers.i`` (decoder layers), ``norm
 """
 
 import copy
+import functools
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from typing import Dict, List, Optional, Tuple
 
@@ -50,6 +51,7 @@ class Activations:
     fixed: float = 0.0
     transient_per_token: float = 0.0
     transient_fixed: float = 0.0
+    transient_max_tokens: Optional[int] = None  # the per-token transient stops growing here (a chunk's rows)
 
     def bytes(self, tokens: int) -> float:
         """Kept for backward by a micro-batch of ``tokens`` tokens."""
@@ -57,6 +59,8 @@ class Activations:
 
     def backward_bytes(self, tokens: int) -> float:
         """The rise in memory while the module's backward runs, for ``tokens`` tokens."""
+        if self.transient_max_tokens is not None:
+            tokens = min(tokens, self.transient_max_tokens)
         return max(0.0, self.transient_per_token * tokens + self.transient_fixed)
 
 
@@ -113,6 +117,10 @@ class ModelProfile:
     # tp -> module name -> profile; the decoder layers are identical, so one "layers" entry stands for all.
     modules: Dict[int, Dict[str, ModuleProfile]]
     shared: Dict[int, Activations]  # kept once per micro-batch for all layers (rotary cos/sin)
+    # tp -> the LM head with the fused chunked loss (the causal-LM criterion's default when the head is a plain
+    # Linear: not vocab parallel, no pipeline); None where it is vocab parallel
+    fused_head: Dict[int, Optional[Activations]] = field(default_factory=dict)
+    compiled: bool = False  # decoder layers under torch.compile (COMPILE=1): activations as its partitioner keeps
 
     @property
     def param_numel(self) -> int:
@@ -180,13 +188,15 @@ def vocab_parallel(config, tp: int) -> bool:
 
 
 def profile_model(config, seq_len: int, precision: str = "fp32", tp_degrees=(1,),
-                  attn_implementation: str = "sdpa") -> ModelProfile:
+                  attn_implementation: str = "sdpa", compiled: bool = False) -> ModelProfile:
     """Profile ``config`` (a causal-LM decoder) at ``seq_len`` tokens for each tp degree.
 
     Args:
         precision: ``fp32``, ``bf16`` (autocast over fp32 weights) or ``fp16`` (weights in fp16).
         tp_degrees: tensor-parallel degrees to profile; each must divide heads, kv heads and FFN width.
         attn_implementation: ``sdpa`` (flash-style: no T x T kept) or ``eager``.
+        compiled: the decoder layers run under ``torch.compile`` (run.sh ``COMPILE=1``): a layer keeps what
+            the compiler's partitioner saves for backward (it recomputes cheap elementwise results instead).
     Raises:
         UserInputError: a model the compile pass cannot describe, an unknown precision.
     """
@@ -199,11 +209,16 @@ def profile_model(config, seq_len: int, precision: str = "fp32", tp_degrees=(1,)
     attention_class = type(getattr(layer, "self_attn", layer)).__name__
     mlp_class = type(getattr(layer, "mlp", layer)).__name__
     params = _param_split(full, config)
-    modules, shared, vocab = {}, {}, {}
+    modules, shared, vocab, fused_head = {}, {}, {}, {}
     for tp in tp_degrees:
         vocab[tp] = vocab_parallel(config, tp)
-        measured, shared[tp] = _measure(_shard_config(config, tp, vocab[tp]), seq_len, precision,
-                                        attn_implementation, (layer_class, attention_class, mlp_class))
+        shard = _shard_config(config, tp, vocab[tp])
+        measured, shared[tp] = _measure(shard, seq_len, precision, attn_implementation,
+                                        (layer_class, attention_class, mlp_class))
+        measured["layers"] = _with_layer_bytes(measured["layers"], layer_class,
+                                               _layer_bytes_per_token(shard, seq_len, precision,
+                                                                      attn_implementation, compiled))
+        fused_head[tp] = None if vocab[tp] else fused_head_activations(config, precision)
         h = config.hidden_size
         act_bytes = 4 if precision == "fp32" else 2
         rules = tp_rules_of(config)
@@ -231,7 +246,88 @@ def profile_model(config, seq_len: int, precision: str = "fp32", tp_degrees=(1,)
         num_heads=config.num_attention_heads, num_kv_heads=_kv_heads(config),
         intermediate_size=config.intermediate_size, vocab_size=config.vocab_size, seq_len=seq_len,
         precision=precision, layer_class=layer_class, attention_class=attention_class, mlp_class=mlp_class,
-        tp_degrees=tuple(tp_degrees), vocab_parallel=vocab, modules=modules, shared=shared)
+        tp_degrees=tuple(tp_degrees), vocab_parallel=vocab, modules=modules, shared=shared, fused_head=fused_head,
+        compiled=compiled)
+
+
+def fused_head_activations(config, precision: str, compiled_softmax: bool = True) -> Activations:
+    """The LM head under the fused chunked loss (``runtime/chunked_loss.py``), which computes its gradients in
+    the forward: it keeps the hidden states' gradient (per token) and the head weight's (fixed), and while it
+    runs holds a float32 sum of the weight's gradient, one chunk's logits and their gradient, and the chunk's
+    weight-gradient product before it is added to the float32 sum. On GPUs the softmax-gradient step is
+    compiled into two passes over the chunk; run eagerly (``compiled_softmax=False``, CPUs) it also holds three
+    float32 chunk-sized intermediates and a boolean one-hot."""
+    from ..criterions.lm_loss import CHUNK_ELEMENTS
+
+    hidden, vocab = config.hidden_size, config.vocab_size
+    weight_bytes = WEIGHT_DTYPES.get(precision, torch.float32).itemsize
+    matmul_bytes = 4 if precision == "fp32" else 2  # autocast's bf16, or the bf16 / fp16 weights
+    hidden_bytes = 4 if precision in ("fp32", "bf16") else 2  # under autocast the final norm gives float32
+    transient = vocab * hidden * (4 + matmul_bytes) if weight_bytes != 4 else 0.0
+    return Activations(per_token=hidden * hidden_bytes, fixed=vocab * hidden * weight_bytes,
+                       transient_per_token=vocab * (2 * matmul_bytes if compiled_softmax else matmul_bytes + 13),
+                       transient_fixed=transient,
+                       transient_max_tokens=max(512, CHUNK_ELEMENTS // vocab))
+
+
+def _with_layer_bytes(layer: dict, layer_class: str, per_token: float) -> dict:
+    """A decoder layer's profile with the bytes per token it keeps set to ``per_token`` (what AOTAutograd's
+    partition saves); partial recompute (a sub-module's class) keeps the same share less than that."""
+    eager = layer["activations"]
+    scale = per_token / eager.per_token if eager.per_token else 1.0
+    recompute = {cls: (kept if cls == layer_class else replace(kept, per_token=kept.per_token * scale), flops)
+                 for cls, (kept, flops) in layer["recompute"].items()}
+    return dict(layer, activations=replace(eager, per_token=per_token), recompute=recompute)
+
+
+def _layer_bytes_per_token(config, seq_len: int, precision: str, attn_implementation: str, compiled: bool) -> float:
+    """Bytes per token one decoder layer saves for backward: the layer traced on fake tensors by AOTAutograd
+    and split into forward and backward as eager autograd does, or, ``compiled``, by the min-cut partitioner
+    Inductor uses (it recomputes cheap elementwise results instead of saving them); the forward graph's saved
+    outputs (distinct storages) at batch 2 less batch 1."""
+    from torch._functorch.aot_autograd import aot_function
+    from torch._functorch.partitioners import default_partition, min_cut_rematerialization_partition
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = 1
+    config._attn_implementation = attn_implementation
+    dtype = WEIGHT_DTYPES.get(precision, torch.float32)
+    saved = []
+
+    def keep_saved(graph_module, _inputs):
+        outputs = next(n for n in graph_module.graph.nodes if n.op == "output").args[0]
+        storages = {}
+        for node in outputs[1:]:  # the first is the layer's output, the rest what backward needs
+            value = getattr(node, "meta", {}).get("val")
+            if isinstance(value, torch.Tensor):
+                storages[value.untyped_storage()._cdata] = value.untyped_storage().nbytes()
+        saved.append(sum(storages.values()))
+        return graph_module
+
+    for batch in (1, 2):
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        layer, rotary = model.base_model.layers[0], model.base_model.rotary_emb
+        names = [name for name, _ in layer.named_parameters()]
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model.to_empty(device="cpu")
+            hidden = torch.empty(batch, seq_len, config.hidden_size, dtype=dtype, requires_grad=True)
+            positions = torch.arange(seq_len).unsqueeze(0)
+            cos, sin = rotary(hidden, positions)
+
+            def forward(hidden, cos, sin, *params):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    out = torch.func.functional_call(layer, dict(zip(names, params)), (hidden,),
+                                                     dict(position_embeddings=(cos, sin), position_ids=positions))
+                return out[0] if isinstance(out, tuple) else out
+
+            partition = functools.partial(min_cut_rematerialization_partition, compiler="inductor") if compiled \
+                else default_partition
+            traced = aot_function(forward, fw_compiler=keep_saved, bw_compiler=lambda gm, _: gm, partition_fn=partition)
+            traced(hidden, cos, sin, *layer.parameters()).sum().backward()
+    return (saved[1] - saved[0]) / seq_len
 
 
 def _kv_heads(config) -> int:

@@ -145,7 +145,8 @@ class CubeTrainer(fairseq_trainer.Trainer):
             precision = "fp16" if cfg.common.fp16 else getattr(cfg.task, "precision", "fp32")
             check_plan_is_current(plan, hf_config, seq_len=cfg.task.sequence_length,
                                   batch_size=cfg.dataset.batch_size or 0, grad_accu=cfg.optimization.update_freq[0],
-                                  precision=precision, source=f"PLAN_FILE {cfg.task.plan_file}")
+                                  precision=precision, source=f"PLAN_FILE {cfg.task.plan_file}",
+                                  compiled=getattr(cfg.model, "compile_layers", False))
         if plan.plan_ngpus == 1:
             apply_plan_recompute(getattr(model, "hf_model", model), plan)
             return plan, None, False, None

@@ -28,6 +28,7 @@ from torch.optim.adamw import adamw as functional_adamw
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "master")
 LEAN_CHUNK = 1 << 24  # elements stepped at once by the lean path (bounds its float32 temporaries)
+MASTER_CHUNK_ELEMENTS = 1 << 26  # bf16 weights with master weights: gradients cast to float32 this many at a time
 
 
 def stochastic_round_to_bf16(value: torch.Tensor, generator: torch.Generator = None) -> torch.Tensor:
@@ -92,11 +93,12 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
                 else:
                     self._lean_step(param, state, group, grad_scale)
             self._adamw(dense, [p.grad for p in dense], [self.state[p] for p in dense], group, grad_scale)
-            if master_params:
-                masters = [self.state[p]["master"] for p in master_params]
-                grads = [p.grad.float() for p in master_params]
-                self._adamw(masters, grads, [self.state[p] for p in master_params], group, grad_scale)
-                torch._foreach_copy_(master_params, masters)
+            for chunk in _chunks(master_params, MASTER_CHUNK_ELEMENTS):
+                # float32 copies of one chunk's gradients at a time: at most MASTER_CHUNK_ELEMENTS x 4 bytes more
+                masters = [self.state[p]["master"] for p in chunk]
+                grads = [p.grad.float() for p in chunk]
+                self._adamw(masters, grads, [self.state[p] for p in chunk], group, grad_scale)
+                torch._foreach_copy_(chunk, masters)
         return loss
 
     @staticmethod
@@ -164,3 +166,17 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
             if "master" in saved:
                 for key in STATE_KEYS:
                     state[key] = saved[key].to(device=param.device, dtype=torch.float32, copy=True)
+
+
+def _chunks(params: List[torch.Tensor], max_elements: int) -> List[List[torch.Tensor]]:
+    """``params`` in consecutive groups of at most ``max_elements`` elements (a larger tensor alone)."""
+    chunks, current, size = [], [], 0
+    for param in params:
+        if current and size + param.numel() > max_elements:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(param)
+        size += param.numel()
+    if current:
+        chunks.append(current)
+    return chunks

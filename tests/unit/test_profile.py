@@ -2,10 +2,12 @@
 the real tensors (whole and as the runtime's tp shards), predicted peak memory tracks torch's MemTracker
 on a real CPU training step, and FLOPs match FlopCounterMode.
 
-Tolerances: without recompute the prediction is exact up to a few bytes (the same saved tensors, counted
-on fake tensors). With recompute 5%: the backward walk measures the rise of one layer's backward on a
+Tolerances: without recompute 1%: the layers' saved tensors are the same ones, counted on fake tensors,
+and the fused loss's chunk-sized temporaries are counted from its code (0.9% short here). With recompute 5%: the backward walk measures the rise of one layer's backward on a
 two-layer copy and assumes every layer behaves like it, which misses a few hidden-size gradients that
 non-reentrant checkpointing keeps between layers (3% on the tiny model, where they weigh most)."""
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,7 +18,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from fairseq_ext.cube.cost import ADAM_STATE_BYTES, Hardware, Workload, estimate
 from fairseq_ext.cube.plan import Plan
-from fairseq_ext.cube.profile import load_config, profile_model
+from fairseq_ext.cube.profile import fused_head_activations, load_config, profile_model
+from fairseq_ext.cube.runtime.chunked_loss import linear_cross_entropy
+from fairseq_ext.criterions.lm_loss import CHUNK_ELEMENTS
 from fairseq_ext.cube.runtime.recompute import apply_recompute
 from tests.helpers import MODEL_DIR
 
@@ -96,10 +100,13 @@ def test_predicted_peak_tracks_a_real_training_step(profile, recompute):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     ids = torch.randint(0, model.config.vocab_size, (BATCH, SEQ))
 
-    def step():
-        logits = model(input_ids=ids).logits
-        loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)).float(), ids.view(-1))
-        del logits  # fairseq's criterion returns the loss only
+    head = model.get_output_embeddings().weight
+
+    def step():  # the causal-LM criterion's fused loss: the LM head applied chunk by chunk inside it
+        hidden = model.base_model(input_ids=ids).last_hidden_state
+        loss = linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), head, ids.view(-1),
+                                    chunk_size=max(512, CHUNK_ELEMENTS // head.size(0)))
+        del hidden
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # as fairseq does
@@ -111,9 +118,10 @@ def test_predicted_peak_tracks_a_real_training_step(profile, recompute):
         step()
     measured = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
     plan = Plan(plan_ngpus=1, scaling_factor=1, tp=1, pp=1, recompute_modules=(recompute,) if recompute else ())
-    predicted = estimate(profile, plan, Workload(BATCH, SEQ), BARE).peak_bytes
-    tolerance = 1e-4 if recompute is None else 0.05
-    assert abs(predicted - measured) <= tolerance * measured, (predicted, measured)
+    eager_loss = {1: fused_head_activations(model.config, "fp32", compiled_softmax=False)}  # as on this CPU
+    predicted = estimate(replace(profile, fused_head=eager_loss), plan, Workload(BATCH, SEQ), BARE).peak_bytes
+    tolerance = 0.01 if recompute is None else 0.05
+    assert abs(predicted - measured) <= tolerance * measured, (predicted, measured, (predicted - measured) / measured)
 
 
 def test_forward_flops_match_flop_counter(profile):

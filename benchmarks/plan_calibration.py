@@ -1,0 +1,68 @@
+"""The compile pass's predictions against GPU measurements: peak memory and step time of measured runs.
+
+Reads the JSON files ``single_gpu_speed.py`` wrote on the GPU, takes every full-finetune row of ours
+(one GPU: PLAN_NGPUS=1, the row's PRECISION, COMPILE, micro-batch and recompute, or the plan the compile
+pass chose for it), predicts it with the cost model on this machine (meta-device profile, no GPU) and
+prints the table of ``cube.cost.predicted_vs_measured``: predicted allocated memory (the cost model's peak
+before its allocator slack and workspace, which model what ``max_memory_reserved`` adds) against
+``torch.cuda.max_memory_allocated``, predicted step time against the measured median.
+
+    python benchmarks/plan_calibration.py benchmarks/results/single_gpu_speed/run9.json [more.json ...]
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fairseq_ext.cube.cost import GIB, Hardware, Workload, estimate, predicted_vs_measured  # noqa: E402
+from fairseq_ext.cube.plan import Plan  # noqa: E402
+from fairseq_ext.cube.profile import profile_model  # noqa: E402
+
+
+def measured_rows(paths):
+    """(row, settings) for each full-finetune row of ours that ran, from benchmark JSON files."""
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        for row in data["rows"]:
+            if row.get("source") == "ours" and row.get("mode") == "full" and row.get("status") == "ok":
+                yield dict(row, run=Path(path).stem), data["settings"]
+
+
+def predict(row: dict, settings: dict, hardware: Hardware) -> dict:
+    """Predicted allocated GiB and step seconds of one measured row."""
+    from transformers import LlamaConfig
+
+    shape = settings["shapes"][row["model"]]
+    config = LlamaConfig(**dict(shape, max_position_embeddings=max(shape["max_position_embeddings"], settings["seq"])),
+                         tie_word_embeddings=False, use_cache=False)
+    if row.get("plan"):
+        plan = Plan(**{k: v for k, v in row["plan"].items() if k != "version"})
+    else:
+        recompute = tuple(filter(None, (row.get("recompute") or "").split(",")))
+        plan = Plan(plan_ngpus=1, scaling_factor=1, tp=1, pp=1, recompute_modules=recompute)
+    profile = profile_model(config, settings["seq"], row["precision"], compiled=bool(row.get("compile")))
+    cost = estimate(profile, plan, Workload(row["mb"], settings["seq"]), hardware)
+    allocated = (cost.peak_bytes - hardware.workspace_bytes) / (1 + hardware.allocator_slack)
+    group = f"{row['run']} {row['model']} {row['precision']} COMPILE={int(bool(row.get('compile')))} mb {row['mb']}"
+    return dict(name=f"{row['run']} {row['name']}", predicted_gib=allocated / GIB, measured_gib=row["peak_alloc_gib"],
+                predicted_s=cost.step_time, measured_s=row["step_median_s"], group=group)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="+", help="single_gpu_speed.json files")
+    parser.add_argument("--out", help="also write the table to this file")
+    args = parser.parse_args(argv)
+    hardware = Hardware()
+    table = predicted_vs_measured([predict(row, settings, hardware) for row, settings in measured_rows(args.results)])
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
