@@ -7,7 +7,8 @@ prints the table of ``cube.cost.predicted_vs_measured``: predicted allocated mem
 before its allocator slack and workspace, which model what ``max_memory_reserved`` adds) against
 ``torch.cuda.max_memory_allocated``, predicted step time against the measured median.
 
-    python benchmarks/plan_calibration.py benchmarks/results/single_gpu_speed/run9.json [more.json ...]
+    python benchmarks/plan_calibration.py benchmarks/results/single_gpu_speed/run10.json [more.json ...] \
+        [--exclude "run9 ROW,..."] [--out calibration.md]
 """
 
 import argparse
@@ -54,10 +55,15 @@ def predict(row: dict, settings: dict, hardware: Hardware) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", help="single_gpu_speed.json files")
+    parser.add_argument("--exclude", default="", help="comma-separated 'run row' names to leave out (e.g. measured "
+                                                      "with code the cost model no longer describes)")
     parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args(argv)
     hardware = Hardware()
-    table = predicted_vs_measured([predict(row, settings, hardware) for row, settings in measured_rows(args.results)])
+    excluded = set(filter(None, args.exclude.split(",")))
+    rows = [predict(row, settings, hardware) for row, settings in measured_rows(args.results)
+            if f"{row['run']} {row['name']}" not in excluded]
+    table = predicted_vs_measured(rows)
     print(table)
     if args.out:
         Path(args.out).write_text(table + "\n")
