@@ -15,7 +15,8 @@ from typing import Dict, Optional, Union
 
 from ..errors import UserInputError
 
-STYLES = ("colwise", "rowwise")
+# colwise_qkv: colwise for one projection that packs q, k and v side by side (each rank takes its heads of all three)
+STYLES = ("colwise", "rowwise", "colwise_qkv")
 CUSTOM_MODULES: Dict[str, Dict[str, str]] = {}  # class name -> child-name pattern -> style ({}: whole)
 
 
@@ -24,8 +25,9 @@ def register_module(module_class: Union[type, str], tp_rules: Optional[Dict[str,
 
     Args:
         module_class: the module's class, or its class name.
-        tp_rules: ``{child name pattern: "colwise" | "rowwise"}`` relative to the module (``fnmatch``
-            patterns, e.g. ``"experts.*.up"``); ``None`` or ``{}``: the module stays whole.
+        tp_rules: ``{child name pattern: "colwise" | "rowwise" | "colwise_qkv"}`` relative to the module
+            (``fnmatch`` patterns, e.g. ``"experts.*.up"``; the children are ``nn.Linear`` or transformers'
+            ``Conv1D``); ``None`` or ``{}``: the module stays whole.
     """
     name = module_class if isinstance(module_class, str) else module_class.__name__
     rules = dict(tp_rules or {})

@@ -25,7 +25,7 @@ import pytest
 import torch
 from fairseq import checkpoint_utils
 
-from tests.helpers import minilm_folder
+from tests.helpers import MODEL_DIR, minilm_folder
 from tests.integration.test_run_sh import free_port, run_sh
 
 STEPS = 10
@@ -200,3 +200,30 @@ def test_tp2_t5_seq2seq_matches_one_process(tmp_path):
     tp2 = train(tmp_path / "tp2", NPROC_PER_NODE=2, PLAN_NGPUS=2, **settings)
     assert "tensor parallel: 34 modules sharded over tp 2" in tp2[3]
     assert_same_training(tp2, train(tmp_path / "one", NPROC_PER_NODE=1, **settings))
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    """A tiny GPT-2 (Conv1D projections, q/k/v fused in c_attn, tied embeddings) on the shipped tokenizer,
+    dropout off, so that a tensor-parallel run can match one process."""
+    folder = tmp_path_factory.mktemp("gpt2") / "tiny-gpt2"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(MODEL_DIR / name, folder / name)
+    config = dict(model_type="gpt2", vocab_size=554, n_embd=64, n_head=4, n_layer=2, n_positions=512,
+                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def test_tp2_gpt2_causal_lm_matches_one_process(tmp_path, tiny_gpt2):
+    """GPT-2 has no base_model_tp_plan and Conv1D projections: the runtime's rules give each rank its heads of
+    the fused q/k/v and half the FFN; the tied embeddings stay replicated (vocab parallel off)."""
+    settings = dict(HUGGINGFACE_MODEL_NAME_OR_PATH=str(tiny_gpt2))
+    tp2 = train(tmp_path / "tp2", NPROC_PER_NODE=2, PLAN_NGPUS=2, **settings)
+    assert "tensor parallel: 8 modules sharded over tp 2" in tp2[3] and "vocab parallel off" in tp2[3]
+    one = train(tmp_path / "one", NPROC_PER_NODE=1, **settings)
+    weights = tp2[2]
+    assert weights["hf_model.transformer.h.0.attn.c_attn.weight"].shape == (64, 192)  # full, [q | k | v]
+    assert torch.equal(weights["hf_model.lm_head.weight"], weights["hf_model.transformer.wte.weight"])  # still tied
+    assert_same_training(tp2, one)

@@ -4,6 +4,9 @@ Rules map module names under the base model (``model.model`` of a Llama) to a st
 ``config.base_model_tp_plan``: ``{"layers.*.self_attn.q_proj": "colwise", ...}``. ``colwise`` shards a
 linear layer's output features, ``rowwise`` its input features and all-reduces the output, so an
 attention or MLP block runs on ``1/tp`` of its heads or FFN width between one pair of collectives.
+``colwise_qkv`` is ``colwise`` for one projection that packs q, k and v side by side (GPT-2's ``c_attn``):
+each rank takes its heads of all three. transformers' ``Conv1D`` (GPT-2) is split by this runtime's
+styles (``conv1d_parallel``), ``nn.Linear`` and ``nn.Embedding`` by torch's.
 Modules no rule names (norms, and the embeddings unless :func:`apply_vocab_parallel` shards them) stay
 replicated on every tensor-parallel rank. Module classes registered with
 ``fairseq_ext.cube.custom.register_module`` follow their own rules instead (or stay whole).
@@ -14,12 +17,12 @@ from typing import Dict, Optional
 
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
+from transformers.pytorch_utils import Conv1D
 
 from ...errors import UserInputError
-from ..custom import CUSTOM_MODULES, registered_rules
-
-STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+from ..custom import CUSTOM_MODULES, STYLES, registered_rules
+from .conv1d_parallel import Conv1DRowwiseParallel, PackedColwiseParallel
 
 
 # Rules for families whose configs carry no base_model_tp_plan. Their attention views use -1 heads, so
@@ -42,10 +45,18 @@ _T5 = {
     **{f"*.DenseReluDense.{wi}": "colwise" for wi in ("wi", "wi_0", "wi_1")},
     "*.DenseReluDense.wo": "rowwise",
 }
-FALLBACK_RULES = {"bert": _BERT_STYLE, "roberta": _BERT_STYLE, "xlm-roberta": _BERT_STYLE, "t5": _T5}
+# GPT-2: Conv1D projections; c_attn packs [q | k | v], which each rank takes its heads of.
+_GPT2 = {
+    "h.*.attn.c_attn": "colwise_qkv",
+    "h.*.attn.c_proj": "rowwise",
+    "h.*.mlp.c_fc": "colwise",
+    "h.*.mlp.c_proj": "rowwise",
+}
+FALLBACK_RULES = {"bert": _BERT_STYLE, "roberta": _BERT_STYLE, "xlm-roberta": _BERT_STYLE, "t5": _T5, "gpt2": _GPT2}
 # Attributes that count heads in a family's attention modules and are used in its forward (T5 makes
-# zero position biases of n_heads): divided by tp on the sharded modules.
-HEAD_COUNTS = {"T5Attention": ("n_heads", "inner_dim")}
+# zero position biases of n_heads; GPT-2 splits c_attn's output in split_size q, k and v): divided by tp
+# on the sharded modules.
+HEAD_COUNTS = {"T5Attention": ("n_heads", "inner_dim"), "GPT2Attention": ("num_heads", "embed_dim", "split_size")}
 
 
 def tp_rules(hf_model) -> Dict[str, str]:
@@ -67,13 +78,31 @@ def tp_rules(hf_model) -> Dict[str, str]:
 
 def check_divisible(config, tp: int) -> None:
     """Raise a UserInputError when ``tp`` does not divide the heads, kv heads or FFN width of ``config``."""
-    sizes = {"num_attention_heads": getattr(config, "num_attention_heads", None),
+    sizes = {"num_attention_heads": getattr(config, "num_attention_heads", None),  # GPT-2's n_head too
              "num_key_value_heads": getattr(config, "num_key_value_heads", None),
              "intermediate_size": getattr(config, "intermediate_size", None),
-             "d_ff": getattr(config, "d_ff", None)}  # T5's FFN width
+             "d_ff": getattr(config, "d_ff", None),  # T5's FFN width
+             "n_inner": _n_inner(config)}  # GPT-2's
     for name, size in sizes.items():
         if size is not None and size % tp:
             raise UserInputError(f"tp {tp} does not divide {name} {size}; choose a tp that divides it")
+
+
+def _n_inner(config) -> Optional[int]:
+    """GPT-2's FFN width: ``n_inner``, or 4 x ``n_embd`` when it is unset (as GPT2Block builds it)."""
+    if not hasattr(config, "n_embd"):
+        return None
+    return getattr(config, "n_inner", None) or 4 * config.n_embd
+
+
+def make_style(style: str, module) -> ParallelStyle:
+    """The ParallelStyle that applies ``style`` (one of :data:`STYLES`) to ``module``: torch's for
+    ``nn.Linear`` and ``nn.Embedding``, this runtime's for transformers' ``Conv1D`` and for ``colwise_qkv``."""
+    if style == "colwise_qkv":
+        return PackedColwiseParallel(parts=3)
+    if isinstance(module, Conv1D):
+        return PackedColwiseParallel() if style == "colwise" else Conv1DRowwiseParallel()
+    return ColwiseParallel() if style == "colwise" else RowwiseParallel()
 
 
 def apply_tensor_parallel(hf_model, tp_mesh: DeviceMesh, rules: Optional[Dict[str, str]] = None):
@@ -84,7 +113,7 @@ def apply_tensor_parallel(hf_model, tp_mesh: DeviceMesh, rules: Optional[Dict[st
     rules = rules or tp_rules(hf_model)
     check_divisible(hf_model.config, tp_mesh.size())
     base = hf_model.base_model
-    plan = {name: STYLES[style]() for name, _ in base.named_modules()
+    plan = {name: make_style(style, module) for name, module in base.named_modules()
             for pattern, style in rules.items() if name and fnmatchcase(name, pattern)}
     apply_registered_modules(base, plan)
     if not plan:
@@ -105,10 +134,10 @@ def apply_registered_modules(base, plan: Dict[str, object]) -> None:
             continue
         for name in [n for n in plan if n.startswith(prefix + ".")]:
             del plan[name]
-        for child, _ in module.named_modules():
+        for child, submodule in module.named_modules():
             for pattern, style in rules.items():
                 if child and fnmatchcase(child, pattern):
-                    plan[f"{prefix}.{child}"] = STYLES[style]()
+                    plan[f"{prefix}.{child}"] = make_style(style, submodule)
 
 
 def apply_vocab_parallel(hf_model, tp_mesh: DeviceMesh) -> None:
