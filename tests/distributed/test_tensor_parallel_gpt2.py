@@ -10,7 +10,6 @@ import contextlib
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.parallel import loss_parallel
@@ -21,6 +20,7 @@ from fairseq_ext.cube.runtime.local_shards import LocalShards, full_state_dict, 
 from fairseq_ext.cube.runtime.tensor_parallel import apply_tensor_parallel, apply_vocab_parallel, check_divisible
 from fairseq_ext.errors import UserInputError
 from tests.distributed.test_tensor_parallel import full, init_group
+from tests.helpers import spawn_ranks
 
 HIDDEN, HEADS = 32, 4
 
@@ -92,7 +92,7 @@ def worker(rank, world_size, out, tied):
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied+vocab"])
 def test_gpt2_tp2_matches_single_process(tmp_path, tied):
-    mp.spawn(worker, args=(2, str(tmp_path), tied), nprocs=2, join=True)
+    spawn_ranks(worker, (2, str(tmp_path), tied), nprocs=2)
     reference_model = tiny_gpt2(tied=tied)
     reference = forward_backward(reference_model)
     reference_state = reference_model.state_dict()

@@ -6,12 +6,11 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from fairseq import checkpoint_utils
 
 from fairseq_ext.cube.runtime.zero import local_state_numel, shard_optimizer_states, zero_group_ranks
 from fairseq_ext.errors import UserInputError
-from tests.helpers import train_losses
+from tests.helpers import spawn_ranks, train_losses
 from tests.integration.test_run_sh import run_sh
 
 
@@ -44,7 +43,7 @@ def test_states_are_sharded_and_steps_unchanged(tmp_path, num_groups):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(worker, args=(port, str(tmp_path), num_groups), nprocs=2, join=True)
+    spawn_ranks(worker, (port, str(tmp_path), num_groups), nprocs=2)
     model, batch = model_and_batch()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     for _ in range(3):
