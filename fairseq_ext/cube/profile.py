@@ -285,7 +285,7 @@ def _layer_bytes_per_token(config, seq_len: int, precision: str, attn_implementa
     and split into forward and backward as eager autograd does, or, ``compiled``, by the min-cut partitioner
     Inductor uses (it recomputes cheap elementwise results instead of saving them); the forward graph's saved
     outputs (distinct storages) at batch 2 less batch 1."""
-    from torch._functorch.aot_autograd import aot_function
+    from torch._functorch.aot_autograd import aot_function, make_boxed_func
     from torch._functorch.partitioners import default_partition, min_cut_rematerialization_partition
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoModelForCausalLM
@@ -304,7 +304,7 @@ def _layer_bytes_per_token(config, seq_len: int, precision: str, attn_implementa
             if isinstance(value, torch.Tensor):
                 storages[value.untyped_storage()._cdata] = value.untyped_storage().nbytes()
         saved.append(sum(storages.values()))
-        return graph_module
+        return make_boxed_func(graph_module)
 
     for batch in (1, 2):
         with torch.device("meta"):
@@ -325,7 +325,7 @@ def _layer_bytes_per_token(config, seq_len: int, precision: str, attn_implementa
 
             partition = functools.partial(min_cut_rematerialization_partition, compiler="inductor") if compiled \
                 else default_partition
-            traced = aot_function(forward, fw_compiler=keep_saved, bw_compiler=lambda gm, _: gm, partition_fn=partition)
+            traced = aot_function(forward, fw_compiler=keep_saved, bw_compiler=lambda gm, _: make_boxed_func(gm), partition_fn=partition)
             traced(hidden, cos, sin, *layer.parameters()).sum().backward()
     return (saved[1] - saved[0]) / seq_len
 
