@@ -92,6 +92,11 @@ VARIANTS = [
     dict(name="1.1B-full-bf16master-compile-recompute", model="A", mode="full", mb=8, precision="bf16-master",
          compile=1, recompute="LlamaDecoderLayer", timeout=300),
     dict(name="1.1B-full-bf16-compile", model="A", mode="full", mb=8, precision="bf16", compile=1, timeout=300),
+    # data of lengths uniform in [seq/8, seq]: padded batches against PACK_SEQUENCES=1 (compare trained tokens/s)
+    dict(name="1.1B-full-bf16master-compile-varlen", model="A", mode="full", mb=8, precision="bf16-master",
+         compile=1, timeout=300, data="varlen"),
+    dict(name="1.1B-full-bf16master-compile-varlen-packed", model="A", mode="full", mb=8, precision="bf16-master",
+         compile=1, timeout=300, data="varlen", pack=1),
     dict(name="1.1B-full-bf16master-compile-workers2", model="A", mode="full", mb=8, precision="bf16-master",
          compile=1, timeout=300, args=["--num-workers", "2"]),
     dict(name="1.1B-full-bf16master-compile-mb16", model="A", mode="full", mb=16, precision="bf16-master", compile=1,
@@ -108,7 +113,9 @@ VARIANTS = [
     dict(name="8B-full-bf16lean-plan-compile", model="B", mode="full", mb=2, precision="bf16-lean", compile=1,
          mem_per_gpu=74, timeout=420),
 ]
-ROW_KEYS = {"name", "model", "mode", "mb", "precision", "compile", "recompute", "timeout", "args", "mem_per_gpu"}
+ROW_KEYS = {"name", "model", "mode", "mb", "precision", "compile", "recompute", "timeout", "args", "mem_per_gpu",
+            "data", "pack"}
+DATA_KINDS = ("fixed", "varlen")  # rows of exactly seq tokens; or of lengths uniform in [seq/8, seq] (padding)
 MIN_START_S = {0: 60, 1: 120}  # a row (by COMPILE) is not started with less budget than this left, as the baseline
 TAIL_LINES = 25
 # A line that ends a traceback or states run.sh's / fairseq_ext's one-line error (torchrun may prefix [rankN]: ).
@@ -199,6 +206,8 @@ def summarize_speed_log(records: List[dict], warmup: int) -> dict:
         peak_alloc_gib=None if peak is None else peak / GIB,
         peak_reserved_gib=None if reserved is None else reserved / GIB,
         tokens_per_update=statistics.median(r["tokens"] for r in timed),
+        trained_tokens_per_s=statistics.median(r["trained_tokens"] / r["step_s"] for r in timed)
+        if all("trained_tokens" in r for r in timed) else None,
         timed_updates=len(timed),
         step_s=step, compute_s=compute,
     )
@@ -313,14 +322,22 @@ def write_model_folder(folder: Path, shape: dict, seq: int) -> Path:
     return folder
 
 
-def write_dataset(folder: Path, vocab: int, seq: int, train_rows: int, valid_rows: int = 4, seed: int = 0) -> Path:
-    """A save_to_disk DatasetDict with one column ``input_ids``: rows of exactly ``seq`` ids uniform in [3, vocab)
-    (0-2 are the tokenizer's pad/bos/eos). The ``disk`` type trains on all tokens when there is no labels column."""
+def write_dataset(folder: Path, vocab: int, seq: int, train_rows: int, valid_rows: int = 4, seed: int = 0,
+                  kind: str = "fixed") -> Path:
+    """A save_to_disk DatasetDict with one column ``input_ids``: rows of ids uniform in [3, vocab) (0-2 are the
+    tokenizer's pad/bos/eos), of exactly ``seq`` ids (``fixed``) or of lengths uniform in [seq/8, seq]
+    (``varlen``: batches get padding, as instruction data does). The ``disk`` type trains on all tokens when
+    there is no labels column."""
     import datasets
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    splits = {split: datasets.Dataset.from_dict({"input_ids": rng.integers(3, vocab, size=(rows, seq)).tolist()})
+
+    def rows_of(count):
+        lengths = [seq] * count if kind == "fixed" else rng.integers(seq // 8, seq + 1, size=count).tolist()
+        return [rng.integers(3, vocab, size=n).tolist() for n in lengths]
+
+    splits = {split: datasets.Dataset.from_dict({"input_ids": rows_of(rows)})
               for split, rows in (("train", train_rows), ("valid", valid_rows))}
     datasets.DatasetDict(splits).save_to_disk(str(folder))
     return folder
@@ -343,7 +360,9 @@ def check_rows(rows: List[dict]) -> List[dict]:
         if row["model"] not in ("A", "B") or row["mode"] not in ("full", "lora"):
             raise ValueError(f"row {name}: model must be A or B and mode full or lora, got {row['model']!r}, "
                              f"{row['mode']!r}")
-        out.append(dict(dict(compile=0, recompute="", timeout=240), **row))
+        if row.get("data", "fixed") not in DATA_KINDS:
+            raise ValueError(f"row {name}: data must be one of {DATA_KINDS}, got {row['data']!r}")
+        out.append(dict(dict(compile=0, recompute="", timeout=240, data="fixed", pack=0), **row))
     names = [r["name"] for r in out]
     if len(set(names)) != len(names):
         raise ValueError(f"row names must be unique, got {names}")
@@ -363,14 +382,15 @@ class Benchmark:
         self.baseline: dict = {}
         self.baseline_status = "not run"
         self.results: List[dict] = []
-        self._datasets: Dict[int, Path] = {}
+        self._datasets: Dict[Tuple[int, str], Path] = {}
         self._models: Dict[str, Path] = {}
-        # Each (vocab, seq) dataset holds enough rows for the longest row that uses it, in one epoch.
-        self._rows_needed: Dict[int, int] = {}
+        # Each (vocab, data kind) dataset holds enough rows for the longest row that uses it, in one epoch
+        # (a packed row takes about two samples of the varlen data).
+        self._rows_needed: Dict[Tuple[int, str], int] = {}
         for row in rows:
-            vocab = self.shapes[row["model"]]["vocab_size"]
-            need = (self.warmup(row) + args.steps) * row["mb"] + row["mb"]
-            self._rows_needed[vocab] = max(self._rows_needed.get(vocab, 0), need)
+            key = (self.shapes[row["model"]]["vocab_size"], row["data"])
+            need = ((self.warmup(row) + args.steps) * row["mb"] + row["mb"]) * (3 if row["pack"] else 1)
+            self._rows_needed[key] = max(self._rows_needed.get(key, 0), need)
 
     def remaining(self) -> float:
         return self.args.budget - (time.time() - self.start)
@@ -431,11 +451,12 @@ class Benchmark:
             self._models[model] = write_model_folder(self.work / "models" / model, self.shapes[model], self.seq)
         return self._models[model]
 
-    def dataset(self, vocab: int) -> Path:
-        if vocab not in self._datasets:
-            folder = self.work / "data" / f"random_v{vocab}_s{self.seq}"
-            self._datasets[vocab] = write_dataset(folder, vocab, self.seq, self._rows_needed[vocab])
-        return self._datasets[vocab]
+    def dataset(self, vocab: int, kind: str = "fixed") -> Path:
+        key = (vocab, kind)
+        if key not in self._datasets:
+            folder = self.work / "data" / f"random_v{vocab}_s{self.seq}_{kind}"
+            self._datasets[key] = write_dataset(folder, vocab, self.seq, self._rows_needed[key], kind=kind)
+        return self._datasets[key]
 
     def run_row(self, row: dict) -> dict:
         shape = self.shapes[row["model"]]
@@ -454,12 +475,13 @@ class Benchmark:
         speed_log = run_dir / "speed.jsonl"
         settings = dict(
             MODEL_ARCH="hf_auto_causal_lm", HUGGINGFACE_MODEL_NAME_OR_PATH=str(self.model_folder(row["model"])),
-            DATASET_TYPE="disk", DATASET_PATH=str(self.dataset(shape["vocab_size"])), SEQUENCE_LENGTH=str(self.seq),
+            DATASET_TYPE="disk", DATASET_PATH=str(self.dataset(shape["vocab_size"], row["data"])), SEQUENCE_LENGTH=str(self.seq),
             BATCH_SIZE=str(row["mb"]), GRADIENT_ACCU_NUM="1", MAX_STEPS=str(warmup + self.args.steps),
             WARMUP_STEPS="0", LEARNING_RATE=LEARNING_RATE[row["mode"]], LOG_INTERVAL="10", LOG_FORMAT="json",
             EVALUATE="0", OUTPUT_DIR=str(run_dir), PRECISION=row["precision"], COMPILE=str(row["compile"]),
             USE_LORA="1" if row["mode"] == "lora" else "0", LORA_CONFIG=LORA_CONFIG if row["mode"] == "lora" else "",
             RECOMPUTE_MODULE_NAMES=row["recompute"], SPEED_LOG=str(speed_log), SEED="1",
+            PACK_SEQUENCES=str(int(bool(row["pack"]))),
             NPROC_PER_NODE="1", NNODES="1", NODE_RANK="0", PLAN_NGPUS="1", USE_ZERO="0", PLAN_FILE="",
             CUBE_SCALING_FACTOR="", MASTER_PORT=str(free_port()))
         env = dict(os.environ, PYTHON=sys.executable, PYTHONUNBUFFERED="1", **settings)
@@ -502,6 +524,10 @@ class Benchmark:
                       n_lora=lora_params(shape) if row["mode"] == "lora" else 0,
                       mfu_989=mfu(fpt, result["tokens_per_s"], PEAK_DATASHEET),
                       mfu_measured=mfu(fpt, result["tokens_per_s"], measured_matmul(self.baseline)))
+        if row["data"] != "fixed" and result.get("trained_tokens_per_s"):
+            result["note"] = "; ".join(filter(None, [result.get("note"), (
+                f"{row['data']} data{', packed' if row['pack'] else ', padded'}: "
+                f"{result['trained_tokens_per_s']:,.0f} trained tokens/s")]))
         self.log(f"END {row['name']}: {result['tokens_per_s']:,.0f} tokens/s in {run['wall_s']:.0f} s")
         return result
 

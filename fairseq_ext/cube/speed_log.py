@@ -1,5 +1,6 @@
 """``--speed-log FILE`` (run.sh ``SPEED_LOG``): one JSON line per update with its time, the part of it
-spent computing, the tokens it processed and the peak device memory so far.
+spent computing, the tokens it processed (``tokens``, padding included; ``trained_tokens``, those the
+loss counts) and the peak device memory so far.
 
 ``compute_s`` runs from the start of the update's first forward (the task's ``train_step``) to the end
 of its optimizer step; ``step_s`` from the end of the previous update's optimizer step to the end of
@@ -77,14 +78,17 @@ class SpeedLog:
             self._peaks["peak_reserved_bytes"] = max(self._peaks["peak_reserved_bytes"],
                                                      torch.cuda.max_memory_reserved(self.device))
 
-    def end_update(self, tokens: int) -> None:
-        """Close the update that processed ``tokens`` input tokens; write the previous update's record."""
+    def end_update(self, tokens: int, trained_tokens: Optional[int] = None) -> None:
+        """Close the update that processed ``tokens`` input tokens (padding included), of which
+        ``trained_tokens`` were trained on; write the previous update's record."""
         if self._start is None:  # nothing was timed (a skipped update)
             return
         self.flush()
         self._update += 1
         self._pending = {"update": self._update, "start": self._start, "end": self._end,
                          "previous_end": self._previous_end, "tokens": int(tokens), **self._peaks}
+        if trained_tokens is not None:
+            self._pending["trained_tokens"] = int(trained_tokens)
         self._previous_end, self._start, self._end = self._end, None, None
 
     def flush(self) -> None:
@@ -97,6 +101,8 @@ class SpeedLog:
         step = compute if previous_end is None else self._clock.seconds(previous_end, end)
         record = {"update": pending.pop("update"), "step_s": step, "compute_s": compute,
                   "tokens": pending.pop("tokens")}
+        if "trained_tokens" in pending:
+            record["trained_tokens"] = pending.pop("trained_tokens")
         if self.device.type == "cuda":
             record.update(pending)
         if self._file is None:
@@ -108,3 +114,8 @@ class SpeedLog:
 def batch_tokens(samples) -> int:
     """Input tokens (padding included) in a list of fairseq samples; empty (dummy) samples count none."""
     return sum(s["net_input"]["input_ids"].numel() for s in samples if s and "net_input" in s)
+
+
+def trained_tokens(samples) -> int:
+    """Tokens the loss is computed on (fairseq's ``ntokens``) in a list of fairseq samples."""
+    return sum(int(s.get("ntokens", 0)) for s in samples if s and "net_input" in s)

@@ -44,7 +44,7 @@ from .runtime.pipeline import PipelineRunner
 from .runtime.precision import autocast, check_precision
 from .runtime.recompute import state_dict_name
 from .runtime.zero import shard_optimizer_states
-from .speed_log import SpeedLog, batch_tokens
+from .speed_log import SpeedLog, batch_tokens, trained_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -361,7 +361,7 @@ class CubeTrainer(fairseq_trainer.Trainer):
         with self._loss_context(), self._pipeline_steps(), self._timed_steps(), self._logged_on_host():
             result = super().train_step(samples, raise_oom)
             if self._speed_log is not None:
-                self._speed_log.end_update(batch_tokens(samples))
+                self._speed_log.end_update(batch_tokens(samples), trained_tokens(samples))
             return result
 
     @contextlib.contextmanager

@@ -30,3 +30,15 @@ def test_one_record_per_update_with_compute_inside_the_step(tmp_path):
 def test_batch_tokens_counts_padding_and_skips_dummy_batches():
     sample = {"net_input": {"input_ids": torch.zeros(4, 7, dtype=torch.long)}}
     assert batch_tokens([sample, {}, sample]) == 56
+
+
+def test_trained_tokens_are_recorded_beside_padded_tokens(tmp_path):
+    from fairseq_ext.cube.speed_log import trained_tokens
+
+    log = SpeedLog(str(tmp_path / "speed.jsonl"), torch.device("cpu"))
+    samples = [{"net_input": {"input_ids": torch.zeros(2, 5, dtype=torch.long)}, "ntokens": 7}, {}]
+    log.timed(lambda: None)()
+    log.end_update(batch_tokens(samples), trained_tokens(samples))
+    log.flush()
+    record = json.loads((tmp_path / "speed.jsonl").read_text())
+    assert (record["tokens"], record["trained_tokens"]) == (10, 7)
