@@ -167,6 +167,29 @@ def optimizer_record(fairseq_optimizer, param_names: Sequence[str]) -> dict:
     return {"param_groups": groups, "param_names": list(param_names), "extra": extra}
 
 
+def check_shared_save_dir(save_dir: str) -> None:
+    """Raise UserInputError on every rank unless all ranks see the same ``save_dir`` (one filesystem): each
+    writes its own file of a shards folder, and the first rank renames the folder (collective)."""
+    if not _distributed() or dist.get_world_size() == 1:
+        return
+    token = [secrets.token_hex(8) if _rank() == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    probe = os.path.join(save_dir, f".shared-{token[0]}")
+    if _rank() == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        open(probe, "w").close()
+    dist.barrier()
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, os.path.exists(probe))
+    if _rank() == 0:
+        os.remove(probe)
+    missing = [rank for rank, ok in enumerate(seen) if not ok]
+    if missing:
+        raise UserInputError(f"--checkpoint-format dcp: every rank writes its shards into --save-dir {save_dir}, "
+                             f"but ranks {missing} do not see the first rank's files there; put CHECKPOINT_DIR on "
+                             f"a filesystem all nodes share, or use CHECKPOINT_FORMAT=full")
+
+
 def new_folder_name(num_updates: int) -> str:
     return f"shards-u{num_updates}-{secrets.token_hex(3)}.dcp"
 

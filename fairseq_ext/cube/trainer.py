@@ -55,6 +55,7 @@ from .sharded_checkpoint import (
     ModelShards,
     OptimizerShards,
     check_optimizer_by_parameter,
+    check_shared_save_dir,
     load_model_shards,
     model_entries,
     optimizer_entries,
@@ -209,6 +210,8 @@ class CubeTrainer(fairseq_trainer.Trainer):
         if resolved == "dcp" and PathManager.path_requires_pathmanager(cfg.checkpoint.save_dir):
             raise UserInputError(f"--checkpoint-format dcp writes to local folders; --save-dir "
                                  f"{cfg.checkpoint.save_dir} is remote: use --checkpoint-format full")
+        if resolved == "dcp" and not cfg.checkpoint.no_save:
+            check_shared_save_dir(cfg.checkpoint.save_dir)
         logger.info(f"checkpoints: {resolved} (--checkpoint-format {getattr(cfg.task, 'checkpoint_format', 'auto')})")
         return resolved
 

@@ -5,18 +5,16 @@ Four ranks on a (dp 2, tp 2) mesh shard a tiny Llama over tp and its Adam states
 rank writes its own file, none holds the whole model. The folder is then read back three ways: in one
 process (full tensors), by two ranks of tp 2 without ZeRO, and by four ranks of plain data parallel
 with ZeRO-1 over all four. Every way gives the weights and Adam states of the same step taken in one
-process on the full model.
+process on the full model. Ranks that do not share the save folder (nodes without a shared disk) are
+refused with one clear message.
 """
 
 import glob
-import math
 import os
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import distribute_tensor
 
@@ -26,6 +24,7 @@ from fairseq_ext.cube.runtime.zero import shard_optimizer_states
 from fairseq_ext.cube.sharded_checkpoint import (
     ModelShards,
     OptimizerShards,
+    check_shared_save_dir,
     load_model_shards,
     model_entries,
     optimizer_entries,
@@ -34,7 +33,9 @@ from fairseq_ext.cube.sharded_checkpoint import (
     read_optimizer_shards,
     write_shards,
 )
+from fairseq_ext.errors import UserInputError
 from tests.distributed.test_tensor_parallel import init_group, tiny_llama
+from tests.helpers import tensor_bytes_per_file
 
 LR = 0.1
 
@@ -136,19 +137,6 @@ def one_process_step():
     return {n: p.detach() for n, p in params}, {n: adam.state[p] for n, p in params}
 
 
-def tensor_bytes_per_file(folder):
-    """Bytes of tensor elements each file of a DCP folder stores (its metadata says which chunk is where)."""
-    metadata = FileSystemReader(folder).read_metadata()
-    per_file = {}
-    for index, info in metadata.storage_data.items():
-        meta = metadata.state_dict_metadata[index.fqn]
-        if isinstance(meta, TensorStorageMetadata):
-            chunk = next(c for c in meta.chunks if tuple(c.offsets) == tuple(index.offset))
-            size = math.prod(chunk.sizes) * meta.properties.dtype.itemsize
-            per_file[info.relative_path] = per_file.get(info.relative_path, 0) + size
-    return per_file
-
-
 def assert_states_equal(got, expected):
     assert sorted(got) == sorted(expected)
     for name, state in expected.items():
@@ -197,3 +185,28 @@ def test_dcp_checkpoint_of_tp_and_zero_reshards_to_other_plans(tmp_path):
         assert not set(result["states"]) & set(merged)  # each state held by exactly one rank
         merged.update(result["states"])
     assert_states_equal(merged, states)
+
+
+def shared_dir_worker(rank, world_size, out):
+    """Each rank checks a save dir: the same one, then one of its own (two nodes without a shared disk)."""
+    join(rank, world_size, out, "shared_run")
+    try:
+        check_shared_save_dir(f"{out}/shared")
+        try:
+            check_shared_save_dir(f"{out}/node{rank}")
+            message = None
+        except UserInputError as err:
+            message = str(err)
+        torch.save(message, f"{out}/shared{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_do_not_share_the_save_dir_get_one_clear_error(tmp_path):
+    mp.spawn(shared_dir_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        message = torch.load(tmp_path / f"shared{rank}.pt", weights_only=False)
+        assert message and "ranks [1] do not see the first rank's files there; put CHECKPOINT_DIR on a " \
+                           "filesystem all nodes share, or use CHECKPOINT_FORMAT=full" in message, message
+    assert not [n for n in os.listdir(tmp_path / "shared") if n.startswith(".shared-")]  # the probe is removed
