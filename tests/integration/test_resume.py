@@ -9,7 +9,17 @@ import torch
 from fairseq import checkpoint_utils
 
 from fairseq_ext.cube.sharded_checkpoint import read_checkpoint
-from tests.helpers import FAIRSEQ_TRAIN, env, fairseq_train, tiny_train_args, train_losses
+from tests.helpers import (
+    DATA_DIR,
+    FAIRSEQ_TRAIN,
+    FAIRSEQ_VALIDATE,
+    REPO,
+    env,
+    fairseq_train,
+    run,
+    tiny_train_args,
+    train_losses,
+)
 
 TOTAL = 24
 
@@ -50,8 +60,8 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
 
 def test_sharded_checkpoints_resume_in_one_process_and_stay_small(tmp_path):
     """``--checkpoint-format dcp`` in one process: fairseq's files stay small and name a shards folder,
-    fairseq's ``--keep-interval-updates`` cleanup takes the folders of the files it deletes, and a run
-    resumed from the sharded checkpoint gives the losses and weights of a run that never stopped."""
+    fairseq's ``--keep-interval-updates`` cleanup takes the folders of the files it deletes, fairseq-validate
+    reads the checkpoint, and a run resumed from it gives the losses and weights of a run that never stopped."""
     extra = ["--save-interval-updates", "2", "--keep-interval-updates", "1"]
     reference = fairseq_train(tiny_train_args(tmp_path / "ref", max_update=8, extra=extra))
     assert reference.returncode == 0, reference.stderr[-3000:]
@@ -67,6 +77,9 @@ def test_sharded_checkpoints_resume_in_one_process_and_stay_small(tmp_path):
         assert "model" not in raw and "last_optimizer_state" not in raw and raw["dcp"]["folder"] == folders[0]
         assert raw["extra_state"]["train_iterator"]["iterations_in_epoch"] == 4
         assert os.path.getsize(tmp_path / "dcp" / name) < 64 * 1024  # the model alone is 2 MB
+    validated = run([*FAIRSEQ_VALIDATE, DATA_DIR, "--user-dir", REPO / "fairseq_ext", "--task", "hf_finetune",
+                     "--path", tmp_path / "dcp" / "checkpoint_last.pt", "--cpu", "--batch-size", "16"])
+    assert validated.returncode == 0 and "valid on 'valid' subset" in validated.stdout, validated.stderr[-3000:]
     resumed = fairseq_train(tiny_train_args(tmp_path / "dcp", max_update=8, extra=sharded))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected, got = train_losses(reference.stdout), train_losses(resumed.stdout)

@@ -1,6 +1,7 @@
 """Sharded checkpoints in one process: the folder is written under a temporary name and renamed, an
 interrupted save leaves the previous checkpoint whole, folders no file names are removed, and a file
-whose folder is missing, or a bad --checkpoint-format, is one clear error."""
+whose folder is missing, a bad --checkpoint-format, or an optimizer over flattened parameters is one
+clear error."""
 
 import os
 from types import SimpleNamespace
@@ -11,6 +12,7 @@ import torch
 from fairseq_ext.cube import sharded_checkpoint
 from fairseq_ext.cube.config import checkpoint_format
 from fairseq_ext.cube.sharded_checkpoint import (
+    check_optimizer_by_parameter,
     model_entries,
     optimizer_entries,
     read_checkpoint,
@@ -125,3 +127,15 @@ def test_checkpoint_format_auto_is_dcp_on_a_mesh_only():
     assert checkpoint_format(SimpleNamespace(), on_mesh=True) == "dcp"  # tasks without the setting
     with pytest.raises(UserInputError, match="unknown --checkpoint-format 'sharded'; choose one of auto, full, dcp"):
         checkpoint_format(SimpleNamespace(checkpoint_format="sharded"), on_mesh=True)
+
+
+def test_an_optimizer_over_flattened_parameters_is_refused():
+    """States are saved by parameter name: an optimizer stepping one flat copy of the parameters (fairseq's
+    --fp16 without --fp16-no-flatten-grads) cannot be, and is refused with what to do instead."""
+    model, _ = trained()
+    params = list(model.named_parameters())
+    flat = torch.nn.Parameter(torch.cat([p.detach().flatten() for _, p in params]))
+    check_optimizer_by_parameter(torch.optim.Adam(model.parameters()), params)
+    with pytest.raises(UserInputError, match=r"steps 1 tensors for the model's 4 trainable parameters .* "
+                                             r"add --fp16-no-flatten-grads or use --checkpoint-format full"):
+        check_optimizer_by_parameter(torch.optim.Adam([flat]), params)
