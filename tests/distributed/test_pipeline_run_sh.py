@@ -135,24 +135,32 @@ def test_two_pp2_units_with_recompute_match_one_process(tmp_path, one_process):
 
 
 def test_pipeline_checkpoint_resumes_under_dp4_and_in_one_process(tmp_path, one_process):
-    """tp 2 x pp 2 for updates 1-4 writes a sharded checkpoint (each of the 4 ranks its own shards). From it,
-    four data-parallel processes of BATCH_SIZE 1 (the same global batch of 4) train 5-7 and write a sharded
-    checkpoint of their own, then one process trains 8-10; and, from a copy of the tp 2 x pp 2 checkpoint,
-    one process trains 5-10. Both give the losses, gradient norms and final weights of one process that
-    never stopped: the shards are read back under each plan, and the data position counts global batches,
-    so each plan resumes at the same samples."""
+    """tp 2 x pp 2 for updates 1-3 writes a sharded checkpoint (each of the 4 ranks its own shards). From it,
+    the same plan trains 4-5 (each rank reads back its shards), four data-parallel processes of
+    BATCH_SIZE 1 (the same global batch of 4) train 6-7 and write a sharded checkpoint of their own, then
+    one process trains 8-10; and, from a copy of the first checkpoint, one process trains 4-10. Both give
+    the losses, gradient norms and final weights of one process that never stopped: the shards are read
+    back under each plan, and the data position counts global batches, so each plan resumes at the same
+    samples."""
     plan = plan_file(tmp_path / "plan", tp=2)
-    first = train(tmp_path, NPROC_PER_NODE=4, PLAN_FILE=plan, args=["--max-update", "4"])
+    runs = [dict(NPROC_PER_NODE=4, PLAN_FILE=plan, args=["--max-update", "3"]),
+            dict(NPROC_PER_NODE=4, PLAN_FILE=plan, args=["--max-update", "5"]),
+            dict(NPROC_PER_NODE=4, BATCH_SIZE=1, CHECKPOINT_FORMAT="dcp", args=["--max-update", "7"]),
+            dict(NPROC_PER_NODE=1)]
     checkpoint_dir = tmp_path / "out" / "checkpoint"
-    assert_sharded(checkpoint_dir, 4, one_process()[2])
-    shutil.copytree(checkpoint_dir, tmp_path / "copy" / "out" / "checkpoint")
-    second = train(tmp_path, NPROC_PER_NODE=4, BATCH_SIZE=1, CHECKPOINT_FORMAT="dcp", args=["--max-update", "7"])
-    third = train(tmp_path, NPROC_PER_NODE=1)
-    assert sorted(first[0]) == [1, 2, 3, 4] and sorted(second[0]) == [5, 6, 7] and sorted(third[0]) == [8, 9, 10]
-    resumed = ({**first[0], **second[0], **third[0]}, {**first[1], **second[1], **third[1]}, third[2], third[3])
+    results = []
+    for variables in runs:
+        results.append(train(tmp_path, **variables))
+        if len(results) == 1:
+            assert_sharded(checkpoint_dir, 4, one_process()[2])
+            shutil.copytree(checkpoint_dir, tmp_path / "copy" / "out" / "checkpoint")
+    assert [sorted(r[0]) for r in results] == [[1, 2, 3], [4, 5], [6, 7], [8, 9, 10]]
+    resumed = ({k: v for r in results for k, v in r[0].items()}, {k: v for r in results for k, v in r[1].items()},
+               results[-1][2], results[-1][3])
     assert_same_training(resumed, one_process())
     direct = train(tmp_path / "copy", NPROC_PER_NODE=1)
-    assert sorted(direct[0]) == list(range(5, 11))
+    assert sorted(direct[0]) == list(range(4, 11))
+    first = results[0]
     assert_same_training(({**first[0], **direct[0]}, {**first[1], **direct[1]}, direct[2], direct[3]), one_process())
 
 
