@@ -6,7 +6,8 @@ OUT_DIR gets ``save_pretrained`` weights (bit-identical to the checkpoint) and t
 ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` loads it. It is written under a temporary name and
 renamed into place: an existing OUT_DIR is never left half-written. A LoRA checkpoint exports as a
 PEFT adapter folder (``PeftModel.from_pretrained(base_model, OUT_DIR)``), or with ``--merge-lora`` as
-full weights with the adapters merged in.
+full weights with the adapters merged in. A sharded checkpoint (``CHECKPOINT_FORMAT=dcp``) is read from
+the folder its file names, into full tensors in this one process, whatever plan wrote it.
 """
 
 import argparse

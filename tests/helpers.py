@@ -1,6 +1,7 @@
 """Shared pieces of the tests: paths of the shipped assets and a tiny fairseq-train run."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -92,3 +93,20 @@ def spawn_ranks(worker, args: Sequence, nprocs: int) -> None:
     import torch.multiprocessing as mp
 
     mp.spawn(_run_then_exit, args=(worker, *args), nprocs=nprocs, join=True)
+
+
+def tensor_bytes_per_file(folder) -> Dict[str, int]:
+    """Bytes of tensor elements each file of a torch.distributed.checkpoint folder stores, from its metadata
+    (which chunk of which tensor lies in which file); small Python objects are not counted."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FileSystemReader(str(folder)).read_metadata()
+    per_file: Dict[str, int] = {}
+    for index, info in metadata.storage_data.items():
+        meta = metadata.state_dict_metadata[index.fqn]
+        if isinstance(meta, TensorStorageMetadata):
+            chunk = next(c for c in meta.chunks if tuple(c.offsets) == tuple(index.offset))
+            size = math.prod(chunk.sizes) * meta.properties.dtype.itemsize
+            per_file[info.relative_path] = per_file.get(info.relative_path, 0) + size
+    return per_file

@@ -77,6 +77,7 @@ LOG_INTERVAL=${LOG_INTERVAL:-50}
 LOG_FORMAT=${LOG_FORMAT:-simple}
 EVALUATE=${EVALUATE:-1}
 NUM_WORKERS=${NUM_WORKERS:-0}  # data loader processes (fairseq --num-workers); 0: batches made in a thread of the trainer
+CHECKPOINT_FORMAT=${CHECKPOINT_FORMAT:-auto}  # full: one file per checkpoint; dcp: small files + shards; auto: dcp if PLAN_NGPUS > 1
 
 fail() { echo "run.sh: error: $*" >&2; exit 2; }
 positive() { [[ ${!1} =~ ^[0-9]+$ && ${!1} -gt 0 ]] || fail "$1 must be a positive integer, got '${!1}'"; }
@@ -145,6 +146,7 @@ else
     DEVICE_ARGS=(--cpu --distributed-backend gloo)
 fi
 [[ $NUM_WORKERS =~ ^[0-9]+$ ]] || fail "NUM_WORKERS must be a non-negative integer, got '$NUM_WORKERS'"
+[[ $CHECKPOINT_FORMAT =~ ^(auto|full|dcp)$ ]] || fail "CHECKPOINT_FORMAT must be auto, full or dcp, got '$CHECKPOINT_FORMAT'"
 mkdir -p "$OUTPUT_DIR" "$TENSORBOARD_DIR" "$LOG_DIR" "$CHECKPOINT_DIR"
 
 # ---- environment variables -> fairseq-train flags ----
@@ -159,7 +161,7 @@ TRAIN_ARGS=(
     --total-num-update "$MAX_STEPS" --seed "$SEED"
     $OPTIMIZE_PARAMS
     --save-dir "$CHECKPOINT_DIR" --save-interval-updates "$SAVE_STEPS" --validate-interval-updates "$SAVE_STEPS"
-    --keep-interval-updates 2 --keep-last-epochs 2
+    --keep-interval-updates 2 --keep-last-epochs 2 --checkpoint-format "$CHECKPOINT_FORMAT"
     --tensorboard-logdir "$TENSORBOARD_DIR" --log-file "$LOG_DIR/train.log"
     --log-format "$LOG_FORMAT" --log-interval "$LOG_INTERVAL" --num-workers "$NUM_WORKERS"
     "${DEVICE_ARGS[@]}"
@@ -171,7 +173,7 @@ for name in NPROC_PER_NODE NNODES NODE_RANK MASTER_ADDR MASTER_PORT EXAMPLE_PATH
     OUTPUT_DIR TENSORBOARD_DIR LOG_DIR CHECKPOINT_DIR USER_DIR MODEL_ARCH HUGGINGFACE_MODEL_NAME_OR_PATH DATASET_TYPE LEARNING_RATE \
     DATASET_PATH PROMPT_TYPE SEQUENCE_LENGTH BATCH_SIZE GRADIENT_ACCU_NUM WARMUP_STEPS MAX_STEPS SEED USE_ZERO \
     ZERO_N_GROUPS PLAN_NGPUS CUBE_SCALING_FACTOR PLAN_FILE RECOMPUTE_MODULE_NAMES PRECISION COMPILE PACK_SEQUENCES \
-    SPEED_LOG NUM_WORKERS USE_LORA LORA_CONFIG OPTIMIZE_PARAMS; do
+    SPEED_LOG NUM_WORKERS CHECKPOINT_FORMAT USE_LORA LORA_CONFIG OPTIMIZE_PARAMS; do
     printf '  %-32s %s\n' "$name" "${!name}"
 done
 

@@ -1,5 +1,8 @@
 """Checkpoints: load a trained fairseq checkpoint back into its task and model; export to Hugging Face.
 
+Full and sharded checkpoints alike (``sharded_checkpoint.py``): a sharded one is read into full
+tensors in this process, whatever plan and world size wrote it.
+
 Every folder or file written here appears whole or not at all: it is written under a temporary name
 beside its destination and renamed into place.
 """
@@ -10,10 +13,11 @@ import shutil
 import tempfile
 from typing import Dict, Optional, Sequence, Tuple
 
-from fairseq import checkpoint_utils, tasks, utils
+from fairseq import tasks, utils
 
 from ..errors import UserInputError
 from ..models.lora import is_lora
+from .sharded_checkpoint import read_checkpoint
 
 
 def load_trained(checkpoint_path: str, arg_overrides: Optional[Dict] = None) -> Tuple[object, object, object]:
@@ -25,7 +29,7 @@ def load_trained(checkpoint_path: str, arg_overrides: Optional[Dict] = None) -> 
     """
     if not os.path.isfile(checkpoint_path):
         raise UserInputError(f"checkpoint {checkpoint_path}: no such file")
-    state = checkpoint_utils.load_checkpoint_to_cpu(checkpoint_path, arg_overrides=arg_overrides)
+    state = read_checkpoint(checkpoint_path, arg_overrides=arg_overrides, optimizer=False)  # full or sharded
     cfg = state["cfg"]
     utils.import_user_module(cfg.common)  # a user's --user-dir registers its dataset types, templates, models
     task = tasks.setup_task(cfg.task)

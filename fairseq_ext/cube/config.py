@@ -7,12 +7,14 @@ them from ``cfg.task`` and turns them into a Plan with :func:`plan_from_config`.
 import logging
 from dataclasses import dataclass, field
 
-from fairseq.dataclass import FairseqDataclass
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
 from ..errors import UserInputError
 from .plan import Plan, default_plan
 
 logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMATS = ("auto", "full", "dcp")
 
 
 @dataclass
@@ -31,6 +33,10 @@ class CubeConfig(FairseqDataclass):
     speed_log: str = field(default="", metadata={
         "help": "append one JSON line per update (wall and compute seconds, tokens, peak memory) to this file "
                 "(SPEED_LOG; written by the first rank)"})
+    checkpoint_format: ChoiceEnum(list(CHECKPOINT_FORMATS)) = field(default="auto", metadata={
+        "help": "full: fairseq's one file with every tensor, gathered on the first rank; dcp: fairseq's files "
+                "stay small and each rank writes its own shards (torch.distributed.checkpoint) into a folder "
+                "beside them; auto: dcp for plans with tensor or pipeline parallel, else full (CHECKPOINT_FORMAT)"})
 
 
 def plan_from_config(task_cfg, world_size: int, gpus_per_node: int) -> Plan:
@@ -57,3 +63,14 @@ def plan_from_config(task_cfg, world_size: int, gpus_per_node: int) -> Plan:
                             zero_n_groups=getattr(task_cfg, "zero_n_groups", 1) if zero else 1)
     plan.check_world_size(world_size)
     return plan
+
+
+def checkpoint_format(task_cfg, on_mesh: bool) -> str:
+    """``full`` or ``dcp``: the run's ``--checkpoint-format``, with ``auto`` resolved (dcp for a plan that runs
+    on a DeviceMesh, where no rank holds the whole model)."""
+    choice = str(getattr(task_cfg, "checkpoint_format", "auto") or "auto")
+    if choice not in CHECKPOINT_FORMATS:
+        raise UserInputError(f"unknown --checkpoint-format {choice!r}; choose one of {', '.join(CHECKPOINT_FORMATS)}")
+    if choice == "auto":
+        return "dcp" if on_mesh else "full"
+    return choice

@@ -11,7 +11,12 @@ averaged over dp explicitly instead of by DDP, and the optimizer steps each rank
 A pipeline-parallel plan (pp > 1) also cuts the model to each rank's stages (``runtime/pipeline.py``);
 the pipeline schedule runs forward and backward of each batch in place of the task's train and valid
 steps, the last stage's loss is broadcast to the other stages (identical logging outputs on every rank),
-the gradient norm sums over the stages, and checkpoints gather every stage into one full model.
+the gradient norm sums over the stages.
+
+Checkpoints (``--checkpoint-format``) are fairseq's one file with full tensors, gathered from every
+shard and stage on the first rank (``full``), or fairseq's files kept small beside a folder into which
+every rank writes its own shards with torch.distributed.checkpoint (``dcp``, the default for plans on a
+mesh; ``sharded_checkpoint.py``). Both load under any plan and world size.
 """
 
 import contextlib
@@ -23,18 +28,20 @@ import sys
 
 import torch
 import torch.distributed as dist
+from fairseq import checkpoint_utils, utils
 from fairseq import trainer as fairseq_trainer
 from fairseq.distributed import ModuleProxyWrapper
 from fairseq.distributed import utils as distributed_utils
 from fairseq.file_io import PathManager
-from fairseq.logging import progress_bar
+from fairseq.logging import metrics, progress_bar
+from omegaconf import OmegaConf
 from torch.distributed.tensor.parallel import loss_parallel
 from torch.nn.parallel import DistributedDataParallel
 
 from ..criterions.base import logging_output
 from ..errors import UserInputError
 from .compile import check_plan_is_current
-from .config import plan_from_config
+from .config import checkpoint_format, plan_from_config
 from .host_copies import HostCopies, pinned
 from .runtime.data_parallel import average_gradients
 from .runtime.local_shards import LocalShards, full_state_dict, local_tensor, localize_state_dict
@@ -44,6 +51,23 @@ from .runtime.pipeline import PipelineRunner
 from .runtime.precision import autocast, check_precision
 from .runtime.recompute import state_dict_name
 from .runtime.zero import shard_optimizer_states
+from .sharded_checkpoint import (
+    SHARDS_KEY,
+    ModelShards,
+    OptimizerShards,
+    check_optimizer_by_parameter,
+    check_shared_save_dir,
+    load_model_shards,
+    model_entries,
+    optimizer_entries,
+    optimizer_record,
+    read_checkpoint,
+    read_optimizer_shards,
+    remove_unreferenced_shards,
+    shards_left_on_disk,
+    shards_record,
+    write_shards,
+)
 from .speed_log import SpeedLog, batch_tokens, trained_tokens
 
 logger = logging.getLogger(__name__)
@@ -60,7 +84,8 @@ class TensorParallelModel(torch.nn.Module):
     Calls and missing attributes go to the model. fairseq calls ``all_reduce_grads`` after the last
     backward of an update (``reduce_grads``: the trainer averages them over the dp axis);
     ``state_dict`` gathers DTensors into full tensors (collective over tp), so a checkpoint loads in one
-    process; ``load_state_dict`` takes such full tensors and keeps each rank's shard.
+    process; ``load_state_dict`` takes such full tensors and keeps each rank's shard, or a sharded
+    checkpoint's :class:`ModelShards` and reads this rank's shards (collective over all ranks).
 
 
     With pipeline parallel (``pipeline_group``) the module holds only this rank's stages: ``state_dict``
@@ -98,6 +123,8 @@ class TensorParallelModel(torch.nn.Module):
         return dict(sorted(merged.items(), key=lambda item: order.get(item[0], len(order))))
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        if isinstance(state_dict, ModelShards):
+            return load_model_shards(self.module, state_dict)
         if self._pipeline_group is not None:
             mine = self.module.state_dict(keep_vars=True)
             state_dict = {key: value for key, value in state_dict.items() if key in mine}
@@ -122,7 +149,9 @@ class CubeTrainer(fairseq_trainer.Trainer):
         self._full_param_names = [state_dict_name(n) for n, p in model.named_parameters() if p.requires_grad]
         # The plan is applied before fairseq's __init__, which reads the data-parallel size and places the model.
         self.plan, self.mesh, self.vocab_parallel, self.pipeline = self._apply_plan(cfg, model, criterion)
+        self.checkpoint_format = self._checkpoint_format(cfg)
         self._shards = None
+        self._shards_folder = None  # the DCP folder written for the checkpoint being saved
         self._speed_log = None
         self._host_copies = HostCopies()
         self._grad_norm_copy = None  # (the norm on the device, its host copy)
@@ -175,6 +204,20 @@ class CubeTrainer(fairseq_trainer.Trainer):
             pipeline = PipelineRunner(stages, plan, mesh.get_group(PP), device,
                                       pad_token_id=getattr(hf_model.config, "pad_token_id", None) or 0)
         return plan, mesh, vocab_parallel, pipeline
+
+    def _checkpoint_format(self, cfg) -> str:
+        """``--checkpoint-format`` resolved for this plan, and what a sharded checkpoint cannot hold refused."""
+        resolved = checkpoint_format(cfg.task, self.mesh is not None)
+        if resolved == "dcp" and cfg.ema.store_ema:
+            raise UserInputError("--store-ema keeps a full copy of the model in the checkpoint; use "
+                                 "--checkpoint-format full (CHECKPOINT_FORMAT=full) with it")
+        if resolved == "dcp" and PathManager.path_requires_pathmanager(cfg.checkpoint.save_dir):
+            raise UserInputError(f"--checkpoint-format dcp writes to local folders; --save-dir "
+                                 f"{cfg.checkpoint.save_dir} is remote: use --checkpoint-format full")
+        if resolved == "dcp" and not cfg.checkpoint.no_save:
+            check_shared_save_dir(cfg.checkpoint.save_dir)
+        logger.info(f"checkpoints: {resolved} (--checkpoint-format {getattr(cfg.task, 'checkpoint_format', 'auto')})")
+        return resolved
 
     @staticmethod
     def _check_pipeline_settings(cfg, plan, model, criterion) -> None:
@@ -279,10 +322,18 @@ class CubeTrainer(fairseq_trainer.Trainer):
                 replica_groups)
             logger.info(f"ZeRO-1: optimizer states sharded among {self.data_parallel_world_size} replicas "
                         f"in {self.plan.zero_n_groups} group(s)")
+        if self.checkpoint_format == "dcp":
+            check_optimizer_by_parameter(fairseq_optimizer.optimizer, self._optimizer_params())
+
+    def _optimizer_params(self):
+        """(state_dict name, model parameter) of each tensor the optimizer steps on this rank, in its order."""
+        return [(state_dict_name(n), p) for n, p in self._model.named_parameters() if p.requires_grad]
 
     def _gather_optimizer_state_in_checkpoints(self, fairseq_optimizer):
         """Replaces the fairseq optimizer's ``state_dict``/``load_state_dict`` (on this instance) by ones that
-        give and take full tensors, as the model's do, so a tensor-parallel checkpoint loads in one process."""
+        give and take full tensors, as the model's do, so a tensor-parallel checkpoint loads in one process;
+        ``load_state_dict`` also takes a sharded checkpoint's :class:`OptimizerShards` (this rank's states
+        read from its folder, collective over all ranks)."""
         shards, state_dict, load_state_dict = self._shards, fairseq_optimizer.state_dict, fairseq_optimizer.load_state_dict
 
         def views():
@@ -298,6 +349,9 @@ class CubeTrainer(fairseq_trainer.Trainer):
             return merge_stage_optimizer_states(gather_over(pipeline_group, to_global_indices(state, global_index)))
 
         def load_local_state_dict(state, optimizer_overrides=None):
+            if isinstance(state, OptimizerShards):
+                local = read_optimizer_shards(state, fairseq_optimizer.optimizer, self._optimizer_params())
+                return load_state_dict(local, optimizer_overrides)
             if pipeline_group is not None:
                 state = to_local_indices(state, global_index)
             return load_state_dict(shards.local_optimizer_state(state, views()), optimizer_overrides)
@@ -480,10 +534,77 @@ class CubeTrainer(fairseq_trainer.Trainer):
 
     @property
     def always_call_state_dict_during_save_checkpoint(self) -> bool:
-        """The ranks of the first scale unit build the state dict (its gathers are collective over tp)."""
-        if self.mesh is None:
+        """The ranks of the first scale unit build the state dict (its gathers are collective over tp);
+        with sharded checkpoints nobody needs to (the shards are written before, by every rank)."""
+        if self.mesh is None or self.checkpoint_format == "dcp":
             return super().always_call_state_dict_during_save_checkpoint
         return self.data_parallel_rank == 0
+
+    @property
+    def writes_shards(self) -> bool:
+        """Whether checkpoints are sharded: :func:`save_checkpoint_with_shards` then calls :meth:`write_shards`."""
+        return self.checkpoint_format == "dcp"
+
+    def write_shards(self, save_dir: str) -> None:
+        """Every rank writes its shards of the model and optimizer into a new DCP folder in ``save_dir``
+        (collective); the checkpoint files fairseq writes next (:meth:`state_dict`) name that folder."""
+        state = model_entries(self._model)
+        if not self.cfg.checkpoint.no_save_optimizer_state:
+            state.update(optimizer_entries(self.optimizer.optimizer, self._optimizer_params()))
+        self._shards_folder = write_shards(save_dir, state, self.get_num_updates())
+        if self.should_save_checkpoint_on_current_rank:
+            logger.info(f"model and optimizer shards written to {os.path.join(save_dir, self._shards_folder)}")
+
+    def checkpoint_saved(self, save_dir: str) -> None:
+        """After fairseq's save (files written, copied, old ones deleted): forget the folder just written and
+        delete the shards folders no checkpoint file names any more."""
+        self._shards_folder = None
+        if self.should_save_checkpoint_on_current_rank:
+            for name in remove_unreferenced_shards(save_dir):
+                logger.info(f"removed {os.path.join(save_dir, name)} (no checkpoint file names it)")
+
+    def consolidate_optimizer(self):
+        """Replaces fairseq's gather of ZeRO-1's optimizer states on the first rank before a save: a sharded
+        checkpoint writes them where they are."""
+        if self.checkpoint_format == "dcp":
+            return
+        super().consolidate_optimizer()
+
+    def state_dict(self):
+        """Replaces fairseq's checkpoint content for a sharded checkpoint: fairseq's entries (cfg, optimizer
+        history with the LR scheduler, task state, metrics, training time) without the model and optimizer
+        tensors, which are in the folder :meth:`write_shards` wrote; ``dcp`` names it."""
+        if self._shards_folder is None:
+            return super().state_dict()
+        optimizer = None
+        if not self.cfg.checkpoint.no_save_optimizer_state:
+            optimizer = optimizer_record(self.optimizer, self._full_param_names)
+        return {
+            "args": None,
+            "cfg": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)
+            if OmegaConf.is_config(self.cfg) else self.cfg,
+            "criterion": self.criterion.state_dict() if utils.has_parameters(self.criterion) else None,
+            "optimizer_history": (self._optim_history or []) + [{
+                "criterion_name": self.get_criterion().__class__.__name__,
+                "optimizer_name": self.optimizer.__class__.__name__,
+                "lr_scheduler_state": self.lr_scheduler.state_dict(),
+                "num_updates": self.get_num_updates(),
+            }],
+            "task_state": self.task.state_dict() if self.task is not None else {},
+            "extra_state": {"metrics": metrics.state_dict(),
+                            "previous_training_time": self.cumulative_training_time()},
+            SHARDS_KEY: shards_record(self._shards_folder, optimizer),
+        }
+
+    def load_checkpoint(self, filename, *args, **kwargs):
+        """Replaces fairseq's read of a whole checkpoint by the first rank of each dp group, for a sharded
+        checkpoint under a plan on a mesh: that rank reads only the small file, then the model and the
+        optimizer read each rank's shards from its folder (``dcp.load`` reshards them to this plan).
+        Without a mesh, a sharded checkpoint is read into full tensors like a full one."""
+        if self.mesh is None:
+            return super().load_checkpoint(filename, *args, **kwargs)
+        with shards_left_on_disk():
+            return super().load_checkpoint(filename, *args, **kwargs)
 
     def save_checkpoint(self, filename, extra_state):
         """Replaces fairseq's direct write of ``filename``: write a temporary file, then rename it into place.
@@ -539,6 +660,8 @@ def atomic_copy(src_path: str, dst_path: str, overwrite: bool = False):
     """Replaces fairseq's in-place copy of a checkpoint to its other names (checkpoint_last.pt, _best, ...).
 
     Local destinations get a copy under a temporary name renamed into place; remote ones keep fairseq's copy.
+    The copy of a sharded checkpoint's small file names the same shards folder: the folder is shared, and
+    removed once no file names it (:func:`save_checkpoint_with_shards`).
     """
     if PathManager.path_requires_pathmanager(dst_path):
         return _fairseq_copy(src_path, dst_path, overwrite)
@@ -550,6 +673,25 @@ def atomic_copy(src_path: str, dst_path: str, overwrite: bool = False):
         if os.path.exists(tmp):
             os.remove(tmp)
     return dst_path
+
+
+_fairseq_save_checkpoint = checkpoint_utils.save_checkpoint
+
+
+def save_checkpoint_with_shards(cfg, trainer, epoch_itr, val_loss):
+    """Replaces fairseq's checkpoint save (its ``checkpoint_utils.save_checkpoint``) for sharded checkpoints.
+
+    fairseq's save writes on the first rank only. With sharded checkpoints every rank first writes its
+    shards into a new DCP folder (collective); then fairseq's save runs as usual: its files under its
+    names (small, naming that folder), the copies to its other names and the deletion of old ones
+    (``--keep-*``). Last, in either format, the shards folders no file names any more are deleted.
+    """
+    if not cfg.no_save and getattr(trainer, "writes_shards", False):
+        trainer.write_shards(cfg.save_dir)
+    result = _fairseq_save_checkpoint(cfg, trainer, epoch_itr, val_loss)
+    if not cfg.no_save and hasattr(trainer, "checkpoint_saved"):
+        trainer.checkpoint_saved(cfg.save_dir)  # also after a full save, which may replace a sharded one
+    return result
 
 
 _fairseq_progress_bar = progress_bar.progress_bar
@@ -598,8 +740,8 @@ def broadcast_object_slow(obj, src_rank, group, dist_device):
 
 
 def install() -> None:
-    """Make ``fairseq-train`` build :class:`CubeTrainer`, copy checkpoints atomically, log once and
-    launch under torchrun on CPU hosts too (idempotent)."""
+    """Make ``fairseq-train`` build :class:`CubeTrainer`, save and read sharded checkpoints, copy checkpoints
+    atomically, log once and launch under torchrun on CPU hosts too (idempotent)."""
     import fairseq_cli.train
 
     fairseq_cli.train.Trainer = CubeTrainer
@@ -607,6 +749,8 @@ def install() -> None:
     if getattr(getattr(main, "__spec__", None), "name", None) == "fairseq_cli.train":
         main.Trainer = CubeTrainer  # launched as `python -m fairseq_cli.train`: that module runs as __main__
     PathManager.copy = staticmethod(atomic_copy)
+    checkpoint_utils.save_checkpoint = save_checkpoint_with_shards
+    checkpoint_utils.load_checkpoint_to_cpu = read_checkpoint
     progress_bar.progress_bar = progress_bar_once_per_log_file
     distributed_utils.infer_init_method = infer_init_method
     distributed_utils._broadcast_object_slow = broadcast_object_slow

@@ -3,8 +3,8 @@
 Each plan is a hand-written Plan JSON (PLAN_FILE) run on the tiny Llama for 10 updates and compared with
 one process on the same data order and global batch, as in ``test_plan_run_sh.py``: the loss of every
 update (relative 1e-5), the logged gradient norm, tokens and samples (the norm sums over the stages; the
-counts are the unit's, not summed over its stages), and every parameter of the saved checkpoint, which
-gathers all stages into one full model that loads in one process.
+counts are the unit's, not summed over its stages), and every parameter of the saved checkpoint (sharded:
+each rank writes its own stages' shards), read into one full model in one process.
 
 The 4-layer model (a copy of the shipped tiny Llama with ``num_hidden_layers`` 4) lets interleaved 1F1B
 run 2 virtual stages per rank; its weights are initialised from the config under the seed, the same in
@@ -12,15 +12,17 @@ one process and on every pipeline rank (each builds the full model, then keeps i
 """
 
 import json
+import os
 import re
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from fairseq_ext.cube.checkpoint import export_hf
 from tests.distributed.test_plan_run_sh import COMMON, assert_same_training, assert_weights_match, train
-from tests.helpers import MODEL_DIR
+from tests.helpers import MODEL_DIR, tensor_bytes_per_file
 from tests.integration.test_run_sh import run_sh
 
 
@@ -47,17 +49,48 @@ def four_layer_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     """Single-process references, trained once per module: (model folder or None, accumulation)."""
-    cache = {}
+    cache, folders = {}, {}
 
     def reference(model=None, accumulation=1):
         key = (str(model), accumulation)
         if key not in cache:
-            folder = tmp_path_factory.mktemp("one")
+            folders[key] = tmp_path_factory.mktemp("one")
             extra = {"HUGGINGFACE_MODEL_NAME_OR_PATH": model} if model else {}
-            cache[key] = train(folder, NPROC_PER_NODE=1, GRADIENT_ACCU_NUM=accumulation, **extra)
+            cache[key] = train(folders[key], NPROC_PER_NODE=1, GRADIENT_ACCU_NUM=accumulation, **extra)
         return cache[key]
 
+    def checkpoint():
+        """checkpoint_last.pt of the shipped model's reference run (a full checkpoint)."""
+        reference()
+        return folders[("None", 1)] / "out" / "checkpoint" / "checkpoint_last.pt"
+
+    reference.checkpoint = checkpoint
     return reference
+
+
+def assert_sharded(checkpoint_dir, num_ranks, weights):
+    """fairseq's checkpoint files are small and hold no tensors of the model or optimizer; the shards folder
+    they name has one file per rank, each with a part of the model and optimizer: every tensor is stored
+    once and no rank stored the whole model.
+
+    Args:
+        weights: the full model's state_dict (the model is float32; Adam keeps two moments and a step each).
+    """
+    files = sorted(checkpoint_dir.glob("*.pt"))
+    assert files
+    folders = set()
+    for path in files:
+        raw = torch.load(path, weights_only=False)
+        assert "model" not in raw and "last_optimizer_state" not in raw, path
+        assert os.path.getsize(path) < 64 * 1024, (path, os.path.getsize(path))  # the model alone is 2 MB
+        folders.add(raw["dcp"]["folder"])
+    assert sorted(p.name for p in checkpoint_dir.iterdir() if p.is_dir()) == sorted(folders)  # none left over
+    for folder in folders:
+        per_file = tensor_bytes_per_file(checkpoint_dir / folder)
+        assert sorted(per_file) == [f"__{rank}_0.distcp" for rank in range(num_ranks)], per_file
+        total = sum(per_file.values())
+        assert total == 3 * 4 * sum(w.numel() for w in weights.values()) + 4 * len(weights), per_file
+        assert max(per_file.values()) < 0.4 * total, per_file
 
 
 def test_pp2_1f1b_matches_one_process(tmp_path, one_process):
@@ -82,12 +115,14 @@ def test_tp2_x_pp2_matches_one_process(tmp_path, one_process):
     run = train(tmp_path, NPROC_PER_NODE=4, PLAN_FILE=plan_file(tmp_path, tp=2))
     assert '"tp": 2' in run[3] and "tensor parallel:" in run[3]
     assert_same_training(run, one_process())
-    # Export of the sharded run's checkpoint: the single-process run's weights, as a Hugging Face folder.
+    # Export of the sharded checkpoint, read in this one process: the single-process run's export.
+    assert "model" not in torch.load(tmp_path / "out" / "checkpoint" / "checkpoint_last.pt", weights_only=False)
     export_hf(str(tmp_path / "out" / "checkpoint" / "checkpoint_last.pt"), str(tmp_path / "hf"))
-    exported, single = load_file(str(tmp_path / "hf" / "model.safetensors")), one_process()[2]
-    assert {f"hf_model.{name}" for name in exported} == set(single)
+    export_hf(str(one_process.checkpoint()), str(tmp_path / "hf_one"))
+    exported, single = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("hf", "hf_one"))
+    assert exported.keys() == single.keys() and len(single) == len(one_process()[2])
     for name, value in exported.items():
-        assert_weights_match(value, single[f"hf_model.{name}"], name)
+        assert_weights_match(value, single[name], name)
 
 
 def test_two_pp2_units_with_recompute_match_one_process(tmp_path, one_process):
@@ -100,18 +135,33 @@ def test_two_pp2_units_with_recompute_match_one_process(tmp_path, one_process):
 
 
 def test_pipeline_checkpoint_resumes_under_dp4_and_in_one_process(tmp_path, one_process):
-    """tp 2 x pp 2 for updates 1-4, four data-parallel processes of BATCH_SIZE 1 for 5-7 (the same global
-    batch of 4), then one process for 8-10, all in one checkpoint folder: the losses, gradient norms and
-    final weights of one process that never stopped. The checkpoint is one full model and optimizer state
-    (every stage gathered) and its data position counts global batches, so each plan resumes at the same
+    """tp 2 x pp 2 for updates 1-3 writes a sharded checkpoint (each of the 4 ranks its own shards). From it,
+    the same plan trains 4-5 (each rank reads back its shards), four data-parallel processes of
+    BATCH_SIZE 1 (the same global batch of 4) train 6-7 and write a sharded checkpoint of their own, then
+    one process trains 8-10; and, from a copy of the first checkpoint, one process trains 4-10. Both give
+    the losses, gradient norms and final weights of one process that never stopped: the shards are read
+    back under each plan, and the data position counts global batches, so each plan resumes at the same
     samples."""
     plan = plan_file(tmp_path / "plan", tp=2)
-    first = train(tmp_path, NPROC_PER_NODE=4, PLAN_FILE=plan, args=["--max-update", "4"])
-    second = train(tmp_path, NPROC_PER_NODE=4, BATCH_SIZE=1, args=["--max-update", "7"])
-    third = train(tmp_path, NPROC_PER_NODE=1)
-    assert sorted(first[0]) == [1, 2, 3, 4] and sorted(second[0]) == [5, 6, 7] and sorted(third[0]) == [8, 9, 10]
-    resumed = ({**first[0], **second[0], **third[0]}, {**first[1], **second[1], **third[1]}, third[2], third[3])
+    runs = [dict(NPROC_PER_NODE=4, PLAN_FILE=plan, args=["--max-update", "3"]),
+            dict(NPROC_PER_NODE=4, PLAN_FILE=plan, args=["--max-update", "5"]),
+            dict(NPROC_PER_NODE=4, BATCH_SIZE=1, CHECKPOINT_FORMAT="dcp", args=["--max-update", "7"]),
+            dict(NPROC_PER_NODE=1)]
+    checkpoint_dir = tmp_path / "out" / "checkpoint"
+    results = []
+    for variables in runs:
+        results.append(train(tmp_path, **variables))
+        if len(results) == 1:
+            assert_sharded(checkpoint_dir, 4, one_process()[2])
+            shutil.copytree(checkpoint_dir, tmp_path / "copy" / "out" / "checkpoint")
+    assert [sorted(r[0]) for r in results] == [[1, 2, 3], [4, 5], [6, 7], [8, 9, 10]]
+    resumed = ({k: v for r in results for k, v in r[0].items()}, {k: v for r in results for k, v in r[1].items()},
+               results[-1][2], results[-1][3])
     assert_same_training(resumed, one_process())
+    direct = train(tmp_path / "copy", NPROC_PER_NODE=1)
+    assert sorted(direct[0]) == list(range(4, 11))
+    first = results[0]
+    assert_same_training(({**first[0], **direct[0]}, {**first[1], **direct[1]}, direct[2], direct[3]), one_process())
 
 
 BAD_PIPELINE_PLANS = {

@@ -5,8 +5,9 @@ and is compared with one process on the same data order and global batch: the lo
 (relative 1e-5; read from the unrounded ``ppl``, as fairseq rounds ``loss`` to 3 decimals); the gradient
 norm (to the last of its 3 logged decimals), tokens and samples of every update (the norm catches a
 wrongly scaled gradient, which Adam and clipping hide from the loss; the counts catch sums over the
-ranks of a scale unit); and every parameter of the saved checkpoint, which also shows that a
-tensor-parallel checkpoint holds full tensors and loads in one process.
+ranks of a scale unit); and every parameter of the saved checkpoint, read in one process (a
+tensor-parallel run writes sharded checkpoints by default: each rank's shards, read back into full
+tensors here).
 
 Weights: tensor parallel sums partial products in another order, so gradients differ by float32
 rounding; Adam divides by sqrt(v), and where a gradient is near zero (the embedding row of a token
@@ -23,8 +24,8 @@ from multiprocessing.pool import ThreadPool
 
 import pytest
 import torch
-from fairseq import checkpoint_utils
 
+from fairseq_ext.cube.sharded_checkpoint import read_checkpoint
 from tests.helpers import MODEL_DIR, minilm_folder
 from tests.integration.test_run_sh import free_port, run_sh
 
@@ -37,7 +38,7 @@ def train(folder, args=(), **variables):
     result = run_sh(folder, args=args, **{**COMMON, **variables})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     log = result.stdout + (folder / "out" / "log" / "train.log").read_text()
-    weights = checkpoint_utils.load_checkpoint_to_cpu(str(folder / "out" / "checkpoint" / "checkpoint_last.pt"))
+    weights = read_checkpoint(str(folder / "out" / "checkpoint" / "checkpoint_last.pt"), optimizer=False)
     return full_precision_losses(result.stdout), counted(result.stdout), weights["model"], log
 
 
@@ -141,23 +142,41 @@ def test_bad_plan_gets_one_clear_error(tmp_path, case):
     assert len([line for line in result.stderr.splitlines() if "error:" in line]) == 1, result.stderr
 
 
-def test_checkpoints_resume_across_plans(tmp_path, one_process):
-    """tp 2 for updates 1-5, one process for 6-8, tp 2 again for 9-10, all in one checkpoint folder: the
-    same losses, gradient norms and final weights as one process that never stopped (model and Adam
-    states are saved as full tensors and cut back into shards on load)."""
-    first = train(tmp_path, NPROC_PER_NODE=2, PLAN_NGPUS=2, args=["--max-update", "5"])
-    second = train(tmp_path, NPROC_PER_NODE=1, args=["--max-update", "8"])
-    third = train(tmp_path, NPROC_PER_NODE=2, PLAN_NGPUS=2)
-    assert sorted(first[0]) == [1, 2, 3, 4, 5] and sorted(second[0]) == [6, 7, 8] and sorted(third[0]) == [9, 10]
-    resumed = ({**first[0], **second[0], **third[0]}, {**first[1], **second[1], **third[1]}, third[2], third[3])
+def checkpoint_format(folder):
+    """``dcp`` when the run's checkpoint_last.pt is a sharded checkpoint's small file, else ``full``."""
+    raw = torch.load(folder / "out" / "checkpoint" / "checkpoint_last.pt", weights_only=False)
+    return "dcp" if "dcp" in raw and "model" not in raw else "full"
+
+
+def test_checkpoints_resume_across_plans_and_formats(tmp_path, one_process):
+    """One checkpoint folder, four runs, each loading what the one before saved: one process (full
+    checkpoint) for updates 1-3; tp 2 for 4-6 (loads the full tensors into its shards, writes a sharded
+    checkpoint); one process with CHECKPOINT_FORMAT=dcp for 7-8 (reads the shards into full tensors,
+    writes a sharded checkpoint of its own); tp 2 with CHECKPOINT_FORMAT=full for 9-10 (dcp.load reshards
+    the one-process checkpoint; full tensors gathered for the save). The same losses, gradient norms and
+    final weights as one process that never stopped (model and Adam states survive every change)."""
+    runs = [dict(NPROC_PER_NODE=1, args=["--max-update", "3"]),
+            dict(NPROC_PER_NODE=2, PLAN_NGPUS=2, args=["--max-update", "6"]),
+            dict(NPROC_PER_NODE=1, CHECKPOINT_FORMAT="dcp", args=["--max-update", "8"]),
+            dict(NPROC_PER_NODE=2, PLAN_NGPUS=2, CHECKPOINT_FORMAT="full")]
+    results, formats = [], []
+    for variables in runs:
+        results.append(train(tmp_path, **variables))
+        formats.append(checkpoint_format(tmp_path))
+    assert formats == ["full", "dcp", "dcp", "full"]
+    assert [sorted(r[0]) for r in results] == [[1, 2, 3], [4, 5, 6], [7, 8], [9, 10]]
+    resumed = ({k: v for r in results for k, v in r[0].items()}, {k: v for r in results for k, v in r[1].items()},
+               results[-1][2], results[-1][3])
     assert_same_training(resumed, one_process(1))
 
 
 def test_two_nodes_simulated_match_one_process(tmp_path, one_process):
     """Two run.sh launches on this machine (NNODES=2, NODE_RANK 0 and 1, 2 processes each): a scale unit of
-    tp 2 per node, ZeRO-1 with the default ZERO_N_GROUPS (= NNODES: shards stay inside a node)."""
+    tp 2 per node, ZeRO-1 with the default ZERO_N_GROUPS (= NNODES: shards stay inside a node). The nodes
+    share CHECKPOINT_DIR, as sharded checkpoints need: every rank writes its shards there."""
     port = free_port()
-    nodes = dict(NNODES=2, NPROC_PER_NODE=2, PLAN_NGPUS=2, USE_ZERO=1, MASTER_PORT=port)
+    checkpoint_dir = tmp_path / "shared_checkpoint"
+    nodes = dict(NNODES=2, NPROC_PER_NODE=2, PLAN_NGPUS=2, USE_ZERO=1, MASTER_PORT=port, CHECKPOINT_DIR=checkpoint_dir)
     with ThreadPool(1) as pool:
         node1 = pool.apply_async(run_sh, (tmp_path / "node1",), {**COMMON, **nodes, "NODE_RANK": 1})
         node0 = run_sh(tmp_path / "node0", **{**COMMON, **nodes, "NODE_RANK": 0})
@@ -166,7 +185,7 @@ def test_two_nodes_simulated_match_one_process(tmp_path, one_process):
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "ZeRO-1: optimizer states sharded among 2 replicas in 2 group(s)" in node0.stdout + (
         tmp_path / "node0" / "out" / "log" / "train.log").read_text()
-    weights = checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "node0" / "out" / "checkpoint" / "checkpoint_last.pt"))
+    weights = read_checkpoint(str(checkpoint_dir / "checkpoint_last.pt"), optimizer=False)
     run = (full_precision_losses(node0.stdout), counted(node0.stdout), weights["model"], "")
     assert_same_training(run, one_process(2))
 

@@ -73,6 +73,8 @@ BAD_INPUTS = {
     "unknown PRECISION": ({"PRECISION": "fp8"},
                           r"run\.sh: error: PRECISION must be fp32, bf16, bf16-master, bf16-lean or fp16, got 'fp8'"),
     "COMPILE not 0/1": ({"COMPILE": "yes"}, r"run\.sh: error: COMPILE must be 0 or 1, got 'yes'"),
+    "unknown CHECKPOINT_FORMAT": ({"CHECKPOINT_FORMAT": "sharded"},
+                                  r"run\.sh: error: CHECKPOINT_FORMAT must be auto, full or dcp, got 'sharded'"),
     "SEQUENCE_LENGTH beyond the model": ({"SEQUENCE_LENGTH": "1024"},
                                          r"SEQUENCE_LENGTH 1024 exceeds the model's max_position_embeddings 512; "
                                          r"set SEQUENCE_LENGTH to at most 512"),
