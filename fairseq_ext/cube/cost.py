@@ -61,7 +61,6 @@ class Hardware:
     inter_node_latency: float = 10e-6
     allocator_slack: float = 0.05  # fraction the caching allocator loses to fragmentation
     workspace_bytes: float = 0.25 * GIB  # cuBLAS / NCCL workspaces and other small buffers
-    ddp_bucket_bytes: float = 2 * 25 * 2 ** 20  # DDP's two 25 MB buckets (PLAN_NGPUS=1)
 
     @classmethod
     def from_json(cls, path: str) -> "Hardware":
@@ -220,9 +219,15 @@ def estimate(profile: ModelProfile, plan: Plan, work: Workload, hw: Hardware,
             seconds += 2 * len(rank_stages) * _p2p_seconds(hw, p2p_bytes, plan.plan_ngpus <= hw.gpus_per_node)
         static = numel * per_param - (0.0 if grads_persist else numel * grad_b)
         grads = numel * grad_b
+        dp_buffer = 0.0
+        if plan.scaling_factor > 1:
+            # DDP (PLAN_NGPUS=1) keeps its buckets, a copy of every gradient, from its start to the end (no
+            # --gradient-as-bucket-view); the mesh's dp average (PLAN_NGPUS > 1) holds one while it runs
+            dp_buffer = grads
+        ddp_buckets = dp_buffer if plan.plan_ngpus == 1 else 0.0
         # Backward of the last micro-batch in flight, module by module from the end: its activations are
         # freed as its gradients appear; a module's backward-only buffers exist while it runs.
-        current = static + activations + comm
+        current = static + activations + comm + ddp_buckets
         fwd_bwd, transient = current, 0.0
         for kept_bytes, grad_bytes, backward_only, net in reversed(walk):
             if current + backward_only > fwd_bwd:
@@ -231,9 +236,6 @@ def estimate(profile: ModelProfile, plan: Plan, work: Workload, hw: Hardware,
                 net = grad_bytes - kept_bytes
             current += net - (grad_bytes if grads_persist else 0.0)
         fwd_bwd = max(fwd_bwd, current)
-        dp_buffer = 0.0
-        if plan.scaling_factor > 1:
-            dp_buffer = grads if plan.plan_ngpus > 1 else min(grads, hw.ddp_bucket_bytes)
         step_peak = numel * per_param + dp_buffer + optimizer_temporary_bytes(profile.precision, numel)
         peak = max(fwd_bwd, step_peak) * (1 + hw.allocator_slack) + hw.workspace_bytes
         ranks.append(dict(rank=rank, numel=numel, static=numel * per_param, activations=activations,
