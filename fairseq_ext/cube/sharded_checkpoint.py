@@ -102,6 +102,15 @@ def _dcp_load(state: dict, folder: str, no_dist: bool = False) -> None:
 
 # ---- saving ----
 
+def has_strided_shards(module: torch.nn.Module) -> bool:
+    """Whether ``module`` holds a DTensor split in interleaved pieces (``_StridedShard``: GPT-2's fused q/k/v,
+    each rank its heads of q, k and v), which torch.distributed.checkpoint cannot describe as chunks."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    return any(isinstance(value, DTensor) and any(isinstance(p, _StridedShard) for p in value.placements)
+               for value in module.state_dict().values())
+
+
 def model_entries(module: torch.nn.Module) -> Dict[str, object]:
     """This rank's model weights for the DCP folder: its state_dict (DTensors stay shards), keys prefixed."""
     return {MODEL + key: value for key, value in module.state_dict().items()}

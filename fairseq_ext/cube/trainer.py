@@ -57,6 +57,7 @@ from .sharded_checkpoint import (
     OptimizerShards,
     check_optimizer_by_parameter,
     check_shared_save_dir,
+    has_strided_shards,
     load_model_shards,
     model_entries,
     optimizer_entries,
@@ -149,7 +150,7 @@ class CubeTrainer(fairseq_trainer.Trainer):
         self._full_param_names = [state_dict_name(n) for n, p in model.named_parameters() if p.requires_grad]
         # The plan is applied before fairseq's __init__, which reads the data-parallel size and places the model.
         self.plan, self.mesh, self.vocab_parallel, self.pipeline = self._apply_plan(cfg, model, criterion)
-        self.checkpoint_format = self._checkpoint_format(cfg)
+        self.checkpoint_format = self._checkpoint_format(cfg, model)
         self._shards = None
         self._shards_folder = None  # the DCP folder written for the checkpoint being saved
         self._speed_log = None
@@ -205,9 +206,15 @@ class CubeTrainer(fairseq_trainer.Trainer):
                                       pad_token_id=getattr(hf_model.config, "pad_token_id", None) or 0)
         return plan, mesh, vocab_parallel, pipeline
 
-    def _checkpoint_format(self, cfg) -> str:
+    def _checkpoint_format(self, cfg, model) -> str:
         """``--checkpoint-format`` resolved for this plan, and what a sharded checkpoint cannot hold refused."""
         resolved = checkpoint_format(cfg.task, self.mesh is not None)
+        if resolved == "dcp" and has_strided_shards(model):
+            if getattr(cfg.task, "checkpoint_format", "auto") == "dcp":
+                raise UserInputError("--checkpoint-format dcp cannot write this model's fused q/k/v shards (GPT-2 "
+                                     "style, each rank its heads of q, k and v); use --checkpoint-format full "
+                                     "(CHECKPOINT_FORMAT=full) or auto")
+            resolved = "full"  # auto: gathered on the first rank, as for one process
         if resolved == "dcp" and cfg.ema.store_ema:
             raise UserInputError("--store-ema keeps a full copy of the model in the checkpoint; use "
                                  "--checkpoint-format full (CHECKPOINT_FORMAT=full) with it")

@@ -139,3 +139,27 @@ def test_an_optimizer_over_flattened_parameters_is_refused():
     with pytest.raises(UserInputError, match=r"steps 1 tensors for the model's 4 trainable parameters .* "
                                              r"add --fp16-no-flatten-grads or use --checkpoint-format full"):
         check_optimizer_by_parameter(torch.optim.Adam([flat]), params)
+
+
+def test_strided_shards_of_gpt2_fused_qkv_are_recognised():
+    """GPT-2's c_attn under tp is split in interleaved pieces, which DCP cannot save: auto falls back to full."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from fairseq_ext.cube.runtime.tensor_parallel import apply_tensor_parallel
+    from fairseq_ext.cube.sharded_checkpoint import has_strided_shards
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_head=4, n_layer=1, vocab_size=64, n_positions=16))
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    dist.init_process_group("fake", rank=0, world_size=2, store=FakeStore())
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        apply_tensor_parallel(gpt2, mesh)
+        apply_tensor_parallel(llama, mesh)
+        assert has_strided_shards(gpt2)
+        assert not has_strided_shards(llama)
+    finally:
+        dist.destroy_process_group()
