@@ -34,8 +34,9 @@ class HostCopies:
                 host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
                 host.copy_(value.detach(), non_blocking=True)
                 out[key] = host
-                self._done = torch.cuda.Event()
-                self._done.record()
+        if any(out[key] is not values[key] for key in values):
+            self._done = torch.cuda.Event()
+            self._done.record()
         return out
 
     def wait(self) -> None:

@@ -133,6 +133,23 @@ class TensorParallelModel(torch.nn.Module):
                                            model_cfg=model_cfg, args=args)
 
 
+@contextlib.contextmanager
+def _wrapped_task_steps(task, wrappers):
+    """For the duration: ``task``'s methods named in ``wrappers`` replaced by ``wrapper(current method)``, then
+    what was there before restored (an instance attribute such as the pipeline's step, or the class's)."""
+    own = {name: vars(task)[name] for name in wrappers if name in vars(task)}
+    for name, wrap in wrappers.items():
+        setattr(task, name, wrap(getattr(task, name)))
+    try:
+        yield
+    finally:
+        for name in wrappers:
+            if name in own:
+                setattr(task, name, own[name])
+            else:
+                delattr(task, name)
+
+
 def gather_over(group, obj):
     """``obj`` of every rank of ``group``, in group rank order (collective over ``group``)."""
     parts = [None] * dist.get_world_size(group)
@@ -425,46 +442,24 @@ class CubeTrainer(fairseq_trainer.Trainer):
                 self._speed_log.end_update(batch_tokens(samples), trained_tokens(samples))
             return result
 
-    @contextlib.contextmanager
     def _timed_steps(self):
         """With ``--speed-log``: the task's forward/backward and optimizer steps, timed as compute."""
         if self._speed_log is None:
-            yield
-            return
-        names = ("train_step", "optimizer_step")
-        own = {name: vars(self.task)[name] for name in names if name in vars(self.task)}  # e.g. the pipeline's
-        for name in names:
-            setattr(self.task, name, self._speed_log.timed(getattr(self.task, name)))
-        try:
-            yield
-        finally:
-            for name in names:
-                if name in own:
-                    setattr(self.task, name, own[name])
-                else:
-                    delattr(self.task, name)
+            return contextlib.nullcontext()
+        return _wrapped_task_steps(self.task, {name: self._speed_log.timed for name in ("train_step", "optimizer_step")})
 
-    @contextlib.contextmanager
     def _logged_on_host(self):
         """On GPUs: the logging outputs of the task's train step copied to the host as they are returned."""
         if not self.cuda:
-            yield
-            return
-        own = vars(self.task).get("train_step")  # e.g. the pipeline's
-        step = self.task.train_step
+            return contextlib.nullcontext()
 
-        def train_step(*args, **kwargs):
-            loss, sample_size, logging_output = step(*args, **kwargs)
-            return loss, sample_size, self._host_copies.copy(logging_output)
+        def copying(step):
+            def train_step(*args, **kwargs):
+                loss, sample_size, logging_output = step(*args, **kwargs)
+                return loss, sample_size, self._host_copies.copy(logging_output)
+            return train_step
 
-        self.task.train_step = train_step
-        try:
-            yield
-        finally:
-            if own is not None:
-                self.task.train_step = own
-            else:
-                del self.task.train_step
+        return _wrapped_task_steps(self.task, {"train_step": copying})
 
     def _prepare_sample(self, sample, is_dummy=False):
         """fairseq's, with the batch pinned first on GPUs: its copy to the device then waits for nothing."""

@@ -97,3 +97,18 @@ def test_evaluate_script_reports_exact_match(trained):
                   out / "checkpoint" / "checkpoint_best.pt", "--label", "after"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test exact match (after): " in result.stdout and "/200 = " in result.stdout
+
+
+def test_speed_log_has_one_record_per_update_with_trained_tokens(tmp_path):
+    """--speed-log through the trainer: the task's steps are timed (and restored after each update)."""
+    import json
+
+    log = tmp_path / "speed.jsonl"
+    result = fairseq_train(tiny_train_args(tmp_path / "ckpt", max_update=4,
+                                           extra=["--no-save", "--speed-log", str(log)]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["update"] for r in records] == [1, 2, 3, 4]
+    for record in records:
+        assert 0 < record["compute_s"] <= record["step_s"]
+        assert 0 < record["trained_tokens"] <= record["tokens"]
