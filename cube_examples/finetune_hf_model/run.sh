@@ -69,6 +69,7 @@ PRECISION=${PRECISION:-fp32}  # fp32, bf16 (autocast over fp32 weights), bf16-ma
 COMPILE=${COMPILE:-0}  # 1: torch.compile each decoder layer
 PACK_SEQUENCES=${PACK_SEQUENCES:-0}  # 1: causal LM samples packed into rows of SEQUENCE_LENGTH tokens
 SPEED_LOG=${SPEED_LOG:-}  # a file: one JSON line per update (seconds, tokens, peak memory)
+PROFILE_UPDATES=${PROFILE_UPDATES:-}  # FIRST:LAST: torch.profiler over these updates
 USE_LORA=${USE_LORA:-0}
 LORA_CONFIG=${LORA_CONFIG:-}
 OPTIMIZE_PARAMS=${OPTIMIZE_PARAMS:---optimizer torch_adamw --adam-betas (0.9,0.95) --weight-decay 0.0 --lr $LEARNING_RATE --clip-norm 1.0}
@@ -137,6 +138,10 @@ if [[ $COMPILE == 1 ]]; then PRECISION_ARGS+=(--compile-layers); fi
 [[ $PACK_SEQUENCES == 0 || $PACK_SEQUENCES == 1 ]] || fail "PACK_SEQUENCES must be 0 or 1, got '$PACK_SEQUENCES'"
 if [[ $PACK_SEQUENCES == 1 ]]; then PRECISION_ARGS+=(--pack-sequences); fi
 if [[ -n $SPEED_LOG ]]; then PRECISION_ARGS+=(--speed-log "$SPEED_LOG"); fi
+if [[ -n $PROFILE_UPDATES ]]; then
+    [[ $PROFILE_UPDATES =~ ^[1-9][0-9]*(:[1-9][0-9]*)?$ ]] || fail "PROFILE_UPDATES must be FIRST:LAST updates counted from 1, e.g. 8:10, got '$PROFILE_UPDATES'"
+    PRECISION_ARGS+=(--profile-updates "$PROFILE_UPDATES" --profile-dir "${PROFILE_DIR:-$OUTPUT_DIR/profile}")
+fi
 LORA_ARGS=()
 if [[ $USE_LORA == 1 ]]; then LORA_ARGS=(--use-lora --lora-config "$LORA_CONFIG"); fi
 
@@ -173,7 +178,7 @@ for name in NPROC_PER_NODE NNODES NODE_RANK MASTER_ADDR MASTER_PORT EXAMPLE_PATH
     OUTPUT_DIR TENSORBOARD_DIR LOG_DIR CHECKPOINT_DIR USER_DIR MODEL_ARCH HUGGINGFACE_MODEL_NAME_OR_PATH DATASET_TYPE LEARNING_RATE \
     DATASET_PATH PROMPT_TYPE SEQUENCE_LENGTH BATCH_SIZE GRADIENT_ACCU_NUM WARMUP_STEPS MAX_STEPS SEED USE_ZERO \
     ZERO_N_GROUPS PLAN_NGPUS CUBE_SCALING_FACTOR PLAN_FILE RECOMPUTE_MODULE_NAMES PRECISION COMPILE PACK_SEQUENCES \
-    SPEED_LOG NUM_WORKERS CHECKPOINT_FORMAT USE_LORA LORA_CONFIG OPTIMIZE_PARAMS; do
+    SPEED_LOG PROFILE_UPDATES NUM_WORKERS CHECKPOINT_FORMAT USE_LORA LORA_CONFIG OPTIMIZE_PARAMS; do
     printf '  %-32s %s\n' "$name" "${!name}"
 done
 

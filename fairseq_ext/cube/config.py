@@ -33,6 +33,11 @@ class CubeConfig(FairseqDataclass):
     speed_log: str = field(default="", metadata={
         "help": "append one JSON line per update (wall and compute seconds, tokens, peak memory) to this file "
                 "(SPEED_LOG; written by the first rank)"})
+    profile_updates: str = field(default="", metadata={
+        "help": "FIRST:LAST: torch.profiler over these updates (counted from 1); each rank writes a Chrome trace "
+                "and its device time by kind of kernel into --profile-dir (PROFILE_UPDATES)"})
+    profile_dir: str = field(default="", metadata={
+        "help": "folder of --profile-updates' files; default: 'profile' beside --save-dir (PROFILE_DIR)"})
     checkpoint_format: ChoiceEnum(list(CHECKPOINT_FORMATS)) = field(default="auto", metadata={
         "help": "full: fairseq's one file with every tensor, gathered on the first rank; dcp: fairseq's files "
                 "stay small and each rank writes its own shards (torch.distributed.checkpoint) into a folder "

@@ -70,6 +70,7 @@ from .sharded_checkpoint import (
     write_shards,
 )
 from .speed_log import SpeedLog, batch_tokens, trained_tokens
+from .step_profile import StepProfiler, parse_updates
 
 logger = logging.getLogger(__name__)
 
@@ -172,11 +173,22 @@ class CubeTrainer(fairseq_trainer.Trainer):
         self._shards_folder = None  # the DCP folder written for the checkpoint being saved
         self._speed_log = None
         self._host_copies = HostCopies()
-        self._grad_norm_copy = None  # (the norm on the device, its host copy)
+        self._grad_norm_copy = None  # (the norm given to fairseq, its host copy)
+        self._unchecked_norm = None  # host copy of a norm whose finiteness is checked after the step's launch
         super().__init__(cfg, task, model, criterion, quantizer)
         speed_log = getattr(cfg.task, "speed_log", "")
         self._speed_log = SpeedLog(speed_log, self.device) if speed_log and distributed_utils.get_global_rank() == 0 \
             else None
+        self._profiler = self._step_profiler(cfg)
+
+    def _step_profiler(self, cfg):
+        """``--profile-updates``: the profiler of this rank, or None."""
+        updates = parse_updates(getattr(cfg.task, "profile_updates", ""))
+        if updates is None:
+            return None
+        folder = getattr(cfg.task, "profile_dir", "") or os.path.join(
+            os.path.dirname(os.path.abspath(cfg.checkpoint.save_dir)), "profile")
+        return StepProfiler(updates, folder, distributed_utils.get_global_rank(), self.cuda)
 
     @staticmethod
     def _apply_plan(cfg, model, criterion=None):
@@ -405,12 +417,31 @@ class CubeTrainer(fairseq_trainer.Trainer):
     def clip_grad_norm(self, clip_norm):
         """Replaces fairseq's norm of the local gradients: with tensor parallel, the norm of the full
         gradient (sharded squares summed over tp, replicated ones counted once), then clipped alike.
-        On GPUs the norm is also copied to the host for logging, before the optimizer step."""
+        On GPUs the norm is also copied to the host for logging, before the optimizer step; on one data-parallel
+        replica with ``torch_adamw``, the step is launched before the norm is known to be finite (it skips
+        itself on the device otherwise, and :meth:`_check_norm_after_step` raises fairseq's error)."""
         clip = self._clip_grad_norm if self._speed_log is None else self._speed_log.timed(self._clip_grad_norm)
         norm = clip(clip_norm)
         if self.cuda and torch.is_tensor(norm):
-            self._grad_norm_copy = (norm, self._host_copies.copy({"norm": norm})["norm"])
+            host_norm = self._host_copies.copy({"norm": norm})["norm"]
+            self._grad_norm_copy = (norm, host_norm)
+            skip_on_device = getattr(self.optimizer, "skip_step_if_nonfinite", None)
+            if self._grad_norm_buf is None and not self.cfg.common.amp and skip_on_device and skip_on_device(norm):
+                # fairseq's finiteness check before the step (a wait for the whole backward) passes on a
+                # stand-in; the step skips itself on the device, and the norm is checked once it is launched
+                self._unchecked_norm = host_norm
+                self._grad_norm_copy = (torch.zeros(()), host_norm)
+                return self._grad_norm_copy[0]
         return norm
+
+    def _check_norm_after_step(self) -> None:
+        """fairseq's "gradients are Nan/Inf" error, raised after the (then skipped) optimizer step was launched."""
+        if self._unchecked_norm is None:
+            return
+        self._host_copies.wait()
+        norm, self._unchecked_norm = self._unchecked_norm, None
+        if not torch.isfinite(norm).all():
+            raise FloatingPointError("gradients are Nan/Inf")
 
     def _clip_grad_norm(self, clip_norm):
         if self.mesh is None:
@@ -436,11 +467,16 @@ class CubeTrainer(fairseq_trainer.Trainer):
         the batch (:meth:`_pipeline_train_step`); fairseq's accumulation over ``--update-freq``, its sums
         over the dp group, gradient scaling, clipping and optimizer step run as usual around it.
         """
+        update = self.get_num_updates() + 1
+        if self._profiler is not None:
+            self._profiler.before_update(update)
         with self._loss_context(), self._pipeline_steps(), self._timed_steps(), self._logged_on_host():
             result = super().train_step(samples, raise_oom)
             if self._speed_log is not None:
                 self._speed_log.end_update(batch_tokens(samples), trained_tokens(samples))
-            return result
+        if self._profiler is not None:
+            self._profiler.after_update(update)
+        return result
 
     def _timed_steps(self):
         """With ``--speed-log``: the task's forward/backward and optimizer steps, timed as compute."""
@@ -459,7 +495,14 @@ class CubeTrainer(fairseq_trainer.Trainer):
                 return loss, sample_size, self._host_copies.copy(logging_output)
             return train_step
 
-        return _wrapped_task_steps(self.task, {"train_step": copying})
+        def checking(step):
+            def optimizer_step(*args, **kwargs):
+                result = step(*args, **kwargs)
+                self._check_norm_after_step()
+                return result
+            return optimizer_step
+
+        return _wrapped_task_steps(self.task, {"train_step": copying, "optimizer_step": checking})
 
     def _prepare_sample(self, sample, is_dummy=False):
         """fairseq's, with the batch pinned first on GPUs: its copy to the device then waits for nothing."""

@@ -69,11 +69,20 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
             state["step"] = state["step"].to("cpu")
         return state
 
+    @property
+    def can_skip_on_device(self) -> bool:
+        """Whether :meth:`step` can take ``found_inf`` (not with bf16 moments: their step is not fused)."""
+        return not any(group["lean_states"] and any(p.dtype != torch.float32 for p in group["params"])
+                       for group in self.param_groups)
+
     @torch.no_grad()
-    def step(self, closure=None, grad_scale=None):
+    def step(self, closure=None, grad_scale=None, found_inf=None):
         """One AdamW step. ``grad_scale`` (a float or a 0-dim tensor) multiplies every gradient first:
         fairseq's normalization and gradient clipping folded into the update instead of passes over
-        the gradients of their own."""
+        the gradients of their own. ``found_inf`` (a 0-dim float32 tensor on the parameters' device):
+        where it is 1 the step changes nothing (weights, moments, step counts), decided on the device."""
+        if found_inf is not None and not self.can_skip_on_device:
+            raise ValueError("found_inf needs fused steps; bf16 moments (lean_states) are stepped unfused")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -92,33 +101,36 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
                     master_params.append(param)
                 else:
                     self._lean_step(param, state, group, grad_scale)
-            self._adamw(dense, [p.grad for p in dense], [self.state[p] for p in dense], group, grad_scale)
+            self._adamw(dense, [p.grad for p in dense], [self.state[p] for p in dense], group, grad_scale, found_inf)
             for chunk in _chunks(master_params, MASTER_CHUNK_ELEMENTS):
-                # float32 copies of one chunk's gradients at a time: at most MASTER_CHUNK_ELEMENTS x 4 bytes more
+                # float32 copies of one chunk's gradients at a time: at most MASTER_CHUNK_ELEMENTS x 4 bytes more;
+                # one multi-tensor copy casts them (a cast per tensor costs a kernel launch each: LoRA has hundreds)
                 masters = [self.state[p]["master"] for p in chunk]
-                grads = [p.grad.float() for p in chunk]
-                self._adamw(masters, grads, [self.state[p] for p in chunk], group, grad_scale)
+                grads = [torch.empty_like(master) for master in masters]
+                torch._foreach_copy_(grads, [p.grad for p in chunk])
+                self._adamw(masters, grads, [self.state[p] for p in chunk], group, grad_scale, found_inf)
                 torch._foreach_copy_(chunk, masters)
         return loss
 
     @staticmethod
     def _adamw(params: List[torch.Tensor], grads: List[torch.Tensor], states: List[dict], group: dict,
-               grad_scale=None) -> None:
+               grad_scale=None, found_inf=None) -> None:
         if not params:
             return
         on_gpu = params[0].is_cuda
+        fused = on_gpu or found_inf is not None  # torch's fused kernels (GPU and CPU) read found_inf; foreach does not
         divide_by = None
         if grad_scale is not None:
-            if on_gpu:  # the fused kernel divides the gradients by its ``grad_scale`` as it reads them
+            if fused:  # the fused kernel divides the gradients by its ``grad_scale`` as it reads them
                 divide_by = torch.as_tensor(grad_scale, dtype=torch.float32, device=params[0].device).reciprocal()
             else:
                 torch._foreach_mul_(grads, grad_scale)
         beta1, beta2 = group["betas"]
         functional_adamw(
             params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
-            [s["step"] for s in states], foreach=not on_gpu, fused=on_gpu or None, grad_scale=divide_by,
-            amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-            eps=group["eps"], maximize=False)
+            [s["step"] for s in states], foreach=not fused, fused=fused or None, grad_scale=divide_by,
+            found_inf=found_inf, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
     def _lean_step(self, param: torch.Tensor, state: dict, group: dict, grad_scale=None) -> None:
         """One AdamW step of a bf16 weight with bf16 moments: float32 arithmetic chunk by chunk, the

@@ -31,6 +31,7 @@ class FairseqTorchAdamW(FairseqOptimizer):
         super().__init__(cfg)
         self._optimizer = MixedPrecisionAdamW(params, **self.optimizer_config)
         self._grad_multiplier = 1.0  # pending factor of the gradients, applied by the next step
+        self._found_inf = None  # 1 on the device when the next step is to change nothing
 
     def multiply_grads(self, c) -> None:
         """Replaces fairseq's pass over every gradient (normalization by the sample size): the factor is
@@ -49,27 +50,36 @@ class FairseqTorchAdamW(FairseqOptimizer):
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             return torch.zeros(())
-        norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
-        total_norm = torch.linalg.vector_norm(torch.stack(norms)) * self._grad_multiplier
+        total_norm = torch.linalg.vector_norm(torch.stack(_norms(grads))) * self._grad_multiplier
         if aggregate_norm_fn is not None:
             total_norm = aggregate_norm_fn(total_norm)
         if max_norm > 0:
             self._grad_multiplier = self._grad_multiplier * (max_norm / (total_norm + 1e-6)).clamp_(max=1)
         return total_norm
 
+    def skip_step_if_nonfinite(self, norm: torch.Tensor) -> bool:
+        """Make the next step change nothing where ``norm`` (on the device) is not finite, decided on the device,
+        so the host need not wait for the gradients before launching the step. False when it cannot."""
+        if not self.optimizer.can_skip_on_device:
+            return False
+        self._found_inf = torch.logical_not(torch.isfinite(norm)).to(torch.float32)
+        return True
+
     def step(self, closure=None, scale=1.0, groups=None):
         """The optimizer step, with the pending gradient factor (and fairseq's ``scale``) folded into it."""
         if groups is not None:
             raise ValueError("torch_adamw steps all parameter groups together")
         multiplier, self._grad_multiplier = self._grad_multiplier / scale, 1.0
+        found_inf, self._found_inf = self._found_inf, None
         if torch.is_tensor(multiplier) or multiplier != 1.0:
-            self.optimizer.step(closure, grad_scale=multiplier)
+            self.optimizer.step(closure, grad_scale=multiplier, found_inf=found_inf)
         else:
-            self.optimizer.step(closure)
+            self.optimizer.step(closure, found_inf=found_inf)
 
     def zero_grad(self) -> None:
         super().zero_grad()
         self._grad_multiplier = 1.0
+        self._found_inf = None
 
     @property
     def optimizer_config(self) -> dict:
@@ -86,3 +96,16 @@ class FairseqTorchAdamW(FairseqOptimizer):
     @property
     def supports_flat_params(self) -> bool:
         return True
+
+
+def _norms(grads: List[torch.Tensor]) -> List[torch.Tensor]:
+    """The float32 2-norm of each gradient: one multi-tensor kernel per device and dtype (a norm per tensor
+    costs a launch each)."""
+    groups = {}
+    for index, grad in enumerate(grads):
+        groups.setdefault((grad.device, grad.dtype), []).append(index)
+    norms = [None] * len(grads)
+    for indices in groups.values():
+        for index, norm in zip(indices, torch._foreach_norm([grads[i] for i in indices], 2, dtype=torch.float32)):
+            norms[index] = norm
+    return norms

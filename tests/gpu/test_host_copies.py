@@ -51,3 +51,45 @@ def test_update_returns_before_the_device_finishes_its_optimizer_step(tmp_path):
         next_batch = trainer._prepare_sample(next(batches))[0]
         assert next_batch["net_input"]["input_ids"].is_cuda
         assert not torch.cuda.current_stream().query(), "copying the next batch waited for the device"
+
+
+def test_optimizer_step_is_launched_before_the_backward_ends(tmp_path):
+    """fairseq checks the gradient norm is finite before the step (a wait for the whole backward); here the
+    step is launched while the device still runs the backward's work."""
+    trainer, batches = build_trainer(tmp_path)
+    task_train_step, task_optimizer_step = trainer.task.train_step, trainer.task.optimizer_step
+    device_busy_at_step = []
+
+    def slow_train_step(*args, **kwargs):
+        result = task_train_step(*args, **kwargs)
+        torch.cuda._sleep(SLEEP_CYCLES)  # the end of the backward, as the device sees it
+        return result
+
+    def recording_optimizer_step(*args, **kwargs):
+        device_busy_at_step.append(not torch.cuda.current_stream().query())
+        return task_optimizer_step(*args, **kwargs)
+
+    trainer.task.train_step, trainer.task.optimizer_step = slow_train_step, recording_optimizer_step
+    for _ in range(3):
+        torch.cuda.synchronize()
+        trainer.train_step([next(batches)])
+    # fairseq empties the CUDA cache after the first update's backward (a device-wide wait): updates 2 and 3
+    assert device_busy_at_step[1:] == [True, True], device_busy_at_step
+
+
+def test_nonfinite_gradients_raise_fairseqs_error_and_leave_the_weights(tmp_path):
+    trainer, batches = build_trainer(tmp_path)
+    trainer.train_step([next(batches)])
+    task_train_step = trainer.task.train_step
+
+    def nan_train_step(*args, **kwargs):
+        result = task_train_step(*args, **kwargs)
+        next(p for p in trainer.model.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
+        return result
+
+    trainer.task.train_step = nan_train_step
+    weights = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(FloatingPointError, match="gradients are Nan/Inf"):
+        trainer.train_step([next(batches)])
+    for before, p in zip(weights, trainer.model.parameters()):
+        assert torch.equal(before, p.detach())

@@ -112,3 +112,30 @@ def test_speed_log_has_one_record_per_update_with_trained_tokens(tmp_path):
     for record in records:
         assert 0 < record["compute_s"] <= record["step_s"]
         assert 0 < record["trained_tokens"] <= record["tokens"]
+
+
+def test_profile_updates_writes_trace_and_kernel_summary(tmp_path):
+    """--profile-updates 2:3 through fairseq-train: a Chrome trace and the time by kind of two updates."""
+    import gzip
+    import json
+
+    folder = tmp_path / "profile"
+    result = fairseq_train(tiny_train_args(tmp_path / "ckpt", max_update=4, extra=[
+        "--no-save", "--profile-updates", "2:3", "--profile-dir", str(folder)]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((folder / "kernels_rank0.json").read_text())
+    assert summary["device"] == "cpu" and summary["updates"] == 2
+    kinds = {k["kind"]: k["share"] for k in summary["kinds"]}
+    assert kinds["matmul"] > 0.05 and sum(kinds.values()) == pytest.approx(1.0)
+    assert "| matmul |" in (folder / "kernels_rank0.md").read_text()
+    trace = json.loads(gzip.open(folder / "trace_rank0.json.gz").read())
+    steps = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("aten::")}
+    assert "aten::addmm" in steps or "aten::mm" in steps
+    assert not list(folder.glob("*.tmp"))
+
+
+def test_profile_updates_refuses_a_bad_range(tmp_path):
+    result = fairseq_train(tiny_train_args(tmp_path / "ckpt", max_update=2, extra=["--profile-updates", "3:1"]))
+    assert result.returncode != 0
+    assert "fairseq_ext: error: --profile-updates (PROFILE_UPDATES) takes FIRST:LAST" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -132,11 +132,11 @@ def test_bf16_weight_precisions_need_torch_adamw():
         check_precision("bf16-pure")
 
 
-def _fairseq_optimizer(params):
+def _fairseq_optimizer(params, precision="fp32"):
     from omegaconf import OmegaConf
 
     from fairseq_ext.optim.torch_adamw import FairseqTorchAdamW
-    cfg = OmegaConf.create({"adam_betas": "(0.9, 0.95)", "adam_eps": 1e-8, "weight_decay": 0.1, "precision": "fp32",
+    cfg = OmegaConf.create({"adam_betas": "(0.9, 0.95)", "adam_eps": 1e-8, "weight_decay": 0.1, "precision": precision,
                             "lr": [1e-2]})
     return FairseqTorchAdamW(cfg, params)
 
@@ -190,3 +190,46 @@ def test_lean_states_loaded_as_float32_become_bf16_again():
         state["exp_avg"], state["exp_avg_sq"] = state["exp_avg"].float(), state["exp_avg_sq"].float()
     _run(optimizer, params, 1)
     assert {s[k].dtype for s in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nonfinite_norm_makes_the_step_change_nothing(dtype):
+    """skip_step_if_nonfinite: the step launched after a NaN norm leaves weights, master weights, moments and
+    step counts as they were (decided by the fused kernel); the next finite step goes on as if it never ran."""
+    ours, reference = _params(dtype), _params(dtype)
+    optimizer, reference_optimizer = _fairseq_optimizer(ours), _fairseq_optimizer(reference)
+    for step in range(3):
+        grads = _grads(step, [p.shape for p in ours])
+        for a, b, grad in zip(ours, reference, grads):
+            a.grad, b.grad = grad.to(dtype), grad.to(dtype)
+        if step == 1:  # a NaN gradient: ours skips it, the reference never sees it
+            ours[0].grad[0, 0] = float("nan")
+            before = copy.deepcopy(optimizer.optimizer.state_dict()), [p.detach().clone() for p in ours]
+        norm = optimizer.clip_grad_norm(1.0)
+        assert optimizer.skip_step_if_nonfinite(norm)
+        optimizer.step()
+        optimizer.zero_grad()
+        if step == 1:
+            assert not torch.isfinite(norm)
+            for p, saved in zip(ours, before[1]):
+                assert torch.equal(p, saved)
+            after = optimizer.optimizer.state_dict()["state"]
+            for index, state in before[0]["state"].items():
+                for key, value in state.items():
+                    assert torch.equal(after[index][key], value), key
+            continue
+        reference_optimizer.clip_grad_norm(1.0)
+        reference_optimizer.step()
+        reference_optimizer.zero_grad()
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_lean_states_cannot_skip_on_the_device():
+    params = _params(torch.bfloat16)
+    optimizer = _fairseq_optimizer(params, precision="bf16-lean")
+    for p, grad in zip(params, _grads(0, [p.shape for p in params])):
+        p.grad = grad.bfloat16()
+    assert not optimizer.skip_step_if_nonfinite(optimizer.clip_grad_norm(1.0))
+    with pytest.raises(ValueError, match="found_inf needs fused steps"):
+        optimizer.optimizer.step(found_inf=torch.zeros(()))
