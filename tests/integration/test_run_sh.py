@@ -73,6 +73,9 @@ BAD_INPUTS = {
     "unknown PRECISION": ({"PRECISION": "fp8"},
                           r"run\.sh: error: PRECISION must be fp32, bf16, bf16-master, bf16-lean or fp16, got 'fp8'"),
     "COMPILE not 0/1": ({"COMPILE": "yes"}, r"run\.sh: error: COMPILE must be 0 or 1, got 'yes'"),
+    "PROFILE_UPDATES not a range": ({"PROFILE_UPDATES": "8-10"},
+                                    r"run\.sh: error: PROFILE_UPDATES must be FIRST:LAST updates counted from 1, e\.g\. "
+                                    r"8:10, got '8-10'"),
     "unknown CHECKPOINT_FORMAT": ({"CHECKPOINT_FORMAT": "sharded"},
                                   r"run\.sh: error: CHECKPOINT_FORMAT must be auto, full or dcp, got 'sharded'"),
     "SEQUENCE_LENGTH beyond the model": ({"SEQUENCE_LENGTH": "1024"},
