@@ -8,7 +8,7 @@ before its allocator slack and workspace, which model what ``max_memory_reserved
 ``torch.cuda.max_memory_allocated``, predicted step time against the measured median.
 
     python benchmarks/plan_calibration.py benchmarks/results/single_gpu_speed/run10.json [more.json ...] \
-        [--exclude "run9 ROW,..."] [--out calibration.md]
+        [--cost-params h200.json] [--exclude "run9 ROW,..."] [--out calibration.md]
 """
 
 import argparse
@@ -57,9 +57,11 @@ def main(argv=None) -> int:
     parser.add_argument("results", nargs="+", help="single_gpu_speed.json files")
     parser.add_argument("--exclude", default="", help="comma-separated 'run row' names to leave out (e.g. measured "
                                                       "with code the cost model no longer describes)")
+    parser.add_argument("--cost-params", help="a JSON file of cost.Hardware values for the measured GPU "
+                                               "(plan_report.py / run.sh compile --cost-params); default: the H100 defaults")
     parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args(argv)
-    hardware = Hardware()
+    hardware = Hardware.from_json(args.cost_params) if args.cost_params else Hardware()
     excluded = set(filter(None, args.exclude.split(",")))
     rows = [predict(row, settings, hardware) for row, settings in measured_rows(args.results)
             if f"{row['run']} {row['name']}" not in excluded]
