@@ -220,8 +220,9 @@ class CubeTrainer(fairseq_trainer.Trainer):
                                  "train in float32")
         if getattr(model, "saves_trainable_only", False):
             raise UserInputError("LoRA with tensor parallel (PLAN_NGPUS > 1) is not available yet; use PLAN_NGPUS=1")
-        if getattr(cfg.task, "pack_sequences", False):
-            raise UserInputError("PACK_SEQUENCES=1 with PLAN_NGPUS > 1 is not available yet; use PACK_SEQUENCES=0")
+        if getattr(cfg.task, "pack_sequences", False) and plan.pp > 1:
+            raise UserInputError("PACK_SEQUENCES=1 with pipeline parallel (pp > 1) is not available yet; use "
+                                 "PACK_SEQUENCES=0 or a plan without pipeline stages")
         if getattr(cfg.model, "compile_layers", False):
             raise UserInputError("COMPILE=1 (--compile-layers) with PLAN_NGPUS > 1 is not available yet; use COMPILE=0")
         check_plan_fits_model(plan, hf_model.config)

@@ -180,3 +180,10 @@ def test_bad_pipeline_plan_gets_one_clear_error(tmp_path, case):
     assert result.returncode != 0
     assert re.search(message, result.stderr), result.stderr[-3000:]
     assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
+
+
+def test_packed_sequences_with_pipeline_stages_get_one_clear_error(tmp_path):
+    result = run_sh(tmp_path, **{**COMMON, "NPROC_PER_NODE": 2, "PLAN_FILE": plan_file(tmp_path), "PACK_SEQUENCES": 1})
+    assert result.returncode != 0
+    assert "PACK_SEQUENCES=1 with pipeline parallel (pp > 1) is not available yet" in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]

@@ -246,3 +246,11 @@ def test_tp2_gpt2_causal_lm_matches_one_process(tmp_path, tiny_gpt2):
     assert weights["hf_model.transformer.h.0.attn.c_attn.weight"].shape == (64, 192)  # full, [q | k | v]
     assert torch.equal(weights["hf_model.lm_head.weight"], weights["hf_model.transformer.wte.weight"])  # still tied
     assert_same_training(tp2, one)
+
+
+def test_tp2_with_packed_sequences_matches_one_process(tmp_path):
+    """PACK_SEQUENCES=1 under tensor parallel: each rank's heads see the same block-diagonal mask (built from
+    the restarted position ids), so the packed training is the single process's packed training."""
+    reference = train(tmp_path / "one", NPROC_PER_NODE=1, PACK_SEQUENCES=1)
+    assert "packed" in reference[3]
+    assert_same_training(train(tmp_path / "tp2", NPROC_PER_NODE=2, PLAN_NGPUS=2, PACK_SEQUENCES=1), reference)
