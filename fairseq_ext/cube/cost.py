@@ -20,8 +20,9 @@ Memory of one rank (the fullest pipeline stage decides the plan's peak)::
 Step time of one update::
 
     per micro-batch and rank: 3 x forward FLOPs (backward = 2 x forward) + recomputed forward FLOPs, at
-        device_flops x efficiency (x compiled_speedup for compiled decoder layers), + tensor-parallel all-reduces (ring: 2 (n-1)/n bytes / bandwidth
-        + 2 (n-1) x latency, intra-node when tp <= gpus_per_node) + pipeline sends
+        device_flops x efficiency (x compiled_speedup for compiled decoder layers), + tensor-parallel
+        all-reduces (ring: 2 (n-1)/n bytes / bandwidth + 2 (n-1) x latency, intra-node when tp <=
+        gpus_per_node) + pipeline sends
     pipeline:  m x slowest rank x (1 + (pp - 1) / (v x m))     (the bubble; v = virtual stages per rank)
     update:    GRADIENT_ACCU_NUM x pipeline + data-parallel gradient all-reduce (+ ZeRO-1's parameter
                broadcast) + the optimizer step (memory bound: ``optimizer_step_bytes`` / HBM bandwidth)
@@ -110,11 +111,11 @@ def optimizer_step_bytes(precision: str) -> float:
     addcdiv, the rounding's noise), 168 bytes counted op by op in ``MixedPrecisionAdamW._lean_step``;
     fairseq's fp16 optimizer adds its float32 gradient copy to the fused step.
     """
-    weight_b, grad_b, optimizer_b = _PRECISION_BYTES[precision]
     if precision == "bf16-lean":
         return 168.0
     if precision == "bf16-master":
         return 6 + 7 * 4 + 6
+    weight_b, grad_b, optimizer_b = _PRECISION_BYTES[precision]
     return 3 * weight_b + grad_b + 2 * optimizer_b
 
 

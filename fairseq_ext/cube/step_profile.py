@@ -179,7 +179,10 @@ class StepProfiler:
                             "cuda" if self.cuda else "cpu", _operator_times(profiler) if self.cuda else None)
 
         def write_text(text):
-            return lambda tmp: open(tmp, "w").write(text)
+            def write(tmp):
+                with open(tmp, "w") as handle:
+                    handle.write(text)
+            return write
         _write_atomically(base + ".json", write_text(json.dumps(summary, indent=1)))
         _write_atomically(base + ".md", write_text(summary_markdown(summary)))
         trace = os.path.join(self.folder, f"trace_rank{self.rank}.json.gz")

@@ -71,10 +71,8 @@ class FairseqTorchAdamW(FairseqOptimizer):
             raise ValueError("torch_adamw steps all parameter groups together")
         multiplier, self._grad_multiplier = self._grad_multiplier / scale, 1.0
         found_inf, self._found_inf = self._found_inf, None
-        if torch.is_tensor(multiplier) or multiplier != 1.0:
-            self.optimizer.step(closure, grad_scale=multiplier, found_inf=found_inf)
-        else:
-            self.optimizer.step(closure, found_inf=found_inf)
+        scales = torch.is_tensor(multiplier) or multiplier != 1.0
+        self.optimizer.step(closure, grad_scale=multiplier if scales else None, found_inf=found_inf)
 
     def zero_grad(self) -> None:
         super().zero_grad()
@@ -99,13 +97,9 @@ class FairseqTorchAdamW(FairseqOptimizer):
 
 
 def _norms(grads: List[torch.Tensor]) -> List[torch.Tensor]:
-    """The float32 2-norm of each gradient: one multi-tensor kernel per device and dtype (a norm per tensor
-    costs a launch each)."""
+    """The float32 2-norms of the gradients (in no particular order): one multi-tensor kernel per device and
+    dtype (a norm per tensor costs a launch each)."""
     groups = {}
-    for index, grad in enumerate(grads):
-        groups.setdefault((grad.device, grad.dtype), []).append(index)
-    norms = [None] * len(grads)
-    for indices in groups.values():
-        for index, norm in zip(indices, torch._foreach_norm([grads[i] for i in indices], 2, dtype=torch.float32)):
-            norms[index] = norm
-    return norms
+    for grad in grads:
+        groups.setdefault((grad.device, grad.dtype), []).append(grad)
+    return [norm for group in groups.values() for norm in torch._foreach_norm(group, 2, dtype=torch.float32)]
