@@ -34,6 +34,7 @@ from fairseq.distributed import ModuleProxyWrapper
 from fairseq.distributed import utils as distributed_utils
 from fairseq.file_io import PathManager
 from fairseq.logging import metrics, progress_bar
+from fairseq.nan_detector import NanDetector
 from omegaconf import OmegaConf
 from torch.distributed.tensor.parallel import loss_parallel
 from torch.nn.parallel import DistributedDataParallel
@@ -42,7 +43,7 @@ from ..criterions.base import logging_output
 from ..errors import UserInputError
 from .compile import check_plan_is_current
 from .config import checkpoint_format, plan_from_config
-from .host_copies import HostCopies, pinned
+from .host_copies import HostCopy, LoggedValues, pinned
 from .runtime.data_parallel import average_gradients
 from .runtime.local_shards import LocalShards, full_state_dict, local_tensor, localize_state_dict
 from .runtime.mesh import DP, PP, TP, build_mesh
@@ -172,9 +173,9 @@ class CubeTrainer(fairseq_trainer.Trainer):
         self._shards = None
         self._shards_folder = None  # the DCP folder written for the checkpoint being saved
         self._speed_log = None
-        self._host_copies = HostCopies()
-        self._grad_norm_copy = None  # (the norm given to fairseq, its host copy)
-        self._unchecked_norm = None  # host copy of a norm whose finiteness is checked after the step's launch
+        self._norm_standin = (None, None)  # (what fairseq got for the gradient norm, the norm to log)
+        self._unchecked_norm = None  # (HostCopy of a norm not yet known finite, the batches of its update)
+        self._update_samples = None  # the batches of the update being run
         super().__init__(cfg, task, model, criterion, quantizer)
         speed_log = getattr(cfg.task, "speed_log", "")
         self._speed_log = SpeedLog(speed_log, self.device) if speed_log and distributed_utils.get_global_rank() == 0 \
@@ -418,31 +419,40 @@ class CubeTrainer(fairseq_trainer.Trainer):
     def clip_grad_norm(self, clip_norm):
         """Replaces fairseq's norm of the local gradients: with tensor parallel, the norm of the full
         gradient (sharded squares summed over tp, replicated ones counted once), then clipped alike.
-        On GPUs the norm is also copied to the host for logging, before the optimizer step; on one data-parallel
-        replica with ``torch_adamw``, the step is launched before the norm is known to be finite (it skips
-        itself on the device otherwise, and :meth:`_check_norm_after_step` raises fairseq's error)."""
+
+        On one data-parallel replica of a GPU with ``torch_adamw``, the optimizer step is launched without
+        waiting for the norm: fairseq's finiteness check before the step (a wait for the whole backward)
+        gets a stand-in, the step skips itself on the device where the norm is not finite, and the norm is
+        checked once later work is queued (:meth:`_check_previous_norm`)."""
         clip = self._clip_grad_norm if self._speed_log is None else self._speed_log.timed(self._clip_grad_norm)
         norm = clip(clip_norm)
-        if self.cuda and torch.is_tensor(norm):
-            host_norm = self._host_copies.copy({"norm": norm})["norm"]
-            self._grad_norm_copy = (norm, host_norm)
-            skip_on_device = getattr(self.optimizer, "skip_step_if_nonfinite", None)
-            if self._grad_norm_buf is None and not self.cfg.common.amp and skip_on_device and skip_on_device(norm):
-                # fairseq's finiteness check before the step (a wait for the whole backward) passes on a
-                # stand-in; the step skips itself on the device, and the norm is checked once it is launched
-                self._unchecked_norm = host_norm
-                self._grad_norm_copy = (torch.zeros(()), host_norm)
-                return self._grad_norm_copy[0]
+        skip_on_device = getattr(self.optimizer, "skip_step_if_nonfinite", None)
+        if (self.cuda and torch.is_tensor(norm) and self._grad_norm_buf is None and not self.cfg.common.amp
+                and skip_on_device and skip_on_device(norm)):
+            self._unchecked_norm = (HostCopy(norm), self._update_samples)
+            self._norm_standin = (torch.zeros(()), norm)
+            return self._norm_standin[0]
         return norm
 
-    def _check_norm_after_step(self) -> None:
-        """fairseq's "gradients are Nan/Inf" error, raised after the (then skipped) optimizer step was launched."""
+    def _check_previous_norm(self) -> None:
+        """fairseq's "gradients are Nan/Inf" error for an update whose step was launched before its gradient
+        norm was known (a step that then changed nothing): as fairseq does, crash.pt is saved and that
+        update's batches run again under fairseq's NanDetector, which names the first module that gave a
+        non-finite value; then the error is raised."""
         if self._unchecked_norm is None:
             return
-        self._host_copies.wait()
-        norm, self._unchecked_norm = self._unchecked_norm, None
-        if not torch.isfinite(norm).all():
-            raise FloatingPointError("gradients are Nan/Inf")
+        (norm, samples), self._unchecked_norm = self._unchecked_norm, None
+        if torch.isfinite(norm.get()).all():
+            return
+        self.consolidate_optimizer()
+        self.save_checkpoint(os.path.join(self.cfg.checkpoint.save_dir, "crash.pt"), {})
+        self.zero_grad()
+        with NanDetector(self.get_model()):
+            for sample in samples or []:
+                sample, _ = self._prepare_sample(sample)
+                self.task.train_step(sample, self.model, self.criterion, self.optimizer, self.get_num_updates(),
+                                     ignore_grad=False)
+        raise FloatingPointError("gradients are Nan/Inf")
 
     def _clip_grad_norm(self, clip_norm):
         if self.mesh is None:
@@ -471,12 +481,16 @@ class CubeTrainer(fairseq_trainer.Trainer):
         update = self.get_num_updates() + 1
         if self._profiler is not None:
             self._profiler.before_update(update)
-        with self._loss_context(), self._pipeline_steps(), self._timed_steps(), self._logged_on_host():
+        self._update_samples = samples
+        with self._loss_context(), self._pipeline_steps(), self._timed_steps(), self._checking_previous_norm():
             result = super().train_step(samples, raise_oom)
             if self._speed_log is not None:
                 self._speed_log.end_update(batch_tokens(samples), trained_tokens(samples))
+        self._update_samples = None
         if self._profiler is not None:
             self._profiler.after_update(update)
+        if 0 < self.cfg.optimization.max_update <= self.get_num_updates():
+            self._check_previous_norm()  # the last update: no later one will
         return result
 
     def _timed_steps(self):
@@ -485,25 +499,21 @@ class CubeTrainer(fairseq_trainer.Trainer):
             return contextlib.nullcontext()
         return _wrapped_task_steps(self.task, {name: self._speed_log.timed for name in ("train_step", "optimizer_step")})
 
-    def _logged_on_host(self):
-        """On GPUs: the logging outputs of the task's train step copied to the host as they are returned."""
+    def _checking_previous_norm(self):
+        """On GPUs: the task's train step, then the check of the previous update's gradient norm
+        (:meth:`_check_previous_norm`): this update's forward and backward are queued by then, so the
+        device is not left idle while the host waits for that norm."""
         if not self.cuda:
             return contextlib.nullcontext()
 
-        def copying(step):
+        def checking(step):
             def train_step(*args, **kwargs):
-                loss, sample_size, logging_output = step(*args, **kwargs)
-                return loss, sample_size, self._host_copies.copy(logging_output)
+                result = step(*args, **kwargs)
+                self._check_previous_norm()
+                return result
             return train_step
 
-        def checking(step):
-            def optimizer_step(*args, **kwargs):
-                result = step(*args, **kwargs)
-                self._check_norm_after_step()
-                return result
-            return optimizer_step
-
-        return _wrapped_task_steps(self.task, {"train_step": copying, "optimizer_step": checking})
+        return _wrapped_task_steps(self.task, {"train_step": checking})
 
     def _prepare_sample(self, sample, is_dummy=False):
         """fairseq's, with the batch pinned first on GPUs: its copy to the device then waits for nothing."""
@@ -513,7 +523,8 @@ class CubeTrainer(fairseq_trainer.Trainer):
 
     def valid_step(self, sample, raise_oom=False):
         """fairseq's valid step, under ``loss_parallel`` like :meth:`train_step`, and through the pipeline
-        (forward only) with pipeline parallel."""
+        (forward only) with pipeline parallel; after the check of the last update's gradient norm."""
+        self._check_previous_norm()
         with self._loss_context(), self._pipeline_steps():
             return super().valid_step(sample, raise_oom)
 
@@ -551,23 +562,34 @@ class CubeTrainer(fairseq_trainer.Trainer):
 
     def _aggregate_logging_outputs(self, logging_outputs, *extra_stats_to_sum, ignore=False):
         """Logged values that are DTensors (a vocab-parallel loss, replicated over tp) become plain tensors
-        before fairseq sums them over the dp group; on GPUs the sums are copied to the host (as in
-        :meth:`_logged_on_host`)."""
-        logging_outputs, extra_stats = super()._aggregate_logging_outputs(_plain(logging_outputs), *extra_stats_to_sum,
-                                                                          ignore=ignore)
-        if self.cuda:
-            logging_outputs = [self._host_copies.copy(log) for log in logging_outputs]
-        return logging_outputs, extra_stats
+        before fairseq sums them over the dp group."""
+        return super()._aggregate_logging_outputs(_plain(logging_outputs), *extra_stats_to_sum, ignore=ignore)
 
     def _reduce_and_log_stats(self, logging_outputs, sample_size, grad_norm=None):
-        """As :meth:`_aggregate_logging_outputs`, for the single-unit case where fairseq skips the sum. On
-        GPUs the values come from their host copies (:mod:`host_copies`): reading them does not wait for
-        the optimizer step."""
-        self._host_copies.wait()
-        if self._grad_norm_copy is not None and grad_norm is self._grad_norm_copy[0]:
-            grad_norm = self._grad_norm_copy[1]
-        self._grad_norm_copy = None
-        return super()._reduce_and_log_stats(_plain(logging_outputs), sample_size, grad_norm)
+        """Replaces fairseq's: the same meters (gnorm, clip, ups, the criterion's), logged with the values
+        where they are (on GPUs, on the device: no wait), and a logging output that reads them on first
+        access (:class:`LoggedValues`) instead of fairseq's dict of floats read at once. fairseq calls it
+        only with a finite norm, or the stand-in of one not yet checked (:meth:`clip_grad_norm`)."""
+        standin, norm = self._norm_standin
+        self._norm_standin = (None, None)
+        if grad_norm is not None:
+            grad_norm = local_tensor(norm if grad_norm is standin else grad_norm)
+            metrics.log_speed("ups", 1.0, priority=100, round=2)
+            metrics.log_scalar("gnorm", grad_norm, priority=400, round=3)
+            if self.cfg.optimization.clip_norm > 0:
+                clipped = torch.as_tensor(grad_norm) > self.cfg.optimization.clip_norm
+                metrics.log_scalar("clip", clipped.float() * 100, priority=500, round=1)
+        with metrics.aggregate() as aggregator:
+            if logging_outputs is not None:
+                self.task.reduce_metrics(_plain(logging_outputs), self.get_criterion())
+            if "loss" not in aggregator:
+                metrics.log_scalar("loss", -1)  # as fairseq does for a criterion that logs no loss
+        return LoggedValues(aggregator, sample_size)
+
+    def lr_step(self, epoch, val_loss=None):
+        """fairseq's end-of-epoch LR step, after the check of the epoch's last gradient norm."""
+        self._check_previous_norm()
+        return super().lr_step(epoch, val_loss)
 
     @property
     def should_save_checkpoint_on_current_rank(self) -> bool:
@@ -655,8 +677,10 @@ class CubeTrainer(fairseq_trainer.Trainer):
     def save_checkpoint(self, filename, extra_state):
         """Replaces fairseq's direct write of ``filename``: write a temporary file, then rename it into place.
 
-        A run killed while saving leaves the previous ``filename`` intact, so it can resume from it.
+        A run killed while saving leaves the previous ``filename`` intact, so it can resume from it. The
+        last update's gradient norm is checked first: a checkpoint never holds an update that failed.
         """
+        self._check_previous_norm()
         if not self.should_save_checkpoint_on_current_rank:
             return None
         tmp = _temporary_name(filename)

@@ -1,4 +1,5 @@
-"""On a GPU: fairseq's update returns to the host while the device still runs its optimizer step.
+"""On a GPU: fairseq's update returns to the host while the device still runs its backward and optimizer
+step; a non-finite gradient norm still stops training with fairseq's error.
 
 Runs on the GPU machine (``python -m pytest -q tests/gpu``); without CUDA there is no device to run ahead of.
 """
@@ -7,6 +8,7 @@ import math
 
 import pytest
 import torch
+from fairseq.logging import metrics
 
 from tests.helpers import tiny_train_args
 
@@ -15,14 +17,15 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 SLEEP_CYCLES = 2_000_000_000  # about a second of device time, queued behind each optimizer step
 
 
-def build_trainer(save_dir, extra=()):
+def build_trainer(save_dir, extra=(), max_update=6):
     """fairseq-train's setup in this process (task, model, criterion, CubeTrainer, epoch iterator) on the GPU."""
     from fairseq import checkpoint_utils, options, tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
     from fairseq_ext.cube.trainer import CubeTrainer
 
-    args = [a for a in tiny_train_args(save_dir, extra=["--optimizer", "torch_adamw", *extra]) if a != "--cpu"]
+    args = [a for a in tiny_train_args(save_dir, max_update=max_update,
+                                                 extra=["--optimizer", "torch_adamw", *extra]) if a != "--cpu"]
     args = options.parse_args_and_arch(options.get_training_parser(), args)
     cfg = convert_namespace_to_omegaconf(args)
     task = tasks.setup_task(cfg.task)
@@ -46,11 +49,11 @@ def test_update_returns_before_the_device_finishes_its_optimizer_step(tmp_path):
         torch.cuda.synchronize()
         log = trainer.train_step([next(batches)])
         assert not torch.cuda.current_stream().query(), "train_step waited for the device's optimizer step"
-        # the logged values are already on the host, and real
-        assert isinstance(log["loss"], float) and math.isfinite(log["loss"]) and log["loss"] > 0
         next_batch = trainer._prepare_sample(next(batches))[0]
         assert next_batch["net_input"]["input_ids"].is_cuda
         assert not torch.cuda.current_stream().query(), "copying the next batch waited for the device"
+        # the logged values, read when asked for (a wait for the device then), are real
+        assert isinstance(log["loss"], float) and math.isfinite(log["loss"]) and log["loss"] > 0
 
 
 def test_optimizer_step_is_launched_before_the_backward_ends(tmp_path):
@@ -77,9 +80,32 @@ def test_optimizer_step_is_launched_before_the_backward_ends(tmp_path):
     assert device_busy_at_step[1:] == [True, True], device_busy_at_step
 
 
-def test_nonfinite_gradients_raise_fairseqs_error_and_leave_the_weights(tmp_path):
+def test_update_returns_before_the_device_finishes_its_backward(tmp_path):
+    """Nothing the update logs is read when it ends: the host goes on to the next batch while the device
+    still runs this update's backward."""
     trainer, batches = build_trainer(tmp_path)
-    trainer.train_step([next(batches)])
+    task_train_step = trainer.task.train_step
+
+    def slow_train_step(*args, **kwargs):
+        result = task_train_step(*args, **kwargs)
+        torch.cuda._sleep(SLEEP_CYCLES)  # the end of the backward, as the device sees it
+        return result
+
+    trainer.task.train_step = slow_train_step
+    logs = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        logs.append(trainer.train_step([next(batches)]))
+        assert not torch.cuda.current_stream().query(), "train_step waited for the device's backward"
+    for log in logs:  # read on first access: the update's own values
+        assert math.isfinite(log["loss"]) and log["loss"] > 0
+    assert len({log["loss"] for log in logs}) == 3
+    gnorm = metrics.get_smoothed_values("default")["gnorm"]  # fairseq logs it outside the update's output
+    assert math.isfinite(gnorm) and gnorm > 0
+
+
+def nan_gradients(trainer):
+    """Makes the task's next train steps leave a NaN in one gradient."""
     task_train_step = trainer.task.train_step
 
     def nan_train_step(*args, **kwargs):
@@ -88,8 +114,36 @@ def test_nonfinite_gradients_raise_fairseqs_error_and_leave_the_weights(tmp_path
         return result
 
     trainer.task.train_step = nan_train_step
+    return task_train_step
+
+
+def test_nonfinite_gradients_raise_fairseqs_error_at_the_next_update_and_leave_the_weights(tmp_path):
+    trainer, batches = build_trainer(tmp_path)
+    trainer.train_step([next(batches)])
+    clean_train_step = nan_gradients(trainer)
     weights = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train_step([next(batches)])  # its step skipped itself on the device
+    trainer.task.train_step = clean_train_step
     with pytest.raises(FloatingPointError, match="gradients are Nan/Inf"):
-        trainer.train_step([next(batches)])
+        trainer.train_step([next(batches)])  # raised once its forward and backward are queued, before its step
     for before, p in zip(weights, trainer.model.parameters()):
         assert torch.equal(before, p.detach())
+    assert (tmp_path / "crash.pt").is_file()  # as fairseq saves it
+
+
+def test_nonfinite_gradients_in_the_last_update_raise_in_it(tmp_path):
+    trainer, batches = build_trainer(tmp_path, max_update=2)
+    trainer.train_step([next(batches)])
+    nan_gradients(trainer)
+    with pytest.raises(FloatingPointError, match="gradients are Nan/Inf"):
+        trainer.train_step([next(batches)])
+
+
+def test_a_checkpoint_is_not_written_after_nonfinite_gradients(tmp_path):
+    trainer, batches = build_trainer(tmp_path)
+    trainer.train_step([next(batches)])
+    nan_gradients(trainer)
+    trainer.train_step([next(batches)])
+    with pytest.raises(FloatingPointError, match="gradients are Nan/Inf"):
+        trainer.save_checkpoint(str(tmp_path / "checkpoint_last.pt"), {})
+    assert not (tmp_path / "checkpoint_last.pt").exists()
