@@ -116,6 +116,10 @@ class CausalLMLayout(SampleLayout):
         net_input = self.net_input(batch, "position_ids")
         if "position_ids" in net_input:
             del net_input["attention_mask"]  # the model derives the per-sample causal mask from the positions
+        elif bool(net_input["attention_mask"].all()):
+            # no padding: the plain causal mask, as with a mask of ones, without Hugging Face's check of the
+            # mask on the device (a wait for all the device's queued work at each forward)
+            del net_input["attention_mask"]
         return {"net_input": net_input, "target": target, "ntokens": int((target != IGNORE_INDEX).sum())}
 
 

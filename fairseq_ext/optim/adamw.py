@@ -122,7 +122,11 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
         divide_by = None
         if grad_scale is not None:
             if fused:  # the fused kernel divides the gradients by its ``grad_scale`` as it reads them
-                divide_by = torch.as_tensor(grad_scale, dtype=torch.float32, device=params[0].device).reciprocal()
+                device = params[0].device
+                # a number becomes a tensor by a fill on the device: a copy from the host would wait for the device
+                scale = grad_scale.to(device, torch.float32) if torch.is_tensor(grad_scale) else \
+                    torch.full((), grad_scale, dtype=torch.float32, device=device)
+                divide_by = scale.reciprocal()
             else:
                 torch._foreach_mul_(grads, grad_scale)
         beta1, beta2 = group["betas"]

@@ -6,10 +6,12 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from fairseq_ext.data.layouts import IGNORE_INDEX, get_layout
 from fairseq_ext.data.tokenized import TokenizedDataset, to_hf_dataset, truncate
 from fairseq_ext.errors import UserInputError
+from tests.helpers import MODEL_DIR
 
 X = IGNORE_INDEX
 
@@ -27,6 +29,19 @@ def test_causal_lm_pads_to_longest_and_shifts_targets():
     assert batch["target"].tolist() == [[X, 6, 7, X], [8, X, X, X]]
     assert batch["ntokens"] == 3 and batch["nsentences"] == 2
     assert batch["id"].tolist() == [0, 1]
+
+
+def test_causal_lm_batch_without_padding_has_no_attention_mask():
+    """The model then uses the plain causal mask (what a mask of ones gives) without checking a mask."""
+    batch = get_layout("causal_lm").collate(rows({"input_ids": [1, 5, 6], "labels": [X, 5, 6]},
+                                                 {"input_ids": [1, 8, 9], "labels": [X, 8, 9]}), pad_id=0)
+    assert "attention_mask" not in batch["net_input"]
+    assert batch["net_input"]["input_ids"].tolist() == [[1, 5, 6], [1, 8, 9]]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(MODEL_DIR)).eval()
+    ids = batch["net_input"]["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits)
 
 
 def test_seq2seq_lm_splits_the_masked_prompt_from_the_answer():
