@@ -29,6 +29,25 @@ def tiny_train_args(save_dir, data_dir=DATA_DIR, max_update: int = 6, extra: Seq
     ]
 
 
+def build_trainer(save_dir, extra=(), max_update: int = 6, cpu: bool = False):
+    """fairseq-train's setup in this process (task, model, criterion, CubeTrainer) with ``torch_adamw``, on the
+    GPU unless ``cpu``; returns the trainer and an iterator over the first epoch's batches."""
+    from fairseq import checkpoint_utils, options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    from fairseq_ext.cube.trainer import CubeTrainer
+
+    args = tiny_train_args(save_dir, max_update=max_update, extra=["--optimizer", "torch_adamw", *extra])
+    args = options.parse_args_and_arch(options.get_training_parser(), [a for a in args if cpu or a != "--cpu"])
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    model, criterion = task.build_model(cfg.model), task.build_criterion(cfg.criterion)
+    task.load_dataset("train", combine=False, epoch=1)
+    trainer = CubeTrainer(cfg, task, model, criterion)
+    _, epoch_itr = checkpoint_utils.load_checkpoint(cfg.checkpoint, trainer)
+    return trainer, iter(epoch_itr.next_epoch_itr(shuffle=False))
+
+
 def env() -> Dict[str, str]:
     out = dict(os.environ)
     out["PATH"] = f"{BIN}{os.pathsep}{out.get('PATH', '')}"

@@ -434,18 +434,19 @@ class CubeTrainer(fairseq_trainer.Trainer):
             return self._norm_standin[0]
         return norm
 
-    def _check_previous_norm(self) -> None:
+    def _check_previous_norm(self, fairseq_saves_crash: bool = False) -> None:
         """fairseq's "gradients are Nan/Inf" error for an update whose step was launched before its gradient
-        norm was known (a step that then changed nothing): as fairseq does, crash.pt is saved and that
-        update's batches run again under fairseq's NanDetector, which names the first module that gave a
-        non-finite value; then the error is raised."""
+        norm was known (a step that then changed nothing): as fairseq does, crash.pt is saved (here, unless
+        fairseq is about to save it) and that update's batches run again under fairseq's NanDetector, which
+        names the first module that gave a non-finite value; then the error is raised."""
         if self._unchecked_norm is None:
             return
         (norm, samples), self._unchecked_norm = self._unchecked_norm, None
         if torch.isfinite(norm.get()).all():
             return
-        self.consolidate_optimizer()
-        self.save_checkpoint(os.path.join(self.cfg.checkpoint.save_dir, "crash.pt"), {})
+        if not fairseq_saves_crash:
+            self.consolidate_optimizer()
+            self.save_checkpoint(os.path.join(self.cfg.checkpoint.save_dir, "crash.pt"), {})
         self.zero_grad()
         with NanDetector(self.get_model()):
             for sample in samples or []:
@@ -509,7 +510,7 @@ class CubeTrainer(fairseq_trainer.Trainer):
         def checking(step):
             def train_step(*args, **kwargs):
                 result = step(*args, **kwargs)
-                self._check_previous_norm()
+                self._check_previous_norm(fairseq_saves_crash=True)  # as for any error of the task's step
                 return result
             return train_step
 

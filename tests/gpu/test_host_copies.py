@@ -10,30 +10,11 @@ import pytest
 import torch
 from fairseq.logging import metrics
 
-from tests.helpers import tiny_train_args
+from tests.helpers import build_trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 SLEEP_CYCLES = 2_000_000_000  # about a second of device time, queued behind each optimizer step
-
-
-def build_trainer(save_dir, extra=(), max_update=6):
-    """fairseq-train's setup in this process (task, model, criterion, CubeTrainer, epoch iterator) on the GPU."""
-    from fairseq import checkpoint_utils, options, tasks
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-
-    from fairseq_ext.cube.trainer import CubeTrainer
-
-    args = [a for a in tiny_train_args(save_dir, max_update=max_update,
-                                                 extra=["--optimizer", "torch_adamw", *extra]) if a != "--cpu"]
-    args = options.parse_args_and_arch(options.get_training_parser(), args)
-    cfg = convert_namespace_to_omegaconf(args)
-    task = tasks.setup_task(cfg.task)
-    model, criterion = task.build_model(cfg.model), task.build_criterion(cfg.criterion)
-    task.load_dataset("train", combine=False, epoch=1)
-    trainer = CubeTrainer(cfg, task, model, criterion)
-    _, epoch_itr = checkpoint_utils.load_checkpoint(cfg.checkpoint, trainer)
-    return trainer, iter(epoch_itr.next_epoch_itr(shuffle=False))
 
 
 def test_update_returns_before_the_device_finishes_its_optimizer_step(tmp_path):

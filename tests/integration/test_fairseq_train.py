@@ -1,6 +1,7 @@
 """fairseq-train end to end on the shipped data, and what fairseq's tools and our scripts do with the result."""
 
 import glob
+import json
 import sys
 
 import pytest
@@ -40,6 +41,19 @@ def test_loss_falls_and_fairseq_outputs_exist(trained):
     progress_lines = [line for line in log.splitlines() if '"num_updates"' in line]
     assert len(progress_lines) == len(set(progress_lines)), "log file lines are duplicated"
     assert "criterion: hf_causal_lm" in result.stdout
+
+
+def test_fairseq_logs_its_usual_values_every_update(trained):
+    """The trainer's own logging of an update (values left on the device, read at the log interval) gives the
+    records fairseq's does."""
+    _, result = trained
+    records = [json.loads(line.split("| train_inner |", 1)[1]) for line in result.stdout.splitlines()
+               if "| train_inner |" in line]
+    assert [int(r["num_updates"]) for r in records] == list(range(1, 9))
+    for record in records:
+        assert {"loss", "nll_loss", "ppl", "wps", "ups", "wpb", "bsz", "lr", "gnorm", "train_wall"} <= set(record)
+        assert float(record["gnorm"]) > 0 and float(record["wpb"]) > 0 and float(record["loss"]) > 0
+    assert len({r["gnorm"] for r in records}) > 1
 
 
 def test_fairseq_reads_our_checkpoints(trained):
