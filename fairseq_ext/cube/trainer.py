@@ -219,8 +219,6 @@ class CubeTrainer(fairseq_trainer.Trainer):
         if cfg.common.fp16 or cfg.common.bf16 or cfg.common.amp:
             raise UserInputError("--fp16/--bf16/--amp with tensor parallel (PLAN_NGPUS > 1) are not available yet; "
                                  "train in float32")
-        if getattr(model, "saves_trainable_only", False):
-            raise UserInputError("LoRA with tensor parallel (PLAN_NGPUS > 1) is not available yet; use PLAN_NGPUS=1")
         if getattr(cfg.task, "pack_sequences", False) and plan.pp > 1:
             raise UserInputError("PACK_SEQUENCES=1 with pipeline parallel (pp > 1) is not available yet; use "
                                  "PACK_SEQUENCES=0 or a plan without pipeline stages")

@@ -24,8 +24,12 @@ from multiprocessing.pool import ThreadPool
 
 import pytest
 import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
+from fairseq_ext.cube.checkpoint import export_hf, load_trained
 from fairseq_ext.cube.sharded_checkpoint import read_checkpoint
+from fairseq_ext.models.hf_loading import load_hf_model
 from tests.helpers import MODEL_DIR, minilm_folder
 from tests.integration.test_run_sh import free_port, run_sh
 
@@ -254,3 +258,27 @@ def test_tp2_with_packed_sequences_matches_one_process(tmp_path):
     reference = train(tmp_path / "one", NPROC_PER_NODE=1, PACK_SEQUENCES=1)
     assert "packed" in reference[3]
     assert_same_training(train(tmp_path / "tp2", NPROC_PER_NODE=2, PLAN_NGPUS=2, PACK_SEQUENCES=1), reference)
+
+
+LORA = dict(USE_LORA=1, LEARNING_RATE="1e-2",
+            LORA_CONFIG="r=4 lora_alpha=8 lora_dropout=0.0 target_modules=q_proj,k_proj,v_proj,o_proj,gate_proj,"
+                        "up_proj,down_proj")
+
+
+def test_tp2_lora_matches_one_process(tmp_path):
+    """LoRA under tensor parallel: q/k/v/gate/up split with their B matrices, o/down with their A matrices;
+    the adapters train as in one process and the checkpoint holds them whole."""
+    reference = train(tmp_path / "one", NPROC_PER_NODE=1, **LORA)
+    tp2 = train(tmp_path / "tp2", NPROC_PER_NODE=2, PLAN_NGPUS=2, **LORA)
+    assert reference[2].keys() == tp2[2].keys() and all("lora_" in key for key in tp2[2])
+    assert tp2[2]["hf_model.base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"].shape == (128, 4)  # whole
+    assert_same_training(tp2, reference, min_progress=0.1)
+    # the tensor-parallel (sharded) checkpoint exports as a PEFT adapter that reproduces the trained model
+    checkpoint = str(tmp_path / "tp2" / "out" / "checkpoint" / "checkpoint_last.pt")
+    cfg, _, model = load_trained(checkpoint)
+    export_hf(checkpoint, str(tmp_path / "adapter"))
+    base = load_hf_model(AutoModelForCausalLM, str(MODEL_DIR), init_seed=cfg.task.seed)
+    adapter = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    input_ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(input_ids=input_ids).logits, model(input_ids))

@@ -10,11 +10,18 @@ styles (``conv1d_parallel``), ``nn.Linear`` and ``nn.Embedding`` by torch's.
 Modules no rule names (norms, and the embeddings unless :func:`apply_vocab_parallel` shards them) stay
 replicated on every tensor-parallel rank. Module classes registered with
 ``fairseq_ext.cube.custom.register_module`` follow their own rules instead (or stay whole).
+
+A projection that LoRA wraps (peft's ``lora.Linear``) is split with its adapters so that the update
+``B(A(x))`` is sharded like the projection's own output: ``colwise``: the base layer and ``B`` split
+their output features, ``A`` stays whole (its input gradient is completed by the base layer's all-reduce);
+``rowwise``: the base layer and ``A`` split their input features (A's rank-r output is all-reduced, a few
+numbers per token), ``B`` stays whole.
 """
 
 from fnmatch import fnmatchcase
 from typing import Dict, Optional
 
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
@@ -112,18 +119,45 @@ def apply_tensor_parallel(hf_model, tp_mesh: DeviceMesh, rules: Optional[Dict[st
     """
     rules = rules or tp_rules(hf_model)
     check_divisible(hf_model.config, tp_mesh.size())
-    base = hf_model.base_model
-    plan = {name: make_style(style, module) for name, module in base.named_modules()
-            for pattern, style in rules.items() if name and fnmatchcase(name, pattern)}
+    base = _transformer(hf_model)
+    matched = {name: (module, style) for name, module in base.named_modules()
+               for pattern, style in rules.items() if name and fnmatchcase(name, pattern)}
+    plan = {}
+    for name, (module, style) in matched.items():
+        plan.update(lora_plan(name, module, style) if is_lora_layer(module) else {name: make_style(style, module)})
     apply_registered_modules(base, plan)
     if not plan:
         raise UserInputError(f"no module of {type(base).__name__} matches the tensor-parallel rules {sorted(rules)}")
     parallelize_module(base, tp_mesh, plan)
-    sharded = {name.rsplit(".", 1)[0] for name in plan}
+    sharded = {name.rsplit(".", 1)[0] for name in matched}
     for name, module in base.named_modules():
         for attribute in HEAD_COUNTS.get(type(module).__name__, ()) if name in sharded else ():
             setattr(module, attribute, getattr(module, attribute) // tp_mesh.size())
     return len(plan)
+
+
+def _transformer(hf_model):
+    """The transformer the rules name modules of (``model.model`` of a Llama), also under a peft wrapper."""
+    model = hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model
+    return model.base_model
+
+
+def is_lora_layer(module) -> bool:
+    """Whether ``module`` is a projection wrapped by peft's LoRA (a base layer and A, B adapters)."""
+    return all(hasattr(module, name) for name in ("base_layer", "lora_A", "lora_B"))
+
+
+def lora_plan(name: str, module, style: str) -> Dict[str, ParallelStyle]:
+    """The styles for a LoRA-wrapped projection ``name`` ruled ``style`` (see the module docstring)."""
+    if style not in ("colwise", "rowwise") or type(module.base_layer) is not nn.Linear:
+        raise UserInputError(f"LoRA on {name} ({type(module.base_layer).__name__}, tensor-parallel style {style}) "
+                             "is not available under tensor parallel: LoRA splits nn.Linear colwise and rowwise "
+                             "projections; leave this module out of LoRA's target_modules or use PLAN_NGPUS=1")
+    plan = {f"{name}.base_layer": make_style(style, module.base_layer)}
+    split = module.lora_B if style == "colwise" else module.lora_A
+    for adapter in split:
+        plan[f"{name}.{'lora_B' if style == 'colwise' else 'lora_A'}.{adapter}"] = make_style(style, split[adapter])
+    return plan
 
 
 def apply_registered_modules(base, plan: Dict[str, object]) -> None:
