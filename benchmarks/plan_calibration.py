@@ -1,8 +1,8 @@
 """The compile pass's predictions against GPU measurements: peak memory and step time of measured runs.
 
-Reads the JSON files ``single_gpu_speed.py`` wrote on the GPU, takes every full-finetune row of ours
-(one GPU: PLAN_NGPUS=1, the row's PRECISION, COMPILE, micro-batch and recompute, or the plan the compile
-pass chose for it), predicts it with the cost model on this machine (meta-device profile, no GPU) and
+Reads the JSON files ``single_gpu_speed.py`` wrote on the GPU, takes every full-finetune and LoRA row of
+ours (one GPU: PLAN_NGPUS=1, the row's PRECISION, COMPILE, micro-batch, LoRA and recompute, or the plan the
+compile pass chose for it), predicts it with the cost model on this machine (meta-device profile, no GPU) and
 prints the table of ``cube.cost.predicted_vs_measured``: predicted allocated memory (the cost model's peak
 before its allocator slack and workspace, which model what ``max_memory_reserved`` adds) against
 ``torch.cuda.max_memory_allocated``, predicted step time against the measured median.
@@ -20,16 +20,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fairseq_ext.cube.cost import GIB, Hardware, Workload, estimate, predicted_vs_measured  # noqa: E402
 from fairseq_ext.cube.plan import Plan  # noqa: E402
-from fairseq_ext.cube.profile import profile_model  # noqa: E402
+from fairseq_ext.cube.profile import Lora, profile_model  # noqa: E402
+from fairseq_ext.models.lora import parse_lora_config  # noqa: E402
 
 
 def measured_rows(paths):
-    """(row, settings) for each full-finetune row of ours that ran, from benchmark JSON files."""
+    """(row, settings) for each full-finetune or LoRA row of ours that ran, from benchmark JSON files."""
     for path in paths:
         data = json.loads(Path(path).read_text())
         for row in data["rows"]:
-            if row.get("source") == "ours" and row.get("mode") == "full" and row.get("status") == "ok":
+            if row.get("source") == "ours" and row.get("mode") in ("full", "lora") and row.get("status") == "ok":
                 yield dict(row, run=Path(path).stem), data["settings"]
+
+
+def lora_of(row: dict, settings: dict):
+    """The LoRA adapters of a ``lora`` row (from the run's LORA_CONFIG), else None."""
+    if row.get("mode") != "lora":
+        return None
+    options = parse_lora_config(settings["lora_config"])
+    targets = options["target_modules"]
+    return Lora(rank=int(options["r"]), targets=tuple([targets] if isinstance(targets, str) else targets))
 
 
 def predict(row: dict, settings: dict, hardware: Hardware) -> dict:
@@ -44,10 +54,12 @@ def predict(row: dict, settings: dict, hardware: Hardware) -> dict:
     else:
         recompute = tuple(filter(None, (row.get("recompute") or "").split(",")))
         plan = Plan(plan_ngpus=1, scaling_factor=1, tp=1, pp=1, recompute_modules=recompute)
-    profile = profile_model(config, settings["seq"], row["precision"], compiled=bool(row.get("compile")))
+    profile = profile_model(config, settings["seq"], row["precision"], compiled=bool(row.get("compile")),
+                            lora=lora_of(row, settings))
     cost = estimate(profile, plan, Workload(row["mb"], settings["seq"]), hardware)
     allocated = (cost.peak_bytes - hardware.workspace_bytes) / (1 + hardware.allocator_slack)
-    group = f"{row['run']} {row['model']} {row['precision']} COMPILE={int(bool(row.get('compile')))} mb {row['mb']}"
+    group = (f"{row['run']} {row['model']} {row['mode']} {row['precision']} COMPILE={int(bool(row.get('compile')))} "
+             f"mb {row['mb']}")
     return dict(name=f"{row['run']} {row['name']}", predicted_gib=allocated / GIB, measured_gib=row["peak_alloc_gib"],
                 predicted_s=cost.step_time, measured_s=row["step_median_s"], group=group)
 

@@ -39,6 +39,8 @@ def parse_args(argv=None):
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="PRECISION")
     parser.add_argument("--compile-layers", type=int, choices=(0, 1), default=0,
                         help="decoder layers under torch.compile (COMPILE): they keep fewer activations")
+    parser.add_argument("--lora-config", default=None,
+                        help="LORA_CONFIG of a USE_LORA=1 run: plan for training its adapters only (frozen base)")
     parser.add_argument("--attn-implementation", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa")
     parser.add_argument("--tp", type=int, help="fix the tensor-parallel degree")
     parser.add_argument("--pp", type=int, help="fix the pipeline-parallel degree")
@@ -83,7 +85,7 @@ def settings_from(args) -> CompileSettings:
         scaling_factor=args.scaling_factor, batch_size=args.batch_size, seq_len=args.sequence_length,
         grad_accu=args.gradient_accu_num, zero=bool(args.use_zero), zero_n_groups=args.zero_n_groups,
         precision=args.precision, attn_implementation="sdpa" if args.attn_implementation != "eager" else "eager",
-        compiled=bool(args.compile_layers),
+        compiled=bool(args.compile_layers), lora_config=args.lora_config,
         fixed=fixed, hardware=hardware, allow_pipeline=args.allow_pipeline)
 
 

@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple
 from ..errors import UserInputError
 from .cost import GIB, Hardware, Workload
 from .plan import Plan
-from .profile import load_config, profile_model, valid_tp_degrees
+from .profile import Lora, load_config, profile_model, valid_tp_degrees
 from .search import NEEDS_PIPELINE, RUNTIME_RUNS_PIPELINE, Fixed, SearchResult, search, smallest_fit
 
 MAX_SUGGESTED_NGPUS = 64  # the "or use PLAN_NGPUS=N" hint looks this far
@@ -38,6 +38,7 @@ class CompileSettings:
     precision: str = "fp32"  # PRECISION
     attn_implementation: str = "sdpa"
     compiled: bool = False  # COMPILE: decoder layers under torch.compile (they keep fewer activations)
+    lora_config: Optional[str] = None  # LORA_CONFIG when USE_LORA=1: only the adapters train
     fixed: Fixed = field(default_factory=Fixed)
     hardware: Hardware = field(default_factory=Hardware)
     allow_pipeline: bool = RUNTIME_RUNS_PIPELINE
@@ -72,12 +73,16 @@ def model_fingerprint(config, s: CompileSettings) -> str:
     data.update(seq_len=s.seq_len, batch_size=s.batch_size, grad_accu=s.grad_accu, precision=s.precision)
     if s.compiled:  # absent when off, so plans compiled before the setting existed stay current
         data.update(compiled=True)
+    if s.lora_config is not None:
+        lora = Lora.from_config(s.lora_config, getattr(config, "model_type", ""))
+        data.update(lora_rank=lora.rank, lora_targets=sorted(lora.targets))
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
 def check_plan_is_current(plan: Plan, config, seq_len: int, batch_size: int, grad_accu: int, precision: str,
-                          source: str = "PLAN_FILE", compiled: bool = False) -> None:
+                          source: str = "PLAN_FILE", compiled: bool = False,
+                          lora_config: Optional[str] = None) -> None:
     """Refuse a compiled plan (one with a ``model_fingerprint``) made for another model or other settings.
 
     A hand-written plan without a fingerprint is taken as it is.
@@ -85,11 +90,12 @@ def check_plan_is_current(plan: Plan, config, seq_len: int, batch_size: int, gra
     if not plan.model_fingerprint:
         return
     settings = CompileSettings(model="", plan_ngpus=plan.plan_ngpus, mem_per_gpu=1.0, batch_size=batch_size,
-                               seq_len=seq_len, grad_accu=grad_accu, precision=precision, compiled=compiled)
+                               seq_len=seq_len, grad_accu=grad_accu, precision=precision, compiled=compiled,
+                               lora_config=lora_config)
     if model_fingerprint(config, settings) != plan.model_fingerprint:
         raise UserInputError(
             f"{source} was compiled for another model or other settings (model sizes, SEQUENCE_LENGTH, BATCH_SIZE, "
-            f"GRADIENT_ACCU_NUM, PRECISION, COMPILE): run `bash run.sh compile` again with this run's settings, or remove "
+            f"GRADIENT_ACCU_NUM, PRECISION, COMPILE, LoRA): run `bash run.sh compile` again with this run's settings, or remove "
             f"model_fingerprint from the file to use it anyway")
 
 
@@ -100,13 +106,15 @@ def compile_plan(s: CompileSettings) -> Compiled:
     start = time.perf_counter()
     config = load_config(s.model)
     max_tp = min(s.hardware.gpus_per_node, max(s.plan_ngpus, MAX_SUGGESTED_NGPUS))
+    lora = Lora.from_config(s.lora_config, config.model_type) if s.lora_config is not None else None
     profile = _profile(config.to_json_string(), s.seq_len, s.precision, tuple(valid_tp_degrees(config, max_tp)),
-                       s.attn_implementation, s.compiled)
+                       s.attn_implementation, s.compiled, lora)
     work = Workload(batch_size=s.batch_size, seq_len=s.seq_len, grad_accu=s.grad_accu)
 
     def run(plan_ngpus, budget):
         return search(profile, work, s.hardware, plan_ngpus, s.scaling_factor, budget, zero=s.zero,
-                      zero_n_groups=s.zero_n_groups, fixed=s.fixed, allow_pipeline=s.allow_pipeline)
+                      zero_n_groups=s.zero_n_groups, fixed=s.fixed,
+                      allow_pipeline=s.allow_pipeline and lora is None)  # the runtime has no LoRA pipeline yet
 
     result = run(s.plan_ngpus, s.mem_per_gpu)
     if result.best is not None:
@@ -117,14 +125,14 @@ def compile_plan(s: CompileSettings) -> Compiled:
 
 @functools.lru_cache(maxsize=8)
 def _profile(config_json: str, seq_len: int, precision: str, tp_degrees: Tuple[int, ...], attn_implementation: str,
-             compiled: bool = False):
+             compiled: bool = False, lora: Optional[Lora] = None):
     """The profile, remembered per config text and settings (the search is cheap, profiling is not)."""
     from transformers import AutoConfig
 
     data = json.loads(config_json)
     config = AutoConfig.for_model(data.pop("model_type"), **data)
     return profile_model(config, seq_len, precision, tp_degrees, attn_implementation=attn_implementation,
-                         compiled=compiled)
+                         compiled=compiled, lora=lora)
 
 
 def _no_fit_message(s: CompileSettings, result: SearchResult, run) -> str:

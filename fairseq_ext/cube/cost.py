@@ -210,25 +210,28 @@ def estimate(profile: ModelProfile, plan: Plan, work: Workload, hw: Hardware,
         # per module of one micro-batch, in forward order: (kept bytes, gradient bytes, rise during its backward,
         # measured change over its backward or None for gradients made - kept freed)
         walk = []
-        numel, seconds = 0, 0.0
+        weights, seconds = 0, 0.0  # weights: all parameter elements of the rank; numel below: the trained ones
         for s in rank_stages:
             if s == 0:
-                walk.append((embed.activations.bytes(mb_tokens), embed.local_numel(edge_tp) * grad_b, 0.0, None))
-                seconds += 3 * embed.fwd_flops_per_token * mb_tokens / rate + _tp_seconds(embed, edge_tp, mb_tokens, tp_link)
+                walk.append((embed.activations.bytes(mb_tokens), embed.local_trainable(edge_tp) * grad_b, 0.0, None))
+                weights += embed.local_numel(edge_tp)
+                seconds += _flops(embed) * mb_tokens / rate + _tp_seconds(embed, edge_tp, mb_tokens, tp_link)
             walk.append((shared.bytes(mb_tokens), 0.0, 0.0, None))
             for i in stages[s]:
                 cls = recompute[i]
                 acts = layer.activations if cls is None else layer.recompute[cls][0]
-                walk.append((acts.bytes(mb_tokens), layer.local_numel(tp) * grad_b, acts.backward_bytes(mb_tokens),
+                walk.append((acts.bytes(mb_tokens), layer.local_trainable(tp) * grad_b, acts.backward_bytes(mb_tokens),
                              None))
+                weights += layer.local_numel(tp)
                 extra = 0.0 if cls is None else layer.recompute[cls][1]
-                seconds += (3 * layer.fwd_flops_per_token + extra) * mb_tokens / layer_rate
+                seconds += (_flops(layer) + extra) * mb_tokens / layer_rate
                 seconds += _tp_seconds(layer, tp, mb_tokens, tp_link, again=cls is not None)
             if s == plan.num_stages - 1:
-                walk.append((norm.activations.bytes(mb_tokens), norm.local_numel(edge_tp) * grad_b, 0.0, None))
-                walk.append((head_acts.bytes(mb_tokens), head.local_numel(edge_tp) * grad_b,
+                walk.append((norm.activations.bytes(mb_tokens), norm.local_trainable(edge_tp) * grad_b, 0.0, None))
+                walk.append((head_acts.bytes(mb_tokens), head.local_trainable(edge_tp) * grad_b,
                              head_acts.backward_bytes(mb_tokens), None))
-                seconds += 3 * (norm.fwd_flops_per_token + head.fwd_flops_per_token) * mb_tokens / rate
+                weights += norm.local_numel(edge_tp) + head.local_numel(edge_tp)
+                seconds += (_flops(norm) + _flops(head)) * mb_tokens / rate
                 seconds += _tp_seconds(head, edge_tp, mb_tokens, tp_link)
         numel = round(sum(w[1] for w in walk) / grad_b)
         kept = sum(w[0] for w in walk)
@@ -237,7 +240,8 @@ def estimate(profile: ModelProfile, plan: Plan, work: Workload, hw: Hardware,
         comm = 4 * p2p_bytes * len(rank_stages) if pp > 1 else 0.0  # send + receive, forward + backward
         if pp > 1:
             seconds += 2 * len(rank_stages) * _p2p_seconds(hw, p2p_bytes, plan.plan_ngpus <= hw.gpus_per_node)
-        static = numel * per_param - (0.0 if grads_persist else numel * grad_b)
+        # frozen weights (LoRA's base) hold their weight bytes only
+        static = numel * per_param + (weights - numel) * weight_b - (0.0 if grads_persist else numel * grad_b)
         grads = numel * grad_b
         dp_buffer = 0.0
         if plan.scaling_factor > 1:
@@ -256,9 +260,11 @@ def estimate(profile: ModelProfile, plan: Plan, work: Workload, hw: Hardware,
                 net = grad_bytes - kept_bytes
             current += net - (grad_bytes if grads_persist else 0.0)
         fwd_bwd = max(fwd_bwd, current)
-        step_peak = numel * per_param + dp_buffer + optimizer_temporary_bytes(profile.precision, numel)
+        step_peak = numel * per_param + (weights - numel) * weight_b + dp_buffer \
+            + optimizer_temporary_bytes(profile.precision, numel)
         peak = max(fwd_bwd, step_peak) * (1 + hw.allocator_slack) + hw.workspace_bytes
-        ranks.append(dict(rank=rank, numel=numel, static=numel * per_param, activations=activations,
+        ranks.append(dict(rank=rank, numel=numel, static=numel * per_param + (weights - numel) * weight_b,
+                          activations=activations,
                           transient=transient, comm=comm, dp_buffer=dp_buffer, peak=peak,
                           seconds_per_microbatch=seconds))
         if worst is None or peak > worst["peak"]:
@@ -283,11 +289,16 @@ def estimate(profile: ModelProfile, plan: Plan, work: Workload, hw: Hardware,
     return Cost(peak_bytes=worst["peak"], step_time=step, parts=parts)
 
 
+def _flops(module) -> float:
+    """Forward plus backward FLOPs per token of ``module``."""
+    return module.fwd_flops_per_token + module.backward_flops_per_token
+
+
 def stage_seconds_per_layer(profile: ModelProfile, tp: int, recompute_cls: Optional[str]) -> float:
     """Relative cost of one decoder layer (forward + backward + recompute FLOPs per token), for balancing."""
     layer = profile.module(tp, "layers")
     extra = 0.0 if recompute_cls is None else layer.recompute[recompute_cls][1]
-    return 3 * layer.fwd_flops_per_token + extra
+    return _flops(layer) + extra
 
 
 def _recomputed_class(profile: ModelProfile, names: Sequence[str]) -> Optional[str]:

@@ -90,10 +90,53 @@ class ModuleProfile:
     fwd_flops_per_token: float = 0.0
     tp_allreduce_per_token: Tuple[float, float] = (0.0, 0.0)
     tp_allreduce_count: Tuple[int, int] = (0, 0)
+    # LoRA: (trainable elements, of which tp splits) of this module (its adapters; none for frozen modules) and
+    # the backward FLOPs per token; None: every parameter trains and backward is twice the forward
+    trainable: Optional[Tuple[int, int]] = None
+    bwd_flops_per_token: Optional[float] = None
 
     def local_numel(self, tp: int) -> int:
         """Parameter elements one of ``tp`` ranks holds."""
         return self.sharded_numel // tp + (self.param_numel - self.sharded_numel)
+
+    def local_trainable(self, tp: int) -> int:
+        """Trained parameter elements (with gradients and optimizer states) one of ``tp`` ranks holds."""
+        if self.trainable is None:
+            return self.local_numel(tp)
+        numel, sharded = self.trainable
+        return sharded // tp + (numel - sharded)
+
+    @property
+    def backward_flops_per_token(self) -> float:
+        return 2 * self.fwd_flops_per_token if self.bwd_flops_per_token is None else self.bwd_flops_per_token
+
+
+@dataclass(frozen=True)
+class Lora:
+    """LoRA adapters (run.sh ``USE_LORA=1``): their rank and the projection names ``target_modules`` lists.
+
+    Only the adapters train: the base weights need no gradients or optimizer states, and their backward
+    computes input gradients only (half a full finetune's backward FLOPs)."""
+
+    rank: int
+    targets: Tuple[str, ...]  # last name components of the adapted projections, or ("all-linear",)
+
+    @classmethod
+    def from_config(cls, lora_config: str, model_type: str) -> "Lora":
+        """The adapters run.sh's ``LORA_CONFIG`` gives a model of ``model_type``, with peft's defaults (rank 8,
+        its target modules for the family) where it names none."""
+        from peft import LoraConfig
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
+
+        from ..models.lora import parse_lora_config
+
+        options = parse_lora_config(lora_config)
+        targets = options.get("target_modules") or DEFAULT_TARGETS.get(model_type)
+        if not targets:
+            raise UserInputError(f"LORA_CONFIG names no target_modules and peft has no default for {model_type!r}; "
+                                 "add target_modules=... (e.g. q_proj,v_proj)")
+        return cls(rank=int(options.get("r", LoraConfig.r)), targets=tuple([targets] if isinstance(targets, str)
+                                                                            else targets))
 
 
 @dataclass(frozen=True)
@@ -188,7 +231,7 @@ def vocab_parallel(config, tp: int) -> bool:
 
 
 def profile_model(config, seq_len: int, precision: str = "fp32", tp_degrees=(1,),
-                  attn_implementation: str = "sdpa", compiled: bool = False) -> ModelProfile:
+                  attn_implementation: str = "sdpa", compiled: bool = False, lora: Optional[Lora] = None) -> ModelProfile:
     """Profile ``config`` (a causal-LM decoder) at ``seq_len`` tokens for each tp degree.
 
     Args:
@@ -197,6 +240,7 @@ def profile_model(config, seq_len: int, precision: str = "fp32", tp_degrees=(1,)
         attn_implementation: ``sdpa`` (flash-style: no T x T kept) or ``eager``.
         compiled: the decoder layers run under ``torch.compile`` (run.sh ``COMPILE=1``): a layer keeps what
             the compiler's partitioner saves for backward (it recomputes cheap elementwise results instead).
+        lora: LoRA adapters on the decoder layers' projections (the rest frozen); None: a full finetune.
     Raises:
         UserInputError: a model the compile pass cannot describe, an unknown precision.
     """
@@ -209,6 +253,7 @@ def profile_model(config, seq_len: int, precision: str = "fp32", tp_degrees=(1,)
     attention_class = type(getattr(layer, "self_attn", layer)).__name__
     mlp_class = type(getattr(layer, "mlp", layer)).__name__
     params = _param_split(full, config)
+    adapters = _lora_split(full, config, lora) if lora is not None else None
     modules, shared, vocab, fused_head = {}, {}, {}, {}
     for tp in tp_degrees:
         vocab[tp] = vocab_parallel(config, tp)
@@ -218,7 +263,7 @@ def profile_model(config, seq_len: int, precision: str = "fp32", tp_degrees=(1,)
         measured["layers"] = _with_layer_bytes(measured["layers"], layer_class,
                                                _layer_bytes_per_token(shard, seq_len, precision,
                                                                       attn_implementation, compiled))
-        fused_head[tp] = None if vocab[tp] else fused_head_activations(config, precision)
+        fused_head[tp] = None if vocab[tp] else fused_head_activations(config, precision, trains_weight=lora is None)
         h = config.hidden_size
         act_bytes = 4 if precision == "fp32" else 2
         rules = tp_rules_of(config)
@@ -237,10 +282,10 @@ def profile_model(config, seq_len: int, precision: str = "fp32", tp_degrees=(1,)
                 counts, comm = (2, 1), (8.0, h * 4.0)  # loss_parallel's max and sum-exp; the input's gradient
             else:
                 comm = (0.0, 0.0)
-            modules[tp][name] = ModuleProfile(name=name, param_numel=full_numel,
-                                              sharded_numel=sharded if tp > 1 and (name in ("layers", "norm")
-                                                                                   or vocab[tp]) else 0,
-                                              tp_allreduce_per_token=comm, tp_allreduce_count=counts, **prof)
+            module = ModuleProfile(name=name, param_numel=full_numel,
+                                   sharded_numel=sharded if tp > 1 and (name in ("layers", "norm") or vocab[tp]) else 0,
+                                   tp_allreduce_per_token=comm, tp_allreduce_count=counts, **prof)
+            modules[tp][name] = module if adapters is None else _with_lora(module, adapters, tp)
     return ModelProfile(
         model_type=config.model_type, num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
         num_heads=config.num_attention_heads, num_kv_heads=_kv_heads(config),
@@ -250,21 +295,23 @@ def profile_model(config, seq_len: int, precision: str = "fp32", tp_degrees=(1,)
         compiled=compiled)
 
 
-def fused_head_activations(config, precision: str, compiled_softmax: bool = True) -> Activations:
+def fused_head_activations(config, precision: str, compiled_softmax: bool = True,
+                           trains_weight: bool = True) -> Activations:
     """The LM head under the fused chunked loss (``runtime/chunked_loss.py``), which computes its gradients in
     the forward: it keeps the hidden states' gradient (per token) and the head weight's (fixed), and while it
     runs holds a float32 sum of the weight's gradient, one chunk's logits and their gradient, and the chunk's
     weight-gradient product before it is added to the float32 sum. On GPUs the softmax-gradient step is
     compiled into two passes over the chunk; run eagerly (``compiled_softmax=False``, CPUs) it also holds three
-    float32 chunk-sized intermediates and a boolean one-hot."""
+    float32 chunk-sized intermediates and a boolean one-hot. A frozen head (LoRA, ``trains_weight=False``) has
+    no weight gradient to keep or sum."""
     from ..criterions.lm_loss import CHUNK_ELEMENTS
 
     hidden, vocab = config.hidden_size, config.vocab_size
     weight_bytes = WEIGHT_DTYPES.get(precision, torch.float32).itemsize
     matmul_bytes = 4 if precision == "fp32" else 2  # autocast's bf16, or the bf16 / fp16 weights
     hidden_bytes = 4 if precision in ("fp32", "bf16") else 2  # under autocast the final norm gives float32
-    transient = vocab * hidden * (4 + matmul_bytes) if weight_bytes != 4 else 0.0
-    return Activations(per_token=hidden * hidden_bytes, fixed=vocab * hidden * weight_bytes,
+    transient = vocab * hidden * (4 + matmul_bytes) if weight_bytes != 4 and trains_weight else 0.0
+    return Activations(per_token=hidden * hidden_bytes, fixed=vocab * hidden * weight_bytes if trains_weight else 0,
                        transient_per_token=vocab * (2 * matmul_bytes if compiled_softmax else matmul_bytes + 13),
                        transient_fixed=transient,
                        transient_max_tokens=max(512, CHUNK_ELEMENTS // vocab))
@@ -387,6 +434,38 @@ def _param_split(model, config) -> Dict[str, Tuple[int, int]]:
         numel = sum(p.numel() for p in head.parameters())
         out["head"] = [numel, numel]
     return {key: tuple(value) for key, value in out.items()}
+
+
+def _lora_split(model, config, lora: Lora) -> Tuple[int, int, float]:
+    """(adapter elements of one decoder layer, of which tp splits, adapter forward FLOPs per token of the whole
+    layer) for LoRA on ``lora.targets``: r x (in + out) per adapted projection; tp splits B of a colwise
+    projection and A of a rowwise one (as ``runtime/tensor_parallel.py`` does)."""
+    rules = tp_rules_of(config)
+    numel = sharded = 0
+    for name, module in model.base_model.layers[0].named_modules():
+        if not isinstance(module, torch.nn.Linear) or not ({name.rsplit(".", 1)[-1], "all-linear"} & set(lora.targets)):
+            continue
+        out_features, in_features = module.weight.shape
+        numel += lora.rank * (in_features + out_features)
+        styles = {style for pattern, style in rules.items() if fnmatchcase(f"layers.0.{name}", pattern)}
+        sharded += lora.rank * (out_features if "colwise" in styles else in_features if "rowwise" in styles else 0)
+    if not numel:
+        raise UserInputError(f"LoRA target_modules {list(lora.targets)} name no linear projection of the decoder "
+                             "layers; the compile pass plans LoRA on them only")
+    return numel, sharded, 2.0 * numel
+
+
+def _with_lora(module: ModuleProfile, adapters: Tuple[int, int, float], tp: int) -> ModuleProfile:
+    """``module`` with its base weights frozen and, for the decoder layers, LoRA's adapters training. A frozen
+    module's backward computes its input's gradient only (one forward's FLOPs; none for the embedding)."""
+    if module.name != "layers":
+        backward = 0.0 if module.name == "embed" else module.fwd_flops_per_token
+        return replace(module, trainable=(0, 0), bwd_flops_per_token=backward)
+    numel, sharded, flops = adapters
+    local_flops = flops * (sharded // tp + numel - sharded) / numel  # the adapters' share on one tp rank
+    return replace(module, param_numel=module.param_numel + numel, sharded_numel=module.sharded_numel + sharded,
+                   trainable=(numel, sharded), fwd_flops_per_token=module.fwd_flops_per_token + local_flops,
+                   bwd_flops_per_token=module.fwd_flops_per_token + 2 * local_flops)
 
 
 def _shard_config(config, tp: int, vocab_parallel_on: bool):

@@ -206,7 +206,8 @@ class CubeTrainer(fairseq_trainer.Trainer):
             check_plan_is_current(plan, hf_config, seq_len=cfg.task.sequence_length,
                                   batch_size=cfg.dataset.batch_size or 0, grad_accu=cfg.optimization.update_freq[0],
                                   precision=precision, source=f"PLAN_FILE {cfg.task.plan_file}",
-                                  compiled=getattr(cfg.model, "compile_layers", False))
+                                  compiled=getattr(cfg.model, "compile_layers", False),
+                                  lora_config=cfg.model.lora_config if getattr(cfg.model, "use_lora", False) else None)
         if plan.plan_ngpus == 1:
             apply_plan_recompute(getattr(model, "hf_model", model), plan)
             return plan, None, False, None

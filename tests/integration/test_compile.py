@@ -40,3 +40,25 @@ def test_no_fit_is_one_clear_line(tmp_path):
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
     assert errors[0].startswith("fairseq_ext: error: no plan fits MEM_PER_GPU=0.001: the smallest needs 0.")
     assert not (tmp_path / "out" / "plan.json").exists()
+
+
+LORA = dict(USE_LORA=1, LORA_CONFIG="r=4 lora_alpha=8 target_modules=q_proj,v_proj,o_proj,down_proj")
+
+
+def test_lora_plan_counts_only_the_adapters_and_trains_lora_under_it(tmp_path):
+    """With USE_LORA=1 the compile pass plans for the adapters alone (frozen base: no gradients or optimizer
+    states for it; tests/unit/test_plan_calibration.py holds its memory against GPU runs) and without pipeline
+    stages, the plan trains LoRA under the runtime, and it is refused for a full finetune."""
+    full = run_sh(tmp_path / "full", args=["compile"], MEM_PER_GPU=1, **SETTINGS)
+    lora = run_sh(tmp_path / "lora", args=["compile"], MEM_PER_GPU=1, **SETTINGS, **LORA)
+    assert full.returncode == 0 and lora.returncode == 0, lora.stdout[-2000:] + lora.stderr[-3000:]
+    plan_file = tmp_path / "lora" / "out" / "plan.json"
+    assert Plan.load(str(plan_file)).model_fingerprint != Plan.load(str(tmp_path / "full" / "out" / "plan.json")).model_fingerprint
+
+    trained = run_sh(tmp_path / "train", NPROC_PER_NODE=2, PLAN_FILE=plan_file, MAX_STEPS=2, SAVE_STEPS=2,
+                     WARMUP_STEPS=1, LOG_INTERVAL=1, LOG_FORMAT="json", **SETTINGS, **LORA)
+    assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-3000:]
+    assert '"num_updates": "2"' in trained.stdout + (tmp_path / "train" / "out" / "log" / "train.log").read_text()
+
+    stale = run_sh(tmp_path / "stale", NPROC_PER_NODE=2, PLAN_FILE=plan_file, MAX_STEPS=2, **SETTINGS)
+    assert stale.returncode == 2 and "compiled for another model or other settings" in stale.stderr, stale.stderr[-3000:]
