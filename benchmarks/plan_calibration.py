@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fairseq_ext.cube.cost import GIB, Hardware, Workload, estimate, predicted_vs_measured  # noqa: E402
 from fairseq_ext.cube.plan import Plan  # noqa: E402
 from fairseq_ext.cube.profile import Lora, profile_model  # noqa: E402
-from fairseq_ext.models.lora import parse_lora_config  # noqa: E402
 
 
 def measured_rows(paths):
@@ -37,9 +36,7 @@ def lora_of(row: dict, settings: dict):
     """The LoRA adapters of a ``lora`` row (from the run's LORA_CONFIG), else None."""
     if row.get("mode") != "lora":
         return None
-    options = parse_lora_config(settings["lora_config"])
-    targets = options["target_modules"]
-    return Lora(rank=int(options["r"]), targets=tuple([targets] if isinstance(targets, str) else targets))
+    return Lora.from_config(settings["lora_config"], "llama")
 
 
 def predict(row: dict, settings: dict, hardware: Hardware) -> dict:

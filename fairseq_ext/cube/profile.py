@@ -436,10 +436,10 @@ def _param_split(model, config) -> Dict[str, Tuple[int, int]]:
     return {key: tuple(value) for key, value in out.items()}
 
 
-def _lora_split(model, config, lora: Lora) -> Tuple[int, int, float]:
-    """(adapter elements of one decoder layer, of which tp splits, adapter forward FLOPs per token of the whole
-    layer) for LoRA on ``lora.targets``: r x (in + out) per adapted projection; tp splits B of a colwise
-    projection and A of a rowwise one (as ``runtime/tensor_parallel.py`` does)."""
+def _lora_split(model, config, lora: Lora) -> Tuple[int, int]:
+    """(adapter elements of one decoder layer, of which tp splits) for LoRA on ``lora.targets``: r x (in + out)
+    per adapted projection; tp splits B of a colwise projection and A of a rowwise one (as
+    ``runtime/tensor_parallel.py`` does)."""
     rules = tp_rules_of(config)
     numel = sharded = 0
     for name, module in model.base_model.layers[0].named_modules():
@@ -452,20 +452,21 @@ def _lora_split(model, config, lora: Lora) -> Tuple[int, int, float]:
     if not numel:
         raise UserInputError(f"LoRA target_modules {list(lora.targets)} name no linear projection of the decoder "
                              "layers; the compile pass plans LoRA on them only")
-    return numel, sharded, 2.0 * numel
+    return numel, sharded
 
 
-def _with_lora(module: ModuleProfile, adapters: Tuple[int, int, float], tp: int) -> ModuleProfile:
+def _with_lora(module: ModuleProfile, adapters: Tuple[int, int], tp: int) -> ModuleProfile:
     """``module`` with its base weights frozen and, for the decoder layers, LoRA's adapters training. A frozen
     module's backward computes its input's gradient only (one forward's FLOPs; none for the embedding)."""
     if module.name != "layers":
         backward = 0.0 if module.name == "embed" else module.fwd_flops_per_token
         return replace(module, trainable=(0, 0), bwd_flops_per_token=backward)
-    numel, sharded, flops = adapters
-    local_flops = flops * (sharded // tp + numel - sharded) / numel  # the adapters' share on one tp rank
-    return replace(module, param_numel=module.param_numel + numel, sharded_numel=module.sharded_numel + sharded,
-                   trainable=(numel, sharded), fwd_flops_per_token=module.fwd_flops_per_token + local_flops,
-                   bwd_flops_per_token=module.fwd_flops_per_token + 2 * local_flops)
+    numel, sharded = adapters
+    module = replace(module, param_numel=module.param_numel + numel, sharded_numel=module.sharded_numel + sharded,
+                     trainable=(numel, sharded))
+    adapter_flops = 2.0 * module.local_trainable(tp)  # a multiply-add per adapter weight on this rank
+    return replace(module, fwd_flops_per_token=module.fwd_flops_per_token + adapter_flops,
+                   bwd_flops_per_token=module.fwd_flops_per_token + 2 * adapter_flops)
 
 
 def _shard_config(config, tp: int, vocab_parallel_on: bool):

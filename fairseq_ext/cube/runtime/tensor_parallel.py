@@ -154,9 +154,9 @@ def lora_plan(name: str, module, style: str) -> Dict[str, ParallelStyle]:
                              "is not available under tensor parallel: LoRA splits nn.Linear colwise and rowwise "
                              "projections; leave this module out of LoRA's target_modules or use PLAN_NGPUS=1")
     plan = {f"{name}.base_layer": make_style(style, module.base_layer)}
-    split = module.lora_B if style == "colwise" else module.lora_A
-    for adapter in split:
-        plan[f"{name}.{'lora_B' if style == 'colwise' else 'lora_A'}.{adapter}"] = make_style(style, split[adapter])
+    split = "lora_B" if style == "colwise" else "lora_A"
+    for adapter, linear in getattr(module, split).items():
+        plan[f"{name}.{split}.{adapter}"] = make_style(style, linear)
     return plan
 
 
