@@ -1,4 +1,5 @@
-"""GPU time by kind of kernel in a Chrome trace written by ``PROFILE_UPDATES`` (or any torch.profiler trace).
+"""GPU time by kind of kernel, and GPU idle time, in a Chrome trace written by ``PROFILE_UPDATES`` (or any
+torch.profiler trace).
 
     python scripts/profile_summary.py OUTPUT_DIR/profile/trace_rank0.json.gz --updates 3
 """
@@ -11,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fairseq_ext.cube.step_profile import summarize, summary_markdown, trace_kernel_times  # noqa: E402
+from fairseq_ext.cube.step_profile import summarize, summary_markdown, trace_idle, trace_kernel_times  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -26,7 +27,8 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as error:
         print(f"profile_summary: error: cannot read the trace {args.trace}: {error}", file=sys.stderr)
         return 2
-    print(summary_markdown(summarize(trace_kernel_times(trace), args.updates, "cuda")), end="")
+    summary = summarize(trace_kernel_times(trace), args.updates, "cuda", idle=trace_idle(trace))
+    print(summary_markdown(summary), end="")
     return 0
 
 

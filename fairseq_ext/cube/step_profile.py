@@ -6,7 +6,8 @@ Each rank writes into ``--profile-dir``:
 - ``kernels_rank<R>.md`` and ``.json``: device time by kind of work (matrix multiplies, attention, fused
   compiled kernels, elementwise, reductions, optimizer, communication, copies), its share, the milliseconds
   per update, the kernels that took the most time and, on a GPU, the operators whose kernels took the most
-  time, by input shapes (which tells a LoRA adapter's matmul from its base layer's).
+  time, by input shapes (which tells a LoRA adapter's matmul from its base layer's), and the time the GPU
+  had no kernel running between the first and the last kernel (idle), with the longest such gaps.
 
 On a GPU the time is the CUDA kernels' own time; on a CPU-only run it is the operators' own CPU time. Kinds
 are read from kernel and operator names, the only thing both carry.
@@ -41,6 +42,7 @@ KINDS: List[Tuple[str, re.Pattern]] = [(kind, re.compile(pattern)) for kind, pat
 OTHER = "other"
 TRACE_KERNEL_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")  # GPU work in a Chrome trace (not annotations)
 TOP_KERNELS = 25
+TOP_GAPS = 10
 
 
 def parse_updates(text: str) -> Optional[Tuple[int, int]]:
@@ -70,15 +72,23 @@ def kind_of(name: str) -> str:
 
 
 def summarize(times_us: Dict[str, float], updates: int, device: str,
-              op_times_us: Optional[Dict[str, float]] = None) -> dict:
+              op_times_us: Optional[Dict[str, float]] = None, idle: Optional[dict] = None) -> dict:
     """Device time of each kernel (name -> microseconds over ``updates`` updates) grouped by kind; with
-    ``op_times_us`` (operator and input shapes -> microseconds of the kernels it launched), its top too."""
+    ``op_times_us`` (operator and input shapes -> microseconds of the kernels it launched), its top too;
+    with ``idle`` (:func:`trace_idle`), the GPU's idle time per update and its longest gaps."""
     total = sum(times_us.values()) or 1.0
     kinds: Dict[str, float] = defaultdict(float)
     for name, us in times_us.items():
         kinds[kind_of(name)] += us
     per_update = max(updates, 1) * 1000.0
+    idle_part = {}
+    if idle is not None:
+        idle_part = {"span_ms_per_update": idle["span_us"] / per_update,
+                     "idle_ms_per_update": idle["idle_us"] / per_update,
+                     "idle_share": idle["idle_us"] / (idle["span_us"] or 1.0),
+                     "longest_gaps": [dict(gap, ms=gap["us"] / 1000.0) for gap in idle["gaps"]]}
     return {
+        **idle_part,
         "device": device, "updates": updates, "total_ms_per_update": total / per_update,
         "kinds": [{"kind": kind, "ms_per_update": us / per_update, "share": us / total}
                   for kind, us in sorted(kinds.items(), key=lambda item: -item[1])],
@@ -96,6 +106,12 @@ def summary_markdown(summary: dict) -> str:
              f"{summary['total_ms_per_update']:.1f} ms per update", "",
              "| kind | ms per update | share |", "| --- | --- | --- |"]
     lines += [f"| {k['kind']} | {k['ms_per_update']:.2f} | {k['share']:.1%} |" for k in summary["kinds"]]
+    if "idle_ms_per_update" in summary:
+        lines += ["", f"GPU idle (no kernel running) between the first and the last kernel: "
+                      f"{summary['idle_ms_per_update']:.2f} ms per update of {summary['span_ms_per_update']:.1f} "
+                      f"({summary['idle_share']:.1%}).", "",
+                  "| longest gaps: ms | after kernel | before kernel |", "| --- | --- | --- |"]
+        lines += [f"| {g['ms']:.3f} | `{g['after'][:70]}` | `{g['before'][:70]}` |" for g in summary["longest_gaps"]]
     lines += ["", "| kernel | kind | ms per update | share |", "| --- | --- | --- | --- |"]
     lines += [f"| `{t['name'][:120]}` | {t['kind']} | {t['ms_per_update']:.2f} | {t['share']:.1%} |"
               for t in summary["top"]]
@@ -127,6 +143,30 @@ def trace_kernel_times(trace: dict) -> Dict[str, float]:
         if event.get("cat") in TRACE_KERNEL_CATEGORIES and event.get("ph") == "X":
             times[event["name"]] += float(event.get("dur", 0))
     return times
+
+
+def trace_idle(trace: dict) -> dict:
+    """When the GPU ran no kernel, copy or memset in a Chrome trace, between its first and last one.
+
+    Returns ``span_us`` (first start to last end), ``idle_us`` (the span less the union of the kernels'
+    intervals, over all streams) and ``gaps``: the :data:`TOP_GAPS` longest idle gaps, each with ``us`` and
+    the names of the kernels that ended before it (``after``) and started after it (``before``).
+    """
+    kernels = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e["name"])
+                     for e in trace.get("traceEvents", [])
+                     if e.get("cat") in TRACE_KERNEL_CATEGORIES and e.get("ph") == "X" and "ts" in e)
+    if not kernels:
+        return {"span_us": 0.0, "idle_us": 0.0, "gaps": []}
+    gaps = []
+    busy_until, last_name = kernels[0][1], kernels[0][2]
+    for start, end, name in kernels[1:]:
+        if start > busy_until:
+            gaps.append({"us": start - busy_until, "after": last_name, "before": name})
+        if end >= busy_until:
+            busy_until, last_name = end, name
+    span = busy_until - kernels[0][0]
+    return {"span_us": span, "idle_us": sum(gap["us"] for gap in gaps),
+            "gaps": sorted(gaps, key=lambda gap: -gap["us"])[:TOP_GAPS]}
 
 
 def _operator_times(profiler) -> Dict[str, float]:
@@ -175,8 +215,22 @@ class StepProfiler:
     def _write(self, profiler) -> None:
         os.makedirs(self.folder, exist_ok=True)
         base = os.path.join(self.folder, f"kernels_rank{self.rank}")
+        trace = os.path.join(self.folder, f"trace_rank{self.rank}.json.gz")
+        idle = None
+
+        def write_trace(tmp):
+            nonlocal idle
+            raw = tmp + ".json"
+            profiler.export_chrome_trace(raw)
+            if self.cuda:
+                with open(raw) as handle:
+                    idle = trace_idle(json.load(handle))
+            with open(raw, "rb") as source, gzip.open(tmp, "wb") as target:
+                shutil.copyfileobj(source, target)
+            os.remove(raw)
+        _write_atomically(trace, write_trace)
         summary = summarize(_own_times(profiler, self.cuda), self.last - self.first + 1,
-                            "cuda" if self.cuda else "cpu", _operator_times(profiler) if self.cuda else None)
+                            "cuda" if self.cuda else "cpu", _operator_times(profiler) if self.cuda else None, idle)
 
         def write_text(text):
             def write(tmp):
@@ -185,13 +239,4 @@ class StepProfiler:
             return write
         _write_atomically(base + ".json", write_text(json.dumps(summary, indent=1)))
         _write_atomically(base + ".md", write_text(summary_markdown(summary)))
-        trace = os.path.join(self.folder, f"trace_rank{self.rank}.json.gz")
-
-        def write_trace(tmp):
-            raw = tmp + ".json"
-            profiler.export_chrome_trace(raw)
-            with open(raw, "rb") as source, gzip.open(tmp, "wb") as target:
-                shutil.copyfileobj(source, target)
-            os.remove(raw)
-        _write_atomically(trace, write_trace)
         logger.info(f"profile of updates {self.first}-{self.last}: {base}.md, {trace}")

@@ -26,6 +26,8 @@ from typing import List
 import torch
 from torch.optim.adamw import adamw as functional_adamw
 
+from .master_step import compiled_master_adamw, takes_fused_master_step
+
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "master")
 LEAN_CHUNK = 1 << 24  # elements stepped at once by the lean path (bounds its float32 temporaries)
 MASTER_CHUNK_ELEMENTS = 1 << 26  # bf16 weights with master weights: gradients cast to float32 this many at a time
@@ -102,7 +104,12 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
                 else:
                     self._lean_step(param, state, group, grad_scale)
             self._adamw(dense, [p.grad for p in dense], [self.state[p] for p in dense], group, grad_scale, found_inf)
-            for chunk in _chunks(master_params, MASTER_CHUNK_ELEMENTS):
+            fused, chunked = [], []
+            for param in master_params:
+                (fused if takes_fused_master_step(param, self.state[param]) else chunked).append(param)
+            if fused:
+                self._fused_master_steps(fused, group, grad_scale, found_inf)
+            for chunk in _chunks(chunked, MASTER_CHUNK_ELEMENTS):
                 # float32 copies of one chunk's gradients at a time: at most MASTER_CHUNK_ELEMENTS x 4 bytes more;
                 # one multi-tensor copy casts them (a cast per tensor costs a kernel launch each: LoRA has hundreds)
                 masters = [self.state[p]["master"] for p in chunk]
@@ -111,6 +118,21 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
                 self._adamw(masters, grads, [self.state[p] for p in chunk], group, grad_scale, found_inf)
                 torch._foreach_copy_(chunk, masters)
         return loss
+
+    def _fused_master_steps(self, params: List[torch.Tensor], group: dict, grad_scale=None, found_inf=None) -> None:
+        """Large bf16 weights with float32 masters: one compiled kernel each reads the bf16 gradient and
+        writes master, moments and weight (``master_step``), instead of cast, step and copy-back passes."""
+        device = params[0].device
+        lr = torch.full((), group["lr"], dtype=torch.float32, device=device)
+        scale = _device_scalar(1.0 if grad_scale is None else grad_scale, device)
+        skip = found_inf if found_inf is not None else torch.zeros((), dtype=torch.float32, device=device)
+        beta1, beta2 = group["betas"]
+        step = compiled_master_adamw()
+        for param in params:
+            state = self.state[param]
+            step(param.view(-1), param.grad.view(-1), state["master"].view(-1), state["exp_avg"].view(-1),
+                 state["exp_avg_sq"].view(-1), state["step"], lr, scale, skip, beta1, beta2, group["eps"],
+                 group["weight_decay"])
 
     @staticmethod
     def _adamw(params: List[torch.Tensor], grads: List[torch.Tensor], states: List[dict], group: dict,
@@ -122,11 +144,7 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
         divide_by = None
         if grad_scale is not None:
             if fused:  # the fused kernel divides the gradients by its ``grad_scale`` as it reads them
-                device = params[0].device
-                # a number becomes a tensor by a fill on the device: a copy from the host would wait for the device
-                scale = grad_scale.to(device, torch.float32) if torch.is_tensor(grad_scale) else \
-                    torch.full((), grad_scale, dtype=torch.float32, device=device)
-                divide_by = scale.reciprocal()
+                divide_by = _device_scalar(grad_scale, params[0].device).reciprocal()
             else:
                 torch._foreach_mul_(grads, grad_scale)
         beta1, beta2 = group["betas"]
@@ -182,6 +200,14 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
             if "master" in saved:
                 for key in STATE_KEYS:
                     state[key] = saved[key].to(device=param.device, dtype=torch.float32, copy=True)
+
+
+def _device_scalar(value, device: torch.device) -> torch.Tensor:
+    """A number or 0-dim tensor as a 0-dim float32 tensor on ``device``; a number by a fill on the device
+    (a copy from the host would wait for the device)."""
+    if torch.is_tensor(value):
+        return value.to(device, torch.float32)
+    return torch.full((), value, dtype=torch.float32, device=device)
 
 
 def _chunks(params: List[torch.Tensor], max_elements: int) -> List[List[torch.Tensor]]:

@@ -7,7 +7,8 @@ import json
 import subprocess
 import sys
 
-from fairseq_ext.cube.step_profile import kind_of, parse_updates, summarize, summary_markdown, trace_kernel_times
+from fairseq_ext.cube.step_profile import (kind_of, parse_updates, summarize, summary_markdown, trace_idle,
+                                          trace_kernel_times)
 from tests.helpers import REPO
 from fairseq_ext.errors import UserInputError
 
@@ -68,16 +69,34 @@ def test_summary_lists_operators_by_input_shapes():
 
 
 TRACE = {"traceEvents": [
-    {"ph": "X", "cat": "kernel", "name": "nvjet_sm90_tst_256x128", "dur": 3000.0},
-    {"ph": "X", "cat": "kernel", "name": "nvjet_sm90_tst_256x128", "dur": 1000.0},
-    {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD (Pinned -> Device)", "dur": 500.0},
-    {"ph": "X", "cat": "gpu_user_annotation", "name": "Optimizer.step#AdamW.step", "dur": 9000.0},
-    {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "dur": 800.0},
+    {"ph": "X", "cat": "kernel", "name": "nvjet_sm90_tst_256x128", "ts": 100.0, "dur": 3000.0},
+    {"ph": "X", "cat": "kernel", "name": "nvjet_sm90_tst_256x128", "ts": 3600.0, "dur": 1000.0},
+    {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD (Pinned -> Device)", "ts": 4100.0, "dur": 500.0},
+    {"ph": "X", "cat": "gpu_user_annotation", "name": "Optimizer.step#AdamW.step", "ts": 0.0, "dur": 9000.0},
+    {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 3200.0, "dur": 800.0},
 ]}
 
 
 def test_trace_kernel_times_count_gpu_work_only():
     assert trace_kernel_times(TRACE) == {"nvjet_sm90_tst_256x128": 4000.0, "Memcpy HtoD (Pinned -> Device)": 500.0}
+
+
+def test_trace_idle_is_the_span_less_the_union_of_kernels():
+    # a second stream's kernel inside another's, and one sticking out past it: no idle between them
+    events = TRACE["traceEvents"] + [
+        {"ph": "X", "cat": "kernel", "name": "triton_poi_fused_add_0", "ts": 200.0, "dur": 100.0},
+        {"ph": "X", "cat": "kernel", "name": "flash_fwd_kernel", "ts": 4500.0, "dur": 300.0},
+        {"ph": "X", "cat": "kernel", "name": "fused_adamw", "ts": 5000.0, "dur": 100.0}]
+    idle = trace_idle({"traceEvents": events})
+    assert idle["span_us"] == pytest.approx(5000.0)
+    assert idle["idle_us"] == pytest.approx(500.0 + 200.0)
+    assert idle["gaps"] == [{"us": 500.0, "after": "nvjet_sm90_tst_256x128", "before": "nvjet_sm90_tst_256x128"},
+                            {"us": 200.0, "after": "flash_fwd_kernel", "before": "fused_adamw"}]
+    assert trace_idle({"traceEvents": []}) == {"span_us": 0.0, "idle_us": 0.0, "gaps": []}
+    summary = summarize(trace_kernel_times({"traceEvents": events}), updates=2, device="cuda", idle=idle)
+    assert summary["idle_ms_per_update"] == pytest.approx(0.35) and summary["idle_share"] == pytest.approx(0.14)
+    assert "GPU idle (no kernel running) between the first and the last kernel: 0.35 ms per update of 2.5 (14.0%)" \
+        in summary_markdown(summary)
 
 
 def test_profile_summary_script_reads_a_gzipped_trace(tmp_path):
@@ -88,6 +107,8 @@ def test_profile_summary_script_reads_a_gzipped_trace(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "2.2 ms per update" in result.stdout and "| matmul | 2.00 | 88.9% |" in result.stdout
+    assert "GPU idle (no kernel running) between the first and the last kernel: 0.25 ms per update of 2.2" \
+        in result.stdout
     bad = subprocess.run([sys.executable, str(REPO / "scripts" / "profile_summary.py"), str(tmp_path / "none.json")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "profile_summary: error: cannot read the trace" in bad.stderr
