@@ -14,7 +14,9 @@ bf16-lean     bfloat16                      bfloat16 moments; no master weights 
 ============  ============================  ========================================  ===============
 
 With master weights the update is applied to the float32 copy, which is then rounded to the bf16
-weight, so updates smaller than bf16's resolution still accumulate. Without (bf16-lean) the update
+weight, so updates smaller than bf16's resolution still accumulate. On GPUs one Triton kernel steps all
+of them (``master_step``); elsewhere the gradients are cast to float32 for torch's fused step and the
+masters copied back. Without (bf16-lean) the update
 is computed in float32 and rounded *stochastically* to bf16: unbiased, so small updates are kept on
 average instead of being rounded away. That halves the memory of a full finetune (an 8B model's
 weights, gradients and states fit in 64 GB).
@@ -26,7 +28,7 @@ from typing import List
 import torch
 from torch.optim.adamw import adamw as functional_adamw
 
-from .master_step import compiled_master_adamw, takes_fused_master_step
+from .master_step import MasterAdamWStep, takes_fused_master_step
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "master")
 LEAN_CHUNK = 1 << 24  # elements stepped at once by the lean path (bounds its float32 temporaries)
@@ -51,6 +53,7 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, lean_states=lean_states)
         super().__init__(params, defaults)
         self._generators = {}
+        self._master_step = None
 
     def _init_state(self, param: torch.Tensor, lean: bool) -> dict:
         state = self.state[param]
@@ -120,19 +123,15 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
         return loss
 
     def _fused_master_steps(self, params: List[torch.Tensor], group: dict, grad_scale=None, found_inf=None) -> None:
-        """Large bf16 weights with float32 masters: one compiled kernel each reads the bf16 gradient and
-        writes master, moments and weight (``master_step``), instead of cast, step and copy-back passes."""
+        """bf16 weights with float32 masters on a GPU: one Triton kernel reads the bf16 gradients and writes
+        masters, moments and weights (``master_step``), instead of cast, step and copy-back passes."""
+        if self._master_step is None:
+            self._master_step = MasterAdamWStep()
         device = params[0].device
-        lr = torch.full((), group["lr"], dtype=torch.float32, device=device)
         scale = _device_scalar(1.0 if grad_scale is None else grad_scale, device)
         skip = found_inf if found_inf is not None else torch.zeros((), dtype=torch.float32, device=device)
-        beta1, beta2 = group["betas"]
-        step = compiled_master_adamw()
-        for param in params:
-            state = self.state[param]
-            step(param.view(-1), param.grad.view(-1), state["master"].view(-1), state["exp_avg"].view(-1),
-                 state["exp_avg_sq"].view(-1), state["step"], lr, scale, skip, beta1, beta2, group["eps"],
-                 group["weight_decay"])
+        self._master_step(params, [self.state[p] for p in params], group["lr"], scale, skip, group["betas"],
+                          group["eps"], group["weight_decay"])
 
     @staticmethod
     def _adamw(params: List[torch.Tensor], grads: List[torch.Tensor], states: List[dict], group: dict,

@@ -1,7 +1,8 @@
-"""On a GPU: torch_adamw steps large bf16 weights with float32 masters by the compiled kernel (``master_step``),
-with the numbers of the cast-step-copy path it replaces, and skips a step where found_inf is set.
+"""On a GPU: torch_adamw steps bf16 weights with float32 masters by one Triton kernel (``master_step``), with
+the numbers of torch's fused step on float32 copies of the gradients (the path it replaces, and the CPU's),
+and skips a step where found_inf is set.
 
-Runs on the GPU machine (``python -m pytest -q tests/gpu``); on the CPU the optimizer keeps torch's fused kernel.
+Runs on the GPU machine (``python -m pytest -q tests/gpu``).
 """
 
 import pytest
@@ -12,7 +13,8 @@ from fairseq_ext.optim.adamw import MixedPrecisionAdamW
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-SHAPES = [(1024, 512), (2048, 256), (64,), (16, 64)]  # two take the compiled update, two the chunked path
+# a block and a bit, a LoRA-sized matrix, a norm's vector, one element, a 1.1B model's k_proj
+SHAPES = [(master_step.BLOCK + 3,), (16, 4096), (2048,), (1,), (256, 2048)]
 
 
 def _weights(seed: int):
@@ -21,40 +23,45 @@ def _weights(seed: int):
             for shape in SHAPES]
 
 
-def _run(weights, updates, found_inf=None):
+def _run(weights, updates):
     optimizer = MixedPrecisionAdamW(weights, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     generator = torch.Generator(device="cuda").manual_seed(7)
     for update in range(updates):
         for weight in weights:
             weight.grad = torch.randn(weight.shape, device="cuda", generator=generator).to(torch.bfloat16)
         optimizer.param_groups[0]["lr"] = 1e-3 / (update + 1)
-        optimizer.step(grad_scale=torch.tensor(0.5, device="cuda"), found_inf=found_inf)
+        optimizer.step(grad_scale=torch.tensor(0.5, device="cuda"))
     return optimizer
 
 
-def test_compiled_master_update_matches_the_chunked_path(monkeypatch):
-    calls = []
-    compiled = master_step.compiled_master_adamw()
-    monkeypatch.setattr(adamw, "compiled_master_adamw", lambda: lambda *args: (calls.append(args[0].numel()),
-                                                                              compiled(*args)))
-    fused_weights = _weights(0)
-    fused = _run(fused_weights, updates=3)
-    assert sorted(set(calls)) == [1024 * 512, 2048 * 256] and len(calls) == 6
+def test_triton_master_step_matches_torchs_fused_step(monkeypatch):
+    launches = []
+    original = master_step.MasterAdamWStep.__call__
 
-    monkeypatch.setattr(master_step, "FUSED_MASTER_MIN_ELEMENTS", 1 << 40)  # everything on the chunked path
-    calls.clear()
-    chunked_weights = _weights(0)
-    chunked = _run(chunked_weights, updates=3)
-    assert calls == []
-    for mine, theirs in zip(fused_weights, chunked_weights):
-        mine_state, their_state = fused.state[mine], chunked.state[theirs]
+    def counted(self, params, *args):
+        launches.append(len(params))
+        return original(self, params, *args)
+
+    monkeypatch.setattr(master_step.MasterAdamWStep, "__call__", counted)
+    triton_weights = _weights(0)
+    triton = _run(triton_weights, updates=3)
+    assert launches == [len(SHAPES)] * 3
+
+    monkeypatch.setattr(adamw, "takes_fused_master_step", lambda weight, state: False)
+    launches.clear()
+    torch_weights = _weights(0)
+    reference = _run(torch_weights, updates=3)
+    assert launches == []
+    for mine, theirs in zip(triton_weights, torch_weights):
+        mine_state, their_state = triton.state[mine], reference.state[theirs]
         torch.testing.assert_close(mine_state["master"], their_state["master"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mine_state["exp_avg"], their_state["exp_avg"], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(mine_state["exp_avg_sq"], their_state["exp_avg_sq"], rtol=1e-5, atol=0)
         assert mine_state["step"].item() == their_state["step"].item() == 3
         assert torch.equal(mine.detach(), mine_state["master"].to(torch.bfloat16))
 
 
-def test_found_inf_leaves_compiled_weights_and_states():
+def test_found_inf_leaves_weights_states_and_step_counts():
     weights = _weights(1)
     optimizer = _run(weights, updates=1)
     before = [(w.detach().clone(), {k: v.clone() for k, v in optimizer.state[w].items()}) for w in weights]
@@ -65,3 +72,18 @@ def test_found_inf_leaves_compiled_weights_and_states():
         assert torch.equal(weight.detach(), value)
         for key, tensor in state.items():
             assert torch.equal(optimizer.state[weight][key], tensor), key
+
+
+@pytest.mark.parametrize("with_found_inf", [False, True])
+def test_step_never_waits_for_the_device(with_found_inf):
+    weights = _weights(2)
+    optimizer = _run(weights, updates=1)  # builds the states and the kernel
+    scale = torch.tensor(0.5, device="cuda")
+    found_inf = torch.zeros((), device="cuda") if with_found_inf else None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        optimizer.step(grad_scale=scale, found_inf=found_inf)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(optimizer.state[w]["step"].item() == 2 for w in weights)
