@@ -106,27 +106,26 @@ def optimizer_step_bytes(precision: str) -> float:
     """Bytes the optimizer step reads and writes per parameter (before ZeRO-1 sharding).
 
     torch_adamw's fused kernel reads weight, gradient and two moments and writes weight and moments (7
-    tensors); bf16-master first casts the bf16 gradient to float32 (2 + 4) and rounds the master weight back
-    (4 + 2); bf16-lean runs about twenty float32 elementwise passes per chunk (casts, lerp, addcmul, sqrt,
+    tensors); bf16-master's one-launch Triton kernel reads the bf16 gradient and float32 master and moments
+    and writes those and the bf16 weight (2 + 12 + 12 + 2; measured 4.1 TB/s on an H200,
+    benchmarks/results/optimizer_step); bf16-lean runs about twenty float32 elementwise passes per chunk (casts, lerp, addcmul, sqrt,
     addcdiv, the rounding's noise), 168 bytes counted op by op in ``MixedPrecisionAdamW._lean_step``;
     fairseq's fp16 optimizer adds its float32 gradient copy to the fused step.
     """
     if precision == "bf16-lean":
         return 168.0
     if precision == "bf16-master":
-        return 6 + 7 * 4 + 6
+        return 2 + 3 * 4 + 3 * 4 + 2
     weight_b, grad_b, optimizer_b = _PRECISION_BYTES[precision]
     return 3 * weight_b + grad_b + 2 * optimizer_b
 
 
 def optimizer_temporary_bytes(precision: str, numel: int) -> float:
-    """Memory torch_adamw's step holds besides the states: float32 copies of a chunk of bf16 gradients
-    (``bf16-master``), or the float32 working tensors of one lean chunk (``bf16-lean``: gradient, two moments,
-    weight and the rounding's noise)."""
-    from ..optim.adamw import LEAN_CHUNK, MASTER_CHUNK_ELEMENTS
+    """Memory torch_adamw's step holds besides the states on a GPU: the float32 working tensors of one lean
+    chunk (``bf16-lean``: gradient, two moments, weight and the rounding's noise); none for ``bf16-master``
+    (its kernel reads the bf16 gradients as they are)."""
+    from ..optim.adamw import LEAN_CHUNK
 
-    if precision == "bf16-master":
-        return 4.0 * min(numel, MASTER_CHUNK_ELEMENTS)
     if precision == "bf16-lean":
         return 5 * 4.0 * min(numel, LEAN_CHUNK)
     return 0.0
