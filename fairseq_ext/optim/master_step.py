@@ -9,6 +9,8 @@ scaled as it is read, master and moments are updated and the weight written (28 
 Where ``found_inf`` is 1 it changes nothing, as torch's fused kernel. GPUs only (Triton).
 """
 
+import functools
+import importlib.util
 import math
 from typing import Dict, List, Tuple
 
@@ -21,15 +23,22 @@ _MAX_CACHED_LAYOUTS = 4
 _kernel = None
 
 
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether Triton can be imported (torch's CUDA wheels bring it; without it the step stays unfused)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def takes_fused_master_step(weight: torch.Tensor, state: dict) -> bool:
     """Whether ``weight`` with its optimizer ``state`` (float32 master and moments) is stepped by the
     Triton kernel: a plain (not DTensor) bf16 weight on a GPU, it, its bf16 gradient and states contiguous,
-    its step count on the GPU."""
+    its step count on the GPU, and Triton installed."""
     grad = weight.grad
     return weight.is_cuda and weight.dtype == torch.bfloat16 and not isinstance(weight, DTensor) and \
         grad is not None and grad.dtype == torch.bfloat16 and \
         state["step"].is_cuda and \
-        all(t.is_contiguous() for t in (weight, grad, state["master"], state["exp_avg"], state["exp_avg_sq"]))
+        all(t.is_contiguous() for t in (weight, grad, state["master"], state["exp_avg"], state["exp_avg_sq"])) \
+        and triton_available()
 
 
 def _build_kernel():

@@ -17,8 +17,13 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 SLEEP_CYCLES = 2_000_000_000  # about a second of device time, queued behind each optimizer step
 
 
-def test_update_returns_before_the_device_finishes_its_optimizer_step(tmp_path):
-    trainer, batches = build_trainer(tmp_path)
+# fp32 weights take torch's fused AdamW; bf16-master's take the Triton kernel (optim/master_step.py)
+PRECISIONS = pytest.mark.parametrize("precision", ["fp32", "bf16-master"])
+
+
+@PRECISIONS
+def test_update_returns_before_the_device_finishes_its_optimizer_step(tmp_path, precision):
+    trainer, batches = build_trainer(tmp_path, extra=["--precision", precision])
     task_step = trainer.task.optimizer_step
 
     def slow_optimizer_step(*args, **kwargs):
@@ -99,8 +104,9 @@ def nan_gradients(trainer):
     return task_train_step
 
 
-def test_nonfinite_gradients_raise_fairseqs_error_at_the_next_update_and_leave_the_weights(tmp_path):
-    trainer, batches = build_trainer(tmp_path)
+@PRECISIONS
+def test_nonfinite_gradients_raise_fairseqs_error_at_the_next_update_and_leave_the_weights(tmp_path, precision):
+    trainer, batches = build_trainer(tmp_path, extra=["--precision", precision])
     trainer.train_step([next(batches)])
     clean_train_step = nan_gradients(trainer)
     weights = [p.detach().clone() for p in trainer.model.parameters()]

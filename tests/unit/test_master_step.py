@@ -37,3 +37,4 @@ def test_cpu_weights_keep_torchs_fused_cpu_kernel():
     state = dict(master=torch.zeros(4096), exp_avg=torch.zeros(4096), exp_avg_sq=torch.zeros(4096),
                  step=torch.zeros(()))
     assert not takes_fused_master_step(weight, state)
+
