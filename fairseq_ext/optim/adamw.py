@@ -23,7 +23,7 @@ weights, gradients and states fit in 64 GB).
 """
 
 import math
-from typing import List
+from typing import Dict, List
 
 import torch
 from torch.optim.adamw import adamw as functional_adamw
@@ -127,11 +127,15 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
         masters, moments and weights (``master_step``), instead of cast, step and copy-back passes."""
         if self._master_step is None:
             self._master_step = MasterAdamWStep()
-        device = params[0].device
-        scale = _device_scalar(1.0 if grad_scale is None else grad_scale, device)
-        skip = found_inf if found_inf is not None else torch.zeros((), dtype=torch.float32, device=device)
-        self._master_step(params, [self.state[p] for p in params], group["lr"], scale, skip, group["betas"],
-                          group["eps"], group["weight_decay"])
+        by_device: Dict[torch.device, List[torch.Tensor]] = {}
+        for param in params:
+            by_device.setdefault(param.device, []).append(param)
+        for device, on_device in by_device.items():
+            scale = _device_scalar(1.0 if grad_scale is None else grad_scale, device)
+            skip = found_inf.to(device) if found_inf is not None else \
+                torch.zeros((), dtype=torch.float32, device=device)
+            self._master_step(on_device, [self.state[p] for p in on_device], group["lr"], scale, skip,
+                              group["betas"], group["eps"], group["weight_decay"])
 
     @staticmethod
     def _adamw(params: List[torch.Tensor], grads: List[torch.Tensor], states: List[dict], group: dict,

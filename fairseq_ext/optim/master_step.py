@@ -18,7 +18,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 BLOCK = 1024  # elements per program (4 warps): 4.1 TB/s on an H200 over a 1.1B model's weights
-_MAX_CACHED_LAYOUTS = 4
+_MAX_CACHED_LAYOUTS = 16  # lists of sizes (param groups, devices) whose block maps are kept
 
 _kernel = None
 
@@ -103,7 +103,8 @@ class MasterAdamWStep:
         self._layouts: Dict[Tuple[int, ...], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def _layout(self, numels: Tuple[int, ...], device: torch.device):
-        layout = self._layouts.get(numels)
+        key = (device, numels)
+        layout = self._layouts.get(key)
         if layout is None:
             blocks = torch.tensor([math.ceil(n / BLOCK) for n in numels], dtype=torch.int64)
             first_block = torch.cumsum(blocks, 0) - blocks
@@ -111,14 +112,15 @@ class MasterAdamWStep:
             layout = tuple(t.to(device) for t in (block_tensor, first_block, torch.tensor(numels, dtype=torch.int64)))
             if len(self._layouts) >= _MAX_CACHED_LAYOUTS:
                 self._layouts.pop(next(iter(self._layouts)))
-            self._layouts[numels] = layout
+            self._layouts[key] = layout
         return layout
 
     def __call__(self, params: List[torch.Tensor], states: List[dict], lr: float, scale: torch.Tensor,
                  found_inf: torch.Tensor, betas: Tuple[float, float], eps: float, weight_decay: float) -> None:
         """One AdamW step (torch's formula and bias corrections, decoupled weight decay) of each master with
         its weight's gradient times ``scale``; the weights receive the rounded masters and the step counts
-        grow by one, except where ``found_inf`` (0-dim float32) is nonzero: then nothing changes."""
+        grow by one, except where ``found_inf`` (0-dim float32) is nonzero: then nothing changes. All on
+        one GPU, ``scale`` and ``found_inf`` too."""
         global _kernel
         if _kernel is None:
             _kernel = _build_kernel()

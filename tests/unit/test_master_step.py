@@ -3,6 +3,7 @@ steps which block of which tensor. Its numbers are checked on the GPU (tests/gpu
 
 import torch
 
+from fairseq_ext.optim import master_step
 from fairseq_ext.optim.master_step import BLOCK, MasterAdamWStep, _log2, takes_fused_master_step
 
 
@@ -19,12 +20,13 @@ def test_blocks_cover_every_element_of_every_tensor_once():
 
 
 def test_layouts_are_kept_for_a_few_lists_of_sizes():
-    step = MasterAdamWStep()
-    first = step._layout((10, 20), torch.device("cpu"))
-    assert step._layout((10, 20), torch.device("cpu")) is first
-    for n in range(1, 6):
-        step._layout((n,), torch.device("cpu"))
-    assert len(step._layouts) == 4 and (10, 20) not in step._layouts
+    step, cpu = MasterAdamWStep(), torch.device("cpu")
+    first = step._layout((10, 20), cpu)
+    assert step._layout((10, 20), cpu) is first
+    for n in range(1, master_step._MAX_CACHED_LAYOUTS + 1):
+        step._layout((n,), cpu)
+    assert len(step._layouts) == master_step._MAX_CACHED_LAYOUTS and (cpu, (10, 20)) not in step._layouts
+    assert (cpu, (1,)) in step._layouts
 
 
 def test_beta_zero_means_no_bias_correction():
@@ -38,3 +40,25 @@ def test_cpu_weights_keep_torchs_fused_cpu_kernel():
                  step=torch.zeros(()))
     assert not takes_fused_master_step(weight, state)
 
+
+
+def test_optimizer_hands_eligible_weights_to_one_launch_per_device(monkeypatch):
+    """The optimizer's side, on the CPU: eligible weights go to the kernel's caller (here a recorder) once per
+    step and device, with their states and the group's settings; the others take torch's fused step."""
+    from fairseq_ext.optim import adamw
+
+    calls = []
+    monkeypatch.setattr(adamw, "takes_fused_master_step", lambda weight, state: weight.numel() > 10)
+    monkeypatch.setattr(MasterAdamWStep, "__call__", lambda self, params, states, *args: calls.append(
+        (params, states, args)))
+    big, small = (torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16)) for n in (64, 4))
+    optimizer = adamw.MixedPrecisionAdamW([big, small], lr=2e-3, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1)
+    for param in (big, small):
+        param.grad = torch.ones_like(param)
+    optimizer.step(grad_scale=0.5)
+    (params, states, (lr, scale, found_inf, betas, eps, decay)), = calls
+    assert params == [big] and states == [optimizer.state[big]] and "master" in states[0]
+    assert (lr, betas, eps, decay) == (2e-3, (0.8, 0.9), 1e-6, 0.1)
+    assert scale.item() == 0.5 and found_inf.item() == 0.0
+    assert torch.equal(big.detach(), torch.ones(64, dtype=torch.bfloat16))  # left to the (recorded) kernel
+    assert not torch.equal(small.detach(), torch.ones(4, dtype=torch.bfloat16))  # stepped by torch
