@@ -3,7 +3,7 @@
 torch's fused AdamW wants gradients in its parameters' dtype, so a bf16 weight with a float32 master
 costs three passes over memory: cast the bf16 gradient to a float32 copy, step the master, round the
 master back into the weight (40 bytes per parameter moved; 17 ms of a 221 ms update of a 1.1B model on
-an H200). :func:`master_adamw_step` does the same update in one pass, in one launch for every weight (a
+an H200). :class:`MasterAdamWStep` does the same update in one pass, in one launch for every weight (a
 table of the tensors' addresses, as torch's multi-tensor kernels): the gradient is read in bf16 and
 scaled as it is read, master and moments are updated and the weight written (28 bytes per parameter).
 Where ``found_inf`` is 1 it changes nothing, as torch's fused kernel. GPUs only (Triton).
