@@ -108,8 +108,9 @@ def optimizer_step_bytes(precision: str) -> float:
     torch_adamw's fused kernel reads weight, gradient and two moments and writes weight and moments (7
     tensors); bf16-master's one-launch Triton kernel reads the bf16 gradient and float32 master and moments
     and writes those and the bf16 weight (2 + 12 + 12 + 2; measured 4.1 TB/s on an H200,
-    benchmarks/results/optimizer_step); bf16-lean runs about twenty float32 elementwise passes per chunk (casts, lerp, addcmul, sqrt,
-    addcdiv, the rounding's noise), 168 bytes counted op by op in ``MixedPrecisionAdamW._lean_step``;
+    benchmarks/results/optimizer_step); bf16-lean runs about twenty float32 elementwise passes per chunk
+    (casts, lerp, addcmul, sqrt, addcdiv, the rounding's noise), 168 bytes counted op by op in
+    ``MixedPrecisionAdamW._lean_step``;
     fairseq's fp16 optimizer adds its float32 gradient copy to the fused step.
     """
     if precision == "bf16-lean":

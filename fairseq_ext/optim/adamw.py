@@ -16,9 +16,8 @@ bf16-lean     bfloat16                      bfloat16 moments; no master weights 
 With master weights the update is applied to the float32 copy, which is then rounded to the bf16
 weight, so updates smaller than bf16's resolution still accumulate. On GPUs one Triton kernel steps all
 of them (``master_step``); elsewhere the gradients are cast to float32 for torch's fused step and the
-masters copied back. Without (bf16-lean) the update
-is computed in float32 and rounded *stochastically* to bf16: unbiased, so small updates are kept on
-average instead of being rounded away. That halves the memory of a full finetune (an 8B model's
+masters copied back. Without (bf16-lean) the update is computed in float32 and rounded *stochastically*
+to bf16: unbiased, so small updates are kept on average instead of being rounded away. That halves the memory of a full finetune (an 8B model's
 weights, gradients and states fit in 64 GB).
 """
 

@@ -100,7 +100,8 @@ class MasterAdamWStep:
     """
 
     def __init__(self):
-        self._layouts: Dict[Tuple[int, ...], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # (device, sizes) -> block -> tensor index, each tensor's first block, sizes: on that device
+        self._layouts: Dict[Tuple[torch.device, Tuple[int, ...]], Tuple[torch.Tensor, ...]] = {}
 
     def _layout(self, numels: Tuple[int, ...], device: torch.device):
         key = (device, numels)
