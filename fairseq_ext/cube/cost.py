@@ -108,28 +108,18 @@ def optimizer_step_bytes(precision: str) -> float:
     torch_adamw's fused kernel reads weight, gradient and two moments and writes weight and moments (7
     tensors); bf16-master's one-launch Triton kernel reads the bf16 gradient and float32 master and moments
     and writes those and the bf16 weight (2 + 12 + 12 + 2; measured 4.1 TB/s on an H200,
-    benchmarks/results/optimizer_step); bf16-lean runs about twenty float32 elementwise passes per chunk
-    (casts, lerp, addcmul, sqrt, addcdiv, the rounding's noise), 168 bytes counted op by op in
-    ``MixedPrecisionAdamW._lean_step``;
+    benchmarks/results/optimizer_step); bf16-lean's one-launch kernel reads the bf16 gradient, moments and
+    weight and writes moments and weight (2 + 3 * 2 + 3 * 2; the rounding's noise is made in registers;
+    3.0 TB/s on an H100 over an 8B model's weights); its unfused path, off GPUs or without Triton, moves
+    about 168;
     fairseq's fp16 optimizer adds its float32 gradient copy to the fused step.
     """
     if precision == "bf16-lean":
-        return 168.0
+        return 2 + 3 * 2 + 3 * 2
     if precision == "bf16-master":
         return 2 + 3 * 4 + 3 * 4 + 2
     weight_b, grad_b, optimizer_b = _PRECISION_BYTES[precision]
     return 3 * weight_b + grad_b + 2 * optimizer_b
-
-
-def optimizer_temporary_bytes(precision: str, numel: int) -> float:
-    """Memory torch_adamw's step holds besides the states on a GPU: the float32 working tensors of one lean
-    chunk (``bf16-lean``: gradient, two moments, weight and the rounding's noise); none for ``bf16-master``
-    (its kernel reads the bf16 gradients as they are)."""
-    from ..optim.adamw import LEAN_CHUNK
-
-    if precision == "bf16-lean":
-        return 5 * 4.0 * min(numel, LEAN_CHUNK)
-    return 0.0
 
 
 @dataclass(frozen=True)
@@ -260,8 +250,9 @@ def estimate(profile: ModelProfile, plan: Plan, work: Workload, hw: Hardware,
                 net = grad_bytes - kept_bytes
             current += net - (grad_bytes if grads_persist else 0.0)
         fwd_bwd = max(fwd_bwd, current)
-        step_peak = numel * per_param + (weights - numel) * weight_b + dp_buffer \
-            + optimizer_temporary_bytes(profile.precision, numel)
+        # torch_adamw's steps hold nothing beside the states: bf16 weights' Triton kernels read the bf16
+        # gradients as they are and keep float32 values in registers
+        step_peak = numel * per_param + (weights - numel) * weight_b + dp_buffer
         peak = max(fwd_bwd, step_peak) * (1 + hw.allocator_slack) + hw.workspace_bytes
         ranks.append(dict(rank=rank, numel=numel, static=numel * per_param + (weights - numel) * weight_b,
                           activations=activations,

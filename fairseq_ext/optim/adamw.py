@@ -17,8 +17,9 @@ With master weights the update is applied to the float32 copy, which is then rou
 weight, so updates smaller than bf16's resolution still accumulate. On GPUs one Triton kernel steps all
 of them (``master_step``); elsewhere the gradients are cast to float32 for torch's fused step and the
 masters copied back. Without (bf16-lean) the update is computed in float32 and rounded *stochastically*
-to bf16: unbiased, so small updates are kept on average instead of being rounded away. That halves the memory of a full finetune (an 8B model's
-weights, gradients and states fit in 64 GB).
+to bf16: unbiased, so small updates are kept on average instead of being rounded away; on GPUs one Triton
+kernel steps all of them too (``lean_step``), elsewhere float32 passes chunk by chunk. That halves the
+memory of a full finetune (an 8B model's weights, gradients and states fit in 64 GB).
 """
 
 import math
@@ -27,6 +28,7 @@ from typing import Dict, List
 import torch
 from torch.optim.adamw import adamw as functional_adamw
 
+from .lean_step import LeanAdamWStep, takes_fused_lean_step
 from .master_step import MasterAdamWStep, takes_fused_master_step
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "master")
@@ -52,16 +54,15 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, lean_states=lean_states)
         super().__init__(params, defaults)
         self._generators = {}
-        self._master_step = None
+        self._one_launch_steps = {}  # the kernels' callers, by class, made on first use
 
     def _init_state(self, param: torch.Tensor, lean: bool) -> dict:
         state = self.state[param]
         if not state:
             keeps_master = param.dtype != torch.float32 and not lean
             target = param.detach().float() if keeps_master else param
-            # fused AdamW wants its step counts on the device; the lean path reads its count on the host
-            state["step"] = torch.zeros((), dtype=torch.float32, device="cpu" if lean and param.dtype != torch.float32
-                                        else param.device)
+            # beside the weight: the fused kernels read and count it there, without the host
+            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
             state["exp_avg"] = torch.zeros_like(target, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(target, memory_format=torch.preserve_format)
             if keeps_master:
@@ -70,14 +71,9 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
             # loaded by a path that kept the checkpoint's float32 (ZeroRedundancyOptimizer's): lean again
             for key in ("exp_avg", "exp_avg_sq"):
                 state[key] = state[key].to(param.dtype)
-            state["step"] = state["step"].to("cpu")
+        if state["step"].device != param.device:  # as loaded by ZeroRedundancyOptimizer: on the host
+            state["step"] = state["step"].to(param.device)
         return state
-
-    @property
-    def can_skip_on_device(self) -> bool:
-        """Whether :meth:`step` can take ``found_inf`` (not with bf16 moments: their step is not fused)."""
-        return not any(group["lean_states"] and any(p.dtype != torch.float32 for p in group["params"])
-                       for group in self.param_groups)
 
     @torch.no_grad()
     def step(self, closure=None, grad_scale=None, found_inf=None):
@@ -85,14 +81,12 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
         fairseq's normalization and gradient clipping folded into the update instead of passes over
         the gradients of their own. ``found_inf`` (a 0-dim float32 tensor on the parameters' device):
         where it is 1 the step changes nothing (weights, moments, step counts), decided on the device."""
-        if found_inf is not None and not self.can_skip_on_device:
-            raise ValueError("found_inf needs fused steps; bf16 moments (lean_states) are stepped unfused")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            dense, master_params = [], []
+            dense, master_params, lean_params = [], [], []
             for param in group["params"]:
                 if param.grad is None:
                     continue
@@ -104,13 +98,18 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
                 elif "master" in state:
                     master_params.append(param)
                 else:
-                    self._lean_step(param, state, group, grad_scale)
+                    lean_params.append(param)
             self._adamw(dense, [p.grad for p in dense], [self.state[p] for p in dense], group, grad_scale, found_inf)
             fused, chunked = [], []
             for param in master_params:
                 (fused if takes_fused_master_step(param, self.state[param]) else chunked).append(param)
-            if fused:
-                self._fused_master_steps(fused, group, grad_scale, found_inf)
+            self._one_launch(MasterAdamWStep, fused, group, grad_scale, found_inf)
+            fused_lean, unfused_lean = [], []
+            for param in lean_params:
+                (fused_lean if takes_fused_lean_step(param, self.state[param]) else unfused_lean).append(param)
+            self._one_launch(LeanAdamWStep, fused_lean, group, grad_scale, found_inf)
+            for param in unfused_lean:
+                self._lean_step(param, self.state[param], group, grad_scale, found_inf)
             for chunk in _chunks(chunked, MASTER_CHUNK_ELEMENTS):
                 # float32 copies of one chunk's gradients at a time: at most MASTER_CHUNK_ELEMENTS x 4 bytes more;
                 # one multi-tensor copy casts them (a cast per tensor costs a kernel launch each: LoRA has hundreds)
@@ -121,11 +120,14 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
                 torch._foreach_copy_(chunk, masters)
         return loss
 
-    def _fused_master_steps(self, params: List[torch.Tensor], group: dict, grad_scale=None, found_inf=None) -> None:
-        """bf16 weights with float32 masters on a GPU: one Triton kernel reads the bf16 gradients and writes
-        masters, moments and weights (``master_step``), instead of cast, step and copy-back passes."""
-        if self._master_step is None:
-            self._master_step = MasterAdamWStep()
+    def _one_launch(self, step_class, params: List[torch.Tensor], group: dict, grad_scale=None,
+                    found_inf=None) -> None:
+        """bf16 weights on a GPU stepped by one Triton launch per device (``step_class``: ``MasterAdamWStep``
+        for float32 masters, ``LeanAdamWStep`` for bf16 moments), instead of passes over memory per weight."""
+        if not params:
+            return
+        if step_class not in self._one_launch_steps:
+            self._one_launch_steps[step_class] = step_class()
         by_device: Dict[torch.device, List[torch.Tensor]] = {}
         for param in params:
             by_device.setdefault(param.device, []).append(param)
@@ -133,8 +135,8 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
             scale = _device_scalar(1.0 if grad_scale is None else grad_scale, device)
             skip = found_inf.to(device) if found_inf is not None else \
                 torch.zeros((), dtype=torch.float32, device=device)
-            self._master_step(on_device, [self.state[p] for p in on_device], group["lr"], scale, skip,
-                              group["betas"], group["eps"], group["weight_decay"])
+            self._one_launch_steps[step_class](on_device, [self.state[p] for p in on_device], group["lr"], scale,
+                                               skip, group["betas"], group["eps"], group["weight_decay"])
 
     @staticmethod
     def _adamw(params: List[torch.Tensor], grads: List[torch.Tensor], states: List[dict], group: dict,
@@ -156,15 +158,18 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
             found_inf=found_inf, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
-    def _lean_step(self, param: torch.Tensor, state: dict, group: dict, grad_scale=None) -> None:
-        """One AdamW step of a bf16 weight with bf16 moments: float32 arithmetic chunk by chunk, the
-        moments rounded to nearest, the weight stochastically."""
+    def _lean_step(self, param: torch.Tensor, state: dict, group: dict, grad_scale=None, found_inf=None) -> None:
+        """One AdamW step of a bf16 weight with bf16 moments where the kernel does not run (CPUs, no Triton,
+        DTensors): float32 arithmetic chunk by chunk, the moments rounded to nearest, the weight
+        stochastically; nothing changes where ``found_inf`` is 1."""
         beta1, beta2 = group["betas"]
         lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
-        state["step"] += 1
-        step = state["step"].item()
+        step = state["step"]
+        step += 1
+        # bias corrections as tensors beside the count: reading it on the host would wait for the device
         step_size = lr / (1 - beta1 ** step)
-        denom_scale = 1 / math.sqrt(1 - beta2 ** step)
+        denom_scale = (1 - beta2 ** step).rsqrt()
+        skip = None if found_inf is None else found_inf.to(param.device).bool()
         generator = self._generator(param.device)
         flat = [t.view(-1) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
         for start in range(0, param.numel(), LEAN_CHUNK):
@@ -172,11 +177,13 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
             grad32 = grad.float() if grad_scale is None else grad.float().mul_(grad_scale)
             avg = exp_avg.float().lerp_(grad32, 1 - beta1)
             avg_sq = exp_avg_sq.float().mul_(beta2).addcmul_(grad32, grad32, value=1 - beta2)
-            exp_avg.copy_(avg)
-            exp_avg_sq.copy_(avg_sq)
+            exp_avg.copy_(_unless(skip, exp_avg, avg))
+            exp_avg_sq.copy_(_unless(skip, exp_avg_sq, avg_sq))
             weight32 = weight.float().mul_(1 - lr * decay)
-            weight32.addcdiv_(avg, avg_sq.sqrt_().mul_(denom_scale).add_(eps), value=-step_size)
-            weight.copy_(stochastic_round_to_bf16(weight32, generator))
+            weight32.sub_(avg.div_(avg_sq.sqrt_().mul_(denom_scale).add_(eps)).mul_(step_size))
+            weight.copy_(_unless(skip, weight, stochastic_round_to_bf16(weight32, generator)))
+        if found_inf is not None:
+            step -= found_inf.to(step.device)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         """A generator of this optimizer's own per device, so rounding leaves the run's random streams alone."""
@@ -189,19 +196,22 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
         """Loads states in the dtypes and places this optimizer keeps, whatever the checkpoint holds (fairseq
         saves bf16 tensors as float32 and everything on the CPU; torch casts loaded states to their
         parameter's dtype): float32 master weights and moments beside them, the parameter's dtype for lean
-        moments, step counts on the weight's device (on the host for the lean path)."""
+        moments, step counts on the weight's device."""
         super().load_state_dict(state_dict)
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
-        lean = {id(p) for group in self.param_groups if group["lean_states"] for p in group["params"]}
         for saved_id, param in zip(saved_ids, params):
             saved, state = state_dict["state"].get(saved_id, {}), self.state[param]
-            if "step" in state:  # checkpoints hold it on the CPU; the fused kernel wants it beside the weight
-                on_host = id(param) in lean and param.dtype != torch.float32
-                state["step"] = state["step"].to(device="cpu" if on_host else param.device, dtype=torch.float32)
+            if "step" in state:  # checkpoints hold it on the CPU; the fused kernels want it beside the weight
+                state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
             if "master" in saved:
                 for key in STATE_KEYS:
                     state[key] = saved[key].to(device=param.device, dtype=torch.float32, copy=True)
+
+
+def _unless(skip, kept: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``new``, or ``kept`` where ``skip`` (a 0-dim bool tensor) is set; ``new`` when ``skip`` is None."""
+    return new if skip is None else torch.where(skip, kept, new)
 
 
 def _device_scalar(value, device: torch.device) -> torch.Tensor:

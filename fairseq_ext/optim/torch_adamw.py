@@ -59,9 +59,7 @@ class FairseqTorchAdamW(FairseqOptimizer):
 
     def skip_step_if_nonfinite(self, norm: torch.Tensor) -> bool:
         """Make the next step change nothing where ``norm`` (on the device) is not finite, decided on the device,
-        so the host need not wait for the gradients before launching the step. False when it cannot."""
-        if not self.optimizer.can_skip_on_device:
-            return False
+        so the host need not wait for the gradients before launching the step. (Every step of torch_adamw can.)"""
         self._found_inf = torch.logical_not(torch.isfinite(norm)).to(torch.float32)
         return True
 

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 SLEEP_CYCLES = 2_000_000_000  # about a second of device time, queued behind each optimizer step
 
 
-# fp32 weights take torch's fused AdamW; bf16-master's take the Triton kernel (optim/master_step.py)
-PRECISIONS = pytest.mark.parametrize("precision", ["fp32", "bf16-master"])
+# fp32 weights take torch's fused AdamW; bf16-master's and bf16-lean's the Triton kernels (optim/*_step.py)
+PRECISIONS = pytest.mark.parametrize("precision", ["fp32", "bf16-master", "bf16-lean"])
 
 
 @PRECISIONS

@@ -3,8 +3,9 @@ steps which block of which tensor. Its numbers are checked on the GPU (tests/gpu
 
 import torch
 
-from fairseq_ext.optim import master_step
-from fairseq_ext.optim.master_step import BLOCK, MasterAdamWStep, _log2, takes_fused_master_step
+from fairseq_ext.optim import multi_tensor
+from fairseq_ext.optim.master_step import BLOCK, MasterAdamWStep, takes_fused_master_step
+from fairseq_ext.optim.multi_tensor import log2_beta
 
 
 def test_blocks_cover_every_element_of_every_tensor_once():
@@ -23,14 +24,14 @@ def test_layouts_are_kept_for_a_few_lists_of_sizes():
     step, cpu = MasterAdamWStep(), torch.device("cpu")
     first = step._layout((10, 20), cpu)
     assert step._layout((10, 20), cpu) is first
-    for n in range(1, master_step._MAX_CACHED_LAYOUTS + 1):
+    for n in range(1, multi_tensor.MAX_CACHED_LAYOUTS + 1):
         step._layout((n,), cpu)
-    assert len(step._layouts) == master_step._MAX_CACHED_LAYOUTS and (cpu, (10, 20)) not in step._layouts
+    assert len(step._layouts) == multi_tensor.MAX_CACHED_LAYOUTS and (cpu, (10, 20)) not in step._layouts
     assert (cpu, (1,)) in step._layouts
 
 
 def test_beta_zero_means_no_bias_correction():
-    assert _log2(0.5) == -1.0 and 2 ** (3 * _log2(0.0)) == 0.0
+    assert log2_beta(0.5) == -1.0 and 2 ** (3 * log2_beta(0.0)) == 0.0
 
 
 def test_cpu_weights_keep_torchs_fused_cpu_kernel():

@@ -10,7 +10,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import plan_calibration  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "single_gpu_speed"
-STALE = {"run9 1.1B-full-bf16master-compile-recompute", "run9 1.1B-full-bf16master-compile-sdpatorch"}
+# measured with code since changed: run10's 8B full FT stepped bf16-lean unfused (168 bytes a parameter)
+STALE = {"run9 1.1B-full-bf16master-compile-recompute", "run9 1.1B-full-bf16master-compile-sdpatorch",
+         "run10 8B-full-bf16lean-plan-compile"}
 
 
 def test_predicted_peaks_and_step_times_of_the_measured_gpu_runs_are_within_5_percent():
@@ -19,7 +21,7 @@ def test_predicted_peaks_and_step_times_of_the_measured_gpu_runs_are_within_5_pe
     rows = [plan_calibration.predict(row, settings, hardware)
             for row, settings in plan_calibration.measured_rows(runs)
             if row["mode"] == "full" and f"{row['run']} {row['name']}" not in STALE]
-    assert len(rows) == 9
+    assert len(rows) == 8
     for row in rows:
         assert abs(row["predicted_gib"] - row["measured_gib"]) / row["measured_gib"] <= 0.05, row
         assert abs(row["predicted_s"] - row["measured_s"]) / row["measured_s"] <= 0.05, row
@@ -28,8 +30,6 @@ def test_predicted_peaks_and_step_times_of_the_measured_gpu_runs_are_within_5_pe
     eager, compiled = by_name["run9 1.1B-full-bf16master"], by_name["run9 1.1B-full-bf16master-compile"]
     assert compiled["predicted_gib"] < eager["predicted_gib"] - 5
     assert compiled["predicted_s"] < eager["predicted_s"] / 1.2
-    # bf16-lean's optimizer step (about twenty elementwise passes) is a large part of the 8B update
-    assert by_name["run10 8B-full-bf16lean-plan-compile"]["predicted_s"] > 0.6
 
 
 def test_lora_runs_are_predicted_within_5_percent():

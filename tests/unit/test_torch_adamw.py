@@ -225,11 +225,25 @@ def test_nonfinite_norm_makes_the_step_change_nothing(dtype):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_lean_states_cannot_skip_on_the_device():
+def test_lean_step_skips_itself_where_the_norm_is_not_finite():
+    """bf16-lean's step also takes found_inf: after a NaN norm weights, moments and step counts stay as they
+    were (so fairseq's trainer need not wait for the norm), and the next step goes on from there."""
     params = _params(torch.bfloat16)
     optimizer = _fairseq_optimizer(params, precision="bf16-lean")
-    for p, grad in zip(params, _grads(0, [p.shape for p in params])):
-        p.grad = grad.bfloat16()
-    assert not optimizer.skip_step_if_nonfinite(optimizer.clip_grad_norm(1.0))
-    with pytest.raises(ValueError, match="found_inf needs fused steps"):
-        optimizer.optimizer.step(found_inf=torch.zeros(()))
+    for step in range(3):
+        for p, grad in zip(params, _grads(step, [p.shape for p in params])):
+            p.grad = grad.bfloat16()
+        if step == 1:
+            params[0].grad[0, 0] = float("nan")
+            before = copy.deepcopy(optimizer.optimizer.state_dict()), [p.detach().clone() for p in params]
+        assert optimizer.skip_step_if_nonfinite(optimizer.clip_grad_norm(1.0))
+        optimizer.step()
+        optimizer.zero_grad()
+        if step == 1:
+            assert all(torch.equal(p, saved) for p, saved in zip(params, before[1]))
+            after = optimizer.optimizer.state_dict()["state"]
+            for index, state in before[0]["state"].items():
+                for key, value in state.items():
+                    assert torch.equal(after[index][key], value), key
+    assert all(torch.isfinite(p).all() for p in params)
+    assert {s["step"].item() for s in optimizer.optimizer.state.values()} == {2.0}
