@@ -38,8 +38,9 @@ from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..errors import UserInputError
+from .model_spec import stage_layers
 from .plan import INTERLEAVED, Plan
-from .profile import ModelProfile
+from .profile_types import ModelProfile
 
 GIB = float(2 ** 30)  # MEM_PER_GPU and every memory figure printed are in GiB ("GB" in the docs)
 
@@ -145,19 +146,6 @@ class Cost:
         return self.peak_bytes / GIB
 
 
-def layer_ranges(num_layers: int, num_stages: int, boundaries: Sequence[int] = ()) -> List[range]:
-    """The decoder layers of each pipeline stage: ``boundaries`` (first layer of stages 1..S-1), or balanced
-    by layer count when empty (the runtime's rule)."""
-    if not boundaries:
-        base, extra = divmod(num_layers, num_stages)
-        boundaries, start = [], 0
-        for stage in range(num_stages - 1):
-            start += base + (1 if stage < extra else 0)
-            boundaries.append(start)
-    edges = [0, *boundaries, num_layers]
-    return [range(a, b) for a, b in zip(edges, edges[1:])]
-
-
 def in_flight(plan: Plan, rank: int) -> int:
     """Micro-batch chunk-forwards whose activations a pipeline rank holds at its peak."""
     m, pp, v = plan.num_microbatches, plan.pp, plan.virtual_stages_per_rank
@@ -197,7 +185,7 @@ def estimate(profile: ModelProfile, plan: Plan, work: Workload, hw: Hardware,
     # Without pipeline and vocab parallel the causal-LM loss is the fused chunked one (no full logits).
     head_acts = (profile.fused_head.get(edge_tp) if pp == 1 else None) or head.activations
     shared = profile.shared[tp]
-    stages = layer_ranges(profile.num_layers, plan.num_stages, plan.stage_boundaries)
+    stages = stage_layers(profile.num_layers, plan.num_stages, plan.stage_boundaries)
     weight_b, grad_b, optimizer_b = _PRECISION_BYTES[profile.precision]
     zero_shards = plan.scaling_factor // plan.zero_n_groups if plan.zero else 1
     per_param = weight_b + grad_b + optimizer_b / zero_shards
@@ -205,8 +193,8 @@ def estimate(profile: ModelProfile, plan: Plan, work: Workload, hw: Hardware,
     layer_rate = rate * (hw.compiled_speedup if profile.compiled else 1.0)  # COMPILE compiles the decoder layers
     tp_link = _link(hw, tp <= hw.gpus_per_node)
 
-    # Gradients live through the forward when they accumulate: over micro-steps, or over pipeline micro-batches.
-    grads_persist = work.grad_accu > 1 or (pp > 1 and plan.num_microbatches > 1)
+    # Gradients live through the forward when they accumulate: over micro-steps, or over micro-batches.
+    grads_persist = work.grad_accu > 1 or plan.num_microbatches > 1
     worst, ranks = None, []
     for rank in range(pp):
         rank_stages = [s for s in range(plan.num_stages) if s % pp == rank]

@@ -2,7 +2,6 @@
 parallel, and a module profile with only the adapters training."""
 
 from dataclasses import dataclass, replace
-from fnmatch import fnmatchcase
 from typing import Dict, Tuple
 
 import torch
@@ -38,18 +37,18 @@ class Lora:
         return cls(rank=int(options.get("r", LoraConfig.r)), targets=tuple([targets] if isinstance(targets, str)
                                                                             else targets))
 
-def lora_split(model, rules: Dict[str, str], lora: Lora) -> Tuple[int, int]:
+def lora_split(model, styles: Dict[str, str], lora: Lora) -> Tuple[int, int]:
     """(adapter elements of one decoder layer, of which tp splits) for LoRA on ``lora.targets``: r x (in + out)
     per adapted projection; tp splits B of a colwise projection and A of a rowwise one (as
-    ``runtime/tensor_parallel.py`` does) under the tensor-parallel ``rules``."""
+    ``runtime/tensor_parallel.py`` does); ``styles``: module name -> tensor-parallel style (``model_spec``)."""
     numel = sharded = 0
     for name, module in model.base_model.layers[0].named_modules():
         if not isinstance(module, torch.nn.Linear) or not ({name.rsplit(".", 1)[-1], "all-linear"} & set(lora.targets)):
             continue
         out_features, in_features = module.weight.shape
         numel += lora.rank * (in_features + out_features)
-        styles = {style for pattern, style in rules.items() if fnmatchcase(f"layers.0.{name}", pattern)}
-        sharded += lora.rank * (out_features if "colwise" in styles else in_features if "rowwise" in styles else 0)
+        style = styles.get(f"layers.0.{name}")
+        sharded += lora.rank * (out_features if style == "colwise" else in_features if style == "rowwise" else 0)
     if not numel:
         raise UserInputError(f"LoRA target_modules {list(lora.targets)} name no linear projection of the decoder "
                              "layers; the compile pass plans LoRA on them only")

@@ -13,9 +13,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from ..errors import UserInputError
 from .compile import check_plan_is_current
 from .config import plan_from_config
+from .model_spec import RunSettings, spec_of
 from .plan import Plan
 from .runtime.mesh import PP, build_mesh
-from .runtime.parallelize import apply_plan_recompute, check_plan_fits_model, parallelize
+from .runtime.parallelize import apply_plan_recompute, parallelize
 from .runtime.pipeline import PipelineRunner
 from .runtime.precision import check_precision
 
@@ -54,47 +55,29 @@ def apply_plan(cfg, model, criterion=None) -> AppliedPlan:
     if hf_model is None:
         raise UserInputError(f"PLAN_NGPUS {plan.plan_ngpus} needs a Hugging Face model (--arch hf_auto_*), "
                              f"got {type(model).__name__}; use PLAN_NGPUS=1")
-    if plan.pp > 1:
-        check_pipeline_settings(cfg, plan, model, criterion)
-    if cfg.common.fp16 or cfg.common.bf16 or cfg.common.amp:
-        raise UserInputError("--fp16/--bf16/--amp with tensor parallel (PLAN_NGPUS > 1) are not available yet; "
-                             "train in float32")
-    if getattr(cfg.task, "pack_sequences", False) and plan.pp > 1:
-        raise UserInputError("PACK_SEQUENCES=1 with pipeline parallel (pp > 1) is not available yet; use "
-                             "PACK_SEQUENCES=0 or a plan without pipeline stages")
-    if getattr(cfg.model, "compile_layers", False):
-        raise UserInputError("COMPILE=1 (--compile-layers) with PLAN_NGPUS > 1 is not available yet; use COMPILE=0")
-    check_plan_fits_model(plan, hf_model.config)
+    reasons = spec_of(hf_model.config).unsupported(plan, run_settings(cfg, model, criterion))
+    if reasons:
+        raise UserInputError("; ".join(reasons) if len(reasons) < 3 else "\n  " + "\n  ".join(reasons))
     on_gpu = torch.cuda.is_available() and not cfg.common.cpu
     mesh = build_mesh(plan, "cuda" if on_gpu else "cpu")
     vocab_parallel, stages = parallelize(hf_model, plan, mesh)
     pipeline = None
     if stages:
         device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-        pipeline = PipelineRunner(stages, plan, mesh.get_group(PP), device,
+        pipeline = PipelineRunner(stages, plan, mesh.get_group(PP), device, token_loss=criterion.token_loss,
                                   pad_token_id=getattr(hf_model.config, "pad_token_id", None) or 0)
     return AppliedPlan(plan, mesh, vocab_parallel, pipeline)
 
 
-def check_pipeline_settings(cfg, plan, model, criterion) -> None:
-    """What pipeline parallel does not run yet, refused with what to change instead."""
-    if getattr(model, "saves_trainable_only", False):
-        raise UserInputError(f"LoRA with pipeline parallel (pp {plan.pp}) is not available yet; use a plan "
-                             f"with pp 1 (PLAN_NGPUS within one node) or USE_LORA=0")
-    criterion_name = type(criterion).__name__ if criterion is not None else ""
-    if not (getattr(model, "supports_pipeline", False) and getattr(criterion, "supports_pipeline", False)):
-        raise UserInputError(f"pipeline parallel (pp {plan.pp}) runs the causal LM only (--arch hf_auto_causal_lm "
-                             f"with its criterion hf_causal_lm), got {type(model).__name__} with "
-                             f"{criterion_name or 'no criterion'}; use a plan with pp 1 for this head")
-    if plan.zero:
-        raise UserInputError(f"ZeRO-1 with pipeline parallel (pp {plan.pp}) is not available yet; "
-                             f"set USE_ZERO=0 (zero false in the plan) or use a plan with pp 1")
-    batch_size = cfg.dataset.batch_size
-    if not batch_size:
-        raise UserInputError(f"pipeline parallel (pp {plan.pp}) splits each batch into "
-                             f"{plan.num_microbatches} micro-batches and needs a fixed --batch-size "
-                             f"(BATCH_SIZE) instead of --max-tokens")
-    if batch_size % plan.num_microbatches:
-        raise UserInputError(f"BATCH_SIZE {batch_size} is not divisible by the plan's num_microbatches "
-                             f"{plan.num_microbatches}; choose a BATCH_SIZE that is a multiple of "
-                             f"{plan.num_microbatches}, or num_microbatches that divides {batch_size}")
+def run_settings(cfg, model, criterion=None) -> RunSettings:
+    """The settings of this fairseq run that decide which plans it can run (``model_spec.RunSettings``)."""
+    half = tuple(flag for flag, on in (("--bf16", cfg.common.bf16), ("--amp", cfg.common.amp)) if on)
+    return RunSettings(
+        precision="fp16" if cfg.common.fp16 else getattr(cfg.task, "precision", "fp32"), fairseq_half=half,
+        compiled=bool(getattr(cfg.model, "compile_layers", False)),
+        lora=bool(getattr(model, "saves_trainable_only", False)),
+        packing=bool(getattr(cfg.task, "pack_sequences", False)),
+        head=getattr(model, "layout", type(model).__name__),
+        pipeline_loss=bool(getattr(model, "supports_pipeline", False) and getattr(criterion, "supports_pipeline", False)
+                           and hasattr(criterion, "token_loss")),
+        batch_size=cfg.dataset.batch_size or 0)

@@ -1,8 +1,8 @@
 """Profile a Hugging Face decoder without weights: parameters, activations and FLOPs per module.
 
 The model is built from its config on the meta device (an 8B config in about a second, no memory), and
-its tensor-parallel split follows the runtime's rules (``config.base_model_tp_plan`` through
-``runtime.tensor_parallel.tp_rules``; vocab parallel embedding and LM head when the runtime would
+its tensor-parallel split follows the model spec's rules (``model_spec``: ``config.base_model_tp_plan`` and
+registered module classes; vocab parallel embedding and LM head when the runtime would
 use it). Activations and FLOPs are *measured*, not derived from formulas: a two-layer copy of the model
 with the sizes one tensor-parallel rank holds (heads, kv heads, FFN width and, when vocab parallel, the
 vocabulary divided by tp) runs forward and backward on fake tensors (``FakeTensorMode``: shapes and
@@ -21,21 +21,20 @@ Module names: ``embed`` (input embedding), ``layers.i`` (decoder layers), ``norm
 import copy
 import json
 import os
-from fnmatch import fnmatchcase
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from ..errors import UserInputError
 from .lora_profile import Lora, lora_split, with_lora
+from .model_spec import ModelSpec, spec_of
 from .profile_memory import layer_bytes_per_token, with_layer_bytes
 from .profile_recorder import measure_modules
 from .profile_types import PRECISIONS, WEIGHT_DTYPES, Activations, ModelProfile, ModuleProfile
 
 __all__ = ["PRECISIONS", "Activations", "Lora", "ModelProfile", "ModuleProfile", "fused_head_activations",
-           "load_config", "profile_model", "tp_rules_of", "valid_tp_degrees", "vocab_parallel"]
+           "load_config", "profile_model"]
 _PROFILE_LAYERS = 2  # two layers tell tensors shared by all layers (rotary cos/sin) from per-layer ones
-SHARDED_STYLES = ("colwise", "rowwise")
 
 
 def load_config(path: str):
@@ -60,25 +59,6 @@ def load_config(path: str):
     return AutoConfig.from_pretrained(path)
 
 
-def tp_rules_of(config) -> Dict[str, str]:
-    """The runtime's tensor-parallel rules for this config (empty: the model only runs with tp=1)."""
-    rules = getattr(config, "base_model_tp_plan", None) or {}
-    return {pattern: style for pattern, style in rules.items() if style in SHARDED_STYLES}
-
-
-def valid_tp_degrees(config, max_tp: int) -> List[int]:
-    """tp degrees up to ``max_tp`` that divide heads, kv heads and FFN width (1 always; >1 needs tp rules)."""
-    if not tp_rules_of(config):
-        return [1]
-    sizes = (config.num_attention_heads, _kv_heads(config), config.intermediate_size)
-    return [tp for tp in range(1, max_tp + 1) if all(size % tp == 0 for size in sizes)]
-
-
-def vocab_parallel(config, tp: int) -> bool:
-    """The runtime's rule (``parallelize.vocab_parallel_possible``): untied LM head, vocabulary divisible."""
-    return tp > 1 and not getattr(config, "tie_word_embeddings", False) and config.vocab_size % tp == 0
-
-
 def profile_model(config, seq_len: int, precision: str = "fp32", tp_degrees=(1,),
                   attn_implementation: str = "sdpa", compiled: bool = False, lora: Optional[Lora] = None) -> ModelProfile:
     """Profile ``config`` (a causal-LM decoder) at ``seq_len`` tokens for each tp degree.
@@ -95,17 +75,19 @@ def profile_model(config, seq_len: int, precision: str = "fp32", tp_degrees=(1,)
     """
     if precision not in PRECISIONS:
         raise UserInputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    _check_decoder(config)
+    spec = spec_of(config)
+    _check_decoder(config, spec)
     full = _meta_model(config)
+    styles = spec.module_styles(full.base_model)  # module name -> tensor-parallel style
     layer = full.model.layers[0]
     layer_class = type(layer).__name__
     attention_class = type(getattr(layer, "self_attn", layer)).__name__
     mlp_class = type(getattr(layer, "mlp", layer)).__name__
-    params = _param_split(full, config)
-    adapters = lora_split(full, tp_rules_of(config), lora) if lora is not None else None
+    params = _param_split(full, config, styles)
+    adapters = lora_split(full, styles, lora) if lora is not None else None
     modules, shared, vocab, fused_head = {}, {}, {}, {}
     for tp in tp_degrees:
-        vocab[tp] = vocab_parallel(config, tp)
+        vocab[tp] = spec.vocab_parallel(tp, pp=1)
         shard = _shard_config(config, tp, vocab[tp])
         measured, shared[tp] = measure_modules(shard, seq_len, precision, attn_implementation,
                                         (layer_class, attention_class, mlp_class))
@@ -115,15 +97,14 @@ def profile_model(config, seq_len: int, precision: str = "fp32", tp_degrees=(1,)
         fused_head[tp] = None if vocab[tp] else fused_head_activations(config, precision, trains_weight=lora is None)
         h = config.hidden_size
         act_bytes = 4 if precision == "fp32" else 2
-        rules = tp_rules_of(config)
         modules[tp] = {}
         for name, prof in measured.items():
             full_numel, sharded = params[name]
             counts = (0, 0)
             if tp > 1 and name == "layers":
                 # DTensor: each rowwise output is all-reduced in forward; each colwise input's gradient in backward.
-                styles = [style for pattern, style in rules.items() if pattern.startswith("layers.*.")]
-                counts = (styles.count("rowwise"), styles.count("colwise"))
+                layer_styles = [style for name, style in styles.items() if name.startswith("layers.0.")]
+                counts = (layer_styles.count("rowwise"), layer_styles.count("colwise"))
                 comm = (counts[0] * h * act_bytes, counts[1] * h * act_bytes)
             elif tp > 1 and name == "embed" and vocab[tp]:
                 counts, comm = (1, 0), (h * 4.0, 0.0)  # masked lookups summed over the vocabulary shards
@@ -170,11 +151,10 @@ def _kv_heads(config) -> int:
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
-def _check_decoder(config) -> None:
+def _check_decoder(config, spec: ModelSpec) -> None:
     missing = [name for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                                  "vocab_size") if not getattr(config, name, None)]
-    pp_plan = getattr(config, "base_model_pp_plan", None) or {}
-    if missing or not {"embed_tokens", "layers", "norm"} <= set(pp_plan):
+    if missing or not spec.decoder:
         raise UserInputError(
             f"the compile pass knows decoder models with embed_tokens, layers and norm (config.base_model_pp_plan, "
             f"e.g. Llama, Mistral, Qwen2); model type {config.model_type!r} is not one"
@@ -191,15 +171,14 @@ def _meta_model(config):
         return AutoModelForCausalLM.from_config(config)
 
 
-def _param_split(model, config) -> Dict[str, Tuple[int, int]]:
-    """Module name -> (parameter elements, elements sharded by tp) under the runtime's rules.
+def _param_split(model, config, styles: Dict[str, str]) -> Dict[str, Tuple[int, int]]:
+    """Module name -> (parameter elements, elements sharded by tp) under the runtime's ``styles``.
 
     ``colwise`` and ``rowwise`` split a linear layer's weight (and a colwise bias; a rowwise bias is
     replicated); the embedding and LM head are split when vocab parallel (checked per tp by the caller:
     ``sharded_numel`` is only used for tp > 1, and vocab parallel depends on tp, so here the embedding
     and head count as sharded whenever their vocabulary could split at all).
     """
-    rules = tp_rules_of(config)
     base = model.base_model
     out = {"embed": [0, 0], "layers": [0, 0], "norm": [0, 0], "head": [0, 0]}
     untied = not getattr(config, "tie_word_embeddings", False)
@@ -213,8 +192,8 @@ def _param_split(model, config) -> Dict[str, Tuple[int, int]]:
             if key is None:
                 continue  # e.g. rotary embedding buffers: not parameters
             out[key][0] += param.numel()
-            styles = {style for pattern, style in rules.items() if fnmatchcase(module_name, pattern)}
-            if "colwise" in styles or ("rowwise" in styles and param_name == "weight"):
+            style = styles.get(module_name)
+            if style == "colwise" or (style == "rowwise" and param_name == "weight"):
                 out[key][1] += param.numel()
             elif key == "embed" and untied:
                 out[key][1] += param.numel()

@@ -39,6 +39,7 @@ from ..criterions.base import logging_output
 from .checkpoint_saving import CheckpointSaving, atomic_copy, save_checkpoint_with_shards
 from .fairseq_fixes import broadcast_object_slow, infer_init_method, progress_bar_once_per_log_file
 from .host_copies import HostCopy, LoggedValues, pinned
+from .micro_batches import split_batch
 from .parallel_model import TensorParallelModel
 from .plan_checks import apply_plan
 from .runtime.local_shards import local_tensor
@@ -222,6 +223,8 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
         update = self.get_num_updates() + 1
         if self._profiler is not None:
             self._profiler.before_update(update)
+        if self.plan.pp == 1 and self.plan.num_microbatches > 1:  # accumulated inside the update
+            samples = [part for sample in samples for part in split_batch(sample, self.plan.num_microbatches)]
         self._update_samples = samples
         with self._loss_context(), self._pipeline_steps(), self._timed_steps(), self._checking_previous_norm():
             result = super().train_step(samples, raise_oom)
