@@ -18,7 +18,7 @@ from fairseq_ext.cube.cost import GIB, Hardware
 from fairseq_ext.cube.plan import PIPELINE_SCHEDULES
 from fairseq_ext.cube.profile import PRECISIONS
 from fairseq_ext.cube.runtime.recompute import parse_module_names
-from fairseq_ext.cube.search import RUNTIME_RUNS_PIPELINE, Fixed
+from fairseq_ext.cube.search import Fixed
 from fairseq_ext.errors import PREFIX, UserInputError
 
 
@@ -49,8 +49,8 @@ def parse_args(argv=None):
     parser.add_argument("--stage-boundaries", help="fix the first layer of stages 1..S-1, comma separated")
     parser.add_argument("--cost-params", help="JSON file overriding cost-model parameters (see cube/cost.py Hardware)")
     parser.add_argument("--gpus-per-node", type=int, help="GPUs per node (default 8, or the cost-params file's)")
-    parser.add_argument("--allow-pipeline", action="store_true", default=RUNTIME_RUNS_PIPELINE,
-                        help="emit plans with pp > 1 although the runtime cannot run them yet")
+    parser.add_argument("--pack-sequences", type=int, choices=(0, 1), default=0,
+                        help="samples packed into rows (PACK_SEQUENCES): plans the runtime cannot pack under are refused")
     parser.add_argument("--output", help="write the chosen plan here (e.g. $OUTPUT_DIR/plan.json)")
     parser.add_argument("--top", type=int, default=8, help="alternatives to show of each kind")
     return parser.parse_args(argv)
@@ -86,7 +86,7 @@ def settings_from(args) -> CompileSettings:
         grad_accu=args.gradient_accu_num, zero=bool(args.use_zero), zero_n_groups=args.zero_n_groups,
         precision=args.precision, attn_implementation="sdpa" if args.attn_implementation != "eager" else "eager",
         compiled=bool(args.compile_layers), lora_config=args.lora_config,
-        fixed=fixed, hardware=hardware, allow_pipeline=args.allow_pipeline)
+        packing=bool(args.pack_sequences), fixed=fixed, hardware=hardware)
 
 
 def main(argv=None) -> int:

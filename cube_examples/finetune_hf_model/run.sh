@@ -100,7 +100,7 @@ if [[ ${1:-} == compile ]]; then
     COMPILE_ARGS=(--model "$HUGGINGFACE_MODEL_NAME_OR_PATH" --plan-ngpus "$PLAN_NGPUS" --scaling-factor "$COMPILE_SCALING"
         --use-zero "$USE_ZERO" --zero-n-groups "$ZERO_N_GROUPS" --recompute-module-names "$RECOMPUTE_MODULE_NAMES"
         --batch-size "$BATCH_SIZE" --sequence-length "$SEQUENCE_LENGTH" --gradient-accu-num "$GRADIENT_ACCU_NUM"
-        --precision "$PRECISION" --compile-layers "$COMPILE" --output "$OUTPUT_DIR/plan.json")
+        --precision "$PRECISION" --compile-layers "$COMPILE" --pack-sequences "$PACK_SEQUENCES" --output "$OUTPUT_DIR/plan.json")
     if [[ -n $MEM_PER_GPU ]]; then COMPILE_ARGS+=(--mem-per-gpu "$MEM_PER_GPU"); fi
     if [[ $USE_LORA == 1 ]]; then COMPILE_ARGS+=(--lora-config "$LORA_CONFIG"); fi
     PYTHONPATH=$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH} exec "$PYTHON" "$REPO_ROOT/scripts/plan_report.py" "${COMPILE_ARGS[@]}" "$@"

@@ -34,9 +34,16 @@ class CausalLMLoss(HFCriterion):
                                         ignore_index=IGNORE_INDEX, chunk_size=max(512, CHUNK_ELEMENTS // head.size(0)))
         else:
             logits = model(**sample["net_input"])  # (B, T, V)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), target.view(-1),
-                                   ignore_index=IGNORE_INDEX, reduction="sum" if reduce else "none")
+            loss = self.token_loss(logits, target, reduce=reduce)
         return loss, sample["ntokens"], logging_output(loss, sample, sample["ntokens"], nll_loss=loss.data)
+
+    @staticmethod
+    def token_loss(logits, target, reduce: bool = True):
+        """Cross entropy of token ``logits`` (..., V) against ``target`` (...), in float32, over the tokens
+        whose target is not IGNORE_INDEX: summed, or per token without ``reduce``. The runtime's pipeline
+        computes each micro-batch's loss with it on the last stage."""
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum" if reduce else "none")
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:

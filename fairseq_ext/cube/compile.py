@@ -16,10 +16,12 @@ from typing import List, Optional, Tuple
 from ..errors import UserInputError
 from .cost import GIB, Hardware, Workload
 from .plan import Plan
-from .profile import Lora, load_config, profile_model, valid_tp_degrees
-from .search import NEEDS_PIPELINE, RUNTIME_RUNS_PIPELINE, Fixed, SearchResult, search, smallest_fit
+from .model_spec import RunSettings, spec_of
+from .profile import Lora, load_config, profile_model
+from .search import OVER_MEMORY, Fixed, SearchResult, search, smallest_fit
 
 MAX_SUGGESTED_NGPUS = 64  # the "or use PLAN_NGPUS=N" hint looks this far
+CLOSEST_SHOWN = 3  # plans a refusal shows
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,14 @@ class CompileSettings:
     attn_implementation: str = "sdpa"
     compiled: bool = False  # COMPILE: decoder layers under torch.compile (they keep fewer activations)
     lora_config: Optional[str] = None  # LORA_CONFIG when USE_LORA=1: only the adapters train
+    packing: bool = False  # PACK_SEQUENCES
     fixed: Fixed = field(default_factory=Fixed)
     hardware: Hardware = field(default_factory=Hardware)
-    allow_pipeline: bool = RUNTIME_RUNS_PIPELINE
+
+    def run_settings(self) -> RunSettings:
+        """What the runtime will run with (a causal LM, the compile pass's head)."""
+        return RunSettings(precision=self.precision, compiled=self.compiled, lora=self.lora_config is not None,
+                           packing=self.packing, batch_size=self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -107,14 +114,14 @@ def compile_plan(s: CompileSettings) -> Compiled:
     config = load_config(s.model)
     max_tp = min(s.hardware.gpus_per_node, max(s.plan_ngpus, MAX_SUGGESTED_NGPUS))
     lora = Lora.from_config(s.lora_config, config.model_type) if s.lora_config is not None else None
-    profile = _profile(config.to_json_string(), s.seq_len, s.precision, tuple(valid_tp_degrees(config, max_tp)),
+    spec = spec_of(config)
+    profile = _profile(config.to_json_string(), s.seq_len, s.precision, tuple(spec.tp_degrees(max_tp)),
                        s.attn_implementation, s.compiled, lora)
     work = Workload(batch_size=s.batch_size, seq_len=s.seq_len, grad_accu=s.grad_accu)
 
     def run(plan_ngpus, budget):
-        return search(profile, work, s.hardware, plan_ngpus, s.scaling_factor, budget, zero=s.zero,
-                      zero_n_groups=s.zero_n_groups, fixed=s.fixed,
-                      allow_pipeline=s.allow_pipeline and lora is None)  # the runtime has no LoRA pipeline yet
+        return search(profile, work, s.hardware, plan_ngpus, s.scaling_factor, budget, spec, s.run_settings(),
+                      zero=s.zero, zero_n_groups=s.zero_n_groups, fixed=s.fixed)
 
     result = run(s.plan_ngpus, s.mem_per_gpu)
     if result.best is not None:
@@ -136,22 +143,37 @@ def _profile(config_json: str, seq_len: int, precision: str, tp_degrees: Tuple[i
 
 
 def _no_fit_message(s: CompileSettings, result: SearchResult, run) -> str:
+    """One line when only memory stands in the way (the budget, or the GPUs, that would do); else the few
+    closest plans with what stops each, and the one setting to change."""
+    if not result.candidates:
+        return (f"no plan for PLAN_NGPUS={s.plan_ngpus} exists; choose a PLAN_NGPUS whose tensor-parallel degree "
+                f"divides the model's heads, kv heads and FFN width")
     smallest = smallest_fit(result)
-    if smallest is None:
-        reasons = sorted({r for c in result.candidates for r in c.rejected}) or ["no plan of this size exists"]
-        return (f"no plan for PLAN_NGPUS={s.plan_ngpus} can run ({'; '.join(reasons)}); choose a PLAN_NGPUS whose "
-                f"tensor-parallel degree divides the model's heads, kv heads and FFN width")
+    if smallest is not None and all(_memory_only(c) for c in result.candidates):
+        return _memory_message(s, smallest, run)
+    closest = sorted(result.candidates, key=lambda c: (len(c.rejected), c.cost.peak_bytes))[:CLOSEST_SHOWN]
+    lines = [f"no plan for PLAN_NGPUS={s.plan_ngpus} runs with these settings within MEM_PER_GPU={s.mem_per_gpu:g}; "
+             f"the closest:"]
+    lines += [f"  {_describe(c)}, {c.cost.peak_gib:.1f} GB: {'; '.join(c.rejected)}" for c in closest]
+    one = min((c for c in result.candidates if len(c.rejected) == 1 and not _memory_only(c)),
+              key=lambda c: c.cost.step_time, default=None)
+    if one is not None:
+        lines.append(f"change one setting: {one.rejected[0]}")
+    if smallest is not None:
+        lines.append(("or: " if one is not None else "change one setting: ") + _memory_message(s, smallest, run))
+    return "\n".join(lines)
+
+
+def _memory_only(c) -> bool:
+    return bool(c.rejected) and all(r.startswith(OVER_MEMORY) for r in c.rejected)
+
+
+def _memory_message(s: CompileSettings, smallest, run) -> str:
     need = smallest.cost.peak_gib
     message = (f"no plan fits MEM_PER_GPU={s.mem_per_gpu:g}: the smallest needs {need:.1f} GB "
                f"({_describe(smallest)}); raise MEM_PER_GPU to {_round_up(need)} or more")
     more = _more_gpus(s, run)
-    message += f", or use PLAN_NGPUS={more} (GPUs per scale unit)" if more else ", or add GPUs"
-    piped = [c for c in result.candidates if c.rejected == (NEEDS_PIPELINE,)]
-    if piped:
-        best = min(piped, key=lambda c: c.cost.step_time)
-        message += (f"; a pipeline plan would fit ({_describe(best)}, {best.cost.peak_gib:.1f} GB) once the runtime "
-                    f"runs pipeline parallel")
-    return message
+    return message + (f", or use PLAN_NGPUS={more} (GPUs per scale unit)" if more else ", or add GPUs")
 
 
 def _more_gpus(s: CompileSettings, run) -> Optional[int]:
@@ -172,6 +194,8 @@ def _describe(c) -> str:
     text = f"tp={p.tp}, pp={p.pp}"
     if p.pp > 1:
         text += f", {p.pp_schedule}, {p.num_microbatches} micro-batches"
+    elif p.num_microbatches > 1:
+        text += f", {p.num_microbatches} micro-batches"
     return text + (f", recompute {c.recompute}" if c.recompute != "none" else "")
 
 

@@ -35,11 +35,12 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..errors import UserInputError
+from .model_spec import stage_layers
 from .plan import INTERLEAVED, Plan
-from .profile import ModelProfile
+from .profile_types import ModelProfile
 
 GIB = float(2 ** 30)  # MEM_PER_GPU and every memory figure printed are in GiB ("GB" in the docs)
 
@@ -135,19 +136,6 @@ class Cost:
         return self.peak_bytes / GIB
 
 
-def layer_ranges(num_layers: int, num_stages: int, boundaries: Sequence[int] = ()) -> List[range]:
-    """The decoder layers of each pipeline stage: ``boundaries`` (first layer of stages 1..S-1), or balanced
-    by layer count when empty (the runtime's rule)."""
-    if not boundaries:
-        base, extra = divmod(num_layers, num_stages)
-        boundaries, start = [], 0
-        for stage in range(num_stages - 1):
-            start += base + (1 if stage < extra else 0)
-            boundaries.append(start)
-    edges = [0, *boundaries, num_layers]
-    return [range(a, b) for a, b in zip(edges, edges[1:])]
-
-
 def in_flight(plan: Plan, rank: int) -> int:
     """Micro-batch chunk-forwards whose activations a pipeline rank holds at its peak."""
     m, pp, v = plan.num_microbatches, plan.pp, plan.virtual_stages_per_rank
@@ -158,6 +146,14 @@ def in_flight(plan: Plan, rank: int) -> int:
     if plan.pp_schedule == INTERLEAVED:
         return min(m * v, (v - 1) * pp + 2 * (pp - 1 - rank) + 1)
     return min(m, pp - rank)
+
+
+class _Backward(NamedTuple):
+    """One module's backward in the walk of :func:`estimate`: it frees ``kept_bytes``, makes ``grad_bytes``."""
+
+    kept_bytes: float  # activations kept for its backward
+    grad_bytes: float  # gradients of its trained parameters
+    backward_only: float  # the rise in memory while its backward runs
 
 
 def estimate(profile: ModelProfile, plan: Plan, work: Workload, hw: Hardware,
@@ -179,52 +175,45 @@ def estimate(profile: ModelProfile, plan: Plan, work: Workload, hw: Hardware,
     # Without pipeline and vocab parallel the causal-LM loss is the fused chunked one (no full logits).
     head_acts = (profile.fused_head.get(edge_tp) if pp == 1 else None) or head.activations
     shared = profile.shared[tp]
-    stages = layer_ranges(profile.num_layers, plan.num_stages, plan.stage_boundaries)
+    stages = stage_layers(profile.num_layers, plan.num_stages, plan.stage_boundaries)
     weight_b, grad_b, optimizer_b = _PRECISION_BYTES[profile.precision]
     zero_shards = plan.scaling_factor // plan.zero_n_groups if plan.zero else 1
     per_param = weight_b + grad_b + optimizer_b / zero_shards
     rate = (hw.fp32_flops if profile.precision == "fp32" else hw.device_flops) * hw.efficiency
     layer_rate = rate * (hw.compiled_speedup if profile.compiled else 1.0)  # COMPILE compiles the decoder layers
-    act_bytes = 4 if profile.precision == "fp32" else 2
     tp_link = _link(hw, tp <= hw.gpus_per_node)
 
-    def layer_kept(cls):
-        acts = layer.activations if cls is None else layer.recompute[cls][0]
-        return acts.bytes(mb_tokens)
-
-    # Gradients live through the forward when they accumulate: over micro-steps, or over pipeline micro-batches.
-    grads_persist = work.grad_accu > 1 or (pp > 1 and plan.num_microbatches > 1)
+    # Gradients live through the forward when they accumulate: over micro-steps, or over micro-batches.
+    grads_persist = work.grad_accu > 1 or plan.num_microbatches > 1
     worst, ranks = None, []
     for rank in range(pp):
         rank_stages = [s for s in range(plan.num_stages) if s % pp == rank]
-        # per module of one micro-batch, in forward order: (kept bytes, gradient bytes, rise during its backward,
-        # measured change over its backward or None for gradients made - kept freed)
-        walk = []
+        walk: List[_Backward] = []  # per module of one micro-batch, in forward order
         weights, seconds = 0, 0.0  # weights: all parameter elements of the rank; numel below: the trained ones
         for s in rank_stages:
             if s == 0:
-                walk.append((embed.activations.bytes(mb_tokens), embed.local_trainable(edge_tp) * grad_b, 0.0, None))
+                walk.append(_Backward(embed.activations.bytes(mb_tokens), embed.local_trainable(edge_tp) * grad_b, 0.0))
                 weights += embed.local_numel(edge_tp)
                 seconds += _flops(embed) * mb_tokens / rate + _tp_seconds(embed, edge_tp, mb_tokens, tp_link)
-            walk.append((shared.bytes(mb_tokens), 0.0, 0.0, None))
+            walk.append(_Backward(shared.bytes(mb_tokens), 0.0, 0.0))
             for i in stages[s]:
                 cls = recompute[i]
                 acts = layer.activations if cls is None else layer.recompute[cls][0]
-                walk.append((acts.bytes(mb_tokens), layer.local_trainable(tp) * grad_b, acts.backward_bytes(mb_tokens),
-                             None))
+                walk.append(_Backward(acts.bytes(mb_tokens), layer.local_trainable(tp) * grad_b,
+                                      acts.backward_bytes(mb_tokens)))
                 weights += layer.local_numel(tp)
                 extra = 0.0 if cls is None else layer.recompute[cls][1]
                 seconds += (_flops(layer) + extra) * mb_tokens / layer_rate
                 seconds += _tp_seconds(layer, tp, mb_tokens, tp_link, again=cls is not None)
             if s == plan.num_stages - 1:
-                walk.append((norm.activations.bytes(mb_tokens), norm.local_trainable(edge_tp) * grad_b, 0.0, None))
-                walk.append((head_acts.bytes(mb_tokens), head.local_trainable(edge_tp) * grad_b,
-                             head_acts.backward_bytes(mb_tokens), None))
+                walk.append(_Backward(norm.activations.bytes(mb_tokens), norm.local_trainable(edge_tp) * grad_b, 0.0))
+                walk.append(_Backward(head_acts.bytes(mb_tokens), head.local_trainable(edge_tp) * grad_b,
+                                      head_acts.backward_bytes(mb_tokens)))
                 weights += norm.local_numel(edge_tp) + head.local_numel(edge_tp)
                 seconds += (_flops(norm) + _flops(head)) * mb_tokens / rate
                 seconds += _tp_seconds(head, edge_tp, mb_tokens, tp_link)
-        numel = round(sum(w[1] for w in walk) / grad_b)
-        kept = sum(w[0] for w in walk)
+        numel = round(sum(w.grad_bytes for w in walk) / grad_b)
+        kept = sum(w.kept_bytes for w in walk)
         activations = kept / len(rank_stages) * in_flight(plan, rank) if pp > 1 else kept
         p2p_bytes = mb_tokens * profile.hidden_size * 4  # fp32 hidden states between stages
         comm = 4 * p2p_bytes * len(rank_stages) if pp > 1 else 0.0  # send + receive, forward + backward
@@ -243,12 +232,10 @@ def estimate(profile: ModelProfile, plan: Plan, work: Workload, hw: Hardware,
         # freed as its gradients appear; a module's backward-only buffers exist while it runs.
         current = static + activations + comm + ddp_buckets
         fwd_bwd, transient = current, 0.0
-        for kept_bytes, grad_bytes, backward_only, net in reversed(walk):
+        for kept_bytes, grad_bytes, backward_only in reversed(walk):
             if current + backward_only > fwd_bwd:
                 fwd_bwd, transient = current + backward_only, backward_only
-            if net is None:
-                net = grad_bytes - kept_bytes
-            current += net - (grad_bytes if grads_persist else 0.0)
+            current += grad_bytes - kept_bytes - (grad_bytes if grads_persist else 0.0)
         fwd_bwd = max(fwd_bwd, current)
         # torch_adamw's steps hold nothing beside the states: bf16 weights' Triton kernels read the bf16
         # gradients as they are and keep float32 values in registers

@@ -145,26 +145,6 @@ class Plan:
                 f"PLAN_NGPUS {self.plan_ngpus} x CUBE_SCALING_FACTOR {self.scaling_factor} = {self.world_size} "
                 f"does not equal the world size {world_size} (NPROC_PER_NODE x NNODES)")
 
-    def check_model(self, num_layers: int, num_heads: int, num_kv_heads: int, intermediate_size: int) -> None:
-        """Raise UserInputError unless the model can be split as the plan says.
-
-        Args are the Hugging Face config's ``num_hidden_layers``, ``num_attention_heads``,
-        ``num_key_value_heads`` and ``intermediate_size``; tensor parallel shards heads and FFN width,
-        so tp must divide each of them, and every pipeline stage needs at least one layer.
-        """
-        for name, size in (("num_attention_heads", num_heads), ("num_key_value_heads", num_kv_heads),
-                           ("intermediate_size", intermediate_size)):
-            if size % self.tp:
-                raise UserInputError(f"tp {self.tp} does not divide {name} {size}; choose a tp that divides it")
-        if self.num_stages > num_layers:
-            raise UserInputError(
-                f"pp {self.pp} x virtual_stages_per_rank {self.virtual_stages_per_rank} = {self.num_stages} "
-                f"pipeline stages exceed num_hidden_layers {num_layers}; choose at most {num_layers} stages")
-        if self.stage_boundaries and self.stage_boundaries[-1] >= num_layers:
-            raise UserInputError(
-                f"stage_boundaries {list(self.stage_boundaries)} name layer {self.stage_boundaries[-1]} but the "
-                f"model has {num_layers} layers (0..{num_layers - 1}); every boundary must be below {num_layers}")
-
     def to_dict(self) -> dict:
         """The plan as plain JSON values (tuples become lists)."""
         return {key: list(value) if isinstance(value, tuple) else value

@@ -3,30 +3,31 @@ pick the fastest, and say why every other one lost.
 
 Enumerated: tp (dividing heads, kv heads and FFN width, at most the GPUs of a node), pp = PLAN_NGPUS / tp
 (at most the layers), schedule (GPipe, 1F1B, Interleaved1F1B with 2.. virtual stages per rank), micro-batch
-count (divisors of BATCH_SIZE, at least pp), recompute (none, or the decoder layer / attention / MLP class;
+count (divisors of BATCH_SIZE, at least pp; without pipeline the batch's parts accumulate inside the step, so
+a BATCH_SIZE too big for memory is split rather than refused), recompute (none, or the decoder layer / attention / MLP class;
 the user's RECOMPUTE_MODULE_NAMES only, when set), and stage boundaries balanced by cost (the contiguous
 partition of the layers that minimises the slowest stage). ZeRO-1 is the user's (USE_ZERO). A per-layer
 recompute (the fewest layers of each stage) is shown where it would fit, but Plan v1 names classes, not
 layers, so it is never emitted.
 
-Plans the runtime refuses are costed and listed with the reason, never chosen: pp > 1 while
-``RUNTIME_RUNS_PIPELINE`` is False, and ZeRO-1 together with pipeline parallel.
+Plans the runtime refuses with the run's settings (the model spec's ``unsupported``: e.g. COMPILE=1 or
+fairseq's --fp16 with PLAN_NGPUS > 1, LoRA or ZeRO-1 with pipeline parallel) are costed and listed with the
+spec's reason, never chosen.
 """
 
 from dataclasses import dataclass, replace
 from typing import List, Optional, Tuple
 
 from ..errors import UserInputError
-from .cost import Cost, Hardware, Workload, estimate, layer_ranges, stage_seconds_per_layer
+from .cost import Cost, Hardware, Workload, estimate, stage_seconds_per_layer
+from .model_spec import ModelSpec, RunSettings, stage_layers
 from .plan import INTERLEAVED, Plan
-from .profile import ModelProfile
+from .profile_types import ModelProfile
 
-RUNTIME_RUNS_PIPELINE = True  # runtime/pipeline.py runs pp > 1 (causal LMs, Llama-style)
 MAX_VIRTUAL_STAGES = 4
 PER_LAYER = "per-layer"
-NEEDS_PIPELINE = "needs pipeline runtime"
-NO_ZERO_WITH_PIPELINE = "ZeRO-1 with pipeline parallel: not in the runtime"
 NOT_IN_PLAN = "per-layer recompute: Plan v1 names classes, not layers"
+OVER_MEMORY = "over MEM_PER_GPU"
 
 
 @dataclass(frozen=True)
@@ -59,21 +60,24 @@ class Fixed:
 
 
 def search(profile: ModelProfile, work: Workload, hw: Hardware, plan_ngpus: int, scaling_factor: int,
-           budget_gib: float, zero: bool = False, zero_n_groups: int = 1, fixed: Fixed = Fixed(),
-           allow_pipeline: bool = RUNTIME_RUNS_PIPELINE) -> SearchResult:
+           budget_gib: float, spec: ModelSpec, settings: RunSettings = RunSettings(), zero: bool = False,
+           zero_n_groups: int = 1, fixed: Fixed = Fixed()) -> SearchResult:
     """Cost every plan of a ``plan_ngpus`` scale unit; return them ranked, the fastest one that fits first.
+
+    ``spec`` (the model's, ``model_spec.spec_of``) and the run's ``settings`` say which plans the runtime
+    refuses: those are listed with the reasons, never chosen.
 
     Invariant relied on by callers: the set of plans does not depend on ``budget_gib``, so a larger budget
     never yields a slower best plan.
     """
     candidates = []
-    for plan, recompute in _plans(profile, work, hw, plan_ngpus, scaling_factor, zero, zero_n_groups, fixed):
+    for plan, recompute in _plans(profile, work, hw, plan_ngpus, scaling_factor, zero, zero_n_groups, fixed, spec):
         cost = estimate(profile, plan, work, hw)
-        candidates.append(_judge(plan, cost, _label(recompute), budget_gib, allow_pipeline))
+        candidates.append(_judge(plan, cost, _label(recompute), budget_gib, spec, settings))
         if recompute is None and cost.peak_gib > budget_gib and profile.layer_class in _recompute_options(profile, fixed):
             per_layer = _per_layer(profile, plan, work, hw, budget_gib)
             if per_layer is not None:
-                candidates.append(_judge(*per_layer, budget_gib, allow_pipeline, extra=(NOT_IN_PLAN,)))
+                candidates.append(_judge(*per_layer, budget_gib, spec, settings, extra=(NOT_IN_PLAN,)))
     viable = sorted((c for c in candidates if not c.rejected), key=_rank)
     rejected = sorted((c for c in candidates if c.rejected), key=lambda c: (c.cost.peak_bytes, c.cost.step_time))
     return SearchResult(best=viable[0] if viable else None, candidates=viable + rejected, budget_gib=budget_gib)
@@ -81,7 +85,7 @@ def search(profile: ModelProfile, work: Workload, hw: Hardware, plan_ngpus: int,
 
 def smallest_fit(result: SearchResult) -> Optional[Candidate]:
     """The candidate with the smallest predicted peak among those rejected only for memory."""
-    allowed = [c for c in result.candidates if all(r.startswith("over MEM_PER_GPU") for r in c.rejected)]
+    allowed = [c for c in result.candidates if all(r.startswith(OVER_MEMORY) for r in c.rejected)]
     return min(allowed, key=lambda c: (c.cost.peak_bytes, c.cost.step_time), default=None)
 
 
@@ -115,8 +119,9 @@ def balanced_boundaries(profile: ModelProfile, tp: int, num_stages: int, recompu
     return tuple(reversed(bounds))
 
 
-def _plans(profile, work, hw, plan_ngpus, scaling_factor, zero, zero_n_groups, fixed):
-    """Yield (plan, recompute class or None) for every combination the search considers."""
+def _plans(profile, work, hw, plan_ngpus, scaling_factor, zero, zero_n_groups, fixed, spec):
+    """Yield (plan, recompute class or None) for every combination the search considers: tp degrees the
+    model splits into, stage counts it has layers for."""
     for tp in profile.tp_degrees:
         if plan_ngpus % tp or tp > hw.gpus_per_node or (fixed.tp and tp != fixed.tp):
             continue
@@ -138,18 +143,20 @@ def _plans(profile, work, hw, plan_ngpus, scaling_factor, zero, zero_n_groups, f
                             zero_n_groups=zero_n_groups if zero else 1, recompute_modules=names)
                 try:
                     plan.validate()
-                    plan.check_model(profile.num_layers, profile.num_heads, profile.num_kv_heads,
-                                     profile.intermediate_size)
                 except UserInputError:
+                    continue
+                if spec.tp_reasons(tp) or plan.num_stages > spec.num_layers:
                     continue
                 yield plan, recompute
 
 
 def _schedules(profile, work, pp, fixed):
-    if pp == 1:
-        yield "1F1B", 1, 1  # no pipeline: one micro-batch of BATCH_SIZE; GRADIENT_ACCU_NUM stays the user's
-        return
     counts = [m for m in range(pp, work.batch_size + 1) if work.batch_size % m == 0]
+    if pp == 1:  # no pipeline: BATCH_SIZE in m parts accumulated inside the step; GRADIENT_ACCU_NUM stays the user's
+        for m in counts:
+            if not fixed.num_microbatches or m == fixed.num_microbatches:
+                yield "1F1B", m, 1
+        return
     for schedule in ("GPipe", "1F1B", INTERLEAVED):
         if fixed.pp_schedule and schedule != fixed.pp_schedule:
             continue
@@ -184,7 +191,7 @@ def _recompute_options(profile, fixed) -> List[Optional[str]]:
 def _per_layer(profile, plan, work, hw, budget_gib):
     """Recompute the whole decoder layer on the fewest layers of each stage (the same count k in every
     stage) that brings the peak under the budget; None when even every layer is not enough."""
-    stages = layer_ranges(profile.num_layers, plan.num_stages, plan.stage_boundaries)
+    stages = stage_layers(profile.num_layers, plan.num_stages, plan.stage_boundaries)
     longest = max(len(r) for r in stages)
     for k in range(1, longest):
         recompute = [None] * profile.num_layers
@@ -198,14 +205,11 @@ def _per_layer(profile, plan, work, hw, budget_gib):
     return None
 
 
-def _judge(plan, cost, label, budget_gib, allow_pipeline, extra=()) -> Candidate:
+def _judge(plan, cost, label, budget_gib, spec, settings, extra=()) -> Candidate:
     reasons = []
     if cost.peak_gib > budget_gib:
-        reasons.append(f"over MEM_PER_GPU ({cost.peak_gib:.1f} > {budget_gib:g})")
-    if plan.pp > 1 and not allow_pipeline:
-        reasons.append(NEEDS_PIPELINE)
-    if plan.pp > 1 and plan.zero:
-        reasons.append(NO_ZERO_WITH_PIPELINE)
+        reasons.append(f"{OVER_MEMORY} ({cost.peak_gib:.1f} > {budget_gib:g})")
+    reasons += spec.unsupported(plan, settings)
     return Candidate(plan=plan, cost=cost, recompute=label, rejected=tuple(reasons) + tuple(extra))
 
 
@@ -214,4 +218,6 @@ def _label(recompute: Optional[str]) -> str:
 
 
 def _rank(c: Candidate):
-    return (c.cost.step_time, c.cost.peak_bytes, len(c.plan.recompute_modules), c.plan.pp)
+    # equal predicted times (a batch in parts costs the same FLOPs): fewer micro-batches, which run larger kernels
+    return (float(f"{c.cost.step_time:.9g}"), c.plan.num_microbatches, c.cost.peak_bytes,
+            len(c.plan.recompute_modules), c.plan.pp)

@@ -13,126 +13,45 @@ the pipeline schedule runs forward and backward of each batch in place of the ta
 steps, the last stage's loss is broadcast to the other stages (identical logging outputs on every rank),
 the gradient norm sums over the stages.
 
-Checkpoints (``--checkpoint-format``) are fairseq's one file with full tensors, gathered from every
-shard and stage on the first rank (``full``), or fairseq's files kept small beside a folder into which
-every rank writes its own shards with torch.distributed.checkpoint (``dcp``, the default for plans on a
-mesh; ``sharded_checkpoint.py``). Both load under any plan and world size.
+The trainer's parts live beside it: the plan applied and refused settings (``plan_checks.py``), the
+optimizer's sharded view (``sharded_optimizer.py``), the model's (``parallel_model.py``), checkpoint
+writing and reading (``checkpoint_saving.py``) and fixes of fairseq's own bugs (``fairseq_fixes.py``);
+:func:`install` puts every replacement of a fairseq function in place.
 """
 
 import contextlib
-import json
 import logging
 import os
-import shutil
 import sys
 
 import torch
-import torch.distributed as dist
-from fairseq import checkpoint_utils, utils
+from fairseq import checkpoint_utils
 from fairseq import trainer as fairseq_trainer
 from fairseq.distributed import ModuleProxyWrapper
 from fairseq.distributed import utils as distributed_utils
 from fairseq.file_io import PathManager
 from fairseq.logging import metrics, progress_bar
 from fairseq.nan_detector import NanDetector
-from omegaconf import OmegaConf
 from torch.distributed.tensor.parallel import loss_parallel
 from torch.nn.parallel import DistributedDataParallel
 
 from ..criterions.base import logging_output
-from ..errors import UserInputError
-from .compile import check_plan_is_current
-from .config import checkpoint_format, plan_from_config
+from .checkpoint_saving import CheckpointSaving, atomic_copy, save_checkpoint_with_shards
+from .fairseq_fixes import broadcast_object_slow, infer_init_method, progress_bar_once_per_log_file
 from .host_copies import HostCopy, LoggedValues, pinned
-from .runtime.data_parallel import average_gradients
-from .runtime.local_shards import LocalShards, full_state_dict, local_tensor, localize_state_dict
-from .runtime.mesh import DP, PP, TP, build_mesh
-from .runtime.parallelize import apply_plan_recompute, check_plan_fits_model, parallelize
-from .runtime.pipeline import PipelineRunner
-from .runtime.precision import autocast, check_precision
+from .micro_batches import split_batch
+from .parallel_model import TensorParallelModel
+from .plan_checks import apply_plan
+from .runtime.local_shards import local_tensor
+from .runtime.mesh import DP, PP
+from .runtime.precision import autocast
 from .runtime.recompute import state_dict_name
-from .runtime.zero import shard_optimizer_states
-from .sharded_checkpoint import (
-    SHARDS_KEY,
-    ModelShards,
-    OptimizerShards,
-    check_optimizer_by_parameter,
-    check_shared_save_dir,
-    has_strided_shards,
-    load_model_shards,
-    model_entries,
-    optimizer_entries,
-    optimizer_record,
-    read_checkpoint,
-    read_optimizer_shards,
-    remove_unreferenced_shards,
-    shards_left_on_disk,
-    shards_record,
-    write_shards,
-)
+from .sharded_checkpoint import read_checkpoint
+from .sharded_optimizer import ShardedOptimizer
 from .speed_log import SpeedLog, batch_tokens, trained_tokens
 from .step_profile import StepProfiler, parse_updates
 
 logger = logging.getLogger(__name__)
-
-
-def _temporary_name(path: str) -> str:
-    directory, name = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, f".{name}.tmp-{os.getpid()}")
-
-
-class TensorParallelModel(torch.nn.Module):
-    """What fairseq's Trainer holds in place of its DDP wrapper when the model is tensor parallel.
-
-    Calls and missing attributes go to the model. fairseq calls ``all_reduce_grads`` after the last
-    backward of an update (``reduce_grads``: the trainer averages them over the dp axis);
-    ``state_dict`` gathers DTensors into full tensors (collective over tp), so a checkpoint loads in one
-    process; ``load_state_dict`` takes such full tensors and keeps each rank's shard, or a sharded
-    checkpoint's :class:`ModelShards` and reads this rank's shards (collective over all ranks).
-
-
-    With pipeline parallel (``pipeline_group``) the module holds only this rank's stages: ``state_dict``
-    also gathers the other stages' tensors (collective over the pp group) and ``load_state_dict`` keeps
-    the entries of this rank's stages.
-    """
-
-    def __init__(self, module: torch.nn.Module, reduce_grads, pipeline_group=None, full_keys=()):
-        super().__init__()
-        self.module = module
-        self._reduce_grads = reduce_grads
-        self._pipeline_group = pipeline_group
-        self._full_keys = list(full_keys)  # the single-process state_dict order
-
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.module, name)
-
-    def all_reduce_grads(self) -> None:
-        self._reduce_grads()
-
-    def state_dict(self, *args, **kwargs):
-        state = full_state_dict(self.module.state_dict(*args, **kwargs))
-        if self._pipeline_group is None:
-            return state
-        parts = gather_over(self._pipeline_group, {key: value.cpu() if torch.is_tensor(value) else value
-                                                   for key, value in state.items()})
-        merged = {key: value for part in parts for key, value in part.items()}
-        order = {key: i for i, key in enumerate(self._full_keys)}
-        return dict(sorted(merged.items(), key=lambda item: order.get(item[0], len(order))))
-
-    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
-        if isinstance(state_dict, ModelShards):
-            return load_model_shards(self.module, state_dict)
-        if self._pipeline_group is not None:
-            mine = self.module.state_dict(keep_vars=True)
-            state_dict = {key: value for key, value in state_dict.items() if key in mine}
-        return self.module.load_state_dict(localize_state_dict(self.module, state_dict), strict=strict,
-                                           model_cfg=model_cfg, args=args)
 
 
 @contextlib.contextmanager
@@ -152,14 +71,7 @@ def _wrapped_task_steps(task, wrappers):
                 delattr(task, name)
 
 
-def gather_over(group, obj):
-    """``obj`` of every rank of ``group``, in group rank order (collective over ``group``)."""
-    parts = [None] * dist.get_world_size(group)
-    dist.all_gather_object(parts, obj, group=group)
-    return parts
-
-
-class CubeTrainer(fairseq_trainer.Trainer):
+class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
     """fairseq's Trainer running a cube Plan: data parallel (DDP, also on CPU hosts), or tensor parallel
     on a DeviceMesh; ZeRO-1; checkpoints that are never left half-written."""
 
@@ -168,7 +80,7 @@ class CubeTrainer(fairseq_trainer.Trainer):
         self._full_keys = list(model.state_dict().keys())
         self._full_param_names = [state_dict_name(n) for n, p in model.named_parameters() if p.requires_grad]
         # The plan is applied before fairseq's __init__, which reads the data-parallel size and places the model.
-        self.plan, self.mesh, self.vocab_parallel, self.pipeline = self._apply_plan(cfg, model, criterion)
+        self.plan, self.mesh, self.vocab_parallel, self.pipeline = apply_plan(cfg, model, criterion)
         self.checkpoint_format = self._checkpoint_format(cfg, model)
         self._shards = None
         self._shards_folder = None  # the DCP folder written for the checkpoint being saved
@@ -190,95 +102,6 @@ class CubeTrainer(fairseq_trainer.Trainer):
         folder = getattr(cfg.task, "profile_dir", "") or os.path.join(
             os.path.dirname(os.path.abspath(cfg.checkpoint.save_dir)), "profile")
         return StepProfiler(updates, folder, distributed_utils.get_global_rank(), self.cuda)
-
-    @staticmethod
-    def _apply_plan(cfg, model, criterion=None):
-        """Resolve the run's Plan and, for a tensor- or pipeline-parallel one, build the mesh and split
-        ``model``. Returns (plan, mesh, vocab_parallel, pipeline runner or None)."""
-        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        gpus_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        check_precision(getattr(cfg.task, "precision", "fp32"), optimizer=getattr(cfg.optimizer, "_name", None))
-        plan = plan_from_config(cfg.task, world_size, gpus_per_node)
-        logger.info(f"cube plan: {json.dumps(plan.to_dict(), sort_keys=True)}")
-        hf_config = getattr(getattr(model, "hf_model", None), "config", None)
-        if hf_config is not None:
-            precision = "fp16" if cfg.common.fp16 else getattr(cfg.task, "precision", "fp32")
-            check_plan_is_current(plan, hf_config, seq_len=cfg.task.sequence_length,
-                                  batch_size=cfg.dataset.batch_size or 0, grad_accu=cfg.optimization.update_freq[0],
-                                  precision=precision, source=f"PLAN_FILE {cfg.task.plan_file}",
-                                  compiled=getattr(cfg.model, "compile_layers", False),
-                                  lora_config=cfg.model.lora_config if getattr(cfg.model, "use_lora", False) else None)
-        if plan.plan_ngpus == 1:
-            apply_plan_recompute(getattr(model, "hf_model", model), plan)
-            return plan, None, False, None
-        hf_model = getattr(model, "hf_model", None)
-        if hf_model is None:
-            raise UserInputError(f"PLAN_NGPUS {plan.plan_ngpus} needs a Hugging Face model (--arch hf_auto_*), "
-                                 f"got {type(model).__name__}; use PLAN_NGPUS=1")
-        if plan.pp > 1:
-            CubeTrainer._check_pipeline_settings(cfg, plan, model, criterion)
-        if cfg.common.fp16 or cfg.common.bf16 or cfg.common.amp:
-            raise UserInputError("--fp16/--bf16/--amp with tensor parallel (PLAN_NGPUS > 1) are not available yet; "
-                                 "train in float32")
-        if getattr(cfg.task, "pack_sequences", False) and plan.pp > 1:
-            raise UserInputError("PACK_SEQUENCES=1 with pipeline parallel (pp > 1) is not available yet; use "
-                                 "PACK_SEQUENCES=0 or a plan without pipeline stages")
-        if getattr(cfg.model, "compile_layers", False):
-            raise UserInputError("COMPILE=1 (--compile-layers) with PLAN_NGPUS > 1 is not available yet; use COMPILE=0")
-        check_plan_fits_model(plan, hf_model.config)
-        on_gpu = torch.cuda.is_available() and not cfg.common.cpu
-        mesh = build_mesh(plan, "cuda" if on_gpu else "cpu")
-        vocab_parallel, stages = parallelize(hf_model, plan, mesh)
-        pipeline = None
-        if stages:
-            device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-            pipeline = PipelineRunner(stages, plan, mesh.get_group(PP), device,
-                                      pad_token_id=getattr(hf_model.config, "pad_token_id", None) or 0)
-        return plan, mesh, vocab_parallel, pipeline
-
-    def _checkpoint_format(self, cfg, model) -> str:
-        """``--checkpoint-format`` resolved for this plan, and what a sharded checkpoint cannot hold refused."""
-        resolved = checkpoint_format(cfg.task, self.mesh is not None)
-        if resolved == "dcp" and has_strided_shards(model):
-            if getattr(cfg.task, "checkpoint_format", "auto") == "dcp":
-                raise UserInputError("--checkpoint-format dcp cannot write this model's fused q/k/v shards (GPT-2 "
-                                     "style, each rank its heads of q, k and v); use --checkpoint-format full "
-                                     "(CHECKPOINT_FORMAT=full) or auto")
-            resolved = "full"  # auto: gathered on the first rank, as for one process
-        if resolved == "dcp" and cfg.ema.store_ema:
-            raise UserInputError("--store-ema keeps a full copy of the model in the checkpoint; use "
-                                 "--checkpoint-format full (CHECKPOINT_FORMAT=full) with it")
-        if resolved == "dcp" and PathManager.path_requires_pathmanager(cfg.checkpoint.save_dir):
-            raise UserInputError(f"--checkpoint-format dcp writes to local folders; --save-dir "
-                                 f"{cfg.checkpoint.save_dir} is remote: use --checkpoint-format full")
-        if resolved == "dcp" and not cfg.checkpoint.no_save:
-            check_shared_save_dir(cfg.checkpoint.save_dir)
-        logger.info(f"checkpoints: {resolved} (--checkpoint-format {getattr(cfg.task, 'checkpoint_format', 'auto')})")
-        return resolved
-
-    @staticmethod
-    def _check_pipeline_settings(cfg, plan, model, criterion) -> None:
-        """What pipeline parallel does not run yet, refused with what to change instead."""
-        if getattr(model, "saves_trainable_only", False):
-            raise UserInputError(f"LoRA with pipeline parallel (pp {plan.pp}) is not available yet; use a plan "
-                                 f"with pp 1 (PLAN_NGPUS within one node) or USE_LORA=0")
-        criterion_name = type(criterion).__name__ if criterion is not None else ""
-        if not (getattr(model, "supports_pipeline", False) and getattr(criterion, "supports_pipeline", False)):
-            raise UserInputError(f"pipeline parallel (pp {plan.pp}) runs the causal LM only (--arch hf_auto_causal_lm "
-                                 f"with its criterion hf_causal_lm), got {type(model).__name__} with "
-                                 f"{criterion_name or 'no criterion'}; use a plan with pp 1 for this head")
-        if plan.zero:
-            raise UserInputError(f"ZeRO-1 with pipeline parallel (pp {plan.pp}) is not available yet; "
-                                 f"set USE_ZERO=0 (zero false in the plan) or use a plan with pp 1")
-        batch_size = cfg.dataset.batch_size
-        if not batch_size:
-            raise UserInputError(f"pipeline parallel (pp {plan.pp}) splits each batch into "
-                                 f"{plan.num_microbatches} micro-batches and needs a fixed --batch-size "
-                                 f"(BATCH_SIZE) instead of --max-tokens")
-        if batch_size % plan.num_microbatches:
-            raise UserInputError(f"BATCH_SIZE {batch_size} is not divisible by the plan's num_microbatches "
-                                 f"{plan.num_microbatches}; choose a BATCH_SIZE that is a multiple of "
-                                 f"{plan.num_microbatches}, or num_microbatches that divides {batch_size}")
 
     @property
     def data_parallel_world_size(self):
@@ -326,87 +149,6 @@ class CubeTrainer(fairseq_trainer.Trainer):
                 broadcast_buffers=dt.broadcast_buffers, bucket_cap_mb=dt.bucket_cap_mb,
                 find_unused_parameters=dt.find_unused_parameters, gradient_as_bucket_view=dt.gradient_as_bucket_view))
         return super().model
-
-    def _build_optimizer(self):
-        """Adds to fairseq's optimizer: stepping local shards of a tensor-parallel model, and ZeRO-1.
-
-        With tensor parallel the optimizer's parameters become each rank's local shards (plain tensors
-        sharing storage with the DTensors), so fairseq's gradient scaling, its optimizers and ZeRO work
-        unchanged; its state_dict is gathered to full tensors for checkpoints and cut back on load.
-        ZeRO-1 (``--use-zero``): fairseq's own ``--zero-sharding os`` needs fairscale, which is
-        unmaintained; this uses torch's ZeroRedundancyOptimizer among the replicas of each parameter
-        shard (the dp group), and fairseq's ``consolidate_optimizer`` before checkpoints already calls
-        its ``consolidate_state_dict``.
-        """
-        super()._build_optimizer()
-        fairseq_optimizer = self._optimizer
-        if self.mesh is not None:
-            inner = fairseq_optimizer.optimizer
-            self._shards = LocalShards((p for group in inner.param_groups for p in group["params"]),
-                                       pipeline_group=self.mesh.get_group(PP) if self.pipeline else None)
-            view_of = {id(p): v for p, v in zip(self._shards.params, self._shards.views)}
-            for group in inner.param_groups:
-                group["params"] = [view_of[id(p)] for p in group["params"]]
-            self._gather_optimizer_state_in_checkpoints(fairseq_optimizer)
-        if self.plan.zero and self.data_parallel_world_size > 1:
-            replica_groups = None
-            if self.mesh is not None:
-                ranks = self.mesh.mesh  # (dp, pp, tp) -> global rank
-                replica_groups = [ranks[:, pp, tp].tolist() for pp in range(ranks.shape[1])
-                                  for tp in range(ranks.shape[2])]
-            fairseq_optimizer.optimizer = shard_optimizer_states(
-                fairseq_optimizer.optimizer, fairseq_optimizer.optimizer_config, self.plan.zero_n_groups,
-                replica_groups)
-            logger.info(f"ZeRO-1: optimizer states sharded among {self.data_parallel_world_size} replicas "
-                        f"in {self.plan.zero_n_groups} group(s)")
-        if self.checkpoint_format == "dcp":
-            check_optimizer_by_parameter(fairseq_optimizer.optimizer, self._optimizer_params())
-
-    def _optimizer_params(self):
-        """(state_dict name, model parameter) of each tensor the optimizer steps on this rank, in its order."""
-        return [(state_dict_name(n), p) for n, p in self._model.named_parameters() if p.requires_grad]
-
-    def _gather_optimizer_state_in_checkpoints(self, fairseq_optimizer):
-        """Replaces the fairseq optimizer's ``state_dict``/``load_state_dict`` (on this instance) by ones that
-        give and take full tensors, as the model's do, so a tensor-parallel checkpoint loads in one process;
-        ``load_state_dict`` also takes a sharded checkpoint's :class:`OptimizerShards` (this rank's states
-        read from its folder, collective over all ranks)."""
-        shards, state_dict, load_state_dict = self._shards, fairseq_optimizer.state_dict, fairseq_optimizer.load_state_dict
-
-        def views():
-            return [p for group in fairseq_optimizer.optimizer.param_groups for p in group["params"]]
-
-        pipeline_group = self.mesh.get_group(PP) if self.pipeline else None
-        global_index = self._global_param_indices() if pipeline_group is not None else None
-
-        def full_state_dict_():
-            state = shards.full_optimizer_state(state_dict(), views())
-            if pipeline_group is None:
-                return state
-            return merge_stage_optimizer_states(gather_over(pipeline_group, to_global_indices(state, global_index)))
-
-        def load_local_state_dict(state, optimizer_overrides=None):
-            if isinstance(state, OptimizerShards):
-                local = read_optimizer_shards(state, fairseq_optimizer.optimizer, self._optimizer_params())
-                return load_state_dict(local, optimizer_overrides)
-            if pipeline_group is not None:
-                state = to_local_indices(state, global_index)
-            return load_state_dict(shards.local_optimizer_state(state, views()), optimizer_overrides)
-
-        fairseq_optimizer.state_dict = full_state_dict_
-        fairseq_optimizer.load_state_dict = load_local_state_dict
-
-    def _global_param_indices(self):
-        """For each parameter the optimizer steps on this rank, its index among the single-process
-        model's trainable parameters (the optimizer state keys of a one-process checkpoint)."""
-        index = {name: i for i, name in enumerate(self._full_param_names)}
-        local = [state_dict_name(n) for n, p in self._model.named_parameters() if p.requires_grad]
-        return [index[name] for name in local]
-
-    def _reduce_grads(self) -> None:
-        """Average the gradients of a tensor-parallel model over the dp axis (what DDP does otherwise)."""
-        self._shards.link_grads()
-        average_gradients(self._shards.local_grads(), self.data_parallel_process_group)
 
     def zero_grad(self):
         """Also clears the model's DTensor gradients, which the optimizer (stepping local views) does not see."""
@@ -481,6 +223,8 @@ class CubeTrainer(fairseq_trainer.Trainer):
         update = self.get_num_updates() + 1
         if self._profiler is not None:
             self._profiler.before_update(update)
+        if self.plan.pp == 1 and self.plan.num_microbatches > 1:  # accumulated inside the update
+            samples = [part for sample in samples for part in split_batch(sample, self.plan.num_microbatches)]
         self._update_samples = samples
         with self._loss_context(), self._pipeline_steps(), self._timed_steps(), self._checking_previous_norm():
             result = super().train_step(samples, raise_oom)
@@ -591,222 +335,10 @@ class CubeTrainer(fairseq_trainer.Trainer):
         self._check_previous_norm()
         return super().lr_step(epoch, val_loss)
 
-    @property
-    def should_save_checkpoint_on_current_rank(self) -> bool:
-        """Replaces "every rank of dp rank 0 writes" (all tp ranks of the first unit, racing on one file):
-        only the first rank of the mesh writes; the others of its unit join the gathers (next property)."""
-        if self.mesh is None:
-            return super().should_save_checkpoint_on_current_rank
-        return self.data_parallel_rank == 0 and self.mesh.get_local_rank(TP) == 0 \
-            and self.mesh.get_local_rank(PP) == 0
-
-    @property
-    def always_call_state_dict_during_save_checkpoint(self) -> bool:
-        """The ranks of the first scale unit build the state dict (its gathers are collective over tp);
-        with sharded checkpoints nobody needs to (the shards are written before, by every rank)."""
-        if self.mesh is None or self.checkpoint_format == "dcp":
-            return super().always_call_state_dict_during_save_checkpoint
-        return self.data_parallel_rank == 0
-
-    @property
-    def writes_shards(self) -> bool:
-        """Whether checkpoints are sharded: :func:`save_checkpoint_with_shards` then calls :meth:`write_shards`."""
-        return self.checkpoint_format == "dcp"
-
-    def write_shards(self, save_dir: str) -> None:
-        """Every rank writes its shards of the model and optimizer into a new DCP folder in ``save_dir``
-        (collective); the checkpoint files fairseq writes next (:meth:`state_dict`) name that folder."""
-        state = model_entries(self._model)
-        if not self.cfg.checkpoint.no_save_optimizer_state:
-            state.update(optimizer_entries(self.optimizer.optimizer, self._optimizer_params()))
-        self._shards_folder = write_shards(save_dir, state, self.get_num_updates())
-        if self.should_save_checkpoint_on_current_rank:
-            logger.info(f"model and optimizer shards written to {os.path.join(save_dir, self._shards_folder)}")
-
-    def checkpoint_saved(self, save_dir: str) -> None:
-        """After fairseq's save (files written, copied, old ones deleted): forget the folder just written and
-        delete the shards folders no checkpoint file names any more."""
-        self._shards_folder = None
-        if self.should_save_checkpoint_on_current_rank:
-            for name in remove_unreferenced_shards(save_dir):
-                logger.info(f"removed {os.path.join(save_dir, name)} (no checkpoint file names it)")
-
-    def consolidate_optimizer(self):
-        """Replaces fairseq's gather of ZeRO-1's optimizer states on the first rank before a save: a sharded
-        checkpoint writes them where they are."""
-        if self.checkpoint_format == "dcp":
-            return
-        super().consolidate_optimizer()
-
-    def state_dict(self):
-        """Replaces fairseq's checkpoint content for a sharded checkpoint: fairseq's entries (cfg, optimizer
-        history with the LR scheduler, task state, metrics, training time) without the model and optimizer
-        tensors, which are in the folder :meth:`write_shards` wrote; ``dcp`` names it."""
-        if self._shards_folder is None:
-            return super().state_dict()
-        optimizer = None
-        if not self.cfg.checkpoint.no_save_optimizer_state:
-            optimizer = optimizer_record(self.optimizer, self._full_param_names)
-        return {
-            "args": None,
-            "cfg": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)
-            if OmegaConf.is_config(self.cfg) else self.cfg,
-            "criterion": self.criterion.state_dict() if utils.has_parameters(self.criterion) else None,
-            "optimizer_history": (self._optim_history or []) + [{
-                "criterion_name": self.get_criterion().__class__.__name__,
-                "optimizer_name": self.optimizer.__class__.__name__,
-                "lr_scheduler_state": self.lr_scheduler.state_dict(),
-                "num_updates": self.get_num_updates(),
-            }],
-            "task_state": self.task.state_dict() if self.task is not None else {},
-            "extra_state": {"metrics": metrics.state_dict(),
-                            "previous_training_time": self.cumulative_training_time()},
-            SHARDS_KEY: shards_record(self._shards_folder, optimizer),
-        }
-
-    def load_checkpoint(self, filename, *args, **kwargs):
-        """Replaces fairseq's read of a whole checkpoint by the first rank of each dp group, for a sharded
-        checkpoint under a plan on a mesh: that rank reads only the small file, then the model and the
-        optimizer read each rank's shards from its folder (``dcp.load`` reshards them to this plan).
-        Without a mesh, a sharded checkpoint is read into full tensors like a full one."""
-        if self.mesh is None:
-            return super().load_checkpoint(filename, *args, **kwargs)
-        with shards_left_on_disk():
-            return super().load_checkpoint(filename, *args, **kwargs)
-
-    def save_checkpoint(self, filename, extra_state):
-        """Replaces fairseq's direct write of ``filename``: write a temporary file, then rename it into place.
-
-        A run killed while saving leaves the previous ``filename`` intact, so it can resume from it. The
-        last update's gradient norm is checked first: a checkpoint never holds an update that failed.
-        """
-        self._check_previous_norm()
-        if not self.should_save_checkpoint_on_current_rank:
-            return None
-        tmp = _temporary_name(filename)
-        try:
-            super().save_checkpoint(tmp, extra_state)
-            os.replace(tmp, filename)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return os.path.abspath(filename)
-
-
-def to_global_indices(state: dict, global_index) -> dict:
-    """An optimizer state_dict of one pipeline rank, keyed by the single-process parameter indices."""
-    return {"state": {global_index[i]: value for i, value in state["state"].items()},
-            "param_groups": [{**group, "params": [global_index[i] for i in group["params"]]}
-                             for group in state["param_groups"]]}
-
-
-def merge_stage_optimizer_states(parts) -> dict:
-    """The single-process optimizer state_dict from every pipeline rank's (:func:`to_global_indices`)."""
-    state = {index: value for part in parts for index, value in part["state"].items()}
-    groups = [{**group, "params": sorted(i for part in parts for i in part["param_groups"][g]["params"])}
-              for g, group in enumerate(parts[0]["param_groups"])]
-    return {"state": dict(sorted(state.items())), "param_groups": groups}
-
-
-def to_local_indices(state: dict, global_index) -> dict:
-    """The inverse of the gather: this rank's entries of a single-process optimizer state_dict."""
-    local_of = {g: i for i, g in enumerate(global_index)}
-    groups = []
-    for group in state["param_groups"]:
-        groups.append({**group, "params": [local_of[g] for g in group["params"] if g in local_of]})
-    return {"state": {local_of[g]: value for g, value in state["state"].items() if g in local_of},
-            "param_groups": groups}
-
 
 def _plain(logging_outputs):
     return [{key: local_tensor(value) if torch.is_tensor(value) else value for key, value in log.items()}
             for log in logging_outputs]
-
-
-_fairseq_copy = PathManager.copy
-
-
-def atomic_copy(src_path: str, dst_path: str, overwrite: bool = False):
-    """Replaces fairseq's in-place copy of a checkpoint to its other names (checkpoint_last.pt, _best, ...).
-
-    Local destinations get a copy under a temporary name renamed into place; remote ones keep fairseq's copy.
-    The copy of a sharded checkpoint's small file names the same shards folder: the folder is shared, and
-    removed once no file names it (:func:`save_checkpoint_with_shards`).
-    """
-    if PathManager.path_requires_pathmanager(dst_path):
-        return _fairseq_copy(src_path, dst_path, overwrite)
-    tmp = _temporary_name(dst_path)
-    try:
-        shutil.copyfile(src_path, tmp)
-        os.replace(tmp, dst_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return dst_path
-
-
-_fairseq_save_checkpoint = checkpoint_utils.save_checkpoint
-
-
-def save_checkpoint_with_shards(cfg, trainer, epoch_itr, val_loss):
-    """Replaces fairseq's checkpoint save (its ``checkpoint_utils.save_checkpoint``) for sharded checkpoints.
-
-    fairseq's save writes on the first rank only. With sharded checkpoints every rank first writes its
-    shards into a new DCP folder (collective); then fairseq's save runs as usual: its files under its
-    names (small, naming that folder), the copies to its other names and the deletion of old ones
-    (``--keep-*``). Last, in either format, the shards folders no file names any more are deleted.
-    """
-    if not cfg.no_save and getattr(trainer, "writes_shards", False):
-        trainer.write_shards(cfg.save_dir)
-    result = _fairseq_save_checkpoint(cfg, trainer, epoch_itr, val_loss)
-    if not cfg.no_save and hasattr(trainer, "checkpoint_saved"):
-        trainer.checkpoint_saved(cfg.save_dir)  # also after a full save, which may replace a sharded one
-    return result
-
-
-_fairseq_progress_bar = progress_bar.progress_bar
-
-
-def progress_bar_once_per_log_file(iterator, *args, log_file=None, **kwargs):
-    """Replaces fairseq's progress_bar, which adds a new handler for ``--log-file`` at every epoch and
-    validation, so each line was written to the log file once more per epoch. The handler is added once."""
-    if log_file is not None and any(getattr(h, "baseFilename", None) == os.path.abspath(log_file)
-                                    for h in progress_bar.logger.handlers):
-        log_file = None
-    return _fairseq_progress_bar(iterator, *args, log_file=log_file, **kwargs)
-
-
-_fairseq_infer_init_method = distributed_utils.infer_init_method
-TORCHRUN_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")
-
-
-def infer_init_method(cfg, force_distributed=False):
-    """Replaces fairseq's launch detection for torchrun on hosts without GPUs.
-
-    fairseq takes the world size from ``--distributed-world-size`` (default: the CUDA device count, so
-    1 on a CPU host, which makes every torchrun worker train alone) and the device from ``rank %
-    cuda.device_count()`` (a division by zero on a CPU host). Under torchrun both come from the
-    environment here: world size, rank, and the local rank as device.
-    """
-    if (cfg.distributed_init_method is None and all(k in os.environ for k in TORCHRUN_VARIABLES)
-            and int(os.environ["WORLD_SIZE"]) > 1):
-        cfg.distributed_init_method = "env://"
-        cfg.distributed_world_size = int(os.environ["WORLD_SIZE"])
-        cfg.distributed_rank = int(os.environ["RANK"])
-        cfg.device_id = int(os.environ["LOCAL_RANK"]) if torch.cuda.is_available() else 0
-        cfg.distributed_no_spawn = True
-        return
-    _fairseq_infer_init_method(cfg, force_distributed)
-
-
-def broadcast_object_slow(obj, src_rank, group, dist_device):
-    """Replaces fairseq's broadcast of a loaded checkpoint from data-parallel rank 0 to the others, which
-    round-trips it through ``torch.load`` and fails on torch >= 2.6 (``weights_only`` refuses fairseq's
-    config objects). The object comes from a rank of this same job, so torch's pickle-based
-    ``broadcast_object_list`` carries it; checkpoint files themselves are still read by fairseq's loader."""
-    objects = [obj if dist.get_rank(group) == src_rank else None]
-    dist.broadcast_object_list(objects, group_src=src_rank, group=group, device=dist_device)
-    return objects[0]
 
 
 def install() -> None:

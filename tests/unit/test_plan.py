@@ -1,12 +1,14 @@
 """The Plan: JSON round trip, fingerprint, validation messages, atomic save, default rule."""
 
 import dataclasses
+from dataclasses import replace
 import json
 import os
 
 import pytest
 
 from fairseq_ext.cube import plan as plan_module
+from fairseq_ext.cube.model_spec import ModelSpec, RunSettings
 from fairseq_ext.cube.plan import Plan, default_plan
 from fairseq_ext.errors import UserInputError
 
@@ -190,28 +192,31 @@ def test_world_size_and_check_world_size():
         plan.check_world_size(6)
 
 
-def test_check_model():
+def test_model_spec_checks_the_split():
+    spec = ModelSpec(model_type="toy", tp_rules={"layers.*.q": "colwise"}, num_layers=4, decoder=True,
+                     tied_embeddings=False, vocab_size=8,
+                     tp_sizes=dict(num_attention_heads=32, num_key_value_heads=6, intermediate_size=96))
+    settings = RunSettings(batch_size=2)
     plan = Plan(plan_ngpus=6, scaling_factor=1, tp=3, pp=2, num_microbatches=2)
-    with pytest.raises(UserInputError, match=r"^tp 3 does not divide num_attention_heads 32; choose a tp that "
-                                             r"divides it$"):
-        plan.check_model(num_layers=4, num_heads=32, num_kv_heads=6, intermediate_size=96)
-    with pytest.raises(UserInputError, match=r"tp 3 does not divide num_key_value_heads 8"):
-        plan.check_model(num_layers=4, num_heads=12, num_kv_heads=8, intermediate_size=96)
-    with pytest.raises(UserInputError, match=r"tp 3 does not divide intermediate_size 100"):
-        plan.check_model(num_layers=4, num_heads=12, num_kv_heads=6, intermediate_size=100)
-    plan.check_model(num_layers=2, num_heads=12, num_kv_heads=6, intermediate_size=96)
-    with pytest.raises(UserInputError, match=r"pp 2 x virtual_stages_per_rank 1 = 2 pipeline stages exceed "
-                                             r"num_hidden_layers 1"):
-        plan.check_model(num_layers=1, num_heads=12, num_kv_heads=6, intermediate_size=96)
+    assert spec.unsupported(plan, settings) == ["tp 3 does not divide num_attention_heads 32; choose a tp that "
+                                                "divides it"]
+    for name, size in (("num_key_value_heads", 8), ("intermediate_size", 100)):
+        odd = replace(spec, tp_sizes={**spec.tp_sizes, "num_attention_heads": 12, name: size})
+        assert odd.unsupported(plan, settings) == [f"tp 3 does not divide {name} {size}; choose a tp that divides it"]
+    fits = replace(spec, tp_sizes={**spec.tp_sizes, "num_attention_heads": 12}, num_layers=2)
+    assert fits.unsupported(plan, settings) == []
+    assert fits.tp_degrees(6) == [1, 2, 3, 6]
+    [reason] = replace(fits, num_layers=1).unsupported(plan, settings)
+    assert reason.startswith("pp 2 x virtual_stages_per_rank 1 = 2 pipeline stages exceed num_hidden_layers 1")
 
+    four = replace(fits, tp_sizes={}, num_layers=5)
     interleaved = Plan(plan_ngpus=2, scaling_factor=1, tp=1, pp=2, pp_schedule="Interleaved1F1B",
                        virtual_stages_per_rank=2, num_microbatches=2, stage_boundaries=(1, 2, 4))
-    interleaved.check_model(num_layers=5, num_heads=4, num_kv_heads=4, intermediate_size=16)
-    with pytest.raises(UserInputError, match=r"stage_boundaries \[1, 2, 4\] name layer 4 but the model has 4 "
-                                             r"layers"):
-        interleaved.check_model(num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=16)
-    with pytest.raises(UserInputError, match=r"= 4 pipeline stages exceed num_hidden_layers 3"):
-        interleaved.check_model(num_layers=3, num_heads=4, num_kv_heads=4, intermediate_size=16)
+    assert four.unsupported(interleaved, settings) == []
+    [reason] = replace(four, num_layers=4).unsupported(interleaved, settings)
+    assert reason.startswith("stage_boundaries [1, 2, 4] name layer 4 but the model has 4 layers")
+    assert any("= 4 pipeline stages exceed num_hidden_layers 3" in r
+               for r in replace(four, num_layers=3).unsupported(interleaved, settings))
 
 
 @pytest.mark.parametrize("plan_ngpus, gpus_per_node, tp, pp, num_microbatches", [

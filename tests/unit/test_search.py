@@ -7,14 +7,16 @@ import pytest
 
 from fairseq_ext.cube.compile import CompileSettings, compile_plan, format_report
 from fairseq_ext.cube.cost import GIB, Hardware, Workload, estimate
+from fairseq_ext.cube.model_spec import ModelSpec, RunSettings, spec_of
 from fairseq_ext.cube.plan import Plan
 from fairseq_ext.cube.profile import Activations, ModelProfile, ModuleProfile, load_config
-from fairseq_ext.cube.search import NEEDS_PIPELINE, search
+from fairseq_ext.cube.search import search
 from scripts import plan_report
 from tests.helpers import REPO
 
 LLAMA3_8B = str(REPO / "tests" / "assets" / "llama3-8b-config")
 BARE = Hardware(allocator_slack=0.0, workspace_bytes=0.0)
+LLAMA3_8B_SPEC = spec_of(load_config(LLAMA3_8B))
 
 
 def toy_profile() -> ModelProfile:
@@ -35,6 +37,10 @@ def toy_profile() -> ModelProfile:
                         modules={1: modules}, shared={1: Activations(per_token=0.0)})
 
 
+TOY_SPEC = ModelSpec(model_type="toy", tp_rules={}, tp_sizes={}, num_layers=2, decoder=True, tied_embeddings=False,
+                     vocab_size=50)
+
+
 def test_toy_problem_worked_by_hand():
     # 300 parameters, fp32 + Adam: weights 4 + Adam 8 = 12 bytes each before backward = 3600; gradients
     # (4 bytes) appear during backward. Batch 1 x 10 tokens.
@@ -49,9 +55,9 @@ def test_toy_problem_worked_by_hand():
     assert estimate(profile, plain, work, BARE).peak_bytes == 23800
     assert estimate(profile, recomputed, work, BARE).peak_bytes == 14200
     # A budget between the two picks recompute; above both, the faster plan without it.
-    assert search(profile, work, BARE, 1, 1, 20000 / GIB).best.plan.recompute_modules == ("Block",)
-    assert search(profile, work, BARE, 1, 1, 30000 / GIB).best.plan.recompute_modules == ()
-    assert search(profile, work, BARE, 1, 1, 10000 / GIB).best is None
+    assert search(profile, work, BARE, 1, 1, 20000 / GIB, TOY_SPEC).best.plan.recompute_modules == ("Block",)
+    assert search(profile, work, BARE, 1, 1, 30000 / GIB, TOY_SPEC).best.plan.recompute_modules == ()
+    assert search(profile, work, BARE, 1, 1, 10000 / GIB, TOY_SPEC).best is None
 
 
 @pytest.fixture(scope="module")
@@ -71,22 +77,28 @@ def test_llama3_8b_on_8_gpus_at_20gb_compiles_quickly():
     plan = compiled.plan
     assert plan is not None and plan.tp * plan.pp == 8, compiled.error
     plan.validate()
-    plan.check_model(num_layers=32, num_heads=32, num_kv_heads=8, intermediate_size=14336)
+    assert spec_of(load_config(LLAMA3_8B)).unsupported(plan, RunSettings(precision="bf16", batch_size=4)) == []
     assert len(plan.model_fingerprint) == 16
     assert compiled.result.best.cost.peak_gib <= 20
     report = format_report(compiled)
     assert "chosen" in report and f'"tp": {plan.tp}' in report
 
 
-def test_pipeline_plans_are_chosen_where_only_they_fit():
-    # BATCH_SIZE 32 x 512 tokens: no pp=1 plan fits 24 GB (the smallest needs 28); with pipeline parallel
-    # (micro-batches of one sample) one does.
+def test_a_batch_too_big_for_memory_is_split_into_micro_batches():
+    # BATCH_SIZE 32 x 512 tokens: no plan running the batch at once fits 24 GB (the smallest needs 28). The
+    # search splits it: into pipeline micro-batches, or into parts accumulated inside the step, also where
+    # pipeline stages are refused (PACK_SEQUENCES=1).
+    from fairseq_ext.cube.search import Fixed
+
     settings = dict(model=LLAMA3_8B, plan_ngpus=8, mem_per_gpu=24, batch_size=32, seq_len=512, precision="bf16")
-    without = compile_plan(CompileSettings(**settings, allow_pipeline=False))
-    assert without.plan is None and NEEDS_PIPELINE in format_report(without) + without.error
-    piped = compile_plan(CompileSettings(**settings)).plan
-    assert piped is not None and piped.pp > 1 and piped.num_microbatches >= piped.pp
-    assert len(piped.stage_boundaries) == piped.num_stages - 1
+    whole = compile_plan(CompileSettings(**settings, fixed=Fixed(num_microbatches=1)))
+    assert whole.plan is None and "raise MEM_PER_GPU" in whole.error
+    split = compile_plan(CompileSettings(**settings)).plan
+    assert split is not None and split.num_microbatches > 1 and len(split.stage_boundaries) == split.num_stages - 1
+    packed = compile_plan(CompileSettings(**settings, packing=True))
+    assert packed.plan is not None and packed.plan.pp == 1 and packed.plan.num_microbatches > 1
+    assert "PACK_SEQUENCES=1 with pipeline parallel (pp > 1) is not available yet" in format_report(packed)
+    assert packed.result.best.cost.peak_gib <= 24
 
 
 def test_mem_per_gpu_1_is_refused_with_the_smallest_budget(capsys):
@@ -108,12 +120,13 @@ def test_more_memory_never_gives_a_slower_plan(llama3_8b):
     work = Workload(batch_size=8, seq_len=512)
     previous = float("inf")
     for budget in range(12, 81, 4):
-        for allow_pipeline in (False, True):
-            best = search(llama3_8b, work, Hardware(), 8, 2, budget, allow_pipeline=allow_pipeline).best
+        for packing in (True, False):  # packing: pipeline plans refused
+            best = search(llama3_8b, work, Hardware(), 8, 2, budget, LLAMA3_8B_SPEC,
+                          RunSettings(packing=packing, batch_size=8)).best
             if best is None:
                 continue
             assert best.cost.peak_gib <= budget
-            if not allow_pipeline:
+            if packing:
                 assert best.cost.step_time <= previous + 1e-12, (budget, best)
                 previous = best.cost.step_time
     assert previous < float("inf")
@@ -123,9 +136,8 @@ def test_user_fixed_settings_are_respected(llama3_8b):
     work = Workload(batch_size=8, seq_len=512)
     from fairseq_ext.cube.search import Fixed
 
-    result = search(llama3_8b, work, Hardware(), 8, 2, 40, zero=True, zero_n_groups=1,
-                    fixed=Fixed(tp=4, pp_schedule="GPipe", recompute_modules=("LlamaDecoderLayer",)),
-                    allow_pipeline=True)
+    result = search(llama3_8b, work, Hardware(), 8, 2, 40, LLAMA3_8B_SPEC, zero=True, zero_n_groups=1,
+                    fixed=Fixed(tp=4, pp_schedule="GPipe", recompute_modules=("LlamaDecoderLayer",)))
     assert result.candidates
     for c in result.candidates:
         assert c.plan.tp == 4 and c.plan.pp_schedule == "GPipe" and c.plan.zero
@@ -134,9 +146,22 @@ def test_user_fixed_settings_are_respected(llama3_8b):
 
 def test_zero_with_pipeline_is_never_chosen(llama3_8b):
     """The runtime refuses ZeRO-1 with pp > 1: such plans are listed with the reason, never chosen."""
-    from fairseq_ext.cube.search import NO_ZERO_WITH_PIPELINE
-
     result = search(llama3_8b, Workload(batch_size=8, seq_len=512), Hardware(), plan_ngpus=8, scaling_factor=2,
-                    budget_gib=80, zero=True)
+                    budget_gib=80, spec=LLAMA3_8B_SPEC, settings=RunSettings(batch_size=8), zero=True)
     assert result.best is not None and result.best.plan.pp == 1
-    assert any(NO_ZERO_WITH_PIPELINE in c.rejected for c in result.candidates if c.plan.pp > 1)
+    reason = "ZeRO-1 with pipeline parallel (pp 2) is not available yet; set USE_ZERO=0"
+    assert any(any(r.startswith(reason) for r in c.rejected) for c in result.candidates if c.plan.pp == 2)
+
+
+def test_a_refusal_names_the_closest_plans_and_one_setting_to_change():
+    """PLAN_NGPUS=16 puts pipeline stages in every plan (tp stays within a node of 8), which the runtime
+    refuses with ZeRO-1: a few lines name the closest plans and USE_ZERO=0, not every plan's reasons."""
+    compiled = compile_plan(CompileSettings(model=LLAMA3_8B, plan_ngpus=16, mem_per_gpu=20, batch_size=32,
+                                            seq_len=512, precision="bf16", zero=True))
+    assert compiled.plan is None
+    lines = compiled.error.splitlines()
+    assert len(lines) <= 6, compiled.error
+    assert lines[0] == "no plan for PLAN_NGPUS=16 runs with these settings within MEM_PER_GPU=20; the closest:"
+    assert all(line.startswith("  tp=") for line in lines[1:4]), compiled.error
+    assert lines[4].startswith("change one setting: ZeRO-1 with pipeline parallel (pp "), compiled.error
+    assert "is not available yet; set USE_ZERO=0" in lines[4]

@@ -6,7 +6,7 @@ from typing import List, NamedTuple, Tuple
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
-from ...errors import UserInputError
+from ..model_spec import spec_of
 from ..plan import Plan
 from .mesh import PP, TP
 from .pipeline import check_pipeline_model, split_model
@@ -21,26 +21,6 @@ def apply_plan_recompute(module, plan: Plan) -> None:
     if plan.recompute_modules and not any("checkpoint_wrapped" in n for n, _ in module.named_modules()):
         count = apply_recompute(module, plan.recompute_modules)
         logger.info(f"recompute: {count} modules ({', '.join(plan.recompute_modules)}) from the plan")
-
-
-def check_plan_fits_model(plan: Plan, config) -> None:
-    """Raise UserInputError when the model's config cannot be split as ``plan`` says.
-
-    Sizes a config does not name (other families call them differently) are not checked here; the
-    tensor-parallel rules of such a model are checked when they are applied.
-    """
-    heads = getattr(config, "num_attention_heads", None) or plan.tp
-    plan.check_model(num_layers=getattr(config, "num_hidden_layers", None) or plan.num_stages,
-                     num_heads=heads,
-                     num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-                     intermediate_size=getattr(config, "intermediate_size", None) or plan.tp)
-
-
-def vocab_parallel_possible(hf_model, tp: int) -> bool:
-    """Vocab parallel needs an LM head, untied embeddings and a vocabulary that splits evenly over tp."""
-    config = hf_model.config
-    return (hf_model.get_output_embeddings() is not None and not getattr(config, "tie_word_embeddings", False)
-            and getattr(config, "vocab_size", 1) % tp == 0)
 
 
 class Parallelized(NamedTuple):
@@ -70,7 +50,8 @@ def parallelize(hf_model, plan: Plan, mesh: DeviceMesh) -> Parallelized:
     tp_mesh = mesh[TP]
     num_sharded = apply_tensor_parallel(hf_model, tp_mesh)
     # With pp the embeddings and head live on different stages; they stay replicated over tp there.
-    vocab_parallel = plan.pp == 1 and vocab_parallel_possible(hf_model, plan.tp)
+    has_lm_head = hf_model.get_output_embeddings() is not None
+    vocab_parallel = spec_of(hf_model.config).vocab_parallel(plan.tp, plan.pp, has_lm_head)
     if vocab_parallel:
         apply_vocab_parallel(hf_model, tp_mesh)
     else:

@@ -12,7 +12,7 @@ layer sees exactly what it sees in the single-process forward. The Hugging Face 
 to the rank's modules (the others become ``None``): its state_dict keeps the single-process names and
 its parameters are exactly the rank's, so fairseq's optimizer and checkpoints need no renaming.
 
-The loss given to the schedule is the criterion's summed token cross entropy per micro-batch; schedules
+The loss given to the schedule is the criterion's own (its summed token cross entropy per micro-batch); schedules
 run with ``scale_grads=False``, so the gradients are those of the full batch's summed loss, and fairseq's
 normalisation by ``sample_size`` stays exact.
 """
@@ -20,11 +20,10 @@ normalisation by ``sample_size`` stays exact.
 import inspect
 import logging
 import sys
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
@@ -34,9 +33,10 @@ from torch.distributed.pipelining import (
 from torch.distributed.tensor import DTensor
 
 from ...errors import UserInputError
+from ...data.layouts import IGNORE_INDEX
+from ..model_spec import RunSettings, spec_of, stage_layers
 from ..plan import Plan
 
-IGNORE_INDEX = -100  # fairseq_ext.data.layouts.IGNORE_INDEX: targets not trained
 SCHEDULES = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B, "Interleaved1F1B": ScheduleInterleaved1F1B}
 _BASE_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
 _MAX_CACHED_SCHEDULES = 8
@@ -47,8 +47,9 @@ logger = logging.getLogger(__name__)
 def check_pipeline_model(hf_model, plan: Plan) -> None:
     """Raise UserInputError unless ``hf_model`` is a decoder-only LM that :class:`DecoderStage` can cut.
 
-    Needs a Llama-style base model (``embed_tokens``, ``layers``, ``norm``, ``rotary_emb``), an LM head
-    untied from the embeddings (they would live on different stages), and at least one layer per stage.
+    Needs a Llama-style base model (``embed_tokens``, ``layers``, ``norm``, ``rotary_emb``) and an LM head;
+    what else a pipeline plan needs (untied embeddings, a layer per stage, settings) is the model spec's
+    (``model_spec.ModelSpec.unsupported``), checked before.
     """
     base = hf_model.base_model
     missing = [name for name in _BASE_PARTS if getattr(base, name, None) is None]
@@ -57,27 +58,9 @@ def check_pipeline_model(hf_model, plan: Plan) -> None:
             f"pipeline parallel (pp {plan.pp}) splits decoder-only causal LMs (Llama-style: embed_tokens, layers, "
             f"norm, rotary_emb, lm_head); {type(hf_model).__name__} lacks "
             f"{', '.join(missing) or 'an LM head'}; use a plan with pp 1 (tensor or data parallel) for it")
-    if getattr(hf_model.config, "tie_word_embeddings", False):
-        raise UserInputError(f"pipeline parallel (pp {plan.pp}) needs untied input and output embeddings (the model's "
-                             f"config has tie_word_embeddings true); use a plan with pp 1")
-    num_layers = len(base.layers)
-    if plan.num_stages > num_layers:
-        raise UserInputError(
-            f"pp {plan.pp} x virtual_stages_per_rank {plan.virtual_stages_per_rank} = {plan.num_stages} pipeline "
-            f"stages exceed the model's {num_layers} decoder layers; choose at most {num_layers} stages")
-
-
-def stage_layers(num_layers: int, plan: Plan) -> List[range]:
-    """The decoder layers of each of the plan's S stages: ``plan.stage_boundaries`` (the first layer of
-    stages 1..S-1), else balanced by count (the first ``num_layers % S`` stages get one more)."""
-    num_stages = plan.num_stages
-    if plan.stage_boundaries:
-        starts = [0, *plan.stage_boundaries]
-    else:
-        size, extra = divmod(num_layers, num_stages)
-        starts = [s * size + min(s, extra) for s in range(num_stages)]
-    ends = [*starts[1:], num_layers]
-    return [range(start, end) for start, end in zip(starts, ends)]
+    reasons = spec_of(hf_model.config).unsupported(plan, RunSettings(batch_size=plan.num_microbatches))
+    if reasons:
+        raise UserInputError(reasons[0])
 
 
 def rank_stages(plan: Plan, pp_rank: int) -> List[int]:
@@ -147,7 +130,7 @@ def split_model(hf_model, plan: Plan, pp_rank: int) -> List[Tuple[int, DecoderSt
     """
     check_pipeline_model(hf_model, plan)
     base = hf_model.base_model
-    layers = stage_layers(len(base.layers), plan)
+    layers = stage_layers(len(base.layers), plan.num_stages, plan.stage_boundaries)
     mine = rank_stages(plan, pp_rank)
     stages = [(s, DecoderStage(hf_model, layers[s], is_first=s == 0, is_last=s == plan.num_stages - 1))
               for s in mine]
@@ -173,11 +156,14 @@ class PipelineRunner:
     Args:
         stages: this rank's ``(stage_index, module)`` from :func:`split_model`.
         pp_group: the process group of the pipeline ranks of this scale unit (mesh axis ``pp``).
+        token_loss: the criterion's loss of one micro-batch, ``(logits, target) -> summed loss`` over the
+            trained tokens (``CausalLMLoss.token_loss``).
     """
 
     def __init__(self, stages: List[Tuple[int, torch.nn.Module]], plan: Plan, pp_group, device: torch.device,
-                 pad_token_id: int = 0):
+                 token_loss: Callable, pad_token_id: int = 0):
         self.stages, self.plan, self.pp_group, self.device = stages, plan, pp_group, device
+        self.token_loss = token_loss
         self.pad_token_id = pad_token_id
         self.num_stages = plan.num_stages
         self.has_last = any(s == self.num_stages - 1 for s, _ in stages)
@@ -186,9 +172,8 @@ class PipelineRunner:
         self._loss_scale = 1.0
 
     def _loss(self, logits, target):
-        """The criterion's loss for one micro-batch: token cross entropy summed over trained tokens."""
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+        """The criterion's loss for one micro-batch, scaled as the step asks."""
+        loss = self.token_loss(logits, target)
         return loss * self._loss_scale if self._loss_scale != 1.0 else loss
 
     def _schedule(self, shape: tuple):

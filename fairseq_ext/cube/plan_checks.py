@@ -1,0 +1,83 @@
+"""The run's Plan applied to the model before fairseq's Trainer is built, and the settings it cannot run
+with refused, each with what to change."""
+
+import json
+import logging
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from ..errors import UserInputError
+from .compile import check_plan_is_current
+from .config import plan_from_config
+from .model_spec import RunSettings, spec_of
+from .plan import Plan
+from .runtime.mesh import PP, build_mesh
+from .runtime.parallelize import apply_plan_recompute, parallelize
+from .runtime.pipeline import PipelineRunner
+from .runtime.precision import check_precision
+
+logger = logging.getLogger(__name__)
+
+
+class AppliedPlan(NamedTuple):
+    """The plan a run trains with and what applying it built."""
+
+    plan: Plan
+    mesh: Optional[DeviceMesh]  # (dp, pp, tp); None for plans of one GPU per scale unit
+    vocab_parallel: bool  # whether the LM head's logits are sharded over the vocabulary
+    pipeline: Optional[PipelineRunner]  # this rank's stages, for pp > 1
+
+
+def apply_plan(cfg, model, criterion=None) -> AppliedPlan:
+    """Resolve the run's Plan and, for a tensor- or pipeline-parallel one, build the mesh and split
+    ``model``; settings the plan cannot run with are refused with what to change."""
+    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    gpus_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    check_precision(getattr(cfg.task, "precision", "fp32"), optimizer=getattr(cfg.optimizer, "_name", None))
+    plan = plan_from_config(cfg.task, world_size, gpus_per_node)
+    logger.info(f"cube plan: {json.dumps(plan.to_dict(), sort_keys=True)}")
+    hf_config = getattr(getattr(model, "hf_model", None), "config", None)
+    if hf_config is not None:
+        precision = "fp16" if cfg.common.fp16 else getattr(cfg.task, "precision", "fp32")
+        check_plan_is_current(plan, hf_config, seq_len=cfg.task.sequence_length,
+                              batch_size=cfg.dataset.batch_size or 0, grad_accu=cfg.optimization.update_freq[0],
+                              precision=precision, source=f"PLAN_FILE {cfg.task.plan_file}",
+                              compiled=getattr(cfg.model, "compile_layers", False),
+                              lora_config=cfg.model.lora_config if getattr(cfg.model, "use_lora", False) else None)
+    if plan.plan_ngpus == 1:
+        apply_plan_recompute(getattr(model, "hf_model", model), plan)
+        return AppliedPlan(plan, None, False, None)
+    hf_model = getattr(model, "hf_model", None)
+    if hf_model is None:
+        raise UserInputError(f"PLAN_NGPUS {plan.plan_ngpus} needs a Hugging Face model (--arch hf_auto_*), "
+                             f"got {type(model).__name__}; use PLAN_NGPUS=1")
+    reasons = spec_of(hf_model.config).unsupported(plan, run_settings(cfg, model, criterion))
+    if reasons:
+        raise UserInputError("; ".join(reasons) if len(reasons) < 3 else "\n  " + "\n  ".join(reasons))
+    on_gpu = torch.cuda.is_available() and not cfg.common.cpu
+    mesh = build_mesh(plan, "cuda" if on_gpu else "cpu")
+    vocab_parallel, stages = parallelize(hf_model, plan, mesh)
+    pipeline = None
+    if stages:
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        pipeline = PipelineRunner(stages, plan, mesh.get_group(PP), device, token_loss=criterion.token_loss,
+                                  pad_token_id=getattr(hf_model.config, "pad_token_id", None) or 0)
+    return AppliedPlan(plan, mesh, vocab_parallel, pipeline)
+
+
+def run_settings(cfg, model, criterion=None) -> RunSettings:
+    """The settings of this fairseq run that decide which plans it can run (``model_spec.RunSettings``)."""
+    half = tuple(flag for flag, on in (("--bf16", cfg.common.bf16), ("--amp", cfg.common.amp)) if on)
+    return RunSettings(
+        precision="fp16" if cfg.common.fp16 else getattr(cfg.task, "precision", "fp32"), fairseq_half=half,
+        compiled=bool(getattr(cfg.model, "compile_layers", False)),
+        lora=bool(getattr(model, "saves_trainable_only", False)),
+        packing=bool(getattr(cfg.task, "pack_sequences", False)),
+        head=getattr(model, "layout", type(model).__name__),
+        pipeline_loss=bool(getattr(model, "supports_pipeline", False) and getattr(criterion, "supports_pipeline", False)
+                           and hasattr(criterion, "token_loss")),
+        batch_size=cfg.dataset.batch_size or 0)
