@@ -43,6 +43,7 @@ from ..criterions.base import logging_output
 from ..errors import UserInputError
 from .compile import check_plan_is_current
 from .config import checkpoint_format, plan_from_config
+from .finished_run import stop_if_complete
 from .host_copies import HostCopy, LoggedValues, pinned
 from .runtime.data_parallel import average_gradients
 from .runtime.local_shards import LocalShards, full_state_dict, local_tensor, localize_state_dict
@@ -670,9 +671,13 @@ class CubeTrainer(fairseq_trainer.Trainer):
         optimizer read each rank's shards from its folder (``dcp.load`` reshards them to this plan).
         Without a mesh, a sharded checkpoint is read into full tensors like a full one."""
         if self.mesh is None:
-            return super().load_checkpoint(filename, *args, **kwargs)
-        with shards_left_on_disk():
-            return super().load_checkpoint(filename, *args, **kwargs)
+            extra_state = super().load_checkpoint(filename, *args, **kwargs)
+        else:
+            with shards_left_on_disk():
+                extra_state = super().load_checkpoint(filename, *args, **kwargs)
+        if extra_state is not None:  # fault handling (finished_run.py): a finished run trains nothing
+            stop_if_complete(self.get_num_updates(), self.cfg.optimization.max_update, filename)
+        return extra_state
 
     def save_checkpoint(self, filename, extra_state):
         """Replaces fairseq's direct write of ``filename``: write a temporary file, then rename it into place.
