@@ -42,6 +42,7 @@ from torch.distributed.tensor import DTensor
 
 from ..errors import UserInputError
 from ..safe_load import SafeFileSystemReader, SafeLoadPlanner, checkpoint_types_only, load_checkpoint_file
+from .checkpoint_faults import READ_ERRORS, unreadable_checkpoint
 from .runtime.local_shards import local_tensor
 
 SHARDS_KEY = "dcp"  # the small file's entry that names its shards folder
@@ -304,7 +305,12 @@ def read_checkpoint(path: str, arg_overrides: Optional[dict] = None, load_on_all
         optimizer: read the optimizer states too (an export needs the weights only).
     """
     with checkpoint_types_only(path):
-        state = _fairseq_load_checkpoint_to_cpu(path, arg_overrides, load_on_all_ranks)
+        try:
+            state = _fairseq_load_checkpoint_to_cpu(path, arg_overrides, load_on_all_ranks)
+        except READ_ERRORS as err:
+            if not os.path.isfile(path):
+                raise
+            raise unreadable_checkpoint(path, err) from err
     record = state.pop(SHARDS_KEY, None)
     if record is None:
         return state
