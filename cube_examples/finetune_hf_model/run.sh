@@ -209,6 +209,9 @@ done
 # without one (a signal, a crash in native code) is named from torchrun's report. Unexpected exceptions
 # become one line naming LOG_DIR/traceback.log (fairseq_ext/errors.py).
 export FAIRSEQ_EXT_LOG_DIR=$LOG_DIR
+SKIP_OOM_BATCHES=${SKIP_OOM_BATCHES:-0}  # 1: a batch that runs out of memory is skipped (counted), not an error
+[[ $SKIP_OOM_BATCHES == 0 || $SKIP_OOM_BATCHES == 1 ]] || fail "SKIP_OOM_BATCHES must be 0 or 1, got '$SKIP_OOM_BATCHES'"
+export FAIRSEQ_EXT_SKIP_OOM_BATCHES=$SKIP_OOM_BATCHES
 run_or_explain() {
     local stderr_file=$LOG_DIR/stderr_$1.log; shift
     local status=0

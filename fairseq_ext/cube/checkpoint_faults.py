@@ -51,8 +51,8 @@ def unreadable_checkpoint(path: str, err: Exception) -> UserInputError:
     return UserInputError(f"{path} is damaged or cut short ({one_line(err)}); {advice}")
 
 
-def failed_save(path: str, err: OSError) -> UserInputError:
-    """The error for a checkpoint save that failed (no space left, a folder not writable)."""
-    return UserInputError(f"could not write the checkpoint {path} ({one_line(err)}); the previous checkpoints are "
-                          f"intact; free space on (or fix) {os.path.dirname(os.path.abspath(path))} and start the "
-                          f"same command again to resume from the last of them")
+def failed_save(save_dir: str, err: OSError) -> UserInputError:
+    """The error for a checkpoint save into ``save_dir`` that failed (no space left, a folder not writable)."""
+    return UserInputError(f"could not write a checkpoint into {save_dir} ({one_line(err)}); the previous "
+                          f"checkpoints there are intact: free space on (or fix) that file system and start the same "
+                          f"command again to resume from the last of them")

@@ -42,9 +42,11 @@ from torch.nn.parallel import DistributedDataParallel
 from ..criterions.base import logging_output
 from ..errors import UserInputError
 from .compile import check_plan_is_current
+from .checkpoint_faults import failed_save
 from .config import checkpoint_format, plan_from_config
 from .finished_run import stop_if_complete
 from .host_copies import HostCopy, LoggedValues, pinned
+from .out_of_memory import SkippedBatches, is_out_of_memory, out_of_memory_error, skipping_allowed
 from .runtime.data_parallel import average_gradients
 from .runtime.local_shards import LocalShards, full_state_dict, local_tensor, localize_state_dict
 from .runtime.mesh import DP, PP, TP, build_mesh
@@ -174,6 +176,7 @@ class CubeTrainer(fairseq_trainer.Trainer):
         self._shards = None
         self._shards_folder = None  # the DCP folder written for the checkpoint being saved
         self._speed_log = None
+        self._skipped_batches = SkippedBatches()
         self._norm_standin = (None, None)  # (what fairseq got for the gradient norm, the norm to log)
         self._unchecked_norm = None  # (HostCopy of a norm not yet known finite, the batches of its update)
         self._update_samples = None  # the batches of the update being run
@@ -484,15 +487,26 @@ class CubeTrainer(fairseq_trainer.Trainer):
             self._profiler.before_update(update)
         self._update_samples = samples
         with self._loss_context(), self._pipeline_steps(), self._timed_steps(), self._checking_previous_norm():
-            result = super().train_step(samples, raise_oom)
+            try:  # fault handling (out_of_memory.py): out of memory stops the run unless skipping is allowed
+                result = super().train_step(samples, raise_oom or not skipping_allowed())
+            except RuntimeError as err:
+                if not is_out_of_memory(err):
+                    raise
+                raise out_of_memory_error(update, self.device) from err
+            skipped = self._skipped_batches.end_update(update)
             if self._speed_log is not None:
-                self._speed_log.end_update(batch_tokens(samples), trained_tokens(samples))
+                self._speed_log.end_update(*((0, 0) if skipped else (batch_tokens(samples), trained_tokens(samples))))
         self._update_samples = None
         if self._profiler is not None:
             self._profiler.after_update(update)
         if 0 < self.cfg.optimization.max_update <= self.get_num_updates():
             self._check_previous_norm()  # the last update: no later one will
         return result
+
+    def _log_oom(self, exc):
+        """fairseq's report of an out-of-memory error, also noted as a skipped batch (out_of_memory.py)."""
+        self._skipped_batches.saw_out_of_memory()
+        super()._log_oom(exc)
 
     def _timed_steps(self):
         """With ``--speed-log``: the task's forward/backward and optimizer steps, timed as compute."""
@@ -693,8 +707,9 @@ class CubeTrainer(fairseq_trainer.Trainer):
             super().save_checkpoint(tmp, extra_state)
             os.replace(tmp, filename)
         finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            for leftover in (tmp, tmp + ".tmp"):  # fairseq's own save writes to "<name>.tmp" first
+                if os.path.exists(leftover):
+                    os.remove(leftover)
         return os.path.abspath(filename)
 
 
@@ -761,9 +776,12 @@ def save_checkpoint_with_shards(cfg, trainer, epoch_itr, val_loss):
     names (small, naming that folder), the copies to its other names and the deletion of old ones
     (``--keep-*``). Last, in either format, the shards folders no file names any more are deleted.
     """
-    if not cfg.no_save and getattr(trainer, "writes_shards", False):
-        trainer.write_shards(cfg.save_dir)
-    result = _fairseq_save_checkpoint(cfg, trainer, epoch_itr, val_loss)
+    try:  # fault handling (checkpoint_faults.py): a failed save is one message, earlier checkpoints intact
+        if not cfg.no_save and getattr(trainer, "writes_shards", False):
+            trainer.write_shards(cfg.save_dir)
+        result = _fairseq_save_checkpoint(cfg, trainer, epoch_itr, val_loss)
+    except OSError as err:
+        raise failed_save(cfg.save_dir, err) from err
     if not cfg.no_save and hasattr(trainer, "checkpoint_saved"):
         trainer.checkpoint_saved(cfg.save_dir)  # also after a full save, which may replace a sharded one
     return result

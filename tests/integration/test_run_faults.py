@@ -5,15 +5,19 @@ Two tiny finished runs (2 updates each, one per checkpoint format) are made once
 test then starts run.sh again on them, or beside them, and compares their files byte by byte.
 """
 
+import errno
 import hashlib
+import os
 import re
 import shutil
 
 import pytest
+import torch
 
 from fairseq_ext import errors
+from fairseq_ext.cube.sharded_checkpoint import read_checkpoint
 from fairseq_ext.errors import LOG_DIR_VARIABLE, UserInputError
-from tests.helpers import DATA_DIR, MODEL_DIR, tiny_train_args
+from tests.helpers import DATA_DIR, MODEL_DIR, build_trainer, tiny_train_args
 from tests.integration.test_run_sh import run_sh
 
 SETTINGS = {"MAX_STEPS": 2, "SAVE_STEPS": 1, "BATCH_SIZE": 4, "EVALUATE": 0, "LOG_INTERVAL": 1}
@@ -166,3 +170,39 @@ def test_run_sh_bad_input_leaves_a_finished_run_alone(finished, tmp_path):
         assert len(lines) <= 3 and "Traceback" not in result.stderr, (case, result.stderr[-3000:])
         assert re.search(pattern, result.stderr), (case, result.stderr[-3000:])
         assert digests(out / "checkpoint") == before, case
+
+
+# ---- checkpoint faults ----
+
+def test_a_truncated_checkpoint_names_the_newest_intact_one(finished, tmp_path):
+    shutil.copytree(finished["full"] / "out" / "checkpoint", tmp_path / "ck")
+    last = tmp_path / "ck" / "checkpoint_last.pt"
+    last.write_bytes(last.read_bytes()[:4096])
+    with pytest.raises(UserInputError, match=rf"{last} is damaged or cut short \(RuntimeError: .*\); the newest intact "
+                                             rf"checkpoint is {tmp_path / 'ck' / 'checkpoint_1_2.pt'} \(update 2\)"):
+        read_checkpoint(str(last))
+
+
+def test_a_failed_save_keeps_the_previous_checkpoints(tmp_path, monkeypatch):
+    """A save that runs out of space (simulated: torch.save writes part of the file, then fails with ENOSPC)
+    stops with one message and leaves the checkpoint written before it byte for byte."""
+    from fairseq import checkpoint_utils
+
+    trainer, _ = build_trainer(tmp_path, cpu=True)
+    epoch_itr = trainer.get_train_iterator(epoch=1)
+    epoch_itr.next_epoch_itr(shuffle=False)
+    checkpoint_utils.save_checkpoint(trainer.cfg.checkpoint, trainer, epoch_itr, None)  # the patched save
+    before = digests(tmp_path)
+    assert "checkpoint_last.pt" in before
+
+    real_save = torch.save
+
+    def no_space(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)  # the bytes go out, the disk fills before the end
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(UserInputError, match=rf"could not write a checkpoint into {tmp_path} \(OSError: .*No space "
+                                             r"left on device\); the previous checkpoints there are intact"):
+        checkpoint_utils.save_checkpoint(trainer.cfg.checkpoint, trainer, epoch_itr, None)
+    assert digests(tmp_path) == before
