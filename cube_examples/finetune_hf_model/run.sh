@@ -218,14 +218,18 @@ run_or_explain() {
     "$@" 2>"$stderr_file" || status=$?
     (( status )) || return 0
     local error_line='^(\[rank[0-9]+\]: )?(fairseq_ext: error:|[A-Za-z0-9_.-]+: error: )'  # torchrun prefixes [rankN]:
+    local failed  # torchrun's first observed failure: the worker's rank, exit code and signal
+    failed=$(sed -n '/Root Cause/,$p' "$stderr_file" | grep -E '^ *(rank|exitcode|traceback) *:' \
+        | sed -E 's/^ *//; s/ +: /: /' | paste -sd ' ' -)
+    if [[ $failed == *Signal* || ! -s $stderr_file ]] || ! grep -Eq "$error_line" "$stderr_file"; then
+        # killed without a message of its own; the other workers' errors below are its consequences
+        echo "run.sh: error: ${failed:+a worker failed: $failed; }exit status $status; the full output is in $stderr_file" >&2
+    fi
     if grep -Eq "$error_line" "$stderr_file"; then
         grep -E "$error_line" "$stderr_file" | sed -E 's/^\[rank[0-9]+\]: //; s/^[A-Za-z0-9_.-]+: error: argument (.*)$/fairseq-train: error: argument \1 (OPTIMIZE_PARAMS or arguments after run.sh)/' \
             | awk '!seen[$0]++' >&2
         exit 2
     fi
-    local failed
-    failed=$(sed -n '/Root Cause/,$p' "$stderr_file" | grep -E '^ *(rank|exitcode|traceback) *:' | sed -E 's/^ *//' | paste -sd ' ' -)
-    echo "run.sh: error: ${failed:+a worker failed: $failed; }exit status $status; the full output is in $stderr_file" >&2
     exit 1
 }
 
