@@ -220,7 +220,7 @@ run_or_explain() {
     local error_line='^(\[rank[0-9]+\]: )?(fairseq_ext: error:|[A-Za-z0-9_.-]+: error: )'  # torchrun prefixes [rankN]:
     local failed  # torchrun's first observed failure: the worker's rank, exit code and signal
     failed=$(sed -n '/Root Cause/,$p' "$stderr_file" | grep -E '^ *(rank|exitcode|traceback) *:' \
-        | sed -E 's/^ *//; s/ +: /: /' | paste -sd ' ' -)
+        | sed -E 's/^ *//; s/ +: /: /' | paste -sd ' ' -) || true  # none when no worker failed (evaluate.py)
     if [[ $failed == *Signal* || ! -s $stderr_file ]] || ! grep -Eq "$error_line" "$stderr_file"; then
         # killed without a message of its own; the other workers' errors below are its consequences
         echo "run.sh: error: ${failed:+a worker failed: $failed; }exit status $status; the full output is in $stderr_file" >&2
