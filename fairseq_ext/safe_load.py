@@ -49,7 +49,8 @@ def checkpoint_types_only(path) -> Iterator[None]:
     """Within: ``torch.load`` (weights_only, torch's default) also accepts :data:`CHECKPOINT_GLOBALS`; a file
     that needs more raises :class:`UserInputError` naming ``path``."""
     if os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0") not in ("", "0"):
-        raise UserInputError("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set: checkpoints are read with weights_only; unset it")
+        raise UserInputError("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set, but checkpoints are read with weights_only; "
+                             "unset it")
     with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
         try:
             yield

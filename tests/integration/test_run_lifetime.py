@@ -87,8 +87,8 @@ def test_one_run_per_output_dir_free_port_and_workers_die_with_the_launcher(tmp_
         other.wait(timeout=120)
         assert other.returncode != 0
         report = (tmp_path / "other.log").read_text().splitlines()  # the dead worker, then what it caused
-        assert len(report) <= 2 and f"a worker failed: rank: {rank}" in report[0] and "Signal 9 (SIGKILL)" in report[0], \
-            report
+        assert len(report) <= 2 and f"a worker failed: rank: {rank}" in report[0], report
+        assert "Signal 9 (SIGKILL)" in report[0], report
         _, alive = psutil.wait_procs(others, timeout=30)
         assert not alive
 
