@@ -10,5 +10,7 @@ install_excepthook()
 
 from . import criterions, data, models, optim, tasks  # noqa: E402,F401  (registrations)
 from .cube import trainer  # noqa: E402
+from .cube.worker_lifetime import die_with_launcher  # noqa: E402
 
 trainer.install()
+die_with_launcher()

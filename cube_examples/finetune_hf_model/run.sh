@@ -14,7 +14,7 @@ NPROC_PER_NODE=${NPROC_PER_NODE:-1}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
+MASTER_PORT=${MASTER_PORT:-}  # default: a free port on one node (NNODES=1), else 29500
 SCRIPT_PATH=${SCRIPT_PATH:-$EXAMPLE_PATH/output}
 DATA_DIR=${DATA_DIR:-$EXAMPLE_PATH/data}
 USER_DIR=${USER_DIR:-$REPO_ROOT/fairseq_ext}  # your own --user-dir must import fairseq_ext
@@ -87,6 +87,17 @@ for name in NPROC_PER_NODE NNODES BATCH_SIZE GRADIENT_ACCU_NUM MAX_STEPS SEQUENC
 done
 SAVE_STEPS=${SAVE_STEPS:-$(( MAX_STEPS / 4 > 0 ? MAX_STEPS / 4 : 1 ))}
 positive SAVE_STEPS
+# ---- one node and no MASTER_PORT: a free port, so that runs side by side do not collide ----
+if [[ -z $MASTER_PORT ]]; then
+    if [[ $NNODES == 1 ]]; then
+        MASTER_PORT=$("$PYTHON" -c "import socket; s = socket.socket(); s.bind(('$MASTER_ADDR', 0)); print(s.getsockname()[1])")
+    else
+        MASTER_PORT=29500
+    fi
+elif [[ $NNODES == 1 && $MASTER_PORT =~ ^[0-9]+$ ]]; then
+    "$PYTHON" -c "import socket; socket.socket().bind(('$MASTER_ADDR', $MASTER_PORT))" 2>/dev/null \
+        || fail "MASTER_PORT $MASTER_PORT is in use on this machine (another run?); unset MASTER_PORT to take a free port, or choose another"
+fi
 for name in NODE_RANK WARMUP_STEPS SEED MASTER_PORT; do
     [[ ${!name} =~ ^[0-9]+$ ]] || fail "$name must be a non-negative integer, got '${!name}'"
 done
@@ -155,6 +166,15 @@ fi
 [[ $CHECKPOINT_FORMAT =~ ^(auto|full|dcp)$ ]] || fail "CHECKPOINT_FORMAT must be auto, full or dcp, got '$CHECKPOINT_FORMAT'"
 mkdir -p "$OUTPUT_DIR" "$TENSORBOARD_DIR" "$LOG_DIR" "$CHECKPOINT_DIR"
 
+# ---- one run per OUTPUT_DIR: a lock held by this script, torchrun and the workers (they inherit it), ----
+# released by the operating system when the last of them dies, so a crash never leaves a stale lock.
+RUN_LOCK=$OUTPUT_DIR/.run-node$NODE_RANK.lock
+exec {RUN_LOCK_FD}<>"$RUN_LOCK"
+if ! flock -n "$RUN_LOCK_FD"; then
+    fail "OUTPUT_DIR $OUTPUT_DIR is in use by a run that is still alive ($(cat "$RUN_LOCK")); wait for it to end or stop it, or choose another OUTPUT_DIR"
+fi
+echo "run.sh pid $$ on $(hostname), started $(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$RUN_LOCK"
+
 # ---- environment variables -> fairseq-train flags ----
 # shellcheck disable=SC2206  # OPTIMIZE_PARAMS is a list of flags, split on spaces on purpose
 TRAIN_ARGS=(
@@ -183,16 +203,33 @@ for name in NPROC_PER_NODE NNODES NODE_RANK MASTER_ADDR MASTER_PORT EXAMPLE_PATH
     printf '  %-32s %s\n' "$name" "${!name}"
 done
 
-# Workers' stderr goes to a file: on failure run.sh shows our one-line errors, or the full output of a crash.
+# ---- failures: one line each, the full output kept under LOG_DIR ----
+# Workers' stderr goes to a file. On failure run.sh shows the error lines (ours, and argparse's
+# "PROG: error:" of fairseq's flags), each once however many workers printed it; a worker that died
+# without one (a signal, a crash in native code) is named from torchrun's report. Unexpected exceptions
+# become one line naming LOG_DIR/traceback.log (fairseq_ext/errors.py).
+export FAIRSEQ_EXT_LOG_DIR=$LOG_DIR
+SKIP_OOM_BATCHES=${SKIP_OOM_BATCHES:-0}  # 1: a batch that runs out of memory is skipped (counted), not an error
+[[ $SKIP_OOM_BATCHES == 0 || $SKIP_OOM_BATCHES == 1 ]] || fail "SKIP_OOM_BATCHES must be 0 or 1, got '$SKIP_OOM_BATCHES'"
+export FAIRSEQ_EXT_SKIP_OOM_BATCHES=$SKIP_OOM_BATCHES
 run_or_explain() {
     local stderr_file=$LOG_DIR/stderr_$1.log; shift
-    if "$@" 2>"$stderr_file"; then return 0; fi
-    local error_line='^(\[rank[0-9]+\]: )?fairseq_ext: error:'  # torchrun prefixes workers' lines with [rankN]:
+    local status=0
+    "$@" 2>"$stderr_file" || status=$?
+    (( status )) || return 0
+    local error_line='^(\[rank[0-9]+\]: )?(fairseq_ext: error:|[A-Za-z0-9_.-]+: error: )'  # torchrun prefixes [rankN]:
+    local failed  # torchrun's first observed failure: the worker's rank, exit code and signal
+    failed=$(sed -n '/Root Cause/,$p' "$stderr_file" | grep -E '^ *(rank|exitcode|traceback) *:' \
+        | sed -E 's/^ *//; s/ +: /: /' | paste -sd ' ' -) || true  # none when no worker failed (evaluate.py)
+    if [[ $failed == *Signal* || ! -s $stderr_file ]] || ! grep -Eq "$error_line" "$stderr_file"; then
+        # killed without a message of its own; the other workers' errors below are its consequences
+        echo "run.sh: error: ${failed:+a worker failed: $failed; }exit status $status; the full output is in $stderr_file" >&2
+    fi
     if grep -Eq "$error_line" "$stderr_file"; then
-        grep -E "$error_line" "$stderr_file" | sed -E 's/^\[rank[0-9]+\]: //' | sort -u >&2
+        grep -E "$error_line" "$stderr_file" | sed -E 's/^\[rank[0-9]+\]: //; s/^[A-Za-z0-9_.-]+: error: argument (.*)$/fairseq-train: error: argument \1 (OPTIMIZE_PARAMS or arguments after run.sh)/' \
+            | awk '!seen[$0]++' >&2
         exit 2
     fi
-    cat "$stderr_file" >&2
     exit 1
 }
 

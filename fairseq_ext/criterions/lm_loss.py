@@ -13,6 +13,17 @@ from .base import HFCriterion, logging_output
 CHUNK_ELEMENTS = 1 << 27  # logits computed at once by the fused loss: 512 MB in float32
 
 
+def perplexity(nll_loss_base2) -> float:
+    """2 ** the base-2 loss, unrounded; 0 when no loss was logged (fairseq's helpers do the same for a
+    missing value: after a batch dropped for running out of memory there may be none)."""
+    if nll_loss_base2 is None:
+        return 0.0
+    try:
+        return 2 ** nll_loss_base2
+    except OverflowError:
+        return float("inf")
+
+
 @register_criterion("hf_causal_lm", dataclass=FairseqDataclass)
 class CausalLMLoss(HFCriterion):
     """Summed cross entropy of the model's token logits against ``target`` where ``target != -100``.
@@ -49,7 +60,7 @@ class CausalLMLoss(HFCriterion):
     def reduce_metrics(logging_outputs) -> None:
         """Loss and nll_loss per trained token in base 2, and perplexity, as fairseq's LM criteria log them."""
         HFCriterion.reduce_metrics(logging_outputs)
-        metrics.log_derived("ppl", lambda meters: 2 ** meters["nll_loss"].avg)
+        metrics.log_derived("ppl", lambda meters: perplexity(meters["nll_loss"].avg))
 
 
 @register_criterion("hf_seq2seq_lm", dataclass=FairseqDataclass)

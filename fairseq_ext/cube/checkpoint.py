@@ -8,6 +8,7 @@ beside its destination and renamed into place.
 """
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -16,6 +17,10 @@ from typing import Dict, Optional, Sequence, Tuple
 from fairseq import tasks, utils
 
 from ..errors import UserInputError
+
+BASE_FOLDER = "base"  # in a LoRA export: the base's weights, when its own folder has none
+logger = logging.getLogger(__name__)
+from ..models.hf_loading import has_weights, resolve_model_folder
 from ..models.lora import is_lora
 from .sharded_checkpoint import read_checkpoint
 
@@ -85,13 +90,17 @@ def export_hf(checkpoint_path: str, out_dir: str, overwrite: bool = False, merge
 
     The weights are the checkpoint's, bit for bit; ``AutoModelFor*.from_pretrained(out_dir)`` loads them.
     A LoRA checkpoint becomes a PEFT adapter folder (``PeftModel.from_pretrained(base, out_dir)``), or,
-    with ``merge_lora``, full weights with the adapters merged in.
+    with ``merge_lora``, full weights with the adapters merged in. When the base model's folder has no
+    weight files (initialised from its config), its initial weights are written to ``out_dir/base``.
     """
     cfg, task, model = load_trained(checkpoint_path)
     hf_model = getattr(model, "hf_model", None)
     if hf_model is None:
         raise UserInputError(f"{checkpoint_path} holds a {type(model).__name__} (--arch {cfg.model._name}), not a "
                              "Hugging Face model: there is nothing to export with save_pretrained")
+    # a LoRA base without weight files (initialised from its config under --seed) exists nowhere else
+    base_without_weights = (is_lora(hf_model) and not merge_lora
+                            and not has_weights(resolve_model_folder(cfg.task.hf_model_name_or_path)))
     if merge_lora:
         if not is_lora(hf_model):
             raise UserInputError(f"{checkpoint_path} was not trained with LoRA; export it without --merge-lora")
@@ -99,4 +108,10 @@ def export_hf(checkpoint_path: str, out_dir: str, overwrite: bool = False, merge
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         hf_model.save_pretrained(tmp)
         task.tokenizer.save_pretrained(tmp)
+        if base_without_weights:
+            hf_model.unload().save_pretrained(os.path.join(tmp, BASE_FOLDER))
+            task.tokenizer.save_pretrained(os.path.join(tmp, BASE_FOLDER))
+            logger.warning(f"the LoRA base {cfg.task.hf_model_name_or_path} has no weight files: its initial weights "
+                           f"are written to {os.path.join(out_dir, BASE_FOLDER)}; load the adapter onto them, or "
+                           f"export with --merge-lora for one folder of full weights")
     return out_dir

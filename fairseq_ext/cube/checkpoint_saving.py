@@ -18,7 +18,9 @@ from fairseq.logging import metrics
 from omegaconf import OmegaConf
 
 from ..errors import UserInputError
+from .checkpoint_faults import failed_save
 from .config import checkpoint_format
+from .finished_run import stop_if_complete
 from .runtime.mesh import PP, TP
 from .sharded_checkpoint import (
     SHARDS_KEY,
@@ -144,9 +146,13 @@ class CheckpointSaving:
         optimizer read each rank's shards from its folder (``dcp.load`` reshards them to this plan).
         Without a mesh, a sharded checkpoint is read into full tensors like a full one."""
         if self.mesh is None:
-            return super().load_checkpoint(filename, *args, **kwargs)
-        with shards_left_on_disk():
-            return super().load_checkpoint(filename, *args, **kwargs)
+            extra_state = super().load_checkpoint(filename, *args, **kwargs)
+        else:
+            with shards_left_on_disk():
+                extra_state = super().load_checkpoint(filename, *args, **kwargs)
+        if extra_state is not None:  # a finished run trains nothing (finished_run.py)
+            stop_if_complete(self.get_num_updates(), self.cfg.optimization.max_update, filename)
+        return extra_state
 
     def save_checkpoint(self, filename, extra_state):
         """Replaces fairseq's direct write of ``filename``: write a temporary file, then rename it into place.
@@ -162,9 +168,11 @@ class CheckpointSaving:
             super().save_checkpoint(tmp, extra_state)
             os.replace(tmp, filename)
         finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            for leftover in (tmp, tmp + ".tmp"):  # fairseq's own save writes to "<name>.tmp" first
+                if os.path.exists(leftover):
+                    os.remove(leftover)
         return os.path.abspath(filename)
+
 
 _fairseq_copy = PathManager.copy
 
@@ -199,9 +207,12 @@ def save_checkpoint_with_shards(cfg, trainer, epoch_itr, val_loss):
     names (small, naming that folder), the copies to its other names and the deletion of old ones
     (``--keep-*``). Last, in either format, the shards folders no file names any more are deleted.
     """
-    if not cfg.no_save and getattr(trainer, "writes_shards", False):
-        trainer.write_shards(cfg.save_dir)
-    result = _fairseq_save_checkpoint(cfg, trainer, epoch_itr, val_loss)
+    try:  # a failed save is one message, earlier checkpoints intact (checkpoint_faults.py)
+        if not cfg.no_save and getattr(trainer, "writes_shards", False):
+            trainer.write_shards(cfg.save_dir)
+        result = _fairseq_save_checkpoint(cfg, trainer, epoch_itr, val_loss)
+    except OSError as err:
+        raise failed_save(cfg.save_dir, err) from err
     if not cfg.no_save and hasattr(trainer, "checkpoint_saved"):
         trainer.checkpoint_saved(cfg.save_dir)  # also after a full save, which may replace a sharded one
     return result

@@ -36,12 +36,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from fairseq import checkpoint_utils
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
 
 from ..errors import UserInputError
+from ..safe_load import SafeFileSystemReader, SafeLoadPlanner, checkpoint_types_only, load_checkpoint_file
+from .checkpoint_faults import READ_ERRORS, unreadable_checkpoint
 from .runtime.local_shards import local_tensor
 
 SHARDS_KEY = "dcp"  # the small file's entry that names its shards folder
@@ -97,7 +98,8 @@ def _dcp_save(state: dict, folder: str) -> None:
 def _dcp_load(state: dict, folder: str, no_dist: bool = False) -> None:
     """Read ``folder`` into ``state``'s tensors in place (collective unless ``no_dist`` or single-process)."""
     with _quiet_in_one_process():
-        dcp.load(state, checkpoint_id=folder, no_dist=no_dist or not _distributed())
+        dcp.load(state, checkpoint_id=folder, storage_reader=SafeFileSystemReader(folder), planner=SafeLoadPlanner(),
+                 no_dist=no_dist or not _distributed())
 
 
 # ---- saving ----
@@ -245,8 +247,9 @@ def _remove_temporaries(save_dir: str) -> None:
 def referenced_folder(path: str) -> Optional[str]:
     """The shards folder named by the checkpoint file ``path``, or None for a full checkpoint.
 
-    Reads only the file's small objects (tensors of a full checkpoint are memory-mapped, not read)."""
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    Reads only the file's small objects (tensors of a full checkpoint are memory-mapped, not read), and
+    refuses a file holding more than tensors and a checkpoint's plain values."""
+    state = load_checkpoint_file(path, mmap=True)
     record = state.get(SHARDS_KEY) if isinstance(state, dict) else None
     return record["folder"] if record else None
 
@@ -301,7 +304,13 @@ def read_checkpoint(path: str, arg_overrides: Optional[dict] = None, load_on_all
     Args:
         optimizer: read the optimizer states too (an export needs the weights only).
     """
-    state = _fairseq_load_checkpoint_to_cpu(path, arg_overrides, load_on_all_ranks)
+    with checkpoint_types_only(path):
+        try:
+            state = _fairseq_load_checkpoint_to_cpu(path, arg_overrides, load_on_all_ranks)
+        except READ_ERRORS as err:
+            if not os.path.isfile(path):
+                raise
+            raise unreadable_checkpoint(path, err) from err
     record = state.pop(SHARDS_KEY, None)
     if record is None:
         return state
@@ -323,7 +332,7 @@ def read_checkpoint(path: str, arg_overrides: Optional[dict] = None, load_on_all
 
 
 def _metadata(folder: str) -> dict:
-    return FileSystemReader(folder).read_metadata().state_dict_metadata
+    return SafeFileSystemReader(folder).read_metadata().state_dict_metadata
 
 
 def read_full_state(folder: str, optimizer: bool = True) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:

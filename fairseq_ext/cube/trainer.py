@@ -40,6 +40,7 @@ from .checkpoint_saving import CheckpointSaving, atomic_copy, save_checkpoint_wi
 from .fairseq_fixes import broadcast_object_slow, infer_init_method, progress_bar_once_per_log_file
 from .host_copies import HostCopy, LoggedValues, pinned
 from .micro_batches import split_batch
+from .out_of_memory import SkippedBatches, is_out_of_memory, out_of_memory_error, skipping_allowed
 from .parallel_model import TensorParallelModel
 from .plan_checks import apply_plan
 from .runtime.local_shards import local_tensor
@@ -85,6 +86,7 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
         self._shards = None
         self._shards_folder = None  # the DCP folder written for the checkpoint being saved
         self._speed_log = None
+        self._skipped_batches = SkippedBatches()
         self._norm_standin = (None, None)  # (what fairseq got for the gradient norm, the norm to log)
         self._unchecked_norm = None  # (HostCopy of a norm not yet known finite, the batches of its update)
         self._update_samples = None  # the batches of the update being run
@@ -227,15 +229,26 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
             samples = [part for sample in samples for part in split_batch(sample, self.plan.num_microbatches)]
         self._update_samples = samples
         with self._loss_context(), self._pipeline_steps(), self._timed_steps(), self._checking_previous_norm():
-            result = super().train_step(samples, raise_oom)
+            try:  # fault handling (out_of_memory.py): out of memory stops the run unless skipping is allowed
+                result = super().train_step(samples, raise_oom or not skipping_allowed())
+            except RuntimeError as err:
+                if not is_out_of_memory(err):
+                    raise
+                raise out_of_memory_error(update, self.device) from err
+            skipped = self._skipped_batches.end_update(update)
             if self._speed_log is not None:
-                self._speed_log.end_update(batch_tokens(samples), trained_tokens(samples))
+                self._speed_log.end_update(*((0, 0) if skipped else (batch_tokens(samples), trained_tokens(samples))))
         self._update_samples = None
         if self._profiler is not None:
             self._profiler.after_update(update)
         if 0 < self.cfg.optimization.max_update <= self.get_num_updates():
             self._check_previous_norm()  # the last update: no later one will
         return result
+
+    def _log_oom(self, exc):
+        """fairseq's report of an out-of-memory error, also noted as a skipped batch (out_of_memory.py)."""
+        self._skipped_batches.saw_out_of_memory()
+        super()._log_oom(exc)
 
     def _timed_steps(self):
         """With ``--speed-log``: the task's forward/backward and optimizer steps, timed as compute."""

@@ -17,7 +17,13 @@ def read_json_records(path: str) -> List[Dict]:
     path = str(path)
     if not Path(path).is_file():
         raise UserInputError(f"{path}: no such file")
-    text = Path(path).read_text(encoding="utf-8")
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        lineno = raw.count(b"\n", 0, err.start) + 1
+        raise UserInputError(f"{path}:{lineno}: bytes that are not UTF-8 ({raw[err.start:err.end]!r} at byte "
+                             f"{err.start}); save the file as UTF-8") from None
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)

@@ -6,9 +6,10 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoTokenizer
 
-from ..errors import UserInputError
+from ..errors import UserInputError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,12 @@ def load_hf_model(auto_class, name_or_path: str, *, dtype: str = "float32", attn
     with torch.random.fork_rng(devices=[init_device] if init_device.type == "cuda" else []):
         torch.manual_seed(init_seed)
         if has_weights(folder):
-            return auto_class.from_pretrained(folder, **kwargs, **config_overrides)
+            try:
+                return auto_class.from_pretrained(folder, **kwargs, **config_overrides)
+            except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+                raise UserInputError(f"could not load the weights of {folder} ({one_line(err)}); its weight files "
+                                     f"are damaged or do not match its config.json: copy or download them again"
+                                     ) from None
         logger.warning(f"{folder} has no weight files: initialising {auto_class.__name__} from its config "
                        f"(seed {init_seed}, on {init_device})")
         config = load_config(folder, trust_remote_code)

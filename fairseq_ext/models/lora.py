@@ -74,7 +74,7 @@ def apply_lora(hf_model, lora_config: str, task_type: str, adapters_in_model_dty
                 f"LORA_CONFIG target_modules {options.get('target_modules')!r} match no module of the model; "
                 f"its linear modules are: {', '.join(linear_module_names(hf_model))}"
             ) from None
-        raise
+        raise UserInputError(f"LORA_CONFIG is not valid for this model: peft says: {err}") from None
 
 
 def is_lora(hf_model) -> bool:

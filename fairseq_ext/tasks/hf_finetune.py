@@ -127,7 +127,9 @@ class HFFinetuneTask(FairseqTask):
         if reuse and dataset in self.dataset_to_epoch_iter:
             return self.dataset_to_epoch_iter[dataset]
         dataset.set_epoch(epoch)
-        with data_utils.numpy_seed(seed + epoch):
+        # A run that never stops builds this iterator once, in epoch 1, and reuses it: a run resumed in a
+        # later epoch must cut the same batches, so a reused iterator's sample order is epoch 1's.
+        with data_utils.numpy_seed(seed + (1 if reuse else epoch)):
             indices = dataset.ordered_indices()
         if max_positions is not None:
             indices = self.filter_indices_by_size(indices, dataset, max_positions, ignore_invalid_inputs)

@@ -55,6 +55,10 @@ def test_exported_adapter_and_merged_weights_reproduce_the_logits(lora_run, tmp_
         adapter = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
         torch.testing.assert_close(adapter(input_ids=input_ids).logits, expected)
         assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+        # the shipped model has no weight files: the export writes the base's initial weights beside the adapter
+        written_base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "adapter" / "base"))
+        adapter = PeftModel.from_pretrained(written_base, str(tmp_path / "adapter")).eval()
+        torch.testing.assert_close(adapter(input_ids=input_ids).logits, expected)
 
         export_hf(checkpoint, str(tmp_path / "merged"), merge_lora=True)
         merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
