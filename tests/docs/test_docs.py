@@ -1,0 +1,55 @@
+"""Every shell command and Python snippet of README.md and the example's docs runs as written.
+
+The commands are read from the Markdown (``tests/docs/snippets.py``) and run in order, one scratch copy of
+the checkout per file, scaled down by environment only: ``MAX_STEPS=2``, ``EVALUATE=0`` and the shipped
+data cut to a few records per split. A block that is not run says why in the Markdown, above its fence.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from tests.docs.snippets import MarkerError, read_snippets, run_markdown
+from tests.helpers import REPO
+
+DOCS = [REPO / "README.md", *sorted((REPO / "cube_examples").glob("*/*.md"))]
+SCALE = {"MAX_STEPS": "2", "EVALUATE": "0"}
+RECORDS = {"train": 64, "valid": 16, "test": 16}
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_documented_commands_run_as_written(doc, tmp_path):
+    log = run_markdown(doc, REPO, tmp_path, SCALE, RECORDS)
+    print("\n".join(log))
+
+
+def write_doc(tmp_path, text: str) -> Path:
+    doc = tmp_path / "DOC.md"
+    doc.write_text(text)
+    return doc
+
+
+def test_a_broken_command_fails_the_doc_test_naming_its_line(tmp_path):
+    doc = write_doc(tmp_path, "# Doc\n\n```bash\nMODEL_ARCH=hf_auto_no_such_head bash cube_examples/finetune_hf_model/run.sh\n```\n")
+    with pytest.raises(AssertionError, match=r"(?s)DOC\.md:3: the bash block exited 2 .*unknown MODEL_ARCH 'hf_auto_no_such_head'"):
+        run_markdown(doc, REPO, tmp_path, SCALE, RECORDS)
+
+
+def test_a_broken_python_snippet_fails_and_markers_are_applied(tmp_path):
+    doc = write_doc(tmp_path, "\n".join([
+        "<!-- doc-test: skip: needs a GPU -->", "```bash", "exit 1", "```",
+        "<!-- doc-test: env GREETING=hi -->", "<!-- doc-test: ci 'exit 3' -> 'exit 0': scaled -->",
+        "```bash", 'test "$GREETING" = hi', "exit 3", "```",
+        "<!-- doc-test: exit 2 -->", "```sh", "exit 2", "```",
+        "```python", "# pkg/__init__.py", "VALUE = 1", "```",
+        "```python", "import sys; sys.path.insert(0, '.')", "from pkg import VALUE", "assert VALUE == 2", "```", ""]))
+    with pytest.raises(AssertionError, match=r"(?s)DOC\.md:19: the python block exited 1 .*AssertionError"):
+        run_markdown(doc, REPO, tmp_path, SCALE, RECORDS)
+
+
+def test_markers_need_a_reason_and_a_known_name(tmp_path):
+    with pytest.raises(MarkerError, match="skip needs a reason"):
+        read_snippets(write_doc(tmp_path, "<!-- doc-test: skip -->\n```bash\ntrue\n```\n"))
+    with pytest.raises(MarkerError, match="unknown doc-test marker 'skipp: x'"):
+        read_snippets(write_doc(tmp_path, "<!-- doc-test: skipp: x -->\n```bash\ntrue\n```\n"))
+
