@@ -11,6 +11,11 @@ HTML comments right above a fence tell the reader, and this runner, how the bloc
     <!-- doc-test: env NAME=VALUE ... -->       extra environment variables for this block
     <!-- doc-test: ci 'OLD' -> 'NEW': REASON --> run with the text OLD replaced by NEW (e.g. fewer updates)
     <!-- doc-test: exit N -->                   the block is expected to exit with status N (an error example)
+    <!-- doc-test: prints -->                   (above a quoted output) each of its lines is in the output of
+                                                the block run last; numbers may differ, ``...`` lines are left out
+
+A quoted output is compared line by line with whitespace runs as one space, ``/path/to/repo`` as the
+checkout, and every number as any number, so its figures need not match digit by digit.
 
 The snippets of one Markdown file run in order, in one scratch copy of the checkout, so a command may use
 what an earlier one wrote (a checkpoint, an exported folder, a user's package).
@@ -53,6 +58,7 @@ class Snippet:
     env: Dict[str, str] = field(default_factory=dict)
     replacements: List[tuple] = field(default_factory=list)  # (old, new)
     exit_status: int = 0
+    prints: bool = False  # a quoted output of the block run before it
 
     @property
     def runs(self) -> bool:
@@ -98,8 +104,10 @@ def _apply_marker(snippet: Snippet, text: str, where: str) -> None:
         snippet.replacements.append((match.group(1), match.group(2)))
     elif name == "exit":
         snippet.exit_status = int(text[len("exit "):])
+    elif name == "prints" and text == "prints":
+        snippet.prints = True
     else:
-        raise MarkerError(f"{where}: unknown doc-test marker '{text}' (skip, env, ci or exit)")
+        raise MarkerError(f"{where}: unknown doc-test marker '{text}' (skip, env, ci, exit or prints)")
 
 
 def read_snippets(path: Path) -> List[Snippet]:
@@ -177,6 +185,25 @@ def run_snippet(snippet: Snippet, checkout: Path, env: Dict[str, str], timeout: 
     return result.returncode, result.stdout + result.stderr
 
 
+NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+def line_pattern(line: str, checkout: Path) -> re.Pattern:
+    """A quoted output line as a pattern: numbers match any number, whitespace runs any whitespace."""
+    parts = []
+    for word in line.replace("/path/to/repo", str(checkout)).split():
+        pieces = NUMBER.split(word)
+        numbers = ["[-+]?\\d+(?:[.,]\\d+)*(?:e[-+]?\\d+)?"] * (len(pieces) - 1)
+        parts.append("".join(re.escape(piece) + (numbers.pop() if numbers else "") for piece in pieces))
+    return re.compile(r"\s+".join(parts))
+
+
+def missing_lines(quoted: str, output: str, checkout: Path) -> List[str]:
+    """The lines of a quoted output that the real output lacks (``...`` lines and blank lines left out)."""
+    return [line for line in quoted.splitlines()
+            if line.strip() and line.strip() != "..." and not line_pattern(line, checkout).search(output)]
+
+
 def failure_report(snippet: Snippet, status: int, output: str, tail: int = 4000) -> str:
     return (f"{snippet.where()}: the {snippet.language} block exited {status} (expected {snippet.exit_status}):\n"
             f"{snippet.command()}--- its output (last {tail} characters) ---\n{output[-tail:]}")
@@ -188,8 +215,15 @@ def run_markdown(path: Path, repo: Path, scratch: Path, scale: Dict[str, str], r
     snippets = read_snippets(path)
     checkout = make_checkout(repo, scratch / "checkout", records)
     env = scaled_env(checkout, scale)
-    log = []
+    log, output = [], ""
     for snippet in snippets:
+        if snippet.prints:
+            missing = missing_lines(snippet.code, output, checkout)
+            if missing:
+                raise AssertionError(f"{snippet.where()}: the quoted output has lines the block above did not print:\n"
+                                     + "\n".join(missing) + f"\n--- what it printed (last 4000 characters) ---\n"
+                                     + output[-4000:])
+            log.append(f"{snippet.where()}: output matches")
         if snippet.language not in RUN_LANGUAGES:
             continue
         if snippet.skip:

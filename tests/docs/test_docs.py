@@ -5,6 +5,8 @@ the checkout per file, scaled down by environment only: ``MAX_STEPS=2``, ``EVALU
 data cut to a few records per split. A block that is not run says why in the Markdown, above its fence.
 """
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -17,10 +19,22 @@ SCALE = {"MAX_STEPS": "2", "EVALUATE": "0"}
 RECORDS = {"train": 64, "valid": 16, "test": 16}
 
 
+@pytest.fixture(scope="module")
+def doc_runs(request, tmp_path_factory):
+    """The selected docs' runs, started at once: the docs are independent (a checkout each) and their processes
+    mostly single-threaded, so they share the machine's cores; each test waits for its own doc."""
+    selected = [item.callspec.params["doc"] for item in request.session.items
+                if getattr(item, "originalname", "") == "test_documented_commands_run_as_written"]
+    pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1))
+    runs = {doc: pool.submit(run_markdown, doc, REPO, tmp_path_factory.mktemp(doc.stem), SCALE, RECORDS)
+            for doc in selected}
+    yield runs
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
-def test_documented_commands_run_as_written(doc, tmp_path):
-    log = run_markdown(doc, REPO, tmp_path, SCALE, RECORDS)
-    print("\n".join(log))
+def test_documented_commands_run_as_written(doc, doc_runs):
+    print("\n".join(doc_runs[doc].result()))
 
 
 def write_doc(tmp_path, text: str) -> Path:
@@ -53,3 +67,14 @@ def test_markers_need_a_reason_and_a_known_name(tmp_path):
     with pytest.raises(MarkerError, match="unknown doc-test marker 'skipp: x'"):
         read_snippets(write_doc(tmp_path, "<!-- doc-test: skipp: x -->\n```bash\ntrue\n```\n"))
 
+
+
+def test_quoted_outputs_are_compared_with_numbers_as_any_number(tmp_path):
+    run = ["```bash", 'echo "fairseq_ext: error: no plan fits MEM_PER_GPU=20: needs 24.3 GB in $PWD"', "```",
+           "<!-- doc-test: prints -->", "```"]
+    doc = write_doc(tmp_path, "\n".join(run + ["fairseq_ext: error: no plan fits MEM_PER_GPU=8: needs 9 GB in /path/to/repo",
+                                               "...", "```", ""]))
+    assert run_markdown(doc, REPO, tmp_path / "a", SCALE, RECORDS)[-1].endswith("output matches")
+    doc = write_doc(tmp_path, "\n".join(run + ["fairseq_ext: error: no plan fits MEM_PER_GPU=8: needs 9 GiB", "```", ""]))
+    with pytest.raises(AssertionError, match=r"DOC\.md:5: the quoted output has lines .*\n.*needs 9 GiB"):
+        run_markdown(doc, REPO, tmp_path / "b", SCALE, RECORDS)
