@@ -61,10 +61,6 @@ class Snippet:
     prints: bool = False  # a quoted output of the block run before it
 
     @property
-    def runs(self) -> bool:
-        return self.language in RUN_LANGUAGES and self.skip is None
-
-    @property
     def target_file(self) -> Optional[str]:
         """The file this Python snippet is the code of (its first line names it), else None."""
         if self.language != "python":
@@ -154,7 +150,7 @@ def make_checkout(repo: Path, destination: Path, records: Dict[str, int]) -> Pat
     return destination
 
 
-def scaled_env(checkout: Path, scale: Dict[str, str]) -> Dict[str, str]:
+def scaled_env(scale: Dict[str, str]) -> Dict[str, str]:
     """The environment of a user who activated the venv, plus the scaling-down variables."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     bin_dir = Path(sys.executable).parent
@@ -214,7 +210,7 @@ def run_markdown(path: Path, repo: Path, scratch: Path, scale: Dict[str, str], r
     and raises AssertionError at the first one whose exit status is not the expected one."""
     snippets = read_snippets(path)
     checkout = make_checkout(repo, scratch / "checkout", records)
-    env = scaled_env(checkout, scale)
+    env = scaled_env(scale)
     log, output = [], ""
     for snippet in snippets:
         if snippet.prints:
