@@ -117,7 +117,8 @@ def read_snippets(path: Path) -> List[Snippet]:
             continue
         indent, fence, language = opening.groups()
         body, end = [], index + 1
-        while end < len(lines) and not (lines[end].strip().startswith(fence) and lines[end].strip(fence[0]).strip() == ""):
+        while end < len(lines) and not (lines[end].strip().startswith(fence)
+                                        and lines[end].strip(fence[0]).strip() == ""):
             body.append(lines[end][len(indent):] if lines[end].startswith(indent) else lines[end].lstrip())
             end += 1
         snippet = Snippet(Path(path), index + 1, language.lower(), "\n".join(body) + "\n")

@@ -44,8 +44,10 @@ def write_doc(tmp_path, text: str) -> Path:
 
 
 def test_a_broken_command_fails_the_doc_test_naming_its_line(tmp_path):
-    doc = write_doc(tmp_path, "# Doc\n\n```bash\nMODEL_ARCH=hf_auto_no_such_head bash cube_examples/finetune_hf_model/run.sh\n```\n")
-    with pytest.raises(AssertionError, match=r"(?s)DOC\.md:3: the bash block exited 2 .*unknown MODEL_ARCH 'hf_auto_no_such_head'"):
+    broken = "MODEL_ARCH=hf_auto_no_such_head bash cube_examples/finetune_hf_model/run.sh"  # a head renamed away
+    doc = write_doc(tmp_path, f"# Doc\n\n```bash\n{broken}\n```\n")
+    with pytest.raises(AssertionError,
+                       match=r"(?s)DOC\.md:3: the bash block exited 2 .*unknown MODEL_ARCH 'hf_auto_no_such_head'"):
         run_markdown(doc, REPO, tmp_path, SCALE, RECORDS)
 
 
@@ -72,9 +74,10 @@ def test_markers_need_a_reason_and_a_known_name(tmp_path):
 def test_quoted_outputs_are_compared_with_numbers_as_any_number(tmp_path):
     run = ["```bash", 'echo "fairseq_ext: error: no plan fits MEM_PER_GPU=20: needs 24.3 GB in $PWD"', "```",
            "<!-- doc-test: prints -->", "```"]
-    doc = write_doc(tmp_path, "\n".join(run + ["fairseq_ext: error: no plan fits MEM_PER_GPU=8: needs 9 GB in /path/to/repo",
-                                               "...", "```", ""]))
+    quoted = "fairseq_ext: error: no plan fits MEM_PER_GPU=8: needs 9 GB in /path/to/repo"
+    doc = write_doc(tmp_path, "\n".join(run + [quoted, "...", "```", ""]))
     assert run_markdown(doc, REPO, tmp_path / "a", SCALE, RECORDS)[-1].endswith("output matches")
-    doc = write_doc(tmp_path, "\n".join(run + ["fairseq_ext: error: no plan fits MEM_PER_GPU=8: needs 9 GiB", "```", ""]))
+    quoted = "fairseq_ext: error: no plan fits MEM_PER_GPU=8: needs 9 GiB"
+    doc = write_doc(tmp_path, "\n".join(run + [quoted, "```", ""]))
     with pytest.raises(AssertionError, match=r"DOC\.md:5: the quoted output has lines .*\n.*needs 9 GiB"):
         run_markdown(doc, REPO, tmp_path / "b", SCALE, RECORDS)
