@@ -12,7 +12,10 @@ initialised under ``--seed`` exactly as fairseq-train does.
 """
 
 import argparse
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the fairseq_ext beside this script
 
 from fairseq_ext.cube.checkpoint import load_initial, load_trained
 from fairseq_ext.errors import PREFIX, UserInputError

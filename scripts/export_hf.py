@@ -11,7 +11,10 @@ the folder its file names, into full tensors in this one process, whatever plan 
 """
 
 import argparse
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the fairseq_ext beside this script
 
 from fairseq_ext.cube.checkpoint import export_hf
 from fairseq_ext.errors import PREFIX, UserInputError

@@ -13,6 +13,8 @@ import argparse
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the fairseq_ext beside this script
+
 from fairseq_ext.cube.compile import CompileSettings, compile_plan, format_report
 from fairseq_ext.cube.cost import GIB, Hardware
 from fairseq_ext.cube.plan import PIPELINE_SCHEDULES

@@ -154,6 +154,8 @@ if [[ -n $PROFILE_UPDATES ]]; then
     [[ $PROFILE_UPDATES =~ ^[1-9][0-9]*(:[1-9][0-9]*)?$ ]] || fail "PROFILE_UPDATES must be FIRST:LAST updates counted from 1, e.g. 8:10, got '$PROFILE_UPDATES'"
     PRECISION_ARGS+=(--profile-updates "$PROFILE_UPDATES" --profile-dir "${PROFILE_DIR:-$OUTPUT_DIR/profile}")
 fi
+RECOMPUTE_ARGS=()  # only when set: a user's model may have no such flag
+if [[ -n $RECOMPUTE_MODULE_NAMES ]]; then RECOMPUTE_ARGS=(--recompute-module-names "$RECOMPUTE_MODULE_NAMES"); fi
 LORA_ARGS=()
 if [[ $USE_LORA == 1 ]]; then LORA_ARGS=(--use-lora --lora-config "$LORA_CONFIG"); fi
 
@@ -181,7 +183,7 @@ TRAIN_ARGS=(
     "$DATA" --user-dir "$USER_DIR" --task hf_finetune --arch "$MODEL_ARCH"
     --hf-model-name-or-path "$HUGGINGFACE_MODEL_NAME_OR_PATH"
     --dataset-type "$DATASET_TYPE" --dataset-name "$DATASET_NAME" --prompt-type "$PROMPT_TYPE"
-    "${PRECISION_ARGS[@]}" "${LORA_ARGS[@]}" "${ZERO_ARGS[@]}" "${PLAN_ARGS[@]}" --recompute-module-names "$RECOMPUTE_MODULE_NAMES"
+    "${PRECISION_ARGS[@]}" "${LORA_ARGS[@]}" "${ZERO_ARGS[@]}" "${PLAN_ARGS[@]}" "${RECOMPUTE_ARGS[@]}"
     --sequence-length "$SEQUENCE_LENGTH" --batch-size "$BATCH_SIZE" --update-freq "$GRADIENT_ACCU_NUM"
     --max-update "$MAX_STEPS" --lr-scheduler polynomial_decay --warmup-updates "$WARMUP_STEPS"
     --total-num-update "$MAX_STEPS" --seed "$SEED"

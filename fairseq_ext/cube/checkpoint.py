@@ -8,9 +8,11 @@ beside its destination and renamed into place.
 """
 
 import contextlib
+import importlib.util
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -36,11 +38,37 @@ def load_trained(checkpoint_path: str, arg_overrides: Optional[Dict] = None) -> 
         raise UserInputError(f"checkpoint {checkpoint_path}: no such file")
     state = read_checkpoint(checkpoint_path, arg_overrides=arg_overrides, optimizer=False)  # full or sharded
     cfg = state["cfg"]
+    cfg.common.user_dir = user_dir_here(cfg.common.user_dir)
     utils.import_user_module(cfg.common)  # a user's --user-dir registers its dataset types, templates, models
     task = tasks.setup_task(cfg.task)
     model = task.build_model(cfg.model)
     model.load_state_dict(state["model"], strict=True)
     return cfg, task, model.eval()
+
+
+def user_dir_here(user_dir: Optional[str]) -> Optional[str]:
+    """The --user-dir a checkpoint recorded, as this process can import it.
+
+    A package of that name already imported from another folder (``fairseq_ext`` of a checkout that was
+    copied or moved since training, which the scripts import from beside themselves) is the one used:
+    fairseq refuses to import a second package of the same name. A recorded folder that no longer exists
+    is one clear error.
+    """
+    if not user_dir:
+        return user_dir
+    path = os.path.abspath(user_dir)
+    loaded = sys.modules.get(os.path.basename(path.rstrip(os.sep)))
+    if loaded is not None and getattr(loaded, "__file__", None):
+        here = os.path.dirname(os.path.abspath(loaded.__file__))
+        if path not in list(getattr(loaded, "__path__", [])):
+            return here
+    if os.path.exists(path):
+        return user_dir
+    spec = importlib.util.find_spec(os.path.basename(path.rstrip(os.sep)))
+    if spec is not None and spec.submodule_search_locations:
+        return list(spec.submodule_search_locations)[0]
+    raise UserInputError(f"the checkpoint was trained with --user-dir {user_dir}, which does not exist any more; "
+                         "put that package back at this path, or on PYTHONPATH, and run again")
 
 
 def load_initial(train_args: Sequence[str]) -> Tuple[object, object, object]:

@@ -92,6 +92,17 @@ class TokenizedDataset(FairseqDataset):
     def size(self, index: int) -> int:
         return int(self.sizes[index])
 
+    def batch_by_size(self, indices, max_tokens=None, max_sentences=None, required_batch_size_multiple=1):
+        """fairseq's batches, and the samples they leave out: this fairseq drops a last batch whose size is no
+        multiple of ``--required-batch-size-multiple`` (default 8), which empties a split of fewer samples (a
+        small valid split, or one packed into a few rows). Those samples come as one last, smaller batch."""
+        batches = list(super().batch_by_size(indices, max_tokens=max_tokens, max_sentences=max_sentences,
+                                             required_batch_size_multiple=required_batch_size_multiple))
+        covered = sum(len(batch) for batch in batches)  # fairseq's batches cover the indices in order
+        if covered < len(indices):
+            batches.append(np.asarray(indices[covered:], dtype=np.int64))
+        return batches
+
     def ordered_indices(self) -> np.ndarray:
         if self.groups is not None:
             return self._grouped_order()

@@ -148,11 +148,13 @@ class HFAutoModel(BaseFairseqModel):
             return self
         return super().train(mode)
 
-
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
+        if getattr(self.hf_model.config, "use_cache", None):
+            # a key/value cache is for generation; a recomputed layer would append its keys to it twice
+            inputs["use_cache"] = False
         return self.output(self.hf_model(**inputs))
 
     def output(self, hf_output):

@@ -106,6 +106,19 @@ def test_all_samples_dropped_is_an_error():
         truncate(samples, layout, max_length=2, split="valid")
 
 
+@pytest.mark.parametrize("num_samples, sizes", [(5, [5]), (6, [6]), (45, [32, 8, 5]), (200, [32] * 6 + [8])])
+def test_batches_keep_every_sample_under_the_required_batch_size_multiple(num_samples, sizes):
+    """fairseq drops a last batch whose size is no multiple of --required-batch-size-multiple; a split of
+    fewer samples than that (a small valid split, or one packed into a few rows) would make no batch."""
+    ds = TokenizedDataset(datasets.Dataset.from_dict({"input_ids": [[1] * 4] * num_samples,
+                                                      "labels": [[1] * 4] * num_samples}),
+                          get_layout("causal_lm"), pad_id=0, shuffle=False)
+    indices = ds.ordered_indices()
+    batches = ds.batch_by_size(indices, max_sentences=32, required_batch_size_multiple=8)
+    assert [len(b) for b in batches] == sizes
+    assert np.concatenate(batches).tolist() == indices.tolist()
+
+
 def test_ordered_indices_sort_by_length_after_shuffle():
     lengths = [5, 2, 9, 2, 7]
     ds = TokenizedDataset(datasets.Dataset.from_dict({"input_ids": [[1] * n for n in lengths],
