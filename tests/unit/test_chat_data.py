@@ -147,3 +147,16 @@ def test_chat_split_from_every_file_format(tmp_path, tokenizer, suffix):
     expected = [tokenize_conversation(tokenizer, resolve_chat_template("", tokenizer), r["messages"]) for r in records]
     assert [list(x) for x in samples["labels"]] == [e["labels"] for e in expected]
     assert [list(x) for x in samples["input_ids"]] == [e["input_ids"] for e in expected]
+
+
+def test_chat_samples_pack(tmp_path, tokenizer):
+    from fairseq_ext.data.packing import pack
+
+    write(tmp_path, [{"messages": TURNS}, {"messages": [SYSTEM, *TURNS[:2]]}, {"messages": TURNS[:4]}])
+    samples = build_chat_split(cfg(tmp_path), "train", tokenizer)
+    packed = pack(samples, 512, "train")
+    assert len(packed) == 1
+    row = packed[0]
+    assert sum(len(ids) for ids in samples["input_ids"]) == len(row["input_ids"])
+    assert sorted(t for t in row["labels"] if t != IGNORE_INDEX) == sorted(
+        t for labels in samples["labels"] for t in labels[1:] if t != IGNORE_INDEX)
