@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -30,6 +29,7 @@ import datasets
 from filelock import FileLock
 
 from . import sources
+from .sources import progress_on_stdout
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +56,6 @@ def num_processes(num_records: int) -> Optional[int]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     wanted = min(cores, num_records // MIN_RECORDS_PER_PROCESS)
     return wanted if wanted > 1 else None
-
-
-@contextlib.contextmanager
-def progress_on_stdout():
-    """datasets' progress bars on stdout: run.sh keeps the workers' stderr in a file and shows it only on failure."""
-    with contextlib.redirect_stderr(sys.stdout):
-        yield
 
 
 def tokenize_map(records: datasets.Dataset, function: Callable, desc: str, batch_size: int = 1000,

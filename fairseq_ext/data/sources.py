@@ -13,9 +13,11 @@ the file and the line or record.
 """
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -95,9 +97,17 @@ def scratch_dir() -> str:
     return _scratch[0]
 
 
+@contextlib.contextmanager
+def progress_on_stdout():
+    """datasets' progress bars on stdout: run.sh keeps the workers' stderr in a file and shows it only on failure."""
+    with contextlib.redirect_stderr(sys.stdout):
+        yield
+
+
 def _load_file(source: SplitSource, cache_dir: str) -> datasets.Dataset:
     builder = "parquet" if source.kind == "parquet" else "json"
-    return datasets.load_dataset(builder, data_files=source.path, split="train", cache_dir=cache_dir)
+    with progress_on_stdout():
+        return datasets.load_dataset(builder, data_files=source.path, split="train", cache_dir=cache_dir)
 
 
 def load_source(source: SplitSource, cache_dir: Optional[str] = None) -> datasets.Dataset:
