@@ -14,8 +14,7 @@ def test_chat_run_learns_the_last_assistant_turn(tmp_path):
     assert "DATASET_NAME                     toy_chat" in result.stdout
     before, after = exact_match(result.stdout, "before"), exact_match(result.stdout, "after")
     assert before < 2.0 and after > before + 10.0, (before, after)
-    log = (tmp_path / "out" / "log" / "train.log").read_text()
-    assert "split train: 2000 samples; 0 truncated to SEQUENCE_LENGTH=512, 0 dropped" in log
+    assert "split train: 2000 samples; 0 truncated to SEQUENCE_LENGTH=512, 0 dropped" in result.stdout
     folders = sorted(p.name.split("-")[0] for p in cache.iterdir() if p.is_dir())
     assert folders == ["train", "valid"]
     for folder in cache.iterdir():
