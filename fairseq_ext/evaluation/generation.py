@@ -9,7 +9,7 @@ from ..data.chat import BadRecord, conversation, prompt_and_answer, read_chat_re
 from ..data.chat_templates import ChatTemplate, end_of_turn, resolve_chat_template
 from ..data.instruction import FIELDS, encode_prompt
 from ..data.prompts import get_prompt_template
-from ..data.sources import find_split_source, load_split_records
+from ..data.sources import find_split_source, load_source, load_split_records
 from ..errors import UserInputError
 from .metric import Metric, ratio
 
@@ -76,11 +76,10 @@ def chat_exact_match(hf_model, tokenizer, conversations: Sequence[List[Dict[str,
 
 
 def evaluate_generation(model, task, split: str) -> List[Metric]:
-    """Exact match on ``split`` where it has records of the instruction or chat type (any file format), for
-    models that wrap a Hugging Face model (which generates); other data has no reference answers here."""
+    """Exact match on ``split`` where it has records (any file format): conversations for ``DATASET_TYPE=chat``,
+    instruction records otherwise, for models that wrap a Hugging Face model (which generates)."""
     cfg = task.cfg
-    if not hasattr(model, "hf_model") or cfg.dataset_type not in ("instruction", "chat") \
-            or find_split_source(cfg.data, cfg.dataset_name, split) is None:
+    if not hasattr(model, "hf_model") or find_split_source(cfg.data, cfg.dataset_name, split) is None:
         return []
     if cfg.dataset_type == "chat":
         records, where = read_chat_records(cfg, split)
@@ -92,5 +91,8 @@ def evaluate_generation(model, task, split: str) -> List[Metric]:
                 raise UserInputError(f"{where}: record {index + 1}: {err}") from None
         template = resolve_chat_template(cfg.chat_template, task.tokenizer)
         return [chat_exact_match(model.hf_model, task.tokenizer, conversations, template)]
+    source = find_split_source(cfg.data, cfg.dataset_name, split)
+    if source.kind == "disk_dict" and not set(FIELDS) <= set(load_source(source).column_names):
+        return []  # a save_to_disk folder of text or token ids: no reference answers
     records, _ = load_split_records(cfg.data, cfg.dataset_name, split, FIELDS, optional={"input": str})
     return [exact_match(model.hf_model, task.tokenizer, list(records), cfg.prompt_type)]
