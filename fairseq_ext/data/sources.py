@@ -122,8 +122,8 @@ def load_source(source: SplitSource, cache_dir: Optional[str] = None) -> dataset
     try:
         return _load_file(source, cache_dir or scratch_dir())
     except Exception as err:  # noqa: BLE001 -- any failure of the fast reader is explained by the exact one below
-        if source.kind == "json":
-            read_json_records(source.path)  # raises with the file and line of the first bad record
+        if source.kind == "json" and not read_json_records(source.path):  # raises naming the first bad line
+            raise UserInputError(f"{source.path}: the split is empty; it needs at least one record") from None
         cause = err.__cause__ or err
         raise UserInputError(f"{source.path}: cannot be read as {source.kind} records "
                              f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})") from None
