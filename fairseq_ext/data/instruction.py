@@ -1,16 +1,22 @@
 """The ``instruction`` dataset type: alpaca-style records, prompt tokens masked out of the loss.
 
-Files: ``{data}/{dataset_name}_{split}.json`` (JSON lines or one JSON list) whose records hold
-``instruction`` and ``output`` strings and an optional ``input`` string.
+Records (``{data}/{dataset_name}_{split}.json``, ``.jsonl``, ``.parquet`` or a ``save_to_disk`` folder; see
+``sources.py``) hold ``instruction`` and ``output`` strings and an optional ``input`` string.
 """
 
 from typing import Dict, List
 
+import datasets
+
 from ..errors import UserInputError
 from .layouts import IGNORE_INDEX
 from .prompts import get_prompt_template
+from .preprocess import token_features, tokenize_map
 from .records import read_split, require_fields, split_path
 from .registry import register_dataset_type
+from .sources import load_split_records
+
+FIELDS = {"instruction": str, "output": str}
 
 __all__ = ["IGNORE_INDEX", "read_instruction_records", "tokenize_instruction", "tokenize_records"]
 
@@ -56,7 +62,35 @@ def tokenize_records(records: List[Dict], tokenizer, prompt_type: str) -> List[D
     ]
 
 
+def tokenize_instruction_batch(batch: Dict[str, list], tokenizer, prompt_type: str) -> Dict[str, list]:
+    """``datasets.map`` function: :func:`tokenize_instruction` for a batch of records, tokenized in one call each
+    for the prompts and for the answers."""
+    if tokenizer.eos_token_id is None:
+        raise UserInputError("the tokenizer has no EOS token; set eos_token in its tokenizer_config.json")
+    template = get_prompt_template(prompt_type)
+    inputs = batch.get("input") or [""] * len(batch["instruction"])
+    prompts = [template.render(i, x or "") for i, x in zip(batch["instruction"], inputs)]
+    prompt_ids = tokenizer(prompts)["input_ids"]
+    answer_ids = tokenizer(batch["output"], add_special_tokens=False)["input_ids"]
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    out = {"input_ids": [], "labels": []}
+    for prompt, answer in zip(prompt_ids, answer_ids):
+        if prompt and prompt[-1] == eos and eos != bos:
+            prompt = prompt[:-1]  # tokenizers like T5's append EOS to every text
+        answer = answer + [eos]
+        out["input_ids"].append(prompt + answer)
+        out["labels"].append([IGNORE_INDEX] * len(prompt) + answer)
+    return out
+
+
+def tokenize_instruction_dataset(records: datasets.Dataset, tokenizer, prompt_type: str, split: str) -> datasets.Dataset:
+    """Samples of instruction records held in a Dataset (batched map over processes, Arrow files)."""
+    return tokenize_map(records, tokenize_instruction_batch, desc=f"tokenizing {split}", features=token_features(),
+                        fn_kwargs={"tokenizer": tokenizer, "prompt_type": prompt_type})
+
+
 @register_dataset_type("instruction")
-def build_instruction_split(cfg, split: str, tokenizer) -> List[Dict[str, List[int]]]:
+def build_instruction_split(cfg, split: str, tokenizer) -> datasets.Dataset:
     """Builder for ``DATASET_TYPE=instruction``."""
-    return tokenize_records(read_instruction_records(cfg.data, cfg.dataset_name, split), tokenizer, cfg.prompt_type)
+    records, _ = load_split_records(cfg.data, cfg.dataset_name, split, FIELDS, optional={"input": str})
+    return tokenize_instruction_dataset(records, tokenizer, cfg.prompt_type, split)

@@ -46,6 +46,9 @@ class SampleLayout:
     sequence_columns: Dict[str, Optional[int]] = {}  # column -> pad value (PAD: the tokenizer's pad id)
     scalar_columns: Sequence[str] = ()
     optional_sequence_columns: Dict[str, Optional[int]] = {"token_type_ids": 0}
+    size_columns: Sequence[str] = ("input_ids",)  # size() is the longest of these (read column-wise for large data)
+    # (column, first position) when trainable() means "a label other than -100 from that position on"
+    trained_labels: Optional[tuple] = None
 
     def columns(self, available: Sequence[str]) -> List[str]:
         """The columns this layout reads, after checking the required ones are there."""
@@ -103,6 +106,7 @@ class SampleLayout:
 
 class CausalLMLayout(SampleLayout):
     name = "causal_lm"
+    trained_labels = ("labels", 1)
     sequence_columns = {"input_ids": PAD, "labels": IGNORE_INDEX}
     # packed rows (data/packing.py): padding gets position 0, so each pad token is a sequence of its own
     optional_sequence_columns = {**SampleLayout.optional_sequence_columns, "position_ids": 0}
@@ -125,6 +129,8 @@ class CausalLMLayout(SampleLayout):
 
 class Seq2SeqLMLayout(SampleLayout):
     name = "seq2seq_lm"
+    size_columns = ("input_ids", "labels")
+    trained_labels = ("labels", 0)
     sequence_columns = {"input_ids": PAD, "labels": IGNORE_INDEX}
 
     def prepare(self, row):
@@ -159,6 +165,7 @@ class SequenceClassificationLayout(SampleLayout):
 
 class TokenClassificationLayout(SampleLayout):
     name = "token_cls"
+    trained_labels = ("labels", 0)
     sequence_columns = {"input_ids": PAD, "labels": IGNORE_INDEX}
 
     def trainable(self, row):
@@ -188,6 +195,7 @@ class EmbeddingLayout(SampleLayout):
     """Text pairs for sentence embeddings: the criterion encodes ``net_input`` and ``pair_input``."""
 
     name = "embedding"
+    size_columns = ("input_ids", "pair_input_ids")
     sequence_columns = {"input_ids": PAD, "pair_input_ids": PAD}
     optional_sequence_columns = {}
 

@@ -81,9 +81,17 @@ def split_path(data_dir: str, dataset_name: str, split: str) -> str:
 
 
 def read_split(data_dir: str, dataset_name: str, split: str, fields: Union[Sequence[str], Dict[str, type]]) -> List[Dict]:
-    """Read and validate the records of one split; an empty split is a UserInputError."""
+    """Read and validate the records of one split as a list; an empty split is a UserInputError.
+    ``{name}_{split}.json`` is read here (errors by line); the other formats of ``sources.py`` through datasets."""
+    from .sources import find_split_source, load_source
+
     path = split_path(data_dir, dataset_name, split)
-    records = read_json_records(path)
+    source = None if os.path.isfile(path) else find_split_source(data_dir, dataset_name, split)
+    if source is not None:
+        path = source.describe()
+        records = [{k: v for k, v in r.items() if v is not None} for r in load_source(source)]
+    else:
+        records = read_json_records(path)
     if not records:
         raise UserInputError(f"{path}: the split is empty; it needs at least one record")
     require_fields(records, fields, path)
@@ -95,5 +103,7 @@ SPLITS = ("train", "valid", "test")
 
 def read_present_splits(data_dir: str, dataset_name: str, fields) -> Dict[str, List[Dict]]:
     """Records of train (required) and of valid and test where their files exist, keyed by split."""
+    from .sources import find_split_source
+
     return {split: read_split(data_dir, dataset_name, split, fields) for split in SPLITS
-            if split == "train" or os.path.isfile(split_path(data_dir, dataset_name, split))}
+            if split == "train" or find_split_source(data_dir, dataset_name, split) is not None}

@@ -1,15 +1,17 @@
 """Tokenized samples as a fairseq dataset: truncation, length-aware ordering, dynamic padding."""
 
 import logging
-from typing import Dict, List, Union
+from typing import Dict, List, Optional, Union
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from fairseq.data import FairseqDataset
 
 from ..errors import UserInputError
-from .layouts import SampleLayout
+from .layouts import IGNORE_INDEX, SampleLayout
+from .preprocess import scratch_file
 
 logger = logging.getLogger(__name__)
 
@@ -23,33 +25,80 @@ def to_hf_dataset(samples: Union[datasets.Dataset, List[Dict]], layout: SampleLa
     columns = layout.columns(samples.column_names)
     samples = samples.select_columns(columns)
     if type(layout).prepare is not SampleLayout.prepare:
-        samples = samples.map(layout.prepare, keep_in_memory=True)
+        samples = samples.map(layout.prepare, cache_file_name=scratch_file(f"prepare-{samples._fingerprint}"))
     return samples
 
 
-def truncate(samples: datasets.Dataset, layout: SampleLayout, max_length: int, split: str) -> datasets.Dataset:
-    """Cut samples to ``max_length`` tokens, drop those left with nothing to learn, and log the counts."""
+def column_lengths(samples: datasets.Dataset, column: str) -> np.ndarray:
+    """Length of every row's list in ``column``, read from the Arrow offsets (no rows made in Python)."""
+    table = samples.with_format("arrow")[:]
+    return pc.list_value_length(table.column(column)).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def sample_sizes(samples: datasets.Dataset, layout: SampleLayout) -> np.ndarray:
+    """``layout.size`` of every row: the longest of its ``size_columns``."""
+    columns = [c for c in layout.size_columns if c in samples.column_names]
+    if not columns:
+        return np.fromiter((layout.size(row) for row in samples), dtype=np.int64, count=len(samples))
+    return np.maximum.reduce([column_lengths(samples, c) for c in columns])
+
+
+def trained_counts(samples: datasets.Dataset, column: str, first: int) -> np.ndarray:
+    """Per row, the labels other than -100 in ``column`` from position ``first`` on (chunk by chunk)."""
+    counts = []
+    for chunk in samples.with_format("arrow")[:].column(column).chunks:
+        offsets = chunk.offsets.to_numpy().astype(np.int64)
+        trained = np.concatenate([[0], np.cumsum(chunk.values.to_numpy(zero_copy_only=False) != IGNORE_INDEX)])
+        starts = np.minimum(offsets[:-1] + first, offsets[1:])
+        counts.append(trained[offsets[1:]] - trained[starts])
+    return np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
+
+
+def trainable_rows(samples: datasets.Dataset, layout: SampleLayout) -> np.ndarray:
+    """Boolean mask of the rows ``layout.trainable`` keeps (column-wise where the layout says how)."""
+    if layout.trained_labels is not None and layout.trained_labels[0] in samples.column_names:
+        return trained_counts(samples, *layout.trained_labels) > 0
+    if type(layout).trainable is SampleLayout.trainable:
+        return np.ones(len(samples), dtype=bool)
+    return np.fromiter((layout.trainable(row) for row in samples), dtype=bool, count=len(samples))
+
+
+def truncate(samples: datasets.Dataset, layout: SampleLayout, max_length: int, split: str,
+             stats: Optional[Dict] = None) -> datasets.Dataset:
+    """Cut samples to ``max_length`` tokens, drop those left with nothing to learn, and log the counts
+    (also written into ``stats``: samples, truncated, dropped)."""
     sequence_columns = [c for c in samples.column_names
                         if c in layout.sequence_columns or c in layout.optional_sequence_columns]
-    too_long = [i for i, row in enumerate(samples.select_columns(sequence_columns))
-                if any(len(row[c]) > max_length for c in sequence_columns)]
-    if too_long:
-        samples = samples.map(layout.cut, fn_kwargs={"max_length": max_length}, keep_in_memory=True)
-    keep = [i for i, row in enumerate(samples) if layout.trainable(row)]
-    num_dropped = len(samples) - len(keep)
+    longest = np.maximum.reduce([column_lengths(samples, c) for c in sequence_columns])
+    num_too_long = int((longest > max_length).sum())
+    if num_too_long:
+        samples = samples.map(_cut_batch, batched=True, fn_kwargs={"layout": layout, "max_length": max_length},
+                              cache_file_name=scratch_file(f"cut-{samples._fingerprint}-{max_length}"))
+    keep = trainable_rows(samples, layout)
+    num_dropped = int(len(samples) - keep.sum())
     if num_dropped:
-        samples = samples.select(keep, keep_in_memory=True)
-    logger.info(
-        f"split {split}: {len(samples)} samples; {len(too_long)} truncated to SEQUENCE_LENGTH={max_length}, "
-        f"{num_dropped} dropped with nothing left to learn (no answer token or label)"
-    )
-    if too_long:
-        logger.warning(f"split {split}: {len(too_long)} samples were longer than SEQUENCE_LENGTH={max_length} "
-                       f"and were truncated")
+        samples = samples.select(np.flatnonzero(keep))
+    if stats is not None:
+        stats.update(samples=len(samples), truncated=num_too_long, dropped=num_dropped)
+    report_truncation(split, max_length, len(samples), num_too_long, num_dropped)
     if len(samples) == 0:
         raise UserInputError(f"split {split}: no sample has an answer token or label within "
                              f"SEQUENCE_LENGTH={max_length}; raise SEQUENCE_LENGTH")
     return samples
+
+
+def report_truncation(split: str, max_length: int, samples: int, truncated: int, dropped: int) -> None:
+    """Log what truncation did to a split (again when its samples come from the cache)."""
+    logger.info(f"split {split}: {samples} samples; {truncated} truncated to SEQUENCE_LENGTH={max_length}, "
+                f"{dropped} dropped with nothing left to learn (no answer token or label)")
+    if truncated:
+        logger.warning(f"split {split}: {truncated} samples were longer than SEQUENCE_LENGTH={max_length} "
+                       f"and were truncated")
+
+
+def _cut_batch(batch: Dict[str, list], layout: SampleLayout, max_length: int) -> Dict[str, list]:
+    rows = [layout.cut({c: batch[c][i] for c in batch}, max_length) for i in range(len(next(iter(batch.values()))))]
+    return {c: [row[c] for row in rows] for c in batch}
 
 
 class TokenizedDataset(FairseqDataset):
@@ -66,7 +115,7 @@ class TokenizedDataset(FairseqDataset):
         self.layout = layout
         self.pad_id = pad_id
         self.shuffle = shuffle
-        self.sizes = np.fromiter((layout.size(row) for row in samples), dtype=np.int64, count=len(samples))
+        self.sizes = sample_sizes(samples, layout)
         self.groups = None
         if "group" in samples.column_names:
             self.groups = np.unique(np.asarray(samples["group"]), return_inverse=True)[1].reshape(-1)

@@ -19,7 +19,8 @@ from ..data.layouts import get_layout
 from ..data.global_batches import GlobalBatchIterator
 from ..data.packing import pack
 from ..data.registry import get_dataset_builder, get_label_reader
-from ..data.tokenized import TokenizedDataset, to_hf_dataset, truncate
+from ..data.preprocess import cache_key, cache_root, cached_split
+from ..data.tokenized import TokenizedDataset, report_truncation, to_hf_dataset, truncate
 from ..errors import UserInputError
 from ..models.hf_loading import load_tokenizer
 
@@ -39,6 +40,13 @@ class HFFinetuneConfig(CubeConfig):
         "help": "instruction data files are {data}/{dataset_name}_{split}.json"})
     prompt_type: str = field(default="plain", metadata={
         "help": "prompt template for instruction records: alpaca, plain, or one registered by the user"})
+    chat_template: str = field(default="", metadata={
+        "help": "chat data: empty for the tokenizer's own chat_template (chatml when it has none), chatml, or the "
+                "path of a Jinja chat template file"})
+    train_on_all_turns: bool = field(default=False, metadata={
+        "help": "chat data: train on every token of the conversation, not only on the assistant's turns"})
+    data_cache_dir: str = field(default="", metadata={
+        "help": "where tokenized splits are cached (default $FAIRSEQ_EXT_DATA_CACHE or ~/.cache/fairseq_ext/data)"})
     sequence_length: int = field(default=512, metadata={
         "help": "samples longer than this are truncated (counted and reported per split)"})
     precision: str = field(default="fp32", metadata={
@@ -98,14 +106,23 @@ class HFFinetuneTask(FairseqTask):
     def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
         if self.layout is None:
             raise RuntimeError("build the model (or call select_arch) before loading data: the head sets the layout")
+        if self.cfg.pack_sequences and self.layout.name != "causal_lm":
+            raise UserInputError(f"PACK_SEQUENCES=1 packs causal LM samples; the {self.layout.name} head of "
+                                 f"--arch {self._arch} takes one sample per row: set PACK_SEQUENCES=0")
         builder = get_dataset_builder(self.cfg.dataset_type)
-        samples = to_hf_dataset(builder(self.cfg, split, self.tokenizer), self.layout)
-        samples = truncate(samples, self.layout, self.cfg.sequence_length, split)
-        if self.cfg.pack_sequences:
-            if self.layout.name != "causal_lm":
-                raise UserInputError(f"PACK_SEQUENCES=1 packs causal LM samples; the {self.layout.name} head of "
-                                     f"--arch {self._arch} takes one sample per row: set PACK_SEQUENCES=0")
-            samples = pack(samples, self.cfg.sequence_length, split)
+
+        def build():
+            stats = {}
+            samples = to_hf_dataset(builder(self.cfg, split, self.tokenizer), self.layout)
+            samples = truncate(samples, self.layout, self.cfg.sequence_length, split, stats)
+            if self.cfg.pack_sequences:
+                samples = pack(samples, self.cfg.sequence_length, split)
+            return samples, stats
+
+        key = cache_key(self.cfg, split, self.tokenizer, self.layout.name, builder)
+        samples, stats, from_cache = cached_split(key, cache_root(self.cfg), build)
+        if from_cache:
+            report_truncation(split, self.cfg.sequence_length, stats["samples"], stats["truncated"], stats["dropped"])
         self.datasets[split] = TokenizedDataset(samples, self.layout, self.pad_id, shuffle=(split == "train"))
 
     def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, max_positions=None,

@@ -6,10 +6,10 @@ are built from held-out parts of the word pools in :mod:`.vocab`, never seen in 
 
 import os
 
-from . import ner, pairs, qa, sentiment
+from . import chat, ner, pairs, qa, sentiment
 from .common import SPLITS, write_jsonl
 
-DATASETS = {module.DATASET_NAME: module for module in (sentiment, ner, qa, pairs)}
+DATASETS = {module.DATASET_NAME: module for module in (sentiment, ner, qa, pairs, chat)}
 
 
 def write_datasets(data_dir: str) -> None:

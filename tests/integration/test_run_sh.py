@@ -60,7 +60,7 @@ BAD_INPUTS = {
                       r"toy_instructions_valid\.json: line 2: record is missing field 'output'"),
     "empty split": ({"DATA_DIR": {"train": ""}}, r"toy_instructions_train\.json: the split is empty"),
     "unknown PROMPT_TYPE": ({"PROMPT_TYPE": "alpacca"}, r"unknown PROMPT_TYPE 'alpacca'; registered templates: alpaca"),
-    "unknown DATASET_TYPE": ({"DATASET_TYPE": "jsonl"}, r"unknown DATASET_TYPE 'jsonl'; registered types: classification, disk, instruction"),
+    "unknown DATASET_TYPE": ({"DATASET_TYPE": "jsonl"}, r"unknown DATASET_TYPE 'jsonl'; registered types: chat, classification, disk, instruction"),
     "missing model path": ({"HUGGINGFACE_MODEL_NAME_OR_PATH": "no-such-org/no-such-model"},
                            r"model 'no-such-org/no-such-model' is not a local folder and is not in the Hugging Face "
                            r"cache; runs are offline"),
