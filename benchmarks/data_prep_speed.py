@@ -28,8 +28,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RUN_SH = REPO / "cube_examples" / "finetune_hf_model" / "run.sh"
 TINY_LLAMA = REPO / "cube_examples" / "finetune_hf_model" / "model" / "tiny-llama"
-INSTRUCTIONS = ["Summarize the following text.", "Rewrite the passage in plain words.",
-                "List the main points of the text.", "Translate the passage into simple English."]
+INSTRUCTIONS = [
+    "Summarize the following text.",
+    "Rewrite the passage in plain words.",
+    "List the main points of the text.",
+    "Translate the passage into simple English.",
+]
 
 
 def minilm_folder() -> Path:
@@ -47,8 +51,12 @@ def build_model(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(folder)
     config = json.loads((TINY_LLAMA / "config.json").read_text())
-    config.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
-                  pad_token_id=tokenizer.pad_token_id)
+    config.update(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -58,8 +66,11 @@ def build_records(data: Path, count: int, seed: int = 0) -> None:
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
-    vocab = [w for w in AutoTokenizer.from_pretrained(minilm_folder()).get_vocab()
-             if w.isalpha() and w.isascii() and len(w) > 2]
+    vocab = [
+        w
+        for w in AutoTokenizer.from_pretrained(minilm_folder()).get_vocab()
+        if w.isalpha() and w.isascii() and len(w) > 2
+    ]
     rng = random.Random(seed)
     data.mkdir(parents=True, exist_ok=True)
     (data / "parquet").mkdir(exist_ok=True)
@@ -69,8 +80,16 @@ def build_records(data: Path, count: int, seed: int = 0) -> None:
             for _ in range(size):
                 words = rng.choices(vocab, k=rng.randint(210, 270))
                 cut = len(words) * 3 // 4
-                f.write(json.dumps({"instruction": rng.choice(INSTRUCTIONS), "input": " ".join(words[:cut]),
-                                    "output": " ".join(words[cut:])}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "instruction": rng.choice(INSTRUCTIONS),
+                            "input": " ".join(words[:cut]),
+                            "output": " ".join(words[cut:]),
+                        }
+                    )
+                    + "\n"
+                )
         pq.write_table(pj.read_json(path), data / "parquet" / f"bench_{split}.parquet")
 
 
@@ -100,14 +119,30 @@ def high_water_kib(pid: int) -> int:
 def start(data: Path, model: Path, cache: Path, out: Path) -> dict:
     """One run.sh start: seconds to the first update, total seconds, peak RSS (GiB) of any process."""
     shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "DATA_DIR": str(data), "DATASET_NAME": "bench", "HUGGINGFACE_MODEL_NAME_OR_PATH": str(model),
-           "OUTPUT_DIR": str(out), "DATA_CACHE_DIR": str(cache), "MAX_STEPS": "1", "EVALUATE": "0",
-           "SEQUENCE_LENGTH": "512", "BATCH_SIZE": "8", "LOG_INTERVAL": "1",
-           "MASTER_PORT": str(29600 + os.getpid() % 300)}
+    env = {
+        **os.environ,
+        "DATA_DIR": str(data),
+        "DATASET_NAME": "bench",
+        "HUGGINGFACE_MODEL_NAME_OR_PATH": str(model),
+        "OUTPUT_DIR": str(out),
+        "DATA_CACHE_DIR": str(cache),
+        "MAX_STEPS": "1",
+        "EVALUATE": "0",
+        "SEQUENCE_LENGTH": "512",
+        "BATCH_SIZE": "8",
+        "LOG_INTERVAL": "1",
+        "MASTER_PORT": str(29600 + os.getpid() % 300),
+    }
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     began = time.perf_counter()
     train_log = out / "log" / "train.log"
-    proc = subprocess.Popen(["bash", str(RUN_SH), "--disable-validation", "--no-save"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        ["bash", str(RUN_SH), "--disable-validation", "--no-save"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     first_update, peak_kib = None, 0
     while proc.poll() is None:
         peak_kib = max([peak_kib] + [high_water_kib(p) for p in descendants(proc.pid)])
@@ -124,8 +159,12 @@ def start(data: Path, model: Path, cache: Path, out: Path) -> dict:
         first_update = total
     log = (out / "log" / "train.log").read_text()
     samples = [line.split("| INFO | ")[-1] for line in log.splitlines() if "split train:" in line]
-    return {"first_update_s": round(first_update, 1), "total_s": round(total, 1),
-            "peak_rss_gib": round(peak_kib / 2**20, 2), "log": samples[:2]}
+    return {
+        "first_update_s": round(first_update, 1),
+        "total_s": round(total, 1),
+        "peak_rss_gib": round(peak_kib / 2**20, 2),
+        "log": samples[:2],
+    }
 
 
 def main(argv=None) -> None:
@@ -142,8 +181,13 @@ def main(argv=None) -> None:
         build_records(data, args.records)
         print(f"generated {args.records} records in {time.perf_counter() - began:.0f} s")
     build_model(model)
-    results = {"records": args.records, "train_file_mb": round((data / "bench_train.json").stat().st_size / 1e6),
-               "load_before": os.getloadavg(), "cores": os.cpu_count(), "starts": {}}
+    results = {
+        "records": args.records,
+        "train_file_mb": round((data / "bench_train.json").stat().st_size / 1e6),
+        "load_before": os.getloadavg(),
+        "cores": os.cpu_count(),
+        "starts": {},
+    }
     for fmt in args.formats.split(","):
         folder = data if fmt == "jsonl" else data / "parquet"
         cache = work / f"cache_{fmt}_{args.records}"

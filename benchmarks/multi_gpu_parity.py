@@ -34,8 +34,20 @@ PLANS = {
     "dp2": (2, 2, {}, None),
     "tp2": (2, 1, {"PLAN_NGPUS": "2"}, None),
     "pp2_1f1b": (2, 1, {}, dict(plan_ngpus=2, scaling_factor=1, tp=1, pp=2, pp_schedule="1F1B", num_microbatches=2)),
-    "pp2_interleaved": (2, 1, {}, dict(plan_ngpus=2, scaling_factor=1, tp=1, pp=2, pp_schedule="Interleaved1F1B",
-                                       num_microbatches=2, virtual_stages_per_rank=2)),
+    "pp2_interleaved": (
+        2,
+        1,
+        {},
+        dict(
+            plan_ngpus=2,
+            scaling_factor=1,
+            tp=1,
+            pp=2,
+            pp_schedule="Interleaved1F1B",
+            num_microbatches=2,
+            virtual_stages_per_rank=2,
+        ),
+    ),
     "tp2_pp2": (4, 1, {}, dict(plan_ngpus=4, scaling_factor=1, tp=2, pp=2, pp_schedule="1F1B", num_microbatches=2)),
     "tp2_x2units": (4, 2, {"PLAN_NGPUS": "2"}, None),
     "tp2_x2units_zero": (4, 2, {"PLAN_NGPUS": "2", "USE_ZERO": "1"}, None),
@@ -68,12 +80,26 @@ def losses_of(stdout: str) -> dict:
 
 def train(name: str, nproc: int, accumulation: int, variables: dict, out: Path, args) -> dict:
     """Run run.sh once; return {'losses', 'wall', 'rc'}; stdout/stderr kept in out/name.log."""
-    settings = dict(os.environ, **NCCL_ENV, PYTHON=sys.executable, OUTPUT_DIR=str(out / "runs" / name),
-                    MASTER_PORT=str(free_port()), NPROC_PER_NODE=str(nproc), GRADIENT_ACCU_NUM=str(accumulation),
-                    HUGGINGFACE_MODEL_NAME_OR_PATH=str(args.model), MAX_STEPS=str(args.steps),
-                    SAVE_STEPS=str(args.steps), WARMUP_STEPS="10", BATCH_SIZE=str(args.batch_size),
-                    SEQUENCE_LENGTH="128", PRECISION=args.precision, EVALUATE="0", LOG_FORMAT="json",
-                    LOG_INTERVAL="1", **variables)
+    settings = dict(
+        os.environ,
+        **NCCL_ENV,
+        PYTHON=sys.executable,
+        OUTPUT_DIR=str(out / "runs" / name),
+        MASTER_PORT=str(free_port()),
+        NPROC_PER_NODE=str(nproc),
+        GRADIENT_ACCU_NUM=str(accumulation),
+        HUGGINGFACE_MODEL_NAME_OR_PATH=str(args.model),
+        MAX_STEPS=str(args.steps),
+        SAVE_STEPS=str(args.steps),
+        WARMUP_STEPS="10",
+        BATCH_SIZE=str(args.batch_size),
+        SEQUENCE_LENGTH="128",
+        PRECISION=args.precision,
+        EVALUATE="0",
+        LOG_FORMAT="json",
+        LOG_INTERVAL="1",
+        **variables,
+    )
     start = time.time()
     result = subprocess.run(["bash", str(RUN_SH)], capture_output=True, text=True, env=settings)
     (out / f"{name}.log").write_text(result.stdout[-20000:] + "\n---- stderr ----\n" + result.stderr[-20000:])
@@ -115,19 +141,24 @@ def write_tables(results: dict, args) -> None:
         writer.writerow(["step", *names])
         for step in range(1, args.steps + 1):
             writer.writerow([step, *[results[n]["losses"].get(step, "") for n in names]])
-    lines = [f"# bf16 parity over {args.steps} updates (precision {args.precision}, batch {args.batch_size} per "
-             "scale unit, 4-layer tiny Llama)", "",
-             "| plan | rc | wall s | reference | max abs loss diff | mean abs loss diff | final loss | reference final |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# bf16 parity over {args.steps} updates (precision {args.precision}, batch {args.batch_size} per "
+        "scale unit, 4-layer tiny Llama)",
+        "",
+        "| plan | rc | wall s | reference | max abs loss diff | mean abs loss diff | final loss | reference final |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, r in results.items():
         ref = results.get(r.get("reference", ""), {}).get("losses", {})
         steps = sorted(set(r["losses"]) & set(ref))
         diffs = [abs(r["losses"][s] - ref[s]) for s in steps]
         last = r["losses"].get(args.steps, float("nan"))
-        lines.append(f"| {name} | {r['rc']} | {r['wall']:.0f} | {r.get('reference', '-')} | "
-                     f"{max(diffs) if diffs else float('nan'):.4f} | "
-                     f"{sum(diffs) / len(diffs) if diffs else float('nan'):.4f} | {last:.4f} | "
-                     f"{ref.get(args.steps, float('nan')):.4f} |")
+        lines.append(
+            f"| {name} | {r['rc']} | {r['wall']:.0f} | {r.get('reference', '-')} | "
+            f"{max(diffs) if diffs else float('nan'):.4f} | "
+            f"{sum(diffs) / len(diffs) if diffs else float('nan'):.4f} | {last:.4f} | "
+            f"{ref.get(args.steps, float('nan')):.4f} |"
+        )
     (args.out / "parity.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -33,22 +33,47 @@ import single_gpu_speed as single  # noqa: E402
 
 FSDP2 = single.REPO / "benchmarks" / "baseline" / "fsdp2_baseline.py"
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-SHAPES = {"8B": single.MODEL_B, "1.1B": single.MODEL_A,
-          "tiny": dict(single.TINY_MODEL_A, vocab_size=512, max_position_embeddings=256)}
+SHAPES = {
+    "8B": single.MODEL_B,
+    "1.1B": single.MODEL_A,
+    "tiny": dict(single.TINY_MODEL_A, vocab_size=512, max_position_embeddings=256),
+}
 
 
 def run_fsdp2(args, work: Path, env: dict) -> dict:
     """The FSDP2 baseline under torchrun; its result JSON, or {'status': 'failed', ...}."""
     out = work / "fsdp2.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.gpus),
-           "--master-port", str(single.free_port()), str(FSDP2), "--shape", args.shape, "--seq", str(args.seq),
-           "--mb", str(args.mb), "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(args.gpus),
+        "--master-port",
+        str(single.free_port()),
+        str(FSDP2),
+        "--shape",
+        args.shape,
+        "--seq",
+        str(args.seq),
+        "--mb",
+        str(args.mb),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--out",
+        str(out),
+    ]
     cmd += ["--compile"] if args.fsdp2_compile else []
     cmd += ["--checkpoint"] if args.fsdp2_checkpoint else []
     run = single.run_logged(cmd, env, args.out / "fsdp2.log", args.timeout)
     if run["rc"] != 0 or not out.is_file():
-        return dict(status="failed", reason=f"rc {run['rc']}{' (timed out)' if run['timed_out'] else ''}",
-                    error=single.failure_excerpt(args.out / "fsdp2.log")[0])
+        return dict(
+            status="failed",
+            reason=f"rc {run['rc']}{' (timed out)' if run['timed_out'] else ''}",
+            error=single.failure_excerpt(args.out / "fsdp2.log")[0],
+        )
     return dict(json.loads(out.read_text()), status="ok", wall_s=run["wall_s"])
 
 
@@ -61,50 +86,106 @@ def run_ours(args, work: Path, env: dict, extra: str = "", name: str = "ours") -
     data = single.write_dataset(work / "data", shape["vocab_size"], args.seq, rows)
     speed_log = work / f"{name}_speed.jsonl"
     settings = dict(
-        MODEL_ARCH="hf_auto_causal_lm", HUGGINGFACE_MODEL_NAME_OR_PATH=str(model), DATASET_TYPE="disk",
-        DATASET_PATH=str(data), SEQUENCE_LENGTH=str(args.seq), BATCH_SIZE=str(args.mb), GRADIENT_ACCU_NUM="1",
-        MAX_STEPS=str(args.warmup + args.steps), WARMUP_STEPS="0", LEARNING_RATE="1e-5", LOG_INTERVAL="10",
-        LOG_FORMAT="json", EVALUATE="0", OUTPUT_DIR=str(work / name), PRECISION=args.precision,
-        COMPILE=str(int(args.compile)), USE_LORA="0", SPEED_LOG=str(speed_log), SEED="1",
-        NPROC_PER_NODE=str(args.gpus), NNODES="1", NODE_RANK="0", PLAN_NGPUS="1", USE_ZERO="1",
-        CUBE_SCALING_FACTOR=str(args.gpus), MEM_PER_GPU=str(args.mem_per_gpu), MASTER_PORT=str(single.free_port()))
+        MODEL_ARCH="hf_auto_causal_lm",
+        HUGGINGFACE_MODEL_NAME_OR_PATH=str(model),
+        DATASET_TYPE="disk",
+        DATASET_PATH=str(data),
+        SEQUENCE_LENGTH=str(args.seq),
+        BATCH_SIZE=str(args.mb),
+        GRADIENT_ACCU_NUM="1",
+        MAX_STEPS=str(args.warmup + args.steps),
+        WARMUP_STEPS="0",
+        LEARNING_RATE="1e-5",
+        LOG_INTERVAL="10",
+        LOG_FORMAT="json",
+        EVALUATE="0",
+        OUTPUT_DIR=str(work / name),
+        PRECISION=args.precision,
+        COMPILE=str(int(args.compile)),
+        USE_LORA="0",
+        SPEED_LOG=str(speed_log),
+        SEED="1",
+        NPROC_PER_NODE=str(args.gpus),
+        NNODES="1",
+        NODE_RANK="0",
+        PLAN_NGPUS="1",
+        USE_ZERO="1",
+        CUBE_SCALING_FACTOR=str(args.gpus),
+        MEM_PER_GPU=str(args.mem_per_gpu),
+        MASTER_PORT=str(single.free_port()),
+    )
     env = dict(env, PYTHON=sys.executable, **settings)
-    result = dict(settings={k: v for k, v in settings.items() if k not in ("DATASET_PATH", "OUTPUT_DIR")},
-                  extra_args=extra)
+    result = dict(
+        settings={k: v for k, v in settings.items() if k not in ("DATASET_PATH", "OUTPUT_DIR")}, extra_args=extra
+    )
     compiled = single.run_logged(["bash", str(single.RUN_SH), "compile"], env, args.out / f"{name}_compile.log", 300)
     plan_file = work / name / "plan.json"
     if compiled["rc"] != 0 or not plan_file.is_file():
-        return dict(result, status="failed", reason="run.sh compile failed",
-                    error=single.failure_excerpt(args.out / f"{name}_compile.log")[0])
+        return dict(
+            result,
+            status="failed",
+            reason="run.sh compile failed",
+            error=single.failure_excerpt(args.out / f"{name}_compile.log")[0],
+        )
     text = (args.out / f"{name}_compile.log").read_text()
     chosen = re.search(r"chosen plan: (.*?); peak memory ([\d.]+) GB.*?step ([\d.]+) s", text)
     if chosen:
-        result.update(plan_summary=chosen.group(1), predicted_peak_gib=float(chosen.group(2)),
-                      predicted_step_s=float(chosen.group(3)))
+        result.update(
+            plan_summary=chosen.group(1),
+            predicted_peak_gib=float(chosen.group(2)),
+            predicted_step_s=float(chosen.group(3)),
+        )
     result["plan"] = json.loads(plan_file.read_text())
     cmd = ["bash", str(single.RUN_SH), "--no-save", "--disable-validation", *extra.split()]
     run = single.run_logged(cmd, dict(env, PLAN_FILE=str(plan_file)), args.out / f"{name}.log", args.timeout)
     if run["rc"] != 0 or not speed_log.is_file():
-        return dict(result, status="failed", reason=f"run.sh rc {run['rc']}{' (timed out)' if run['timed_out'] else ''}",
-                    error=single.failure_excerpt(args.out / f"{name}.log")[0])
+        return dict(
+            result,
+            status="failed",
+            reason=f"run.sh rc {run['rc']}{' (timed out)' if run['timed_out'] else ''}",
+            error=single.failure_excerpt(args.out / f"{name}.log")[0],
+        )
     summary = single.summarize_speed_log(single.read_speed_log(speed_log), args.warmup)
-    return dict(result, status="ok", wall_s=run["wall_s"], step_median_s=summary["step_median_s"],
-                tokens_per_s_per_gpu=summary["tokens_per_s"], peak_alloc_gib=summary["peak_alloc_gib"],
-                peak_reserved_gib=summary["peak_reserved_gib"], bookkeeping_share=summary["bookkeeping_share"])
+    return dict(
+        result,
+        status="ok",
+        wall_s=run["wall_s"],
+        step_median_s=summary["step_median_s"],
+        tokens_per_s_per_gpu=summary["tokens_per_s"],
+        peak_alloc_gib=summary["peak_alloc_gib"],
+        peak_reserved_gib=summary["peak_reserved_gib"],
+        bookkeeping_share=summary["bookkeeping_share"],
+    )
 
 
 def table(args, fsdp2: dict, ours_runs: list) -> str:
     shape = SHAPES[args.shape]
     fpt = single.flops_per_token(shape, "full", args.seq)
     rate = fsdp2.get("matmul_bf16_flops")
-    lines = [f"# {args.shape} full finetune on {args.gpus} GPUs, seq {args.seq}, {args.mb} sequence(s) per GPU per update",
-             "", f"GPU {fsdp2.get('gpu', '?')}; bf16 matmul {rate / 1e12:.1f} TFLOP/s" if rate else "",
-             "", "| run | tokens/s per GPU | MFU vs 989 | MFU vs matmul | peak GiB (allocated) | step s | notes |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    rows = [("FSDP2 fully_shard" + (" + compile" if args.fsdp2_compile else "")
-             + (" + checkpointing" if args.fsdp2_checkpoint else ""), fsdp2)]
-    rows += [(f"ours: run.sh, PRECISION={args.precision} COMPILE={int(args.compile)}, compile-pass plan"
-              + (f", `{r['extra_args']}`" if r.get("extra_args") else ""), r) for r in ours_runs]
+    lines = [
+        f"# {args.shape} full finetune on {args.gpus} GPUs, seq {args.seq}, {args.mb} sequence(s) per GPU per update",
+        "",
+        f"GPU {fsdp2.get('gpu', '?')}; bf16 matmul {rate / 1e12:.1f} TFLOP/s" if rate else "",
+        "",
+        "| run | tokens/s per GPU | MFU vs 989 | MFU vs matmul | peak GiB (allocated) | step s | notes |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    rows = [
+        (
+            "FSDP2 fully_shard"
+            + (" + compile" if args.fsdp2_compile else "")
+            + (" + checkpointing" if args.fsdp2_checkpoint else ""),
+            fsdp2,
+        )
+    ]
+    rows += [
+        (
+            f"ours: run.sh, PRECISION={args.precision} COMPILE={int(args.compile)}, compile-pass plan"
+            + (f", `{r['extra_args']}`" if r.get("extra_args") else ""),
+            r,
+        )
+        for r in ours_runs
+    ]
     for name, r in rows:
         if r.get("status") != "ok":
             lines.append(f"| {name} | failed | - | - | - | - | {r.get('reason', '')}: {r.get('error', '')} |")
@@ -112,10 +193,14 @@ def table(args, fsdp2: dict, ours_runs: list) -> str:
         tps = r["tokens_per_s_per_gpu"]
         note = ""
         if "predicted_peak_gib" in r:
-            note = (f"plan {r['plan_summary']}; predicted peak {r['predicted_peak_gib']:.1f} GiB (with slack), "
-                    f"step {r['predicted_step_s']:.3f} s; reserved {r['peak_reserved_gib'] or 0:.1f} GiB")
-        lines.append(f"| {name} | {tps:,.0f} | {single.mfu(fpt, tps, single.PEAK_DATASHEET):.1%} | "
-                     f"{single.mfu(fpt, tps, rate) or 0:.1%} | {r['peak_alloc_gib'] or 0:.1f} | {r['step_median_s']:.3f} | {note} |")
+            note = (
+                f"plan {r['plan_summary']}; predicted peak {r['predicted_peak_gib']:.1f} GiB (with slack), "
+                f"step {r['predicted_step_s']:.3f} s; reserved {r['peak_reserved_gib'] or 0:.1f} GiB"
+            )
+        lines.append(
+            f"| {name} | {tps:,.0f} | {single.mfu(fpt, tps, single.PEAK_DATASHEET):.1%} | "
+            f"{single.mfu(fpt, tps, rate) or 0:.1%} | {r['peak_alloc_gib'] or 0:.1f} | {r['step_median_s']:.3f} | {note} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -134,9 +219,14 @@ def main(argv=None) -> int:
     parser.add_argument("--fsdp2-checkpoint", type=int, choices=(0, 1), default=0)
     parser.add_argument("--timeout", type=float, default=300, help="seconds for each training run")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny model, seq 64, fp32, no compile")
-    parser.add_argument("--ours-args", action="append", default=None, metavar="ARGS",
-                        help="more fairseq-train arguments for our run, e.g. --ours-args=--gradient-as-bucket-view; "
-                             "repeat for several runs of ours ('' = none; default: one run without)")
+    parser.add_argument(
+        "--ours-args",
+        action="append",
+        default=None,
+        metavar="ARGS",
+        help="more fairseq-train arguments for our run, e.g. --ours-args=--gradient-as-bucket-view; "
+        "repeat for several runs of ours ('' = none; default: one run without)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.tiny:
@@ -146,15 +236,18 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="multi_gpu_speed_"))
     try:
         fsdp2 = run_fsdp2(args, work, env)
-        ours = [run_ours(args, work, env, extra, "ours" + (f"{i}" if i else ""))
-                for i, extra in enumerate(args.ours_args or [""])]
+        ours = [
+            run_ours(args, work, env, extra, "ours" + (f"{i}" if i else ""))
+            for i, extra in enumerate(args.ours_args or [""])
+        ]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     text = table(args, fsdp2, ours)
     print(text)
     (args.out / "multi_gpu_speed.md").write_text(text)
-    (args.out / "multi_gpu_speed.json").write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()},
-                                                                   fsdp2=fsdp2, ours=ours), indent=1))
+    (args.out / "multi_gpu_speed.json").write_text(
+        json.dumps(dict(args={k: str(v) for k, v in vars(args).items()}, fsdp2=fsdp2, ours=ours), indent=1)
+    )
     return 0
 
 

@@ -27,9 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from single_gpu_speed import MODEL_A, MODEL_B, linear_shapes  # noqa: E402
+
 from fairseq_ext.optim import lean_step, master_step  # noqa: E402
 from fairseq_ext.optim.adamw import MixedPrecisionAdamW  # noqa: E402
-from single_gpu_speed import MODEL_A, MODEL_B, linear_shapes  # noqa: E402
 
 SHAPES = {"1.1B": MODEL_A, "8B": MODEL_B}
 # what the kernel moves: bf16 gradient read; float32 master and moments (bf16 moments and weight for
@@ -70,6 +71,7 @@ def optimizers(precision: str, params: list, scale: torch.Tensor) -> dict:
             module.triton_available = (lambda: True) if fused else (lambda: False)
             optimizer = MixedPrecisionAdamW(params, **settings, lean_states=precision == "bf16-lean")
             return lambda: optimizer.step(grad_scale=scale)
+
         return make
 
     if precision == "bf16-master":
@@ -84,8 +86,11 @@ def optimizers(precision: str, params: list, scale: torch.Tensor) -> dict:
         optimizer = adamw_class(params, **settings, bf16_stochastic_round=True)
         return optimizer.step  # gradients as they are: torchao takes no scale
 
-    return {"triton_one_launch": ours(lean_step, True), "unfused_chunked": ours(lean_step, False),
-            "torchao_bf16_stochastic_round": torchao}
+    return {
+        "triton_one_launch": ours(lean_step, True),
+        "unfused_chunked": ours(lean_step, False),
+        "torchao_bf16_stochastic_round": torchao,
+    }
 
 
 def main(argv=None) -> int:
@@ -105,8 +110,14 @@ def main(argv=None) -> int:
     count = sum(p.numel() for p in params)
     scale = torch.tensor(0.5, device="cuda")
     bytes_per_param = BYTES_PER_PARAM[args.precision]
-    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "precision": args.precision,
-               "shape": args.shape, "params": count, "tensors": len(params)}
+    results = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "precision": args.precision,
+        "shape": args.shape,
+        "params": count,
+        "tensors": len(params),
+    }
     for name, make in optimizers(args.precision, params, scale).items():
         try:  # torchao may not import, or not compile, with this torch: the others still run
             step = make()

@@ -44,36 +44,58 @@ def predict(row: dict, settings: dict, hardware: Hardware) -> dict:
     from transformers import LlamaConfig
 
     shape = settings["shapes"][row["model"]]
-    config = LlamaConfig(**dict(shape, max_position_embeddings=max(shape["max_position_embeddings"], settings["seq"])),
-                         tie_word_embeddings=False, use_cache=False)
+    config = LlamaConfig(
+        **dict(shape, max_position_embeddings=max(shape["max_position_embeddings"], settings["seq"])),
+        tie_word_embeddings=False,
+        use_cache=False,
+    )
     if row.get("plan"):
         plan = Plan(**{k: v for k, v in row["plan"].items() if k != "version"})
     else:
         recompute = tuple(filter(None, (row.get("recompute") or "").split(",")))
         plan = Plan(plan_ngpus=1, scaling_factor=1, tp=1, pp=1, recompute_modules=recompute)
-    profile = profile_model(config, settings["seq"], row["precision"], compiled=bool(row.get("compile")),
-                            lora=lora_of(row, settings))
+    profile = profile_model(
+        config, settings["seq"], row["precision"], compiled=bool(row.get("compile")), lora=lora_of(row, settings)
+    )
     cost = estimate(profile, plan, Workload(row["mb"], settings["seq"]), hardware)
     allocated = (cost.peak_bytes - hardware.workspace_bytes) / (1 + hardware.allocator_slack)
-    group = (f"{row['run']} {row['model']} {row['mode']} {row['precision']} COMPILE={int(bool(row.get('compile')))} "
-             f"mb {row['mb']}")
-    return dict(name=f"{row['run']} {row['name']}", predicted_gib=allocated / GIB, measured_gib=row["peak_alloc_gib"],
-                predicted_s=cost.step_time, measured_s=row["step_median_s"], group=group)
+    group = (
+        f"{row['run']} {row['model']} {row['mode']} {row['precision']} COMPILE={int(bool(row.get('compile')))} "
+        f"mb {row['mb']}"
+    )
+    return dict(
+        name=f"{row['run']} {row['name']}",
+        predicted_gib=allocated / GIB,
+        measured_gib=row["peak_alloc_gib"],
+        predicted_s=cost.step_time,
+        measured_s=row["step_median_s"],
+        group=group,
+    )
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", help="single_gpu_speed.json files")
-    parser.add_argument("--exclude", default="", help="comma-separated 'run row' names to leave out (e.g. measured "
-                                                      "with code the cost model no longer describes)")
-    parser.add_argument("--cost-params", help="a JSON file of cost.Hardware values for the measured GPU "
-                                               "(plan_report.py / run.sh compile --cost-params); default: the H100 defaults")
+    parser.add_argument(
+        "--exclude",
+        default="",
+        help="comma-separated 'run row' names to leave out (e.g. measured "
+        "with code the cost model no longer describes)",
+    )
+    parser.add_argument(
+        "--cost-params",
+        help="a JSON file of cost.Hardware values for the measured GPU "
+        "(plan_report.py / run.sh compile --cost-params); default: the H100 defaults",
+    )
     parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args(argv)
     hardware = Hardware.from_json(args.cost_params) if args.cost_params else Hardware()
     excluded = set(filter(None, args.exclude.split(",")))
-    rows = [predict(row, settings, hardware) for row, settings in measured_rows(args.results)
-            if f"{row['run']} {row['name']}" not in excluded]
+    rows = [
+        predict(row, settings, hardware)
+        for row, settings in measured_rows(args.results)
+        if f"{row['run']} {row['name']}" not in excluded
+    ]
     table = predicted_vs_measured(rows)
     print(table)
     if args.out:

@@ -10,23 +10,28 @@ import csv
 import sys
 from pathlib import Path
 
-REFERENCE = {"tp2": "1gpu_accu1", "pp2_1f1b": "1gpu_accu1", "pp2_interleaved": "1gpu_accu1",
-             "tp2_pp2": "1gpu_accu1", "dp2": "1gpu_accu2", "tp2_x2units": "1gpu_accu2",
-             "tp2_x2units_zero": "1gpu_accu2"}
+REFERENCE = {
+    "tp2": "1gpu_accu1",
+    "pp2_1f1b": "1gpu_accu1",
+    "pp2_interleaved": "1gpu_accu1",
+    "tp2_pp2": "1gpu_accu1",
+    "dp2": "1gpu_accu2",
+    "tp2_x2units": "1gpu_accu2",
+    "tp2_x2units_zero": "1gpu_accu2",
+}
 
 
 def read(path: Path) -> dict:
     with open(path) as f:
         rows = list(csv.DictReader(f))
-    return {name: [float(r[name]) if r[name] else float("nan") for r in rows]
-            for name in rows[0] if name != "step"}
+    return {name: [float(r[name]) if r[name] else float("nan") for r in rows] for name in rows[0] if name != "step"}
 
 
 def main(argv) -> int:
     drop = set()
     if "--drop" in argv:
         at = argv.index("--drop")
-        drop, argv = set(argv[at + 1].split(",")), argv[:at] + argv[at + 2:]
+        drop, argv = set(argv[at + 1].split(",")), argv[:at] + argv[at + 2 :]
     out, runs = Path(argv[0]), [Path(p) for p in argv[1:]]
     merged = {}
     for run in runs:
@@ -42,8 +47,10 @@ def main(argv) -> int:
         for i in range(steps):
             writer.writerow([i + 1, *[merged[n][i] for n in merged]])
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     plans = [n for n in merged if n in REFERENCE]
     fig, axes = plt.subplots(len(plans), 1, figsize=(8, 2.4 * len(plans)), sharex=True)
     for ax, name in zip(axes, plans):

@@ -57,17 +57,38 @@ TINY_LLAMA = REPO / "cube_examples" / "finetune_hf_model" / "model" / "tiny-llam
 BASELINE = REPO / "benchmarks" / "baseline" / "hf_baseline.py"
 
 PEAK_DATASHEET = 989e12  # H100 SXM bf16 dense FLOP/s, as hf_baseline.py
-GIB = 2 ** 30
+GIB = 2**30
 
 # Shapes exactly as hf_baseline.py's MODEL_A / MODEL_B and its ANCHOR_TINY versions (a unit test checks).
 SEQ = 2048
-MODEL_A = dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-               intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048)  # TinyLlama-1.1B
-MODEL_B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192)  # Llama-3-8B
+MODEL_A = dict(
+    hidden_size=2048,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    intermediate_size=5632,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+)  # TinyLlama-1.1B
+MODEL_B = dict(
+    hidden_size=4096,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    intermediate_size=14336,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+)  # Llama-3-8B
 TINY_SEQ = 128
-TINY_MODEL_A = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                    intermediate_size=256, vocab_size=1000, max_position_embeddings=256)
+TINY_MODEL_A = dict(
+    hidden_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=256,
+    vocab_size=1000,
+    max_position_embeddings=256,
+)
 TINY_MODEL_B = dict(TINY_MODEL_A, vocab_size=2000)
 MODEL_LABELS = {"A": "Llama 1.1B", "B": "Llama-3 8B"}
 
@@ -77,44 +98,144 @@ LORA_CONFIG = f"r={LORA_R} lora_alpha=32 lora_dropout=0.0 target_modules={','.jo
 LEARNING_RATE = {"full": "1e-5", "lora": "1e-4"}  # the baseline's
 
 # (model, mode) -> the hf_baseline.py variant our rows of that model and mode are compared with.
-BASELINE_OF = {("A", "full"): "A1_fp32master_autocast", ("A", "lora"): "A5_lora_autocast",
-               ("B", "lora"): "B5_lora_autocast_nogc"}
+BASELINE_OF = {
+    ("A", "full"): "A1_fp32master_autocast",
+    ("A", "lora"): "A5_lora_autocast",
+    ("B", "lora"): "B5_lora_autocast_nogc",
+}
 
 # Our rows: one dict each. precision: run.sh PRECISION; compile: run.sh COMPILE; recompute:
 # RECOMPUTE_MODULE_NAMES; timeout: seconds for the whole run.sh process (model init and compile included).
 VARIANTS = [
     dict(name="1.1B-full-bf16", model="A", mode="full", mb=8, precision="bf16", compile=0, timeout=180),
     dict(name="1.1B-full-bf16master", model="A", mode="full", mb=8, precision="bf16-master", compile=0, timeout=180),
-    dict(name="1.1B-full-bf16master-compile", model="A", mode="full", mb=8, precision="bf16-master", compile=1,
-         timeout=300),
-    dict(name="1.1B-full-bf16master-compile-logitsloss", model="A", mode="full", mb=8, precision="bf16-master",
-         compile=1, timeout=300, args=["--lm-loss-logits"]),
-    dict(name="1.1B-full-bf16master-compile-recompute", model="A", mode="full", mb=8, precision="bf16-master",
-         compile=1, recompute="LlamaDecoderLayer", timeout=300),
+    dict(
+        name="1.1B-full-bf16master-compile",
+        model="A",
+        mode="full",
+        mb=8,
+        precision="bf16-master",
+        compile=1,
+        timeout=300,
+    ),
+    dict(
+        name="1.1B-full-bf16master-compile-logitsloss",
+        model="A",
+        mode="full",
+        mb=8,
+        precision="bf16-master",
+        compile=1,
+        timeout=300,
+        args=["--lm-loss-logits"],
+    ),
+    dict(
+        name="1.1B-full-bf16master-compile-recompute",
+        model="A",
+        mode="full",
+        mb=8,
+        precision="bf16-master",
+        compile=1,
+        recompute="LlamaDecoderLayer",
+        timeout=300,
+    ),
     dict(name="1.1B-full-bf16-compile", model="A", mode="full", mb=8, precision="bf16", compile=1, timeout=300),
     # data of lengths uniform in [seq/8, seq]: padded batches against PACK_SEQUENCES=1 (compare trained tokens/s)
-    dict(name="1.1B-full-bf16master-compile-varlen", model="A", mode="full", mb=8, precision="bf16-master",
-         compile=1, timeout=300, data="varlen"),
-    dict(name="1.1B-full-bf16master-compile-varlen-packed", model="A", mode="full", mb=8, precision="bf16-master",
-         compile=1, timeout=300, data="varlen", pack=1),
-    dict(name="1.1B-full-bf16master-compile-workers2", model="A", mode="full", mb=8, precision="bf16-master",
-         compile=1, timeout=300, args=["--num-workers", "2"]),
-    dict(name="1.1B-full-bf16master-compile-mb16", model="A", mode="full", mb=16, precision="bf16-master", compile=1,
-         timeout=300),
-    dict(name="1.1B-lora-bf16master-compile", model="A", mode="lora", mb=8, precision="bf16-master", compile=1,
-         timeout=300),
-    dict(name="8B-lora-bf16master-compile", model="B", mode="lora", mb=2, precision="bf16-master", compile=1,
-         timeout=420),
-    dict(name="8B-lora-bf16master-compile-mb3", model="B", mode="lora", mb=3, precision="bf16-master", compile=1,
-         timeout=420),
-    dict(name="8B-lora-bf16master-compile-mb4", model="B", mode="lora", mb=4, precision="bf16-master", compile=1,
-         timeout=420),
+    dict(
+        name="1.1B-full-bf16master-compile-varlen",
+        model="A",
+        mode="full",
+        mb=8,
+        precision="bf16-master",
+        compile=1,
+        timeout=300,
+        data="varlen",
+    ),
+    dict(
+        name="1.1B-full-bf16master-compile-varlen-packed",
+        model="A",
+        mode="full",
+        mb=8,
+        precision="bf16-master",
+        compile=1,
+        timeout=300,
+        data="varlen",
+        pack=1,
+    ),
+    dict(
+        name="1.1B-full-bf16master-compile-workers2",
+        model="A",
+        mode="full",
+        mb=8,
+        precision="bf16-master",
+        compile=1,
+        timeout=300,
+        args=["--num-workers", "2"],
+    ),
+    dict(
+        name="1.1B-full-bf16master-compile-mb16",
+        model="A",
+        mode="full",
+        mb=16,
+        precision="bf16-master",
+        compile=1,
+        timeout=300,
+    ),
+    dict(
+        name="1.1B-lora-bf16master-compile",
+        model="A",
+        mode="lora",
+        mb=8,
+        precision="bf16-master",
+        compile=1,
+        timeout=300,
+    ),
+    dict(
+        name="8B-lora-bf16master-compile", model="B", mode="lora", mb=2, precision="bf16-master", compile=1, timeout=420
+    ),
+    dict(
+        name="8B-lora-bf16master-compile-mb3",
+        model="B",
+        mode="lora",
+        mb=3,
+        precision="bf16-master",
+        compile=1,
+        timeout=420,
+    ),
+    dict(
+        name="8B-lora-bf16master-compile-mb4",
+        model="B",
+        mode="lora",
+        mb=4,
+        precision="bf16-master",
+        compile=1,
+        timeout=420,
+    ),
     # mem_per_gpu: `run.sh compile` chooses the plan (recompute) for this budget (GB), the run trains with it
-    dict(name="8B-full-bf16lean-plan-compile", model="B", mode="full", mb=2, precision="bf16-lean", compile=1,
-         mem_per_gpu=74, timeout=420),
+    dict(
+        name="8B-full-bf16lean-plan-compile",
+        model="B",
+        mode="full",
+        mb=2,
+        precision="bf16-lean",
+        compile=1,
+        mem_per_gpu=74,
+        timeout=420,
+    ),
 ]
-ROW_KEYS = {"name", "model", "mode", "mb", "precision", "compile", "recompute", "timeout", "args", "mem_per_gpu",
-            "data", "pack"}
+ROW_KEYS = {
+    "name",
+    "model",
+    "mode",
+    "mb",
+    "precision",
+    "compile",
+    "recompute",
+    "timeout",
+    "args",
+    "mem_per_gpu",
+    "data",
+    "pack",
+}
 DATA_KINDS = ("fixed", "varlen")  # rows of exactly seq tokens; or of lengths uniform in [seq/8, seq] (padding)
 MIN_START_S = {0: 60, 1: 120}  # a row (by COMPILE) is not started with less budget than this left, as the baseline
 TAIL_LINES = 25
@@ -131,9 +252,15 @@ def linear_shapes(shape: dict) -> Dict[str, tuple]:
     head_dim = shape.get("head_dim") or hidden // shape["num_attention_heads"]
     q_out = shape["num_attention_heads"] * head_dim
     kv_out = shape["num_key_value_heads"] * head_dim
-    return {"q_proj": (hidden, q_out), "k_proj": (hidden, kv_out), "v_proj": (hidden, kv_out),
-            "o_proj": (q_out, hidden), "gate_proj": (hidden, ffn), "up_proj": (hidden, ffn),
-            "down_proj": (ffn, hidden)}
+    return {
+        "q_proj": (hidden, q_out),
+        "k_proj": (hidden, kv_out),
+        "v_proj": (hidden, kv_out),
+        "o_proj": (q_out, hidden),
+        "gate_proj": (hidden, ffn),
+        "up_proj": (hidden, ffn),
+        "down_proj": (ffn, hidden),
+    }
 
 
 def linear_params(shape: dict) -> int:
@@ -207,9 +334,11 @@ def summarize_speed_log(records: List[dict], warmup: int) -> dict:
         peak_reserved_gib=None if reserved is None else reserved / GIB,
         tokens_per_update=statistics.median(r["tokens"] for r in timed),
         trained_tokens_per_s=statistics.median(r["trained_tokens"] / r["step_s"] for r in timed)
-        if all("trained_tokens" in r for r in timed) else None,
+        if all("trained_tokens" in r for r in timed)
+        else None,
         timed_updates=len(timed),
-        step_s=step, compute_s=compute,
+        step_s=step,
+        compute_s=compute,
     )
 
 
@@ -293,10 +422,11 @@ def failure_excerpt(log: Path, at_error: bool = True, lines: int = TAIL_LINES) -
         text = Path(log).read_text(errors="replace").splitlines()
     except OSError:
         return "", ""
-    errors = [i for i, line in enumerate(text)
-              if at_error and ERROR_LINE.match(line) and "ChildFailedError" not in line]
+    errors = [
+        i for i, line in enumerate(text) if at_error and ERROR_LINE.match(line) and "ChildFailedError" not in line
+    ]
     end = errors[-1] + 1 if errors else len(text)
-    return (text[errors[-1]].strip() if errors else ""), "\n".join(text[max(0, end - lines):end])
+    return (text[errors[-1]].strip() if errors else ""), "\n".join(text[max(0, end - lines) : end])
 
 
 def free_port() -> int:
@@ -322,8 +452,9 @@ def write_model_folder(folder: Path, shape: dict, seq: int) -> Path:
     return folder
 
 
-def write_dataset(folder: Path, vocab: int, seq: int, train_rows: int, valid_rows: int = 4, seed: int = 0,
-                  kind: str = "fixed") -> Path:
+def write_dataset(
+    folder: Path, vocab: int, seq: int, train_rows: int, valid_rows: int = 4, seed: int = 0, kind: str = "fixed"
+) -> Path:
     """A save_to_disk DatasetDict with one column ``input_ids``: rows of ids uniform in [3, vocab) (0-2 are the
     tokenizer's pad/bos/eos), of exactly ``seq`` ids (``fixed``) or of lengths uniform in [seq/8, seq]
     (``varlen``: batches get padding, as instruction data does). The ``disk`` type trains on all tokens when
@@ -337,8 +468,10 @@ def write_dataset(folder: Path, vocab: int, seq: int, train_rows: int, valid_row
         lengths = [seq] * count if kind == "fixed" else rng.integers(seq // 8, seq + 1, size=count).tolist()
         return [rng.integers(3, vocab, size=n).tolist() for n in lengths]
 
-    splits = {split: datasets.Dataset.from_dict({"input_ids": rows_of(rows)})
-              for split, rows in (("train", train_rows), ("valid", valid_rows))}
+    splits = {
+        split: datasets.Dataset.from_dict({"input_ids": rows_of(rows)})
+        for split, rows in (("train", train_rows), ("valid", valid_rows))
+    }
     datasets.DatasetDict(splits).save_to_disk(str(folder))
     return folder
 
@@ -358,8 +491,9 @@ def check_rows(rows: List[dict]) -> List[dict]:
         if missing:
             raise ValueError(f"row {name}: missing {sorted(missing)}")
         if row["model"] not in ("A", "B") or row["mode"] not in ("full", "lora"):
-            raise ValueError(f"row {name}: model must be A or B and mode full or lora, got {row['model']!r}, "
-                             f"{row['mode']!r}")
+            raise ValueError(
+                f"row {name}: model must be A or B and mode full or lora, got {row['model']!r}, {row['mode']!r}"
+            )
         if row.get("data", "fixed") not in DATA_KINDS:
             raise ValueError(f"row {name}: data must be one of {DATA_KINDS}, got {row['data']!r}")
         out.append(dict(dict(compile=0, recompute="", timeout=240, data="fixed", pack=0), **row))
@@ -410,8 +544,14 @@ class Benchmark:
         for stale in ("anchor_log.txt", "anchor_results.json", "anchor_table.md"):
             (folder / stale).unlink(missing_ok=True)  # the baseline appends to its log
         budget = min(self.args.baseline_budget, self.remaining())
-        env = dict(os.environ, OUT=str(folder), PYTHONUNBUFFERED="1", ANCHOR_BUDGET_S=str(int(budget)),
-                   ANCHOR_ONLY=",".join(["env_matmul", *variants, "matmul_end"]), ANCHOR_STEPS=str(self.args.steps))
+        env = dict(
+            os.environ,
+            OUT=str(folder),
+            PYTHONUNBUFFERED="1",
+            ANCHOR_BUDGET_S=str(int(budget)),
+            ANCHOR_ONLY=",".join(["env_matmul", *variants, "matmul_end"]),
+            ANCHOR_STEPS=str(self.args.steps),
+        )
         env.pop("ANCHOR_TINY", None)
         if self.args.tiny:
             env["ANCHOR_TINY"] = "1"
@@ -434,16 +574,29 @@ class Benchmark:
             status = (record or {}).get("status", f"no result (baseline {self.baseline_status})")
             attempts = (record or {}).get("attempts", [])
             reasons = "; ".join(f"mb {a.get('mb')}: {a.get('status')} {a.get('error', '')[:200]}" for a in attempts)
-            return dict(result, status="failed", reason=f"{status}{': ' + reasons if reasons else ''}",
-                        tail=failure_excerpt(self.logs / "baseline" / "stdout.log")[1])
+            return dict(
+                result,
+                status="failed",
+                reason=f"{status}{': ' + reasons if reasons else ''}",
+                tail=failure_excerpt(self.logs / "baseline" / "stdout.log")[1],
+            )
         matmul = measured_matmul(self.baseline)
-        return dict(result, status="ok", note=(record.get("desc") or "")[:120], mb=best["mb"],
-                    tokens_per_s=best["tokens_per_s"], mfu_989=best["mfu_989"],
-                    mfu_measured=mfu(best["flops_per_token"], best["tokens_per_s"], matmul),
-                    peak_alloc_gib=best["peak_alloc_GiB"], peak_reserved_gib=best["peak_reserved_GiB"],
-                    flops_per_token=best["flops_per_token"], step_median_s=best["step_median_s"],
-                    loss_last=best.get("loss_last"), n_linear=best.get("n_linear_incl_lm_head"),
-                    n_lora=best.get("n_lora"))
+        return dict(
+            result,
+            status="ok",
+            note=(record.get("desc") or "")[:120],
+            mb=best["mb"],
+            tokens_per_s=best["tokens_per_s"],
+            mfu_989=best["mfu_989"],
+            mfu_measured=mfu(best["flops_per_token"], best["tokens_per_s"], matmul),
+            peak_alloc_gib=best["peak_alloc_GiB"],
+            peak_reserved_gib=best["peak_reserved_GiB"],
+            flops_per_token=best["flops_per_token"],
+            step_median_s=best["step_median_s"],
+            loss_last=best.get("loss_last"),
+            n_linear=best.get("n_linear_incl_lm_head"),
+            n_lora=best.get("n_lora"),
+        )
 
     # ---- our side ----
     def model_folder(self, model: str) -> Path:
@@ -461,9 +614,19 @@ class Benchmark:
     def run_row(self, row: dict) -> dict:
         shape = self.shapes[row["model"]]
         warmup = self.warmup(row)
-        result = dict(name=row["name"], source="ours", model=row["model"], mode=row["mode"], mb=row["mb"],
-                      precision=row["precision"], compile=row["compile"], recompute=row["recompute"],
-                      warmup=warmup, steps=self.args.steps, log=f"logs/{row['name']}.log")
+        result = dict(
+            name=row["name"],
+            source="ours",
+            model=row["model"],
+            mode=row["mode"],
+            mb=row["mb"],
+            precision=row["precision"],
+            compile=row["compile"],
+            recompute=row["recompute"],
+            warmup=warmup,
+            steps=self.args.steps,
+            log=f"logs/{row['name']}.log",
+        )
         left = self.remaining()
         need = MIN_START_S[int(bool(row["compile"]))]
         if left < need:
@@ -474,16 +637,37 @@ class Benchmark:
         shutil.rmtree(run_dir, ignore_errors=True)  # the speed log appends: start from nothing
         speed_log = run_dir / "speed.jsonl"
         settings = dict(
-            MODEL_ARCH="hf_auto_causal_lm", HUGGINGFACE_MODEL_NAME_OR_PATH=str(self.model_folder(row["model"])),
-            DATASET_TYPE="disk", DATASET_PATH=str(self.dataset(shape["vocab_size"], row["data"])), SEQUENCE_LENGTH=str(self.seq),
-            BATCH_SIZE=str(row["mb"]), GRADIENT_ACCU_NUM="1", MAX_STEPS=str(warmup + self.args.steps),
-            WARMUP_STEPS="0", LEARNING_RATE=LEARNING_RATE[row["mode"]], LOG_INTERVAL="10", LOG_FORMAT="json",
-            EVALUATE="0", OUTPUT_DIR=str(run_dir), PRECISION=row["precision"], COMPILE=str(row["compile"]),
-            USE_LORA="1" if row["mode"] == "lora" else "0", LORA_CONFIG=LORA_CONFIG if row["mode"] == "lora" else "",
-            RECOMPUTE_MODULE_NAMES=row["recompute"], SPEED_LOG=str(speed_log), SEED="1",
+            MODEL_ARCH="hf_auto_causal_lm",
+            HUGGINGFACE_MODEL_NAME_OR_PATH=str(self.model_folder(row["model"])),
+            DATASET_TYPE="disk",
+            DATASET_PATH=str(self.dataset(shape["vocab_size"], row["data"])),
+            SEQUENCE_LENGTH=str(self.seq),
+            BATCH_SIZE=str(row["mb"]),
+            GRADIENT_ACCU_NUM="1",
+            MAX_STEPS=str(warmup + self.args.steps),
+            WARMUP_STEPS="0",
+            LEARNING_RATE=LEARNING_RATE[row["mode"]],
+            LOG_INTERVAL="10",
+            LOG_FORMAT="json",
+            EVALUATE="0",
+            OUTPUT_DIR=str(run_dir),
+            PRECISION=row["precision"],
+            COMPILE=str(row["compile"]),
+            USE_LORA="1" if row["mode"] == "lora" else "0",
+            LORA_CONFIG=LORA_CONFIG if row["mode"] == "lora" else "",
+            RECOMPUTE_MODULE_NAMES=row["recompute"],
+            SPEED_LOG=str(speed_log),
+            SEED="1",
             PACK_SEQUENCES=str(int(bool(row["pack"]))),
-            NPROC_PER_NODE="1", NNODES="1", NODE_RANK="0", PLAN_NGPUS="1", USE_ZERO="0", PLAN_FILE="",
-            CUBE_SCALING_FACTOR="", MASTER_PORT=str(free_port()))
+            NPROC_PER_NODE="1",
+            NNODES="1",
+            NODE_RANK="0",
+            PLAN_NGPUS="1",
+            USE_ZERO="0",
+            PLAN_FILE="",
+            CUBE_SCALING_FACTOR="",
+            MASTER_PORT=str(free_port()),
+        )
         env = dict(os.environ, PYTHON=sys.executable, PYTHONUNBUFFERED="1", **settings)
         cmd = ["bash", str(RUN_SH), "--no-save", "--disable-validation", *row.get("args", [])]
         header = "".join(f"# {k}={v}\n" for k, v in settings.items()) + f"# {' '.join(cmd)}\n"
@@ -520,22 +704,38 @@ class Benchmark:
         if result["timed_updates"] < self.args.steps:
             result["note"] = f"only {result['timed_updates']} of {self.args.steps} timed updates logged"
         fpt = flops_per_token(shape, row["mode"], self.seq)
-        result.update(flops_per_token=fpt, n_linear=linear_params(shape),
-                      n_lora=lora_params(shape) if row["mode"] == "lora" else 0,
-                      mfu_989=mfu(fpt, result["tokens_per_s"], PEAK_DATASHEET),
-                      mfu_measured=mfu(fpt, result["tokens_per_s"], measured_matmul(self.baseline)))
+        result.update(
+            flops_per_token=fpt,
+            n_linear=linear_params(shape),
+            n_lora=lora_params(shape) if row["mode"] == "lora" else 0,
+            mfu_989=mfu(fpt, result["tokens_per_s"], PEAK_DATASHEET),
+            mfu_measured=mfu(fpt, result["tokens_per_s"], measured_matmul(self.baseline)),
+        )
         if row["data"] != "fixed" and result.get("trained_tokens_per_s"):
-            result["note"] = "; ".join(filter(None, [result.get("note"), (
-                f"{row['data']} data{', packed' if row['pack'] else ', padded'}: "
-                f"{result['trained_tokens_per_s']:,.0f} trained tokens/s")]))
+            result["note"] = "; ".join(
+                filter(
+                    None,
+                    [
+                        result.get("note"),
+                        (
+                            f"{row['data']} data{', packed' if row['pack'] else ', padded'}: "
+                            f"{result['trained_tokens_per_s']:,.0f} trained tokens/s"
+                        ),
+                    ],
+                )
+            )
         self.log(f"END {row['name']}: {result['tokens_per_s']:,.0f} tokens/s in {run['wall_s']:.0f} s")
         return result
 
     def compile_plan(self, row: dict, env: dict, run_dir: Path) -> dict:
         """``run.sh compile`` for the row's settings and MEM_PER_GPU: the plan file and its predictions."""
         log = self.logs / f"{row['name']}.plan.log"
-        run = run_logged(["bash", str(RUN_SH), "compile"], dict(env, MEM_PER_GPU=str(row["mem_per_gpu"]),
-                                                                RECOMPUTE_MODULE_NAMES=""), log, 180)
+        run = run_logged(
+            ["bash", str(RUN_SH), "compile"],
+            dict(env, MEM_PER_GPU=str(row["mem_per_gpu"]), RECOMPUTE_MODULE_NAMES=""),
+            log,
+            180,
+        )
         plan_file = run_dir / "plan.json"
         text = log.read_text()
         if run["rc"] != 0 or not plan_file.is_file():
@@ -543,8 +743,11 @@ class Benchmark:
         chosen = re.search(r"chosen plan: (.*?); peak memory ([\d.]+) GB.*?step ([\d.]+) s", text)
         planned = dict(plan_file=str(plan_file), plan=json.loads(plan_file.read_text()))
         if chosen:
-            planned.update(plan_summary=chosen.group(1), predicted_peak_gib=float(chosen.group(2)),
-                           predicted_step_s=float(chosen.group(3)))
+            planned.update(
+                plan_summary=chosen.group(1),
+                predicted_peak_gib=float(chosen.group(2)),
+                predicted_step_s=float(chosen.group(3)),
+            )
         self.log(f"PLAN {row['name']}: {planned.get('plan_summary')} (MEM_PER_GPU {row['mem_per_gpu']})")
         return planned
 
@@ -576,8 +779,12 @@ class Benchmark:
                 pass
         if "gpu" not in env:
             try:
-                smi = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                                     capture_output=True, text=True, timeout=30)
+                smi = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
                 names = smi.stdout.strip().splitlines() if smi.returncode == 0 else []
                 env["gpu"] = names[0] if names else "none"
             except (OSError, subprocess.TimeoutExpired):
@@ -589,20 +796,34 @@ class Benchmark:
         environment = self.environment()
         table = render_table(self.results, environment, self.baseline, self.settings())
         (self.out / "single_gpu_speed.md").write_text(table + "\n")
-        numbers = dict(settings=self.settings(), environment=environment,
-                       matmul_bf16_flops=(self.baseline.get("env_matmul") or {}).get("matmul_bf16_flops"),
-                       matmul_bf16_flops_end=(self.baseline.get("matmul_end") or {}).get("matmul_bf16_flops"),
-                       baseline_status=self.baseline_status, rows=self.results, baseline=self.baseline)
+        numbers = dict(
+            settings=self.settings(),
+            environment=environment,
+            matmul_bf16_flops=(self.baseline.get("env_matmul") or {}).get("matmul_bf16_flops"),
+            matmul_bf16_flops_end=(self.baseline.get("matmul_end") or {}).get("matmul_bf16_flops"),
+            baseline_status=self.baseline_status,
+            rows=self.results,
+            baseline=self.baseline,
+        )
         (self.out / "single_gpu_speed.json").write_text(json.dumps(numbers, indent=1, default=str) + "\n")
         with tarfile.open(self.out / "single_gpu_speed_logs.tar.gz", "w:gz") as tar:
             if self.logs.is_dir():
                 tar.add(self.logs, arcname="logs")
 
     def settings(self) -> dict:
-        return dict(tiny=self.args.tiny, seq=self.seq, steps=self.args.steps, warmup=self.args.warmup,
-                    compile_warmup=self.args.compile_warmup, budget_s=self.args.budget,
-                    elapsed_s=round(time.time() - self.start, 1), peak_datasheet=PEAK_DATASHEET,
-                    shapes=self.shapes, lora_config=LORA_CONFIG, rows=self.rows)
+        return dict(
+            tiny=self.args.tiny,
+            seq=self.seq,
+            steps=self.args.steps,
+            warmup=self.args.warmup,
+            compile_warmup=self.args.compile_warmup,
+            budget_s=self.args.budget,
+            elapsed_s=round(time.time() - self.start, 1),
+            peak_datasheet=PEAK_DATASHEET,
+            shapes=self.shapes,
+            lora_config=LORA_CONFIG,
+            rows=self.rows,
+        )
 
     def main(self) -> int:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -613,9 +834,19 @@ class Benchmark:
             try:
                 result = self.run_row(row)
             except Exception as err:  # a broken row (e.g. its data could not be written) never stops the others
-                result = dict(name=row["name"], source="ours", model=row["model"], mode=row["mode"], mb=row["mb"],
-                              precision=row["precision"], compile=row["compile"], recompute=row["recompute"],
-                              status="failed", reason=f"{type(err).__name__}: {err}", tail=traceback.format_exc())
+                result = dict(
+                    name=row["name"],
+                    source="ours",
+                    model=row["model"],
+                    mode=row["mode"],
+                    mb=row["mb"],
+                    precision=row["precision"],
+                    compile=row["compile"],
+                    recompute=row["recompute"],
+                    status="failed",
+                    reason=f"{type(err).__name__}: {err}",
+                    tail=traceback.format_exc(),
+                )
                 self.log(f"FAILED {row['name']}: {result['reason']}")
             self.results.append(result)
             self.write()
@@ -655,19 +886,23 @@ def render_table(results: List[dict], environment: dict, baseline: dict, setting
     versions = {k: env.get(k) or environment["driver_versions"].get(k) for k in ("torch", "transformers", "peft")}
     matmul = measured_matmul(baseline)
     end_rates = (baseline.get("matmul_end") or {}).get("matmul_bf16_flops")
-    lines = ["# Speed on one GPU: fairseq-train (run.sh) against plain Hugging Face (hf_baseline.py)", "",
-             f"GPU {env.get('gpu', '?')}; torch {versions['torch']}, transformers {versions['transformers']}, "
-             f"peft {versions['peft']}; seq {settings['seq']}{' (tiny models)' if settings['tiny'] else ''}; "
-             f"{settings['steps']} timed updates after {settings['warmup']} warm-up ({settings['compile_warmup']} "
-             f"with COMPILE=1), medians of wall time per update; random weights and random tokens. HF rows: "
-             "hf_baseline.py's own recipe (3 warm-up steps, CUDA-event step times).",
-             f"Measured bf16 matmul: {_num(matmul and matmul / 1e12, '.1f')} TFLOP/s (baseline's probe at the start; "
-             f"{_num(end_rates and statistics.median(end_rates) / 1e12, '.1f')} at its end). MFU counts flops as "
-             "hf_baseline.py (recompute not counted). Bookkeeping = median(step - compute) / median(step) of our "
-             "updates.", "",
-             "| run | model | mode | micro-batch | tokens/s | MFU vs 989 | MFU vs measured matmul | peak GiB | "
-             "fairseq bookkeeping | vs HF | notes |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "# Speed on one GPU: fairseq-train (run.sh) against plain Hugging Face (hf_baseline.py)",
+        "",
+        f"GPU {env.get('gpu', '?')}; torch {versions['torch']}, transformers {versions['transformers']}, "
+        f"peft {versions['peft']}; seq {settings['seq']}{' (tiny models)' if settings['tiny'] else ''}; "
+        f"{settings['steps']} timed updates after {settings['warmup']} warm-up ({settings['compile_warmup']} "
+        f"with COMPILE=1), medians of wall time per update; random weights and random tokens. HF rows: "
+        "hf_baseline.py's own recipe (3 warm-up steps, CUDA-event step times).",
+        f"Measured bf16 matmul: {_num(matmul and matmul / 1e12, '.1f')} TFLOP/s (baseline's probe at the start; "
+        f"{_num(end_rates and statistics.median(end_rates) / 1e12, '.1f')} at its end). MFU counts flops as "
+        "hf_baseline.py (recompute not counted). Bookkeeping = median(step - compute) / median(step) of our "
+        "updates.",
+        "",
+        "| run | model | mode | micro-batch | tokens/s | MFU vs 989 | MFU vs measured matmul | peak GiB | "
+        "fairseq bookkeeping | vs HF | notes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     order = []
     for r in results:
         if (r["model"], r["mode"]) not in order:
@@ -680,24 +915,37 @@ def render_table(results: List[dict], environment: dict, baseline: dict, setting
             if r["source"] == "hf":
                 run = f"HF {r['name']}"
             else:
-                run = f"ours {r['name']}: PRECISION={r['precision']} COMPILE={r['compile']}" + \
-                      (f" RECOMPUTE_MODULE_NAMES={r['recompute']}" if r["recompute"] else "")
+                run = f"ours {r['name']}: PRECISION={r['precision']} COMPILE={r['compile']}" + (
+                    f" RECOMPUTE_MODULE_NAMES={r['recompute']}" if r["recompute"] else ""
+                )
             if r["status"] != "ok":
-                lines.append(f"| {run} | {model} | {mode} | {r.get('mb', '-')} | {r['status']} | - | - | - | - | - | "
-                             f"{r.get('reason', '')[:200].replace('|', '/')} |")
+                lines.append(
+                    f"| {run} | {model} | {mode} | {r.get('mb', '-')} | {r['status']} | - | - | - | - | - | "
+                    f"{r.get('reason', '')[:200].replace('|', '/')} |"
+                )
                 if r.get("tail"):
                     failed.append(r)
                 continue
             notes = r.get("note", "")
             if r.get("plan_summary"):
-                notes = "; ".join(filter(None, [notes, f"compile pass: {r['plan_summary']}, predicted peak "
-                                                       f"{r['predicted_peak_gib']:.1f} GiB, step {r['predicted_step_s']:.3f} s"]))
+                notes = "; ".join(
+                    filter(
+                        None,
+                        [
+                            notes,
+                            f"compile pass: {r['plan_summary']}, predicted peak "
+                            f"{r['predicted_peak_gib']:.1f} GiB, step {r['predicted_step_s']:.3f} s",
+                        ],
+                    )
+                )
             if r.get("loss_last") is not None and not math.isfinite(r["loss_last"]):
                 notes = "; ".join(filter(None, [notes, "NON-FINITE LOSS"]))
             ratio = f"{r['ratio_to_hf']:.2f}x" if r.get("ratio_to_hf") is not None else "-"
-            lines.append(f"| {run} | {model} | {mode} | {r['mb']} | {r['tokens_per_s']:,.0f} | {_pct(r['mfu_989'])} | "
-                         f"{_pct(r.get('mfu_measured'))} | {_num(r.get('peak_alloc_gib'), '.1f')} | "
-                         f"{_pct(r.get('bookkeeping_share'))} | {ratio} | {notes} |")
+            lines.append(
+                f"| {run} | {model} | {mode} | {r['mb']} | {r['tokens_per_s']:,.0f} | {_pct(r['mfu_989'])} | "
+                f"{_pct(r.get('mfu_measured'))} | {_num(r.get('peak_alloc_gib'), '.1f')} | "
+                f"{_pct(r.get('bookkeeping_share'))} | {ratio} | {notes} |"
+            )
     for r in failed:
         lines += ["", f"## {r['name']}: {r['status']} ({r.get('reason', '')})", "", "```", r["tail"], "```"]
     return "\n".join(lines)
@@ -705,25 +953,49 @@ def render_table(results: List[dict], environment: dict, baseline: dict, setting
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "benchmark_out"),
-                        help="results folder (default $OUT, else ./benchmark_out)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(os.environ.get("OUT") or "benchmark_out"),
+        help="results folder (default $OUT, else ./benchmark_out)",
+    )
     parser.add_argument("--only", default="", help="comma-separated row names to run (default: all)")
-    parser.add_argument("--variants", type=Path, help="a JSON list of row dicts that replaces the built-in rows "
-                        f"(keys: {', '.join(sorted(ROW_KEYS))})")
-    parser.add_argument("--tiny", action="store_true", help="tiny models and seq 128, as hf_baseline.py ANCHOR_TINY=1 "
-                        "(a CPU smoke run of the whole script)")
+    parser.add_argument(
+        "--variants",
+        type=Path,
+        help=f"a JSON list of row dicts that replaces the built-in rows (keys: {', '.join(sorted(ROW_KEYS))})",
+    )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tiny models and seq 128, as hf_baseline.py ANCHOR_TINY=1 (a CPU smoke run of the whole script)",
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed updates per row (also the baseline's)")
     parser.add_argument("--warmup", type=int, default=5, help="updates dropped before timing")
     parser.add_argument("--compile-warmup", type=int, default=8, help="updates dropped before timing, COMPILE=1 rows")
-    parser.add_argument("--budget", type=float, default=540, help="seconds for everything; rows that would start "
-                        "past it are skipped, and reported so")
-    parser.add_argument("--baseline-budget", type=float, default=300, help="at most this many seconds of --budget "
-                        "for the HF baseline (its ANCHOR_BUDGET_S)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=540,
+        help="seconds for everything; rows that would start past it are skipped, and reported so",
+    )
+    parser.add_argument(
+        "--baseline-budget",
+        type=float,
+        default=300,
+        help="at most this many seconds of --budget for the HF baseline (its ANCHOR_BUDGET_S)",
+    )
     parser.add_argument("--skip-baseline", action="store_true", help="no HF rows, no measured matmul rate")
-    parser.add_argument("--work", type=Path, help="scratch folder for models, data and runs (default: a temporary "
-                        "folder, removed at the end)")
-    parser.add_argument("--no-loose-logs", action="store_true", help="keep row logs only in the tar.gz (the GPU "
-                        "machine returns at most 8 files)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        help="scratch folder for models, data and runs (default: a temporary folder, removed at the end)",
+    )
+    parser.add_argument(
+        "--no-loose-logs",
+        action="store_true",
+        help="keep row logs only in the tar.gz (the GPU machine returns at most 8 files)",
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.compile_warmup < 0:
         parser.error("--steps must be positive, --warmup and --compile-warmup non-negative")

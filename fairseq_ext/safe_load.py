@@ -31,17 +31,24 @@ from .errors import UserInputError
 
 CHECKPOINT_GLOBALS = [argparse.Namespace]  # beyond torch's own weights_only set: fairseq's legacy "args"
 _METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-_METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-                     ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}
+_METADATA_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+}
 
 
 def refusal(path, err: Exception) -> UserInputError:
     """The one-line error for a file whose pickle asks for more than tensors and the allowed types."""
     found = re.search(r"GLOBAL ([\w.]+)", str(err))
     wanted = f"it asks for {found.group(1)}" if found else f"it is not a checkpoint ({str(err).splitlines()[0][:120]})"
-    return UserInputError(f"{path}: refused to read: {wanted}, which no checkpoint of fairseq_ext holds (only "
-                          f"tensors and plain values); this file was not written by a run of this project: remove "
-                          f"it, or copy the checkpoint again from its source")
+    return UserInputError(
+        f"{path}: refused to read: {wanted}, which no checkpoint of fairseq_ext holds (only "
+        f"tensors and plain values); this file was not written by a run of this project: remove "
+        f"it, or copy the checkpoint again from its source"
+    )
 
 
 @contextlib.contextmanager
@@ -49,8 +56,9 @@ def checkpoint_types_only(path) -> Iterator[None]:
     """Within: ``torch.load`` (weights_only, torch's default) also accepts :data:`CHECKPOINT_GLOBALS`; a file
     that needs more raises :class:`UserInputError` naming ``path``."""
     if os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0") not in ("", "0"):
-        raise UserInputError("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set, but checkpoints are read with weights_only; "
-                             "unset it")
+        raise UserInputError(
+            "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set, but checkpoints are read with weights_only; unset it"
+        )
     with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
         try:
             yield

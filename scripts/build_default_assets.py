@@ -23,7 +23,8 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 from scripts.default_assets import chat, write_datasets  # noqa: E402
 from scripts.default_assets.common import write_jsonl  # noqa: E402
-from scripts.default_assets.tiny_t5 import MODEL_NAME as T5_MODEL_NAME, build_t5_folder  # noqa: E402
+from scripts.default_assets.tiny_t5 import MODEL_NAME as T5_MODEL_NAME  # noqa: E402
+from scripts.default_assets.tiny_t5 import build_t5_folder
 from scripts.default_assets.tokenizer import build_tokenizer  # noqa: E402
 
 WORDS = (
@@ -55,8 +56,11 @@ def make_record(rng: random.Random) -> dict:
     if kind == "count":
         return {"instruction": "How many words are there?", "input": text, "output": NUMBER_WORDS[len(words)]}
     times = rng.randint(2, 4)
-    return {"instruction": f"Repeat the word {words[0]} {NUMBER_WORDS[times]} times.", "input": "",
-            "output": " ".join([words[0]] * times)}
+    return {
+        "instruction": f"Repeat the word {words[0]} {NUMBER_WORDS[times]} times.",
+        "input": "",
+        "output": " ".join([words[0]] * times),
+    }
 
 
 def make_splits(seed: int = 0) -> dict:
@@ -81,9 +85,17 @@ def build_model_folder(out: str, texts: list) -> None:
 
     tokenizer = build_tokenizer(texts, extra_special_tokens=CHAT_MARKERS)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     os.makedirs(out, exist_ok=True)
@@ -104,8 +116,9 @@ def chat_texts() -> list:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "..", "cube_examples",
-                                                          "finetune_hf_model"))
+    parser.add_argument(
+        "--out-dir", default=os.path.join(os.path.dirname(__file__), "..", "cube_examples", "finetune_hf_model")
+    )
     args = parser.parse_args(argv)
     from fairseq_ext.data.prompts import PROMPT_TEMPLATES
 
@@ -114,13 +127,18 @@ def main(argv=None) -> None:
     os.makedirs(data_dir, exist_ok=True)
     for name, records in splits.items():
         write_jsonl(os.path.join(data_dir, f"{DATASET_NAME}_{name}.json"), records)
-    texts = [template.render(r["instruction"], r["input"]) + r["output"]
-             for template in PROMPT_TEMPLATES.values() for r in splits["train"]]
+    texts = [
+        template.render(r["instruction"], r["input"]) + r["output"]
+        for template in PROMPT_TEMPLATES.values()
+        for r in splits["train"]
+    ]
     build_model_folder(os.path.join(args.out_dir, "model", "tiny-llama"), texts + chat_texts())
     build_t5_folder(os.path.join(args.out_dir, "model", T5_MODEL_NAME), texts)
     write_datasets(data_dir)
-    print(f"wrote {data_dir}, {os.path.join(args.out_dir, 'model', 'tiny-llama')} and "
-          f"{os.path.join(args.out_dir, 'model', T5_MODEL_NAME)}")
+    print(
+        f"wrote {data_dir}, {os.path.join(args.out_dir, 'model', 'tiny-llama')} and "
+        f"{os.path.join(args.out_dir, 'model', T5_MODEL_NAME)}"
+    )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ from fairseq_ext.evaluation import evaluate
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    own_args = argv[:argv.index("--")] if "--" in argv else argv
+    train_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    own_args = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="a fairseq checkpoint of fairseq_ext (e.g. checkpoint_best.pt)")
     parser.add_argument("--split", default="test")
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     if not metrics:
         print(f"no {args.split} metric for this model head and DATASET_TYPE {task.cfg.dataset_type!r}")
     for metric in metrics:
-        for example in metric.examples[:args.show]:
+        for example in metric.examples[: args.show]:
             print(f"  {example}")
         print(metric.format(args.split, args.label))
     return 0

@@ -25,8 +25,11 @@ def main(argv=None) -> int:
     parser.add_argument("checkpoint", help="a checkpoint written by fairseq-train --user-dir fairseq_ext")
     parser.add_argument("out_dir", help="the Hugging Face folder to write")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
-    parser.add_argument("--merge-lora", action="store_true",
-                        help="for a LoRA checkpoint: write full weights with the adapters merged, not an adapter")
+    parser.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="for a LoRA checkpoint: write full weights with the adapters merged, not an adapter",
+    )
     args = parser.parse_args(argv)
     try:
         export_hf(args.checkpoint, args.out_dir, overwrite=args.overwrite, merge_lora=args.merge_lora)

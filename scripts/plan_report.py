@@ -28,21 +28,36 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model folder with config.json, or the config.json file")
     parser.add_argument("--plan-ngpus", type=int, required=True, help="GPUs of one scale unit (PLAN_NGPUS)")
-    parser.add_argument("--mem-per-gpu", type=float, default=None,
-                        help="budget in GB (2**30 bytes) per GPU (MEM_PER_GPU); default 0.8 x this host's GPU memory")
+    parser.add_argument(
+        "--mem-per-gpu",
+        type=float,
+        default=None,
+        help="budget in GB (2**30 bytes) per GPU (MEM_PER_GPU); default 0.8 x this host's GPU memory",
+    )
     parser.add_argument("--scaling-factor", type=int, default=1, help="scale units (CUBE_SCALING_FACTOR)")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per scale unit per micro-step (BATCH_SIZE)")
     parser.add_argument("--sequence-length", type=int, default=512, help="tokens per sample (SEQUENCE_LENGTH)")
     parser.add_argument("--gradient-accu-num", type=int, default=1, help="micro-steps per update (GRADIENT_ACCU_NUM)")
     parser.add_argument("--use-zero", type=int, choices=(0, 1), default=0, help="ZeRO-1 (USE_ZERO)")
     parser.add_argument("--zero-n-groups", type=int, default=1, help="ZeRO-1 groups (ZERO_N_GROUPS)")
-    parser.add_argument("--recompute-module-names", default="",
-                        help="fix recompute to these classes (RECOMPUTE_MODULE_NAMES); empty: the search chooses")
+    parser.add_argument(
+        "--recompute-module-names",
+        default="",
+        help="fix recompute to these classes (RECOMPUTE_MODULE_NAMES); empty: the search chooses",
+    )
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="PRECISION")
-    parser.add_argument("--compile-layers", type=int, choices=(0, 1), default=0,
-                        help="decoder layers under torch.compile (COMPILE): they keep fewer activations")
-    parser.add_argument("--lora-config", default=None,
-                        help="LORA_CONFIG of a USE_LORA=1 run: plan for training its adapters only (frozen base)")
+    parser.add_argument(
+        "--compile-layers",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="decoder layers under torch.compile (COMPILE): they keep fewer activations",
+    )
+    parser.add_argument(
+        "--lora-config",
+        default=None,
+        help="LORA_CONFIG of a USE_LORA=1 run: plan for training its adapters only (frozen base)",
+    )
     parser.add_argument("--attn-implementation", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa")
     parser.add_argument("--tp", type=int, help="fix the tensor-parallel degree")
     parser.add_argument("--pp", type=int, help="fix the pipeline-parallel degree")
@@ -51,8 +66,13 @@ def parse_args(argv=None):
     parser.add_argument("--stage-boundaries", help="fix the first layer of stages 1..S-1, comma separated")
     parser.add_argument("--cost-params", help="JSON file overriding cost-model parameters (see cube/cost.py Hardware)")
     parser.add_argument("--gpus-per-node", type=int, help="GPUs per node (default 8, or the cost-params file's)")
-    parser.add_argument("--pack-sequences", type=int, choices=(0, 1), default=0,
-                        help="samples packed into rows (PACK_SEQUENCES): plans the runtime cannot pack under are refused")
+    parser.add_argument(
+        "--pack-sequences",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="samples packed into rows (PACK_SEQUENCES): plans the runtime cannot pack under are refused",
+    )
     parser.add_argument("--output", help="write the chosen plan here (e.g. $OUTPUT_DIR/plan.json)")
     parser.add_argument("--top", type=int, default=8, help="alternatives to show of each kind")
     return parser.parse_args(argv)
@@ -63,8 +83,10 @@ def default_mem_per_gpu() -> float:
     import torch
 
     if not torch.cuda.is_available():
-        raise UserInputError("MEM_PER_GPU is not set and this host has no GPU to read it from; set MEM_PER_GPU to "
-                             "the GB per GPU the plan may use on the training GPUs (e.g. 64 for 80 GB H100s)")
+        raise UserInputError(
+            "MEM_PER_GPU is not set and this host has no GPU to read it from; set MEM_PER_GPU to "
+            "the GB per GPU the plan may use on the training GPUs (e.g. 64 for 80 GB H100s)"
+        )
     return 0.8 * torch.cuda.get_device_properties(0).total_memory / GIB
 
 
@@ -79,16 +101,32 @@ def settings_from(args) -> CompileSettings:
         except ValueError:
             raise UserInputError(f"--stage-boundaries must be layer indices, got {args.stage_boundaries!r}") from None
     recompute = tuple(parse_module_names(args.recompute_module_names)) or None
-    fixed = Fixed(tp=args.tp, pp=args.pp, pp_schedule=args.pp_schedule, num_microbatches=args.num_microbatches,
-                  stage_boundaries=bounds, recompute_modules=recompute)
+    fixed = Fixed(
+        tp=args.tp,
+        pp=args.pp,
+        pp_schedule=args.pp_schedule,
+        num_microbatches=args.num_microbatches,
+        stage_boundaries=bounds,
+        recompute_modules=recompute,
+    )
     return CompileSettings(
-        model=args.model, plan_ngpus=args.plan_ngpus,
+        model=args.model,
+        plan_ngpus=args.plan_ngpus,
         mem_per_gpu=args.mem_per_gpu if args.mem_per_gpu is not None else default_mem_per_gpu(),
-        scaling_factor=args.scaling_factor, batch_size=args.batch_size, seq_len=args.sequence_length,
-        grad_accu=args.gradient_accu_num, zero=bool(args.use_zero), zero_n_groups=args.zero_n_groups,
-        precision=args.precision, attn_implementation="sdpa" if args.attn_implementation != "eager" else "eager",
-        compiled=bool(args.compile_layers), lora_config=args.lora_config,
-        packing=bool(args.pack_sequences), fixed=fixed, hardware=hardware)
+        scaling_factor=args.scaling_factor,
+        batch_size=args.batch_size,
+        seq_len=args.sequence_length,
+        grad_accu=args.gradient_accu_num,
+        zero=bool(args.use_zero),
+        zero_n_groups=args.zero_n_groups,
+        precision=args.precision,
+        attn_implementation="sdpa" if args.attn_implementation != "eager" else "eager",
+        compiled=bool(args.compile_layers),
+        lora_config=args.lora_config,
+        packing=bool(args.pack_sequences),
+        fixed=fixed,
+        hardware=hardware,
+    )
 
 
 def main(argv=None) -> int:
@@ -100,7 +138,9 @@ def main(argv=None) -> int:
         print(format_report(compiled, top=args.top))
         if args.output:
             compiled.plan.save(args.output)
-            print(f"plan written to {os.path.abspath(args.output)} (train with PLAN_FILE={os.path.abspath(args.output)})")
+            print(
+                f"plan written to {os.path.abspath(args.output)} (train with PLAN_FILE={os.path.abspath(args.output)})"
+            )
     except UserInputError as err:
         print(f"{PREFIX} {err}", file=sys.stderr)
         return 2

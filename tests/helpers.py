@@ -19,12 +19,41 @@ BIN = Path(sys.executable).parent
 def tiny_train_args(save_dir, data_dir=DATA_DIR, max_update: int = 6, extra: Sequence[str] = ()) -> List[str]:
     """fairseq-train arguments for a few quick steps on the shipped data, losses logged every step as JSON."""
     return [
-        str(data_dir), "--user-dir", str(REPO / "fairseq_ext"), "--task", "hf_finetune",
-        "--arch", "hf_auto_causal_lm", "--hf-model-name-or-path", str(MODEL_DIR),
-        "--cpu", "--batch-size", "4", "--optimizer", "adam", "--lr", "1e-3",
-        "--lr-scheduler", "polynomial_decay", "--warmup-updates", "2", "--total-num-update", "100",
-        "--max-update", str(max_update), "--save-dir", str(save_dir), "--log-format", "json",
-        "--log-interval", "1", "--num-workers", "0", "--seed", "3", "--disable-validation",
+        str(data_dir),
+        "--user-dir",
+        str(REPO / "fairseq_ext"),
+        "--task",
+        "hf_finetune",
+        "--arch",
+        "hf_auto_causal_lm",
+        "--hf-model-name-or-path",
+        str(MODEL_DIR),
+        "--cpu",
+        "--batch-size",
+        "4",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "1e-3",
+        "--lr-scheduler",
+        "polynomial_decay",
+        "--warmup-updates",
+        "2",
+        "--total-num-update",
+        "100",
+        "--max-update",
+        str(max_update),
+        "--save-dir",
+        str(save_dir),
+        "--log-format",
+        "json",
+        "--log-interval",
+        "1",
+        "--num-workers",
+        "0",
+        "--seed",
+        "3",
+        "--disable-validation",
         *extra,
     ]
 
@@ -60,10 +89,7 @@ def run(cmd: Sequence[str], timeout: int = 600, extra_env: Dict[str, str] = None
     """Run a command with the test environment; return the CompletedProcess (stdout and stderr as text)."""
     full_env = env()
     full_env.update(extra_env or {})
-    return subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=timeout, env=full_env,
-                          **kwargs)
-
-
+    return subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=timeout, env=full_env, **kwargs)
 
 
 def console_script(name: str, module: str) -> List[str]:

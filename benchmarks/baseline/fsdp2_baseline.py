@@ -22,12 +22,30 @@ import torch
 import torch.distributed as dist
 
 SHAPES = {
-    "8B": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=14336, vocab_size=128256),
-    "1.1B": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-                 intermediate_size=5632, vocab_size=32000),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, vocab_size=512),
+    "8B": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=128256,
+    ),
+    "1.1B": dict(
+        hidden_size=2048,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        intermediate_size=5632,
+        vocab_size=32000,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=512,
+    ),
 }
 
 
@@ -36,15 +54,17 @@ def build_model(shape: dict, seq: int, device: torch.device, compile_layers: boo
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    config = LlamaConfig(**shape, max_position_embeddings=max(seq, 2048), tie_word_embeddings=False,
-                         use_cache=False)
+    config = LlamaConfig(**shape, max_position_embeddings=max(seq, 2048), tie_word_embeddings=False, use_cache=False)
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     if checkpoint:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if device.type == "cuda"
+        else MixedPrecisionPolicy()
+    )
     for layer in model.model.layers:
         fully_shard(layer, mp_policy=policy)
         if compile_layers:
@@ -70,7 +90,7 @@ def matmul_rate(device: torch.device) -> float:
         end.synchronize()
         if i >= 3:
             times.append(start.elapsed_time(end) / 1000)
-    return 2 * 8192 ** 3 / statistics.median(times)
+    return 2 * 8192**3 / statistics.median(times)
 
 
 def main() -> None:
@@ -119,12 +139,23 @@ def main() -> None:
         if step >= args.warmup:
             steps.append(seconds)
     step_s = statistics.median(steps)
-    result = dict(shape=args.shape, seq=args.seq, mb=args.mb, gpus=world, compile=args.compile,
-                  checkpoint=args.checkpoint, step_median_s=step_s, tokens_per_s_per_gpu=args.mb * args.seq / step_s,
-                  peak_alloc_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None,
-                  peak_reserved_gib=torch.cuda.max_memory_reserved(device) / 2 ** 30 if cuda else None,
-                  matmul_bf16_flops=rate, losses=losses, wall_s=time.time() - start,
-                  torch=torch.__version__, gpu=torch.cuda.get_device_name(device) if cuda else "none")
+    result = dict(
+        shape=args.shape,
+        seq=args.seq,
+        mb=args.mb,
+        gpus=world,
+        compile=args.compile,
+        checkpoint=args.checkpoint,
+        step_median_s=step_s,
+        tokens_per_s_per_gpu=args.mb * args.seq / step_s,
+        peak_alloc_gib=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+        peak_reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30 if cuda else None,
+        matmul_bf16_flops=rate,
+        losses=losses,
+        wall_s=time.time() - start,
+        torch=torch.__version__,
+        gpu=torch.cuda.get_device_name(device) if cuda else "none",
+    )
     if rank == 0:
         print(json.dumps({k: v for k, v in result.items() if k != "losses"}))
         if args.out:

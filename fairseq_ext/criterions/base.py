@@ -35,5 +35,10 @@ class HFCriterion(FairseqCriterion):
 
 def logging_output(loss, sample, sample_size, **extra) -> dict:
     """The logging output fairseq sums over workers: loss, token and sentence counts, and ``extra`` counts."""
-    return {"loss": loss.data, "ntokens": sample["ntokens"], "nsentences": sample["nsentences"],
-            "sample_size": sample_size, **extra}
+    return {
+        "loss": loss.data,
+        "ntokens": sample["ntokens"],
+        "nsentences": sample["nsentences"],
+        "sample_size": sample_size,
+        **extra,
+    }

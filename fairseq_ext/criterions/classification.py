@@ -30,8 +30,12 @@ class TokenClassificationLoss(HFCriterion):
     def forward(self, model, sample, reduce=True):
         logits = model(**sample["net_input"]).float()
         target = sample["target"]
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), target.view(-1), ignore_index=IGNORE_INDEX,
-                               reduction="sum" if reduce else "none")
+        loss = F.cross_entropy(
+            logits.view(-1, logits.size(-1)),
+            target.view(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum" if reduce else "none",
+        )
         labelled = target != IGNORE_INDEX
         ncorrect = int(((logits.argmax(-1) == target) & labelled).sum())
         size = sample["ntokens"]

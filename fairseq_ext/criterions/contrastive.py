@@ -19,9 +19,15 @@ def mean_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torc
 def embed_both(model, net_input, pair_input):
     """Unit-length mean-pooled embeddings of the texts and of their pairs, from one forward of both."""
     width = max(net_input["input_ids"].size(1), pair_input["input_ids"].size(1))
-    joined = {k: torch.cat([F.pad(net_input[k], (0, width - net_input[k].size(1))),
-                            F.pad(pair_input[k], (0, width - pair_input[k].size(1)))])  # masked padding
-              for k in ("input_ids", "attention_mask")}
+    joined = {
+        k: torch.cat(
+            [
+                F.pad(net_input[k], (0, width - net_input[k].size(1))),
+                F.pad(pair_input[k], (0, width - pair_input[k].size(1))),
+            ]
+        )  # masked padding
+        for k in ("input_ids", "attention_mask")
+    }
     embeddings = F.normalize(mean_pool(model(**joined).float(), joined["attention_mask"]), dim=-1)
     return embeddings.chunk(2)
 

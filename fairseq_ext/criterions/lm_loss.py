@@ -9,7 +9,6 @@ from ..cube.runtime.chunked_loss import linear_cross_entropy
 from ..data.layouts import IGNORE_INDEX
 from .base import HFCriterion, logging_output
 
-
 CHUNK_ELEMENTS = 1 << 27  # logits computed at once by the fused loss: 512 MB in float32
 
 
@@ -19,7 +18,7 @@ def perplexity(nll_loss_base2) -> float:
     if nll_loss_base2 is None:
         return 0.0
     try:
-        return 2 ** nll_loss_base2
+        return 2**nll_loss_base2
     except OverflowError:
         return float("inf")
 
@@ -41,8 +40,13 @@ class CausalLMLoss(HFCriterion):
         if head is not None:
             # The LM head applied chunk by chunk inside the loss: no (B, T, vocab) logits in memory.
             hidden = model(**sample["net_input"], features_only=True)  # (B, T, H)
-            loss = linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), head, target.view(-1),
-                                        ignore_index=IGNORE_INDEX, chunk_size=max(512, CHUNK_ELEMENTS // head.size(0)))
+            loss = linear_cross_entropy(
+                hidden.reshape(-1, hidden.size(-1)),
+                head,
+                target.view(-1),
+                ignore_index=IGNORE_INDEX,
+                chunk_size=max(512, CHUNK_ELEMENTS // head.size(0)),
+            )
         else:
             logits = model(**sample["net_input"])  # (B, T, V)
             loss = self.token_loss(logits, target, reduce=reduce)
@@ -53,8 +57,12 @@ class CausalLMLoss(HFCriterion):
         """Cross entropy of token ``logits`` (..., V) against ``target`` (...), in float32, over the tokens
         whose target is not IGNORE_INDEX: summed, or per token without ``reduce``. The runtime's pipeline
         computes each micro-batch's loss with it on the last stage."""
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum" if reduce else "none")
+        return F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(),
+            target.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum" if reduce else "none",
+        )
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:

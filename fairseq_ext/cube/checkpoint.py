@@ -19,12 +19,12 @@ from typing import Dict, Optional, Sequence, Tuple
 from fairseq import tasks, utils
 
 from ..errors import UserInputError
-
-BASE_FOLDER = "base"  # in a LoRA export: the base's weights, when its own folder has none
-logger = logging.getLogger(__name__)
 from ..models.hf_loading import has_weights, resolve_model_folder
 from ..models.lora import is_lora
 from .sharded_checkpoint import read_checkpoint
+
+BASE_FOLDER = "base"  # in a LoRA export: the base's weights, when its own folder has none
+logger = logging.getLogger(__name__)
 
 
 def load_trained(checkpoint_path: str, arg_overrides: Optional[Dict] = None) -> Tuple[object, object, object]:
@@ -67,8 +67,10 @@ def user_dir_here(user_dir: Optional[str]) -> Optional[str]:
     spec = importlib.util.find_spec(os.path.basename(path.rstrip(os.sep)))
     if spec is not None and spec.submodule_search_locations:
         return list(spec.submodule_search_locations)[0]
-    raise UserInputError(f"the checkpoint was trained with --user-dir {user_dir}, which does not exist any more; "
-                         "put that package back at this path, or on PYTHONPATH, and run again")
+    raise UserInputError(
+        f"the checkpoint was trained with --user-dir {user_dir}, which does not exist any more; "
+        "put that package back at this path, or on PYTHONPATH, and run again"
+    )
 
 
 def load_initial(train_args: Sequence[str]) -> Tuple[object, object, object]:
@@ -124,11 +126,14 @@ def export_hf(checkpoint_path: str, out_dir: str, overwrite: bool = False, merge
     cfg, task, model = load_trained(checkpoint_path)
     hf_model = getattr(model, "hf_model", None)
     if hf_model is None:
-        raise UserInputError(f"{checkpoint_path} holds a {type(model).__name__} (--arch {cfg.model._name}), not a "
-                             "Hugging Face model: there is nothing to export with save_pretrained")
+        raise UserInputError(
+            f"{checkpoint_path} holds a {type(model).__name__} (--arch {cfg.model._name}), not a "
+            "Hugging Face model: there is nothing to export with save_pretrained"
+        )
     # a LoRA base without weight files (initialised from its config under --seed) exists nowhere else
-    base_without_weights = (is_lora(hf_model) and not merge_lora
-                            and not has_weights(resolve_model_folder(cfg.task.hf_model_name_or_path)))
+    base_without_weights = (
+        is_lora(hf_model) and not merge_lora and not has_weights(resolve_model_folder(cfg.task.hf_model_name_or_path))
+    )
     if merge_lora:
         if not is_lora(hf_model):
             raise UserInputError(f"{checkpoint_path} was not trained with LoRA; export it without --merge-lora")
@@ -139,7 +144,9 @@ def export_hf(checkpoint_path: str, out_dir: str, overwrite: bool = False, merge
         if base_without_weights:
             hf_model.unload().save_pretrained(os.path.join(tmp, BASE_FOLDER))
             task.tokenizer.save_pretrained(os.path.join(tmp, BASE_FOLDER))
-            logger.warning(f"the LoRA base {cfg.task.hf_model_name_or_path} has no weight files: its initial weights "
-                           f"are written to {os.path.join(out_dir, BASE_FOLDER)}; load the adapter onto them, or "
-                           f"export with --merge-lora for one folder of full weights")
+            logger.warning(
+                f"the LoRA base {cfg.task.hf_model_name_or_path} has no weight files: its initial weights "
+                f"are written to {os.path.join(out_dir, BASE_FOLDER)}; load the adapter onto them, or "
+                f"export with --merge-lora for one folder of full weights"
+            )
     return out_dir

@@ -29,8 +29,9 @@ def _updates_in(path: str) -> Optional[int]:
 
 def newest_intact_checkpoint(save_dir: str, exclude: str) -> Optional[Tuple[str, int]]:
     """(path, updates) of the readable ``*.pt`` file of ``save_dir`` with the most updates, ``exclude`` aside."""
-    names = sorted((int(m.group(1)) if (m := _UPDATES.fullmatch(n)) else -1, n)
-                   for n in os.listdir(save_dir) if n.endswith(".pt"))
+    names = sorted(
+        (int(m.group(1)) if (m := _UPDATES.fullmatch(n)) else -1, n) for n in os.listdir(save_dir) if n.endswith(".pt")
+    )
     best = None
     for _, name in reversed(names):  # numbered files newest first, then the others
         path = os.path.join(save_dir, name)
@@ -45,14 +46,19 @@ def newest_intact_checkpoint(save_dir: str, exclude: str) -> Optional[Tuple[str,
 def unreadable_checkpoint(path: str, err: Exception) -> UserInputError:
     """The error for a checkpoint file that exists but does not read."""
     found = newest_intact_checkpoint(os.path.dirname(os.path.abspath(path)), path)
-    advice = (f"the newest intact checkpoint is {found[0]} (update {found[1]}): to resume from it, copy it over "
-              f"{path} (cp {found[0]} {path})" if found else
-              "no other checkpoint beside it reads: delete it to start the run from the beginning")
+    advice = (
+        f"the newest intact checkpoint is {found[0]} (update {found[1]}): to resume from it, copy it over "
+        f"{path} (cp {found[0]} {path})"
+        if found
+        else "no other checkpoint beside it reads: delete it to start the run from the beginning"
+    )
     return UserInputError(f"{path} is damaged or cut short ({one_line(err)}); {advice}")
 
 
 def failed_save(save_dir: str, err: OSError) -> UserInputError:
     """The error for a checkpoint save into ``save_dir`` that failed (no space left, a folder not writable)."""
-    return UserInputError(f"could not write a checkpoint into {save_dir} ({one_line(err)}); the previous "
-                          f"checkpoints there are intact: free space on (or fix) that file system and start the same "
-                          f"command again to resume from the last of them")
+    return UserInputError(
+        f"could not write a checkpoint into {save_dir} ({one_line(err)}); the previous "
+        f"checkpoints there are intact: free space on (or fix) that file system and start the same "
+        f"command again to resume from the last of them"
+    )

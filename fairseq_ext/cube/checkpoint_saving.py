@@ -52,16 +52,22 @@ class CheckpointSaving:
         resolved = checkpoint_format(cfg.task, self.mesh is not None)
         if resolved == "dcp" and has_strided_shards(model):
             if getattr(cfg.task, "checkpoint_format", "auto") == "dcp":
-                raise UserInputError("--checkpoint-format dcp cannot write this model's fused q/k/v shards (GPT-2 "
-                                     "style, each rank its heads of q, k and v); use --checkpoint-format full "
-                                     "(CHECKPOINT_FORMAT=full) or auto")
+                raise UserInputError(
+                    "--checkpoint-format dcp cannot write this model's fused q/k/v shards (GPT-2 "
+                    "style, each rank its heads of q, k and v); use --checkpoint-format full "
+                    "(CHECKPOINT_FORMAT=full) or auto"
+                )
             resolved = "full"  # auto: gathered on the first rank, as for one process
         if resolved == "dcp" and cfg.ema.store_ema:
-            raise UserInputError("--store-ema keeps a full copy of the model in the checkpoint; use "
-                                 "--checkpoint-format full (CHECKPOINT_FORMAT=full) with it")
+            raise UserInputError(
+                "--store-ema keeps a full copy of the model in the checkpoint; use "
+                "--checkpoint-format full (CHECKPOINT_FORMAT=full) with it"
+            )
         if resolved == "dcp" and PathManager.path_requires_pathmanager(cfg.checkpoint.save_dir):
-            raise UserInputError(f"--checkpoint-format dcp writes to local folders; --save-dir "
-                                 f"{cfg.checkpoint.save_dir} is remote: use --checkpoint-format full")
+            raise UserInputError(
+                f"--checkpoint-format dcp writes to local folders; --save-dir "
+                f"{cfg.checkpoint.save_dir} is remote: use --checkpoint-format full"
+            )
         if resolved == "dcp" and not cfg.checkpoint.no_save:
             check_shared_save_dir(cfg.checkpoint.save_dir)
         logger.info(f"checkpoints: {resolved} (--checkpoint-format {getattr(cfg.task, 'checkpoint_format', 'auto')})")
@@ -73,8 +79,7 @@ class CheckpointSaving:
         only the first rank of the mesh writes; the others of its unit join the gathers (next property)."""
         if self.mesh is None:
             return super().should_save_checkpoint_on_current_rank
-        return self.data_parallel_rank == 0 and self.mesh.get_local_rank(TP) == 0 \
-            and self.mesh.get_local_rank(PP) == 0
+        return self.data_parallel_rank == 0 and self.mesh.get_local_rank(TP) == 0 and self.mesh.get_local_rank(PP) == 0
 
     @property
     def always_call_state_dict_during_save_checkpoint(self) -> bool:
@@ -126,17 +131,20 @@ class CheckpointSaving:
         return {
             "args": None,
             "cfg": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)
-            if OmegaConf.is_config(self.cfg) else self.cfg,
+            if OmegaConf.is_config(self.cfg)
+            else self.cfg,
             "criterion": self.criterion.state_dict() if utils.has_parameters(self.criterion) else None,
-            "optimizer_history": (self._optim_history or []) + [{
-                "criterion_name": self.get_criterion().__class__.__name__,
-                "optimizer_name": self.optimizer.__class__.__name__,
-                "lr_scheduler_state": self.lr_scheduler.state_dict(),
-                "num_updates": self.get_num_updates(),
-            }],
+            "optimizer_history": (self._optim_history or [])
+            + [
+                {
+                    "criterion_name": self.get_criterion().__class__.__name__,
+                    "optimizer_name": self.optimizer.__class__.__name__,
+                    "lr_scheduler_state": self.lr_scheduler.state_dict(),
+                    "num_updates": self.get_num_updates(),
+                }
+            ],
             "task_state": self.task.state_dict() if self.task is not None else {},
-            "extra_state": {"metrics": metrics.state_dict(),
-                            "previous_training_time": self.cumulative_training_time()},
+            "extra_state": {"metrics": metrics.state_dict(), "previous_training_time": self.cumulative_training_time()},
             SHARDS_KEY: shards_record(self._shards_folder, optimizer),
         }
 

@@ -19,29 +19,58 @@ CHECKPOINT_FORMATS = ("auto", "full", "dcp")
 
 @dataclass
 class CubeConfig(FairseqDataclass):
-    use_zero: bool = field(default=False, metadata={
-        "help": "ZeRO-1: shard optimizer states among the data-parallel replicas (USE_ZERO)"})
-    zero_n_groups: int = field(default=1, metadata={
-        "help": "ZeRO-1 shards inside this many groups of consecutive replicas (ZERO_N_GROUPS; run.sh: NNODES)"})
-    plan_ngpus: int = field(default=1, metadata={
-        "help": "GPUs (processes) in one scale unit, which runs tensor x pipeline parallel inside (PLAN_NGPUS)"})
-    cube_scaling_factor: int = field(default=0, metadata={
-        "help": "scale units, data parallel to each other (CUBE_SCALING_FACTOR); 0: world size / plan-ngpus"})
-    plan_file: str = field(default="", metadata={
-        "help": "a Plan JSON file (PLAN_FILE); it replaces --plan-ngpus, --cube-scaling-factor, --use-zero "
-                "and --zero-n-groups"})
-    speed_log: str = field(default="", metadata={
-        "help": "append one JSON line per update (wall and compute seconds, tokens, peak memory) to this file "
-                "(SPEED_LOG; written by the first rank)"})
-    profile_updates: str = field(default="", metadata={
-        "help": "FIRST:LAST: torch.profiler over these updates (counted from 1); each rank writes a Chrome trace "
-                "and its device time by kind of kernel into --profile-dir (PROFILE_UPDATES)"})
-    profile_dir: str = field(default="", metadata={
-        "help": "folder of --profile-updates' files; default: 'profile' beside --save-dir (PROFILE_DIR)"})
-    checkpoint_format: ChoiceEnum(list(CHECKPOINT_FORMATS)) = field(default="auto", metadata={
-        "help": "full: fairseq's one file with every tensor, gathered on the first rank; dcp: fairseq's files "
-                "stay small and each rank writes its own shards (torch.distributed.checkpoint) into a folder "
-                "beside them; auto: dcp for plans with tensor or pipeline parallel, else full (CHECKPOINT_FORMAT)"})
+    use_zero: bool = field(
+        default=False, metadata={"help": "ZeRO-1: shard optimizer states among the data-parallel replicas (USE_ZERO)"}
+    )
+    zero_n_groups: int = field(
+        default=1,
+        metadata={
+            "help": "ZeRO-1 shards inside this many groups of consecutive replicas (ZERO_N_GROUPS; run.sh: NNODES)"
+        },
+    )
+    plan_ngpus: int = field(
+        default=1,
+        metadata={
+            "help": "GPUs (processes) in one scale unit, which runs tensor x pipeline parallel inside (PLAN_NGPUS)"
+        },
+    )
+    cube_scaling_factor: int = field(
+        default=0,
+        metadata={"help": "scale units, data parallel to each other (CUBE_SCALING_FACTOR); 0: world size / plan-ngpus"},
+    )
+    plan_file: str = field(
+        default="",
+        metadata={
+            "help": "a Plan JSON file (PLAN_FILE); it replaces --plan-ngpus, --cube-scaling-factor, --use-zero "
+            "and --zero-n-groups"
+        },
+    )
+    speed_log: str = field(
+        default="",
+        metadata={
+            "help": "append one JSON line per update (wall and compute seconds, tokens, peak memory) to this file "
+            "(SPEED_LOG; written by the first rank)"
+        },
+    )
+    profile_updates: str = field(
+        default="",
+        metadata={
+            "help": "FIRST:LAST: torch.profiler over these updates (counted from 1); each rank writes a Chrome trace "
+            "and its device time by kind of kernel into --profile-dir (PROFILE_UPDATES)"
+        },
+    )
+    profile_dir: str = field(
+        default="",
+        metadata={"help": "folder of --profile-updates' files; default: 'profile' beside --save-dir (PROFILE_DIR)"},
+    )
+    checkpoint_format: ChoiceEnum(list(CHECKPOINT_FORMATS)) = field(
+        default="auto",
+        metadata={
+            "help": "full: fairseq's one file with every tensor, gathered on the first rank; dcp: fairseq's files "
+            "stay small and each rank writes its own shards (torch.distributed.checkpoint) into a folder "
+            "beside them; auto: dcp for plans with tensor or pipeline parallel, else full (CHECKPOINT_FORMAT)"
+        },
+    )
 
 
 def plan_from_config(task_cfg, world_size: int, gpus_per_node: int) -> Plan:
@@ -60,12 +89,18 @@ def plan_from_config(task_cfg, world_size: int, gpus_per_node: int) -> Plan:
             raise UserInputError(f"PLAN_NGPUS must be a positive integer, got {plan_ngpus}")
         if scaling_factor == 0:
             if world_size % plan_ngpus:
-                raise UserInputError(f"PLAN_NGPUS {plan_ngpus} does not divide the world size {world_size} "
-                                     f"(NPROC_PER_NODE x NNODES)")
+                raise UserInputError(
+                    f"PLAN_NGPUS {plan_ngpus} does not divide the world size {world_size} (NPROC_PER_NODE x NNODES)"
+                )
             scaling_factor = world_size // plan_ngpus
         zero = bool(getattr(task_cfg, "use_zero", False))
-        plan = default_plan(plan_ngpus, scaling_factor, gpus_per_node=gpus_per_node, zero=zero,
-                            zero_n_groups=getattr(task_cfg, "zero_n_groups", 1) if zero else 1)
+        plan = default_plan(
+            plan_ngpus,
+            scaling_factor,
+            gpus_per_node=gpus_per_node,
+            zero=zero,
+            zero_n_groups=getattr(task_cfg, "zero_n_groups", 1) if zero else 1,
+        )
     plan.check_world_size(world_size)
     return plan
 

@@ -42,7 +42,7 @@ from .model_spec import stage_layers
 from .plan import INTERLEAVED, Plan
 from .profile_types import ModelProfile
 
-GIB = float(2 ** 30)  # MEM_PER_GPU and every memory figure printed are in GiB ("GB" in the docs)
+GIB = float(2**30)  # MEM_PER_GPU and every memory figure printed are in GiB ("GB" in the docs)
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,10 @@ class Hardware:
             raise UserInputError(f"cannot read cost parameters {path}: {exc}") from None
         known = {f.name for f in dataclasses.fields(cls)}
         if not isinstance(data, dict) or set(data) - known:
-            raise UserInputError(f"{path}: unknown cost parameters {sorted(set(data) - known) if isinstance(data, dict) else data!r}; "
-                                 f"known: {', '.join(sorted(known))}")
+            raise UserInputError(
+                f"{path}: unknown cost parameters {sorted(set(data) - known) if isinstance(data, dict) else data!r}; "
+                f"known: {', '.join(sorted(known))}"
+            )
         for key, value in data.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise UserInputError(f"{path}: {key} must be a non-negative number, got {value!r}")
@@ -156,8 +158,9 @@ class _Backward(NamedTuple):
     backward_only: float  # the rise in memory while its backward runs
 
 
-def estimate(profile: ModelProfile, plan: Plan, work: Workload, hw: Hardware,
-             recompute: Optional[Sequence[Optional[str]]] = None) -> Cost:
+def estimate(
+    profile: ModelProfile, plan: Plan, work: Workload, hw: Hardware, recompute: Optional[Sequence[Optional[str]]] = None
+) -> Cost:
     """Predict ``plan``'s peak memory per GPU and step time.
 
     Args:
@@ -199,16 +202,22 @@ def estimate(profile: ModelProfile, plan: Plan, work: Workload, hw: Hardware,
             for i in stages[s]:
                 cls = recompute[i]
                 acts = layer.activations if cls is None else layer.recompute[cls][0]
-                walk.append(_Backward(acts.bytes(mb_tokens), layer.local_trainable(tp) * grad_b,
-                                      acts.backward_bytes(mb_tokens)))
+                walk.append(
+                    _Backward(acts.bytes(mb_tokens), layer.local_trainable(tp) * grad_b, acts.backward_bytes(mb_tokens))
+                )
                 weights += layer.local_numel(tp)
                 extra = 0.0 if cls is None else layer.recompute[cls][1]
                 seconds += (_flops(layer) + extra) * mb_tokens / layer_rate
                 seconds += _tp_seconds(layer, tp, mb_tokens, tp_link, again=cls is not None)
             if s == plan.num_stages - 1:
                 walk.append(_Backward(norm.activations.bytes(mb_tokens), norm.local_trainable(edge_tp) * grad_b, 0.0))
-                walk.append(_Backward(head_acts.bytes(mb_tokens), head.local_trainable(edge_tp) * grad_b,
-                                      head_acts.backward_bytes(mb_tokens)))
+                walk.append(
+                    _Backward(
+                        head_acts.bytes(mb_tokens),
+                        head.local_trainable(edge_tp) * grad_b,
+                        head_acts.backward_bytes(mb_tokens),
+                    )
+                )
                 weights += norm.local_numel(edge_tp) + head.local_numel(edge_tp)
                 seconds += (_flops(norm) + _flops(head)) * mb_tokens / rate
                 seconds += _tp_seconds(head, edge_tp, mb_tokens, tp_link)
@@ -241,10 +250,19 @@ def estimate(profile: ModelProfile, plan: Plan, work: Workload, hw: Hardware,
         # gradients as they are and keep float32 values in registers
         step_peak = numel * per_param + (weights - numel) * weight_b + dp_buffer
         peak = max(fwd_bwd, step_peak) * (1 + hw.allocator_slack) + hw.workspace_bytes
-        ranks.append(dict(rank=rank, numel=numel, static=numel * per_param + (weights - numel) * weight_b,
-                          activations=activations,
-                          transient=transient, comm=comm, dp_buffer=dp_buffer, peak=peak,
-                          seconds_per_microbatch=seconds))
+        ranks.append(
+            dict(
+                rank=rank,
+                numel=numel,
+                static=numel * per_param + (weights - numel) * weight_b,
+                activations=activations,
+                transient=transient,
+                comm=comm,
+                dp_buffer=dp_buffer,
+                peak=peak,
+                seconds_per_microbatch=seconds,
+            )
+        )
         if worst is None or peak > worst["peak"]:
             worst = ranks[-1]
 
@@ -260,10 +278,18 @@ def estimate(profile: ModelProfile, plan: Plan, work: Workload, hw: Hardware,
         dp_seconds += _broadcast_seconds(numel * weight_b, zero_shards, dp_link)
     optimizer_seconds = numel * optimizer_step_bytes(profile.precision) / zero_shards / hw.hbm_bandwidth
     step = work.grad_accu * pipeline + dp_seconds + optimizer_seconds
-    parts = dict(static=worst["static"], activations=worst["activations"], transient=worst["transient"],
-                 comm=worst["comm"], dp_buffer=worst["dp_buffer"], worst_rank=worst["rank"],
-                 compute_and_tp=work.grad_accu * m * slowest, bubble=work.grad_accu * bubble,
-                 dp=dp_seconds, optimizer=optimizer_seconds)
+    parts = dict(
+        static=worst["static"],
+        activations=worst["activations"],
+        transient=worst["transient"],
+        comm=worst["comm"],
+        dp_buffer=worst["dp_buffer"],
+        worst_rank=worst["rank"],
+        compute_and_tp=work.grad_accu * m * slowest,
+        bubble=work.grad_accu * bubble,
+        dp=dp_seconds,
+        optimizer=optimizer_seconds,
+    )
     return Cost(peak_bytes=worst["peak"], step_time=step, parts=parts)
 
 
@@ -288,8 +314,9 @@ def _recomputed_class(profile: ModelProfile, names: Sequence[str]) -> Optional[s
 
 
 def _link(hw: Hardware, intra: bool) -> Tuple[float, float]:
-    return (hw.intra_node_bandwidth, hw.intra_node_latency) if intra else (hw.inter_node_bandwidth,
-                                                                           hw.inter_node_latency)
+    return (
+        (hw.intra_node_bandwidth, hw.intra_node_latency) if intra else (hw.inter_node_bandwidth, hw.inter_node_latency)
+    )
 
 
 def _allreduce_seconds(nbytes: float, n: int, link: Tuple[float, float]) -> float:
@@ -317,7 +344,9 @@ def _tp_seconds(module, tp: int, tokens: int, link, again: bool = False) -> floa
         return 0.0
     (fwd_bytes, bwd_bytes), (fwd_count, bwd_count) = module.tp_allreduce_per_token, module.tp_allreduce_count
     total = 0.0
-    for per_token, count in ((fwd_bytes, fwd_count), (bwd_bytes, bwd_count)) + (((fwd_bytes, fwd_count),) if again else ()):
+    for per_token, count in ((fwd_bytes, fwd_count), (bwd_bytes, bwd_count)) + (
+        ((fwd_bytes, fwd_count),) if again else ()
+    ):
         if count:
             total += count * _allreduce_seconds(per_token / count * tokens, tp, link)
     return total
@@ -333,9 +362,11 @@ def predicted_vs_measured(rows: Sequence[dict]) -> str:
     for row in rows:
         error = (row["predicted_gib"] - row["measured_gib"]) / row["measured_gib"]
         time_error = _time_error(row)
-        lines.append(f"{row['name']:<44} {row['predicted_gib']:9.2f} {row['measured_gib']:9.2f} {error:+7.1%} "
-                     f"{row.get('predicted_s', math.nan):8.3f} {row.get('measured_s', math.nan):8.3f} "
-                     f"{time_error if time_error is not None else math.nan:+7.1%}")
+        lines.append(
+            f"{row['name']:<44} {row['predicted_gib']:9.2f} {row['measured_gib']:9.2f} {error:+7.1%} "
+            f"{row.get('predicted_s', math.nan):8.3f} {row.get('measured_s', math.nan):8.3f} "
+            f"{time_error if time_error is not None else math.nan:+7.1%}"
+        )
     groups = {}
     for row in rows:
         if "predicted_s" in row and "measured_s" in row:
@@ -343,8 +374,10 @@ def predicted_vs_measured(rows: Sequence[dict]) -> str:
     for group, timed in sorted(groups.items()):
         if len(timed) > 1:
             same = sorted(timed, key=lambda r: r["predicted_s"]) == sorted(timed, key=lambda r: r["measured_s"])
-            lines.append(f"step-time ranking {'matches' if same else 'DIFFERS from'} the measured one"
-                         + (f" among {len(timed)} plans of {group}" if group else ""))
+            lines.append(
+                f"step-time ranking {'matches' if same else 'DIFFERS from'} the measured one"
+                + (f" among {len(timed)} plans of {group}" if group else "")
+            )
     worst = max(abs(r["predicted_gib"] - r["measured_gib"]) / r["measured_gib"] for r in rows) if rows else 0.0
     lines.append(f"largest memory error {worst:.1%} ({'within' if worst <= 0.05 else 'outside'} 5%)")
     time_errors = [abs(e) for e in map(_time_error, rows) if e is not None]

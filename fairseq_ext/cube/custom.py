@@ -33,8 +33,9 @@ def register_module(module_class: Union[type, str], tp_rules: Optional[Dict[str,
     rules = dict(tp_rules or {})
     unknown = sorted({style for style in rules.values() if style not in STYLES})
     if unknown:
-        raise UserInputError(f"register_module({name}): tensor-parallel styles {unknown} are not supported; "
-                             f"use {', '.join(STYLES)}")
+        raise UserInputError(
+            f"register_module({name}): tensor-parallel styles {unknown} are not supported; use {', '.join(STYLES)}"
+        )
     CUSTOM_MODULES[name] = rules
 
 

@@ -19,8 +19,9 @@ _fairseq_progress_bar = progress_bar.progress_bar
 def progress_bar_once_per_log_file(iterator, *args, log_file=None, **kwargs):
     """Replaces fairseq's progress_bar, which adds a new handler for ``--log-file`` at every epoch and
     validation, so each line was written to the log file once more per epoch. The handler is added once."""
-    if log_file is not None and any(getattr(h, "baseFilename", None) == os.path.abspath(log_file)
-                                    for h in progress_bar.logger.handlers):
+    if log_file is not None and any(
+        getattr(h, "baseFilename", None) == os.path.abspath(log_file) for h in progress_bar.logger.handlers
+    ):
         log_file = None
     return _fairseq_progress_bar(iterator, *args, log_file=log_file, **kwargs)
 
@@ -37,8 +38,11 @@ def infer_init_method(cfg, force_distributed=False):
     cuda.device_count()`` (a division by zero on a CPU host). Under torchrun both come from the
     environment here: world size, rank, and the local rank as device.
     """
-    if (cfg.distributed_init_method is None and all(k in os.environ for k in TORCHRUN_VARIABLES)
-            and int(os.environ["WORLD_SIZE"]) > 1):
+    if (
+        cfg.distributed_init_method is None
+        and all(k in os.environ for k in TORCHRUN_VARIABLES)
+        and int(os.environ["WORLD_SIZE"]) > 1
+    ):
         cfg.distributed_init_method = "env://"
         cfg.distributed_world_size = int(os.environ["WORLD_SIZE"])
         cfg.distributed_rank = int(os.environ["RANK"])

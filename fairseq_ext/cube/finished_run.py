@@ -16,8 +16,10 @@ logger = logging.getLogger(__name__)
 
 
 def completion_message(num_updates: int, max_update: int, checkpoint: str) -> str:
-    return (f"the run is complete: {checkpoint} is at update {num_updates} and --max-update (MAX_STEPS) is "
-            f"{max_update}; nothing was trained and no file was changed. Raise MAX_STEPS to train on from it")
+    return (
+        f"the run is complete: {checkpoint} is at update {num_updates} and --max-update (MAX_STEPS) is "
+        f"{max_update}; nothing was trained and no file was changed. Raise MAX_STEPS to train on from it"
+    )
 
 
 def stop_if_complete(num_updates: int, max_update: int, checkpoint: str) -> None:

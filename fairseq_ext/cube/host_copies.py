@@ -75,5 +75,4 @@ class LoggedValues(Mapping):
 def pinned(sample):
     """``sample`` with its host tensors in pinned memory, so its copy to the device does not wait for the
     device's queued work (a copy from pageable memory does)."""
-    return utils.apply_to_sample(lambda tensor: tensor.pin_memory() if tensor.device.type == "cpu" else tensor,
-                                 sample)
+    return utils.apply_to_sample(lambda tensor: tensor.pin_memory() if tensor.device.type == "cpu" else tensor, sample)

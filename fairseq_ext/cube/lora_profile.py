@@ -32,10 +32,14 @@ class Lora:
         options = parse_lora_config(lora_config)
         targets = options.get("target_modules") or DEFAULT_TARGETS.get(model_type)
         if not targets:
-            raise UserInputError(f"LORA_CONFIG names no target_modules and peft has no default for {model_type!r}; "
-                                 "add target_modules=... (e.g. q_proj,v_proj)")
-        return cls(rank=int(options.get("r", LoraConfig.r)), targets=tuple([targets] if isinstance(targets, str)
-                                                                            else targets))
+            raise UserInputError(
+                f"LORA_CONFIG names no target_modules and peft has no default for {model_type!r}; "
+                "add target_modules=... (e.g. q_proj,v_proj)"
+            )
+        return cls(
+            rank=int(options.get("r", LoraConfig.r)), targets=tuple([targets] if isinstance(targets, str) else targets)
+        )
+
 
 def lora_split(model, styles: Dict[str, str], lora: Lora) -> Tuple[int, int]:
     """(adapter elements of one decoder layer, of which tp splits) for LoRA on ``lora.targets``: r x (in + out)
@@ -50,8 +54,10 @@ def lora_split(model, styles: Dict[str, str], lora: Lora) -> Tuple[int, int]:
         style = styles.get(f"layers.0.{name}")
         sharded += lora.rank * (out_features if style == "colwise" else in_features if style == "rowwise" else 0)
     if not numel:
-        raise UserInputError(f"LoRA target_modules {list(lora.targets)} name no linear projection of the decoder "
-                             "layers; the compile pass plans LoRA on them only")
+        raise UserInputError(
+            f"LoRA target_modules {list(lora.targets)} name no linear projection of the decoder "
+            "layers; the compile pass plans LoRA on them only"
+        )
     return numel, sharded
 
 
@@ -62,8 +68,15 @@ def with_lora(module: ModuleProfile, adapters: Tuple[int, int], tp: int) -> Modu
         backward = 0.0 if module.name == "embed" else module.fwd_flops_per_token
         return replace(module, trainable=(0, 0), bwd_flops_per_token=backward)
     numel, sharded = adapters
-    module = replace(module, param_numel=module.param_numel + numel, sharded_numel=module.sharded_numel + sharded,
-                     trainable=(numel, sharded))
+    module = replace(
+        module,
+        param_numel=module.param_numel + numel,
+        sharded_numel=module.sharded_numel + sharded,
+        trainable=(numel, sharded),
+    )
     adapter_flops = 2.0 * module.local_trainable(tp)  # a multiply-add per adapter weight on this rank
-    return replace(module, fwd_flops_per_token=module.fwd_flops_per_token + adapter_flops,
-                   bwd_flops_per_token=module.fwd_flops_per_token + 2 * adapter_flops)
+    return replace(
+        module,
+        fwd_flops_per_token=module.fwd_flops_per_token + adapter_flops,
+        bwd_flops_per_token=module.fwd_flops_per_token + 2 * adapter_flops,
+    )

@@ -103,21 +103,28 @@ class ModelSpec:
     def rule_reasons(self) -> List[str]:
         """Why the model cannot be split by tensor parallel at all (empty: its rules can be applied)."""
         if not self.has_tp_rules:
-            return [f"model type {self.model_type!r} has no tensor-parallel rules (config.base_model_tp_plan, or "
-                    f"this runtime's for {', '.join(sorted(FALLBACK_RULES))}); use tp=1 for it, or register its "
-                    f"module types with fairseq_ext.cube.custom"]
+            return [
+                f"model type {self.model_type!r} has no tensor-parallel rules (config.base_model_tp_plan, or "
+                f"this runtime's for {', '.join(sorted(FALLBACK_RULES))}); use tp=1 for it, or register its "
+                f"module types with fairseq_ext.cube.custom"
+            ]
         unknown = sorted({style for style in self.tp_rules.values() if style not in STYLES})
         if unknown:
-            return [f"tensor-parallel styles {unknown} of model type {self.model_type!r} are not supported "
-                    f"({', '.join(STYLES)} are); use tp=1 for it"]
+            return [
+                f"tensor-parallel styles {unknown} of model type {self.model_type!r} are not supported "
+                f"({', '.join(STYLES)} are); use tp=1 for it"
+            ]
         return []
 
     def tp_reasons(self, tp: int) -> List[str]:
         """Why the model cannot be split over ``tp`` ranks (empty: it can)."""
         if tp == 1:
             return []
-        return self.rule_reasons() + [f"tp {tp} does not divide {name} {size}; choose a tp that divides it"
-                                      for name, size in self.tp_sizes.items() if size % tp]
+        return self.rule_reasons() + [
+            f"tp {tp} does not divide {name} {size}; choose a tp that divides it"
+            for name, size in self.tp_sizes.items()
+            if size % tp
+        ]
 
     def vocab_parallel(self, tp: int, pp: int, has_lm_head: bool = True) -> bool:
         """Whether the embedding and LM head are split over the vocabulary: with an LM head untied from the
@@ -129,17 +136,23 @@ class ModelSpec:
         ``settings``, each reason saying what to change; empty when it can."""
         reasons = list(self.tp_reasons(plan.tp))
         if plan.num_stages > self.num_layers:
-            reasons.append(f"pp {plan.pp} x virtual_stages_per_rank {plan.virtual_stages_per_rank} = "
-                           f"{plan.num_stages} pipeline stages exceed num_hidden_layers {self.num_layers}; choose "
-                           f"at most {self.num_layers} stages")
+            reasons.append(
+                f"pp {plan.pp} x virtual_stages_per_rank {plan.virtual_stages_per_rank} = "
+                f"{plan.num_stages} pipeline stages exceed num_hidden_layers {self.num_layers}; choose "
+                f"at most {self.num_layers} stages"
+            )
         if plan.stage_boundaries and plan.stage_boundaries[-1] >= self.num_layers:
-            reasons.append(f"stage_boundaries {list(plan.stage_boundaries)} name layer {plan.stage_boundaries[-1]} "
-                           f"but the model has {self.num_layers} layers (0..{self.num_layers - 1}); every boundary "
-                           f"must be below {self.num_layers}")
+            reasons.append(
+                f"stage_boundaries {list(plan.stage_boundaries)} name layer {plan.stage_boundaries[-1]} "
+                f"but the model has {self.num_layers} layers (0..{self.num_layers - 1}); every boundary "
+                f"must be below {self.num_layers}"
+            )
         if plan.pp == 1 and plan.num_microbatches > 1 and settings.head != CAUSAL_LM:
-            reasons.append(f"{plan.num_microbatches} micro-batches without pipeline stages split causal LM batches "
-                           f"only, not the {settings.head} head's; use num_microbatches 1 (a smaller BATCH_SIZE "
-                           f"with GRADIENT_ACCU_NUM)")
+            reasons.append(
+                f"{plan.num_microbatches} micro-batches without pipeline stages split causal LM batches "
+                f"only, not the {settings.head} head's; use num_microbatches 1 (a smaller BATCH_SIZE "
+                f"with GRADIENT_ACCU_NUM)"
+            )
         if plan.plan_ngpus > 1:
             reasons += self._mesh_reasons(plan, settings)
         if plan.pp > 1:
@@ -149,50 +162,73 @@ class ModelSpec:
     def _mesh_reasons(self, plan, settings: RunSettings) -> List[str]:
         reasons = []
         if settings.half_flags:
-            reasons.append(f"{'/'.join(settings.half_flags)} with tensor or pipeline parallel (PLAN_NGPUS > 1) "
-                           f"is not available yet; use PRECISION=bf16, bf16-master or bf16-lean, or fp32")
+            reasons.append(
+                f"{'/'.join(settings.half_flags)} with tensor or pipeline parallel (PLAN_NGPUS > 1) "
+                f"is not available yet; use PRECISION=bf16, bf16-master or bf16-lean, or fp32"
+            )
         if settings.compiled:
             reasons.append("COMPILE=1 (--compile-layers) with PLAN_NGPUS > 1 is not available yet; use COMPILE=0")
         if settings.lora and plan.tp > 1 and self.model_type in _CONV1D_FAMILIES:
-            reasons.append(f"LoRA under tensor parallel splits nn.Linear projections; {self.model_type}'s are "
-                           f"Conv1D: use a plan with tp 1 or USE_LORA=0")
+            reasons.append(
+                f"LoRA under tensor parallel splits nn.Linear projections; {self.model_type}'s are "
+                f"Conv1D: use a plan with tp 1 or USE_LORA=0"
+            )
         return reasons
 
     def _pipeline_reasons(self, plan, settings: RunSettings) -> List[str]:
         reasons = []
         if not self.decoder:
-            reasons.append(f"pipeline parallel (pp {plan.pp}) splits Llama-style decoders (embed_tokens, layers, "
-                           f"norm); model type {self.model_type!r} is not one: use a plan with pp 1")
+            reasons.append(
+                f"pipeline parallel (pp {plan.pp}) splits Llama-style decoders (embed_tokens, layers, "
+                f"norm); model type {self.model_type!r} is not one: use a plan with pp 1"
+            )
         elif settings.head != CAUSAL_LM or not settings.pipeline_loss:
-            reasons.append(f"pipeline parallel (pp {plan.pp}) runs the causal LM only (--arch hf_auto_causal_lm "
-                           f"with its criterion hf_causal_lm), not the {settings.head} head or this criterion; "
-                           f"use a plan with pp 1")
+            reasons.append(
+                f"pipeline parallel (pp {plan.pp}) runs the causal LM only (--arch hf_auto_causal_lm "
+                f"with its criterion hf_causal_lm), not the {settings.head} head or this criterion; "
+                f"use a plan with pp 1"
+            )
         if self.tied_embeddings:
-            reasons.append(f"pipeline parallel (pp {plan.pp}) needs untied input and output embeddings (the "
-                           f"model's config has tie_word_embeddings true); use a plan with pp 1")
+            reasons.append(
+                f"pipeline parallel (pp {plan.pp}) needs untied input and output embeddings (the "
+                f"model's config has tie_word_embeddings true); use a plan with pp 1"
+            )
         if settings.lora:
-            reasons.append(f"LoRA with pipeline parallel (pp {plan.pp}) is not available yet; use a plan with pp 1 "
-                           f"or USE_LORA=0")
+            reasons.append(
+                f"LoRA with pipeline parallel (pp {plan.pp}) is not available yet; use a plan with pp 1 or USE_LORA=0"
+            )
         if plan.zero:
-            reasons.append(f"ZeRO-1 with pipeline parallel (pp {plan.pp}) is not available yet; set USE_ZERO=0 "
-                           f"(zero false in the plan) or use a plan with pp 1")
+            reasons.append(
+                f"ZeRO-1 with pipeline parallel (pp {plan.pp}) is not available yet; set USE_ZERO=0 "
+                f"(zero false in the plan) or use a plan with pp 1"
+            )
         if settings.packing:
-            reasons.append("PACK_SEQUENCES=1 with pipeline parallel (pp > 1) is not available yet; use "
-                           "PACK_SEQUENCES=0 or a plan without pipeline stages")
+            reasons.append(
+                "PACK_SEQUENCES=1 with pipeline parallel (pp > 1) is not available yet; use "
+                "PACK_SEQUENCES=0 or a plan without pipeline stages"
+            )
         if not settings.batch_size:
-            reasons.append(f"pipeline parallel (pp {plan.pp}) splits each batch into {plan.num_microbatches} "
-                           f"micro-batches and needs a fixed --batch-size (BATCH_SIZE) instead of --max-tokens")
+            reasons.append(
+                f"pipeline parallel (pp {plan.pp}) splits each batch into {plan.num_microbatches} "
+                f"micro-batches and needs a fixed --batch-size (BATCH_SIZE) instead of --max-tokens"
+            )
         elif settings.batch_size % plan.num_microbatches:
-            reasons.append(f"BATCH_SIZE {settings.batch_size} is not divisible by the plan's num_microbatches "
-                           f"{plan.num_microbatches}; choose a BATCH_SIZE that is a multiple of "
-                           f"{plan.num_microbatches}, or num_microbatches that divides {settings.batch_size}")
+            reasons.append(
+                f"BATCH_SIZE {settings.batch_size} is not divisible by the plan's num_microbatches "
+                f"{plan.num_microbatches}; choose a BATCH_SIZE that is a multiple of "
+                f"{plan.num_microbatches}, or num_microbatches that divides {settings.batch_size}"
+            )
         return reasons
 
     def module_styles(self, base) -> Dict[str, str]:
         """Module name (under ``base``, the base model) -> style, for every module the rules split: the
         family's rules, replaced inside modules of registered classes by the registered ones (none: whole)."""
-        styles = {name: style for name, _ in base.named_modules() for pattern, style in self.tp_rules.items()
-                  if name and fnmatchcase(name, pattern)}
+        styles = {
+            name: style
+            for name, _ in base.named_modules()
+            for pattern, style in self.tp_rules.items()
+            if name and fnmatchcase(name, pattern)
+        }
         for prefix, module in base.named_modules():
             rules = registered_rules(type(module).__name__)
             if rules is None or not prefix:
@@ -212,19 +248,27 @@ def spec_of(config) -> ModelSpec:
     rules = getattr(config, "base_model_tp_plan", None) or FALLBACK_RULES.get(model_type) or {}
     pp_plan = getattr(config, "base_model_pp_plan", None) or {}
     layers = getattr(config, "num_hidden_layers", None) or 1
-    return ModelSpec(model_type=model_type, tp_rules=dict(rules), tp_sizes=tp_sizes(config), num_layers=layers,
-                     decoder=set(DECODER_PARTS) <= set(pp_plan),
-                     tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-                     vocab_size=getattr(config, "vocab_size", None) or 1, registered=bool(CUSTOM_MODULES))
+    return ModelSpec(
+        model_type=model_type,
+        tp_rules=dict(rules),
+        tp_sizes=tp_sizes(config),
+        num_layers=layers,
+        decoder=set(DECODER_PARTS) <= set(pp_plan),
+        tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        vocab_size=getattr(config, "vocab_size", None) or 1,
+        registered=bool(CUSTOM_MODULES),
+    )
 
 
 def tp_sizes(config) -> Dict[str, int]:
     """The sizes of ``config`` that tensor parallel splits (heads, kv heads, FFN width), by their config names."""
-    sizes = {"num_attention_heads": getattr(config, "num_attention_heads", None),  # GPT-2's n_head, T5's num_heads
-             "num_key_value_heads": getattr(config, "num_key_value_heads", None),
-             "intermediate_size": getattr(config, "intermediate_size", None),
-             "d_ff": getattr(config, "d_ff", None),  # T5's FFN width
-             "n_inner": _n_inner(config)}  # GPT-2's
+    sizes = {
+        "num_attention_heads": getattr(config, "num_attention_heads", None),  # GPT-2's n_head, T5's num_heads
+        "num_key_value_heads": getattr(config, "num_key_value_heads", None),
+        "intermediate_size": getattr(config, "intermediate_size", None),
+        "d_ff": getattr(config, "d_ff", None),  # T5's FFN width
+        "n_inner": _n_inner(config),
+    }  # GPT-2's
     return {name: size for name, size in sizes.items() if size is not None}
 
 

@@ -32,8 +32,10 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 def _peak(device: torch.device) -> str:
     if device.type == "cuda":
-        return f"peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB allocated of " \
-               f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB"
+        return (
+            f"peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB allocated of "
+            f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB"
+        )
     return "peak not measured on the CPU"
 
 
@@ -43,7 +45,8 @@ def out_of_memory_error(update: int, device: torch.device) -> UserInputError:
         f"out of memory at update {update} ({_peak(device)}); lower BATCH_SIZE (raise GRADIENT_ACCU_NUM to keep the "
         f"global batch) or SEQUENCE_LENGTH, or choose a plan that fits (PLAN_NGPUS, RECOMPUTE_MODULE_NAMES, "
         f"USE_ZERO): `bash run.sh compile` with the same settings and MEM_PER_GPU reports the plan that fits; "
-        f"SKIP_OOM_BATCHES=1 skips such batches instead")
+        f"SKIP_OOM_BATCHES=1 skips such batches instead"
+    )
 
 
 class SkippedBatches:
@@ -61,6 +64,8 @@ class SkippedBatches:
         seen, self._seen = self._seen, False
         if seen:
             self.count += 1
-            logger.warning(f"update {update}: out of memory, batch skipped (SKIP_OOM_BATCHES=1); "
-                           f"{self.count} skipped so far, none counted as trained")
+            logger.warning(
+                f"update {update}: out of memory, batch skipped (SKIP_OOM_BATCHES=1); "
+                f"{self.count} skipped so far, none counted as trained"
+            )
         return seen

@@ -45,8 +45,10 @@ class TensorParallelModel(torch.nn.Module):
         state = full_state_dict(self.module.state_dict(*args, **kwargs))
         if self._pipeline_group is None:
             return state
-        parts = gather_over(self._pipeline_group, {key: value.cpu() if torch.is_tensor(value) else value
-                                                   for key, value in state.items()})
+        parts = gather_over(
+            self._pipeline_group,
+            {key: value.cpu() if torch.is_tensor(value) else value for key, value in state.items()},
+        )
         merged = {key: value for part in parts for key, value in part.items()}
         order = {key: i for i, key in enumerate(self._full_keys)}
         return dict(sorted(merged.items(), key=lambda item: order.get(item[0], len(order))))
@@ -57,5 +59,6 @@ class TensorParallelModel(torch.nn.Module):
         if self._pipeline_group is not None:
             mine = self.module.state_dict(keep_vars=True)
             state_dict = {key: value for key, value in state_dict.items() if key in mine}
-        return self.module.load_state_dict(localize_state_dict(self.module, state_dict), strict=strict,
-                                           model_cfg=model_cfg, args=args)
+        return self.module.load_state_dict(
+            localize_state_dict(self.module, state_dict), strict=strict, model_cfg=model_cfg, args=args
+        )

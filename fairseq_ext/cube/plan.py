@@ -74,33 +74,46 @@ class Plan:
             UserInputError: the first rule broken, with the numbers and what to change.
         """
         if self.version != PLAN_VERSION:
-            raise UserInputError(f"plan version {self.version!r} is not supported (this fairseq_ext reads "
-                                 f"version {PLAN_VERSION}); recompile the plan with run.sh compile")
+            raise UserInputError(
+                f"plan version {self.version!r} is not supported (this fairseq_ext reads "
+                f"version {PLAN_VERSION}); recompile the plan with run.sh compile"
+            )
         for name in _COUNTS:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise UserInputError(f"{name} must be a positive integer, got {value!r}")
         if self.tp * self.pp != self.plan_ngpus:
-            raise UserInputError(f"tp {self.tp} x pp {self.pp} = {self.tp * self.pp} does not equal PLAN_NGPUS "
-                                 f"{self.plan_ngpus}; choose tp and pp whose product is PLAN_NGPUS")
+            raise UserInputError(
+                f"tp {self.tp} x pp {self.pp} = {self.tp * self.pp} does not equal PLAN_NGPUS "
+                f"{self.plan_ngpus}; choose tp and pp whose product is PLAN_NGPUS"
+            )
         if self.pp_schedule not in PIPELINE_SCHEDULES:
-            raise UserInputError(f"unknown pp_schedule {self.pp_schedule!r}; choose one of "
-                                 f"{', '.join(PIPELINE_SCHEDULES)}")
+            raise UserInputError(
+                f"unknown pp_schedule {self.pp_schedule!r}; choose one of {', '.join(PIPELINE_SCHEDULES)}"
+            )
         if self.pp_schedule == INTERLEAVED and self.virtual_stages_per_rank < 2:
-            raise UserInputError(f"{INTERLEAVED} needs virtual_stages_per_rank >= 2, got "
-                                 f"{self.virtual_stages_per_rank}; raise it or choose 1F1B")
+            raise UserInputError(
+                f"{INTERLEAVED} needs virtual_stages_per_rank >= 2, got "
+                f"{self.virtual_stages_per_rank}; raise it or choose 1F1B"
+            )
         if self.pp_schedule != INTERLEAVED and self.virtual_stages_per_rank > 1:
-            raise UserInputError(f"virtual_stages_per_rank {self.virtual_stages_per_rank} needs pp_schedule "
-                                 f"{INTERLEAVED}, got {self.pp_schedule}; set it to 1 or change the schedule")
+            raise UserInputError(
+                f"virtual_stages_per_rank {self.virtual_stages_per_rank} needs pp_schedule "
+                f"{INTERLEAVED}, got {self.pp_schedule}; set it to 1 or change the schedule"
+            )
         if self.pp > 1 and self.num_microbatches < self.pp:
-            raise UserInputError(f"{self.pp_schedule} with pp {self.pp} needs at least {self.pp} micro-batches, "
-                                 f"got {self.num_microbatches}; raise num_microbatches")
+            raise UserInputError(
+                f"{self.pp_schedule} with pp {self.pp} needs at least {self.pp} micro-batches, "
+                f"got {self.num_microbatches}; raise num_microbatches"
+            )
         self._validate_stage_boundaries()
         self._validate_zero()
         if not isinstance(self.recompute_modules, tuple) or not all(
-                isinstance(name, str) and name for name in self.recompute_modules):
-            raise UserInputError(f"recompute_modules must be a list of module class names, "
-                                 f"got {self.recompute_modules!r}")
+            isinstance(name, str) and name for name in self.recompute_modules
+        ):
+            raise UserInputError(
+                f"recompute_modules must be a list of module class names, got {self.recompute_modules!r}"
+            )
         if not isinstance(self.model_fingerprint, str):
             raise UserInputError(f"model_fingerprint must be a string, got {self.model_fingerprint!r}")
         return self
@@ -116,13 +129,15 @@ class Plan:
             raise UserInputError(
                 f"stage_boundaries has {len(boundaries)} entries but pp {self.pp} x virtual_stages_per_rank "
                 f"{self.virtual_stages_per_rank} = {stages} stages need {stages - 1} (the first layer of "
-                f"stages 1..{stages - 1}); fix the list or leave it empty to balance by layer count")
+                f"stages 1..{stages - 1}); fix the list or leave it empty to balance by layer count"
+            )
         if boundaries[0] <= 0:
-            raise UserInputError(f"stage_boundaries {list(boundaries)} must start above 0 "
-                                 f"(stage 0 begins at layer 0)")
+            raise UserInputError(f"stage_boundaries {list(boundaries)} must start above 0 (stage 0 begins at layer 0)")
         if any(b <= a for a, b in zip(boundaries, boundaries[1:])):
-            raise UserInputError(f"stage_boundaries {list(boundaries)} must be strictly increasing "
-                                 f"(every stage needs at least one layer)")
+            raise UserInputError(
+                f"stage_boundaries {list(boundaries)} must be strictly increasing "
+                f"(every stage needs at least one layer)"
+            )
 
     def _validate_zero(self) -> None:
         if not isinstance(self.zero, bool):
@@ -136,19 +151,22 @@ class Plan:
             raise UserInputError(
                 f"zero_n_groups {groups} does not divide CUBE_SCALING_FACTOR {self.scaling_factor}: ZeRO shards "
                 f"optimizer states among the {self.scaling_factor} data-parallel replicas of each parameter "
-                f"shard, in {groups} equal groups; choose a zero_n_groups that divides {self.scaling_factor}")
+                f"shard, in {groups} equal groups; choose a zero_n_groups that divides {self.scaling_factor}"
+            )
 
     def check_world_size(self, world_size: int) -> None:
         """Raise UserInputError unless the plan runs on exactly ``world_size`` processes."""
         if self.world_size != world_size:
             raise UserInputError(
                 f"PLAN_NGPUS {self.plan_ngpus} x CUBE_SCALING_FACTOR {self.scaling_factor} = {self.world_size} "
-                f"does not equal the world size {world_size} (NPROC_PER_NODE x NNODES)")
+                f"does not equal the world size {world_size} (NPROC_PER_NODE x NNODES)"
+            )
 
     def to_dict(self) -> dict:
         """The plan as plain JSON values (tuples become lists)."""
-        return {key: list(value) if isinstance(value, tuple) else value
-                for key, value in dataclasses.asdict(self).items()}
+        return {
+            key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self).items()
+        }
 
     def to_json(self) -> str:
         """The plan as JSON text, keys sorted (the same plan always gives the same text)."""
@@ -167,8 +185,7 @@ class Plan:
         unknown = sorted(set(data) - set(fields))
         if unknown:
             raise UserInputError(f"unknown plan keys: {', '.join(unknown)}; known keys: {', '.join(fields)}")
-        missing = [name for name, field in fields.items()
-                   if field.default is dataclasses.MISSING and name not in data]
+        missing = [name for name, field in fields.items() if field.default is dataclasses.MISSING and name not in data]
         if missing:
             raise UserInputError(f"plan is missing required keys: {', '.join(missing)}")
         return cls(**data).validate()
@@ -211,8 +228,14 @@ class Plan:
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
-def default_plan(plan_ngpus: int, scaling_factor: int, gpus_per_node: int, zero: bool = False,
-                 zero_n_groups: int = 1, recompute_modules: Tuple[str, ...] = ()) -> Plan:
+def default_plan(
+    plan_ngpus: int,
+    scaling_factor: int,
+    gpus_per_node: int,
+    zero: bool = False,
+    zero_n_groups: int = 1,
+    recompute_modules: Tuple[str, ...] = (),
+) -> Plan:
     """The rule used until the search exists: tensor parallel inside a node, pipeline across nodes.
 
     tp = gcd(plan_ngpus, gpus_per_node), pp = plan_ngpus // tp, schedule 1F1B with pp micro-batches
@@ -221,15 +244,26 @@ def default_plan(plan_ngpus: int, scaling_factor: int, gpus_per_node: int, zero:
     Returns:
         a validated Plan.
     """
-    for name, value in (("plan_ngpus", plan_ngpus), ("scaling_factor", scaling_factor),
-                        ("gpus_per_node", gpus_per_node)):
+    for name, value in (
+        ("plan_ngpus", plan_ngpus),
+        ("scaling_factor", scaling_factor),
+        ("gpus_per_node", gpus_per_node),
+    ):
         if not _is_int(value) or value < 1:
             raise UserInputError(f"{name} must be a positive integer, got {value!r}")
     tp = math.gcd(plan_ngpus, gpus_per_node)
     pp = plan_ngpus // tp
-    return Plan(plan_ngpus=plan_ngpus, scaling_factor=scaling_factor, tp=tp, pp=pp, pp_schedule="1F1B",
-                num_microbatches=pp, zero=zero, zero_n_groups=zero_n_groups,
-                recompute_modules=tuple(recompute_modules)).validate()
+    return Plan(
+        plan_ngpus=plan_ngpus,
+        scaling_factor=scaling_factor,
+        tp=tp,
+        pp=pp,
+        pp_schedule="1F1B",
+        num_microbatches=pp,
+        zero=zero,
+        zero_n_groups=zero_n_groups,
+        recompute_modules=tuple(recompute_modules),
+    ).validate()
 
 
 def _is_int(value) -> bool:

@@ -43,18 +43,26 @@ def apply_plan(cfg, model, criterion=None) -> AppliedPlan:
     hf_config = getattr(getattr(model, "hf_model", None), "config", None)
     if hf_config is not None:
         precision = "fp16" if cfg.common.fp16 else getattr(cfg.task, "precision", "fp32")
-        check_plan_is_current(plan, hf_config, seq_len=cfg.task.sequence_length,
-                              batch_size=cfg.dataset.batch_size or 0, grad_accu=cfg.optimization.update_freq[0],
-                              precision=precision, source=f"PLAN_FILE {cfg.task.plan_file}",
-                              compiled=getattr(cfg.model, "compile_layers", False),
-                              lora_config=cfg.model.lora_config if getattr(cfg.model, "use_lora", False) else None)
+        check_plan_is_current(
+            plan,
+            hf_config,
+            seq_len=cfg.task.sequence_length,
+            batch_size=cfg.dataset.batch_size or 0,
+            grad_accu=cfg.optimization.update_freq[0],
+            precision=precision,
+            source=f"PLAN_FILE {cfg.task.plan_file}",
+            compiled=getattr(cfg.model, "compile_layers", False),
+            lora_config=cfg.model.lora_config if getattr(cfg.model, "use_lora", False) else None,
+        )
     if plan.plan_ngpus == 1:
         apply_plan_recompute(getattr(model, "hf_model", model), plan)
         return AppliedPlan(plan, None, False, None)
     hf_model = getattr(model, "hf_model", None)
     if hf_model is None:
-        raise UserInputError(f"PLAN_NGPUS {plan.plan_ngpus} needs a Hugging Face model (--arch hf_auto_*), "
-                             f"got {type(model).__name__}; use PLAN_NGPUS=1")
+        raise UserInputError(
+            f"PLAN_NGPUS {plan.plan_ngpus} needs a Hugging Face model (--arch hf_auto_*), "
+            f"got {type(model).__name__}; use PLAN_NGPUS=1"
+        )
     reasons = spec_of(hf_model.config).unsupported(plan, run_settings(cfg, model, criterion))
     if reasons:
         raise UserInputError("; ".join(reasons) if len(reasons) < 3 else "\n  " + "\n  ".join(reasons))
@@ -64,8 +72,14 @@ def apply_plan(cfg, model, criterion=None) -> AppliedPlan:
     pipeline = None
     if stages:
         device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-        pipeline = PipelineRunner(stages, plan, mesh.get_group(PP), device, token_loss=criterion.token_loss,
-                                  pad_token_id=getattr(hf_model.config, "pad_token_id", None) or 0)
+        pipeline = PipelineRunner(
+            stages,
+            plan,
+            mesh.get_group(PP),
+            device,
+            token_loss=criterion.token_loss,
+            pad_token_id=getattr(hf_model.config, "pad_token_id", None) or 0,
+        )
     return AppliedPlan(plan, mesh, vocab_parallel, pipeline)
 
 
@@ -73,11 +87,16 @@ def run_settings(cfg, model, criterion=None) -> RunSettings:
     """The settings of this fairseq run that decide which plans it can run (``model_spec.RunSettings``)."""
     half = tuple(flag for flag, on in (("--bf16", cfg.common.bf16), ("--amp", cfg.common.amp)) if on)
     return RunSettings(
-        precision="fp16" if cfg.common.fp16 else getattr(cfg.task, "precision", "fp32"), fairseq_half=half,
+        precision="fp16" if cfg.common.fp16 else getattr(cfg.task, "precision", "fp32"),
+        fairseq_half=half,
         compiled=bool(getattr(cfg.model, "compile_layers", False)),
         lora=bool(getattr(model, "saves_trainable_only", False)),
         packing=bool(getattr(cfg.task, "pack_sequences", False)),
         head=getattr(model, "layout", type(model).__name__),
-        pipeline_loss=bool(getattr(model, "supports_pipeline", False) and getattr(criterion, "supports_pipeline", False)
-                           and hasattr(criterion, "token_loss")),
-        batch_size=cfg.dataset.batch_size or 0)
+        pipeline_loss=bool(
+            getattr(model, "supports_pipeline", False)
+            and getattr(criterion, "supports_pipeline", False)
+            and hasattr(criterion, "token_loss")
+        ),
+        batch_size=cfg.dataset.batch_size or 0,
+    )

@@ -32,8 +32,16 @@ from .profile_memory import layer_bytes_per_token, with_layer_bytes
 from .profile_recorder import measure_modules
 from .profile_types import PRECISIONS, WEIGHT_DTYPES, Activations, ModelProfile, ModuleProfile
 
-__all__ = ["PRECISIONS", "Activations", "Lora", "ModelProfile", "ModuleProfile", "fused_head_activations",
-           "load_config", "profile_model"]
+__all__ = [
+    "PRECISIONS",
+    "Activations",
+    "Lora",
+    "ModelProfile",
+    "ModuleProfile",
+    "fused_head_activations",
+    "load_config",
+    "profile_model",
+]
 _PROFILE_LAYERS = 2  # two layers tell tensors shared by all layers (rotary cos/sin) from per-layer ones
 
 
@@ -59,8 +67,15 @@ def load_config(path: str):
     return AutoConfig.from_pretrained(path)
 
 
-def profile_model(config, seq_len: int, precision: str = "fp32", tp_degrees=(1,),
-                  attn_implementation: str = "sdpa", compiled: bool = False, lora: Optional[Lora] = None) -> ModelProfile:
+def profile_model(
+    config,
+    seq_len: int,
+    precision: str = "fp32",
+    tp_degrees=(1,),
+    attn_implementation: str = "sdpa",
+    compiled: bool = False,
+    lora: Optional[Lora] = None,
+) -> ModelProfile:
     """Profile ``config`` (a causal-LM decoder) at ``seq_len`` tokens for each tp degree.
 
     Args:
@@ -89,11 +104,14 @@ def profile_model(config, seq_len: int, precision: str = "fp32", tp_degrees=(1,)
     for tp in tp_degrees:
         vocab[tp] = spec.vocab_parallel(tp, pp=1)
         shard = _shard_config(config, tp, vocab[tp])
-        measured, shared[tp] = measure_modules(shard, seq_len, precision, attn_implementation,
-                                        (layer_class, attention_class, mlp_class))
-        measured["layers"] = with_layer_bytes(measured["layers"], layer_class,
-                                               layer_bytes_per_token(shard, seq_len, precision,
-                                                                      attn_implementation, compiled))
+        measured, shared[tp] = measure_modules(
+            shard, seq_len, precision, attn_implementation, (layer_class, attention_class, mlp_class)
+        )
+        measured["layers"] = with_layer_bytes(
+            measured["layers"],
+            layer_class,
+            layer_bytes_per_token(shard, seq_len, precision, attn_implementation, compiled),
+        )
         fused_head[tp] = None if vocab[tp] else fused_head_activations(config, precision, trains_weight=lora is None)
         h = config.hidden_size
         act_bytes = 4 if precision == "fp32" else 2
@@ -112,21 +130,40 @@ def profile_model(config, seq_len: int, precision: str = "fp32", tp_degrees=(1,)
                 counts, comm = (2, 1), (8.0, h * 4.0)  # loss_parallel's max and sum-exp; the input's gradient
             else:
                 comm = (0.0, 0.0)
-            module = ModuleProfile(name=name, param_numel=full_numel,
-                                   sharded_numel=sharded if tp > 1 and (name in ("layers", "norm") or vocab[tp]) else 0,
-                                   tp_allreduce_per_token=comm, tp_allreduce_count=counts, **prof)
+            module = ModuleProfile(
+                name=name,
+                param_numel=full_numel,
+                sharded_numel=sharded if tp > 1 and (name in ("layers", "norm") or vocab[tp]) else 0,
+                tp_allreduce_per_token=comm,
+                tp_allreduce_count=counts,
+                **prof,
+            )
             modules[tp][name] = module if adapters is None else with_lora(module, adapters, tp)
     return ModelProfile(
-        model_type=config.model_type, num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
-        num_heads=config.num_attention_heads, num_kv_heads=_kv_heads(config),
-        intermediate_size=config.intermediate_size, vocab_size=config.vocab_size, seq_len=seq_len,
-        precision=precision, layer_class=layer_class, attention_class=attention_class, mlp_class=mlp_class,
-        tp_degrees=tuple(tp_degrees), vocab_parallel=vocab, modules=modules, shared=shared, fused_head=fused_head,
-        compiled=compiled)
+        model_type=config.model_type,
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=_kv_heads(config),
+        intermediate_size=config.intermediate_size,
+        vocab_size=config.vocab_size,
+        seq_len=seq_len,
+        precision=precision,
+        layer_class=layer_class,
+        attention_class=attention_class,
+        mlp_class=mlp_class,
+        tp_degrees=tuple(tp_degrees),
+        vocab_parallel=vocab,
+        modules=modules,
+        shared=shared,
+        fused_head=fused_head,
+        compiled=compiled,
+    )
 
 
-def fused_head_activations(config, precision: str, compiled_softmax: bool = True,
-                           trains_weight: bool = True) -> Activations:
+def fused_head_activations(
+    config, precision: str, compiled_softmax: bool = True, trains_weight: bool = True
+) -> Activations:
     """The LM head under the fused chunked loss (``runtime/chunked_loss.py``), which computes its gradients in
     the forward: it keeps the hidden states' gradient (per token) and the head weight's (fixed), and while it
     runs holds a float32 sum of the weight's gradient, one chunk's logits and their gradient, and the chunk's
@@ -141,10 +178,13 @@ def fused_head_activations(config, precision: str, compiled_softmax: bool = True
     matmul_bytes = 4 if precision == "fp32" else 2  # autocast's bf16, or the bf16 / fp16 weights
     hidden_bytes = 4 if precision in ("fp32", "bf16") else 2  # under autocast the final norm gives float32
     transient = vocab * hidden * (4 + matmul_bytes) if weight_bytes != 4 and trains_weight else 0.0
-    return Activations(per_token=hidden * hidden_bytes, fixed=vocab * hidden * weight_bytes if trains_weight else 0,
-                       transient_per_token=vocab * (2 * matmul_bytes if compiled_softmax else matmul_bytes + 13),
-                       transient_fixed=transient,
-                       transient_max_tokens=max(512, CHUNK_ELEMENTS // vocab))
+    return Activations(
+        per_token=hidden * hidden_bytes,
+        fixed=vocab * hidden * weight_bytes if trains_weight else 0,
+        transient_per_token=vocab * (2 * matmul_bytes if compiled_softmax else matmul_bytes + 13),
+        transient_fixed=transient,
+        transient_max_tokens=max(512, CHUNK_ELEMENTS // vocab),
+    )
 
 
 def _kv_heads(config) -> int:
@@ -152,14 +192,18 @@ def _kv_heads(config) -> int:
 
 
 def _check_decoder(config, spec: ModelSpec) -> None:
-    missing = [name for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                                 "vocab_size") if not getattr(config, name, None)]
+    missing = [
+        name
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+        if not getattr(config, name, None)
+    ]
     if missing or not spec.decoder:
         raise UserInputError(
             f"the compile pass knows decoder models with embed_tokens, layers and norm (config.base_model_pp_plan, "
             f"e.g. Llama, Mistral, Qwen2); model type {config.model_type!r} is not one"
             + (f" (its config lacks {', '.join(missing)})" if missing else "")
-            + "; write a PLAN_FILE by hand instead")
+            + "; write a PLAN_FILE by hand instead"
+        )
 
 
 def _meta_model(config):
@@ -186,9 +230,15 @@ def _param_split(model, config, styles: Dict[str, str]) -> Dict[str, Tuple[int, 
         if module_name.startswith("layers.") and not module_name.startswith("layers.0"):
             continue
         for param_name, param in module.named_parameters(recurse=False):
-            key = ("layers" if module_name.startswith("layers.") else
-                   "embed" if module_name.startswith("embed_tokens") else
-                   "norm" if module_name.startswith("norm") else None)
+            key = (
+                "layers"
+                if module_name.startswith("layers.")
+                else "embed"
+                if module_name.startswith("embed_tokens")
+                else "norm"
+                if module_name.startswith("norm")
+                else None
+            )
             if key is None:
                 continue  # e.g. rotary embedding buffers: not parameters
             out[key][0] += param.numel()

@@ -17,8 +17,10 @@ def with_layer_bytes(layer: dict, layer_class: str, per_token: float) -> dict:
     partition saves); partial recompute (a sub-module's class) keeps the same share less than that."""
     eager = layer["activations"]
     scale = per_token / eager.per_token if eager.per_token else 1.0
-    recompute = {cls: (kept if cls == layer_class else replace(kept, per_token=kept.per_token * scale), flops)
-                 for cls, (kept, flops) in layer["recompute"].items()}
+    recompute = {
+        cls: (kept if cls == layer_class else replace(kept, per_token=kept.per_token * scale), flops)
+        for cls, (kept, flops) in layer["recompute"].items()
+    }
     return dict(layer, activations=replace(eager, per_token=per_token), recompute=recompute)
 
 
@@ -61,19 +63,29 @@ def layer_bytes_per_token(config, seq_len: int, precision: str, attn_implementat
 
             def forward(hidden, cos, sin, *params):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    out = torch.func.functional_call(layer, dict(zip(names, params)), (hidden,),
-                                                     dict(position_embeddings=(cos, sin), position_ids=positions))
+                    out = torch.func.functional_call(
+                        layer,
+                        dict(zip(names, params)),
+                        (hidden,),
+                        dict(position_embeddings=(cos, sin), position_ids=positions),
+                    )
                 return out[0] if isinstance(out, tuple) else out
 
-            partition = functools.partial(min_cut_rematerialization_partition, compiler="inductor") if compiled \
+            partition = (
+                functools.partial(min_cut_rematerialization_partition, compiler="inductor")
+                if compiled
                 else default_partition
-            traced = aot_function(forward, fw_compiler=keep_saved, bw_compiler=lambda gm, _: make_boxed_func(gm), partition_fn=partition)
+            )
+            traced = aot_function(
+                forward, fw_compiler=keep_saved, bw_compiler=lambda gm, _: make_boxed_func(gm), partition_fn=partition
+            )
             traced(hidden, cos, sin, *layer.parameters()).sum().backward()
     return (saved[1] - saved[0]) / seq_len
 
 
-def backward_working_set(config, batch: int, seq_len: int, precision: str, attn_implementation: str,
-                          recompute_cls: Optional[str] = None) -> Tuple[float, float, float]:
+def backward_working_set(
+    config, batch: int, seq_len: int, precision: str, attn_implementation: str, recompute_cls: Optional[str] = None
+) -> Tuple[float, float, float]:
     """Run a two-layer copy of the model forward and backward on fake tensors under torch's ``MemTracker``
     (``recompute_cls`` recomputed with the runtime's ``apply_recompute``). Returns the peak memory during
     the first layer's backward, the memory just before the last layer's backward, and the last layer's

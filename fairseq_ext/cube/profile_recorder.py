@@ -13,8 +13,10 @@ from .profile_types import WEIGHT_DTYPES, Activations
 
 def measure_modules(config, seq_len: int, precision: str, attn_implementation: str, class_names):
     """Run the shard model on fake tensors at batch 1 and 2; return per-module profile fields and shared bytes."""
-    runs = [SavedTensorRecorder(config, batch, seq_len, precision, attn_implementation, class_names).run()
-            for batch in (1, 2)]
+    runs = [
+        SavedTensorRecorder(config, batch, seq_len, precision, attn_implementation, class_names).run()
+        for batch in (1, 2)
+    ]
 
     def split(one: float, two: float) -> Tuple[float, float]:
         per_token = (two - one) / seq_len
@@ -31,8 +33,9 @@ def measure_modules(config, seq_len: int, precision: str, attn_implementation: s
         values = []
         for batch, run in zip((1, 2), runs):
             kept = run["layers"]["kept"] if cls is None else run["layers"]["recompute"][cls]
-            peak_first, before_last, grads = backward_working_set(config, batch, seq_len, precision,
-                                                                   attn_implementation, cls)
+            peak_first, before_last, grads = backward_working_set(
+                config, batch, seq_len, precision, attn_implementation, cls
+            )
             values.append(peak_first - before_last - grads + kept)
         return split(*values)
 
@@ -49,15 +52,17 @@ def measure_modules(config, seq_len: int, precision: str, attn_implementation: s
                 up = (rc_per_token, rc_fixed)
             else:
                 up = (full.per_token - kept.per_token + ws_per_token, full.fixed - kept.fixed + ws_fixed)
-            recompute[cls] = (Activations(kept.per_token, kept.fixed, *up),
-                              one["recompute_flops"][cls] / seq_len)
+            recompute[cls] = (Activations(kept.per_token, kept.fixed, *up), one["recompute_flops"][cls] / seq_len)
         if name == "layers":
             transient = (ws_per_token, ws_fixed)
         else:
             transient = ((two["transient"] - one["transient"]) / seq_len, 0.0)
-        out[name] = dict(class_name=one["class"],
-                         activations=Activations(full.per_token, full.fixed, *transient),
-                         recompute=recompute, fwd_flops_per_token=one["flops"] / seq_len)
+        out[name] = dict(
+            class_name=one["class"],
+            activations=Activations(full.per_token, full.fixed, *transient),
+            recompute=recompute,
+            fwd_flops_per_token=one["flops"] / seq_len,
+        )
     return out, Activations(*split(runs[0]["shared"], runs[1]["shared"]))
 
 
@@ -91,9 +96,13 @@ class SavedTensorRecorder:
         with FakeTensorMode(allow_non_fake_inputs=True):
             model.to_empty(device="cpu")  # in place: ``tops`` stay the model's modules
             params = {p.untyped_storage()._cdata for p in model.parameters()}
-            handles = [hook for top, module in tops.items() for sub in module.modules()
-                       if sub is module or type(sub).__name__ in self.class_names
-                       for hook in self._hook(top, sub)]
+            handles = [
+                hook
+                for top, module in tops.items()
+                for sub in module.modules()
+                if sub is module or type(sub).__name__ in self.class_names
+                for hook in self._hook(top, sub)
+            ]
 
             def pack(t):
                 sid = t.untyped_storage()._cdata
@@ -104,8 +113,11 @@ class SavedTensorRecorder:
 
             ids = torch.randint(0, self.config.vocab_size, (self.batch, self.seq_len))
             flops = FlopCounterMode(display=False)
-            with flops, torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"), \
-                    torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with (
+                flops,
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"),
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            ):
                 logits = model(input_ids=ids).logits
                 loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)).float(), ids.view(-1))
             # The loss's backward holds two fp32 logits-sized gradients at once (nll_loss's and log_softmax's),
@@ -138,15 +150,23 @@ class SavedTensorRecorder:
         is not counted, so it is added here (eager attention's matmuls are counted already)."""
         if self.eager:
             return 0.0
-        return 4.0 * self.batch * self.seq_len ** 2 * self.config.head_dim * self.config.num_attention_heads
+        return 4.0 * self.batch * self.seq_len**2 * self.config.head_dim * self.config.num_attention_heads
 
     def _collect(self, model, tops, flop_counts, logits_grad_bytes) -> dict:
         module_flops = {key.split(".", 1)[1]: float(sum(v.values())) for key, v in flop_counts.items() if "." in key}
         classes = {name: type(m).__name__ for name, m in model.named_modules()}
         fqns = {top: _fqn(model, module) for top, module in tops.items()}
-        result = {top: {"kept": 0.0, "transient": 0.0, "class": type(module).__name__,
-                        "flops": module_flops.get(fqns[top], 0.0), "recompute": {}, "recompute_flops": {}}
-                  for top, module in tops.items()}
+        result = {
+            top: {
+                "kept": 0.0,
+                "transient": 0.0,
+                "class": type(module).__name__,
+                "flops": module_flops.get(fqns[top], 0.0),
+                "recompute": {},
+                "recompute_flops": {},
+            }
+            for top, module in tops.items()
+        }
         result["shared"] = 0.0
         layer_tops = [top for top in tops if top.startswith("layers.")]
         for top in layer_tops:
@@ -164,24 +184,36 @@ class SavedTensorRecorder:
             for cls in self.class_names:
                 if (top, cls) not in self.inputs:
                     continue
-                keep = {sid: nbytes for sid, (nbytes, owners) in self.saved.items()
-                        if sid not in shared and {t for t, _ in owners} == {top} and (top, cls) not in owners}
+                keep = {
+                    sid: nbytes
+                    for sid, (nbytes, owners) in self.saved.items()
+                    if sid not in shared and {t for t, _ in owners} == {top} and (top, cls) not in owners
+                }
                 keep.update({sid: nbytes for sid, nbytes in self.inputs[(top, cls)].items() if sid not in shared})
                 result[top]["recompute"][cls] = float(sum(keep.values()))
                 result[top]["recompute_flops"][cls] = self._class_flops(fqns[top], cls, classes, module_flops)
-        layers = {key: sum(result[t][key] for t in layer_tops) / len(layer_tops)
-                  for key in ("kept", "transient", "flops")}
+        layers = {
+            key: sum(result[t][key] for t in layer_tops) / len(layer_tops) for key in ("kept", "transient", "flops")
+        }
         for key in ("recompute", "recompute_flops"):
-            layers[key] = {cls: sum(result[t][key][cls] for t in layer_tops) / len(layer_tops)
-                           for cls in result[layer_tops[0]][key]}
+            layers[key] = {
+                cls: sum(result[t][key][cls] for t in layer_tops) / len(layer_tops)
+                for cls in result[layer_tops[0]][key]
+            }
         layers["class"] = result[layer_tops[0]]["class"]
-        return {"embed": result["embed"], "layers": layers, "norm": result["norm"], "head": result["head"],
-                "shared": result["shared"]}
+        return {
+            "embed": result["embed"],
+            "layers": layers,
+            "norm": result["norm"],
+            "head": result["head"],
+            "shared": result["shared"],
+        }
 
     def _class_flops(self, layer_fqn: str, cls: str, classes, module_flops) -> float:
         """Forward FLOPs of the outermost modules of class ``cls`` in a layer: what recomputing them repeats."""
-        names = [name for name in classes if (name == layer_fqn or name.startswith(layer_fqn + "."))
-                 and classes[name] == cls]
+        names = [
+            name for name in classes if (name == layer_fqn or name.startswith(layer_fqn + ".")) and classes[name] == cls
+        ]
         outermost = [n for n in names if not any(n != o and n.startswith(o + ".") for o in names)]
         total = sum(module_flops.get(name, 0.0) for name in outermost)
         if cls in (classes[layer_fqn], classes.get(f"{layer_fqn}.self_attn")):

@@ -115,8 +115,12 @@ class ModelProfile:
     def param_numel(self) -> int:
         """Parameters of the whole model."""
         m = self.modules[self.tp_degrees[0]]
-        return m["embed"].param_numel + self.num_layers * m["layers"].param_numel + m["norm"].param_numel \
+        return (
+            m["embed"].param_numel
+            + self.num_layers * m["layers"].param_numel
+            + m["norm"].param_numel
             + m["head"].param_numel
+        )
 
     def module(self, tp: int, name: str) -> ModuleProfile:
         """``embed``, ``norm``, ``head``, or ``layers`` / ``layers.i`` (all layers are alike)."""

@@ -59,9 +59,19 @@ class Fixed:
     recompute_modules: Optional[Tuple[str, ...]] = None  # RECOMPUTE_MODULE_NAMES, when set
 
 
-def search(profile: ModelProfile, work: Workload, hw: Hardware, plan_ngpus: int, scaling_factor: int,
-           budget_gib: float, spec: ModelSpec, settings: RunSettings = RunSettings(), zero: bool = False,
-           zero_n_groups: int = 1, fixed: Fixed = Fixed()) -> SearchResult:
+def search(
+    profile: ModelProfile,
+    work: Workload,
+    hw: Hardware,
+    plan_ngpus: int,
+    scaling_factor: int,
+    budget_gib: float,
+    spec: ModelSpec,
+    settings: RunSettings = RunSettings(),
+    zero: bool = False,
+    zero_n_groups: int = 1,
+    fixed: Fixed = Fixed(),
+) -> SearchResult:
     """Cost every plan of a ``plan_ngpus`` scale unit; return them ranked, the fastest one that fits first.
 
     ``spec`` (the model's, ``model_spec.spec_of``) and the run's ``settings`` say which plans the runtime
@@ -74,7 +84,11 @@ def search(profile: ModelProfile, work: Workload, hw: Hardware, plan_ngpus: int,
     for plan, recompute in _plans(profile, work, hw, plan_ngpus, scaling_factor, zero, zero_n_groups, fixed, spec):
         cost = estimate(profile, plan, work, hw)
         candidates.append(_judge(plan, cost, _label(recompute), budget_gib, spec, settings))
-        if recompute is None and cost.peak_gib > budget_gib and profile.layer_class in _recompute_options(profile, fixed):
+        if (
+            recompute is None
+            and cost.peak_gib > budget_gib
+            and profile.layer_class in _recompute_options(profile, fixed)
+        ):
             per_layer = _per_layer(profile, plan, work, hw, budget_gib)
             if per_layer is not None:
                 candidates.append(_judge(*per_layer, budget_gib, spec, settings, extra=(NOT_IN_PLAN,)))
@@ -89,7 +103,9 @@ def smallest_fit(result: SearchResult) -> Optional[Candidate]:
     return min(allowed, key=lambda c: (c.cost.peak_bytes, c.cost.step_time), default=None)
 
 
-def balanced_boundaries(profile: ModelProfile, tp: int, num_stages: int, recompute_cls: Optional[str]) -> Tuple[int, ...]:
+def balanced_boundaries(
+    profile: ModelProfile, tp: int, num_stages: int, recompute_cls: Optional[str]
+) -> Tuple[int, ...]:
     """First layer of stages 1..S-1 for the contiguous partition of the layers that minimises the slowest
     stage; stage 0 also runs the embedding, the last stage the norm and the LM head (with its loss)."""
     n = profile.num_layers
@@ -138,9 +154,19 @@ def _plans(profile, work, hw, plan_ngpus, scaling_factor, zero, zero_n_groups, f
                     bounds = balanced_boundaries(profile, tp, stages, recompute)
                 else:
                     bounds = ()
-                plan = Plan(plan_ngpus=plan_ngpus, scaling_factor=scaling_factor, tp=tp, pp=pp, pp_schedule=schedule,
-                            num_microbatches=m, virtual_stages_per_rank=v, stage_boundaries=bounds, zero=zero,
-                            zero_n_groups=zero_n_groups if zero else 1, recompute_modules=names)
+                plan = Plan(
+                    plan_ngpus=plan_ngpus,
+                    scaling_factor=scaling_factor,
+                    tp=tp,
+                    pp=pp,
+                    pp_schedule=schedule,
+                    num_microbatches=m,
+                    virtual_stages_per_rank=v,
+                    stage_boundaries=bounds,
+                    zero=zero,
+                    zero_n_groups=zero_n_groups if zero else 1,
+                    recompute_modules=names,
+                )
                 try:
                     plan.validate()
                 except UserInputError:
@@ -180,8 +206,10 @@ def _recompute_options(profile, fixed) -> List[Optional[str]]:
     if fixed.recompute_modules:
         unknown = [name for name in fixed.recompute_modules if name not in known]
         if unknown:
-            raise UserInputError(f"RECOMPUTE_MODULE_NAMES {', '.join(unknown)}: the compile pass models recompute "
-                                 f"of {', '.join(known)}; choose among them or leave it empty to let the search choose")
+            raise UserInputError(
+                f"RECOMPUTE_MODULE_NAMES {', '.join(unknown)}: the compile pass models recompute "
+                f"of {', '.join(known)}; choose among them or leave it empty to let the search choose"
+            )
         for name in known:  # the outermost class the user named decides what a layer keeps
             if name in fixed.recompute_modules:
                 return [name]
@@ -219,5 +247,10 @@ def _label(recompute: Optional[str]) -> str:
 
 def _rank(c: Candidate):
     # equal predicted times (a batch in parts costs the same FLOPs): fewer micro-batches, which run larger kernels
-    return (float(f"{c.cost.step_time:.9g}"), c.plan.num_microbatches, c.cost.peak_bytes,
-            len(c.plan.recompute_modules), c.plan.pp)
+    return (
+        float(f"{c.cost.step_time:.9g}"),
+        c.plan.num_microbatches,
+        c.cost.peak_bytes,
+        len(c.plan.recompute_modules),
+        c.plan.pp,
+    )

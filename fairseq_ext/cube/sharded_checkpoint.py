@@ -98,19 +98,27 @@ def _dcp_save(state: dict, folder: str) -> None:
 def _dcp_load(state: dict, folder: str, no_dist: bool = False) -> None:
     """Read ``folder`` into ``state``'s tensors in place (collective unless ``no_dist`` or single-process)."""
     with _quiet_in_one_process():
-        dcp.load(state, checkpoint_id=folder, storage_reader=SafeFileSystemReader(folder), planner=SafeLoadPlanner(),
-                 no_dist=no_dist or not _distributed())
+        dcp.load(
+            state,
+            checkpoint_id=folder,
+            storage_reader=SafeFileSystemReader(folder),
+            planner=SafeLoadPlanner(),
+            no_dist=no_dist or not _distributed(),
+        )
 
 
 # ---- saving ----
+
 
 def has_strided_shards(module: torch.nn.Module) -> bool:
     """Whether ``module`` holds a DTensor split in interleaved pieces (``_StridedShard``: GPT-2's fused q/k/v,
     each rank its heads of q, k and v), which torch.distributed.checkpoint cannot describe as chunks."""
     from torch.distributed.tensor.placement_types import _StridedShard
 
-    return any(isinstance(value, DTensor) and any(isinstance(p, _StridedShard) for p in value.placements)
-               for value in module.state_dict().values())
+    return any(
+        isinstance(value, DTensor) and any(isinstance(p, _StridedShard) for p in value.placements)
+        for value in module.state_dict().values()
+    )
 
 
 def model_entries(module: torch.nn.Module) -> Dict[str, object]:
@@ -135,22 +143,31 @@ def check_optimizer_by_parameter(torch_optimizer, params: Sequence[Tuple[str, to
     views = _optimizer_views(torch_optimizer)
     shapes = [tuple(local_tensor(p).shape) for _, p in params]
     if len(views) != len(params) or [tuple(v.shape) for v in views] != shapes:
-        raise UserInputError(f"--checkpoint-format dcp saves optimizer states by parameter name, but the optimizer "
-                             f"steps {len(views)} tensors for the model's {len(params)} trainable parameters "
-                             f"(fairseq's --fp16 flattens them); add --fp16-no-flatten-grads or use "
-                             f"--checkpoint-format full")
+        raise UserInputError(
+            f"--checkpoint-format dcp saves optimizer states by parameter name, but the optimizer "
+            f"steps {len(views)} tensors for the model's {len(params)} trainable parameters "
+            f"(fairseq's --fp16 flattens them); add --fp16-no-flatten-grads or use "
+            f"--checkpoint-format full"
+        )
     if len(torch_optimizer.param_groups) != 1:
-        raise UserInputError(f"--checkpoint-format dcp saves optimizers with one parameter group, got "
-                             f"{len(torch_optimizer.param_groups)}; use --checkpoint-format full")
+        raise UserInputError(
+            f"--checkpoint-format dcp saves optimizers with one parameter group, got "
+            f"{len(torch_optimizer.param_groups)}; use --checkpoint-format full"
+        )
 
 
 def placed_like(param: torch.Tensor, value):
     """An optimizer state of ``param``'s local shard as a DTensor placed like ``param`` (no communication);
     states of another shape (a step count) and states of plain parameters stay as they are."""
-    if isinstance(param, DTensor) and torch.is_tensor(value) and value.dim() > 0 \
-            and value.shape == local_tensor(param).shape:
-        return DTensor.from_local(value, param.device_mesh, param.placements, run_check=False,
-                                  shape=param.shape, stride=param.stride())
+    if (
+        isinstance(param, DTensor)
+        and torch.is_tensor(value)
+        and value.dim() > 0
+        and value.shape == local_tensor(param).shape
+    ):
+        return DTensor.from_local(
+            value, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+        )
     return value
 
 
@@ -196,9 +213,11 @@ def check_shared_save_dir(save_dir: str) -> None:
         os.remove(probe)
     missing = [rank for rank, ok in enumerate(seen) if not ok]
     if missing:
-        raise UserInputError(f"--checkpoint-format dcp: every rank writes its shards into --save-dir {save_dir}, "
-                             f"but ranks {missing} do not see the first rank's files there; put CHECKPOINT_DIR on "
-                             f"a filesystem all nodes share, or use CHECKPOINT_FORMAT=full")
+        raise UserInputError(
+            f"--checkpoint-format dcp: every rank writes its shards into --save-dir {save_dir}, "
+            f"but ranks {missing} do not see the first rank's files there; put CHECKPOINT_DIR on "
+            f"a filesystem all nodes share, or use CHECKPOINT_FORMAT=full"
+        )
 
 
 def new_folder_name(num_updates: int) -> str:
@@ -280,6 +299,7 @@ def remove_unreferenced_shards(save_dir: str) -> List[str]:
 
 # ---- loading ----
 
+
 @contextlib.contextmanager
 def shards_left_on_disk():
     """Within: :func:`read_checkpoint` gives :class:`ModelShards` and :class:`OptimizerShards` for a sharded
@@ -292,8 +312,9 @@ def shards_left_on_disk():
         _left_on_disk = previous
 
 
-def read_checkpoint(path: str, arg_overrides: Optional[dict] = None, load_on_all_ranks: bool = False,
-                    optimizer: bool = True) -> dict:
+def read_checkpoint(
+    path: str, arg_overrides: Optional[dict] = None, load_on_all_ranks: bool = False, optimizer: bool = True
+) -> dict:
     """fairseq's ``load_checkpoint_to_cpu`` for full and sharded checkpoints alike.
 
     For a sharded checkpoint the model and optimizer states are read from its DCP folder into full
@@ -316,8 +337,10 @@ def read_checkpoint(path: str, arg_overrides: Optional[dict] = None, load_on_all
         return state
     folder = os.path.join(os.path.dirname(os.path.abspath(path)), record["folder"])
     if not os.path.isdir(folder):
-        raise UserInputError(f"{path} keeps its weights in the folder {record['folder']} beside it, which does not "
-                             f"exist; copy or move the checkpoint file together with that folder")
+        raise UserInputError(
+            f"{path} keeps its weights in the folder {record['folder']} beside it, which does not "
+            f"exist; copy or move the checkpoint file together with that folder"
+        )
     optimizer_record_ = record.get("optimizer")
     if _left_on_disk:
         state["model"] = ModelShards(folder)
@@ -342,16 +365,19 @@ def read_full_state(folder: str, optimizer: bool = True) -> Tuple[Dict[str, torc
         (model state_dict, {parameter name: {state name: value}} or None without ``optimizer``).
     """
     prefixes = (MODEL, OPTIMIZER) if optimizer else (MODEL,)
-    targets = {key: torch.empty(meta.size, dtype=meta.properties.dtype) if isinstance(meta, TensorStorageMetadata)
-               else None for key, meta in _metadata(folder).items() if key.startswith(prefixes)}
+    targets = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype) if isinstance(meta, TensorStorageMetadata) else None
+        for key, meta in _metadata(folder).items()
+        if key.startswith(prefixes)
+    }
     _dcp_load(targets, folder, no_dist=True)
-    model = {key[len(MODEL):]: value for key, value in targets.items() if key.startswith(MODEL)}
+    model = {key[len(MODEL) :]: value for key, value in targets.items() if key.startswith(MODEL)}
     if not optimizer:
         return model, None
     states = defaultdict(dict)
     for key, value in targets.items():
         if key.startswith(OPTIMIZER):
-            name, state_name = key[len(OPTIMIZER):].rsplit(".", 1)
+            name, state_name = key[len(OPTIMIZER) :].rsplit(".", 1)
             states[name][state_name] = value
     return model, dict(states)
 
@@ -359,9 +385,11 @@ def read_full_state(folder: str, optimizer: bool = True) -> Tuple[Dict[str, torc
 def numbered_optimizer_state(record: dict, states: Dict[str, dict]) -> dict:
     """The single-process optimizer state_dict (states numbered by parameter order) of a sharded checkpoint."""
     names = record["param_names"]
-    return {"state": {i: states[name] for i, name in enumerate(names) if name in states},
-            "param_groups": [{**record["param_groups"][0], "params": list(range(len(names)))}],
-            **record.get("extra", {})}
+    return {
+        "state": {i: states[name] for i, name in enumerate(names) if name in states},
+        "param_groups": [{**record["param_groups"][0], "params": list(range(len(names)))}],
+        **record.get("extra", {}),
+    }
 
 
 def load_model_shards(module: torch.nn.Module, shards: ModelShards) -> None:
@@ -377,14 +405,18 @@ def _empty_like(param: torch.Tensor, meta):
         return None  # a Python object (fairseq's adam counts steps as an int)
     if isinstance(param, DTensor) and tuple(meta.size) == tuple(param.shape) and len(meta.size) > 0:
         local = local_tensor(param)
-        return DTensor.from_local(torch.empty(local.shape, dtype=meta.properties.dtype, device=local.device),
-                                  param.device_mesh, param.placements, run_check=False, shape=param.shape,
-                                  stride=param.stride())
+        return DTensor.from_local(
+            torch.empty(local.shape, dtype=meta.properties.dtype, device=local.device),
+            param.device_mesh,
+            param.placements,
+            run_check=False,
+            shape=param.shape,
+            stride=param.stride(),
+        )
     return torch.empty(meta.size, dtype=meta.properties.dtype)
 
 
-def read_optimizer_shards(shards: OptimizerShards, torch_optimizer,
-                          params: Sequence[Tuple[str, torch.Tensor]]) -> dict:
+def read_optimizer_shards(shards: OptimizerShards, torch_optimizer, params: Sequence[Tuple[str, torch.Tensor]]) -> dict:
     """This rank's optimizer states from the DCP folder, as the state_dict ``torch_optimizer.load_state_dict``
     takes (states numbered by its param_groups, local shards; ZeRO-1: only this rank's share).
 
@@ -396,11 +428,14 @@ def read_optimizer_shards(shards: OptimizerShards, torch_optimizer,
     by_parameter = defaultdict(dict)
     for key, meta in _metadata(shards.folder).items():
         if key.startswith(OPTIMIZER):
-            name, state_name = key[len(OPTIMIZER):].rsplit(".", 1)
+            name, state_name = key[len(OPTIMIZER) :].rsplit(".", 1)
             by_parameter[name][state_name] = (key, meta)
     views = _optimizer_views(torch_optimizer)
-    held = {id(p) for p in _optimizer_views(torch_optimizer.optim)} \
-        if isinstance(torch_optimizer, ZeroRedundancyOptimizer) else {id(v) for v in views}
+    held = (
+        {id(p) for p in _optimizer_views(torch_optimizer.optim)}
+        if isinstance(torch_optimizer, ZeroRedundancyOptimizer)
+        else {id(v) for v in views}
+    )
     targets = {}
     for (name, param), view in zip(params, views):
         if id(view) in held:
@@ -410,11 +445,15 @@ def read_optimizer_shards(shards: OptimizerShards, torch_optimizer,
     state = {}
     for index, ((name, _), view) in enumerate(zip(params, views)):
         if id(view) in held and name in by_parameter:
-            state[index] = {state_name: local_tensor(targets[key]) if torch.is_tensor(targets[key]) else targets[key]
-                            for state_name, (key, _) in by_parameter[name].items()}
+            state[index] = {
+                state_name: local_tensor(targets[key]) if torch.is_tensor(targets[key]) else targets[key]
+                for state_name, (key, _) in by_parameter[name].items()
+            }
     if len(shards.param_groups) != len(torch_optimizer.param_groups):
-        raise UserInputError(f"the checkpoint's optimizer has {len(shards.param_groups)} parameter groups, this one "
-                             f"{len(torch_optimizer.param_groups)}; use --reset-optimizer")
+        raise UserInputError(
+            f"the checkpoint's optimizer has {len(shards.param_groups)} parameter groups, this one "
+            f"{len(torch_optimizer.param_groups)}; use --reset-optimizer"
+        )
     groups, start = [], 0
     for saved, group in zip(shards.param_groups, torch_optimizer.param_groups):
         groups.append({**saved, "params": list(range(start, start + len(group["params"])))})

@@ -48,8 +48,10 @@ class ShardedOptimizer:
         fairseq_optimizer = self._optimizer
         if self.mesh is not None:
             inner = fairseq_optimizer.optimizer
-            self._shards = LocalShards((p for group in inner.param_groups for p in group["params"]),
-                                       pipeline_group=self.mesh.get_group(PP) if self.pipeline else None)
+            self._shards = LocalShards(
+                (p for group in inner.param_groups for p in group["params"]),
+                pipeline_group=self.mesh.get_group(PP) if self.pipeline else None,
+            )
             view_of = {id(p): v for p, v in zip(self._shards.params, self._shards.views)}
             for group in inner.param_groups:
                 group["params"] = [view_of[id(p)] for p in group["params"]]
@@ -58,13 +60,16 @@ class ShardedOptimizer:
             replica_groups = None
             if self.mesh is not None:
                 ranks = self.mesh.mesh  # (dp, pp, tp) -> global rank
-                replica_groups = [ranks[:, pp, tp].tolist() for pp in range(ranks.shape[1])
-                                  for tp in range(ranks.shape[2])]
+                replica_groups = [
+                    ranks[:, pp, tp].tolist() for pp in range(ranks.shape[1]) for tp in range(ranks.shape[2])
+                ]
             fairseq_optimizer.optimizer = shard_optimizer_states(
-                fairseq_optimizer.optimizer, fairseq_optimizer.optimizer_config, self.plan.zero_n_groups,
-                replica_groups)
-            logger.info(f"ZeRO-1: optimizer states sharded among {self.data_parallel_world_size} replicas "
-                        f"in {self.plan.zero_n_groups} group(s)")
+                fairseq_optimizer.optimizer, fairseq_optimizer.optimizer_config, self.plan.zero_n_groups, replica_groups
+            )
+            logger.info(
+                f"ZeRO-1: optimizer states sharded among {self.data_parallel_world_size} replicas "
+                f"in {self.plan.zero_n_groups} group(s)"
+            )
         if self.checkpoint_format == "dcp":
             check_optimizer_by_parameter(fairseq_optimizer.optimizer, self._optimizer_params())
 
@@ -77,7 +82,11 @@ class ShardedOptimizer:
         give and take full tensors, as the model's do, so a tensor-parallel checkpoint loads in one process;
         ``load_state_dict`` also takes a sharded checkpoint's :class:`OptimizerShards` (this rank's states
         read from its folder, collective over all ranks)."""
-        shards, state_dict, load_state_dict = self._shards, fairseq_optimizer.state_dict, fairseq_optimizer.load_state_dict
+        shards, state_dict, load_state_dict = (
+            self._shards,
+            fairseq_optimizer.state_dict,
+            fairseq_optimizer.load_state_dict,
+        )
 
         def views():
             return [p for group in fairseq_optimizer.optimizer.param_groups for p in group["params"]]
@@ -117,16 +126,21 @@ class ShardedOptimizer:
 
 def to_global_indices(state: dict, global_index) -> dict:
     """An optimizer state_dict of one pipeline rank, keyed by the single-process parameter indices."""
-    return {"state": {global_index[i]: value for i, value in state["state"].items()},
-            "param_groups": [{**group, "params": [global_index[i] for i in group["params"]]}
-                             for group in state["param_groups"]]}
+    return {
+        "state": {global_index[i]: value for i, value in state["state"].items()},
+        "param_groups": [
+            {**group, "params": [global_index[i] for i in group["params"]]} for group in state["param_groups"]
+        ],
+    }
 
 
 def merge_stage_optimizer_states(parts) -> dict:
     """The single-process optimizer state_dict from every pipeline rank's (:func:`to_global_indices`)."""
     state = {index: value for part in parts for index, value in part["state"].items()}
-    groups = [{**group, "params": sorted(i for part in parts for i in part["param_groups"][g]["params"])}
-              for g, group in enumerate(parts[0]["param_groups"])]
+    groups = [
+        {**group, "params": sorted(i for part in parts for i in part["param_groups"][g]["params"])}
+        for g, group in enumerate(parts[0]["param_groups"])
+    ]
     return {"state": dict(sorted(state.items())), "param_groups": groups}
 
 
@@ -136,5 +150,7 @@ def to_local_indices(state: dict, global_index) -> dict:
     groups = []
     for group in state["param_groups"]:
         groups.append({**group, "params": [local_of[g] for g in group["params"] if g in local_of]})
-    return {"state": {local_of[g]: value for g, value in state["state"].items() if g in local_of},
-            "param_groups": groups}
+    return {
+        "state": {local_of[g]: value for g, value in state["state"].items() if g in local_of},
+        "param_groups": groups,
+    }

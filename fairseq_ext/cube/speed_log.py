@@ -61,6 +61,7 @@ class SpeedLog:
     def timed(self, function: Callable) -> Callable:
         """``function`` wrapped as compute of the current update: the first call of an update starts it,
         the end of each call moves its end."""
+
         def run(*args, **kwargs):
             if self._start is None:
                 self._start = self._clock.mark()
@@ -69,14 +70,17 @@ class SpeedLog:
             finally:
                 self._end = self._clock.mark()
                 self._read_peaks()
+
         return run
 
     def _read_peaks(self) -> None:
         if self.device.type == "cuda":
-            self._peaks["peak_allocated_bytes"] = max(self._peaks["peak_allocated_bytes"],
-                                                      torch.cuda.max_memory_allocated(self.device))
-            self._peaks["peak_reserved_bytes"] = max(self._peaks["peak_reserved_bytes"],
-                                                     torch.cuda.max_memory_reserved(self.device))
+            self._peaks["peak_allocated_bytes"] = max(
+                self._peaks["peak_allocated_bytes"], torch.cuda.max_memory_allocated(self.device)
+            )
+            self._peaks["peak_reserved_bytes"] = max(
+                self._peaks["peak_reserved_bytes"], torch.cuda.max_memory_reserved(self.device)
+            )
 
     def end_update(self, tokens: int, trained_tokens: Optional[int] = None) -> None:
         """Close the update that processed ``tokens`` input tokens (padding included), of which
@@ -85,8 +89,14 @@ class SpeedLog:
             return
         self.flush()
         self._update += 1
-        self._pending = {"update": self._update, "start": self._start, "end": self._end,
-                         "previous_end": self._previous_end, "tokens": int(tokens), **self._peaks}
+        self._pending = {
+            "update": self._update,
+            "start": self._start,
+            "end": self._end,
+            "previous_end": self._previous_end,
+            "tokens": int(tokens),
+            **self._peaks,
+        }
         if trained_tokens is not None:
             self._pending["trained_tokens"] = int(trained_tokens)
         self._previous_end, self._start, self._end = self._end, None, None
@@ -99,8 +109,12 @@ class SpeedLog:
         start, end, previous_end = pending.pop("start"), pending.pop("end"), pending.pop("previous_end")
         compute = self._clock.seconds(start, end)
         step = compute if previous_end is None else self._clock.seconds(previous_end, end)
-        record = {"update": pending.pop("update"), "step_s": step, "compute_s": compute,
-                  "tokens": pending.pop("tokens")}
+        record = {
+            "update": pending.pop("update"),
+            "step_s": step,
+            "compute_s": compute,
+            "tokens": pending.pop("tokens"),
+        }
         if "trained_tokens" in pending:
             record["trained_tokens"] = pending.pop("trained_tokens")
         if self.device.type == "cuda":

@@ -29,16 +29,22 @@ from ..errors import UserInputError
 logger = logging.getLogger(__name__)
 
 # (kind, pattern over the lower-cased kernel or operator name); the first match wins.
-KINDS: List[Tuple[str, re.Pattern]] = [(kind, re.compile(pattern)) for kind, pattern in (
-    ("communication", r"nccl|gloo|c10d::|allreduce|all_reduce|allgather|reduce_scatter|broadcast"),
-    ("copy", r"memcpy|memset|direct_copy|aten::copy_|aten::to\b|aten::_to_copy|cat_array|catarray"),
-    ("optimizer", r"multi_tensor_apply|foreach|adam"),
-    ("attention", r"flash|fmha|attention|attn|sdpa|scaled_dot_product"),
-    ("matmul", r"gemm|nvjet|cutlass|cublas|xmma|matmul|aten::mm\b|aten::addmm|aten::bmm|aten::linear|splitk"),
-    ("compiled (fused)", r"^triton_|triton"),
-    ("reduction", r"reduce|norm|softmax|sum\b|aten::sum|aten::mean|aten::max|log_softmax|nll_loss|cross_entropy"),
-    ("elementwise", r"elementwise|vectorized|unrolled|aten::(add|mul|sub|div|silu|neg|cos|sin|exp|pow|rsqrt|where|fill)"),
-)]
+KINDS: List[Tuple[str, re.Pattern]] = [
+    (kind, re.compile(pattern))
+    for kind, pattern in (
+        ("communication", r"nccl|gloo|c10d::|allreduce|all_reduce|allgather|reduce_scatter|broadcast"),
+        ("copy", r"memcpy|memset|direct_copy|aten::copy_|aten::to\b|aten::_to_copy|cat_array|catarray"),
+        ("optimizer", r"multi_tensor_apply|foreach|adam"),
+        ("attention", r"flash|fmha|attention|attn|sdpa|scaled_dot_product"),
+        ("matmul", r"gemm|nvjet|cutlass|cublas|xmma|matmul|aten::mm\b|aten::addmm|aten::bmm|aten::linear|splitk"),
+        ("compiled (fused)", r"^triton_|triton"),
+        ("reduction", r"reduce|norm|softmax|sum\b|aten::sum|aten::mean|aten::max|log_softmax|nll_loss|cross_entropy"),
+        (
+            "elementwise",
+            r"elementwise|vectorized|unrolled|aten::(add|mul|sub|div|silu|neg|cos|sin|exp|pow|rsqrt|where|fill)",
+        ),
+    )
+]
 OTHER = "other"
 TRACE_KERNEL_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")  # GPU work in a Chrome trace (not annotations)
 TOP_KERNELS = 25
@@ -57,8 +63,9 @@ def parse_updates(text: str) -> Optional[Tuple[int, int]]:
     match = re.fullmatch(r"(\d+)(?::(\d+))?", text)
     first, last = (int(match.group(1)), int(match.group(2) or match.group(1))) if match else (0, 0)
     if not match or first < 1 or last < first:
-        raise UserInputError(f"--profile-updates (PROFILE_UPDATES) takes FIRST:LAST updates counted from 1, "
-                             f"e.g. 8:10, got {text!r}")
+        raise UserInputError(
+            f"--profile-updates (PROFILE_UPDATES) takes FIRST:LAST updates counted from 1, e.g. 8:10, got {text!r}"
+        )
     return first, last
 
 
@@ -71,8 +78,13 @@ def kind_of(name: str) -> str:
     return OTHER
 
 
-def summarize(times_us: Dict[str, float], updates: int, device: str,
-              op_times_us: Optional[Dict[str, float]] = None, idle: Optional[dict] = None) -> dict:
+def summarize(
+    times_us: Dict[str, float],
+    updates: int,
+    device: str,
+    op_times_us: Optional[Dict[str, float]] = None,
+    idle: Optional[dict] = None,
+) -> dict:
     """Device time of each kernel (name -> microseconds over ``updates`` updates) grouped by kind; with
     ``op_times_us`` (operator and input shapes -> microseconds of the kernels it launched), its top too;
     with ``idle`` (:func:`trace_idle`), the GPU's idle time per update and its longest gaps."""
@@ -83,42 +95,62 @@ def summarize(times_us: Dict[str, float], updates: int, device: str,
     per_update = max(updates, 1) * 1000.0
     idle_part = {}
     if idle is not None:
-        idle_part = {"span_ms_per_update": idle["span_us"] / per_update,
-                     "idle_ms_per_update": idle["idle_us"] / per_update,
-                     "idle_share": idle["idle_us"] / (idle["span_us"] or 1.0),
-                     "longest_gaps": [dict(gap, ms=gap["us"] / 1000.0) for gap in idle["gaps"]]}
+        idle_part = {
+            "span_ms_per_update": idle["span_us"] / per_update,
+            "idle_ms_per_update": idle["idle_us"] / per_update,
+            "idle_share": idle["idle_us"] / (idle["span_us"] or 1.0),
+            "longest_gaps": [dict(gap, ms=gap["us"] / 1000.0) for gap in idle["gaps"]],
+        }
     return {
         **idle_part,
-        "device": device, "updates": updates, "total_ms_per_update": total / per_update,
-        "kinds": [{"kind": kind, "ms_per_update": us / per_update, "share": us / total}
-                  for kind, us in sorted(kinds.items(), key=lambda item: -item[1])],
-        "top": [{"name": name, "kind": kind_of(name), "ms_per_update": us / per_update, "share": us / total}
-                for name, us in sorted(times_us.items(), key=lambda item: -item[1])[:TOP_KERNELS]],
-        "top_operators": [{"name": name, "ms_per_update": us / per_update, "share": us / total}
-                          for name, us in sorted((op_times_us or {}).items(), key=lambda item: -item[1])[:TOP_KERNELS]],
+        "device": device,
+        "updates": updates,
+        "total_ms_per_update": total / per_update,
+        "kinds": [
+            {"kind": kind, "ms_per_update": us / per_update, "share": us / total}
+            for kind, us in sorted(kinds.items(), key=lambda item: -item[1])
+        ],
+        "top": [
+            {"name": name, "kind": kind_of(name), "ms_per_update": us / per_update, "share": us / total}
+            for name, us in sorted(times_us.items(), key=lambda item: -item[1])[:TOP_KERNELS]
+        ],
+        "top_operators": [
+            {"name": name, "ms_per_update": us / per_update, "share": us / total}
+            for name, us in sorted((op_times_us or {}).items(), key=lambda item: -item[1])[:TOP_KERNELS]
+        ],
     }
 
 
 def summary_markdown(summary: dict) -> str:
     """The summary as Markdown tables."""
     what = "CUDA kernels' own time" if summary["device"] == "cuda" else "operators' own CPU time"
-    lines = [f"# Profile of {summary['updates']} update(s): {what}, "
-             f"{summary['total_ms_per_update']:.1f} ms per update", "",
-             "| kind | ms per update | share |", "| --- | --- | --- |"]
+    lines = [
+        f"# Profile of {summary['updates']} update(s): {what}, {summary['total_ms_per_update']:.1f} ms per update",
+        "",
+        "| kind | ms per update | share |",
+        "| --- | --- | --- |",
+    ]
     lines += [f"| {k['kind']} | {k['ms_per_update']:.2f} | {k['share']:.1%} |" for k in summary["kinds"]]
     if "idle_ms_per_update" in summary:
-        lines += ["", f"GPU idle (no kernel running) between the first and the last kernel: "
-                      f"{summary['idle_ms_per_update']:.2f} ms per update of {summary['span_ms_per_update']:.1f} "
-                      f"({summary['idle_share']:.1%}).", "",
-                  "| longest gaps: ms | after kernel | before kernel |", "| --- | --- | --- |"]
+        lines += [
+            "",
+            f"GPU idle (no kernel running) between the first and the last kernel: "
+            f"{summary['idle_ms_per_update']:.2f} ms per update of {summary['span_ms_per_update']:.1f} "
+            f"({summary['idle_share']:.1%}).",
+            "",
+            "| longest gaps: ms | after kernel | before kernel |",
+            "| --- | --- | --- |",
+        ]
         lines += [f"| {g['ms']:.3f} | `{g['after'][:70]}` | `{g['before'][:70]}` |" for g in summary["longest_gaps"]]
     lines += ["", "| kernel | kind | ms per update | share |", "| --- | --- | --- | --- |"]
-    lines += [f"| `{t['name'][:120]}` | {t['kind']} | {t['ms_per_update']:.2f} | {t['share']:.1%} |"
-              for t in summary["top"]]
+    lines += [
+        f"| `{t['name'][:120]}` | {t['kind']} | {t['ms_per_update']:.2f} | {t['share']:.1%} |" for t in summary["top"]
+    ]
     if summary.get("top_operators"):
         lines += ["", "| operator [input shapes] (own kernels) | ms per update | share |", "| --- | --- | --- |"]
-        lines += [f"| `{t['name'][:160]}` | {t['ms_per_update']:.2f} | {t['share']:.1%} |"
-                  for t in summary["top_operators"]]
+        lines += [
+            f"| `{t['name'][:160]}` | {t['ms_per_update']:.2f} | {t['share']:.1%} |" for t in summary["top_operators"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -152,9 +184,11 @@ def trace_idle(trace: dict) -> dict:
     intervals, over all streams) and ``gaps``: the :data:`TOP_GAPS` longest idle gaps, each with ``us`` and
     the names of the kernels that ended before it (``after``) and started after it (``before``).
     """
-    kernels = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e["name"])
-                     for e in trace.get("traceEvents", [])
-                     if e.get("cat") in TRACE_KERNEL_CATEGORIES and e.get("ph") == "X" and "ts" in e)
+    kernels = sorted(
+        (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e["name"])
+        for e in trace.get("traceEvents", [])
+        if e.get("cat") in TRACE_KERNEL_CATEGORIES and e.get("ph") == "X" and "ts" in e
+    )
     if not kernels:
         return {"span_us": 0.0, "idle_us": 0.0, "gaps": []}
     gaps = []
@@ -165,8 +199,11 @@ def trace_idle(trace: dict) -> dict:
         if end >= busy_until:
             busy_until, last_name = end, name
     span = busy_until - kernels[0][0]
-    return {"span_us": span, "idle_us": sum(gap["us"] for gap in gaps),
-            "gaps": sorted(gaps, key=lambda gap: -gap["us"])[:TOP_GAPS]}
+    return {
+        "span_us": span,
+        "idle_us": sum(gap["us"] for gap in gaps),
+        "gaps": sorted(gaps, key=lambda gap: -gap["us"])[:TOP_GAPS],
+    }
 
 
 def _operator_times(profiler) -> Dict[str, float]:
@@ -228,15 +265,23 @@ class StepProfiler:
             with open(raw, "rb") as source, gzip.open(tmp, "wb") as target:
                 shutil.copyfileobj(source, target)
             os.remove(raw)
+
         _write_atomically(trace, write_trace)
-        summary = summarize(_own_times(profiler, self.cuda), self.last - self.first + 1,
-                            "cuda" if self.cuda else "cpu", _operator_times(profiler) if self.cuda else None, idle)
+        summary = summarize(
+            _own_times(profiler, self.cuda),
+            self.last - self.first + 1,
+            "cuda" if self.cuda else "cpu",
+            _operator_times(profiler) if self.cuda else None,
+            idle,
+        )
 
         def write_text(text):
             def write(tmp):
                 with open(tmp, "w") as handle:
                     handle.write(text)
+
             return write
+
         _write_atomically(base + ".json", write_text(json.dumps(summary, indent=1)))
         _write_atomically(base + ".md", write_text(summary_markdown(summary)))
         logger.info(f"profile of updates {self.first}-{self.last}: {base}.md, {trace}")

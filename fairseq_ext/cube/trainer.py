@@ -92,8 +92,9 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
         self._update_samples = None  # the batches of the update being run
         super().__init__(cfg, task, model, criterion, quantizer)
         speed_log = getattr(cfg.task, "speed_log", "")
-        self._speed_log = SpeedLog(speed_log, self.device) if speed_log and distributed_utils.get_global_rank() == 0 \
-            else None
+        self._speed_log = (
+            SpeedLog(speed_log, self.device) if speed_log and distributed_utils.get_global_rank() == 0 else None
+        )
         self._profiler = self._step_profiler(cfg)
 
     def _step_profiler(self, cfg):
@@ -102,7 +103,8 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
         if updates is None:
             return None
         folder = getattr(cfg.task, "profile_dir", "") or os.path.join(
-            os.path.dirname(os.path.abspath(cfg.checkpoint.save_dir)), "profile")
+            os.path.dirname(os.path.abspath(cfg.checkpoint.save_dir)), "profile"
+        )
         return StepProfiler(updates, folder, distributed_utils.get_global_rank(), self.cuda)
 
     @property
@@ -142,14 +144,20 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
         model gets :class:`TensorParallelModel` instead of a DDP wrapper."""
         if self._wrapped_model is None and self.mesh is not None:
             self._wrapped_model = TensorParallelModel(
-                self._model, self._reduce_grads, self.mesh.get_group(PP) if self.pipeline else None,
-                self._full_keys)
+                self._model, self._reduce_grads, self.mesh.get_group(PP) if self.pipeline else None, self._full_keys
+            )
         if self._wrapped_model is None and self.use_distributed_wrapper and self.device.type == "cpu":
             dt = self.cfg.distributed_training
-            self._wrapped_model = ModuleProxyWrapper(DistributedDataParallel(
-                self._model, process_group=self.data_parallel_process_group,
-                broadcast_buffers=dt.broadcast_buffers, bucket_cap_mb=dt.bucket_cap_mb,
-                find_unused_parameters=dt.find_unused_parameters, gradient_as_bucket_view=dt.gradient_as_bucket_view))
+            self._wrapped_model = ModuleProxyWrapper(
+                DistributedDataParallel(
+                    self._model,
+                    process_group=self.data_parallel_process_group,
+                    broadcast_buffers=dt.broadcast_buffers,
+                    bucket_cap_mb=dt.bucket_cap_mb,
+                    find_unused_parameters=dt.find_unused_parameters,
+                    gradient_as_bucket_view=dt.gradient_as_bucket_view,
+                )
+            )
         return super().model
 
     def zero_grad(self):
@@ -170,8 +178,14 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
         clip = self._clip_grad_norm if self._speed_log is None else self._speed_log.timed(self._clip_grad_norm)
         norm = clip(clip_norm)
         skip_on_device = getattr(self.optimizer, "skip_step_if_nonfinite", None)
-        if (self.cuda and torch.is_tensor(norm) and self._grad_norm_buf is None and not self.cfg.common.amp
-                and skip_on_device and skip_on_device(norm)):
+        if (
+            self.cuda
+            and torch.is_tensor(norm)
+            and self._grad_norm_buf is None
+            and not self.cfg.common.amp
+            and skip_on_device
+            and skip_on_device(norm)
+        ):
             self._unchecked_norm = (HostCopy(norm), self._update_samples)
             self._norm_standin = (torch.zeros(()), norm)
             return self._norm_standin[0]
@@ -194,8 +208,9 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
         with NanDetector(self.get_model()):
             for sample in samples or []:
                 sample, _ = self._prepare_sample(sample)
-                self.task.train_step(sample, self.model, self.criterion, self.optimizer, self.get_num_updates(),
-                                     ignore_grad=False)
+                self.task.train_step(
+                    sample, self.model, self.criterion, self.optimizer, self.get_num_updates(), ignore_grad=False
+                )
         raise FloatingPointError("gradients are Nan/Inf")
 
     def _clip_grad_norm(self, clip_norm):
@@ -254,7 +269,9 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
         """With ``--speed-log``: the task's forward/backward and optimizer steps, timed as compute."""
         if self._speed_log is None:
             return contextlib.nullcontext()
-        return _wrapped_task_steps(self.task, {name: self._speed_log.timed for name in ("train_step", "optimizer_step")})
+        return _wrapped_task_steps(
+            self.task, {name: self._speed_log.timed for name in ("train_step", "optimizer_step")}
+        )
 
     def _checking_previous_norm(self):
         """On GPUs: the task's train step, then the check of the previous update's gradient norm
@@ -268,6 +285,7 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
                 result = step(*args, **kwargs)
                 self._check_previous_norm(fairseq_saves_crash=True)  # as for any error of the task's step
                 return result
+
             return train_step
 
         return _wrapped_task_steps(self.task, {"train_step": checking})
@@ -313,8 +331,13 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
     def _pipeline_forward(self, sample, train: bool, loss_scale: float = 1.0):
         net_input = sample["net_input"]
         with autocast(getattr(self.cfg.task, "precision", "fp32"), self.device):
-            loss = self.pipeline.run(net_input["input_ids"], net_input.get("attention_mask"), sample["target"],
-                                     train=train, loss_scale=loss_scale)
+            loss = self.pipeline.run(
+                net_input["input_ids"],
+                net_input.get("attention_mask"),
+                sample["target"],
+                train=train,
+                loss_scale=loss_scale,
+            )
         return loss, sample["ntokens"], logging_output(loss, sample, sample["ntokens"], nll_loss=loss.data)
 
     def _aggregate_logging_outputs(self, logging_outputs, *extra_stats_to_sum, ignore=False):
@@ -350,8 +373,10 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
 
 
 def _plain(logging_outputs):
-    return [{key: local_tensor(value) if torch.is_tensor(value) else value for key, value in log.items()}
-            for log in logging_outputs]
+    return [
+        {key: local_tensor(value) if torch.is_tensor(value) else value for key, value in log.items()}
+        for log in logging_outputs
+    ]
 
 
 def install() -> None:

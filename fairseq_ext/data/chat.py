@@ -27,12 +27,19 @@ from .preprocess import token_features, tokenize_map
 from .registry import register_dataset_type
 from .sources import load_split_records
 
+
 class BadRecord(ValueError):
     """What is wrong with one record (the caller adds the file and record number)."""
 
 
-ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
-         "model": "assistant"}
+ROLES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
+}
 
 
 def conversation(record: Dict) -> List[Dict[str, str]]:
@@ -80,8 +87,9 @@ def render(tokenizer, template: ChatTemplate, turns, add_generation_prompt: bool
     """Text of one conversation (or a list of them) under ``template``."""
     if not turns:
         return ""
-    return tokenizer.apply_chat_template(turns, chat_template=template.text, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        turns, chat_template=template.text, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -99,11 +107,13 @@ def assistant_spans(tokenizer, template: ChatTemplate, turns) -> Tuple[List[int]
     texts = [full]
     for i, turn in enumerate(turns):
         if turn["role"] == "assistant":
-            before, through = render(tokenizer, template, turns[:i], True), render(tokenizer, template, turns[:i + 1])
+            before, through = render(tokenizer, template, turns[:i], True), render(tokenizer, template, turns[: i + 1])
             if not (full.startswith(before) and full.startswith(through)):
-                raise BadRecord(f"the chat template ({template.source}) renders turn {i + 1} differently when more "
-                                 "turns follow, so its tokens cannot be told apart; use a template with "
-                                 "{% generation %} markers (CHAT_TEMPLATE=path/to/template.jinja)")
+                raise BadRecord(
+                    f"the chat template ({template.source}) renders turn {i + 1} differently when more "
+                    "turns follow, so its tokens cannot be told apart; use a template with "
+                    "{% generation %} markers (CHAT_TEMPLATE=path/to/template.jinja)"
+                )
             texts += [before, through]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     full_ids, spans = list(ids[0]), []
@@ -118,8 +128,9 @@ def assistant_spans(tokenizer, template: ChatTemplate, turns) -> Tuple[List[int]
 def tokenize_conversation(tokenizer, template: ChatTemplate, turns, train_on_all_turns: bool = False) -> Dict:
     """``input_ids`` and ``labels`` of one conversation (labels: the assistant's tokens, or all of them)."""
     if template.has_generation_markers:
-        out = tokenizer.apply_chat_template(turns, chat_template=template.text, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
+        out = tokenizer.apply_chat_template(
+            turns, chat_template=template.text, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
         ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
     else:
         ids, spans = assistant_spans(tokenizer, template, turns)
@@ -130,8 +141,9 @@ def tokenize_conversation(tokenizer, template: ChatTemplate, turns, train_on_all
     return {"input_ids": ids, "labels": labels}
 
 
-def tokenize_chat_batch(batch: Dict[str, list], indices: List[int], tokenizer, template: ChatTemplate,
-                        train_on_all_turns: bool, where: str) -> Dict[str, list]:
+def tokenize_chat_batch(
+    batch: Dict[str, list], indices: List[int], tokenizer, template: ChatTemplate, train_on_all_turns: bool, where: str
+) -> Dict[str, list]:
     """``datasets.map`` function: the conversations of a batch of records, errors naming file and record."""
     out = {"input_ids": [], "labels": []}
     columns = [c for c in ("messages", "conversations", "system") if c in batch]
@@ -140,7 +152,11 @@ def tokenize_chat_batch(batch: Dict[str, list], indices: List[int], tokenizer, t
         try:
             sample = tokenize_conversation(tokenizer, template, conversation(record), train_on_all_turns)
         except Exception as err:  # noqa: BLE001 -- a bad record or a template that raises: one line naming it
-            what = "" if isinstance(err, BadRecord) else f"the chat template ({template.source}) raised {type(err).__name__}: "
+            what = (
+                ""
+                if isinstance(err, BadRecord)
+                else f"the chat template ({template.source}) raised {type(err).__name__}: "
+            )
             raise UserInputError(f"{where}: record {index + 1}: {what}{err}") from None
         out["input_ids"].append(sample["input_ids"])
         out["labels"].append(sample["labels"])
@@ -150,8 +166,10 @@ def tokenize_chat_batch(batch: Dict[str, list], indices: List[int], tokenizer, t
 def chat_columns(records: datasets.Dataset, where: str) -> None:
     """Records need a ``messages`` or ``conversations`` column."""
     if not {"messages", "conversations"} & set(records.column_names):
-        raise UserInputError(f"{where}: record 1: record has neither 'messages' (role/content) nor 'conversations' "
-                             f"(from/value); it has {', '.join(records.column_names)}")
+        raise UserInputError(
+            f"{where}: record 1: record has neither 'messages' (role/content) nor 'conversations' "
+            f"(from/value); it has {', '.join(records.column_names)}"
+        )
 
 
 def read_chat_records(cfg, split: str) -> Tuple[datasets.Dataset, str]:
@@ -166,7 +184,16 @@ def build_chat_split(cfg, split: str, tokenizer) -> datasets.Dataset:
     """Builder for ``DATASET_TYPE=chat``."""
     template = resolve_chat_template(getattr(cfg, "chat_template", ""), tokenizer)
     records, where = read_chat_records(cfg, split)
-    return tokenize_map(records, tokenize_chat_batch, desc=f"chat template on {split}", with_indices=True,
-                        features=token_features(), fn_kwargs={
-                            "tokenizer": tokenizer, "template": template, "where": where,
-                            "train_on_all_turns": bool(getattr(cfg, "train_on_all_turns", False))})
+    return tokenize_map(
+        records,
+        tokenize_chat_batch,
+        desc=f"chat template on {split}",
+        with_indices=True,
+        features=token_features(),
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "template": template,
+            "where": where,
+            "train_on_all_turns": bool(getattr(cfg, "train_on_all_turns", False)),
+        },
+    )

@@ -53,8 +53,10 @@ def resolve_chat_template(choice: str, tokenizer) -> ChatTemplate:
     if choice in BUILTIN_TEMPLATES:
         return ChatTemplate(BUILTIN_TEMPLATES[choice], choice)
     if not os.path.isfile(choice):
-        raise UserInputError(f"CHAT_TEMPLATE {choice!r} is neither a built-in template ({', '.join(BUILTIN_TEMPLATES)}) "
-                             f"nor a Jinja file; give the path of a chat template file or leave CHAT_TEMPLATE empty")
+        raise UserInputError(
+            f"CHAT_TEMPLATE {choice!r} is neither a built-in template ({', '.join(BUILTIN_TEMPLATES)}) "
+            f"nor a Jinja file; give the path of a chat template file or leave CHAT_TEMPLATE empty"
+        )
     with open(choice, encoding="utf-8") as f:
         text = f.read()
     if not text.strip():
@@ -67,4 +69,4 @@ def end_of_turn(tokenizer, template: ChatTemplate) -> str:
     ``<end_of_turn>``), without surrounding whitespace; generation stops there. Empty when it writes nothing."""
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": SENTINEL}]
     rendered = tokenizer.apply_chat_template(messages, chat_template=template.text, tokenize=False)
-    return rendered[rendered.rindex(SENTINEL) + len(SENTINEL):].strip()
+    return rendered[rendered.rindex(SENTINEL) + len(SENTINEL) :].strip()

@@ -33,6 +33,8 @@ def tokenize_text_or_pair(tokenizer, record: Dict) -> Dict[str, List[int]]:
 def build_classification_split(cfg, split: str, tokenizer) -> List[Dict]:
     """Builder for ``DATASET_TYPE=classification``: ``input_ids`` and the class index ``label``."""
     records = read_split(cfg.data, cfg.dataset_name, split, FIELDS)
-    require_fields([r for r in records if "text_pair" in r], ["text_pair"], split_path(cfg.data, cfg.dataset_name, split))
+    require_fields(
+        [r for r in records if "text_pair" in r], ["text_pair"], split_path(cfg.data, cfg.dataset_name, split)
+    )
     labels = read_classification_labels(cfg)
     return [{**tokenize_text_or_pair(tokenizer, r), "label": labels.index(r["label"])} for r in records]

@@ -16,8 +16,8 @@ from typing import Optional
 import datasets
 
 from ..errors import UserInputError
-from .labels import LabelSet, label_set
 from .instruction import tokenize_instruction_dataset
+from .labels import LabelSet, label_set
 from .preprocess import scratch_file, tokenize_map
 from .registry import register_dataset_type
 
@@ -40,7 +40,9 @@ def load_disk_split(path: str, split: str) -> datasets.Dataset:
     except FileNotFoundError as err:
         raise UserInputError(f"DATASET_PATH {path} is not a folder written by datasets' save_to_disk ({err})") from None
     if isinstance(loaded, datasets.Dataset):
-        raise UserInputError(f"DATASET_PATH {path} holds a single Dataset; save a DatasetDict with train/valid/test splits")
+        raise UserInputError(
+            f"DATASET_PATH {path} holds a single Dataset; save a DatasetDict with train/valid/test splits"
+        )
     for name in SPLIT_ALIASES.get(split, (split,)):
         if name in loaded:
             ds = loaded[name]
@@ -61,8 +63,11 @@ def _label_all(batch):
 
 def read_disk_labels(cfg) -> Optional[LabelSet]:
     """The label set of a ``label`` column (None without one); valid/test may only use labels train has."""
-    splits = {split: load_disk_split(cfg.data, split) for split in ("train", "valid", "test")
-              if split == "train" or has_split(cfg.data, split)}
+    splits = {
+        split: load_disk_split(cfg.data, split)
+        for split in ("train", "valid", "test")
+        if split == "train" or has_split(cfg.data, split)
+    }
     if "label" not in splits["train"].column_names:
         return None
     return label_set({split: ds["label"] for split, ds in splits.items()})
@@ -78,8 +83,10 @@ def build_disk_split(cfg, split: str, tokenizer):
             ds = ds.map(_label_all, batched=True, cache_file_name=scratch_file(f"labels-{ds._fingerprint}"))
         if "label" in columns:
             labels = read_disk_labels(cfg)
-            ds = ds.map(lambda row: {"label": labels.index(row["label"])},
-                        cache_file_name=scratch_file(f"label-ids-{ds._fingerprint}"))
+            ds = ds.map(
+                lambda row: {"label": labels.index(row["label"])},
+                cache_file_name=scratch_file(f"label-ids-{ds._fingerprint}"),
+            )
         return ds
     if {"instruction", "output"} <= columns:
         return tokenize_instruction_dataset(ds, tokenizer, cfg.prompt_type, split)
@@ -91,4 +98,3 @@ def build_disk_split(cfg, split: str, tokenizer):
         f"DATASET_PATH {cfg.data} split {split!r} has columns {sorted(columns)}; expected input_ids "
         "(optionally labels), instruction + output (optionally input), or text"
     )
-

@@ -29,7 +29,7 @@ class GlobalBatchIterator(iterators.EpochBatchIterator):
 
     def _my_pieces(self, global_batch) -> List[List[int]]:
         starts = [(step * self.units + self.unit) * self.micro_batch for step in range(self.accumulation)]
-        return [list(global_batch[start:start + self.micro_batch]) for start in starts]
+        return [list(global_batch[start : start + self.micro_batch]) for start in starts]
 
     def ordered_batches(self, epoch, fix_batches_to_gpus, shuffle):
         """This unit's micro-batches for ``epoch``: global batches shuffled under ``seed + epoch``, as a
@@ -47,7 +47,7 @@ class GlobalBatchIterator(iterators.EpochBatchIterator):
     @property
     def first_batch(self):
         """A micro-batch of the first global batch (fairseq's dummy batch is made from it)."""
-        return self.collate_fn([self.dataset[i] for i in self.frozen_batches[0][:self.micro_batch]])
+        return self.collate_fn([self.dataset[i] for i in self.frozen_batches[0][: self.micro_batch]])
 
     def state_dict(self):
         """fairseq's iterator state, plus the position in global batches (the same under every plan)."""

@@ -10,8 +10,8 @@ import datasets
 
 from ..errors import UserInputError
 from .layouts import IGNORE_INDEX
-from .prompts import get_prompt_template
 from .preprocess import token_features, tokenize_map
+from .prompts import get_prompt_template
 from .records import read_split, require_fields, split_path
 from .registry import register_dataset_type
 from .sources import load_split_records
@@ -83,10 +83,17 @@ def tokenize_instruction_batch(batch: Dict[str, list], tokenizer, prompt_type: s
     return out
 
 
-def tokenize_instruction_dataset(records: datasets.Dataset, tokenizer, prompt_type: str, split: str) -> datasets.Dataset:
+def tokenize_instruction_dataset(
+    records: datasets.Dataset, tokenizer, prompt_type: str, split: str
+) -> datasets.Dataset:
     """Samples of instruction records held in a Dataset (batched map over processes, Arrow files)."""
-    return tokenize_map(records, tokenize_instruction_batch, desc=f"tokenizing {split}", features=token_features(),
-                        fn_kwargs={"tokenizer": tokenizer, "prompt_type": prompt_type})
+    return tokenize_map(
+        records,
+        tokenize_instruction_batch,
+        desc=f"tokenizing {split}",
+        features=token_features(),
+        fn_kwargs={"tokenizer": tokenizer, "prompt_type": prompt_type},
+    )
 
 
 @register_dataset_type("instruction")

@@ -42,7 +42,8 @@ def label_set(values_by_split: Dict[str, Iterable[Label]], what: str = "label") 
             raise UserInputError(
                 f"the {what} sets of the splits disagree: split {split} has {what}s {sorted(map(str, unknown))[:10]} "
                 f"that train does not have (train has {sorted(map(str, train))[:20]}); fix the data so every "
-                f"{what} of {split} occurs in train")
+                f"{what} of {split} occurs in train"
+            )
     all_values = set().union(*seen.values())
     if all(isinstance(v, str) for v in all_values):
         names = sorted(train)

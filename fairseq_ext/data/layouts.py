@@ -35,7 +35,7 @@ def pad_column(samples: Sequence[Dict], column: str, pad_value: int) -> torch.Te
     rows = [s[column] for s in samples]
     out = torch.full((len(rows), max(len(r) for r in rows)), pad_value, dtype=torch.long)
     for i, row in enumerate(rows):
-        out[i, :len(row)] = row
+        out[i, : len(row)] = row
     return out
 
 
@@ -57,7 +57,8 @@ class SampleLayout:
         if missing:
             raise UserInputError(
                 f"the {self.name} head needs samples with columns {required}; the dataset builder gave "
-                f"{sorted(available)} (missing {missing}); check DATASET_TYPE against MODEL_ARCH")
+                f"{sorted(available)} (missing {missing}); check DATASET_TYPE against MODEL_ARCH"
+            )
         optional = [*self.optional_sequence_columns, "group"]
         return required + [c for c in optional if c in available]
 
@@ -137,8 +138,10 @@ class Seq2SeqLMLayout(SampleLayout):
         labels = row["labels"]
         prompt_length = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
         if prompt_length == 0:
-            raise UserInputError("a seq2seq sample needs a prompt: its first labels must be -100 (the encoder "
-                                 "input); this sample trains on every token, as plain language modelling does")
+            raise UserInputError(
+                "a seq2seq sample needs a prompt: its first labels must be -100 (the encoder "
+                "input); this sample trains on every token, as plain language modelling does"
+            )
         return {**row, "input_ids": row["input_ids"][:prompt_length], "labels": labels[prompt_length:]}
 
     def trainable(self, row):
@@ -149,8 +152,11 @@ class Seq2SeqLMLayout(SampleLayout):
 
     def arrange(self, batch):
         target = batch["labels"]
-        return {"net_input": self.net_input(batch, "labels"), "target": target,
-                "ntokens": int((target != IGNORE_INDEX).sum())}
+        return {
+            "net_input": self.net_input(batch, "labels"),
+            "target": target,
+            "ntokens": int((target != IGNORE_INDEX).sum()),
+        }
 
 
 class SequenceClassificationLayout(SampleLayout):
@@ -159,8 +165,11 @@ class SequenceClassificationLayout(SampleLayout):
     scalar_columns = ("label",)
 
     def arrange(self, batch):
-        return {"net_input": self.net_input(batch), "target": batch["label"],
-                "ntokens": int(batch["attention_mask"].sum())}
+        return {
+            "net_input": self.net_input(batch),
+            "target": batch["label"],
+            "ntokens": int(batch["attention_mask"].sum()),
+        }
 
 
 class TokenClassificationLayout(SampleLayout):
@@ -173,8 +182,7 @@ class TokenClassificationLayout(SampleLayout):
 
     def arrange(self, batch):
         target = batch["labels"]
-        return {"net_input": self.net_input(batch), "target": target,
-                "ntokens": int((target != IGNORE_INDEX).sum())}
+        return {"net_input": self.net_input(batch), "target": target, "ntokens": int((target != IGNORE_INDEX).sum())}
 
 
 class QuestionAnsweringLayout(SampleLayout):
@@ -187,8 +195,7 @@ class QuestionAnsweringLayout(SampleLayout):
 
     def arrange(self, batch):
         target = torch.stack([batch["start_positions"], batch["end_positions"]], dim=1)
-        return {"net_input": self.net_input(batch), "target": target,
-                "ntokens": int(batch["attention_mask"].sum())}
+        return {"net_input": self.net_input(batch), "target": target, "ntokens": int(batch["attention_mask"].sum())}
 
 
 class EmbeddingLayout(SampleLayout):
@@ -204,13 +211,25 @@ class EmbeddingLayout(SampleLayout):
 
     def arrange(self, batch):
         pair_input = {"input_ids": batch["pair_input_ids"], "attention_mask": batch["pair_attention_mask"]}
-        return {"net_input": self.net_input(batch), "pair_input": pair_input, "target": None,
-                "ntokens": int(batch["attention_mask"].sum() + batch["pair_attention_mask"].sum())}
+        return {
+            "net_input": self.net_input(batch),
+            "pair_input": pair_input,
+            "target": None,
+            "ntokens": int(batch["attention_mask"].sum() + batch["pair_attention_mask"].sum()),
+        }
 
 
-LAYOUTS = {layout.name: layout for layout in (
-    CausalLMLayout(), Seq2SeqLMLayout(), SequenceClassificationLayout(), TokenClassificationLayout(),
-    QuestionAnsweringLayout(), EmbeddingLayout())}
+LAYOUTS = {
+    layout.name: layout
+    for layout in (
+        CausalLMLayout(),
+        Seq2SeqLMLayout(),
+        SequenceClassificationLayout(),
+        TokenClassificationLayout(),
+        QuestionAnsweringLayout(),
+        EmbeddingLayout(),
+    )
+}
 
 
 def get_layout(name: str) -> SampleLayout:

@@ -47,8 +47,10 @@ def pack(samples: datasets.Dataset, max_length: int, split: str) -> datasets.Dat
     at most ``max_length`` tokens with input_ids, labels and position_ids (see the module docstring)."""
     extra = [c for c in samples.column_names if c not in PACKED_COLUMNS]
     if extra:
-        raise UserInputError(f"PACK_SEQUENCES=1 packs samples with columns input_ids and labels only; this data "
-                             f"also has {extra}; set PACK_SEQUENCES=0")
+        raise UserInputError(
+            f"PACK_SEQUENCES=1 packs samples with columns input_ids and labels only; this data "
+            f"also has {extra}; set PACK_SEQUENCES=0"
+        )
     input_ids, labels = samples["input_ids"], samples["labels"]
     rows = {"input_ids": [], "labels": [], "position_ids": []}
     bins = best_fit_decreasing([len(ids) for ids in input_ids], max_length)
@@ -62,6 +64,8 @@ def pack(samples: datasets.Dataset, max_length: int, split: str) -> datasets.Dat
         rows["labels"].append(row_labels)
         rows["position_ids"].append(row_positions)
     tokens = sum(len(r) for r in rows["input_ids"])
-    logger.info(f"split {split}: packed {len(samples)} samples into {len(bins)} rows of up to {max_length} tokens "
-                f"({100 * tokens / (len(bins) * max_length):.1f}% full)")
+    logger.info(
+        f"split {split}: packed {len(samples)} samples into {len(bins)} rows of up to {max_length} tokens "
+        f"({100 * tokens / (len(bins) * max_length):.1f}% full)"
+    )
     return datasets.Dataset.from_dict(rows)

@@ -37,9 +37,26 @@ DEFAULT_CACHE = os.path.join("~", ".cache", "fairseq_ext", "data")
 CACHE_ENV = "FAIRSEQ_EXT_DATA_CACHE"
 # task settings that never change the samples (they are left out of the cache key)
 NOT_DATA_SETTINGS = {
-    "_name", "data_cache_dir", "precision", "fp16", "bf16", "cpu", "update_freq", "trust_remote_code",
-    "compile_layers", "speed_log", "profile_updates", "profile_dir", "use_lora", "lora_config",
-    "plan_ngpus", "cube_scaling_factor", "plan_file", "use_zero", "zero_n_groups", "recompute_module_names",
+    "_name",
+    "data_cache_dir",
+    "precision",
+    "fp16",
+    "bf16",
+    "cpu",
+    "update_freq",
+    "trust_remote_code",
+    "compile_layers",
+    "speed_log",
+    "profile_updates",
+    "profile_dir",
+    "use_lora",
+    "lora_config",
+    "plan_ngpus",
+    "cube_scaling_factor",
+    "plan_file",
+    "use_zero",
+    "zero_n_groups",
+    "recompute_module_names",
     "checkpoint_format",
 }
 MIN_RECORDS_PER_PROCESS = 20000
@@ -58,8 +75,9 @@ def num_processes(num_records: int) -> Optional[int]:
     return wanted if wanted > 1 else None
 
 
-def tokenize_map(records: datasets.Dataset, function: Callable, desc: str, batch_size: int = 1000,
-                 **map_kwargs) -> datasets.Dataset:
+def tokenize_map(
+    records: datasets.Dataset, function: Callable, desc: str, batch_size: int = 1000, **map_kwargs
+) -> datasets.Dataset:
     """``records.map(function, batched=True)`` into an Arrow file of the scratch folder, over as many processes
     as the data and the cores allow, with a progress bar; the records' columns are dropped."""
     num_proc = num_processes(len(records))
@@ -67,9 +85,18 @@ def tokenize_map(records: datasets.Dataset, function: Callable, desc: str, batch
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
     fingerprint = hashlib.sha256(f"{records._fingerprint}|{desc}|{function.__qualname__}".encode()).hexdigest()[:32]
     with progress_on_stdout():
-        return records.map(function, batched=True, batch_size=batch_size, num_proc=num_proc, desc=desc,
-                           remove_columns=records.column_names, load_from_cache_file=False,
-                           new_fingerprint=fingerprint, cache_file_name=scratch_file(fingerprint), **map_kwargs)
+        return records.map(
+            function,
+            batched=True,
+            batch_size=batch_size,
+            num_proc=num_proc,
+            desc=desc,
+            remove_columns=records.column_names,
+            load_from_cache_file=False,
+            new_fingerprint=fingerprint,
+            cache_file_name=scratch_file(fingerprint),
+            **map_kwargs,
+        )
 
 
 def scratch_file(name: str) -> str:
@@ -148,15 +175,20 @@ def cache_key(cfg, split: str, tokenizer, layout_name: str, builder: Callable) -
     """Everything that changes the samples of ``split`` (see the module docstring)."""
     settings = {k: v for k, v in _settings(cfg).items() if k not in NOT_DATA_SETTINGS}
     return {
-        "split": split, "layout": layout_name, "settings": settings,
-        "data": data_fingerprint(cfg.data, cfg.dataset_name), "tokenizer": tokenizer_fingerprint(tokenizer),
-        "templates": template_texts(cfg, tokenizer), "code": code_version(builder),
+        "split": split,
+        "layout": layout_name,
+        "settings": settings,
+        "data": data_fingerprint(cfg.data, cfg.dataset_name),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "templates": template_texts(cfg, tokenizer),
+        "code": code_version(builder),
     }
 
 
 def _settings(cfg) -> Dict:
     try:
         from omegaconf import OmegaConf
+
         if OmegaConf.is_config(cfg):
             return OmegaConf.to_container(cfg, resolve=False)
     except ImportError:
@@ -208,7 +240,9 @@ def _load(folder: str) -> Tuple[datasets.Dataset, Dict]:
     return dataset, info["stats"]
 
 
-def cached_split(key: Dict, root: str, build: Callable[[], Tuple[datasets.Dataset, Dict]]) -> Tuple[datasets.Dataset, Dict, bool]:
+def cached_split(
+    key: Dict, root: str, build: Callable[[], Tuple[datasets.Dataset, Dict]]
+) -> Tuple[datasets.Dataset, Dict, bool]:
     """The samples of ``key`` from the cache, built by ``build() -> (samples, stats)`` on a miss.
     Returns the samples (memory-mapped), the stats of their making and whether they came from the cache."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()

@@ -23,10 +23,12 @@ def check_answers(records: List[Dict], path: str) -> None:
         answers = record["answers"]
         texts, starts = answers.get("text"), answers.get("answer_start")
         if not isinstance(texts, list) or not isinstance(starts, list) or len(texts) != len(starts) or not texts:
-            raise UserInputError(f"{where}: answers must be {{\"text\": [...], \"answer_start\": [...]}} with as many "
-                                 "starts as texts, and at least one answer")
+            raise UserInputError(
+                f'{where}: answers must be {{"text": [...], "answer_start": [...]}} with as many '
+                "starts as texts, and at least one answer"
+            )
         for text, start in zip(texts, starts):
-            if not isinstance(start, int) or record["context"][start:start + len(text)] != text:
+            if not isinstance(start, int) or record["context"][start : start + len(text)] != text:
                 raise UserInputError(f"{where}: answer {text!r} is not in the context at answer_start {start}")
 
 
@@ -39,8 +41,7 @@ def read_qa_records(data_dir: str, dataset_name: str, split: str) -> List[Dict]:
 
 def encode_question_context(tokenizer, question: str, context: str, max_length: int):
     """The (question, context) pair, the context cut to ``max_length`` tokens, with character offsets."""
-    return tokenizer(question, context, truncation="only_second", max_length=max_length,
-                     return_offsets_mapping=True)
+    return tokenizer(question, context, truncation="only_second", max_length=max_length, return_offsets_mapping=True)
 
 
 def context_token_range(encoded) -> Tuple[int, int]:
@@ -71,8 +72,11 @@ def build_question_answering_split(cfg, split: str, tokenizer) -> List[Dict]:
         encoded = encode_question_context(tokenizer, record["question"], record["context"], cfg.sequence_length)
         start_char = record["answers"]["answer_start"][0]
         span = answer_token_span(encoded, start_char, start_char + len(record["answers"]["text"][0]))
-        sample = {"input_ids": list(encoded["input_ids"]), "start_positions": span[0] if span else -1,
-                  "end_positions": span[1] if span else -1}
+        sample = {
+            "input_ids": list(encoded["input_ids"]),
+            "start_positions": span[0] if span else -1,
+            "end_positions": span[1] if span else -1,
+        }
         if "token_type_ids" in encoded:
             sample["token_type_ids"] = list(encoded["token_type_ids"])
         samples.append(sample)

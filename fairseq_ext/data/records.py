@@ -22,8 +22,10 @@ def read_json_records(path: str) -> List[Dict]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         lineno = raw.count(b"\n", 0, err.start) + 1
-        raise UserInputError(f"{path}:{lineno}: bytes that are not UTF-8 ({raw[err.start:err.end]!r} at byte "
-                             f"{err.start}); save the file as UTF-8") from None
+        raise UserInputError(
+            f"{path}:{lineno}: bytes that are not UTF-8 ({raw[err.start : err.end]!r} at byte "
+            f"{err.start}); save the file as UTF-8"
+        ) from None
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
@@ -66,13 +68,16 @@ def require_fields(records: Sequence[Dict], fields: Union[Sequence[str], Dict[st
         for name, types in expected.items():
             if name not in record:
                 present = ", ".join(k for k in record if k != "__line__")
-                raise UserInputError(f"{path}: {_where(record, index)}: record is missing field {name!r} (has: {present})")
+                raise UserInputError(
+                    f"{path}: {_where(record, index)}: record is missing field {name!r} (has: {present})"
+                )
             types = types if isinstance(types, tuple) else (types,)
             value = record[name]
             if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
                 wanted = " or ".join(TYPE_NAMES.get(t, t.__name__) for t in types)
-                raise UserInputError(f"{path}: {_where(record, index)}: field {name!r} must be {wanted}, "
-                                     f"got {type(value).__name__}")
+                raise UserInputError(
+                    f"{path}: {_where(record, index)}: field {name!r} must be {wanted}, got {type(value).__name__}"
+                )
 
 
 def split_path(data_dir: str, dataset_name: str, split: str) -> str:
@@ -80,7 +85,9 @@ def split_path(data_dir: str, dataset_name: str, split: str) -> str:
     return os.path.join(data_dir, f"{dataset_name}_{split}.json")
 
 
-def read_split(data_dir: str, dataset_name: str, split: str, fields: Union[Sequence[str], Dict[str, type]]) -> List[Dict]:
+def read_split(
+    data_dir: str, dataset_name: str, split: str, fields: Union[Sequence[str], Dict[str, type]]
+) -> List[Dict]:
     """Read and validate the records of one split as a list; an empty split is a UserInputError.
     ``{name}_{split}.json`` is read here (errors by line); the other formats of ``sources.py`` through datasets."""
     from .sources import find_split_source, load_source
@@ -105,5 +112,8 @@ def read_present_splits(data_dir: str, dataset_name: str, fields) -> Dict[str, L
     """Records of train (required) and of valid and test where their files exist, keyed by split."""
     from .sources import find_split_source
 
-    return {split: read_split(data_dir, dataset_name, split, fields) for split in SPLITS
-            if split == "train" or find_split_source(data_dir, dataset_name, split) is not None}
+    return {
+        split: read_split(data_dir, dataset_name, split, fields)
+        for split in SPLITS
+        if split == "train" or find_split_source(data_dir, dataset_name, split) is not None
+    }

@@ -54,7 +54,9 @@ class SplitSource:
 
 
 def _is_disk_folder(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "dataset_info.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json"))
+    return os.path.isfile(os.path.join(path, "dataset_info.json")) or os.path.isfile(
+        os.path.join(path, "dataset_dict.json")
+    )
 
 
 def find_split_source(data_dir: str, dataset_name: str, split: str) -> Optional[SplitSource]:
@@ -81,8 +83,10 @@ def require_split_source(data_dir: str, dataset_name: str, split: str) -> SplitS
     source = find_split_source(data_dir, dataset_name, split)
     if source is None:
         stem = os.path.join(data_dir, f"{dataset_name}_{split}")
-        raise UserInputError(f"{stem}.json: no such file (looked for {stem}.json, .jsonl, .parquet, a save_to_disk "
-                             f"folder {stem}/ and a save_to_disk DatasetDict in {data_dir} with split {split})")
+        raise UserInputError(
+            f"{stem}.json: no such file (looked for {stem}.json, .jsonl, .parquet, a save_to_disk "
+            f"folder {stem}/ and a save_to_disk DatasetDict in {data_dir} with split {split})"
+        )
     return source
 
 
@@ -125,8 +129,10 @@ def load_source(source: SplitSource, cache_dir: Optional[str] = None) -> dataset
         if source.kind == "json" and not read_json_records(source.path):  # raises naming the first bad line
             raise UserInputError(f"{source.path}: the split is empty; it needs at least one record") from None
         cause = err.__cause__ or err
-        raise UserInputError(f"{source.path}: cannot be read as {source.kind} records "
-                             f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})") from None
+        raise UserInputError(
+            f"{source.path}: cannot be read as {source.kind} records "
+            f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})"
+        ) from None
 
 
 def _first_null(column: pa.ChunkedArray) -> int:
@@ -160,17 +166,21 @@ def check_fields(records: datasets.Dataset, source: SplitSource, fields: Dict[st
     raise UserInputError(f"{source.describe()}: record {index + 1}: {message}")
 
 
-def load_split_records(data_dir: str, dataset_name: str, split: str, fields: Dict[str, type],
-                       optional: Dict[str, type] = None) -> Tuple[datasets.Dataset, SplitSource]:
+def load_split_records(
+    data_dir: str, dataset_name: str, split: str, fields: Dict[str, type], optional: Dict[str, type] = None
+) -> Tuple[datasets.Dataset, SplitSource]:
     """The checked records of ``split`` and where they came from. ``optional`` fields may be absent or null;
     where present their Arrow type is checked like the required ones."""
     source = require_split_source(data_dir, dataset_name, split)
     records = load_source(source)
     check_fields(records, source, fields)
     for name, types in (optional or {}).items():
-        if name in records.column_names and types is str and records.features[name].dtype not in ("string", "large_string", "null"):
+        if (
+            name in records.column_names
+            and types is str
+            and records.features[name].dtype not in ("string", "large_string", "null")
+        ):
             if source.kind == "json":
                 require_fields([r for r in read_json_records(source.path) if name in r], [name], source.path)
             raise UserInputError(f"{source.describe()}: field {name!r} must be a string, got {records.features[name]}")
     return records, source
-

@@ -21,8 +21,9 @@ def check_tags(records: List[Dict], path: str) -> None:
     for record in records:
         where = f"{path}: line {record.get('__line__', '?')}"
         if len(record["tokens"]) != len(record["tags"]):
-            raise UserInputError(f"{where}: {len(record['tokens'])} tokens but {len(record['tags'])} tags; "
-                                 "give one tag per word")
+            raise UserInputError(
+                f"{where}: {len(record['tokens'])} tokens but {len(record['tags'])} tags; give one tag per word"
+            )
         if not all(isinstance(word, str) for word in record["tokens"]):
             raise UserInputError(f"{where}: tokens must be a list of strings")
 
@@ -47,8 +48,9 @@ def align_word_labels(word_ids: List, word_labels: List[int]) -> List[int]:
 def tokenize_words(tokenizer, words: List[str]) -> Dict[str, List]:
     """Encode pre-split words; returns ``input_ids`` and ``word_ids`` (the word of each token)."""
     if not getattr(tokenizer, "is_fast", False):
-        raise UserInputError("token classification needs a fast tokenizer (one with word_ids); this model's "
-                             "tokenizer is a slow one")
+        raise UserInputError(
+            "token classification needs a fast tokenizer (one with word_ids); this model's tokenizer is a slow one"
+        )
     encoded = tokenizer(words, is_split_into_words=True)
     return {"input_ids": list(encoded["input_ids"]), "word_ids": encoded.word_ids()}
 
@@ -63,5 +65,7 @@ def build_token_classification_split(cfg, split: str, tokenizer) -> List[Dict]:
     for record in records:
         encoded = tokenize_words(tokenizer, record["tokens"])
         word_labels = [tags.index(t) for t in record["tags"]]
-        samples.append({"input_ids": encoded["input_ids"], "labels": align_word_labels(encoded["word_ids"], word_labels)})
+        samples.append(
+            {"input_ids": encoded["input_ids"], "labels": align_word_labels(encoded["word_ids"], word_labels)}
+        )
     return samples

@@ -6,7 +6,6 @@ from typing import Dict, List, Optional, Union
 import datasets
 import numpy as np
 import pyarrow.compute as pc
-import torch
 from fairseq.data import FairseqDataset
 
 from ..errors import UserInputError
@@ -63,17 +62,23 @@ def trainable_rows(samples: datasets.Dataset, layout: SampleLayout) -> np.ndarra
     return np.fromiter((layout.trainable(row) for row in samples), dtype=bool, count=len(samples))
 
 
-def truncate(samples: datasets.Dataset, layout: SampleLayout, max_length: int, split: str,
-             stats: Optional[Dict] = None) -> datasets.Dataset:
+def truncate(
+    samples: datasets.Dataset, layout: SampleLayout, max_length: int, split: str, stats: Optional[Dict] = None
+) -> datasets.Dataset:
     """Cut samples to ``max_length`` tokens, drop those left with nothing to learn, and log the counts
     (also written into ``stats``: samples, truncated, dropped)."""
-    sequence_columns = [c for c in samples.column_names
-                        if c in layout.sequence_columns or c in layout.optional_sequence_columns]
+    sequence_columns = [
+        c for c in samples.column_names if c in layout.sequence_columns or c in layout.optional_sequence_columns
+    ]
     longest = np.maximum.reduce([column_lengths(samples, c) for c in sequence_columns])
     num_too_long = int((longest > max_length).sum())
     if num_too_long:
-        samples = samples.map(_cut_batch, batched=True, fn_kwargs={"layout": layout, "max_length": max_length},
-                              cache_file_name=scratch_file(f"cut-{samples._fingerprint}-{max_length}"))
+        samples = samples.map(
+            _cut_batch,
+            batched=True,
+            fn_kwargs={"layout": layout, "max_length": max_length},
+            cache_file_name=scratch_file(f"cut-{samples._fingerprint}-{max_length}"),
+        )
     keep = trainable_rows(samples, layout)
     num_dropped = int(len(samples) - keep.sum())
     if num_dropped:
@@ -82,18 +87,23 @@ def truncate(samples: datasets.Dataset, layout: SampleLayout, max_length: int, s
         stats.update(samples=len(samples), truncated=num_too_long, dropped=num_dropped)
     report_truncation(split, max_length, len(samples), num_too_long, num_dropped)
     if len(samples) == 0:
-        raise UserInputError(f"split {split}: no sample has an answer token or label within "
-                             f"SEQUENCE_LENGTH={max_length}; raise SEQUENCE_LENGTH")
+        raise UserInputError(
+            f"split {split}: no sample has an answer token or label within "
+            f"SEQUENCE_LENGTH={max_length}; raise SEQUENCE_LENGTH"
+        )
     return samples
 
 
 def report_truncation(split: str, max_length: int, samples: int, truncated: int, dropped: int) -> None:
     """Log what truncation did to a split (again when its samples come from the cache)."""
-    logger.info(f"split {split}: {samples} samples; {truncated} truncated to SEQUENCE_LENGTH={max_length}, "
-                f"{dropped} dropped with nothing left to learn (no answer token or label)")
+    logger.info(
+        f"split {split}: {samples} samples; {truncated} truncated to SEQUENCE_LENGTH={max_length}, "
+        f"{dropped} dropped with nothing left to learn (no answer token or label)"
+    )
     if truncated:
-        logger.warning(f"split {split}: {truncated} samples were longer than SEQUENCE_LENGTH={max_length} "
-                       f"and were truncated")
+        logger.warning(
+            f"split {split}: {truncated} samples were longer than SEQUENCE_LENGTH={max_length} and were truncated"
+        )
 
 
 def _cut_batch(batch: Dict[str, list], layout: SampleLayout, max_length: int) -> Dict[str, list]:
@@ -145,8 +155,14 @@ class TokenizedDataset(FairseqDataset):
         """fairseq's batches, and the samples they leave out: this fairseq drops a last batch whose size is no
         multiple of ``--required-batch-size-multiple`` (default 8), which empties a split of fewer samples (a
         small valid split, or one packed into a few rows). Those samples come as one last, smaller batch."""
-        batches = list(super().batch_by_size(indices, max_tokens=max_tokens, max_sentences=max_sentences,
-                                             required_batch_size_multiple=required_batch_size_multiple))
+        batches = list(
+            super().batch_by_size(
+                indices,
+                max_tokens=max_tokens,
+                max_sentences=max_sentences,
+                required_batch_size_multiple=required_batch_size_multiple,
+            )
+        )
         covered = sum(len(batch) for batch in batches)  # fairseq's batches cover the indices in order
         if covered < len(indices):
             batches.append(np.asarray(indices[covered:], dtype=np.int64))

@@ -20,8 +20,14 @@ def normalize_answer(text: str) -> str:
 
 
 @torch.no_grad()
-def generate_answers(hf_model, tokenizer, prompts: Sequence[Union[str, List[int]]], max_new_tokens: int = 32,
-                     batch_size: int = 32, stop_text: str = "") -> List[str]:
+def generate_answers(
+    hf_model,
+    tokenizer,
+    prompts: Sequence[Union[str, List[int]]],
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    stop_text: str = "",
+) -> List[str]:
     """Greedy-decode an answer for each prompt, stopping at EOS (and at ``stop_text``, cut from the answer).
 
     A prompt is a string (tokenized as instruction prompts are in training) or its token ids. A decoder-only
@@ -34,16 +40,25 @@ def generate_answers(hf_model, tokenizer, prompts: Sequence[Union[str, List[int]
     stop = {"stop_strings": [stop_text], "tokenizer": tokenizer} if stop_text else {}
     answers = []
     for start in range(0, len(prompts), batch_size):
-        encoded = [p if isinstance(p, list) else encode_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
+        encoded = [
+            p if isinstance(p, list) else encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]
+        ]
         width = max(len(ids) for ids in encoded)
         input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)  # left padded for generation
         attention_mask = torch.zeros_like(input_ids)
         for row, ids in enumerate(encoded):
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention_mask[row, width - len(ids):] = 1
-        out = hf_model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, **stop)
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[row, width - len(ids) :] = 1
+        out = hf_model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad_id,
+            **stop,
+        )
         texts = tokenizer.batch_decode(out if encoder_decoder else out[:, width:], skip_special_tokens=True)
         answers += [text.split(stop_text)[0] if stop_text else text for text in texts]
     return answers
@@ -55,23 +70,29 @@ def exact_match(hf_model, tokenizer, records: Sequence[Dict], prompt_type: str, 
     prompts = [template.render(r["instruction"], r.get("input") or "") for r in records]
     predictions = generate_answers(hf_model, tokenizer, prompts, **generate_kwargs)
     correct = sum(normalize_answer(p) == normalize_answer(r["output"]) for p, r in zip(predictions, records))
-    examples = [f"{r['instruction']} {r.get('input') or ''!r} -> {p.strip()!r} (expected {r['output']!r})"
-                for r, p in zip(records, predictions)]
+    examples = [
+        f"{r['instruction']} {r.get('input') or ''!r} -> {p.strip()!r} (expected {r['output']!r})"
+        for r, p in zip(records, predictions)
+    ]
     return ratio("exact match", correct, len(records), examples=examples)
 
 
-def chat_exact_match(hf_model, tokenizer, conversations: Sequence[List[Dict[str, str]]], template: ChatTemplate,
-                     **generate_kwargs) -> Metric:
+def chat_exact_match(
+    hf_model, tokenizer, conversations: Sequence[List[Dict[str, str]]], template: ChatTemplate, **generate_kwargs
+) -> Metric:
     """Exact match of the greedy answer to each conversation's last assistant turn, given the turns before it
     rendered with ``template`` and its generation prompt (tokenized exactly as in training)."""
     pairs = [prompt_and_answer(turns) for turns in conversations]
     texts = [render(tokenizer, template, turns, add_generation_prompt=True) for turns, _ in pairs]
     prompts = [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    predictions = generate_answers(hf_model, tokenizer, prompts, stop_text=end_of_turn(tokenizer, template),
-                                   **generate_kwargs)
+    predictions = generate_answers(
+        hf_model, tokenizer, prompts, stop_text=end_of_turn(tokenizer, template), **generate_kwargs
+    )
     correct = sum(normalize_answer(p) == normalize_answer(answer) for p, (_, answer) in zip(predictions, pairs))
-    examples = [f"{turns[-1]['content']!r} -> {p.strip()!r} (expected {answer!r})"
-                for (turns, answer), p in zip(pairs, predictions)]
+    examples = [
+        f"{turns[-1]['content']!r} -> {p.strip()!r} (expected {answer!r})"
+        for (turns, answer), p in zip(pairs, predictions)
+    ]
     return ratio("exact match", correct, len(pairs), examples=examples)
 
 

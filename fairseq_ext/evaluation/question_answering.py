@@ -34,7 +34,7 @@ def f1_score(prediction: str, answer: str) -> float:
 def best_span(start_logits: torch.Tensor, end_logits: torch.Tensor, first: int, last: int) -> tuple:
     """(start, end) inside the context tokens [first, last], start <= end < start + MAX_ANSWER_TOKENS,
     maximising the sum of start and end logits."""
-    scores = start_logits[first:last + 1, None] + end_logits[None, first:last + 1]
+    scores = start_logits[first : last + 1, None] + end_logits[None, first : last + 1]
     length = scores.size(0)
     allowed = torch.ones(length, length, dtype=torch.bool).triu().tril(MAX_ANSWER_TOKENS - 1)
     flat = scores.masked_fill(~allowed, float("-inf")).argmax()
@@ -47,17 +47,23 @@ def predict_answers(model, tokenizer, records: Sequence[dict], max_length: int, 
     device, answers = model_device(model), []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
+        chunk = records[start : start + batch_size]
         encoded = [encode_question_context(tokenizer, r["question"], r["context"], max_length) for r in chunk]
-        rows = [{"id": i, "start_positions": torch.tensor(0), "end_positions": torch.tensor(0),
-                 **{k: torch.tensor(e[k]) for k in ("input_ids", "token_type_ids") if k in e}}
-                for i, e in enumerate(encoded)]
+        rows = [
+            {
+                "id": i,
+                "start_positions": torch.tensor(0),
+                "end_positions": torch.tensor(0),
+                **{k: torch.tensor(e[k]) for k in ("input_ids", "token_type_ids") if k in e},
+            }
+            for i, e in enumerate(encoded)
+        ]
         inputs = get_layout("qa").collate(rows, pad_id)["net_input"]  # padded exactly as in training
         logits = model(**{k: v.to(device) for k, v in inputs.items()}).float().cpu()
         for row, (record, e) in enumerate(zip(chunk, encoded)):
             first, last = context_token_range(e)
             begin, end = best_span(logits[row, :, 0], logits[row, :, 1], first, last)
-            answers.append(record["context"][e["offset_mapping"][begin][0]:e["offset_mapping"][end][1]])
+            answers.append(record["context"][e["offset_mapping"][begin][0] : e["offset_mapping"][end][1]])
     return answers
 
 
@@ -67,6 +73,10 @@ def evaluate_question_answering(model, task, split: str) -> List[Metric]:
     predictions = predict_answers(model, task.tokenizer, records, task.cfg.sequence_length)
     exact = sum(max(normalize(p) == normalize(a) for a in r["answers"]["text"]) for p, r in zip(predictions, records))
     f1 = sum(max(f1_score(p, a) for a in r["answers"]["text"]) for p, r in zip(predictions, records))
-    examples = [f"{r['question']} -> {p!r} (expected {r['answers']['text'][0]!r})" for r, p in zip(records, predictions)]
-    return [Metric("exact match", exact / len(records), exact, len(records), examples=examples),
-            Metric("F1", f1 / len(records))]
+    examples = [
+        f"{r['question']} -> {p!r} (expected {r['answers']['text'][0]!r})" for r, p in zip(records, predictions)
+    ]
+    return [
+        Metric("exact match", exact / len(records), exact, len(records), examples=examples),
+        Metric("F1", f1 / len(records)),
+    ]

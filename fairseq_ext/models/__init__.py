@@ -1,4 +1,11 @@
 """fairseq models around Hugging Face Auto classes."""
 
-from .hf_auto import (HFAutoBase, HFAutoCausalLM, HFAutoModel, HFAutoQuestionAnswering,  # noqa: F401
-                      HFAutoSeq2SeqLM, HFAutoSequenceClassification, HFAutoTokenClassification)
+from .hf_auto import (  # noqa: F401
+    HFAutoBase,
+    HFAutoCausalLM,
+    HFAutoModel,
+    HFAutoQuestionAnswering,
+    HFAutoSeq2SeqLM,
+    HFAutoSequenceClassification,
+    HFAutoTokenClassification,
+)

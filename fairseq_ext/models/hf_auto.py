@@ -6,8 +6,14 @@ from dataclasses import dataclass, field
 import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
-from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForQuestionAnswering, AutoModelForSeq2SeqLM,
-                          AutoModelForSequenceClassification, AutoModelForTokenClassification)
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
 
 from ..cube.runtime.compile_layers import compile_layers
 from ..cube.runtime.precision import weight_dtype
@@ -25,22 +31,40 @@ LOGIT_RESCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "
 @dataclass
 class HFAutoModelConfig(FairseqDataclass):
     hf_dtype: ChoiceEnum(list(DTYPES)) = field(
-        default="float32", metadata={"help": "dtype the Hugging Face weights are loaded in"})
+        default="float32", metadata={"help": "dtype the Hugging Face weights are loaded in"}
+    )
     attn_implementation: ChoiceEnum(["sdpa", "eager", "flash_attention_2"]) = field(
-        default="sdpa", metadata={"help": "attention kernel: PyTorch SDPA, eager, or flash-attn 2 when installed"})
-    recompute_module_names: str = field(default="", metadata={
-        "help": "module class names (comma separated) whose forward is recomputed in backward to save memory, "
-                "e.g. LlamaDecoderLayer"})
+        default="sdpa", metadata={"help": "attention kernel: PyTorch SDPA, eager, or flash-attn 2 when installed"}
+    )
+    recompute_module_names: str = field(
+        default="",
+        metadata={
+            "help": "module class names (comma separated) whose forward is recomputed in backward to save memory, "
+            "e.g. LlamaDecoderLayer"
+        },
+    )
     use_lora: bool = field(default=False, metadata={"help": "train LoRA adapters (PEFT) instead of all weights"})
-    compile_layers: bool = field(default=False, metadata={
-        "help": "torch.compile each decoder layer (the model's _no_split_modules classes): fused kernels, "
-                "one compilation shared by all layers"})
-    lm_loss_logits: bool = field(default=False, metadata={
-        "help": "causal LM: compute the loss from full (batch, length, vocab) logits as Hugging Face does, "
-                "instead of applying the LM head chunk by chunk inside the loss"})
-    lora_config: str = field(default="", metadata={
-        "help": "peft.LoraConfig keys as JSON or 'key=value ...' (e.g. 'r=16 lora_alpha=32 "
-                "target_modules=q_proj,v_proj'); unset keys take PEFT's defaults"})
+    compile_layers: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile each decoder layer (the model's _no_split_modules classes): fused kernels, "
+            "one compilation shared by all layers"
+        },
+    )
+    lm_loss_logits: bool = field(
+        default=False,
+        metadata={
+            "help": "causal LM: compute the loss from full (batch, length, vocab) logits as Hugging Face does, "
+            "instead of applying the LM head chunk by chunk inside the loss"
+        },
+    )
+    lora_config: str = field(
+        default="",
+        metadata={
+            "help": "peft.LoraConfig keys as JSON or 'key=value ...' (e.g. 'r=16 lora_alpha=32 "
+            "target_modules=q_proj,v_proj'); unset keys take PEFT's defaults"
+        },
+    )
 
 
 class HFAutoModel(BaseFairseqModel):
@@ -75,9 +99,11 @@ class HFAutoModel(BaseFairseqModel):
             return {}
         labels = task.label_set
         if labels is None:
-            raise UserInputError(f"this model head needs class labels, and DATASET_TYPE {task.cfg.dataset_type!r} "
-                                 "has none; use classification / token_classification data, or register your "
-                                 "dataset type with labels=")
+            raise UserInputError(
+                f"this model head needs class labels, and DATASET_TYPE {task.cfg.dataset_type!r} "
+                "has none; use classification / token_classification data, or register your "
+                "dataset type with labels="
+            )
         return {"num_labels": len(labels.names), "id2label": labels.id2label, "label2id": labels.label2id}
 
     @classmethod
@@ -97,8 +123,9 @@ class HFAutoModel(BaseFairseqModel):
         if num_recomputed:
             logger.info(f"recompute: {num_recomputed} modules ({cfg.recompute_module_names}) recompute their forward")
         if cfg.use_lora:
-            hf_model = apply_lora(hf_model, cfg.lora_config, cls.peft_task_type,
-                                  adapters_in_model_dtype=bf16_weights is not None)
+            hf_model = apply_lora(
+                hf_model, cfg.lora_config, cls.peft_task_type, adapters_in_model_dtype=bf16_weights is not None
+            )
             trainable = sum(p.numel() for p in hf_model.parameters() if p.requires_grad)
             total = sum(p.numel() for p in hf_model.parameters())
             logger.info(f"LoRA: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
@@ -129,8 +156,10 @@ class HFAutoModel(BaseFairseqModel):
             return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
         expected, given = self._trainable_keys(), set(state_dict)
         if strict and expected != given:
-            raise RuntimeError(f"LoRA checkpoint does not match the model: missing {sorted(expected - given)[:5]}, "
-                               f"unexpected {sorted(given - expected)[:5]}")
+            raise RuntimeError(
+                f"LoRA checkpoint does not match the model: missing {sorted(expected - given)[:5]}, "
+                f"unexpected {sorted(given - expected)[:5]}"
+            )
         return super().load_state_dict(state_dict, strict=False, model_cfg=model_cfg, args=args)
 
     def max_positions(self):
@@ -189,8 +218,9 @@ class HFAutoCausalLM(HFAutoModel):
         or a tensor-parallel shard, the model rescales its logits (e.g. Gemma-2's soft-capping), or the run
         asks for full logits (``--lm-loss-logits``)."""
         causal_lm = self._causal_lm()
-        if self.lm_loss_logits or any(getattr(causal_lm.config, name, None) not in (None, 1.0)
-                                      for name in LOGIT_RESCALING):
+        if self.lm_loss_logits or any(
+            getattr(causal_lm.config, name, None) not in (None, 1.0) for name in LOGIT_RESCALING
+        ):
             return None
         head = causal_lm.get_output_embeddings()
         if type(head) is not torch.nn.Linear or head.bias is not None or type(head.weight) is not torch.nn.Parameter:
@@ -210,8 +240,9 @@ class HFAutoSeq2SeqLM(HFAutoModel):
 
     def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None):
         decoder_input_ids = self.hf_model.prepare_decoder_input_ids_from_labels(labels=labels)
-        return self.hf_model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
-                             use_cache=False).logits
+        return self.hf_model(
+            input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids, use_cache=False
+        ).logits
 
 
 @register_model("hf_auto_seq_cls_lm", dataclass=HFAutoModelConfig)

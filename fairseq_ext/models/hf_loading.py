@@ -65,8 +65,10 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 def check_attn_implementation(name: str) -> None:
     """flash_attention_2 needs the flash-attn package; say so plainly instead of failing deep inside transformers."""
     if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise UserInputError("--attn-implementation flash_attention_2 needs the flash-attn package, which is not "
-                             "installed; use sdpa (the default) or eager, or pip install flash-attn on a GPU machine")
+        raise UserInputError(
+            "--attn-implementation flash_attention_2 needs the flash-attn package, which is not "
+            "installed; use sdpa (the default) or eager, or pip install flash-attn on a GPU machine"
+        )
 
 
 def init_device(task_cfg) -> torch.device:
@@ -77,9 +79,17 @@ def init_device(task_cfg) -> torch.device:
     return torch.device("cpu")
 
 
-def load_hf_model(auto_class, name_or_path: str, *, dtype: str = "float32", attn_implementation: str = "sdpa",
-                  trust_remote_code: bool = False, init_seed: int = 1, init_device: torch.device = None,
-                  **config_overrides):
+def load_hf_model(
+    auto_class,
+    name_or_path: str,
+    *,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    init_seed: int = 1,
+    init_device: torch.device = None,
+    **config_overrides,
+):
     """Load ``auto_class`` (e.g. ``AutoModelForCausalLM``) from a folder or cached hub id.
 
     A folder with weights is loaded with ``from_pretrained``; weights it lacks (a new classification
@@ -99,11 +109,14 @@ def load_hf_model(auto_class, name_or_path: str, *, dtype: str = "float32", attn
             try:
                 return auto_class.from_pretrained(folder, **kwargs, **config_overrides)
             except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-                raise UserInputError(f"could not load the weights of {folder} ({one_line(err)}); its weight files "
-                                     f"are damaged or do not match its config.json: copy or download them again"
-                                     ) from None
-        logger.warning(f"{folder} has no weight files: initialising {auto_class.__name__} from its config "
-                       f"(seed {init_seed}, on {init_device})")
+                raise UserInputError(
+                    f"could not load the weights of {folder} ({one_line(err)}); its weight files "
+                    f"are damaged or do not match its config.json: copy or download them again"
+                ) from None
+        logger.warning(
+            f"{folder} has no weight files: initialising {auto_class.__name__} from its config "
+            f"(seed {init_seed}, on {init_device})"
+        )
         config = load_config(folder, trust_remote_code)
         for key, value in config_overrides.items():
             setattr(config, key, value)

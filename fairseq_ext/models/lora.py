@@ -10,8 +10,15 @@ from peft import LoraConfig, get_peft_model
 from ..errors import UserInputError
 
 # Set by the arch, not by the user: PEFT's task type and bookkeeping fields.
-RESERVED_KEYS = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-                 "inference_mode"}
+RESERVED_KEYS = {
+    "task_type",
+    "peft_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+}
 LORA_KEYS = sorted(f.name for f in dataclasses.fields(LoraConfig) if f.name not in RESERVED_KEYS)
 
 
@@ -50,8 +57,9 @@ def parse_lora_config(text: str) -> Dict:
 
 def linear_module_names(model: torch.nn.Module) -> List[str]:
     """The distinct last name components of the model's ``nn.Linear`` modules (what target_modules matches)."""
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, torch.nn.Linear)})
+    return sorted(
+        {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    )
 
 
 def apply_lora(hf_model, lora_config: str, task_type: str, adapters_in_model_dtype: bool = False):

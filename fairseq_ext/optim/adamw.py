@@ -22,7 +22,6 @@ kernel steps all of them too (``lean_step``), elsewhere float32 passes chunk by 
 memory of a full finetune (an 8B model's weights, gradients and states fit in 64 GB).
 """
 
-import math
 from typing import Dict, List
 
 import torch
@@ -49,8 +48,15 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
     """AdamW with decoupled weight decay; float32 master weights for low-precision parameters, or
     bf16 moments with stochastic rounding (``lean_states``). See the module docstring."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 lean_states: bool = False):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        lean_states: bool = False,
+    ):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, lean_states=lean_states)
         super().__init__(params, defaults)
         self._generators = {}
@@ -120,8 +126,7 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
                 torch._foreach_copy_(chunk, masters)
         return loss
 
-    def _one_launch(self, step_class, params: List[torch.Tensor], group: dict, grad_scale=None,
-                    found_inf=None) -> None:
+    def _one_launch(self, step_class, params: List[torch.Tensor], group: dict, grad_scale=None, found_inf=None) -> None:
         """bf16 weights on a GPU stepped by one Triton launch per device (``step_class``: ``MasterAdamWStep``
         for float32 masters, ``LeanAdamWStep`` for bf16 moments), instead of passes over memory per weight."""
         if not params:
@@ -133,14 +138,29 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
             by_device.setdefault(param.device, []).append(param)
         for device, on_device in by_device.items():
             scale = _device_scalar(1.0 if grad_scale is None else grad_scale, device)
-            skip = found_inf.to(device) if found_inf is not None else \
-                torch.zeros((), dtype=torch.float32, device=device)
-            self._one_launch_steps[step_class](on_device, [self.state[p] for p in on_device], group["lr"], scale,
-                                               skip, group["betas"], group["eps"], group["weight_decay"])
+            skip = (
+                found_inf.to(device) if found_inf is not None else torch.zeros((), dtype=torch.float32, device=device)
+            )
+            self._one_launch_steps[step_class](
+                on_device,
+                [self.state[p] for p in on_device],
+                group["lr"],
+                scale,
+                skip,
+                group["betas"],
+                group["eps"],
+                group["weight_decay"],
+            )
 
     @staticmethod
-    def _adamw(params: List[torch.Tensor], grads: List[torch.Tensor], states: List[dict], group: dict,
-               grad_scale=None, found_inf=None) -> None:
+    def _adamw(
+        params: List[torch.Tensor],
+        grads: List[torch.Tensor],
+        states: List[dict],
+        group: dict,
+        grad_scale=None,
+        found_inf=None,
+    ) -> None:
         if not params:
             return
         on_gpu = params[0].is_cuda
@@ -153,10 +173,24 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
                 torch._foreach_mul_(grads, grad_scale)
         beta1, beta2 = group["betas"]
         functional_adamw(
-            params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
-            [s["step"] for s in states], foreach=not fused, fused=fused or None, grad_scale=divide_by,
-            found_inf=found_inf, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
-            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+            params,
+            grads,
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [],
+            [s["step"] for s in states],
+            foreach=not fused,
+            fused=fused or None,
+            grad_scale=divide_by,
+            found_inf=found_inf,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
 
     def _lean_step(self, param: torch.Tensor, state: dict, group: dict, grad_scale=None, found_inf=None) -> None:
         """One AdamW step of a bf16 weight with bf16 moments where the kernel does not run (CPUs, no Triton,
@@ -167,13 +201,13 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
         step = state["step"]
         step += 1
         # bias corrections as tensors beside the count: reading it on the host would wait for the device
-        step_size = lr / (1 - beta1 ** step)
-        denom_scale = (1 - beta2 ** step).rsqrt()
+        step_size = lr / (1 - beta1**step)
+        denom_scale = (1 - beta2**step).rsqrt()
         skip = None if found_inf is None else found_inf.to(param.device).bool()
         generator = self._generator(param.device)
         flat = [t.view(-1) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
         for start in range(0, param.numel(), LEAN_CHUNK):
-            weight, grad, exp_avg, exp_avg_sq = (t[start:start + LEAN_CHUNK] for t in flat)
+            weight, grad, exp_avg, exp_avg_sq = (t[start : start + LEAN_CHUNK] for t in flat)
             grad32 = grad.float() if grad_scale is None else grad.float().mul_(grad_scale)
             avg = exp_avg.float().lerp_(grad32, 1 - beta1)
             avg_sq = exp_avg_sq.float().mul_(beta2).addcmul_(grad32, grad32, value=1 - beta2)

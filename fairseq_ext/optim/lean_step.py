@@ -37,8 +37,23 @@ def _build_kernel():
     program_block, adam_scalars = helpers.program_block, helpers.adam_scalars
 
     @triton.jit
-    def lean_segment(weight, grad, exp_avg, exp_avg_sq, offsets, mask, noise, scale, lr, step_size,
-                     bias_correction2_sqrt, beta1, beta2, eps, weight_decay):
+    def lean_segment(
+        weight,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        offsets,
+        mask,
+        noise,
+        scale,
+        lr,
+        step_size,
+        bias_correction2_sqrt,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+    ):
         g = tl.load(grad + offsets, mask=mask).to(tl.float32) * scale
         m = tl.load(exp_avg + offsets, mask=mask).to(tl.float32)
         v = tl.load(exp_avg_sq + offsets, mask=mask).to(tl.float32)
@@ -53,8 +68,28 @@ def _build_kernel():
         tl.store(weight + offsets, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
 
     @triton.jit
-    def lean_block(weight, grad, exp_avg, exp_avg_sq, offsets, numel, MASKED: tl.constexpr, r0, r1, r2, r3, scale,
-                   lr, step_size, bias_correction2_sqrt, beta1, beta2, eps, weight_decay, SEGMENT: tl.constexpr):
+    def lean_block(
+        weight,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        offsets,
+        numel,
+        MASKED: tl.constexpr,
+        r0,
+        r1,
+        r2,
+        r3,
+        scale,
+        lr,
+        step_size,
+        bias_correction2_sqrt,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        SEGMENT: tl.constexpr,
+    ):
         for j in tl.static_range(8):  # segment j takes the low (even j) or high half of word j // 2
             if j // 2 == 0:
                 word = r0
@@ -67,15 +102,60 @@ def _build_kernel():
             noise = ((word >> (16 * (j % 2))) & 0xFFFF).to(tl.int32, bitcast=True)
             segment = offsets + j * SEGMENT
             if MASKED:
-                lean_segment(weight, grad, exp_avg, exp_avg_sq, segment, segment < numel, noise, scale, lr,
-                             step_size, bias_correction2_sqrt, beta1, beta2, eps, weight_decay)
+                lean_segment(
+                    weight,
+                    grad,
+                    exp_avg,
+                    exp_avg_sq,
+                    segment,
+                    segment < numel,
+                    noise,
+                    scale,
+                    lr,
+                    step_size,
+                    bias_correction2_sqrt,
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                )
             else:
-                lean_segment(weight, grad, exp_avg, exp_avg_sq, segment, None, noise, scale, lr, step_size,
-                             bias_correction2_sqrt, beta1, beta2, eps, weight_decay)
+                lean_segment(
+                    weight,
+                    grad,
+                    exp_avg,
+                    exp_avg_sq,
+                    segment,
+                    None,
+                    noise,
+                    scale,
+                    lr,
+                    step_size,
+                    bias_correction2_sqrt,
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                )
 
     @triton.jit(do_not_specialize=["seed"])
-    def lean_adamw_kernel(table, block_tensor, first_block, numels, lr_ptr, scale_ptr, found_inf_ptr, seed,
-                          beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay, SEGMENT: tl.constexpr):
+    def lean_adamw_kernel(
+        table,
+        block_tensor,
+        first_block,
+        numels,
+        lr_ptr,
+        scale_ptr,
+        found_inf_ptr,
+        seed,
+        beta1,
+        beta2,
+        log2_beta1,
+        log2_beta2,
+        eps,
+        weight_decay,
+        SEGMENT: tl.constexpr,
+    ):
         BLOCK = 8 * SEGMENT
         t, start, numel = program_block(block_tensor, first_block, numels, BLOCK)
         row = table + t * 5  # addresses of: weight, gradient, exp_avg, exp_avg_sq, step
@@ -94,11 +174,51 @@ def _build_kernel():
             r0, r1, r2, r3 = tl.randint4x(key, counter)
             offsets = start + tl.arange(0, SEGMENT)
             if start + BLOCK <= numel:  # a whole block: no mask, so accesses are 16 bytes wide
-                lean_block(weight, grad, exp_avg, exp_avg_sq, offsets, numel, False, r0, r1, r2, r3, scale, lr,
-                           step_size, bias_correction2_sqrt, beta1, beta2, eps, weight_decay, SEGMENT)
+                lean_block(
+                    weight,
+                    grad,
+                    exp_avg,
+                    exp_avg_sq,
+                    offsets,
+                    numel,
+                    False,
+                    r0,
+                    r1,
+                    r2,
+                    r3,
+                    scale,
+                    lr,
+                    step_size,
+                    bias_correction2_sqrt,
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                    SEGMENT,
+                )
             else:
-                lean_block(weight, grad, exp_avg, exp_avg_sq, offsets, numel, True, r0, r1, r2, r3, scale, lr,
-                           step_size, bias_correction2_sqrt, beta1, beta2, eps, weight_decay, SEGMENT)
+                lean_block(
+                    weight,
+                    grad,
+                    exp_avg,
+                    exp_avg_sq,
+                    offsets,
+                    numel,
+                    True,
+                    r0,
+                    r1,
+                    r2,
+                    r3,
+                    scale,
+                    lr,
+                    step_size,
+                    bias_correction2_sqrt,
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                    SEGMENT,
+                )
 
     return lean_adamw_kernel
 
@@ -122,6 +242,20 @@ class LeanAdamWStep(OneLaunchAdamWStep):
         if _kernel is None:
             _kernel = _build_kernel()
         beta1, beta2 = betas
-        seed = int(torch.randint(0, 2 ** 31 - 1, (), generator=self._seeds))
-        _kernel[(grid,)](table, *layout, lr, scale, found_inf, seed, beta1, beta2, log2_beta(beta1),
-                         log2_beta(beta2), eps, weight_decay, SEGMENT=SEGMENT, num_warps=4)
+        seed = int(torch.randint(0, 2**31 - 1, (), generator=self._seeds))
+        _kernel[(grid,)](
+            table,
+            *layout,
+            lr,
+            scale,
+            found_inf,
+            seed,
+            beta1,
+            beta2,
+            log2_beta(beta1),
+            log2_beta(beta2),
+            eps,
+            weight_decay,
+            SEGMENT=SEGMENT,
+            num_warps=4,
+        )

@@ -35,8 +35,23 @@ def _build_kernel():
     program_block, adam_scalars = helpers.program_block, helpers.adam_scalars
 
     @triton.jit
-    def adamw_block(weight, grad, master, exp_avg, exp_avg_sq, offsets, mask, scale, lr, step_size,
-                    bias_correction2_sqrt, beta1, beta2, eps, weight_decay):
+    def adamw_block(
+        weight,
+        grad,
+        master,
+        exp_avg,
+        exp_avg_sq,
+        offsets,
+        mask,
+        scale,
+        lr,
+        step_size,
+        bias_correction2_sqrt,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+    ):
         g = tl.load(grad + offsets, mask=mask).to(tl.float32) * scale
         m = tl.load(exp_avg + offsets, mask=mask)
         v = tl.load(exp_avg_sq + offsets, mask=mask)
@@ -50,8 +65,22 @@ def _build_kernel():
         tl.store(weight + offsets, w.to(tl.bfloat16), mask=mask)
 
     @triton.jit
-    def master_adamw_kernel(table, block_tensor, first_block, numels, lr_ptr, scale_ptr, found_inf_ptr,
-                            beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay, BLOCK: tl.constexpr):
+    def master_adamw_kernel(
+        table,
+        block_tensor,
+        first_block,
+        numels,
+        lr_ptr,
+        scale_ptr,
+        found_inf_ptr,
+        beta1,
+        beta2,
+        log2_beta1,
+        log2_beta2,
+        eps,
+        weight_decay,
+        BLOCK: tl.constexpr,
+    ):
         t, start, numel = program_block(block_tensor, first_block, numels, BLOCK)
         row = table + t * 6  # addresses of: weight, gradient, master, exp_avg, exp_avg_sq, step
         # torch's allocations are 16-byte aligned: telling Triton lets it move 16 bytes per access
@@ -66,11 +95,41 @@ def _build_kernel():
             offsets = start + tl.arange(0, BLOCK)
             scale = tl.load(scale_ptr)
             if start + BLOCK <= numel:  # a whole block: no mask, so accesses are 16 bytes wide
-                adamw_block(weight, grad, master, exp_avg, exp_avg_sq, offsets, None, scale, lr, step_size,
-                            bias_correction2_sqrt, beta1, beta2, eps, weight_decay)
+                adamw_block(
+                    weight,
+                    grad,
+                    master,
+                    exp_avg,
+                    exp_avg_sq,
+                    offsets,
+                    None,
+                    scale,
+                    lr,
+                    step_size,
+                    bias_correction2_sqrt,
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                )
             else:
-                adamw_block(weight, grad, master, exp_avg, exp_avg_sq, offsets, offsets < numel, scale, lr,
-                            step_size, bias_correction2_sqrt, beta1, beta2, eps, weight_decay)
+                adamw_block(
+                    weight,
+                    grad,
+                    master,
+                    exp_avg,
+                    exp_avg_sq,
+                    offsets,
+                    offsets < numel,
+                    scale,
+                    lr,
+                    step_size,
+                    bias_correction2_sqrt,
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                )
 
     return master_adamw_kernel
 
@@ -90,5 +149,18 @@ class MasterAdamWStep(OneLaunchAdamWStep):
         if _kernel is None:
             _kernel = _build_kernel()
         beta1, beta2 = betas
-        _kernel[(grid,)](table, *layout, lr, scale, found_inf, beta1, beta2, log2_beta(beta1), log2_beta(beta2),
-                         eps, weight_decay, BLOCK=self.BLOCK, num_warps=4)
+        _kernel[(grid,)](
+            table,
+            *layout,
+            lr,
+            scale,
+            found_inf,
+            beta1,
+            beta2,
+            log2_beta(beta1),
+            log2_beta(beta2),
+            eps,
+            weight_decay,
+            BLOCK=self.BLOCK,
+            num_warps=4,
+        )

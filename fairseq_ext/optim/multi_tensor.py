@@ -31,10 +31,16 @@ def fits_one_launch(weight: torch.Tensor, state: dict, state_keys: Sequence[str]
     GPU. (Whether Triton imports is the caller's to ask.)"""
     grad = weight.grad
     states = [state[key] for key in state_keys]
-    return weight.is_cuda and weight.dtype == torch.bfloat16 and not isinstance(weight, DTensor) and \
-        grad is not None and grad.dtype == torch.bfloat16 and state["step"].is_cuda and \
-        all(s.dtype == state_dtype for s in states) and \
-        all(t.is_contiguous() for t in (weight, grad, *states))
+    return (
+        weight.is_cuda
+        and weight.dtype == torch.bfloat16
+        and not isinstance(weight, DTensor)
+        and grad is not None
+        and grad.dtype == torch.bfloat16
+        and state["step"].is_cuda
+        and all(s.dtype == state_dtype for s in states)
+        and all(t.is_contiguous() for t in (weight, grad, *states))
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,9 +84,18 @@ class OneLaunchAdamWStep:
         """The tensors whose addresses make ``param``'s row of the table, its step count last."""
         raise NotImplementedError
 
-    def _launch(self, grid: int, table: torch.Tensor, layout: Tuple[torch.Tensor, ...], lr: torch.Tensor,
-                scale: torch.Tensor, found_inf: torch.Tensor, betas: Tuple[float, float], eps: float,
-                weight_decay: float) -> None:
+    def _launch(
+        self,
+        grid: int,
+        table: torch.Tensor,
+        layout: Tuple[torch.Tensor, ...],
+        lr: torch.Tensor,
+        scale: torch.Tensor,
+        found_inf: torch.Tensor,
+        betas: Tuple[float, float],
+        eps: float,
+        weight_decay: float,
+    ) -> None:
         raise NotImplementedError
 
     def _layout(self, numels: Tuple[int, ...], device: torch.device) -> Tuple[torch.Tensor, ...]:
@@ -96,8 +111,17 @@ class OneLaunchAdamWStep:
             self._layouts[key] = layout
         return layout
 
-    def __call__(self, params: List[torch.Tensor], states: List[dict], lr: float, scale: torch.Tensor,
-                 found_inf: torch.Tensor, betas: Tuple[float, float], eps: float, weight_decay: float) -> None:
+    def __call__(
+        self,
+        params: List[torch.Tensor],
+        states: List[dict],
+        lr: float,
+        scale: torch.Tensor,
+        found_inf: torch.Tensor,
+        betas: Tuple[float, float],
+        eps: float,
+        weight_decay: float,
+    ) -> None:
         """One AdamW step (torch's formula and bias corrections, decoupled weight decay) of each weight with
         its gradient times ``scale``; the step counts grow by one, except where ``found_inf`` (0-dim float32)
         is nonzero: then nothing changes. All on one GPU, ``scale`` and ``found_inf`` too."""

@@ -85,9 +85,13 @@ class FairseqTorchAdamW(FairseqOptimizer):
             betas = ast.literal_eval(betas)  # fairseq passes "(0.9, 0.95)" as text
         elif OmegaConf.is_config(betas):
             betas = OmegaConf.to_container(betas)
-        return {"lr": self.cfg.lr[0] if isinstance(self.cfg.lr, Collection) else self.cfg.lr,
-                "betas": tuple(betas), "eps": self.cfg.adam_eps, "weight_decay": self.cfg.weight_decay,
-                "lean_states": getattr(self.cfg, "precision", "fp32") == "bf16-lean"}
+        return {
+            "lr": self.cfg.lr[0] if isinstance(self.cfg.lr, Collection) else self.cfg.lr,
+            "betas": tuple(betas),
+            "eps": self.cfg.adam_eps,
+            "weight_decay": self.cfg.weight_decay,
+            "lean_states": getattr(self.cfg, "precision", "fp32") == "bf16-lean",
+        }
 
     @property
     def supports_flat_params(self) -> bool:

@@ -5,7 +5,6 @@ from dataclasses import dataclass, field
 from typing import List
 
 import torch
-
 from fairseq.data import data_utils
 from fairseq.models import ARCH_MODEL_REGISTRY
 from fairseq.optim.amp_optimizer import AMPOptimizer
@@ -14,12 +13,11 @@ from omegaconf import II
 
 from ..cube.config import CubeConfig
 from ..cube.runtime.precision import autocast, check_precision
-
-from ..data.layouts import get_layout
 from ..data.global_batches import GlobalBatchIterator
+from ..data.layouts import get_layout
 from ..data.packing import pack
-from ..data.registry import get_dataset_builder, get_label_reader
 from ..data.preprocess import cache_key, cache_root, cached_split
+from ..data.registry import get_dataset_builder, get_label_reader
 from ..data.tokenized import TokenizedDataset, report_truncation, to_hf_dataset, truncate
 from ..errors import UserInputError
 from ..models.hf_loading import load_tokenizer
@@ -29,36 +27,68 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class HFFinetuneConfig(CubeConfig):
-    data: str = field(default="", metadata={
-        "help": "DATA_DIR holding {dataset_name}_{train,valid,test}.json (instruction), or a save_to_disk "
-                "folder (disk)"})
-    hf_model_name_or_path: str = field(default="", metadata={
-        "help": "Hugging Face model folder, or a hub id already in the local cache (runs are offline)"})
-    dataset_type: str = field(default="instruction", metadata={
-        "help": "dataset builder: instruction, disk, or one registered with register_dataset_type"})
-    dataset_name: str = field(default="toy_instructions", metadata={
-        "help": "instruction data files are {data}/{dataset_name}_{split}.json"})
-    prompt_type: str = field(default="plain", metadata={
-        "help": "prompt template for instruction records: alpaca, plain, or one registered by the user"})
-    chat_template: str = field(default="", metadata={
-        "help": "chat data: empty for the tokenizer's own chat_template (chatml when it has none), chatml, or the "
-                "path of a Jinja chat template file"})
-    train_on_all_turns: bool = field(default=False, metadata={
-        "help": "chat data: train on every token of the conversation, not only on the assistant's turns"})
-    data_cache_dir: str = field(default="", metadata={
-        "help": "where tokenized splits are cached (default $FAIRSEQ_EXT_DATA_CACHE or ~/.cache/fairseq_ext/data)"})
-    sequence_length: int = field(default=512, metadata={
-        "help": "samples longer than this are truncated (counted and reported per split)"})
-    precision: str = field(default="fp32", metadata={
-        "help": "fp32; bf16: forward under bfloat16 autocast with fp32 weights and optimizer; bf16-master: bf16 "
-                "weights, fp32 master weights and moments in the optimizer; bf16-lean: bf16 weights and moments "
-                "(both need --optimizer torch_adamw). fairseq's own --bf16 does not work on GPUs; fp16 is "
-                "fairseq's --fp16"})
-    pack_sequences: bool = field(default=False, metadata={
-        "help": "causal LM: pack several samples into each row of up to --sequence-length tokens, each attending "
-                "only to itself (no compute on padding)"})
-    trust_remote_code: bool = field(default=False, metadata={
-        "help": "allow code shipped with the model or tokenizer to run; off unless you trust its source"})
+    data: str = field(
+        default="",
+        metadata={
+            "help": "DATA_DIR holding {dataset_name}_{train,valid,test}.json (instruction), or a save_to_disk "
+            "folder (disk)"
+        },
+    )
+    hf_model_name_or_path: str = field(
+        default="",
+        metadata={"help": "Hugging Face model folder, or a hub id already in the local cache (runs are offline)"},
+    )
+    dataset_type: str = field(
+        default="instruction",
+        metadata={"help": "dataset builder: instruction, disk, or one registered with register_dataset_type"},
+    )
+    dataset_name: str = field(
+        default="toy_instructions", metadata={"help": "instruction data files are {data}/{dataset_name}_{split}.json"}
+    )
+    prompt_type: str = field(
+        default="plain",
+        metadata={"help": "prompt template for instruction records: alpaca, plain, or one registered by the user"},
+    )
+    chat_template: str = field(
+        default="",
+        metadata={
+            "help": "chat data: empty for the tokenizer's own chat_template (chatml when it has none), chatml, or the "
+            "path of a Jinja chat template file"
+        },
+    )
+    train_on_all_turns: bool = field(
+        default=False,
+        metadata={"help": "chat data: train on every token of the conversation, not only on the assistant's turns"},
+    )
+    data_cache_dir: str = field(
+        default="",
+        metadata={
+            "help": "where tokenized splits are cached (default $FAIRSEQ_EXT_DATA_CACHE or ~/.cache/fairseq_ext/data)"
+        },
+    )
+    sequence_length: int = field(
+        default=512, metadata={"help": "samples longer than this are truncated (counted and reported per split)"}
+    )
+    precision: str = field(
+        default="fp32",
+        metadata={
+            "help": "fp32; bf16: forward under bfloat16 autocast with fp32 weights and optimizer; bf16-master: bf16 "
+            "weights, fp32 master weights and moments in the optimizer; bf16-lean: bf16 weights and moments "
+            "(both need --optimizer torch_adamw). fairseq's own --bf16 does not work on GPUs; fp16 is "
+            "fairseq's --fp16"
+        },
+    )
+    pack_sequences: bool = field(
+        default=False,
+        metadata={
+            "help": "causal LM: pack several samples into each row of up to --sequence-length tokens, each attending "
+            "only to itself (no compute on padding)"
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "allow code shipped with the model or tokenizer to run; off unless you trust its source"},
+    )
     seed: int = II("common.seed")
     fp16: bool = II("common.fp16")
     bf16: bool = II("common.bf16")
@@ -107,8 +137,10 @@ class HFFinetuneTask(FairseqTask):
         if self.layout is None:
             raise RuntimeError("build the model (or call select_arch) before loading data: the head sets the layout")
         if self.cfg.pack_sequences and self.layout.name != "causal_lm":
-            raise UserInputError(f"PACK_SEQUENCES=1 packs causal LM samples; the {self.layout.name} head of "
-                                 f"--arch {self._arch} takes one sample per row: set PACK_SEQUENCES=0")
+            raise UserInputError(
+                f"PACK_SEQUENCES=1 packs causal LM samples; the {self.layout.name} head of "
+                f"--arch {self._arch} takes one sample per row: set PACK_SEQUENCES=0"
+            )
         builder = get_dataset_builder(self.cfg.dataset_type)
 
         def build():
@@ -125,21 +157,47 @@ class HFFinetuneTask(FairseqTask):
             report_truncation(split, self.cfg.sequence_length, stats["samples"], stats["truncated"], stats["dropped"])
         self.datasets[split] = TokenizedDataset(samples, self.layout, self.pad_id, shuffle=(split == "train"))
 
-    def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, max_positions=None,
-                           ignore_invalid_inputs=False, required_batch_size_multiple=1, seed=1, num_shards=1,
-                           shard_id=0, num_workers=0, epoch=1, data_buffer_size=0, disable_iterator_cache=False,
-                           skip_remainder_batch=False, grouped_shuffling=False, update_epoch_batch_itr=False):
+    def get_batch_iterator(
+        self,
+        dataset,
+        max_tokens=None,
+        max_sentences=None,
+        max_positions=None,
+        ignore_invalid_inputs=False,
+        required_batch_size_multiple=1,
+        seed=1,
+        num_shards=1,
+        shard_id=0,
+        num_workers=0,
+        epoch=1,
+        data_buffer_size=0,
+        disable_iterator_cache=False,
+        skip_remainder_batch=False,
+        grouped_shuffling=False,
+        update_epoch_batch_itr=False,
+    ):
         """Training batches of a fixed ``--batch-size`` come as global batches (``data/global_batches.py``):
         the samples of each update, and a checkpoint's position, are the same under every plan with the
         same global batch. Other iterators (validation, ``--max-tokens`` batches) are fairseq's."""
         if dataset is not self.datasets.get("train") or max_tokens or not max_sentences:
             return super().get_batch_iterator(
-                dataset, max_tokens=max_tokens, max_sentences=max_sentences, max_positions=max_positions,
-                ignore_invalid_inputs=ignore_invalid_inputs, required_batch_size_multiple=required_batch_size_multiple,
-                seed=seed, num_shards=num_shards, shard_id=shard_id, num_workers=num_workers, epoch=epoch,
-                data_buffer_size=data_buffer_size, disable_iterator_cache=disable_iterator_cache,
-                skip_remainder_batch=skip_remainder_batch, grouped_shuffling=grouped_shuffling,
-                update_epoch_batch_itr=update_epoch_batch_itr)
+                dataset,
+                max_tokens=max_tokens,
+                max_sentences=max_sentences,
+                max_positions=max_positions,
+                ignore_invalid_inputs=ignore_invalid_inputs,
+                required_batch_size_multiple=required_batch_size_multiple,
+                seed=seed,
+                num_shards=num_shards,
+                shard_id=shard_id,
+                num_workers=num_workers,
+                epoch=epoch,
+                data_buffer_size=data_buffer_size,
+                disable_iterator_cache=disable_iterator_cache,
+                skip_remainder_batch=skip_remainder_batch,
+                grouped_shuffling=grouped_shuffling,
+                update_epoch_batch_itr=update_epoch_batch_itr,
+            )
         reuse = not disable_iterator_cache and not update_epoch_batch_itr and self.can_reuse_epoch_itr(dataset)
         if reuse and dataset in self.dataset_to_epoch_iter:
             return self.dataset_to_epoch_iter[dataset]
@@ -153,9 +211,19 @@ class HFFinetuneTask(FairseqTask):
         accumulation = self.cfg.update_freq[0]
         global_batches = dataset.batch_by_size(indices, max_sentences=max_sentences * num_shards * accumulation)
         epoch_iter = GlobalBatchIterator(
-            units=num_shards, unit=shard_id, accumulation=accumulation, micro_batch=max_sentences,
-            dataset=dataset, collate_fn=dataset.collater, batch_sampler=global_batches, seed=seed,
-            num_workers=num_workers, epoch=epoch, buffer_size=data_buffer_size, skip_remainder_batch=skip_remainder_batch)
+            units=num_shards,
+            unit=shard_id,
+            accumulation=accumulation,
+            micro_batch=max_sentences,
+            dataset=dataset,
+            collate_fn=dataset.collater,
+            batch_sampler=global_batches,
+            seed=seed,
+            num_workers=num_workers,
+            epoch=epoch,
+            buffer_size=data_buffer_size,
+            skip_remainder_batch=skip_remainder_batch,
+        )
         if reuse:
             self.dataset_to_epoch_iter[dataset] = epoch_iter
         return epoch_iter
@@ -165,8 +233,10 @@ class HFFinetuneTask(FairseqTask):
         if cfg._name == "cross_entropy":
             name = getattr(ARCH_MODEL_REGISTRY.get(self._arch), "default_criterion", None)
             if name is None:
-                raise UserInputError(f"--criterion cross_entropy does not work with hf_finetune; choose a criterion "
-                                     f"for --arch {self._arch}")
+                raise UserInputError(
+                    f"--criterion cross_entropy does not work with hf_finetune; choose a criterion "
+                    f"for --arch {self._arch}"
+                )
             logger.info(f"criterion: {name} (the loss of --arch {self._arch})")
             cfg = name  # fairseq builds a criterion from its registered name with its default settings
         return super().build_criterion(cfg, from_checkpoint)
@@ -182,8 +252,10 @@ class HFFinetuneTask(FairseqTask):
         model = super().build_model(cfg, from_checkpoint)
         limit = model.max_positions() if hasattr(model, "max_positions") else None
         if isinstance(limit, int) and self.cfg.sequence_length > limit:
-            raise UserInputError(f"SEQUENCE_LENGTH {self.cfg.sequence_length} exceeds the model's "
-                                 f"max_position_embeddings {limit}; set SEQUENCE_LENGTH to at most {limit}")
+            raise UserInputError(
+                f"SEQUENCE_LENGTH {self.cfg.sequence_length} exceeds the model's "
+                f"max_position_embeddings {limit}; set SEQUENCE_LENGTH to at most {limit}"
+            )
         return model
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):

@@ -24,8 +24,10 @@ QUESTIONS = {
 def conversation(rng: random.Random, words: list, number_words: list) -> dict:
     """One conversation over ``words``: the list, its count, then one or two questions."""
     messages = [{"role": "system", "content": SYSTEM}] if rng.random() < 1 / 3 else []
-    messages += [{"role": "user", "content": "Words: " + " ".join(words)},
-                 {"role": "assistant", "content": f"{number_words[len(words)]} words."}]
+    messages += [
+        {"role": "user", "content": "Words: " + " ".join(words)},
+        {"role": "assistant", "content": f"{number_words[len(words)]} words."},
+    ]
     for kind in rng.sample(sorted(QUESTIONS), rng.randint(1, 2)):
         question, answer = QUESTIONS[kind]
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer(words)}]

@@ -26,8 +26,9 @@ def split_pools(pools: Dict[str, Sequence[str]]) -> Dict[str, Dict[str, List[str
     return {split: {name: parted[name][split] for name in pools} for split in SPLITS}
 
 
-def make_unique(rng: random.Random, make: Callable[[random.Random], Tuple[Hashable, dict]], size: int,
-                seen: set) -> List[dict]:
+def make_unique(
+    rng: random.Random, make: Callable[[random.Random], Tuple[Hashable, dict]], size: int, seen: set
+) -> List[dict]:
     """``size`` records from ``make(rng)``, which returns ``(key, record)``; a key already in ``seen`` is redrawn.
 
     The loop is bounded so that a pool too small for ``size`` distinct records fails loudly instead of hanging.

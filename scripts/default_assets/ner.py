@@ -72,6 +72,7 @@ def make_splits(seed: int = 2) -> dict:
         def make(rng):
             tokens, tags = tagged_sentence(rng, split)
             return tuple(tokens), {"tokens": tokens, "tags": tags}
+
         return make
 
     return {split: make_unique(rng, make_for(split), SPLIT_SIZES[split], set()) for split in SPLITS}

@@ -42,8 +42,10 @@ def twins(rng: random.Random, relation: str, first: str, second: str, group: int
     """The two records of one relation between two people: one per direction, in random order."""
     text, text_pair = RELATIONS[relation]
     obj = rng.choice(OBJECTS)
-    records = [{"text": text.format(x=x, y=y, obj=obj), "text_pair": text_pair.format(x=x, y=y, obj=obj),
-                "group": group} for x, y in ((first, second), (second, first))]
+    records = [
+        {"text": text.format(x=x, y=y, obj=obj), "text_pair": text_pair.format(x=x, y=y, obj=obj), "group": group}
+        for x, y in ((first, second), (second, first))
+    ]
     rng.shuffle(records)
     return records
 

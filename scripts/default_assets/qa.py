@@ -31,8 +31,10 @@ def facts(rng: random.Random, split: str) -> list:
     chosen = rng.sample(slots, min(len(slots), rng.randint(2, 4)))
     places = rng.sample(cities(split), len(chosen))
     orgs = [f"{root} {rng.choice(ORG_SUFFIXES)}" for root in rng.sample(org_roots(split), len(chosen))]
-    return [(person, relation, places[i] if RELATIONS[relation][3] == "place" else orgs[i])
-            for i, (person, relation) in enumerate(chosen)]
+    return [
+        (person, relation, places[i] if RELATIONS[relation][3] == "place" else orgs[i])
+        for i, (person, relation) in enumerate(chosen)
+    ]
 
 
 def qa_record(rng: random.Random, split: str) -> dict:
@@ -50,8 +52,11 @@ def qa_record(rng: random.Random, split: str) -> dict:
         question, answer, start = ask_object.format(person=person), obj, obj_start
     else:
         question, answer, start = ask_person.format(obj=obj), person, person_start
-    return {"context": " ".join(sentences), "question": question,
-            "answers": {"text": [answer], "answer_start": [start]}}
+    return {
+        "context": " ".join(sentences),
+        "question": question,
+        "answers": {"text": [answer], "answer_start": [start]},
+    }
 
 
 def make_splits(seed: int = 3) -> dict:
@@ -59,9 +64,11 @@ def make_splits(seed: int = 3) -> dict:
     rng = random.Random(seed)
     splits = {}
     for split in SPLITS:
+
         def make(rng, split=split):
             record = qa_record(rng, split)
             return (record["context"], record["question"]), record
+
         records = make_unique(rng, make, SPLIT_SIZES[split], set())
         splits[split] = [{"id": f"{split}-{i:04d}", **record} for i, record in enumerate(records)]
     return splits

@@ -16,9 +16,9 @@ LABELS = ("negative", "neutral", "positive")
 
 ADJECTIVES = {
     "positive": "great excellent wonderful fantastic superb brilliant lovely reliable sturdy comfortable "
-                "delightful impressive perfect amazing outstanding".split(),
+    "delightful impressive perfect amazing outstanding".split(),
     "negative": "terrible awful horrible flimsy useless disappointing poor dreadful unreliable uncomfortable "
-                "faulty overpriced shoddy".split(),
+    "faulty overpriced shoddy".split(),
     "neutral": "okay average ordinary fine acceptable standard adequate typical unremarkable".split(),
 }
 VERBS = {
@@ -27,12 +27,30 @@ VERBS = {
     "neutral": ["bought", "received", "own", "use", "ordered"],
 }
 PHRASES = {
-    "positive": ["works perfectly", "exceeded my expectations", "is worth every penny", "made my day",
-                 "is a joy to use", "is the best purchase I made this year"],
-    "negative": ["stopped working after a week", "broke on the first day", "is a waste of money", "let me down",
-                 "fell apart quickly", "is the worst purchase I made this year"],
-    "neutral": ["arrived on Tuesday", "does what it says", "came in a brown box", "is as described",
-                "is neither good nor bad", "is about what I expected"],
+    "positive": [
+        "works perfectly",
+        "exceeded my expectations",
+        "is worth every penny",
+        "made my day",
+        "is a joy to use",
+        "is the best purchase I made this year",
+    ],
+    "negative": [
+        "stopped working after a week",
+        "broke on the first day",
+        "is a waste of money",
+        "let me down",
+        "fell apart quickly",
+        "is the worst purchase I made this year",
+    ],
+    "neutral": [
+        "arrived on Tuesday",
+        "does what it says",
+        "came in a brown box",
+        "is as described",
+        "is neither good nor bad",
+        "is about what I expected",
+    ],
 }
 INTENSIFIERS = ["", "", "really ", "very ", "quite "]
 TEMPLATES = (
@@ -58,15 +76,21 @@ def review(rng: random.Random, split: str, label: str) -> str:
     if label == "negative" and rng.random() < 1 / 6:
         return f"The {thing} is not {rng.choice(ADJECTIVES['positive'])}."
     return rng.choice(TEMPLATES).format(
-        item=thing, intensifier=rng.choice(INTENSIFIERS) if label != "neutral" else "",
-        adjective=rng.choice(ADJECTIVES[label]), verb=rng.choice(VERBS[label]), phrase=rng.choice(PHRASES[label]))
+        item=thing,
+        intensifier=rng.choice(INTENSIFIERS) if label != "neutral" else "",
+        adjective=rng.choice(ADJECTIVES[label]),
+        verb=rng.choice(VERBS[label]),
+        phrase=rng.choice(PHRASES[label]),
+    )
 
 
 def labelled_reviews(rng: random.Random, split: str, label: str, size: int, seen: set) -> list:
     """``size`` distinct ``{"text", "label"}`` records of one label."""
+
     def make(rng):
         text = review(rng, split, label)
         return text, {"text": text, "label": label}
+
     return make_unique(rng, make, size, seen)
 
 

@@ -32,16 +32,37 @@ CITIES = (
 ).split()
 # Two-word places give I-LOC tags; partitioned on their own so every split has some.
 CITIES_TWO_WORDS = [
-    "New York", "Buenos Aires", "Cape Town", "Hong Kong", "Kuala Lumpur", "Tel Aviv", "Los Angeles",
-    "Las Vegas", "Addis Ababa", "Sao Paulo", "Abu Dhabi", "San Francisco", "Mexico City",
+    "New York",
+    "Buenos Aires",
+    "Cape Town",
+    "Hong Kong",
+    "Kuala Lumpur",
+    "Tel Aviv",
+    "Los Angeles",
+    "Las Vegas",
+    "Addis Ababa",
+    "Sao Paulo",
+    "Abu Dhabi",
+    "San Francisco",
+    "Mexico City",
 ]
 ORG_ROOTS = (
     "Acme Delta Zenith Orion Apex Nimbus Vertex Summit Horizon Pioneer Quantum Sterling Atlas Beacon "
     "Cobalt Falcon Granite Harbor Ionic Juniper Keystone Lumen Meridian Nova Onyx Polaris Quasar Redwood "
     "Sapphire Titan Umbra Vanguard Willow Xenon Yonder Zephyr"
 ).split()
-ORG_ROOTS_TWO_WORDS = ["Blue River", "Red Oak", "Silver Lake", "Green Field", "Iron Gate", "Golden Bay",
-                       "Black Rock", "White Cliff", "North Star", "Bright Path"]
+ORG_ROOTS_TWO_WORDS = [
+    "Blue River",
+    "Red Oak",
+    "Silver Lake",
+    "Green Field",
+    "Iron Gate",
+    "Golden Bay",
+    "Black Rock",
+    "White Cliff",
+    "North Star",
+    "Bright Path",
+]
 ORG_SUFFIXES = "Corp Labs Group Systems Bank Motors Foods Energy Media Airlines".split()
 
 PRODUCTS = (
@@ -58,20 +79,36 @@ BRANDS = (
 ).split()
 
 
-
 def _assert_words_unique() -> None:
     """No word belongs to two entries of the pools, so held-out entries share no word with train ones."""
-    entries = (FIRST_NAMES + LAST_NAMES + CITIES + CITIES_TWO_WORDS + ORG_ROOTS + ORG_ROOTS_TWO_WORDS
-               + ORG_SUFFIXES + PRODUCTS + BRANDS)
+    entries = (
+        FIRST_NAMES
+        + LAST_NAMES
+        + CITIES
+        + CITIES_TWO_WORDS
+        + ORG_ROOTS
+        + ORG_ROOTS_TWO_WORDS
+        + ORG_SUFFIXES
+        + PRODUCTS
+        + BRANDS
+    )
     words = [word.lower() for entry in entries for word in entry.split()]
     assert len(words) == len(set(words)), sorted({w for w in words if words.count(w) > 1})
 
 
 _assert_words_unique()
-POOLS = split_pools({
-    "first_names": FIRST_NAMES, "last_names": LAST_NAMES, "cities": CITIES, "cities_two_words": CITIES_TWO_WORDS,
-    "org_roots": ORG_ROOTS, "org_roots_two_words": ORG_ROOTS_TWO_WORDS, "products": PRODUCTS, "brands": BRANDS,
-})
+POOLS = split_pools(
+    {
+        "first_names": FIRST_NAMES,
+        "last_names": LAST_NAMES,
+        "cities": CITIES,
+        "cities_two_words": CITIES_TWO_WORDS,
+        "org_roots": ORG_ROOTS,
+        "org_roots_two_words": ORG_ROOTS_TWO_WORDS,
+        "products": PRODUCTS,
+        "brands": BRANDS,
+    }
+)
 
 
 def cities(split: str) -> list:

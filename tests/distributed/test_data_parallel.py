@@ -8,6 +8,7 @@ from tests.integration.test_run_sh import run_sh
 
 def losses(stdout):
     from tests.helpers import train_losses
+
     return train_losses(stdout)
 
 
@@ -25,7 +26,9 @@ def test_two_processes_match_one_process_with_gradient_accumulation(tmp_path):
         assert abs(got[step] - expected[step]) <= 1e-3, (step, got[step], expected[step])
 
     def weights(folder):
-        return checkpoint_utils.load_checkpoint_to_cpu(str(folder / "out" / "checkpoint" / "checkpoint_last.pt"))["model"]
+        return checkpoint_utils.load_checkpoint_to_cpu(str(folder / "out" / "checkpoint" / "checkpoint_last.pt"))[
+            "model"
+        ]
 
     final_two, final_one = weights(tmp_path / "two"), weights(tmp_path / "one")
     for key, value in final_one.items():

@@ -41,11 +41,9 @@ def _describe(mesh):
 
 def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group(backend_for("cpu"), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD_SIZE)
+    dist.init_process_group(backend_for("cpu"), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
     try:
-        result = {"dp2_tp2": _describe(build_mesh(DP2_TP2, "cpu")),
-                  "pp2_tp2": _describe(build_mesh(PP2_TP2, "cpu"))}
+        result = {"dp2_tp2": _describe(build_mesh(DP2_TP2, "cpu")), "pp2_tp2": _describe(build_mesh(PP2_TP2, "cpu"))}
         try:
             build_mesh(WORLD_8, "cpu")
             result["world_8"] = None
@@ -59,8 +57,9 @@ def _worker(rank, port, out_dir):
 
 
 def _run_ranks(tmp_path):
-    context = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=False,
-                                 start_method="spawn")
+    context = mp.start_processes(
+        _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=5):  # raises with the child's traceback if a rank fails
         if time.monotonic() > deadline:
@@ -101,8 +100,9 @@ def test_mesh_layout_groups_and_world_size_check(tmp_path, monkeypatch):
                 assert seen[axis]["sum"] == sum(r + 1 for r in ranks), (name, rank, axis, seen)
 
     for rank in range(WORLD_SIZE):
-        assert results[rank]["world_8"] == ("PLAN_NGPUS 4 x CUBE_SCALING_FACTOR 2 = 8 does not equal the world size 4 "
-                                            "(NPROC_PER_NODE x NNODES)"), rank
+        assert results[rank]["world_8"] == (
+            "PLAN_NGPUS 4 x CUBE_SCALING_FACTOR 2 = 8 does not equal the world size 4 (NPROC_PER_NODE x NNODES)"
+        ), rank
 
 
 def test_backend_for():

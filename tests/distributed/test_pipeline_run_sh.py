@@ -103,8 +103,9 @@ def test_pp2_interleaved_with_gradient_accumulation_matches_one_process(tmp_path
     """Interleaved 1F1B, 2 stages of one layer per rank, and fairseq's accumulation over 2 batches
     (two pipeline steps per update, gradients adding up in the stages)."""
     plan = plan_file(tmp_path, pp_schedule="Interleaved1F1B", virtual_stages_per_rank=2)
-    run = train(tmp_path, NPROC_PER_NODE=2, PLAN_FILE=plan, HUGGINGFACE_MODEL_NAME_OR_PATH=four_layer_model,
-                GRADIENT_ACCU_NUM=2)
+    run = train(
+        tmp_path, NPROC_PER_NODE=2, PLAN_FILE=plan, HUGGINGFACE_MODEL_NAME_OR_PATH=four_layer_model, GRADIENT_ACCU_NUM=2
+    )
     assert "pipeline rank 0: stages [0, 2], decoder layers ['0-0', '2-2']" in run[3]
     assert_same_training(run, one_process(four_layer_model, accumulation=2))
 
@@ -143,10 +144,12 @@ def test_pipeline_checkpoint_resumes_under_dp4_and_in_one_process(tmp_path, one_
     back under each plan, and the data position counts global batches, so each plan resumes at the same
     samples."""
     plan = plan_file(tmp_path / "plan", tp=2)
-    runs = [dict(NPROC_PER_NODE=4, PLAN_FILE=plan, args=["--max-update", "3"]),
-            dict(NPROC_PER_NODE=4, PLAN_FILE=plan, args=["--max-update", "5"]),
-            dict(NPROC_PER_NODE=4, BATCH_SIZE=1, CHECKPOINT_FORMAT="dcp", args=["--max-update", "7"]),
-            dict(NPROC_PER_NODE=1)]
+    runs = [
+        dict(NPROC_PER_NODE=4, PLAN_FILE=plan, args=["--max-update", "3"]),
+        dict(NPROC_PER_NODE=4, PLAN_FILE=plan, args=["--max-update", "5"]),
+        dict(NPROC_PER_NODE=4, BATCH_SIZE=1, CHECKPOINT_FORMAT="dcp", args=["--max-update", "7"]),
+        dict(NPROC_PER_NODE=1),
+    ]
     checkpoint_dir = tmp_path / "out" / "checkpoint"
     results = []
     for variables in runs:
@@ -155,8 +158,12 @@ def test_pipeline_checkpoint_resumes_under_dp4_and_in_one_process(tmp_path, one_
             assert_sharded(checkpoint_dir, 4, one_process()[2])
             shutil.copytree(checkpoint_dir, tmp_path / "copy" / "out" / "checkpoint")
     assert [sorted(r[0]) for r in results] == [[1, 2, 3], [4, 5], [6, 7], [8, 9, 10]]
-    resumed = ({k: v for r in results for k, v in r[0].items()}, {k: v for r in results for k, v in r[1].items()},
-               results[-1][2], results[-1][3])
+    resumed = (
+        {k: v for r in results for k, v in r[0].items()},
+        {k: v for r in results for k, v in r[1].items()},
+        results[-1][2],
+        results[-1][3],
+    )
     assert_same_training(resumed, one_process())
     direct = train(tmp_path / "copy", NPROC_PER_NODE=1)
     assert sorted(direct[0]) == list(range(4, 11))
@@ -166,10 +173,13 @@ def test_pipeline_checkpoint_resumes_under_dp4_and_in_one_process(tmp_path, one_
 
 BAD_PIPELINE_PLANS = {
     "micro-batches do not divide the batch size": (
-        dict(num_microbatches=3), r"BATCH_SIZE 4 is not divisible by the plan's num_microbatches 3"),
+        dict(num_microbatches=3),
+        r"BATCH_SIZE 4 is not divisible by the plan's num_microbatches 3",
+    ),
     "more stages than layers": (
         dict(pp_schedule="Interleaved1F1B", virtual_stages_per_rank=2),
-        r"4 pipeline stages exceed num_hidden_layers 2"),
+        r"4 pipeline stages exceed num_hidden_layers 2",
+    ),
 }
 
 
@@ -185,5 +195,7 @@ def test_bad_pipeline_plan_gets_one_clear_error(tmp_path, case):
 def test_packed_sequences_with_pipeline_stages_get_one_clear_error(tmp_path):
     result = run_sh(tmp_path, **{**COMMON, "NPROC_PER_NODE": 2, "PLAN_FILE": plan_file(tmp_path), "PACK_SEQUENCES": 1})
     assert result.returncode != 0
-    assert "PACK_SEQUENCES=1 with pipeline parallel (pp > 1) is not available yet" in result.stderr, result.stderr[-3000:]
+    assert "PACK_SEQUENCES=1 with pipeline parallel (pp > 1) is not available yet" in result.stderr, result.stderr[
+        -3000:
+    ]
     assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]

@@ -34,8 +34,16 @@ from tests.helpers import MODEL_DIR, minilm_folder
 from tests.integration.test_run_sh import free_port, run_sh
 
 STEPS = 10
-COMMON = dict(MAX_STEPS=STEPS, SAVE_STEPS=STEPS, WARMUP_STEPS=2, BATCH_SIZE=4, SEQUENCE_LENGTH=64, EVALUATE=0,
-              LOG_FORMAT="json", LOG_INTERVAL=1)
+COMMON = dict(
+    MAX_STEPS=STEPS,
+    SAVE_STEPS=STEPS,
+    WARMUP_STEPS=2,
+    BATCH_SIZE=4,
+    SEQUENCE_LENGTH=64,
+    EVALUATE=0,
+    LOG_FORMAT="json",
+    LOG_INTERVAL=1,
+)
 
 
 def train(folder, args=(), **variables):
@@ -62,8 +70,10 @@ def counted(stdout):
 def full_precision_losses(stdout):
     """The loss fairseq logs rounded to 3 decimals, at full precision: ``ppl`` = 2 ** loss is not rounded
     (criteria without ``ppl``, e.g. classification: the rounded loss)."""
-    return {step: math.log2(float(record["ppl"])) if "ppl" in record else float(record["loss"])
-            for step, record in inner_records(stdout)}
+    return {
+        step: math.log2(float(record["ppl"])) if "ppl" in record else float(record["loss"])
+        for step, record in inner_records(stdout)
+    }
 
 
 def assert_weights_match(got, expected, name):
@@ -128,11 +138,16 @@ def test_two_tp2_scale_units_with_zero_match_one_process(tmp_path, one_process):
 BAD_PLANS = {
     "world size not PLAN_NGPUS x CUBE_SCALING_FACTOR": (
         dict(NPROC_PER_NODE=2, PLAN_NGPUS=2, CUBE_SCALING_FACTOR=2),
-        r"PLAN_NGPUS 2 x CUBE_SCALING_FACTOR 2 = 4 does not equal the world size 2"),
+        r"PLAN_NGPUS 2 x CUBE_SCALING_FACTOR 2 = 4 does not equal the world size 2",
+    ),
     "PLAN_NGPUS does not divide the world size": (
-        dict(NPROC_PER_NODE=3, PLAN_NGPUS=2), r"run\.sh: error: PLAN_NGPUS 2 does not divide the world size 3"),
+        dict(NPROC_PER_NODE=3, PLAN_NGPUS=2),
+        r"run\.sh: error: PLAN_NGPUS 2 does not divide the world size 3",
+    ),
     "tp does not divide the heads": (
-        dict(NPROC_PER_NODE=3, PLAN_NGPUS=3), r"tp 3 does not divide num_attention_heads 4"),
+        dict(NPROC_PER_NODE=3, PLAN_NGPUS=3),
+        r"tp 3 does not divide num_attention_heads 4",
+    ),
 }
 
 
@@ -159,18 +174,24 @@ def test_checkpoints_resume_across_plans_and_formats(tmp_path, one_process):
     writes a sharded checkpoint of its own); tp 2 with CHECKPOINT_FORMAT=full for 9-10 (dcp.load reshards
     the one-process checkpoint; full tensors gathered for the save). The same losses, gradient norms and
     final weights as one process that never stopped (model and Adam states survive every change)."""
-    runs = [dict(NPROC_PER_NODE=1, args=["--max-update", "3"]),
-            dict(NPROC_PER_NODE=2, PLAN_NGPUS=2, args=["--max-update", "6"]),
-            dict(NPROC_PER_NODE=1, CHECKPOINT_FORMAT="dcp", args=["--max-update", "8"]),
-            dict(NPROC_PER_NODE=2, PLAN_NGPUS=2, CHECKPOINT_FORMAT="full")]
+    runs = [
+        dict(NPROC_PER_NODE=1, args=["--max-update", "3"]),
+        dict(NPROC_PER_NODE=2, PLAN_NGPUS=2, args=["--max-update", "6"]),
+        dict(NPROC_PER_NODE=1, CHECKPOINT_FORMAT="dcp", args=["--max-update", "8"]),
+        dict(NPROC_PER_NODE=2, PLAN_NGPUS=2, CHECKPOINT_FORMAT="full"),
+    ]
     results, formats = [], []
     for variables in runs:
         results.append(train(tmp_path, **variables))
         formats.append(checkpoint_format(tmp_path))
     assert formats == ["full", "dcp", "dcp", "full"]
     assert [sorted(r[0]) for r in results] == [[1, 2, 3], [4, 5, 6], [7, 8], [9, 10]]
-    resumed = ({k: v for r in results for k, v in r[0].items()}, {k: v for r in results for k, v in r[1].items()},
-               results[-1][2], results[-1][3])
+    resumed = (
+        {k: v for r in results for k, v in r[0].items()},
+        {k: v for r in results for k, v in r[1].items()},
+        results[-1][2],
+        results[-1][3],
+    )
     assert_same_training(resumed, one_process(1))
 
 
@@ -187,8 +208,10 @@ def test_two_nodes_simulated_match_one_process(tmp_path, one_process):
         node1 = node1.get(timeout=900)
     for result in (node0, node1):
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert "ZeRO-1: optimizer states sharded among 2 replicas in 2 group(s)" in node0.stdout + (
-        tmp_path / "node0" / "out" / "log" / "train.log").read_text()
+    assert (
+        "ZeRO-1: optimizer states sharded among 2 replicas in 2 group(s)"
+        in node0.stdout + (tmp_path / "node0" / "out" / "log" / "train.log").read_text()
+    )
     weights = read_checkpoint(str(checkpoint_dir / "checkpoint_last.pt"), optimizer=False)
     run = (full_precision_losses(node0.stdout), counted(node0.stdout), weights["model"], "")
     assert_same_training(run, one_process(2))
@@ -208,8 +231,11 @@ def minilm_without_dropout(tmp_path_factory):
 def test_tp2_bert_sequence_classification_matches_one_process(tmp_path, minilm_without_dropout):
     """A BERT-style encoder has no base_model_tp_plan: the runtime's own rules shard its attention (12 heads,
     6 per rank) and FFN; the classification head stays replicated. Same losses, norms and weights."""
-    settings = dict(MODEL_ARCH="hf_auto_seq_cls_lm", HUGGINGFACE_MODEL_NAME_OR_PATH=str(minilm_without_dropout),
-                    LEARNING_RATE="2e-4")
+    settings = dict(
+        MODEL_ARCH="hf_auto_seq_cls_lm",
+        HUGGINGFACE_MODEL_NAME_OR_PATH=str(minilm_without_dropout),
+        LEARNING_RATE="2e-4",
+    )
     tp2 = train(tmp_path / "tp2", NPROC_PER_NODE=2, PLAN_NGPUS=2, **settings)
     assert "tensor parallel: 36 modules sharded over tp 2" in tp2[3]
     one = train(tmp_path / "one", NPROC_PER_NODE=1, **settings)
@@ -233,8 +259,20 @@ def tiny_gpt2(tmp_path_factory):
     folder.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(MODEL_DIR / name, folder / name)
-    config = dict(model_type="gpt2", vocab_size=554, n_embd=64, n_head=4, n_layer=2, n_positions=512,
-                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = dict(
+        model_type="gpt2",
+        vocab_size=554,
+        n_embd=64,
+        n_head=4,
+        n_layer=2,
+        n_positions=512,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
 
@@ -260,9 +298,12 @@ def test_tp2_with_packed_sequences_matches_one_process(tmp_path):
     assert_same_training(train(tmp_path / "tp2", NPROC_PER_NODE=2, PLAN_NGPUS=2, PACK_SEQUENCES=1), reference)
 
 
-LORA = dict(USE_LORA=1, LEARNING_RATE="1e-2",
-            LORA_CONFIG="r=4 lora_alpha=8 lora_dropout=0.0 target_modules=q_proj,k_proj,v_proj,o_proj,gate_proj,"
-                        "up_proj,down_proj")
+LORA = dict(
+    USE_LORA=1,
+    LEARNING_RATE="1e-2",
+    LORA_CONFIG="r=4 lora_alpha=8 lora_dropout=0.0 target_modules=q_proj,k_proj,v_proj,o_proj,gate_proj,"
+    "up_proj,down_proj",
+)
 
 
 def test_tp2_lora_matches_one_process(tmp_path):
@@ -271,7 +312,10 @@ def test_tp2_lora_matches_one_process(tmp_path):
     reference = train(tmp_path / "one", NPROC_PER_NODE=1, **LORA)
     tp2 = train(tmp_path / "tp2", NPROC_PER_NODE=2, PLAN_NGPUS=2, **LORA)
     assert reference[2].keys() == tp2[2].keys() and all("lora_" in key for key in tp2[2])
-    assert tp2[2]["hf_model.base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"].shape == (128, 4)  # whole
+    assert tp2[2]["hf_model.base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"].shape == (
+        128,
+        4,
+    )  # whole
     assert_same_training(tp2, reference, min_progress=0.1)
     # the tensor-parallel (sharded) checkpoint exports as a PEFT adapter that reproduces the trained model
     checkpoint = str(tmp_path / "tp2" / "out" / "checkpoint" / "checkpoint_last.pt")

@@ -79,8 +79,14 @@ def saving_worker(rank, world_size, out):
         zero.step()
         name = write_shards(f"{out}/save", {**model_entries(model), **optimizer_entries(zero, params)}, 1)
         held = sum(1 for state in zero.optim.state.values() if state)
-        torch.save({"name": name, "held": held, "groups": [{k: v for k, v in g.items() if k != "params"}
-                                                           for g in adam.param_groups]}, f"{out}/saved{rank}.pt")
+        torch.save(
+            {
+                "name": name,
+                "held": held,
+                "groups": [{k: v for k, v in g.items() if k != "params"} for g in adam.param_groups],
+            },
+            f"{out}/saved{rank}.pt",
+        )
         dist.barrier()
         load_as_dp4_with_zero(out, rank)  # the same processes, as another plan
         dist.barrier()
@@ -118,8 +124,10 @@ def tp2_loading_worker(rank, world_size, out):
         views = [local_tensor(p) for _, p in params]  # to_local() gives a new tensor object at every call
         adam = torch.optim.Adam(views, lr=LR)
         adam.load_state_dict(read_optimizer_shards(optimizer_shards, adam, params))
-        states = {name: {key: full_tensor(placed_like(param, value)) for key, value in adam.state[view].items()}
-                  for (name, param), view in zip(params, views)}
+        states = {
+            name: {key: full_tensor(placed_like(param, value)) for key, value in adam.state[view].items()}
+            for (name, param), view in zip(params, views)
+        }
         weights = {name: full_tensor(p).detach() for name, p in params}
         torch.save({"weights": weights, "states": states}, f"{out}/tp2_{rank}.pt")
         dist.barrier()
@@ -160,8 +168,9 @@ def test_dcp_checkpoint_of_tp_and_zero_reshards_to_other_plans(tmp_path):
     saved = [torch.load(f"{out}/saved{rank}.pt", weights_only=False) for rank in range(4)]
     folder = f"{out}/save/{saved[0]['name']}"
     assert os.listdir(f"{out}/save") == [saved[0]["name"]]  # the temporary folder was renamed
-    assert sorted(os.path.basename(f) for f in glob.glob(f"{folder}/__*_*.distcp")) == \
-        [f"__{rank}_0.distcp" for rank in range(4)]
+    assert sorted(os.path.basename(f) for f in glob.glob(f"{folder}/__*_*.distcp")) == [
+        f"__{rank}_0.distcp" for rank in range(4)
+    ]
     per_file = tensor_bytes_per_file(folder)
     full_bytes = 3 * 4 * sum(w.numel() for w in weights.values())  # weights, exp_avg, exp_avg_sq in fp32
     assert sum(per_file.values()) == full_bytes + 4 * len(weights), per_file  # + a float32 step each, all once
@@ -207,6 +216,10 @@ def test_ranks_that_do_not_share_the_save_dir_get_one_clear_error(tmp_path):
     mp.spawn(shared_dir_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         message = torch.load(tmp_path / f"shared{rank}.pt", weights_only=False)
-        assert message and "ranks [1] do not see the first rank's files there; put CHECKPOINT_DIR on a " \
-                           "filesystem all nodes share, or use CHECKPOINT_FORMAT=full" in message, message
+        assert (
+            message
+            and "ranks [1] do not see the first rank's files there; put CHECKPOINT_DIR on a "
+            "filesystem all nodes share, or use CHECKPOINT_FORMAT=full"
+            in message
+        ), message
     assert not [n for n in os.listdir(tmp_path / "shared") if n.startswith(".shared-")]  # the probe is removed

@@ -18,8 +18,16 @@ STEPS = 4
 
 
 def tiny_llama(seed=0):
-    config = LlamaConfig(vocab_size=96, tie_word_embeddings=False, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=96,
+        tie_word_embeddings=False,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
@@ -99,10 +107,17 @@ def test_tp2_matches_single_process(tmp_path, vocab_parallel):
         torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(ref_losses), rtol=1e-5, atol=0)
         assert ref_losses[-1] < ref_losses[0] - 0.1, ref_losses  # the steps really train
         for name, grad in result["grads"].items():
-            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+            torch.testing.assert_close(
+                grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
+            )
         for name, weight in result["weights"].items():
-            torch.testing.assert_close(weight, dict(reference.named_parameters())[name].detach(),
-                                       rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+            torch.testing.assert_close(
+                weight,
+                dict(reference.named_parameters())[name].detach(),
+                rtol=1e-5,
+                atol=1e-6,
+                msg=lambda m, name=name: f"{name}: {m}",
+            )
 
 
 def test_tp_must_divide_heads_and_ffn():
@@ -123,7 +138,7 @@ class FusedQKVAttention(torch.nn.Module):
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.sizes = [config.num_attention_heads * self.head_dim] + [config.num_key_value_heads * self.head_dim] * 2
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
-        self.scaling = self.head_dim ** -0.5
+        self.scaling = self.head_dim**-0.5
         self.qkv = torch.nn.Linear(config.hidden_size, sum(self.sizes), bias=False)
         self.o_proj = torch.nn.Linear(self.sizes[0], config.hidden_size, bias=False)
 
@@ -131,8 +146,10 @@ class FusedQKVAttention(torch.nn.Module):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
         batch, length, _ = hidden_states.shape
-        q, k, v = (x.view(batch, length, -1, self.head_dim).transpose(1, 2)
-                   for x in self.qkv(hidden_states).split(self.sizes, dim=-1))
+        q, k, v = (
+            x.view(batch, length, -1, self.head_dim).transpose(1, 2)
+            for x in self.qkv(hidden_states).split(self.sizes, dim=-1)
+        )
         q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
         out, weights = eager_attention_forward(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling)
         return self.o_proj(out.reshape(batch, length, -1)), weights
@@ -160,8 +177,15 @@ def custom_worker(rank, world_size, out):
         CUSTOM_MODULES.clear()
         sharded = [n for n, p in model.named_parameters() if hasattr(p, "full_tensor")]
         losses, grads = train(model, batches())
-        torch.save({"losses": losses, "sharded": sharded, "num_sharded": num_sharded,
-                    "weights": {n: full(p) for n, p in model.named_parameters()}}, f"{out}/rank{rank}.pt")
+        torch.save(
+            {
+                "losses": losses,
+                "sharded": sharded,
+                "num_sharded": num_sharded,
+                "weights": {n: full(p) for n, p in model.named_parameters()},
+            },
+            f"{out}/rank{rank}.pt",
+        )
         dist.barrier()  # no rank tears the group down while another is still in a collective
     finally:
         dist.destroy_process_group()
@@ -178,8 +202,13 @@ def test_registered_custom_attention_stays_whole_and_matches_single_process(tmp_
         assert result["sharded"] and not any("self_attn" in n for n in result["sharded"]), result["sharded"]
         torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(ref_losses), rtol=1e-5, atol=0)
         for name, weight in result["weights"].items():
-            torch.testing.assert_close(weight, dict(reference.named_parameters())[name].detach(),
-                                       rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+            torch.testing.assert_close(
+                weight,
+                dict(reference.named_parameters())[name].detach(),
+                rtol=1e-5,
+                atol=1e-6,
+                msg=lambda m, name=name: f"{name}: {m}",
+            )
 
 
 def test_register_module_rejects_unknown_styles():

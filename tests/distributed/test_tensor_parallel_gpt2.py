@@ -26,8 +26,19 @@ HIDDEN, HEADS = 32, 4
 
 
 def tiny_gpt2(seed=0, tied=True):
-    config = GPT2Config(vocab_size=64, n_embd=HIDDEN, n_head=HEADS, n_layer=2, n_positions=32, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, tie_word_embeddings=tied)
+    config = GPT2Config(
+        vocab_size=64,
+        n_embd=HIDDEN,
+        n_head=HEADS,
+        n_layer=2,
+        n_positions=32,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=tied,
+    )
     torch.manual_seed(seed)
     return GPT2LMHeadModel(config)
 
@@ -51,8 +62,9 @@ def forward_backward(model, loss_context=contextlib.nullcontext):
 def own_heads_of_c_attn(full_weight, rank, tp):
     """Columns of [q | k | v] that hold rank ``rank``'s heads: its slice of q, then of k, then of v."""
     width = HIDDEN // tp
-    return torch.cat([full_weight[:, part * HIDDEN + rank * width:part * HIDDEN + (rank + 1) * width]
-                      for part in range(3)], dim=1)
+    return torch.cat(
+        [full_weight[:, part * HIDDEN + rank * width : part * HIDDEN + (rank + 1) * width] for part in range(3)], dim=1
+    )
 
 
 def worker(rank, world_size, out, tied):
@@ -110,8 +122,9 @@ def test_gpt2_tp2_matches_single_process(tmp_path, tied):
         assert result["grads"].keys() == reference["grads"].keys()
         for name, grad in result["grads"].items():
             assert grad.shape == reference["grads"][name].shape, name  # full tensors, single-process layout
-            torch.testing.assert_close(grad, reference["grads"][name], rtol=1e-4, atol=1e-6,
-                                       msg=lambda m, name=name: f"{name}: {m}")
+            torch.testing.assert_close(
+                grad, reference["grads"][name], rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
+            )
         torch.testing.assert_close(result["norm"], reference["norm"], rtol=1e-5, atol=0)
         assert result["state"].keys() == reference_state.keys()
         for key, value in reference_state.items():

@@ -32,8 +32,10 @@ def worker(rank, port, out, num_groups):
             model(batch).square().mean().backward()  # same data on both ranks: grads need no all-reduce here
             optimizer.step()
             optimizer.zero_grad()
-        torch.save({"numel": local_state_numel(optimizer),
-                    "weights": [p.detach() for p in model.parameters()]}, f"{out}/rank{rank}.pt")
+        torch.save(
+            {"numel": local_state_numel(optimizer), "weights": [p.detach() for p in model.parameters()]},
+            f"{out}/rank{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 
@@ -72,8 +74,7 @@ def test_run_sh_zero_matches_one_process_and_resumes(tmp_path):
     reference = run_sh(tmp_path / "one", NPROC_PER_NODE=1, GRADIENT_ACCU_NUM=2, MAX_STEPS=8, **common)
     assert reference.returncode == 0, reference.stderr[-3000:]
     # stopped after 4 of the 8 steps (fairseq's last --max-update wins; the LR schedule stays the 8-step one)
-    first = run_sh(tmp_path / "zero", NPROC_PER_NODE=2, USE_ZERO=1, MAX_STEPS=8, args=["--max-update", "4"],
-                   **common)
+    first = run_sh(tmp_path / "zero", NPROC_PER_NODE=2, USE_ZERO=1, MAX_STEPS=8, args=["--max-update", "4"], **common)
     assert first.returncode == 0, first.stderr[-3000:]
     log = (tmp_path / "zero" / "out" / "log" / "train.log").read_text()
     assert "ZeRO-1: optimizer states sharded among 2 replicas in 1 group(s)" in first.stdout + log

@@ -38,8 +38,19 @@ FILE_HEADER = re.compile(r"^#\s*([\w./-]+\.py)\b")
 CI_REPLACE = re.compile(r"^ci\s+'(.*?)'\s*->\s*'(.*?)'\s*:\s*(\S.*)$")
 
 # Copied into the scratch checkout without these; the venv is linked, not copied.
-NOT_COPIED = shutil.ignore_patterns(".git", ".venv", ".whl", ".gpu_assets", "output", "__pycache__", "*.pyc",
-                                    ".pytest_cache", "*.egg-info", "build", "dist")
+NOT_COPIED = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    ".whl",
+    ".gpu_assets",
+    "output",
+    "__pycache__",
+    "*.pyc",
+    ".pytest_cache",
+    "*.egg-info",
+    "build",
+    "dist",
+)
 
 
 class MarkerError(ValueError):
@@ -83,12 +94,12 @@ class Snippet:
 def _apply_marker(snippet: Snippet, text: str, where: str) -> None:
     name = re.split(r"[\s:]", text, maxsplit=1)[0]
     if name == "skip":
-        reason = text[len("skip"):].lstrip(" :").strip()
+        reason = text[len("skip") :].lstrip(" :").strip()
         if not reason:
             raise MarkerError(f"{where}: doc-test: skip needs a reason (<!-- doc-test: skip: why -->)")
         snippet.skip = reason
     elif name == "env":
-        for pair in text[len("env "):].split():
+        for pair in text[len("env ") :].split():
             name, sep, value = pair.partition("=")
             if not sep or not name:
                 raise MarkerError(f"{where}: doc-test: env takes NAME=VALUE pairs, got '{pair}'")
@@ -99,7 +110,7 @@ def _apply_marker(snippet: Snippet, text: str, where: str) -> None:
             raise MarkerError(f"{where}: doc-test: ci takes 'OLD' -> 'NEW': reason, got '{text}'")
         snippet.replacements.append((match.group(1), match.group(2)))
     elif name == "exit":
-        snippet.exit_status = int(text[len("exit "):])
+        snippet.exit_status = int(text[len("exit ") :])
     elif name == "prints" and text == "prints":
         snippet.prints = True
     else:
@@ -117,9 +128,10 @@ def read_snippets(path: Path) -> List[Snippet]:
             continue
         indent, fence, language = opening.groups()
         body, end = [], index + 1
-        while end < len(lines) and not (lines[end].strip().startswith(fence)
-                                        and lines[end].strip(fence[0]).strip() == ""):
-            body.append(lines[end][len(indent):] if lines[end].startswith(indent) else lines[end].lstrip())
+        while end < len(lines) and not (
+            lines[end].strip().startswith(fence) and lines[end].strip(fence[0]).strip() == ""
+        ):
+            body.append(lines[end][len(indent) :] if lines[end].startswith(indent) else lines[end].lstrip())
             end += 1
         snippet = Snippet(Path(path), index + 1, language.lower(), "\n".join(body) + "\n")
         above = index - 1
@@ -146,7 +158,7 @@ def make_checkout(repo: Path, destination: Path, records: Dict[str, int]) -> Pat
         (destination / ".venv").symlink_to(venv)
     for data_file in (destination / "cube_examples" / "finetune_hf_model" / "data").glob("*_*.json"):
         split = data_file.stem.rsplit("_", 1)[1]
-        kept = data_file.read_text().splitlines()[:records.get(split, 10 ** 9)]
+        kept = data_file.read_text().splitlines()[: records.get(split, 10**9)]
         data_file.write_text("\n".join(kept) + "\n")
     return destination
 
@@ -197,13 +209,18 @@ def line_pattern(line: str, checkout: Path) -> re.Pattern:
 
 def missing_lines(quoted: str, output: str, checkout: Path) -> List[str]:
     """The lines of a quoted output that the real output lacks (``...`` lines and blank lines left out)."""
-    return [line for line in quoted.splitlines()
-            if line.strip() and line.strip() != "..." and not line_pattern(line, checkout).search(output)]
+    return [
+        line
+        for line in quoted.splitlines()
+        if line.strip() and line.strip() != "..." and not line_pattern(line, checkout).search(output)
+    ]
 
 
 def failure_report(snippet: Snippet, status: int, output: str, tail: int = 4000) -> str:
-    return (f"{snippet.where()}: the {snippet.language} block exited {status} (expected {snippet.exit_status}):\n"
-            f"{snippet.command()}--- its output (last {tail} characters) ---\n{output[-tail:]}")
+    return (
+        f"{snippet.where()}: the {snippet.language} block exited {status} (expected {snippet.exit_status}):\n"
+        f"{snippet.command()}--- its output (last {tail} characters) ---\n{output[-tail:]}"
+    )
 
 
 def run_markdown(path: Path, repo: Path, scratch: Path, scale: Dict[str, str], records: Dict[str, int]) -> List[str]:
@@ -217,9 +234,12 @@ def run_markdown(path: Path, repo: Path, scratch: Path, scale: Dict[str, str], r
         if snippet.prints:
             missing = missing_lines(snippet.code, output, checkout)
             if missing:
-                raise AssertionError(f"{snippet.where()}: the quoted output has lines the block above did not print:\n"
-                                     + "\n".join(missing) + f"\n--- what it printed (last 4000 characters) ---\n"
-                                     + output[-4000:])
+                raise AssertionError(
+                    f"{snippet.where()}: the quoted output has lines the block above did not print:\n"
+                    + "\n".join(missing)
+                    + "\n--- what it printed (last 4000 characters) ---\n"
+                    + output[-4000:]
+                )
             log.append(f"{snippet.where()}: output matches")
         if snippet.language not in RUN_LANGUAGES:
             continue

@@ -23,8 +23,10 @@ LR, BETAS, EPS, DECAY = 1e-3, (0.9, 0.95), 1e-8, 0.1
 
 def _weights(seed: int, shapes=SHAPES):
     generator = torch.Generator(device="cuda").manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(shape, device="cuda", generator=generator).to(torch.bfloat16))
-            for shape in shapes]
+    return [
+        torch.nn.Parameter(torch.randn(shape, device="cuda", generator=generator).to(torch.bfloat16))
+        for shape in shapes
+    ]
 
 
 def _gradients(weights, generator):
@@ -80,14 +82,14 @@ def test_each_kernel_step_matches_a_float32_step_within_stochastic_rounding(monk
             m, v, w = _reference_step(mirror, dict(state, step=state["step"] + 1), 0.5, lr)
             after = optimizer.state[weight]
             assert after["exp_avg"].dtype == after["exp_avg_sq"].dtype == torch.bfloat16
-            torch.testing.assert_close(after["exp_avg"].float(), m.bfloat16().float(), rtol=2 ** -7, atol=1e-6)
-            torch.testing.assert_close(after["exp_avg_sq"].float(), v.bfloat16().float(), rtol=2 ** -7, atol=1e-8)
+            torch.testing.assert_close(after["exp_avg"].float(), m.bfloat16().float(), rtol=2**-7, atol=1e-6)
+            torch.testing.assert_close(after["exp_avg_sq"].float(), v.bfloat16().float(), rtol=2**-7, atol=1e-8)
             low, high, exact = _bf16_neighbours(w)
             got = weight.detach().float()
             # the kernel's float32 arithmetic may differ from this one's in the last bits (moments near zero
             # too, where g - m cancels: hence the absolute tolerances): widen by 2**-20
-            widest_low, _, _ = _bf16_neighbours(w - w.abs() * 2 ** -20)
-            _, widest_high, _ = _bf16_neighbours(w + w.abs() * 2 ** -20)
+            widest_low, _, _ = _bf16_neighbours(w - w.abs() * 2**-20)
+            _, widest_high, _ = _bf16_neighbours(w + w.abs() * 2**-20)
             assert bool(((got >= widest_low) & (got <= widest_high)).all()), "a weight off its bf16 neighbours"
             inexact = ~exact
             ups.append((got == high)[inexact])
@@ -118,11 +120,10 @@ def test_kernel_and_unfused_step_agree_in_distribution(monkeypatch):
     (fused_weights, fused), (plain_weights, plain) = results
     for a, b in zip(fused_weights, plain_weights):
         for key in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(fused.state[a][key].float(), plain.state[b][key].float(), rtol=2 ** -5,
-                                       atol=1e-6)
+            torch.testing.assert_close(fused.state[a][key].float(), plain.state[b][key].float(), rtol=2**-5, atol=1e-6)
         assert fused.state[a]["step"].item() == plain.state[b]["step"].item() == 2
         difference = (a.detach().float() - b.detach().float()).abs()
-        spacing = torch.maximum(a.detach().float().abs(), b.detach().float().abs()) * 2 ** -7
+        spacing = torch.maximum(a.detach().float().abs(), b.detach().float().abs()) * 2**-7
         # two roundings of each weight, plus updates from moments that rounded apart where g - m cancels
         assert bool((difference <= 3 * spacing + 2 * LR).all())
         assert (difference > 3 * spacing).float().mean().item() < 1e-3

@@ -19,8 +19,10 @@ SHAPES = [(master_step.BLOCK + 3,), (16, 4096), (2048,), (1,), (256, 2048)]
 
 def _weights(seed: int):
     generator = torch.Generator(device="cuda").manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(shape, device="cuda", generator=generator).to(torch.bfloat16))
-            for shape in SHAPES]
+    return [
+        torch.nn.Parameter(torch.randn(shape, device="cuda", generator=generator).to(torch.bfloat16))
+        for shape in SHAPES
+    ]
 
 
 def _run(weights, updates):

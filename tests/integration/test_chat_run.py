@@ -8,8 +8,16 @@ from tests.integration.test_run_sh import exact_match, run_sh
 
 def test_chat_run_learns_the_last_assistant_turn(tmp_path):
     cache = tmp_path / "cache"
-    result = run_sh(tmp_path, timeout=1200, DATASET_TYPE="chat", MAX_STEPS=1000,
-                    SAVE_STEPS=1000, LOG_INTERVAL=100, DATA_CACHE_DIR=cache, OMP_NUM_THREADS=1)
+    result = run_sh(
+        tmp_path,
+        timeout=1200,
+        DATASET_TYPE="chat",
+        MAX_STEPS=1000,
+        SAVE_STEPS=1000,
+        LOG_INTERVAL=100,
+        DATA_CACHE_DIR=cache,
+        OMP_NUM_THREADS=1,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "DATASET_NAME                     toy_chat" in result.stdout
     before, after = exact_match(result.stdout, "before"), exact_match(result.stdout, "after")

@@ -23,18 +23,31 @@ def test_compiled_plan_trains_under_the_runtime(tmp_path):
     config = load_config(str(REPO / "cube_examples" / "finetune_hf_model" / "model" / "tiny-llama"))
     assert spec_of(config).unsupported(plan, RunSettings(batch_size=4)) == []
 
-    trained = run_sh(tmp_path / "train", NPROC_PER_NODE=2, PLAN_FILE=plan_file, MAX_STEPS=3, SAVE_STEPS=3,
-                     WARMUP_STEPS=1, LOG_INTERVAL=1, LOG_FORMAT="json", **SETTINGS)
+    trained = run_sh(
+        tmp_path / "train",
+        NPROC_PER_NODE=2,
+        PLAN_FILE=plan_file,
+        MAX_STEPS=3,
+        SAVE_STEPS=3,
+        WARMUP_STEPS=1,
+        LOG_INTERVAL=1,
+        LOG_FORMAT="json",
+        **SETTINGS,
+    )
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-3000:]
     log = trained.stdout + (tmp_path / "train" / "out" / "log" / "train.log").read_text()
     assert json.dumps(plan.to_dict(), sort_keys=True) in log  # the runtime ran exactly the compiled plan
     assert '"num_updates": "3"' in log
 
-    stale = run_sh(tmp_path / "stale", NPROC_PER_NODE=2, PLAN_FILE=plan_file, MAX_STEPS=3,
-                   **{**SETTINGS, "SEQUENCE_LENGTH": 128})
+    stale = run_sh(
+        tmp_path / "stale", NPROC_PER_NODE=2, PLAN_FILE=plan_file, MAX_STEPS=3, **{**SETTINGS, "SEQUENCE_LENGTH": 128}
+    )
     assert stale.returncode == 2 and "Traceback" not in stale.stderr, stale.stderr[-3000:]
-    assert re.search(r"fairseq_ext: error: PLAN_FILE .*plan\.json was compiled for another model or other settings.*"
-                     r"run `bash run\.sh compile` again", stale.stderr), stale.stderr[-3000:]
+    assert re.search(
+        r"fairseq_ext: error: PLAN_FILE .*plan\.json was compiled for another model or other settings.*"
+        r"run `bash run\.sh compile` again",
+        stale.stderr,
+    ), stale.stderr[-3000:]
 
 
 def test_no_fit_is_one_clear_line(tmp_path):
@@ -57,12 +70,27 @@ def test_lora_plan_counts_only_the_adapters_and_trains_lora_under_it(tmp_path):
     lora = run_sh(tmp_path / "lora", args=["compile"], MEM_PER_GPU=1, **SETTINGS, **LORA)
     assert full.returncode == 0 and lora.returncode == 0, lora.stdout[-2000:] + lora.stderr[-3000:]
     plan_file = tmp_path / "lora" / "out" / "plan.json"
-    assert Plan.load(str(plan_file)).model_fingerprint != Plan.load(str(tmp_path / "full" / "out" / "plan.json")).model_fingerprint
+    assert (
+        Plan.load(str(plan_file)).model_fingerprint
+        != Plan.load(str(tmp_path / "full" / "out" / "plan.json")).model_fingerprint
+    )
 
-    trained = run_sh(tmp_path / "train", NPROC_PER_NODE=2, PLAN_FILE=plan_file, MAX_STEPS=2, SAVE_STEPS=2,
-                     WARMUP_STEPS=1, LOG_INTERVAL=1, LOG_FORMAT="json", **SETTINGS, **LORA)
+    trained = run_sh(
+        tmp_path / "train",
+        NPROC_PER_NODE=2,
+        PLAN_FILE=plan_file,
+        MAX_STEPS=2,
+        SAVE_STEPS=2,
+        WARMUP_STEPS=1,
+        LOG_INTERVAL=1,
+        LOG_FORMAT="json",
+        **SETTINGS,
+        **LORA,
+    )
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-3000:]
     assert '"num_updates": "2"' in trained.stdout + (tmp_path / "train" / "out" / "log" / "train.log").read_text()
 
     stale = run_sh(tmp_path / "stale", NPROC_PER_NODE=2, PLAN_FILE=plan_file, MAX_STEPS=2, **SETTINGS)
-    assert stale.returncode == 2 and "compiled for another model or other settings" in stale.stderr, stale.stderr[-3000:]
+    assert stale.returncode == 2 and "compiled for another model or other settings" in stale.stderr, stale.stderr[
+        -3000:
+    ]

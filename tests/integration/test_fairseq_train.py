@@ -16,11 +16,26 @@ from tests.helpers import DATA_DIR, FAIRSEQ_VALIDATE, REPO, fairseq_train, run, 
 def trained(tmp_path_factory):
     """One short run with validation, interval checkpoints, tensorboard and a log file."""
     out = tmp_path_factory.mktemp("train")
-    args = tiny_train_args(out / "checkpoint", max_update=8, extra=[
-        "--save-interval-updates", "4", "--validate-interval-updates", "4", "--keep-interval-updates", "2",
-        "--tensorboard-logdir", str(out / "tensorboard"), "--log-file", str(out / "train.log"),
-        "--batch-size", "8", "--lr", "3e-3",
-    ])
+    args = tiny_train_args(
+        out / "checkpoint",
+        max_update=8,
+        extra=[
+            "--save-interval-updates",
+            "4",
+            "--validate-interval-updates",
+            "4",
+            "--keep-interval-updates",
+            "2",
+            "--tensorboard-logdir",
+            str(out / "tensorboard"),
+            "--log-file",
+            str(out / "train.log"),
+            "--batch-size",
+            "8",
+            "--lr",
+            "3e-3",
+        ],
+    )
     args.remove("--disable-validation")
     result = fairseq_train(args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -47,8 +62,11 @@ def test_fairseq_logs_its_usual_values_every_update(trained):
     """The trainer's own logging of an update (values left on the device, read at the log interval) gives the
     records fairseq's does."""
     _, result = trained
-    records = [json.loads(line.split("| train_inner |", 1)[1]) for line in result.stdout.splitlines()
-               if "| train_inner |" in line]
+    records = [
+        json.loads(line.split("| train_inner |", 1)[1])
+        for line in result.stdout.splitlines()
+        if "| train_inner |" in line
+    ]
     assert [int(r["num_updates"]) for r in records] == list(range(1, 9))
     for record in records:
         assert {"loss", "nll_loss", "ppl", "wps", "ups", "wpb", "bsz", "lr", "gnorm", "train_wall"} <= set(record)
@@ -66,9 +84,23 @@ def test_fairseq_reads_our_checkpoints(trained):
 
 def test_fairseq_validate_evaluates_a_split(trained):
     out, _ = trained
-    result = run([*FAIRSEQ_VALIDATE, DATA_DIR, "--user-dir", REPO / "fairseq_ext", "--task", "hf_finetune",
-                  "--path", out / "checkpoint" / "checkpoint_best.pt", "--valid-subset", "test", "--cpu",
-                  "--batch-size", "16"])
+    result = run(
+        [
+            *FAIRSEQ_VALIDATE,
+            DATA_DIR,
+            "--user-dir",
+            REPO / "fairseq_ext",
+            "--task",
+            "hf_finetune",
+            "--path",
+            out / "checkpoint" / "checkpoint_best.pt",
+            "--valid-subset",
+            "test",
+            "--cpu",
+            "--batch-size",
+            "16",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "valid on 'test' subset" in result.stdout and "| loss " in result.stdout
 
@@ -83,9 +115,9 @@ def test_export_is_bit_identical_and_generates(trained, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(export_dir)
     state = checkpoint_utils.load_checkpoint_to_cpu(str(checkpoint))["model"]
     exported = model.state_dict()
-    assert set(exported) == {k[len("hf_model."):] for k in state}
+    assert set(exported) == {k[len("hf_model.") :] for k in state}
     for key, value in state.items():
-        assert torch.equal(exported[key[len("hf_model."):]], value), key
+        assert torch.equal(exported[key[len("hf_model.") :]], value), key
     prompt = tokenizer("What is the last word?\ncat owl\n", return_tensors="pt")
     generated = model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert generated.shape[1] > prompt["input_ids"].shape[1]
@@ -107,8 +139,16 @@ def test_export_never_clobbers_without_overwrite(trained, tmp_path):
 
 def test_evaluate_script_reports_exact_match(trained):
     out, _ = trained
-    result = run([sys.executable, REPO / "scripts" / "evaluate.py", "--checkpoint",
-                  out / "checkpoint" / "checkpoint_best.pt", "--label", "after"])
+    result = run(
+        [
+            sys.executable,
+            REPO / "scripts" / "evaluate.py",
+            "--checkpoint",
+            out / "checkpoint" / "checkpoint_best.pt",
+            "--label",
+            "after",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test exact match (after): " in result.stdout and "/200 = " in result.stdout
 
@@ -118,8 +158,9 @@ def test_speed_log_has_one_record_per_update_with_trained_tokens(tmp_path):
     import json
 
     log = tmp_path / "speed.jsonl"
-    result = fairseq_train(tiny_train_args(tmp_path / "ckpt", max_update=4,
-                                           extra=["--no-save", "--speed-log", str(log)]))
+    result = fairseq_train(
+        tiny_train_args(tmp_path / "ckpt", max_update=4, extra=["--no-save", "--speed-log", str(log)])
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["update"] for r in records] == [1, 2, 3, 4]
@@ -134,8 +175,13 @@ def test_profile_updates_writes_trace_and_kernel_summary(tmp_path):
     import json
 
     folder = tmp_path / "profile"
-    result = fairseq_train(tiny_train_args(tmp_path / "ckpt", max_update=4, extra=[
-        "--no-save", "--profile-updates", "2:3", "--profile-dir", str(folder)]))
+    result = fairseq_train(
+        tiny_train_args(
+            tmp_path / "ckpt",
+            max_update=4,
+            extra=["--no-save", "--profile-updates", "2:3", "--profile-dir", str(folder)],
+        )
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((folder / "kernels_rank0.json").read_text())
     assert summary["device"] == "cpu" and summary["updates"] == 2

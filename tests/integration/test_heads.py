@@ -40,8 +40,9 @@ def test_head_learns_its_shipped_task(tmp_path, arch):
 def test_unknown_model_arch_is_one_clear_error(tmp_path):
     result = run_sh(tmp_path, MODEL_ARCH="hf_auto_causal")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert re.search(r"run\.sh: error: unknown MODEL_ARCH 'hf_auto_causal'; choose hf_auto_causal_lm, .*hf_auto_lm",
-                     result.stderr), result.stderr
+    assert re.search(
+        r"run\.sh: error: unknown MODEL_ARCH 'hf_auto_causal'; choose hf_auto_causal_lm, .*hf_auto_lm", result.stderr
+    ), result.stderr
 
 
 def test_label_sets_that_disagree_between_splits_are_one_clear_error(tmp_path):
@@ -54,5 +55,8 @@ def test_label_sets_that_disagree_between_splits_are_one_clear_error(tmp_path):
         (data / f"toy_sentiment_{split}.json").write_text("\n".join(lines) + "\n")
     result = run_sh(tmp_path, MODEL_ARCH="hf_auto_seq_cls_lm", DATA_DIR=data, MAX_STEPS=2)
     assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr
-    assert re.search(r"fairseq_ext: error: the label sets of the splits disagree: split test has labels \['ecstatic'\] "
-                     r"that train does not have", result.stderr), result.stderr
+    assert re.search(
+        r"fairseq_ext: error: the label sets of the splits disagree: split test has labels \['ecstatic'\] "
+        r"that train does not have",
+        result.stderr,
+    ), result.stderr

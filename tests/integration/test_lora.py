@@ -12,8 +12,15 @@ from fairseq_ext.cube.checkpoint import export_hf, load_trained
 from fairseq_ext.models.hf_loading import load_hf_model
 from tests.helpers import MODEL_DIR, fairseq_train, minilm_folder, tiny_train_args, train_losses
 
-LORA = ["--use-lora", "--lora-config", "r=8 lora_alpha=16 target_modules=q_proj,k_proj,v_proj,o_proj",
-        "--lr", "1e-2", "--batch-size", "8"]
+LORA = [
+    "--use-lora",
+    "--lora-config",
+    "r=8 lora_alpha=16 target_modules=q_proj,k_proj,v_proj,o_proj",
+    "--lr",
+    "1e-2",
+    "--batch-size",
+    "8",
+]
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +75,27 @@ def test_exported_adapter_and_merged_weights_reproduce_the_logits(lora_run, tmp_
 def test_lora_on_a_classification_head_trains_the_head_and_exports_it(tmp_path):
     """SEQ_CLS: the new classifier is trained in full (modules_to_save), the encoder through adapters; the
     exported adapter on a freshly built base reproduces the logits."""
-    args = tiny_train_args(tmp_path, max_update=6, extra=[
-        "--arch", "hf_auto_seq_cls_lm", "--hf-model-name-or-path", minilm_folder(), "--dataset-type", "classification",
-        "--dataset-name", "toy_sentiment", "--use-lora", "--lora-config", "r=8 lora_alpha=16", "--lr", "1e-3",
-        "--batch-size", "16"])
+    args = tiny_train_args(
+        tmp_path,
+        max_update=6,
+        extra=[
+            "--arch",
+            "hf_auto_seq_cls_lm",
+            "--hf-model-name-or-path",
+            minilm_folder(),
+            "--dataset-type",
+            "classification",
+            "--dataset-name",
+            "toy_sentiment",
+            "--use-lora",
+            "--lora-config",
+            "r=8 lora_alpha=16",
+            "--lr",
+            "1e-3",
+            "--batch-size",
+            "16",
+        ],
+    )
     result = fairseq_train(args)
     assert result.returncode == 0, result.stderr[-3000:]
     found = re.search(r"LoRA: training ([\d,]+) of ([\d,]+) parameters", result.stdout)

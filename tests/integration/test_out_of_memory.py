@@ -31,8 +31,11 @@ def test_out_of_memory_stops_the_run_in_one_line(tmp_path, monkeypatch):
     trainer, batches = build_trainer(tmp_path, cpu=True)
     trainer.train_step([next(batches)])
     out_of_memory_at(trainer, monkeypatch, {1})
-    with pytest.raises(UserInputError, match=r"out of memory at update 2 \(peak not measured on the CPU\); lower "
-                                             r"BATCH_SIZE .*`bash run.sh compile` .*SKIP_OOM_BATCHES=1") as raised:
+    with pytest.raises(
+        UserInputError,
+        match=r"out of memory at update 2 \(peak not measured on the CPU\); lower "
+        r"BATCH_SIZE .*`bash run.sh compile` .*SKIP_OOM_BATCHES=1",
+    ) as raised:
         trainer.train_step([next(batches)])
     assert "\n" not in str(raised.value)
 

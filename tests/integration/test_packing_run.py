@@ -17,9 +17,21 @@ def test_packed_training_runs_and_learns(tmp_path):
 
 
 def test_packing_a_classification_head_is_one_clear_error(tmp_path):
-    args = tiny_train_args(tmp_path, max_update=1, extra=[
-        "--pack-sequences", "--arch", "hf_auto_seq_cls_lm", "--hf-model-name-or-path", minilm_folder(),
-        "--dataset-type", "classification", "--dataset-name", "toy_sentiment"])
+    args = tiny_train_args(
+        tmp_path,
+        max_update=1,
+        extra=[
+            "--pack-sequences",
+            "--arch",
+            "hf_auto_seq_cls_lm",
+            "--hf-model-name-or-path",
+            minilm_folder(),
+            "--dataset-type",
+            "classification",
+            "--dataset-name",
+            "toy_sentiment",
+        ],
+    )
     result = fairseq_train(args)
     assert result.returncode != 0
     assert "PACK_SEQUENCES=1 packs causal LM samples; the seq_cls head" in result.stderr

@@ -13,8 +13,9 @@ from tests.helpers import fairseq_train, tiny_train_args, train_losses
 def test_bf16_autocast_trains_fp32_weights_close_to_fp32(tmp_path):
     runs = {}
     for precision in ("fp32", "bf16"):
-        result = fairseq_train(tiny_train_args(tmp_path / precision, max_update=6,
-                                               extra=["--precision", precision, "--lr", "3e-3"]))
+        result = fairseq_train(
+            tiny_train_args(tmp_path / precision, max_update=6, extra=["--precision", precision, "--lr", "3e-3"])
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         runs[precision] = train_losses(result.stdout)
     fp32, bf16 = runs["fp32"], runs["bf16"]
@@ -40,8 +41,15 @@ def test_bf16_weights_train_close_to_fp32_and_resume(tmp_path, precision):
     # fairseq writes bf16 tensors as float32: the weights are bf16 values, the master weights are not
     assert all(torch.equal(v, v.bfloat16().float()) for v in state["model"].values())
     optimizer_state = state["last_optimizer_state"]["state"].values()
-    assert all(set(s) == ({"step", "exp_avg", "exp_avg_sq", "master"} if precision == "bf16-master"
-                          else {"step", "exp_avg", "exp_avg_sq"}) for s in optimizer_state)
+    assert all(
+        set(s)
+        == (
+            {"step", "exp_avg", "exp_avg_sq", "master"}
+            if precision == "bf16-master"
+            else {"step", "exp_avg", "exp_avg_sq"}
+        )
+        for s in optimizer_state
+    )
     if precision == "bf16-master":
         assert any(not torch.equal(s["master"], s["master"].bfloat16().float()) for s in optimizer_state)
     resumed = fairseq_train(tiny_train_args(tmp_path / precision, max_update=8, extra=args))
@@ -50,16 +58,20 @@ def test_bf16_weights_train_close_to_fp32_and_resume(tmp_path, precision):
 
 
 def test_bf16_weights_need_torch_adamw(tmp_path):
-    result = fairseq_train(tiny_train_args(tmp_path, max_update=2, extra=["--precision", "bf16-master",
-                                                                       "--optimizer", "adam"]))
+    result = fairseq_train(
+        tiny_train_args(tmp_path, max_update=2, extra=["--precision", "bf16-master", "--optimizer", "adam"])
+    )
     assert result.returncode != 0
     assert "PRECISION=bf16-master keeps bf16 weights and needs --optimizer torch_adamw" in result.stderr
 
 
-@pytest.mark.parametrize("precision, flags, message", [
-    ("bf8", {}, r"unknown precision 'bf8'; choose one of fp32, bf16"),
-    ("bf16", {"fp16": True}, r"drop --fp16/--bf16"),
-])
+@pytest.mark.parametrize(
+    "precision, flags, message",
+    [
+        ("bf8", {}, r"unknown precision 'bf8'; choose one of fp32, bf16"),
+        ("bf16", {"fp16": True}, r"drop --fp16/--bf16"),
+    ],
+)
 def test_bad_precision_settings(precision, flags, message):
     with pytest.raises(UserInputError, match=message):
         check_precision(precision, **flags)

@@ -30,8 +30,11 @@ def test_recompute_reruns_forward_and_changes_no_result():
 
 def test_unknown_module_name_lists_the_model_classes():
     model = load_hf_model(AutoModelForCausalLM, str(MODEL_DIR))
-    with pytest.raises(UserInputError, match=r"RECOMPUTE_MODULE_NAMES LlamaLayer: no module of the model has that "
-                                             r"class; its module classes are: .*LlamaDecoderLayer"):
+    with pytest.raises(
+        UserInputError,
+        match=r"RECOMPUTE_MODULE_NAMES LlamaLayer: no module of the model has that "
+        r"class; its module classes are: .*LlamaDecoderLayer",
+    ):
         apply_recompute(model, ["LlamaLayer"])
 
 
@@ -39,13 +42,18 @@ def test_unknown_module_name_lists_the_model_classes():
 def test_fairseq_train_with_recompute_matches_without(tmp_path, lora):
     extra = ["--use-lora"] if lora else []
     plain = fairseq_train(tiny_train_args(tmp_path / "plain", max_update=4, extra=extra))
-    recomputed = fairseq_train(tiny_train_args(tmp_path / "recompute", max_update=4,
-                                               extra=extra + ["--recompute-module-names", "LlamaDecoderLayer"]))
+    recomputed = fairseq_train(
+        tiny_train_args(
+            tmp_path / "recompute", max_update=4, extra=extra + ["--recompute-module-names", "LlamaDecoderLayer"]
+        )
+    )
     assert plain.returncode == 0 and recomputed.returncode == 0, recomputed.stderr[-3000:]
     assert "recompute: 2 modules" in recomputed.stdout
     assert train_losses(recomputed.stdout) == train_losses(plain.stdout)
-    final = [checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / run / "checkpoint_last.pt"))["model"]
-             for run in ("plain", "recompute")]
+    final = [
+        checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / run / "checkpoint_last.pt"))["model"]
+        for run in ("plain", "recompute")
+    ]
     assert final[0].keys() == final[1].keys()
     for key in final[0]:
         torch.testing.assert_close(final[1][key], final[0][key], rtol=1e-6, atol=1e-7)
@@ -54,8 +62,9 @@ def test_fairseq_train_with_recompute_matches_without(tmp_path, lora):
 def test_a_plan_files_recompute_applies_on_one_process(tmp_path):
     """recompute_modules of a PLAN_FILE (as the compile pass writes it) take effect with PLAN_NGPUS 1 too."""
     plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"plan_ngpus": 1, "scaling_factor": 1, "tp": 1, "pp": 1,
-                                "recompute_modules": ["LlamaDecoderLayer"]}))
+    plan.write_text(
+        json.dumps({"plan_ngpus": 1, "scaling_factor": 1, "tp": 1, "pp": 1, "recompute_modules": ["LlamaDecoderLayer"]})
+    )
     plain = fairseq_train(tiny_train_args(tmp_path / "plain", max_update=3))
     planned = fairseq_train(tiny_train_args(tmp_path / "planned", max_update=3, extra=["--plan-file", str(plan)]))
     assert planned.returncode == 0, planned.stderr[-3000:]

@@ -34,8 +34,9 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     # The killed run would go on for 1000 updates; it is killed (SIGKILL) once its 6th-update checkpoint exists.
     save_dir = tmp_path / "killed"
     killed_args = tiny_train_args(save_dir, max_update=1000, extra=extra)
-    proc = subprocess.Popen([*FAIRSEQ_TRAIN, *killed_args], env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*FAIRSEQ_TRAIN, *killed_args], env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while not (save_dir / "checkpoint_1_6.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -77,8 +78,21 @@ def test_sharded_checkpoints_resume_in_one_process_and_stay_small(tmp_path):
         assert "model" not in raw and "last_optimizer_state" not in raw and raw["dcp"]["folder"] == folders[0]
         assert raw["extra_state"]["train_iterator"]["iterations_in_epoch"] == 4
         assert os.path.getsize(tmp_path / "dcp" / name) < 64 * 1024  # the model alone is 2 MB
-    validated = run([*FAIRSEQ_VALIDATE, DATA_DIR, "--user-dir", REPO / "fairseq_ext", "--task", "hf_finetune",
-                     "--path", tmp_path / "dcp" / "checkpoint_last.pt", "--cpu", "--batch-size", "16"])
+    validated = run(
+        [
+            *FAIRSEQ_VALIDATE,
+            DATA_DIR,
+            "--user-dir",
+            REPO / "fairseq_ext",
+            "--task",
+            "hf_finetune",
+            "--path",
+            tmp_path / "dcp" / "checkpoint_last.pt",
+            "--cpu",
+            "--batch-size",
+            "16",
+        ]
+    )
     assert validated.returncode == 0 and "valid on 'valid' subset" in validated.stdout, validated.stderr[-3000:]
     resumed = fairseq_train(tiny_train_args(tmp_path / "dcp", max_update=8, extra=sharded))
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -25,8 +25,11 @@ SETTINGS = {"MAX_STEPS": 2, "SAVE_STEPS": 1, "BATCH_SIZE": 4, "EVALUATE": 0, "LO
 
 def digests(folder):
     """{relative path: sha256} of every file under ``folder``."""
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +51,16 @@ def test_a_finished_run_stays_finished(finished):
         assert any(name.endswith(".dcp/.metadata") for name in before) == (checkpoint_format == "dcp"), before
         again = run_sh(folder, CHECKPOINT_FORMAT=checkpoint_format, **SETTINGS)
         assert again.returncode == 0, again.stderr[-3000:]
-        assert "the run is complete: " in again.stdout and "is at update 2 and --max-update (MAX_STEPS) is 2" \
-            in again.stdout, again.stdout[-3000:]
+        assert (
+            "the run is complete: " in again.stdout
+            and "is at update 2 and --max-update (MAX_STEPS) is 2" in again.stdout
+        ), again.stdout[-3000:]
         assert "train_inner" not in again.stdout and "Saved checkpoint" not in again.stdout
         assert digests(folder / "out" / "checkpoint") == before, checkpoint_format
 
 
 # ---- bad input: library errors translated where they arise ----
+
 
 def model_copy(folder, **files):
     """The shipped tiny Llama's folder copied to ``folder`` with ``files`` ({name: bytes}) written into it."""
@@ -77,30 +83,49 @@ NOT_UTF8 = b'{"instruction": "caf\xe9", "input": "", "output": "x"}\n'
 
 # name: (a function of tmp_path giving fairseq-train's extra arguments and a data folder, the error's pattern)
 IN_PROCESS = {
-    "data: not UTF-8": (lambda t: ([], data_copy(t / "d", train=NOT_UTF8)),
-                        r"toy_instructions_train\.json:1: bytes that are not UTF-8 \(b'\\xe9'.*save the file as UTF-8"),
-    "data: a split missing": (lambda t: ([], data_copy(t / "d", valid=b"")),
-                              r"toy_instructions_valid\.json: the split is empty"),
+    "data: not UTF-8": (
+        lambda t: ([], data_copy(t / "d", train=NOT_UTF8)),
+        r"toy_instructions_train\.json:1: bytes that are not UTF-8 \(b'\\xe9'.*save the file as UTF-8",
+    ),
+    "data: a split missing": (
+        lambda t: ([], data_copy(t / "d", valid=b"")),
+        r"toy_instructions_valid\.json: the split is empty",
+    ),
     "model: corrupt model.safetensors": (
         lambda t: (["--hf-model-name-or-path", str(model_copy(t / "m", model__safetensors=b"\xff" * 64))], DATA_DIR),
-        r"could not load the weights of .*SafetensorError.*copy or download them again"),
+        r"could not load the weights of .*SafetensorError.*copy or download them again",
+    ),
     "model: truncated model.safetensors": (
-        lambda t: (["--hf-model-name-or-path", str(model_copy(t / "m", model__safetensors=b"\x10\x00\x00\x00\x00\x00"
-                                                              b"\x00\x00{\"a\":"))], DATA_DIR),
-        r"could not load the weights of "),
+        lambda t: (
+            [
+                "--hf-model-name-or-path",
+                str(model_copy(t / "m", model__safetensors=b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":')),
+            ],
+            DATA_DIR,
+        ),
+        r"could not load the weights of ",
+    ),
     "model: config.json not JSON": (
         lambda t: (["--hf-model-name-or-path", str(model_copy(t / "m", config__json=b"{not json"))], DATA_DIR),
-        r"config\.json' is not a valid JSON file"),
+        r"config\.json' is not a valid JSON file",
+    ),
     "tokenizer: tokenizer.json not JSON": (
         lambda t: (["--hf-model-name-or-path", str(model_copy(t / "m", tokenizer__json=b"{not json"))], DATA_DIR),
-        r"could not load a tokenizer from "),
-    "LoRA: r negative (peft's ValueError)": (lambda t: (["--use-lora", "--lora-config", '{"r": -4}'], DATA_DIR),
-                                             r"LORA_CONFIG is not valid for this model: peft says: `r` should be a "
-                                             r"positive"),
-    "LoRA: target module absent": (lambda t: (["--use-lora", "--lora-config", "target_modules=qkv"], DATA_DIR),
-                                   r"LORA_CONFIG target_modules 'qkv' match no module of the model"),
-    "LoRA: not JSON": (lambda t: (["--use-lora", "--lora-config", '{"r": 4'], DATA_DIR),
-                       r"LORA_CONFIG is not valid JSON"),
+        r"could not load a tokenizer from ",
+    ),
+    "LoRA: r negative (peft's ValueError)": (
+        lambda t: (["--use-lora", "--lora-config", '{"r": -4}'], DATA_DIR),
+        r"LORA_CONFIG is not valid for this model: peft says: `r` should be a "
+        r"positive",
+    ),
+    "LoRA: target module absent": (
+        lambda t: (["--use-lora", "--lora-config", "target_modules=qkv"], DATA_DIR),
+        r"LORA_CONFIG target_modules 'qkv' match no module of the model",
+    ),
+    "LoRA: not JSON": (
+        lambda t: (["--use-lora", "--lora-config", '{"r": 4'], DATA_DIR),
+        r"LORA_CONFIG is not valid JSON",
+    ),
     "plan: file not JSON": (lambda t: (["--plan-file", str(t / "plan.json")], DATA_DIR), r"plan\.json"),
 }
 
@@ -139,20 +164,27 @@ def test_unexpected_errors_are_one_line_naming_their_log(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     log = tmp_path / "log" / "traceback.log"
     assert err.strip() == f"fairseq_ext: error: unexpected KeyError: 'missing' (the full traceback is in {log})"
-    assert "Traceback (most recent call last)" in log.read_text() and "{}[\"missing\"]" in log.read_text()
+    assert "Traceback (most recent call last)" in log.read_text() and '{}["missing"]' in log.read_text()
 
 
 # run.sh: the 4 errors users met, and the checkpoint faults, on the finished run (its files must not change)
 RUN_SH_CASES = {
-    "data not UTF-8": (lambda t: {"DATA_DIR": data_copy(t / "d", valid=NOT_UTF8)},
-                       r"toy_instructions_valid\.json:1: bytes that are not UTF-8"),
+    "data not UTF-8": (
+        lambda t: {"DATA_DIR": data_copy(t / "d", valid=NOT_UTF8)},
+        r"toy_instructions_valid\.json:1: bytes that are not UTF-8",
+    ),
     "corrupt model.safetensors": (
         lambda t: {"HUGGINGFACE_MODEL_NAME_OR_PATH": model_copy(t / "m", model__safetensors=b"\xff" * 64)},
-        r"could not load the weights of .*header too large"),
-    "LORA_CONFIG r -4": (lambda t: {"USE_LORA": 1, "LORA_CONFIG": '{"r": -4}'},
-                         r"peft says: `r` should be a positive integer value but the value passed is -4"),
-    "OPTIMIZE_PARAMS --lr abc": (lambda t: {"OPTIMIZE_PARAMS": "--optimizer adam --lr abc"},
-                                 r"fairseq-train: error: argument --lr: invalid .* value: 'abc' \(OPTIMIZE_PARAMS"),
+        r"could not load the weights of .*header too large",
+    ),
+    "LORA_CONFIG r -4": (
+        lambda t: {"USE_LORA": 1, "LORA_CONFIG": '{"r": -4}'},
+        r"peft says: `r` should be a positive integer value but the value passed is -4",
+    ),
+    "OPTIMIZE_PARAMS --lr abc": (
+        lambda t: {"OPTIMIZE_PARAMS": "--optimizer adam --lr abc"},
+        r"fairseq-train: error: argument --lr: invalid .* value: 'abc' \(OPTIMIZE_PARAMS",
+    ),
 }
 
 
@@ -171,12 +203,16 @@ def test_run_sh_bad_input_leaves_a_finished_run_alone(finished, tmp_path):
 
 # ---- checkpoint faults ----
 
+
 def test_a_truncated_checkpoint_names_the_newest_intact_one(finished, tmp_path):
     shutil.copytree(finished["full"] / "out" / "checkpoint", tmp_path / "ck")
     last = tmp_path / "ck" / "checkpoint_last.pt"
     last.write_bytes(last.read_bytes()[:4096])
-    with pytest.raises(UserInputError, match=rf"{last} is damaged or cut short \(RuntimeError: .*\); the newest intact "
-                                             rf"checkpoint is {tmp_path / 'ck' / 'checkpoint_1_2.pt'} \(update 2\)"):
+    with pytest.raises(
+        UserInputError,
+        match=rf"{last} is damaged or cut short \(RuntimeError: .*\); the newest intact "
+        rf"checkpoint is {tmp_path / 'ck' / 'checkpoint_1_2.pt'} \(update 2\)",
+    ):
         read_checkpoint(str(last))
 
 
@@ -199,7 +235,10 @@ def test_a_failed_save_keeps_the_previous_checkpoints(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", no_space)
-    with pytest.raises(UserInputError, match=rf"could not write a checkpoint into {tmp_path} \(OSError: .*No space "
-                                             r"left on device\); the previous checkpoints there are intact"):
+    with pytest.raises(
+        UserInputError,
+        match=rf"could not write a checkpoint into {tmp_path} \(OSError: .*No space "
+        r"left on device\); the previous checkpoints there are intact",
+    ):
         checkpoint_utils.save_checkpoint(trainer.cfg.checkpoint, trainer, epoch_itr, None)
     assert digests(tmp_path) == before

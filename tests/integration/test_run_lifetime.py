@@ -37,8 +37,13 @@ def held_port(port: int):
 def start(tmp_path, name, settings):
     """run.sh in a session of its own (so that killpg reaches it and torchrun, as a scheduler's would)."""
     log = open(tmp_path / f"{name}.log", "w")
-    process = subprocess.Popen(["bash", str(RUN_SH)], env={**env(), **settings, "OUTPUT_DIR": str(tmp_path / name)},
-                               stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    process = subprocess.Popen(
+        ["bash", str(RUN_SH)],
+        env={**env(), **settings, "OUTPUT_DIR": str(tmp_path / name)},
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        start_new_session=True,
+    )
     log.close()
     return process
 
@@ -46,24 +51,38 @@ def start(tmp_path, name, settings):
 def wait_until_training(process, output_dir, timeout=300):
     train_log = output_dir / "log" / "train.log"
     deadline = time.time() + timeout
-    while process.poll() is None and time.time() < deadline and \
-            not (train_log.exists() and "num_updates" in train_log.read_text()):
+    while (
+        process.poll() is None
+        and time.time() < deadline
+        and not (train_log.exists() and "num_updates" in train_log.read_text())
+    ):
         time.sleep(0.5)
     assert process.poll() is None, (output_dir.parent / f"{output_dir.name}.log").read_text()[-3000:]
 
 
 def worker_processes(launcher_pid):
-    return [p for p in psutil.Process(launcher_pid).children(recursive=True)
-            if "fairseq_cli.train" in " ".join(p.cmdline()) and "torch.distributed.run" not in p.cmdline()]
+    return [
+        p
+        for p in psutil.Process(launcher_pid).children(recursive=True)
+        if "fairseq_cli.train" in " ".join(p.cmdline()) and "torch.distributed.run" not in p.cmdline()
+    ]
 
 
 def test_one_run_per_output_dir_free_port_and_workers_die_with_the_launcher(tmp_path):
     """Two 2-process runs side by side (both without MASTER_PORT): the first is killed as a whole, one
     worker of the second is killed alone."""
     busy = held_port(29500)
-    settings = {"MASTER_PORT": "", "PYTHON": sys.executable,
-                "CUDA_VISIBLE_DEVICES": "", "NPROC_PER_NODE": "2", "MAX_STEPS": "100000", "SAVE_STEPS": "100000",
-                "BATCH_SIZE": "2", "EVALUATE": "0", "LOG_INTERVAL": "1"}
+    settings = {
+        "MASTER_PORT": "",
+        "PYTHON": sys.executable,
+        "CUDA_VISIBLE_DEVICES": "",
+        "NPROC_PER_NODE": "2",
+        "MAX_STEPS": "100000",
+        "SAVE_STEPS": "100000",
+        "BATCH_SIZE": "2",
+        "EVALUATE": "0",
+        "LOG_INTERVAL": "1",
+    }
     first, other = start(tmp_path, "out", settings), start(tmp_path, "other", settings)
     workers = []
     try:

@@ -19,8 +19,12 @@ def free_port() -> int:
 
 def run_sh(tmp_path, timeout=900, args=(), **variables):
     # CPU and gloo on every machine: several processes cannot share one GPU through NCCL
-    settings = {"OUTPUT_DIR": str(tmp_path / "out"), "MASTER_PORT": str(free_port()), "PYTHON": sys.executable,
-                "CUDA_VISIBLE_DEVICES": ""}
+    settings = {
+        "OUTPUT_DIR": str(tmp_path / "out"),
+        "MASTER_PORT": str(free_port()),
+        "PYTHON": sys.executable,
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     settings.update({k: str(v) for k, v in variables.items()})
     return run(["bash", RUN_SH, *args], timeout=timeout, extra_env=settings)
 
@@ -54,33 +58,52 @@ def write_data(folder, splits):
 GOOD = json.dumps({"instruction": "What is the first word?", "input": "cat owl", "output": "cat"}) + "\n"
 
 BAD_INPUTS = {
-    "malformed JSON line": ({"DATA_DIR": {"train": GOOD + '{"instruction": "x", \n'}},
-                            r"toy_instructions_train\.json:2: malformed JSON line"),
-    "missing field": ({"DATA_DIR": {"valid": GOOD + json.dumps({"instruction": "x", "input": ""}) + "\n"}},
-                      r"toy_instructions_valid\.json: line 2: record is missing field 'output'"),
+    "malformed JSON line": (
+        {"DATA_DIR": {"train": GOOD + '{"instruction": "x", \n'}},
+        r"toy_instructions_train\.json:2: malformed JSON line",
+    ),
+    "missing field": (
+        {"DATA_DIR": {"valid": GOOD + json.dumps({"instruction": "x", "input": ""}) + "\n"}},
+        r"toy_instructions_valid\.json: line 2: record is missing field 'output'",
+    ),
     "empty split": ({"DATA_DIR": {"train": ""}}, r"toy_instructions_train\.json: the split is empty"),
     "unknown PROMPT_TYPE": ({"PROMPT_TYPE": "alpacca"}, r"unknown PROMPT_TYPE 'alpacca'; registered templates: alpaca"),
-    "unknown DATASET_TYPE": ({"DATASET_TYPE": "jsonl"}, r"unknown DATASET_TYPE 'jsonl'; registered types: chat, classification, disk, instruction"),
-    "missing model path": ({"HUGGINGFACE_MODEL_NAME_OR_PATH": "no-such-org/no-such-model"},
-                           r"model 'no-such-org/no-such-model' is not a local folder and is not in the Hugging Face "
-                           r"cache; runs are offline"),
+    "unknown DATASET_TYPE": (
+        {"DATASET_TYPE": "jsonl"},
+        r"unknown DATASET_TYPE 'jsonl'; registered types: chat, classification, disk, instruction",
+    ),
+    "missing model path": (
+        {"HUGGINGFACE_MODEL_NAME_OR_PATH": "no-such-org/no-such-model"},
+        r"model 'no-such-org/no-such-model' is not a local folder and is not in the Hugging Face "
+        r"cache; runs are offline",
+    ),
     "BATCH_SIZE zero": ({"BATCH_SIZE": "0"}, r"run\.sh: error: BATCH_SIZE must be a positive integer, got '0'"),
     "MAX_STEPS not a number": ({"MAX_STEPS": "ten"}, r"run\.sh: error: MAX_STEPS must be a positive integer"),
-    "unknown LORA_CONFIG key": ({"USE_LORA": "1", "LORA_CONFIG": "rank=4"},
-                                r"LORA_CONFIG has unknown keys \['rank'\]; peft.LoraConfig accepts"),
+    "unknown LORA_CONFIG key": (
+        {"USE_LORA": "1", "LORA_CONFIG": "rank=4"},
+        r"LORA_CONFIG has unknown keys \['rank'\]; peft.LoraConfig accepts",
+    ),
     "USE_LORA not 0/1": ({"USE_LORA": "yes"}, r"run\.sh: error: USE_LORA must be 0 or 1, got 'yes'"),
     "BATCH_SIZE negative": ({"BATCH_SIZE": "-4"}, r"BATCH_SIZE must be a positive integer, got '-4'"),
-    "unknown PRECISION": ({"PRECISION": "fp8"},
-                          r"run\.sh: error: PRECISION must be fp32, bf16, bf16-master, bf16-lean or fp16, got 'fp8'"),
+    "unknown PRECISION": (
+        {"PRECISION": "fp8"},
+        r"run\.sh: error: PRECISION must be fp32, bf16, bf16-master, bf16-lean or fp16, got 'fp8'",
+    ),
     "COMPILE not 0/1": ({"COMPILE": "yes"}, r"run\.sh: error: COMPILE must be 0 or 1, got 'yes'"),
-    "PROFILE_UPDATES not a range": ({"PROFILE_UPDATES": "8-10"},
-                                    r"run\.sh: error: PROFILE_UPDATES must be FIRST:LAST updates counted from 1, e\.g\. "
-                                    r"8:10, got '8-10'"),
-    "unknown CHECKPOINT_FORMAT": ({"CHECKPOINT_FORMAT": "sharded"},
-                                  r"run\.sh: error: CHECKPOINT_FORMAT must be auto, full or dcp, got 'sharded'"),
-    "SEQUENCE_LENGTH beyond the model": ({"SEQUENCE_LENGTH": "1024"},
-                                         r"SEQUENCE_LENGTH 1024 exceeds the model's max_position_embeddings 512; "
-                                         r"set SEQUENCE_LENGTH to at most 512"),
+    "PROFILE_UPDATES not a range": (
+        {"PROFILE_UPDATES": "8-10"},
+        r"run\.sh: error: PROFILE_UPDATES must be FIRST:LAST updates counted from 1, e\.g\. "
+        r"8:10, got '8-10'",
+    ),
+    "unknown CHECKPOINT_FORMAT": (
+        {"CHECKPOINT_FORMAT": "sharded"},
+        r"run\.sh: error: CHECKPOINT_FORMAT must be auto, full or dcp, got 'sharded'",
+    ),
+    "SEQUENCE_LENGTH beyond the model": (
+        {"SEQUENCE_LENGTH": "1024"},
+        r"SEQUENCE_LENGTH 1024 exceeds the model's max_position_embeddings 512; "
+        r"set SEQUENCE_LENGTH to at most 512",
+    ),
 }
 
 

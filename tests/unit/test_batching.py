@@ -21,8 +21,9 @@ def rows(*dicts):
 
 
 def test_causal_lm_pads_to_longest_and_shifts_targets():
-    batch = get_layout("causal_lm").collate(rows({"input_ids": [1, 5, 6, 7], "labels": [X, X, 6, 7]},
-                                                 {"input_ids": [1, 8], "labels": [X, 8]}), pad_id=0)
+    batch = get_layout("causal_lm").collate(
+        rows({"input_ids": [1, 5, 6, 7], "labels": [X, X, 6, 7]}, {"input_ids": [1, 8], "labels": [X, 8]}), pad_id=0
+    )
     assert batch["net_input"]["input_ids"].tolist() == [[1, 5, 6, 7], [1, 8, 0, 0]]
     assert batch["net_input"]["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
     # target[t] is the label of token t+1
@@ -33,15 +34,18 @@ def test_causal_lm_pads_to_longest_and_shifts_targets():
 
 def test_causal_lm_batch_without_padding_has_no_attention_mask():
     """The model then uses the plain causal mask (what a mask of ones gives) without checking a mask."""
-    batch = get_layout("causal_lm").collate(rows({"input_ids": [1, 5, 6], "labels": [X, 5, 6]},
-                                                 {"input_ids": [1, 8, 9], "labels": [X, 8, 9]}), pad_id=0)
+    batch = get_layout("causal_lm").collate(
+        rows({"input_ids": [1, 5, 6], "labels": [X, 5, 6]}, {"input_ids": [1, 8, 9], "labels": [X, 8, 9]}), pad_id=0
+    )
     assert "attention_mask" not in batch["net_input"]
     assert batch["net_input"]["input_ids"].tolist() == [[1, 5, 6], [1, 8, 9]]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(MODEL_DIR)).eval()
     ids = batch["net_input"]["input_ids"]
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits)
+        assert torch.equal(
+            model(input_ids=ids).logits, model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        )
 
 
 def test_seq2seq_lm_splits_the_masked_prompt_from_the_answer():
@@ -57,29 +61,42 @@ def test_seq2seq_lm_splits_the_masked_prompt_from_the_answer():
 
 
 def test_classification_layouts_keep_labels_and_token_types():
-    batch = get_layout("seq_cls").collate(rows({"input_ids": [1, 5, 2, 6, 2], "token_type_ids": [0, 0, 0, 1, 1],
-                                                "label": 2}, {"input_ids": [1, 7, 2], "token_type_ids": [0, 0, 0],
-                                                              "label": 0}), pad_id=9)
+    batch = get_layout("seq_cls").collate(
+        rows(
+            {"input_ids": [1, 5, 2, 6, 2], "token_type_ids": [0, 0, 0, 1, 1], "label": 2},
+            {"input_ids": [1, 7, 2], "token_type_ids": [0, 0, 0], "label": 0},
+        ),
+        pad_id=9,
+    )
     assert batch["target"].tolist() == [2, 0]
     assert batch["net_input"]["token_type_ids"].tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 0, 0]]
     assert batch["net_input"]["input_ids"][1].tolist() == [1, 7, 2, 9, 9]
-    tokens = get_layout("token_cls").collate(rows({"input_ids": [1, 5, 6, 2], "labels": [X, 3, X, X]},
-                                                  {"input_ids": [1, 7, 2], "labels": [X, 0, X]}), pad_id=0)
+    tokens = get_layout("token_cls").collate(
+        rows({"input_ids": [1, 5, 6, 2], "labels": [X, 3, X, X]}, {"input_ids": [1, 7, 2], "labels": [X, 0, X]}),
+        pad_id=0,
+    )
     assert tokens["target"].tolist() == [[X, 3, X, X], [X, 0, X, X]] and tokens["ntokens"] == 2
 
 
 def test_question_answering_targets_and_cut_answers():
     layout = get_layout("qa")
-    batch = layout.collate(rows({"input_ids": [1, 5, 6, 7], "start_positions": 2, "end_positions": 3},
-                                {"input_ids": [1, 8], "start_positions": 1, "end_positions": 1}), pad_id=0)
+    batch = layout.collate(
+        rows(
+            {"input_ids": [1, 5, 6, 7], "start_positions": 2, "end_positions": 3},
+            {"input_ids": [1, 8], "start_positions": 1, "end_positions": 1},
+        ),
+        pad_id=0,
+    )
     assert batch["target"].tolist() == [[2, 3], [1, 1]]
     assert not layout.trainable(layout.cut({"input_ids": [1, 5, 6, 7], "start_positions": 2, "end_positions": 3}, 3))
     assert not layout.trainable({"input_ids": [1, 5], "start_positions": -1, "end_positions": -1})
 
 
 def test_embedding_pairs_get_their_own_masks():
-    batch = get_layout("embedding").collate(rows({"input_ids": [1, 5], "pair_input_ids": [1, 6, 7]},
-                                                 {"input_ids": [1, 8, 9], "pair_input_ids": [1]}), pad_id=0)
+    batch = get_layout("embedding").collate(
+        rows({"input_ids": [1, 5], "pair_input_ids": [1, 6, 7]}, {"input_ids": [1, 8, 9], "pair_input_ids": [1]}),
+        pad_id=0,
+    )
     assert batch["pair_input"]["input_ids"].tolist() == [[1, 6, 7], [1, 0, 0]]
     assert batch["pair_input"]["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["net_input"]["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
@@ -87,11 +104,14 @@ def test_embedding_pairs_get_their_own_masks():
 
 def test_truncation_is_counted_and_answerless_samples_dropped(caplog):
     layout = get_layout("causal_lm")
-    samples = to_hf_dataset([
-        {"input_ids": [1, 2, 3], "labels": [-100, 2, 3]},            # fits
-        {"input_ids": [1, 2, 3, 4, 5, 6], "labels": [-100, -100, 3, 4, 5, 6]},  # truncated, keeps token 3
-        {"input_ids": [1, 2, 3, 4, 5], "labels": [-100, -100, -100, -100, 5]},  # truncated, nothing left
-    ], layout)
+    samples = to_hf_dataset(
+        [
+            {"input_ids": [1, 2, 3], "labels": [-100, 2, 3]},  # fits
+            {"input_ids": [1, 2, 3, 4, 5, 6], "labels": [-100, -100, 3, 4, 5, 6]},  # truncated, keeps token 3
+            {"input_ids": [1, 2, 3, 4, 5], "labels": [-100, -100, -100, -100, 5]},  # truncated, nothing left
+        ],
+        layout,
+    )
     with caplog.at_level(logging.INFO):
         out = truncate(samples, layout, max_length=3, split="train")
     assert out["input_ids"] == [[1, 2, 3], [1, 2, 3]]
@@ -110,9 +130,12 @@ def test_all_samples_dropped_is_an_error():
 def test_batches_keep_every_sample_under_the_required_batch_size_multiple(num_samples, sizes):
     """fairseq drops a last batch whose size is no multiple of --required-batch-size-multiple; a split of
     fewer samples than that (a small valid split, or one packed into a few rows) would make no batch."""
-    ds = TokenizedDataset(datasets.Dataset.from_dict({"input_ids": [[1] * 4] * num_samples,
-                                                      "labels": [[1] * 4] * num_samples}),
-                          get_layout("causal_lm"), pad_id=0, shuffle=False)
+    ds = TokenizedDataset(
+        datasets.Dataset.from_dict({"input_ids": [[1] * 4] * num_samples, "labels": [[1] * 4] * num_samples}),
+        get_layout("causal_lm"),
+        pad_id=0,
+        shuffle=False,
+    )
     indices = ds.ordered_indices()
     batches = ds.batch_by_size(indices, max_sentences=32, required_batch_size_multiple=8)
     assert [len(b) for b in batches] == sizes
@@ -121,9 +144,11 @@ def test_batches_keep_every_sample_under_the_required_batch_size_multiple(num_sa
 
 def test_ordered_indices_sort_by_length_after_shuffle():
     lengths = [5, 2, 9, 2, 7]
-    ds = TokenizedDataset(datasets.Dataset.from_dict({"input_ids": [[1] * n for n in lengths],
-                                                      "labels": [[1] * n for n in lengths]}),
-                          get_layout("causal_lm"), pad_id=0)
+    ds = TokenizedDataset(
+        datasets.Dataset.from_dict({"input_ids": [[1] * n for n in lengths], "labels": [[1] * n for n in lengths]}),
+        get_layout("causal_lm"),
+        pad_id=0,
+    )
     np.random.seed(0)
     order = ds.ordered_indices()
     assert sorted(order.tolist()) == list(range(5))
@@ -132,11 +157,14 @@ def test_ordered_indices_sort_by_length_after_shuffle():
     assert ds[1]["input_ids"].tolist() == [1, 1] and ds[1]["id"] == 1
 
 
-@pytest.mark.parametrize("layout,columns,missing", [
-    ("causal_lm", {"input_ids": [[1, 2]]}, "labels"),
-    ("seq_cls", {"input_ids": [[1, 2]], "labels": [[1, 2]]}, "label"),
-    ("embedding", {"input_ids": [[1, 2]]}, "pair_input_ids"),
-])
+@pytest.mark.parametrize(
+    "layout,columns,missing",
+    [
+        ("causal_lm", {"input_ids": [[1, 2]]}, "labels"),
+        ("seq_cls", {"input_ids": [[1, 2]], "labels": [[1, 2]]}, "label"),
+        ("embedding", {"input_ids": [[1, 2]]}, "pair_input_ids"),
+    ],
+)
 def test_builder_output_needs_the_layouts_columns(layout, columns, missing):
     with pytest.raises(UserInputError, match=rf"missing \['{missing}'\].*check DATASET_TYPE against MODEL_ARCH"):
         to_hf_dataset(datasets.Dataset.from_dict(columns), get_layout(layout))
@@ -145,8 +173,9 @@ def test_builder_output_needs_the_layouts_columns(layout, columns, missing):
 def test_groups_stay_together_after_shuffle():
     groups = [0, 1, 2, 0, 1, 2, 3, 3]
     lengths = [4, 6, 4, 5, 6, 3, 9, 9]
-    data = datasets.Dataset.from_dict({"input_ids": [[1] * n for n in lengths], "pair_input_ids": [[1]] * 8,
-                                       "group": groups})
+    data = datasets.Dataset.from_dict(
+        {"input_ids": [[1] * n for n in lengths], "pair_input_ids": [[1]] * 8, "group": groups}
+    )
     ds = TokenizedDataset(to_hf_dataset(data, get_layout("embedding")), get_layout("embedding"), pad_id=0)
     for seed in range(5):
         np.random.seed(seed)

@@ -81,16 +81,24 @@ def test_chatml_is_the_default_without_a_template_and_marks_generation(tokenizer
     assert spans == ["three words.<|im_end|>", "dog<|im_end|>", "owl<|im_end|>"]
     # the same template without its markers: assistant turns found by rendering turn by turn
     plain = ChatTemplate(CHATML.replace("{% generation %}", "").replace("{% endgeneration %}", ""), "plain chatml")
-    found = [tokenizer.decode(span) for span in trained_spans(tokenize_conversation(tokenizer, plain, [SYSTEM, *TURNS]))]
+    found = [
+        tokenizer.decode(span) for span in trained_spans(tokenize_conversation(tokenizer, plain, [SYSTEM, *TURNS]))
+    ]
     assert found == [s + "\n" for s in spans]
     assert end_of_turn(tokenizer, template) == "<|im_end|>"
     assert end_of_turn(tokenizer, resolve_chat_template(str(TEMPLATES / "llama3.jinja"), tokenizer)) == "<|eot_id|>"
 
 
 def test_sharegpt_records_and_their_system_field():
-    record = {"system": "Be brief.", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
-    assert conversation(record) == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
-                                    {"role": "assistant", "content": "yo"}]
+    record = {
+        "system": "Be brief.",
+        "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}],
+    }
+    assert conversation(record) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+    ]
 
 
 def write(tmp_path, records, name="talk"):
@@ -100,23 +108,41 @@ def write(tmp_path, records, name="talk"):
 
 
 def cfg(tmp_path, chat_template="", name="talk"):
-    return types.SimpleNamespace(data=str(tmp_path), dataset_name=name, chat_template=chat_template,
-                                 train_on_all_turns=False)
+    return types.SimpleNamespace(
+        data=str(tmp_path), dataset_name=name, chat_template=chat_template, train_on_all_turns=False
+    )
 
 
 GOOD = {"messages": TURNS[:2]}
 
 
-@pytest.mark.parametrize("bad, template, message", [
-    ({"text": "hi"}, "", r"record 2: record has neither 'messages'"),
-    ({"messages": []}, "", r"record 2: 'messages' must be a non-empty list"),
-    ({"messages": [{"role": "wizard", "content": "hi"}, TURNS[1]]}, "", r"record 2: turn 1 has unknown role 'wizard'"),
-    ({"messages": [TURNS[0], {"role": "assistant", "content": "  "}]}, "", r"record 2: turn 2 \(assistant\) has an empty"),
-    ({"messages": [TURNS[0], TURNS[0], TURNS[1]]}, "mistral.jinja",
-     r"record 2: the chat template \(.*mistral.jinja\) raised TemplateError: Conversation roles must alternate"),
-    ({"messages": [SYSTEM, *TURNS[:2]]}, "gemma.jinja",
-     r"record 2: the chat template \(.*gemma.jinja\) raised TemplateError: System role not supported"),
-])
+@pytest.mark.parametrize(
+    "bad, template, message",
+    [
+        ({"text": "hi"}, "", r"record 2: record has neither 'messages'"),
+        ({"messages": []}, "", r"record 2: 'messages' must be a non-empty list"),
+        (
+            {"messages": [{"role": "wizard", "content": "hi"}, TURNS[1]]},
+            "",
+            r"record 2: turn 1 has unknown role 'wizard'",
+        ),
+        (
+            {"messages": [TURNS[0], {"role": "assistant", "content": "  "}]},
+            "",
+            r"record 2: turn 2 \(assistant\) has an empty",
+        ),
+        (
+            {"messages": [TURNS[0], TURNS[0], TURNS[1]]},
+            "mistral.jinja",
+            r"record 2: the chat template \(.*mistral.jinja\) raised TemplateError: Conversation roles must alternate",
+        ),
+        (
+            {"messages": [SYSTEM, *TURNS[:2]]},
+            "gemma.jinja",
+            r"record 2: the chat template \(.*gemma.jinja\) raised TemplateError: System role not supported",
+        ),
+    ],
+)
 def test_each_bad_record_is_one_error_naming_file_and_record(tmp_path, tokenizer, bad, template, message):
     good = {"messages": [{"role": "user", "content": "Words: cat dog"}, {"role": "assistant", "content": "two words."}]}
     if bad.get("text"):
@@ -159,4 +185,5 @@ def test_chat_samples_pack(tmp_path, tokenizer):
     row = packed[0]
     assert sum(len(ids) for ids in samples["input_ids"]) == len(row["input_ids"])
     assert sorted(t for t in row["labels"] if t != IGNORE_INDEX) == sorted(
-        t for labels in samples["labels"] for t in labels[1:] if t != IGNORE_INDEX)
+        t for labels in samples["labels"] for t in labels[1:] if t != IGNORE_INDEX
+    )

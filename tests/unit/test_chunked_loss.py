@@ -88,8 +88,9 @@ def test_backward_scales_by_grad_output():
 def test_bf16_inputs_are_close_to_the_fp32_reference():
     hidden, weight, target = make_inputs()
     target[4] = IGNORE
-    loss, grad_hidden, grad_weight = loss_and_grads(linear_cross_entropy, hidden.bfloat16(), weight.bfloat16(),
-                                                    target, chunk_size=16)
+    loss, grad_hidden, grad_weight = loss_and_grads(
+        linear_cross_entropy, hidden.bfloat16(), weight.bfloat16(), target, chunk_size=16
+    )
     ref_loss, ref_hidden, ref_weight = loss_and_grads(reference, hidden, weight, target)
     assert loss.dtype == torch.float32
     assert grad_hidden.dtype == torch.bfloat16 and grad_weight.dtype == torch.bfloat16

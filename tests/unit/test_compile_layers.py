@@ -16,8 +16,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def lora_llama(base, dropout=0.0):
     torch.manual_seed(1)
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout,
-                                                           target_modules=TARGETS))
+    model = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS)
+    )
     for name, param in model.named_parameters():
         if "lora_B" in name:  # peft starts B at zero, which would hide A's gradients
             torch.nn.init.normal_(param, std=0.02)
@@ -42,16 +43,26 @@ def fused_groups():
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    with mock.patch.object(compile_module, "_fuse", counting), \
-            mock.patch.object(torch._inductor.config, "fx_graph_cache", False):
+    with (
+        mock.patch.object(compile_module, "_fuse", counting),
+        mock.patch.object(torch._inductor.config, "fx_graph_cache", False),
+    ):
         yield sizes
     torch._dynamo.reset()
 
 
 def test_lora_a_matrices_with_one_input_are_one_matmul_with_the_same_loss_and_gradients(fused_groups):
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=100,
+        )
+    )
     tokens = torch.randint(3, 100, (2, 16))
     eager_loss, eager_grads = loss_and_grads(lora_llama(base), tokens)
     model = lora_llama(base)

@@ -16,8 +16,10 @@ from fairseq_ext.data.instruction import build_instruction_split
 from fairseq_ext.data.preprocess import cache_key, cached_split
 from tests.helpers import EXAMPLE, MODEL_DIR, REPO
 
-RECORDS = [{"instruction": "What is the first word?", "input": "cat dog", "output": "cat"},
-           {"instruction": "Say hi.", "output": "hi"}]
+RECORDS = [
+    {"instruction": "What is the first word?", "input": "cat dog", "output": "cat"},
+    {"instruction": "Say hi.", "output": "hi"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +28,18 @@ def tokenizer():
 
 
 def make_cfg(data_dir, **changes):
-    settings = dict(data=str(data_dir), dataset_type="instruction", dataset_name="toy", prompt_type="plain",
-                    chat_template="", train_on_all_turns=False, sequence_length=512, pack_sequences=False,
-                    precision="fp32", seed=1)
+    settings = dict(
+        data=str(data_dir),
+        dataset_type="instruction",
+        dataset_name="toy",
+        prompt_type="plain",
+        chat_template="",
+        train_on_all_turns=False,
+        sequence_length=512,
+        pack_sequences=False,
+        precision="fp32",
+        seed=1,
+    )
     settings.update(changes)
     return types.SimpleNamespace(**settings)
 
@@ -50,8 +61,9 @@ def test_every_input_of_the_samples_changes_the_key(tmp_path, tokenizer):
     base = make_cfg(tmp_path)
     key = digest(cache_key(base, "train", tokenizer, "causal_lm", build_instruction_split))
     assert key == digest(cache_key(make_cfg(tmp_path), "train", tokenizer, "causal_lm", build_instruction_split))
-    assert key == digest(cache_key(make_cfg(tmp_path, precision="bf16"), "train", tokenizer, "causal_lm",
-                                   build_instruction_split)), "a setting that does not touch the data"
+    assert key == digest(
+        cache_key(make_cfg(tmp_path, precision="bf16"), "train", tokenizer, "causal_lm", build_instruction_split)
+    ), "a setting that does not touch the data"
 
     def changed(cfg=base, split="train", tok=tokenizer, layout="causal_lm", builder=build_instruction_split):
         return digest(cache_key(cfg, split, tok, layout, builder)) != key
@@ -91,9 +103,11 @@ def build_counted(counter, rows=3, delay=0.0):
         with open(counter, "a") as f:
             f.write("x")
         time.sleep(delay)
-        samples = datasets.Dataset.from_dict({"input_ids": [[1, 2, i] for i in range(rows)],
-                                              "labels": [[-100, 2, i] for i in range(rows)]})
+        samples = datasets.Dataset.from_dict(
+            {"input_ids": [[1, 2, i] for i in range(rows)], "labels": [[-100, 2, i] for i in range(rows)]}
+        )
         return samples, {"samples": rows, "truncated": 0, "dropped": 0}
+
     return build
 
 
@@ -132,9 +146,8 @@ def test_one_process_builds_while_the_others_wait(tmp_path):
 
 def test_the_task_reads_its_splits_from_the_cache(tmp_path, caplog):
     """Two task set-ups with the same settings: the second one's samples come from the first one's files."""
-    from fairseq import tasks
+    from fairseq import options, tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-    from fairseq import options
 
     from tests.helpers import tiny_train_args
 

@@ -18,7 +18,8 @@ from tests.helpers import EXAMPLE
 
 MODELS = ("tiny-llama", "tiny-t5")
 DATA_FILES = [f"data/toy_instructions_{s}.json" for s in SPLIT_SIZES] + [
-    f"data/{name}_{s}.json" for name in DATASETS for s in NEW_SPLIT_SIZES]
+    f"data/{name}_{s}.json" for name in DATASETS for s in NEW_SPLIT_SIZES
+]
 
 
 def load(name: str, split: str) -> list:
@@ -36,8 +37,9 @@ def test_assets_rebuild_identical(tmp_path):
     for rel in tokenizer_files + DATA_FILES:
         assert filecmp.cmp(tmp_path / rel, EXAMPLE / rel, shallow=False), f"{rel} differs from the committed file"
     for model in MODELS:
-        built, committed = (json.loads((root / f"model/{model}/config.json").read_text())
-                            for root in (tmp_path, EXAMPLE))
+        built, committed = (
+            json.loads((root / f"model/{model}/config.json").read_text()) for root in (tmp_path, EXAMPLE)
+        )
         built.pop("transformers_version"), committed.pop("transformers_version")
         assert built == committed, model
 
@@ -112,7 +114,7 @@ def test_qa_answer_offsets(split):
     assert len({r["id"] for r in records}) == len(records)
     for r in records:
         (text,), (start,) = r["answers"]["text"], r["answers"]["answer_start"]
-        assert r["context"][start:start + len(text)] == text, r
+        assert r["context"][start : start + len(text)] == text, r
         assert len(r["context"].split()) < 60
 
 

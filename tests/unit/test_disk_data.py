@@ -64,16 +64,20 @@ def test_disk_errors_name_what_to_change(tmp_path, tokenizer):
 
 def test_a_label_column_is_the_label_set(tmp_path, tokenizer):
     path = tmp_path / "cls"
-    datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict({"input_ids": [[1, 7], [1, 8]], "label": ["pos", "neg"]}),
-        "validation": datasets.Dataset.from_dict({"input_ids": [[1, 9]], "label": ["pos"]}),
-    }).save_to_disk(str(path))
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"input_ids": [[1, 7], [1, 8]], "label": ["pos", "neg"]}),
+            "validation": datasets.Dataset.from_dict({"input_ids": [[1, 9]], "label": ["pos"]}),
+        }
+    ).save_to_disk(str(path))
     cfg = SimpleNamespace(data=str(path), prompt_type="plain")
     assert read_disk_labels(cfg).names == ["neg", "pos"]
     assert build_disk_split(cfg, "valid", tokenizer)["label"] == [1]
-    datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict({"input_ids": [[1, 7]], "label": [0]}),
-        "test": datasets.Dataset.from_dict({"input_ids": [[1, 9]], "label": [4]}),
-    }).save_to_disk(str(tmp_path / "bad"))
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"input_ids": [[1, 7]], "label": [0]}),
+            "test": datasets.Dataset.from_dict({"input_ids": [[1, 9]], "label": [4]}),
+        }
+    ).save_to_disk(str(tmp_path / "bad"))
     with pytest.raises(UserInputError, match=r"split test has labels \['4'\] that train does not have"):
         read_disk_labels(SimpleNamespace(data=str(tmp_path / "bad")))

@@ -14,17 +14,32 @@ NUM_SAMPLES, GLOBAL = 44, 8  # 5 full global batches and a short one
 
 def _dataset():
     rows = [[3 + i] * (1 + i % 7) for i in range(NUM_SAMPLES)]
-    return TokenizedDataset(datasets.Dataset.from_dict({"input_ids": rows, "labels": rows}),
-                            get_layout("causal_lm"), pad_id=0, shuffle=False)
+    return TokenizedDataset(
+        datasets.Dataset.from_dict({"input_ids": rows, "labels": rows}),
+        get_layout("causal_lm"),
+        pad_id=0,
+        shuffle=False,
+    )
 
 
 def _iterators(units, accumulation, epoch=1):
     dataset = _dataset()
     micro = GLOBAL // (units * accumulation)
     batches = dataset.batch_by_size(dataset.ordered_indices(), max_sentences=GLOBAL)
-    return [GlobalBatchIterator(units=units, unit=u, accumulation=accumulation, micro_batch=micro, dataset=dataset,
-                                collate_fn=dataset.collater, batch_sampler=batches, seed=7, epoch=epoch)
-            for u in range(units)]
+    return [
+        GlobalBatchIterator(
+            units=units,
+            unit=u,
+            accumulation=accumulation,
+            micro_batch=micro,
+            dataset=dataset,
+            collate_fn=dataset.collater,
+            batch_sampler=batches,
+            seed=7,
+            epoch=epoch,
+        )
+        for u in range(units)
+    ]
 
 
 def _updates(units, accumulation, epoch=2):
@@ -32,7 +47,7 @@ def _updates(units, accumulation, epoch=2):
     pieces = [it.ordered_batches(epoch, False, shuffle=True) for it in _iterators(units, accumulation)]
     updates = []
     for start in range(0, len(pieces[0]), accumulation):
-        updates.append(sorted(i for unit in pieces for piece in unit[start:start + accumulation] for i in piece))
+        updates.append(sorted(i for unit in pieces for piece in unit[start : start + accumulation] for i in piece))
     return updates
 
 

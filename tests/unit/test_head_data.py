@@ -38,19 +38,25 @@ def test_label_names_are_sorted_and_ids_are_kept():
     assert ids.names == ["0", "1", "2", "3"] and ids.index(3) == 3
 
 
-@pytest.mark.parametrize("splits, message", [
-    ({"train": ["a"], "test": ["b"]}, r"split test has labels \['b'\] that train does not have"),
-    ({"train": ["a", 1]}, r"all strings \(names\) or all integers \(ids\)"),
-    ({"train": [-1, 2]}, r"non-negative"),
-])
+@pytest.mark.parametrize(
+    "splits, message",
+    [
+        ({"train": ["a"], "test": ["b"]}, r"split test has labels \['b'\] that train does not have"),
+        ({"train": ["a", 1]}, r"all strings \(names\) or all integers \(ids\)"),
+        ({"train": [-1, 2]}, r"non-negative"),
+    ],
+)
 def test_bad_label_sets(splits, message):
     with pytest.raises(UserInputError, match=message):
         label_set(splits)
 
 
 def test_classification_encodes_text_pairs_with_token_types(tmp_path, tokenizer):
-    cfg = write_splits(tmp_path, "cls", {"train": [{"text": "a cat", "text_pair": "a dog", "label": "same"},
-                                                   {"text": "an owl", "label": "other"}]})
+    cfg = write_splits(
+        tmp_path,
+        "cls",
+        {"train": [{"text": "a cat", "text_pair": "a dog", "label": "same"}, {"text": "an owl", "label": "other"}]},
+    )
     samples = build_classification_split(cfg, "train", tokenizer)
     assert [s["label"] for s in samples] == [1, 0]  # other=0, same=1
     assert samples[0]["token_type_ids"].count(1) == 3  # "a dog [SEP]"
@@ -60,11 +66,15 @@ def test_classification_encodes_text_pairs_with_token_types(tmp_path, tokenizer)
 
 def test_first_sub_token_of_each_word_carries_its_tag(tmp_path, tokenizer):
     assert align_word_labels([None, 0, 1, 1, 2, None], [5, 6, 7]) == [IGNORE_INDEX, 5, 6, IGNORE_INDEX, 7, IGNORE_INDEX]
-    cfg = write_splits(tmp_path, "ner", {"train": [{"tokens": ["Zorblax", "visited", "Oslo"],
-                                                    "tags": ["B-PER", "O", "B-LOC"]}]})
+    cfg = write_splits(
+        tmp_path, "ner", {"train": [{"tokens": ["Zorblax", "visited", "Oslo"], "tags": ["B-PER", "O", "B-LOC"]}]}
+    )
     sample = build_token_classification_split(cfg, "train", tokenizer)[0]
-    labelled = [(tokenizer.convert_ids_to_tokens(t), l) for t, l in zip(sample["input_ids"], sample["labels"])
-                if l != IGNORE_INDEX]
+    labelled = [
+        (tokenizer.convert_ids_to_tokens(t), l)
+        for t, l in zip(sample["input_ids"], sample["labels"])
+        if l != IGNORE_INDEX
+    ]
     assert [l for _, l in labelled] == [1, 2, 0]  # B-LOC=0, B-PER=1, O=2
     assert labelled[0][0] == tokenizer.tokenize("Zorblax")[0] and len(tokenizer.tokenize("Zorblax")) > 1
     cfg = write_splits(tmp_path, "bad", {"train": [{"tokens": ["a", "b"], "tags": ["O"]}]})
@@ -74,11 +84,14 @@ def test_first_sub_token_of_each_word_carries_its_tag(tmp_path, tokenizer):
 
 def test_qa_answer_offsets_become_token_spans(tmp_path, tokenizer):
     context = "Maria lives in New Oslo. Tom works at Delta Labs."
-    record = {"context": context, "question": "Where does Tom work?",
-              "answers": {"text": ["Delta Labs"], "answer_start": [context.index("Delta")]}}
+    record = {
+        "context": context,
+        "question": "Where does Tom work?",
+        "answers": {"text": ["Delta Labs"], "answer_start": [context.index("Delta")]},
+    }
     cfg = write_splits(tmp_path, "qa", {"train": [record]})
     sample = build_question_answering_split(cfg, "train", tokenizer)[0]
-    span = sample["input_ids"][sample["start_positions"]:sample["end_positions"] + 1]
+    span = sample["input_ids"][sample["start_positions"] : sample["end_positions"] + 1]
     assert tokenizer.decode(span) == "delta labs"
     cfg.sequence_length = 12  # the answer is cut off: the sample cannot be trained on
     assert build_question_answering_split(cfg, "train", tokenizer)[0]["start_positions"] == -1
@@ -89,9 +102,17 @@ def test_qa_answer_offsets_become_token_spans(tmp_path, tokenizer):
 
 
 def test_text_pairs_keep_their_groups(tmp_path, tokenizer):
-    cfg = write_splits(tmp_path, "pairs", {"train": [{"text": "a", "text_pair": "b", "group": "x"},
-                                                     {"text": "c", "text_pair": "d", "group": "y"},
-                                                     {"text": "e", "text_pair": "f", "group": "x"}]})
+    cfg = write_splits(
+        tmp_path,
+        "pairs",
+        {
+            "train": [
+                {"text": "a", "text_pair": "b", "group": "x"},
+                {"text": "c", "text_pair": "d", "group": "y"},
+                {"text": "e", "text_pair": "f", "group": "x"},
+            ]
+        },
+    )
     samples = build_text_pairs_split(cfg, "train", tokenizer)
     assert [s["group"] for s in samples] == [0, 1, 0]
     assert samples[1]["pair_input_ids"] == tokenizer("d")["input_ids"]

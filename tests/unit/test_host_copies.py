@@ -28,4 +28,3 @@ def test_values_are_read_from_the_meters_on_first_access_only():
     assert logged["loss"] == 3.0 and isinstance(logged["loss"], float)
     assert dict(logged) == {"loss": 3.0, "sample_size": 2.0}  # fairseq drops wpb (and ppl, wps, bsz)
     assert len(logged) == 2 and aggregator.reads == 1
-

@@ -41,8 +41,9 @@ def test_alpaca_template_switches_on_input():
 
 
 def test_user_template_registry():
-    register_prompt_template("test_qa", PromptTemplate(with_input="Q: {instruction} C: {input} A:",
-                                                       without_input="Q: {instruction} A:"))
+    register_prompt_template(
+        "test_qa", PromptTemplate(with_input="Q: {instruction} C: {input} A:", without_input="Q: {instruction} A:")
+    )
     try:
         assert get_prompt_template("test_qa").render("why?", "") == "Q: why? A:"
         with pytest.raises(UserInputError, match="already registered"):
@@ -62,13 +63,22 @@ def test_json_list_and_json_lines_are_both_read(tmp_path):
         assert [(r["instruction"], r["output"]) for r in got] == [("a", "b"), ("c", "d")]
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', r"bad_train\.json:2: malformed JSON line"),
-    ('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n', r"bad_train\.json: line 2: record is missing field 'output'"),
-    ('{"instruction": "a", "output": 3}\n', r"bad_train\.json: line 1: field 'output' must be a string"),
-    ('\n\n', r"bad_train\.json: the split is empty"),
-    ('[{"instruction": "a", "output": "b"}, 3]', r"bad_train\.json: item 1 of the JSON list is not an object"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n',
+            r"bad_train\.json:2: malformed JSON line",
+        ),
+        (
+            '{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n',
+            r"bad_train\.json: line 2: record is missing field 'output'",
+        ),
+        ('{"instruction": "a", "output": 3}\n', r"bad_train\.json: line 1: field 'output' must be a string"),
+        ("\n\n", r"bad_train\.json: the split is empty"),
+        ('[{"instruction": "a", "output": "b"}, 3]', r"bad_train\.json: item 1 of the JSON list is not an object"),
+    ],
+)
 def test_bad_files_name_file_and_line(tmp_path, content, message):
     (tmp_path / "bad_train.json").write_text(content)
     with pytest.raises(UserInputError, match=message):

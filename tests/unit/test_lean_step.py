@@ -20,15 +20,17 @@ def test_optimizer_hands_eligible_lean_weights_to_one_launch(monkeypatch):
     moments, the group's settings, the scale and found_inf; the others take the unfused step."""
     calls = []
     monkeypatch.setattr(adamw, "takes_fused_lean_step", lambda weight, state: weight.numel() > 10)
-    monkeypatch.setattr(LeanAdamWStep, "__call__", lambda self, params, states, *args: calls.append(
-        (params, states, args)))
+    monkeypatch.setattr(
+        LeanAdamWStep, "__call__", lambda self, params, states, *args: calls.append((params, states, args))
+    )
     big, small = (torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16)) for n in (64, 4))
-    optimizer = adamw.MixedPrecisionAdamW([big, small], lr=2e-3, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1,
-                                          lean_states=True)
+    optimizer = adamw.MixedPrecisionAdamW(
+        [big, small], lr=2e-3, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1, lean_states=True
+    )
     for param in (big, small):
         param.grad = torch.ones_like(param)
     optimizer.step(grad_scale=0.5, found_inf=torch.zeros(()))
-    (params, states, (lr, scale, found_inf, betas, eps, decay)), = calls
+    ((params, states, (lr, scale, found_inf, betas, eps, decay)),) = calls
     assert params == [big] and states == [optimizer.state[big]]
     assert states[0]["exp_avg"].dtype == torch.bfloat16 and "master" not in states[0]
     assert (lr, betas, eps, decay) == (2e-3, (0.8, 0.9), 1e-6, 0.1)
@@ -53,7 +55,7 @@ def test_each_launch_gets_a_new_seed_from_the_host(monkeypatch):
     for caller in (step, step, same):
         caller._launch(3, None, layout, None, None, None, (0.9, 0.95), 1e-8, 0.1)
     seeds = [args[7] for _, args, _ in launches]
-    assert seeds[0] != seeds[1] and seeds[2] == seeds[0] and all(0 <= s < 2 ** 31 for s in seeds)
+    assert seeds[0] != seeds[1] and seeds[2] == seeds[0] and all(0 <= s < 2**31 for s in seeds)
     assert [grid for grid, _, _ in launches] == [(3,)] * 3
     assert launches[0][2]["SEGMENT"] * lean_step.SEGMENTS == LeanAdamWStep.BLOCK
     assert layout[0].tolist() == [0, 1, 1]  # blocks of 8 segments: one for 5 elements, two for BLOCK + 1

@@ -12,19 +12,23 @@ from tests.helpers import MODEL_DIR
 
 def test_key_value_and_json_forms_agree():
     as_pairs = parse_lora_config("r=16 lora_alpha=32 lora_dropout=0.05 target_modules=q_proj,v_proj use_rslora=true")
-    as_json = parse_lora_config('{"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, '
-                                '"target_modules": ["q_proj", "v_proj"], "use_rslora": true}')
+    as_json = parse_lora_config(
+        '{"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"], "use_rslora": true}'
+    )
     assert as_pairs == as_json
     assert parse_lora_config("") == {} and parse_lora_config("bias=lora_only") == {"bias": "lora_only"}
 
 
-@pytest.mark.parametrize("text, message", [
-    ("rank=16", r"unknown keys \['rank'\]; peft.LoraConfig accepts: .*lora_alpha"),
-    ('{"r": 8, "alpha": 2}', r"unknown keys \['alpha'\]"),
-    ("r16", r"entry 'r16' is not key=value"),
-    ('{"r": 8,', r"LORA_CONFIG is not valid JSON"),
-    ("task_type=SEQ_CLS", r"unknown keys \['task_type'\]"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("rank=16", r"unknown keys \['rank'\]; peft.LoraConfig accepts: .*lora_alpha"),
+        ('{"r": 8, "alpha": 2}', r"unknown keys \['alpha'\]"),
+        ("r16", r"entry 'r16' is not key=value"),
+        ('{"r": 8,', r"LORA_CONFIG is not valid JSON"),
+        ("task_type=SEQ_CLS", r"unknown keys \['task_type'\]"),
+    ],
+)
 def test_bad_lora_config_is_a_clear_error(text, message):
     with pytest.raises(UserInputError, match=message):
         parse_lora_config(text)
@@ -32,8 +36,11 @@ def test_bad_lora_config_is_a_clear_error(text, message):
 
 def test_target_modules_matching_nothing_lists_the_linear_modules():
     model = load_hf_model(AutoModelForCausalLM, str(MODEL_DIR))
-    with pytest.raises(UserInputError, match=r"match no module of the model; its linear modules are: "
-                                             r"down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"):
+    with pytest.raises(
+        UserInputError,
+        match=r"match no module of the model; its linear modules are: "
+        r"down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj",
+    ):
         apply_lora(model, "target_modules=query,value", "CAUSAL_LM")
 
 
@@ -56,6 +63,7 @@ def test_adapters_of_a_bf16_model_stay_bf16_when_asked(in_model_dtype, expected)
 
 def test_train_and_eval_switch_every_submodule_and_updates_are_counted():
     from fairseq_ext.models.hf_auto import HFAutoCausalLM
+
     model = HFAutoCausalLM(apply_lora(load_hf_model(AutoModelForCausalLM, MODEL_DIR), "r=4", "CAUSAL_LM").eval())
     for mode in (True, False, True, True, False, False, True):
         model.train(mode)

@@ -10,8 +10,16 @@ from fairseq_ext.errors import UserInputError
 
 
 def lora_llama():
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=50))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=50,
+        )
+    )
     return get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "o_proj"])).get_base_model().model
 
 
@@ -32,8 +40,14 @@ def test_rowwise_projection_splits_its_base_layer_and_a_and_keeps_b_whole():
 
 def test_lora_on_a_conv1d_projection_gets_one_clear_error():
     model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=50, n_positions=16))
-    c_attn = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True)) \
-        .get_base_model().transformer.h[0].attn.c_attn
-    with pytest.raises(UserInputError, match="LoRA on h.0.attn.c_attn .*leave this module out of LoRA's "
-                                             "target_modules or use PLAN_NGPUS=1"):
+    c_attn = (
+        get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+        .get_base_model()
+        .transformer.h[0]
+        .attn.c_attn
+    )
+    with pytest.raises(
+        UserInputError,
+        match="LoRA on h.0.attn.c_attn .*leave this module out of LoRA's target_modules or use PLAN_NGPUS=1",
+    ):
         lora_plan("h.0.attn.c_attn", c_attn, "colwise_qkv")

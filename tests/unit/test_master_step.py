@@ -37,10 +37,10 @@ def test_beta_zero_means_no_bias_correction():
 def test_cpu_weights_keep_torchs_fused_cpu_kernel():
     weight = torch.nn.Parameter(torch.zeros(4096, dtype=torch.bfloat16))
     weight.grad = torch.zeros_like(weight)
-    state = dict(master=torch.zeros(4096), exp_avg=torch.zeros(4096), exp_avg_sq=torch.zeros(4096),
-                 step=torch.zeros(()))
+    state = dict(
+        master=torch.zeros(4096), exp_avg=torch.zeros(4096), exp_avg_sq=torch.zeros(4096), step=torch.zeros(())
+    )
     assert not takes_fused_master_step(weight, state)
-
 
 
 def test_optimizer_hands_eligible_weights_to_one_launch_per_device(monkeypatch):
@@ -50,14 +50,15 @@ def test_optimizer_hands_eligible_weights_to_one_launch_per_device(monkeypatch):
 
     calls = []
     monkeypatch.setattr(adamw, "takes_fused_master_step", lambda weight, state: weight.numel() > 10)
-    monkeypatch.setattr(MasterAdamWStep, "__call__", lambda self, params, states, *args: calls.append(
-        (params, states, args)))
+    monkeypatch.setattr(
+        MasterAdamWStep, "__call__", lambda self, params, states, *args: calls.append((params, states, args))
+    )
     big, small = (torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16)) for n in (64, 4))
     optimizer = adamw.MixedPrecisionAdamW([big, small], lr=2e-3, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1)
     for param in (big, small):
         param.grad = torch.ones_like(param)
     optimizer.step(grad_scale=0.5)
-    (params, states, (lr, scale, found_inf, betas, eps, decay)), = calls
+    ((params, states, (lr, scale, found_inf, betas, eps, decay)),) = calls
     assert params == [big] and states == [optimizer.state[big]] and "master" in states[0]
     assert (lr, betas, eps, decay) == (2e-3, (0.8, 0.9), 1e-6, 0.1)
     assert scale.item() == 0.5 and found_inf.item() == 0.0

@@ -10,8 +10,13 @@ from tests.helpers import build_trainer
 
 def test_parts_keep_every_row_and_count_their_own_tokens():
     target = torch.tensor([[1, IGNORE_INDEX], [2, 3], [IGNORE_INDEX, IGNORE_INDEX]])
-    sample = {"id": torch.arange(3), "nsentences": 3, "ntokens": 3, "target": target,
-              "net_input": {"input_ids": torch.ones(3, 2, dtype=torch.long), "position_ids": torch.zeros(3, 2)}}
+    sample = {
+        "id": torch.arange(3),
+        "nsentences": 3,
+        "ntokens": 3,
+        "target": target,
+        "net_input": {"input_ids": torch.ones(3, 2, dtype=torch.long), "position_ids": torch.zeros(3, 2)},
+    }
     parts = split_batch(sample, 2)
     assert [p["nsentences"] for p in parts] == [2, 1] and [p["ntokens"] for p in parts] == [3, 0]
     assert torch.equal(torch.cat([p["target"] for p in parts]), target)

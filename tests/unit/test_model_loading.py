@@ -41,6 +41,7 @@ def test_dtype_and_attention_are_selectable():
 def test_flash_attention_without_the_package_is_a_clear_error():
     try:
         import flash_attn  # noqa: F401
+
         pytest.skip("flash-attn is installed here")
     except ImportError:
         pass
@@ -51,8 +52,7 @@ def test_flash_attention_without_the_package_is_a_clear_error():
 def test_max_tokens_and_batch_multiple_shape_the_batches():
     from fairseq_ext.tasks.hf_finetune import HFFinetuneConfig, HFFinetuneTask
 
-    task = HFFinetuneTask.setup_task(HFFinetuneConfig(data=str(DATA_DIR), hf_model_name_or_path=str(MODEL_DIR),
-                                                      seed=1))
+    task = HFFinetuneTask.setup_task(HFFinetuneConfig(data=str(DATA_DIR), hf_model_name_or_path=str(MODEL_DIR), seed=1))
     task.select_arch("hf_auto_causal_lm")
     task.load_dataset("valid")
     dataset = task.dataset("valid")
@@ -61,8 +61,9 @@ def test_max_tokens_and_batch_multiple_shape_the_batches():
     assert sum(b["nsentences"] for b in batches) == len(dataset)
     assert all(b["net_input"]["input_ids"].numel() <= 400 for b in batches)
     task.load_dataset("valid")  # a new dataset object: fairseq caches one batch iterator per dataset
-    by_multiple = task.get_batch_iterator(task.dataset("valid"), max_tokens=400, required_batch_size_multiple=4,
-                                          seed=1).next_epoch_itr(shuffle=False)
+    by_multiple = task.get_batch_iterator(
+        task.dataset("valid"), max_tokens=400, required_batch_size_multiple=4, seed=1
+    ).next_epoch_itr(shuffle=False)
     assert all(b["nsentences"] % 4 == 0 for b in by_multiple)  # 200 samples: no remainder batch
 
 

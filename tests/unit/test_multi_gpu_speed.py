@@ -17,18 +17,34 @@ def _load():
 
 def test_table_has_a_row_per_run_of_ours_with_its_arguments():
     speed = _load()
-    args = argparse.Namespace(shape="tiny", gpus=2, seq=64, mb=1, fsdp2_compile=0, fsdp2_checkpoint=0,
-                              precision="fp32", compile=0)
-    fsdp2 = dict(status="ok", tokens_per_s_per_gpu=1000.0, peak_alloc_gib=1.0, step_median_s=0.1,
-                 matmul_bf16_flops=None, gpu="cpu")
-    ours = [dict(fsdp2, extra_args="", predicted_peak_gib=1.2, predicted_step_s=0.1, plan_summary="tp=1, pp=1",
-                 peak_reserved_gib=1.1),
-            dict(fsdp2, extra_args="--gradient-as-bucket-view", tokens_per_s_per_gpu=1100.0),
-            dict(status="failed", extra_args="--bad", reason="run.sh rc 1", error="fairseq_ext: error: x")]
+    args = argparse.Namespace(
+        shape="tiny", gpus=2, seq=64, mb=1, fsdp2_compile=0, fsdp2_checkpoint=0, precision="fp32", compile=0
+    )
+    fsdp2 = dict(
+        status="ok",
+        tokens_per_s_per_gpu=1000.0,
+        peak_alloc_gib=1.0,
+        step_median_s=0.1,
+        matmul_bf16_flops=None,
+        gpu="cpu",
+    )
+    ours = [
+        dict(
+            fsdp2,
+            extra_args="",
+            predicted_peak_gib=1.2,
+            predicted_step_s=0.1,
+            plan_summary="tp=1, pp=1",
+            peak_reserved_gib=1.1,
+        ),
+        dict(fsdp2, extra_args="--gradient-as-bucket-view", tokens_per_s_per_gpu=1100.0),
+        dict(status="failed", extra_args="--bad", reason="run.sh rc 1", error="fairseq_ext: error: x"),
+    ]
     text = speed.table(args, fsdp2, ours)
     rows = [line for line in text.splitlines() if line.startswith("| ours")]
     assert len(rows) == 3
     assert rows[0].startswith("| ours: run.sh, PRECISION=fp32 COMPILE=0, compile-pass plan | 1,000 |")
-    assert rows[1].startswith("| ours: run.sh, PRECISION=fp32 COMPILE=0, compile-pass plan, `--gradient-as-bucket-view` "
-                              "| 1,100 |")
+    assert rows[1].startswith(
+        "| ours: run.sh, PRECISION=fp32 COMPILE=0, compile-pass plan, `--gradient-as-bucket-view` | 1,100 |"
+    )
     assert "| failed |" in rows[2] and "fairseq_ext: error: x" in rows[2]

@@ -21,7 +21,7 @@ def _samples(lengths, seed=0):
     rng = random.Random(seed)
     input_ids = [[rng.randrange(3, 500) for _ in range(n)] for n in lengths]
     # a prompt of a third of each sample is not trained on, as instruction data has it
-    labels = [[IGNORE_INDEX] * (len(ids) // 3) + ids[len(ids) // 3:] for ids in input_ids]
+    labels = [[IGNORE_INDEX] * (len(ids) // 3) + ids[len(ids) // 3 :] for ids in input_ids]
     return datasets.Dataset.from_dict({"input_ids": input_ids, "labels": labels})
 
 
@@ -37,7 +37,9 @@ def test_packed_rows_keep_every_token_and_restart_positions():
     samples = _samples([5, 9, 3, 12, 7, 2, 16])
     packed = pack(samples, 16, "train")
     assert all(len(row) <= 16 for row in packed["input_ids"])
-    assert sorted(t for row in packed["input_ids"] for t in row) == sorted(t for row in samples["input_ids"] for t in row)
+    assert sorted(t for row in packed["input_ids"] for t in row) == sorted(
+        t for row in samples["input_ids"] for t in row
+    )
     for ids, labels, positions in zip(packed["input_ids"], packed["labels"], packed["position_ids"]):
         assert len(ids) == len(labels) == len(positions)
         starts = [i for i, p in enumerate(positions) if p == 0]

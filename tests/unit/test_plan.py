@@ -1,9 +1,9 @@
 """The Plan: JSON round trip, fingerprint, validation messages, atomic save, default rule."""
 
 import dataclasses
-from dataclasses import replace
 import json
 import os
+from dataclasses import replace
 
 import pytest
 
@@ -15,9 +15,21 @@ from fairseq_ext.errors import UserInputError
 
 def full_plan(**changes) -> Plan:
     """A plan that sets every field away from its default."""
-    fields = dict(plan_ngpus=8, scaling_factor=4, tp=2, pp=4, pp_schedule="Interleaved1F1B", num_microbatches=8,
-                  virtual_stages_per_rank=2, stage_boundaries=(2, 4, 6, 8, 10, 12, 14), zero=True, zero_n_groups=2,
-                  recompute_modules=("LlamaDecoderLayer",), model_fingerprint="abc123", version=1)
+    fields = dict(
+        plan_ngpus=8,
+        scaling_factor=4,
+        tp=2,
+        pp=4,
+        pp_schedule="Interleaved1F1B",
+        num_microbatches=8,
+        virtual_stages_per_rank=2,
+        stage_boundaries=(2, 4, 6, 8, 10, 12, 14),
+        zero=True,
+        zero_n_groups=2,
+        recompute_modules=("LlamaDecoderLayer",),
+        model_fingerprint="abc123",
+        version=1,
+    )
     fields.update(changes)
     return Plan(**fields)
 
@@ -39,48 +51,104 @@ def test_fingerprint_is_stable_and_pinned():
     assert fingerprint == "1e60389c87a86298"
 
 
-@pytest.mark.parametrize("field, value", [
-    ("plan_ngpus", 16), ("scaling_factor", 2), ("tp", 4), ("pp", 2), ("pp_schedule", "1F1B"),
-    ("num_microbatches", 16), ("virtual_stages_per_rank", 3), ("stage_boundaries", (1, 4, 6, 8, 10, 12, 14)),
-    ("zero", False), ("zero_n_groups", 4), ("recompute_modules", ()), ("model_fingerprint", "abc124"),
-    ("version", 2),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("plan_ngpus", 16),
+        ("scaling_factor", 2),
+        ("tp", 4),
+        ("pp", 2),
+        ("pp_schedule", "1F1B"),
+        ("num_microbatches", 16),
+        ("virtual_stages_per_rank", 3),
+        ("stage_boundaries", (1, 4, 6, 8, 10, 12, 14)),
+        ("zero", False),
+        ("zero_n_groups", 4),
+        ("recompute_modules", ()),
+        ("model_fingerprint", "abc124"),
+        ("version", 2),
+    ],
+)
 def test_fingerprint_changes_with_every_field(field, value):
     assert field in {f.name for f in dataclasses.fields(Plan)}
     assert full_plan(**{field: value}).fingerprint() != full_plan().fingerprint()
 
 
-@pytest.mark.parametrize("changes, match", [
-    (dict(tp=0, plan_ngpus=0), r"plan_ngpus must be a positive integer, got 0"),
-    (dict(scaling_factor=-1), r"scaling_factor must be a positive integer, got -1"),
-    (dict(num_microbatches=0), r"num_microbatches must be a positive integer"),
-    (dict(virtual_stages_per_rank=0), r"virtual_stages_per_rank must be a positive integer"),
-    (dict(tp=True), r"tp must be a positive integer, got True"),
-    (dict(tp=3, pp=2, plan_ngpus=4), r"tp 3 x pp 2 = 6 does not equal PLAN_NGPUS 4"),
-    (dict(pp_schedule="ZeroBubble"), r"unknown pp_schedule 'ZeroBubble'; choose one of GPipe, 1F1B, Interleaved1F1B"),
-    (dict(pp_schedule="Interleaved1F1B", tp=2, pp=2, num_microbatches=2),
-     r"Interleaved1F1B needs virtual_stages_per_rank >= 2, got 1"),
-    (dict(virtual_stages_per_rank=2, tp=2, pp=2, num_microbatches=2),
-     r"virtual_stages_per_rank 2 needs pp_schedule Interleaved1F1B, got 1F1B"),
-    (dict(tp=1, pp=4, plan_ngpus=4, num_microbatches=2), r"1F1B with pp 4 needs at least 4 micro-batches, got 2"),
-    (dict(tp=2, pp=2, pp_schedule="GPipe", num_microbatches=1), r"GPipe with pp 2 needs at least 2 micro-batches"),
-    (dict(tp=2, pp=2, num_microbatches=2, stage_boundaries=(1, 2)),
-     r"stage_boundaries has 2 entries but pp 2 x virtual_stages_per_rank 1 = 2 stages need 1"),
-    (dict(tp=2, pp=2, num_microbatches=2, pp_schedule="Interleaved1F1B", virtual_stages_per_rank=2,
-          stage_boundaries=(3, 6)), r"= 4 stages need 3"),
-    (dict(tp=2, pp=2, num_microbatches=2, pp_schedule="Interleaved1F1B", virtual_stages_per_rank=2,
-          stage_boundaries=(3, 3, 6)), r"stage_boundaries \[3, 3, 6\] must be strictly increasing"),
-    (dict(tp=2, pp=2, num_microbatches=2, pp_schedule="Interleaved1F1B", virtual_stages_per_rank=2,
-          stage_boundaries=(5, 3, 6)), r"must be strictly increasing"),
-    (dict(tp=2, pp=2, num_microbatches=2, stage_boundaries=(0,)), r"stage_boundaries \[0\] must start above 0"),
-    (dict(tp=2, pp=2, num_microbatches=2, stage_boundaries=("2",)), r"stage_boundaries must be a list of layer indices"),
-    (dict(zero=True, zero_n_groups=0), r"zero_n_groups must be a positive integer, got 0"),
-    (dict(zero=True, scaling_factor=4, zero_n_groups=3),
-     r"zero_n_groups 3 does not divide CUBE_SCALING_FACTOR 4.*choose a zero_n_groups that divides 4"),
-    (dict(zero="yes"), r"zero must be true or false"),
-    (dict(recompute_modules=("",)), r"recompute_modules must be a list of module class names"),
-    (dict(version=2), r"plan version 2 is not supported"),
-])
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (dict(tp=0, plan_ngpus=0), r"plan_ngpus must be a positive integer, got 0"),
+        (dict(scaling_factor=-1), r"scaling_factor must be a positive integer, got -1"),
+        (dict(num_microbatches=0), r"num_microbatches must be a positive integer"),
+        (dict(virtual_stages_per_rank=0), r"virtual_stages_per_rank must be a positive integer"),
+        (dict(tp=True), r"tp must be a positive integer, got True"),
+        (dict(tp=3, pp=2, plan_ngpus=4), r"tp 3 x pp 2 = 6 does not equal PLAN_NGPUS 4"),
+        (
+            dict(pp_schedule="ZeroBubble"),
+            r"unknown pp_schedule 'ZeroBubble'; choose one of GPipe, 1F1B, Interleaved1F1B",
+        ),
+        (
+            dict(pp_schedule="Interleaved1F1B", tp=2, pp=2, num_microbatches=2),
+            r"Interleaved1F1B needs virtual_stages_per_rank >= 2, got 1",
+        ),
+        (
+            dict(virtual_stages_per_rank=2, tp=2, pp=2, num_microbatches=2),
+            r"virtual_stages_per_rank 2 needs pp_schedule Interleaved1F1B, got 1F1B",
+        ),
+        (dict(tp=1, pp=4, plan_ngpus=4, num_microbatches=2), r"1F1B with pp 4 needs at least 4 micro-batches, got 2"),
+        (dict(tp=2, pp=2, pp_schedule="GPipe", num_microbatches=1), r"GPipe with pp 2 needs at least 2 micro-batches"),
+        (
+            dict(tp=2, pp=2, num_microbatches=2, stage_boundaries=(1, 2)),
+            r"stage_boundaries has 2 entries but pp 2 x virtual_stages_per_rank 1 = 2 stages need 1",
+        ),
+        (
+            dict(
+                tp=2,
+                pp=2,
+                num_microbatches=2,
+                pp_schedule="Interleaved1F1B",
+                virtual_stages_per_rank=2,
+                stage_boundaries=(3, 6),
+            ),
+            r"= 4 stages need 3",
+        ),
+        (
+            dict(
+                tp=2,
+                pp=2,
+                num_microbatches=2,
+                pp_schedule="Interleaved1F1B",
+                virtual_stages_per_rank=2,
+                stage_boundaries=(3, 3, 6),
+            ),
+            r"stage_boundaries \[3, 3, 6\] must be strictly increasing",
+        ),
+        (
+            dict(
+                tp=2,
+                pp=2,
+                num_microbatches=2,
+                pp_schedule="Interleaved1F1B",
+                virtual_stages_per_rank=2,
+                stage_boundaries=(5, 3, 6),
+            ),
+            r"must be strictly increasing",
+        ),
+        (dict(tp=2, pp=2, num_microbatches=2, stage_boundaries=(0,)), r"stage_boundaries \[0\] must start above 0"),
+        (
+            dict(tp=2, pp=2, num_microbatches=2, stage_boundaries=("2",)),
+            r"stage_boundaries must be a list of layer indices",
+        ),
+        (dict(zero=True, zero_n_groups=0), r"zero_n_groups must be a positive integer, got 0"),
+        (
+            dict(zero=True, scaling_factor=4, zero_n_groups=3),
+            r"zero_n_groups 3 does not divide CUBE_SCALING_FACTOR 4.*choose a zero_n_groups that divides 4",
+        ),
+        (dict(zero="yes"), r"zero must be true or false"),
+        (dict(recompute_modules=("",)), r"recompute_modules must be a list of module class names"),
+        (dict(version=2), r"plan version 2 is not supported"),
+    ],
+)
 def test_validate_rejects_with_what_to_change(changes, match):
     fields = dict(plan_ngpus=4, scaling_factor=2, tp=4, pp=1)
     fields.update(changes)
@@ -88,16 +156,34 @@ def test_validate_rejects_with_what_to_change(changes, match):
         Plan(**fields).validate()
 
 
-@pytest.mark.parametrize("plan", [
-    Plan(plan_ngpus=4, scaling_factor=2, tp=4, pp=1),
-    Plan(plan_ngpus=4, scaling_factor=1, tp=1, pp=4, pp_schedule="GPipe", num_microbatches=4,
-         stage_boundaries=(1, 2, 3)),
-    Plan(plan_ngpus=2, scaling_factor=1, tp=1, pp=2, pp_schedule="Interleaved1F1B", virtual_stages_per_rank=2,
-         num_microbatches=2, stage_boundaries=(2, 4, 6)),
-    # zero_n_groups is ignored without ZeRO; with ZeRO it divides scaling_factor.
-    Plan(plan_ngpus=1, scaling_factor=3, tp=1, pp=1, zero=False, zero_n_groups=2),
-    Plan(plan_ngpus=1, scaling_factor=6, tp=1, pp=1, zero=True, zero_n_groups=3),
-])
+@pytest.mark.parametrize(
+    "plan",
+    [
+        Plan(plan_ngpus=4, scaling_factor=2, tp=4, pp=1),
+        Plan(
+            plan_ngpus=4,
+            scaling_factor=1,
+            tp=1,
+            pp=4,
+            pp_schedule="GPipe",
+            num_microbatches=4,
+            stage_boundaries=(1, 2, 3),
+        ),
+        Plan(
+            plan_ngpus=2,
+            scaling_factor=1,
+            tp=1,
+            pp=2,
+            pp_schedule="Interleaved1F1B",
+            virtual_stages_per_rank=2,
+            num_microbatches=2,
+            stage_boundaries=(2, 4, 6),
+        ),
+        # zero_n_groups is ignored without ZeRO; with ZeRO it divides scaling_factor.
+        Plan(plan_ngpus=1, scaling_factor=3, tp=1, pp=1, zero=False, zero_n_groups=2),
+        Plan(plan_ngpus=1, scaling_factor=6, tp=1, pp=1, zero=True, zero_n_groups=3),
+    ],
+)
 def test_validate_accepts_consistent_plans(plan):
     assert plan.validate() is plan
 
@@ -117,17 +203,21 @@ def test_from_json_rejects_missing_required_keys():
 
 
 def test_from_json_fills_defaults_and_validates():
-    assert Plan.from_json('{"plan_ngpus": 2, "scaling_factor": 1, "tp": 2, "pp": 1}') == \
-        Plan(plan_ngpus=2, scaling_factor=1, tp=2, pp=1)
+    assert Plan.from_json('{"plan_ngpus": 2, "scaling_factor": 1, "tp": 2, "pp": 1}') == Plan(
+        plan_ngpus=2, scaling_factor=1, tp=2, pp=1
+    )
     with pytest.raises(UserInputError, match=r"tp 2 x pp 1 = 2 does not equal PLAN_NGPUS 4"):
         Plan.from_json('{"plan_ngpus": 4, "scaling_factor": 1, "tp": 2, "pp": 1}')
 
 
-@pytest.mark.parametrize("text, match", [
-    ('{"plan_ngpus": 2,', r"plan is not valid JSON: .*line 1"),
-    ("", r"plan is not valid JSON"),
-    ("[1, 2]", r"plan must be a JSON object, got list"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ('{"plan_ngpus": 2,', r"plan is not valid JSON: .*line 1"),
+        ("", r"plan is not valid JSON"),
+        ("[1, 2]", r"plan must be a JSON object, got list"),
+    ],
+)
 def test_from_json_rejects_malformed_json(text, match):
     with pytest.raises(UserInputError, match=match):
         Plan.from_json(text)
@@ -187,19 +277,29 @@ def test_world_size_and_check_world_size():
     plan = Plan(plan_ngpus=4, scaling_factor=2, tp=4, pp=1)
     assert plan.world_size == 8
     plan.check_world_size(8)
-    with pytest.raises(UserInputError, match=r"^PLAN_NGPUS 4 x CUBE_SCALING_FACTOR 2 = 8 does not equal the world "
-                                             r"size 6 \(NPROC_PER_NODE x NNODES\)$"):
+    with pytest.raises(
+        UserInputError,
+        match=r"^PLAN_NGPUS 4 x CUBE_SCALING_FACTOR 2 = 8 does not equal the world "
+        r"size 6 \(NPROC_PER_NODE x NNODES\)$",
+    ):
         plan.check_world_size(6)
 
 
 def test_model_spec_checks_the_split():
-    spec = ModelSpec(model_type="toy", tp_rules={"layers.*.q": "colwise"}, num_layers=4, decoder=True,
-                     tied_embeddings=False, vocab_size=8,
-                     tp_sizes=dict(num_attention_heads=32, num_key_value_heads=6, intermediate_size=96))
+    spec = ModelSpec(
+        model_type="toy",
+        tp_rules={"layers.*.q": "colwise"},
+        num_layers=4,
+        decoder=True,
+        tied_embeddings=False,
+        vocab_size=8,
+        tp_sizes=dict(num_attention_heads=32, num_key_value_heads=6, intermediate_size=96),
+    )
     settings = RunSettings(batch_size=2)
     plan = Plan(plan_ngpus=6, scaling_factor=1, tp=3, pp=2, num_microbatches=2)
-    assert spec.unsupported(plan, settings) == ["tp 3 does not divide num_attention_heads 32; choose a tp that "
-                                                "divides it"]
+    assert spec.unsupported(plan, settings) == [
+        "tp 3 does not divide num_attention_heads 32; choose a tp that divides it"
+    ]
     for name, size in (("num_key_value_heads", 8), ("intermediate_size", 100)):
         odd = replace(spec, tp_sizes={**spec.tp_sizes, "num_attention_heads": 12, name: size})
         assert odd.unsupported(plan, settings) == [f"tp 3 does not divide {name} {size}; choose a tp that divides it"]
@@ -210,21 +310,34 @@ def test_model_spec_checks_the_split():
     assert reason.startswith("pp 2 x virtual_stages_per_rank 1 = 2 pipeline stages exceed num_hidden_layers 1")
 
     four = replace(fits, tp_sizes={}, num_layers=5)
-    interleaved = Plan(plan_ngpus=2, scaling_factor=1, tp=1, pp=2, pp_schedule="Interleaved1F1B",
-                       virtual_stages_per_rank=2, num_microbatches=2, stage_boundaries=(1, 2, 4))
+    interleaved = Plan(
+        plan_ngpus=2,
+        scaling_factor=1,
+        tp=1,
+        pp=2,
+        pp_schedule="Interleaved1F1B",
+        virtual_stages_per_rank=2,
+        num_microbatches=2,
+        stage_boundaries=(1, 2, 4),
+    )
     assert four.unsupported(interleaved, settings) == []
     [reason] = replace(four, num_layers=4).unsupported(interleaved, settings)
     assert reason.startswith("stage_boundaries [1, 2, 4] name layer 4 but the model has 4 layers")
-    assert any("= 4 pipeline stages exceed num_hidden_layers 3" in r
-               for r in replace(four, num_layers=3).unsupported(interleaved, settings))
+    assert any(
+        "= 4 pipeline stages exceed num_hidden_layers 3" in r
+        for r in replace(four, num_layers=3).unsupported(interleaved, settings)
+    )
 
 
-@pytest.mark.parametrize("plan_ngpus, gpus_per_node, tp, pp, num_microbatches", [
-    (8, 8, 8, 1, 1),
-    (16, 8, 8, 2, 2),
-    (4, 8, 4, 1, 1),
-    (12, 8, 4, 3, 3),
-])
+@pytest.mark.parametrize(
+    "plan_ngpus, gpus_per_node, tp, pp, num_microbatches",
+    [
+        (8, 8, 8, 1, 1),
+        (16, 8, 8, 2, 2),
+        (4, 8, 4, 1, 1),
+        (12, 8, 4, 3, 3),
+    ],
+)
 def test_default_plan_keeps_tensor_parallel_inside_a_node(plan_ngpus, gpus_per_node, tp, pp, num_microbatches):
     plan = default_plan(plan_ngpus=plan_ngpus, scaling_factor=2, gpus_per_node=gpus_per_node)
     assert (plan.tp, plan.pp, plan.num_microbatches) == (tp, pp, num_microbatches)

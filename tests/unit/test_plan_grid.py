@@ -47,15 +47,30 @@ SETTINGS = {  # name -> (CompileSettings fields, ZeRO)
 def _llama(**extra):
     from transformers import LlamaConfig
 
-    return LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                       num_hidden_layers=4, vocab_size=128, tie_word_embeddings=False, **extra)
+    return LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        vocab_size=128,
+        tie_word_embeddings=False,
+        **extra,
+    )
 
 
 def _qwen2_tied():
     from transformers import Qwen2Config
 
-    return Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                       num_hidden_layers=4, vocab_size=128, tie_word_embeddings=True)
+    return Qwen2Config(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        vocab_size=128,
+        tie_word_embeddings=True,
+    )
 
 
 def _gpt2():
@@ -67,8 +82,14 @@ def _gpt2():
 def _bert():
     from transformers import BertConfig
 
-    return BertConfig(hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=2,
-                      vocab_size=128, max_position_embeddings=64)
+    return BertConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
 
 
 def _t5():
@@ -85,19 +106,41 @@ def _custom():
 
 # family -> (config, AutoModel class name, head, (layer, attention, MLP classes), LoRA targets)
 FAMILIES = {
-    "llama": (_llama, "AutoModelForCausalLM", "causal_lm", ("LlamaDecoderLayer", "LlamaAttention", "LlamaMLP"),
-              ["q_proj", "v_proj"]),
-    "qwen2-tied": (_qwen2_tied, "AutoModelForCausalLM", "causal_lm",
-                   ("Qwen2DecoderLayer", "Qwen2Attention", "Qwen2MLP"), ["q_proj", "v_proj"]),
+    "llama": (
+        _llama,
+        "AutoModelForCausalLM",
+        "causal_lm",
+        ("LlamaDecoderLayer", "LlamaAttention", "LlamaMLP"),
+        ["q_proj", "v_proj"],
+    ),
+    "qwen2-tied": (
+        _qwen2_tied,
+        "AutoModelForCausalLM",
+        "causal_lm",
+        ("Qwen2DecoderLayer", "Qwen2Attention", "Qwen2MLP"),
+        ["q_proj", "v_proj"],
+    ),
     "gpt2": (_gpt2, "AutoModelForCausalLM", "causal_lm", ("GPT2Block", "GPT2Attention", "GPT2MLP"), ["c_attn"]),
-    "bert": (_bert, "AutoModelForSequenceClassification", "seq_cls", ("BertLayer", "BertAttention", "BertOutput"),
-             ["query", "value"]),
+    "bert": (
+        _bert,
+        "AutoModelForSequenceClassification",
+        "seq_cls",
+        ("BertLayer", "BertAttention", "BertOutput"),
+        ["query", "value"],
+    ),
     "t5": (_t5, "AutoModelForSeq2SeqLM", "seq2seq_lm", ("T5Block", "T5Attention", "T5LayerFF"), ["q", "v"]),
-    "custom": (_custom, "AutoModelForCausalLM", "causal_lm", ("LlamaDecoderLayer", "LlamaAttention", "LlamaMLP"),
-               ["q_proj", "v_proj"]),
+    "custom": (
+        _custom,
+        "AutoModelForCausalLM",
+        "causal_lm",
+        ("LlamaDecoderLayer", "LlamaAttention", "LlamaMLP"),
+        ["q_proj", "v_proj"],
+    ),
 }
-CUSTOM_RULES = {"LlamaAttention": {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"},
-                "LlamaMLP": {}}  # attention split by its registered rules, the MLP kept whole
+CUSTOM_RULES = {
+    "LlamaAttention": {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"},
+    "LlamaMLP": {},
+}  # attention split by its registered rules, the MLP kept whole
 
 
 @pytest.fixture
@@ -108,18 +151,37 @@ def registered(monkeypatch):
 
 def stand_in_profile(spec, classes, precision: str, tp_degrees) -> ModelProfile:
     """A profile with the family's layer count and classes; the costs are the same for every family."""
+
     def module(name):
         recompute = {cls: (Activations(per_token=10.0, transient_per_token=90.0), 1e3) for cls in classes}
-        return ModuleProfile(name=name, class_name=classes[0], param_numel=4096, sharded_numel=2048,
-                             activations=Activations(per_token=100.0), recompute=recompute, fwd_flops_per_token=1e4)
+        return ModuleProfile(
+            name=name,
+            class_name=classes[0],
+            param_numel=4096,
+            sharded_numel=2048,
+            activations=Activations(per_token=100.0),
+            recompute=recompute,
+            fwd_flops_per_token=1e4,
+        )
 
-    return ModelProfile(model_type=spec.model_type, num_layers=spec.num_layers, hidden_size=64, num_heads=4,
-                        num_kv_heads=2, intermediate_size=128, vocab_size=128, seq_len=16, precision=precision,
-                        layer_class=classes[0], attention_class=classes[1], mlp_class=classes[2],
-                        tp_degrees=tuple(tp_degrees), vocab_parallel={tp: spec.vocab_parallel(tp, 1) for tp in tp_degrees},
-                        modules={tp: {name: module(name) for name in ("embed", "layers", "norm", "head")}
-                                 for tp in tp_degrees},
-                        shared={tp: Activations(per_token=0.0) for tp in tp_degrees})
+    return ModelProfile(
+        model_type=spec.model_type,
+        num_layers=spec.num_layers,
+        hidden_size=64,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=128,
+        vocab_size=128,
+        seq_len=16,
+        precision=precision,
+        layer_class=classes[0],
+        attention_class=classes[1],
+        mlp_class=classes[2],
+        tp_degrees=tuple(tp_degrees),
+        vocab_parallel={tp: spec.vocab_parallel(tp, 1) for tp in tp_degrees},
+        modules={tp: {name: module(name) for name in ("embed", "layers", "norm", "head")} for tp in tp_degrees},
+        shared={tp: Activations(per_token=0.0) for tp in tp_degrees},
+    )
 
 
 class FairseqModel(torch.nn.Module):
@@ -154,13 +216,18 @@ def fairseq_cfg(compile_settings: CompileSettings, plan_file: str):
     """The fairseq config run.sh gives a run with these settings (the fields the runtime reads)."""
     s = compile_settings
     return SimpleNamespace(
-        task=SimpleNamespace(precision="fp32" if s.precision == "fp16" else s.precision, plan_file=plan_file,
-                             sequence_length=s.seq_len, pack_sequences=s.packing),
+        task=SimpleNamespace(
+            precision="fp32" if s.precision == "fp16" else s.precision,
+            plan_file=plan_file,
+            sequence_length=s.seq_len,
+            pack_sequences=s.packing,
+        ),
         common=SimpleNamespace(fp16=s.precision == "fp16", bf16=False, amp=False, cpu=True),
-        optimizer=SimpleNamespace(_name="torch_adamw"), dataset=SimpleNamespace(batch_size=s.batch_size),
+        optimizer=SimpleNamespace(_name="torch_adamw"),
+        dataset=SimpleNamespace(batch_size=s.batch_size),
         optimization=SimpleNamespace(update_freq=[s.grad_accu]),
-        model=SimpleNamespace(compile_layers=s.compiled, use_lora=s.lora_config is not None,
-                              lora_config=s.lora_config))
+        model=SimpleNamespace(compile_layers=s.compiled, use_lora=s.lora_config is not None, lora_config=s.lora_config),
+    )
 
 
 def runtime_outcome(cfg, model, criterion, world_size: int):
@@ -187,16 +254,26 @@ def test_every_plan_the_search_lets_through_runs(family, tmp_path, request):
     built, refusals = set(), set()
     refusing = {lora: build(family, lora) for lora in (False, True)}  # a refused plan is refused before any split
     for name, (fields, zero) in SETTINGS.items():
-        compile_settings = CompileSettings(model="", plan_ngpus=1, mem_per_gpu=1e3, batch_size=BATCH_SIZE,
-                                           seq_len=16, zero=zero, **fields)
+        compile_settings = CompileSettings(
+            model="", plan_ngpus=1, mem_per_gpu=1e3, batch_size=BATCH_SIZE, seq_len=16, zero=zero, **fields
+        )
         settings = dataclasses.replace(compile_settings.run_settings(), head=head, pipeline_loss=head == "causal_lm")
         lora = compile_settings.lora_config is not None
         model = FairseqModel(None, head, lora)  # what run_settings reads: the head and LoRA
         profile = stand_in_profile(spec, classes, compile_settings.precision, spec.tp_degrees(max(GPU_COUNTS)))
         for ngpus in GPU_COUNTS:
             scaling = 2 if zero else 1
-            result = search(profile, Workload(batch_size=BATCH_SIZE, seq_len=16), Hardware(), ngpus, scaling, 1e3,
-                            spec, settings, zero=zero)
+            result = search(
+                profile,
+                Workload(batch_size=BATCH_SIZE, seq_len=16),
+                Hardware(),
+                ngpus,
+                scaling,
+                1e3,
+                spec,
+                settings,
+                zero=zero,
+            )
             if ngpus == 1:
                 assert result.best is not None, (family, name)
             for candidate in result.candidates:
@@ -210,8 +287,13 @@ def test_every_plan_the_search_lets_through_runs(family, tmp_path, request):
                     if plan.plan_ngpus > 1 and key not in refusals:
                         refusals.add(key)
                         refused = runtime_outcome(cfg, refusing[lora], criterion_for(head), plan.world_size)
-                        assert isinstance(refused, UserInputError) and candidate.rejected[0] in str(refused), \
-                            (family, name, plan, candidate.rejected, refused)
+                        assert isinstance(refused, UserInputError) and candidate.rejected[0] in str(refused), (
+                            family,
+                            name,
+                            plan,
+                            candidate.rejected,
+                            refused,
+                        )
                     continue
                 assert spec.unsupported(plan, settings) == []
                 if split_key(plan, lora) in built:
@@ -229,18 +311,30 @@ def test_the_search_says_why_it_picks_no_plan():
     """Settings the runtime refuses for every plan of two GPUs give no plan, with the runtime's reason."""
     spec = spec_of(_llama())
     classes = FAMILIES["llama"][3]
-    for fields, reason in ((dict(compiled=True), "COMPILE=1 (--compile-layers) with PLAN_NGPUS > 1"),
-                           (dict(precision="fp16"), "--fp16 with tensor or pipeline parallel")):
+    for fields, reason in (
+        (dict(compiled=True), "COMPILE=1 (--compile-layers) with PLAN_NGPUS > 1"),
+        (dict(precision="fp16"), "--fp16 with tensor or pipeline parallel"),
+    ):
         settings = CompileSettings(model="", plan_ngpus=2, mem_per_gpu=1e3, batch_size=BATCH_SIZE, **fields)
         profile = stand_in_profile(spec, classes, settings.precision, spec.tp_degrees(2))
-        result = search(profile, Workload(batch_size=BATCH_SIZE, seq_len=16), Hardware(), 2, 1, 1e3, spec,
-                        settings.run_settings())
+        result = search(
+            profile, Workload(batch_size=BATCH_SIZE, seq_len=16), Hardware(), 2, 1, 1e3, spec, settings.run_settings()
+        )
         assert result.best is None
         assert result.candidates and all(any(reason in r for r in c.rejected) for c in result.candidates)
     lora = CompileSettings(model="", plan_ngpus=2, mem_per_gpu=1e3, batch_size=BATCH_SIZE, lora_config="")
-    result = search(stand_in_profile(spec, classes, "fp32", spec.tp_degrees(2)),
-                    Workload(batch_size=BATCH_SIZE, seq_len=16), Hardware(), 2, 1, 1e3, spec, lora.run_settings())
+    result = search(
+        stand_in_profile(spec, classes, "fp32", spec.tp_degrees(2)),
+        Workload(batch_size=BATCH_SIZE, seq_len=16),
+        Hardware(),
+        2,
+        1,
+        1e3,
+        spec,
+        lora.run_settings(),
+    )
     assert result.best.plan.tp == 2
     piped = [c for c in result.candidates if c.plan.pp == 2]
-    assert piped and all(c.rejected[0].startswith("LoRA with pipeline parallel (pp 2) is not available yet")
-                         for c in piped)
+    assert piped and all(
+        c.rejected[0].startswith("LoRA with pipeline parallel (pp 2) is not available yet") for c in piped
+    )

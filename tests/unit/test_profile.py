@@ -16,11 +16,11 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from fairseq_ext.criterions.lm_loss import CHUNK_ELEMENTS
 from fairseq_ext.cube.cost import ADAM_STATE_BYTES, Hardware, Workload, estimate
 from fairseq_ext.cube.plan import Plan
 from fairseq_ext.cube.profile import fused_head_activations, load_config, profile_model
 from fairseq_ext.cube.runtime.chunked_loss import linear_cross_entropy
-from fairseq_ext.criterions.lm_loss import CHUNK_ELEMENTS
 from fairseq_ext.cube.runtime.recompute import apply_recompute
 from tests.helpers import MODEL_DIR
 
@@ -44,8 +44,12 @@ def groups(model):
     """Parameter elements of embed / layers (one layer) / norm / head, from the real model."""
     base = model.base_model
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return {"embed": count(base.embed_tokens), "layers": count(base.layers[0]), "norm": count(base.norm),
-            "head": count(model.get_output_embeddings())}
+    return {
+        "embed": count(base.embed_tokens),
+        "layers": count(base.layers[0]),
+        "norm": count(base.norm),
+        "head": count(model.get_output_embeddings()),
+    }
 
 
 def test_parameter_gradient_and_optimizer_bytes_equal_the_real_tensors(profile):
@@ -61,8 +65,11 @@ def test_parameter_gradient_and_optimizer_bytes_equal_the_real_tensors(profile):
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
     states = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if v.dim() > 0)
-    assert (weights, grads, states) == (profile.param_numel * 4, profile.param_numel * 4,
-                                        profile.param_numel * ADAM_STATE_BYTES)
+    assert (weights, grads, states) == (
+        profile.param_numel * 4,
+        profile.param_numel * 4,
+        profile.param_numel * ADAM_STATE_BYTES,
+    )
     plan = Plan(plan_ngpus=1, scaling_factor=1, tp=1, pp=1)
     assert estimate(profile, plan, Workload(BATCH, SEQ), BARE).parts["static"] == weights + grads + states
 
@@ -83,8 +90,12 @@ def test_tp2_shards_equal_the_runtimes_local_tensors(profile):
         parallelize(model, plan, init_device_mesh("cpu", (1, 1, 2), mesh_dim_names=("dp", "pp", "tp")))
         base = model.base_model
         local = lambda m: sum(local_tensor(p).numel() for p in m.parameters())  # noqa: E731
-        got = {"embed": local(base.embed_tokens), "layers": local(base.layers[0]), "norm": local(base.norm),
-               "head": local(model.get_output_embeddings())}
+        got = {
+            "embed": local(base.embed_tokens),
+            "layers": local(base.layers[0]),
+            "norm": local(base.norm),
+            "head": local(model.get_output_embeddings()),
+        }
     finally:
         dist.destroy_process_group()
     assert profile.vocab_parallel[2]
@@ -104,8 +115,9 @@ def test_predicted_peak_tracks_a_real_training_step(profile, recompute):
 
     def step():  # the causal-LM criterion's fused loss: the LM head applied chunk by chunk inside it
         hidden = model.base_model(input_ids=ids).last_hidden_state
-        loss = linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), head, ids.view(-1),
-                                    chunk_size=max(512, CHUNK_ELEMENTS // head.size(0)))
+        loss = linear_cross_entropy(
+            hidden.reshape(-1, hidden.size(-1)), head, ids.view(-1), chunk_size=max(512, CHUNK_ELEMENTS // head.size(0))
+        )
         del hidden
         loss.backward()
         optimizer.step()
@@ -130,6 +142,12 @@ def test_forward_flops_match_flop_counter(profile):
     ids = torch.randint(0, model.config.vocab_size, (BATCH, SEQ))
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(input_ids=ids)
-    predicted = sum(profile.module(1, name).fwd_flops_per_token * (profile.num_layers if name == "layers" else 1)
-                    for name in ("embed", "layers", "norm", "head")) * BATCH * SEQ
+    predicted = (
+        sum(
+            profile.module(1, name).fwd_flops_per_token * (profile.num_layers if name == "layers" else 1)
+            for name in ("embed", "layers", "norm", "head")
+        )
+        * BATCH
+        * SEQ
+    )
     assert predicted == pytest.approx(counter.get_total_flops(), rel=1e-9)

@@ -14,8 +14,10 @@ from fairseq_ext.data.sources import find_split_source
 from fairseq_ext.errors import UserInputError
 from tests.helpers import MODEL_DIR
 
-RECORDS = [{"instruction": "What is the first word?", "input": "cat dog", "output": "cat"},
-           {"instruction": "Say hi.", "input": None, "output": "hi"}]
+RECORDS = [
+    {"instruction": "What is the first word?", "input": "cat dog", "output": "cat"},
+    {"instruction": "Say hi.", "input": None, "output": "hi"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,9 @@ def write(folder, kind, records=RECORDS, name="toy", split="train"):
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / f"{name}_{split}"
     if kind == "json":
-        stem.with_suffix(".json").write_text(json.dumps([{k: v for k, v in r.items() if v is not None} for r in records]))
+        stem.with_suffix(".json").write_text(
+            json.dumps([{k: v for k, v in r.items() if v is not None} for r in records])
+        )
     elif kind == "jsonl":
         stem.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     elif kind == "parquet":
@@ -35,8 +39,9 @@ def write(folder, kind, records=RECORDS, name="toy", split="train"):
     elif kind == "disk":
         datasets.Dataset.from_list(records).save_to_disk(str(stem))
     elif kind == "disk_dict":
-        datasets.DatasetDict({"train": datasets.Dataset.from_list(records),
-                              "validation": datasets.Dataset.from_list(records[:1])}).save_to_disk(str(folder))
+        datasets.DatasetDict(
+            {"train": datasets.Dataset.from_list(records), "validation": datasets.Dataset.from_list(records[:1])}
+        ).save_to_disk(str(folder))
 
 
 @pytest.mark.parametrize("kind", ["json", "jsonl", "parquet", "disk", "disk_dict"])
@@ -60,21 +65,35 @@ def test_other_types_read_parquet_too(tmp_path):
 def test_two_files_for_one_split_is_an_error(tmp_path, tokenizer):
     write(tmp_path, "json")
     write(tmp_path, "parquet")
-    with pytest.raises(UserInputError, match="split train has several record files: .*toy_train.json, .*toy_train.parquet"):
+    with pytest.raises(
+        UserInputError, match="split train has several record files: .*toy_train.json, .*toy_train.parquet"
+    ):
         find_split_source(str(tmp_path), "toy", "train")
 
 
-@pytest.mark.parametrize("kind, records, message", [
-    ("jsonl", None, r"toy_train\.jsonl:2: malformed JSON line"),
-    ("jsonl", [RECORDS[0], {"instruction": "a"}], r"toy_train\.jsonl: line 2: record is missing field 'output'"),
-    ("jsonl", [RECORDS[0], {"instruction": "a", "output": 3}], r"toy_train\.jsonl: line 2: field 'output' must be a string"),
-    ("parquet", [RECORDS[0], {"instruction": "a", "output": None}], r"toy_train\.parquet: record 2: record is missing field 'output'"),
-])
+@pytest.mark.parametrize(
+    "kind, records, message",
+    [
+        ("jsonl", None, r"toy_train\.jsonl:2: malformed JSON line"),
+        ("jsonl", [RECORDS[0], {"instruction": "a"}], r"toy_train\.jsonl: line 2: record is missing field 'output'"),
+        (
+            "jsonl",
+            [RECORDS[0], {"instruction": "a", "output": 3}],
+            r"toy_train\.jsonl: line 2: field 'output' must be a string",
+        ),
+        (
+            "parquet",
+            [RECORDS[0], {"instruction": "a", "output": None}],
+            r"toy_train\.parquet: record 2: record is missing field 'output'",
+        ),
+    ],
+)
 def test_bad_records_name_file_and_line_or_record(tmp_path, tokenizer, kind, records, message):
     if records is None:
-        (tmp_path / "toy_train.jsonl").write_text(json.dumps(RECORDS[0]) + "\n{\"instruction\": \n")
+        (tmp_path / "toy_train.jsonl").write_text(json.dumps(RECORDS[0]) + '\n{"instruction": \n')
     else:
         write(tmp_path, kind, records)
     with pytest.raises(UserInputError, match=message):
-        build_instruction_split(types.SimpleNamespace(data=str(tmp_path), dataset_name="toy", prompt_type="plain"),
-                                "train", tokenizer)
+        build_instruction_split(
+            types.SimpleNamespace(data=str(tmp_path), dataset_name="toy", prompt_type="plain"), "train", tokenizer
+        )

@@ -22,23 +22,45 @@ LLAMA3_8B_SPEC = spec_of(load_config(LLAMA3_8B))
 def toy_profile() -> ModelProfile:
     """Two decoder layers of 100 parameters that keep 1000 bytes per token (10 when recomputed); embedding
     and head of 50 parameters that keep nothing; tp=1 only."""
-    layer = ModuleProfile(name="layers", class_name="Block", param_numel=100, sharded_numel=0,
-                          activations=Activations(per_token=1000.0),
-                          recompute={"Block": (Activations(per_token=10.0, transient_per_token=990.0), 1.0)},
-                          fwd_flops_per_token=1.0)
+    layer = ModuleProfile(
+        name="layers",
+        class_name="Block",
+        param_numel=100,
+        sharded_numel=0,
+        activations=Activations(per_token=1000.0),
+        recompute={"Block": (Activations(per_token=10.0, transient_per_token=990.0), 1.0)},
+        fwd_flops_per_token=1.0,
+    )
     edge = dict(sharded_numel=0, activations=Activations(per_token=0.0))
-    modules = {"embed": ModuleProfile(name="embed", class_name="Emb", param_numel=50, **edge),
-               "layers": layer,
-               "norm": ModuleProfile(name="norm", class_name="Norm", param_numel=0, **edge),
-               "head": ModuleProfile(name="head", class_name="Head", param_numel=50, **edge)}
-    return ModelProfile(model_type="toy", num_layers=2, hidden_size=4, num_heads=1, num_kv_heads=1,
-                        intermediate_size=4, vocab_size=50, seq_len=10, precision="fp32", layer_class="Block",
-                        attention_class="Block", mlp_class="Block", tp_degrees=(1,), vocab_parallel={1: False},
-                        modules={1: modules}, shared={1: Activations(per_token=0.0)})
+    modules = {
+        "embed": ModuleProfile(name="embed", class_name="Emb", param_numel=50, **edge),
+        "layers": layer,
+        "norm": ModuleProfile(name="norm", class_name="Norm", param_numel=0, **edge),
+        "head": ModuleProfile(name="head", class_name="Head", param_numel=50, **edge),
+    }
+    return ModelProfile(
+        model_type="toy",
+        num_layers=2,
+        hidden_size=4,
+        num_heads=1,
+        num_kv_heads=1,
+        intermediate_size=4,
+        vocab_size=50,
+        seq_len=10,
+        precision="fp32",
+        layer_class="Block",
+        attention_class="Block",
+        mlp_class="Block",
+        tp_degrees=(1,),
+        vocab_parallel={1: False},
+        modules={1: modules},
+        shared={1: Activations(per_token=0.0)},
+    )
 
 
-TOY_SPEC = ModelSpec(model_type="toy", tp_rules={}, tp_sizes={}, num_layers=2, decoder=True, tied_embeddings=False,
-                     vocab_size=50)
+TOY_SPEC = ModelSpec(
+    model_type="toy", tp_rules={}, tp_sizes={}, num_layers=2, decoder=True, tied_embeddings=False, vocab_size=50
+)
 
 
 def test_toy_problem_worked_by_hand():
@@ -70,8 +92,9 @@ def llama3_8b():
 
 def test_llama3_8b_on_8_gpus_at_20gb_compiles_quickly():
     start = time.perf_counter()
-    compiled = compile_plan(CompileSettings(model=LLAMA3_8B, plan_ngpus=8, mem_per_gpu=20, batch_size=4,
-                                            seq_len=512, precision="bf16"))
+    compiled = compile_plan(
+        CompileSettings(model=LLAMA3_8B, plan_ngpus=8, mem_per_gpu=20, batch_size=4, seq_len=512, precision="bf16")
+    )
     seconds = time.perf_counter() - start
     assert seconds < 60, seconds
     plan = compiled.plan
@@ -102,8 +125,9 @@ def test_a_batch_too_big_for_memory_is_split_into_micro_batches():
 
 
 def test_mem_per_gpu_1_is_refused_with_the_smallest_budget(capsys):
-    code = plan_report.main(["--model", LLAMA3_8B, "--plan-ngpus", "8", "--mem-per-gpu", "1", "--precision", "bf16",
-                             "--batch-size", "4"])
+    code = plan_report.main(
+        ["--model", LLAMA3_8B, "--plan-ngpus", "8", "--mem-per-gpu", "1", "--precision", "bf16", "--batch-size", "4"]
+    )
     err = capsys.readouterr().err
     assert code == 2
     lines = [line for line in err.splitlines() if line.strip() and "DEBUG" not in line]
@@ -112,8 +136,19 @@ def test_mem_per_gpu_1_is_refused_with_the_smallest_budget(capsys):
     smallest = float(lines[0].split("the smallest needs ")[1].split(" GB")[0])
     assert f"raise MEM_PER_GPU to {int(smallest) + 1}" in lines[0]
     # ... and that budget does fit
-    assert compile_plan(CompileSettings(model=LLAMA3_8B, plan_ngpus=8, mem_per_gpu=int(smallest) + 1, batch_size=4,
-                                        seq_len=512, precision="bf16")).plan is not None
+    assert (
+        compile_plan(
+            CompileSettings(
+                model=LLAMA3_8B,
+                plan_ngpus=8,
+                mem_per_gpu=int(smallest) + 1,
+                batch_size=4,
+                seq_len=512,
+                precision="bf16",
+            )
+        ).plan
+        is not None
+    )
 
 
 def test_more_memory_never_gives_a_slower_plan(llama3_8b):
@@ -121,8 +156,9 @@ def test_more_memory_never_gives_a_slower_plan(llama3_8b):
     previous = float("inf")
     for budget in range(12, 81, 4):
         for packing in (True, False):  # packing: pipeline plans refused
-            best = search(llama3_8b, work, Hardware(), 8, 2, budget, LLAMA3_8B_SPEC,
-                          RunSettings(packing=packing, batch_size=8)).best
+            best = search(
+                llama3_8b, work, Hardware(), 8, 2, budget, LLAMA3_8B_SPEC, RunSettings(packing=packing, batch_size=8)
+            ).best
             if best is None:
                 continue
             assert best.cost.peak_gib <= budget
@@ -136,8 +172,18 @@ def test_user_fixed_settings_are_respected(llama3_8b):
     work = Workload(batch_size=8, seq_len=512)
     from fairseq_ext.cube.search import Fixed
 
-    result = search(llama3_8b, work, Hardware(), 8, 2, 40, LLAMA3_8B_SPEC, zero=True, zero_n_groups=1,
-                    fixed=Fixed(tp=4, pp_schedule="GPipe", recompute_modules=("LlamaDecoderLayer",)))
+    result = search(
+        llama3_8b,
+        work,
+        Hardware(),
+        8,
+        2,
+        40,
+        LLAMA3_8B_SPEC,
+        zero=True,
+        zero_n_groups=1,
+        fixed=Fixed(tp=4, pp_schedule="GPipe", recompute_modules=("LlamaDecoderLayer",)),
+    )
     assert result.candidates
     for c in result.candidates:
         assert c.plan.tp == 4 and c.plan.pp_schedule == "GPipe" and c.plan.zero
@@ -146,8 +192,17 @@ def test_user_fixed_settings_are_respected(llama3_8b):
 
 def test_zero_with_pipeline_is_never_chosen(llama3_8b):
     """The runtime refuses ZeRO-1 with pp > 1: such plans are listed with the reason, never chosen."""
-    result = search(llama3_8b, Workload(batch_size=8, seq_len=512), Hardware(), plan_ngpus=8, scaling_factor=2,
-                    budget_gib=80, spec=LLAMA3_8B_SPEC, settings=RunSettings(batch_size=8), zero=True)
+    result = search(
+        llama3_8b,
+        Workload(batch_size=8, seq_len=512),
+        Hardware(),
+        plan_ngpus=8,
+        scaling_factor=2,
+        budget_gib=80,
+        spec=LLAMA3_8B_SPEC,
+        settings=RunSettings(batch_size=8),
+        zero=True,
+    )
     assert result.best is not None and result.best.plan.pp == 1
     reason = "ZeRO-1 with pipeline parallel (pp 2) is not available yet; set USE_ZERO=0"
     assert any(any(r.startswith(reason) for r in c.rejected) for c in result.candidates if c.plan.pp == 2)
@@ -156,8 +211,11 @@ def test_zero_with_pipeline_is_never_chosen(llama3_8b):
 def test_a_refusal_names_the_closest_plans_and_one_setting_to_change():
     """PLAN_NGPUS=16 puts pipeline stages in every plan (tp stays within a node of 8), which the runtime
     refuses with ZeRO-1: a few lines name the closest plans and USE_ZERO=0, not every plan's reasons."""
-    compiled = compile_plan(CompileSettings(model=LLAMA3_8B, plan_ngpus=16, mem_per_gpu=20, batch_size=32,
-                                            seq_len=512, precision="bf16", zero=True))
+    compiled = compile_plan(
+        CompileSettings(
+            model=LLAMA3_8B, plan_ngpus=16, mem_per_gpu=20, batch_size=32, seq_len=512, precision="bf16", zero=True
+        )
+    )
     assert compiled.plan is None
     lines = compiled.error.splitlines()
     assert len(lines) <= 6, compiled.error

@@ -41,10 +41,18 @@ def shards(model, optimizer):
 def write_checkpoint_file(path, folder_name, model):
     """The small file fairseq's save writes for a sharded checkpoint (the entries its loader needs)."""
     record = {"param_groups": [{"lr": 0.1}], "param_names": [n for n, _ in model.named_parameters()], "extra": {}}
-    torch.save({"args": None, "cfg": None, "extra_state": {"train_iterator": {"epoch": 1}},
-                "optimizer_history": [{"criterion_name": "c", "optimizer_name": "o", "lr_scheduler_state": {},
-                                       "num_updates": 1}],
-                "dcp": shards_record(folder_name, record)}, path)
+    torch.save(
+        {
+            "args": None,
+            "cfg": None,
+            "extra_state": {"train_iterator": {"epoch": 1}},
+            "optimizer_history": [
+                {"criterion_name": "c", "optimizer_name": "o", "lr_scheduler_state": {}, "num_updates": 1}
+            ],
+            "dcp": shards_record(folder_name, record),
+        },
+        path,
+    )
 
 
 def test_shards_are_written_under_a_temporary_name_then_renamed(tmp_path, monkeypatch):
@@ -86,8 +94,12 @@ def test_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeyp
     for key, value in model.state_dict().items():
         torch.testing.assert_close(state["model"][key], value, rtol=0, atol=0)
     assert sorted(state["last_optimizer_state"]["state"]) == [0, 1, 2, 3]
-    torch.testing.assert_close(state["last_optimizer_state"]["state"][0]["exp_avg"],
-                               optimizer.state[model[0].weight]["exp_avg"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        state["last_optimizer_state"]["state"][0]["exp_avg"],
+        optimizer.state[model[0].weight]["exp_avg"],
+        rtol=0,
+        atol=0,
+    )
 
     # The next save removes what the interrupted one left; fairseq's cleanup then frees folders no file names.
     second = write_shards(str(tmp_path), shards(newer, optimizer), 3)
@@ -136,8 +148,11 @@ def test_an_optimizer_over_flattened_parameters_is_refused():
     params = list(model.named_parameters())
     flat = torch.nn.Parameter(torch.cat([p.detach().flatten() for _, p in params]))
     check_optimizer_by_parameter(torch.optim.Adam(model.parameters()), params)
-    with pytest.raises(UserInputError, match=r"steps 1 tensors for the model's 4 trainable parameters .* "
-                                             r"add --fp16-no-flatten-grads or use --checkpoint-format full"):
+    with pytest.raises(
+        UserInputError,
+        match=r"steps 1 tensors for the model's 4 trainable parameters .* "
+        r"add --fp16-no-flatten-grads or use --checkpoint-format full",
+    ):
         check_optimizer_by_parameter(torch.optim.Adam([flat]), params)
 
 
@@ -152,8 +167,16 @@ def test_strided_shards_of_gpt2_fused_qkv_are_recognised():
     from fairseq_ext.cube.sharded_checkpoint import has_strided_shards
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_head=4, n_layer=1, vocab_size=64, n_positions=16))
-    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=64,
+        )
+    )
     dist.init_process_group("fake", rank=0, world_size=2, store=FakeStore())
     try:
         mesh = init_device_mesh("cpu", (2,))

@@ -25,7 +25,7 @@ speed = load(REPO / "benchmarks" / "single_gpu_speed.py", "single_gpu_speed")
 def record(update, step_s, compute_s, tokens=16384, peak=None):
     out = {"update": update, "step_s": step_s, "compute_s": compute_s, "tokens": tokens}
     if peak is not None:
-        out.update(peak_allocated_bytes=peak, peak_reserved_bytes=peak + 2 ** 30)
+        out.update(peak_allocated_bytes=peak, peak_reserved_bytes=peak + 2**30)
     return out
 
 
@@ -36,10 +36,15 @@ def test_speed_log_medians_and_bookkeeping(tmp_path):
     #   step-comp 0.2   0.5     0.1    1.0   0.1   -> median 0.2 -> bookkeeping 0.2 / 2.0 = 10%
     #   tokens/s  8192  6553.6  16384  4096  8192  -> median 8192 (not 16384 * 5 / 11.5 = 7123.5, the mean rate)
     # Peaks grow; the last update's (3 GiB allocated, 4 GiB reserved) is reported.
-    records = [record(1, 30.0, 29.0, peak=2 ** 30), record(2, 10.0, 9.0, peak=2 ** 30),
-               record(3, 2.0, 1.8, peak=2 * 2 ** 30), record(4, 2.5, 2.0, peak=2 * 2 ** 30),
-               record(5, 1.0, 0.9, peak=2 * 2 ** 30), record(6, 4.0, 3.0, peak=3 * 2 ** 30),
-               record(7, 2.0, 1.9, peak=3 * 2 ** 30)]
+    records = [
+        record(1, 30.0, 29.0, peak=2**30),
+        record(2, 10.0, 9.0, peak=2**30),
+        record(3, 2.0, 1.8, peak=2 * 2**30),
+        record(4, 2.5, 2.0, peak=2 * 2**30),
+        record(5, 1.0, 0.9, peak=2 * 2**30),
+        record(6, 4.0, 3.0, peak=3 * 2**30),
+        record(7, 2.0, 1.9, peak=3 * 2**30),
+    ]
     log = tmp_path / "speed.jsonl"
     # Out of order, a blank line, and a last line cut off mid-write (a killed run): all tolerated.
     log.write_text("\n".join(json.dumps(r) for r in records[3:] + records[:3]) + '\n\n{"update": 8, "ste')
@@ -72,12 +77,15 @@ def test_parameter_counts():
     assert speed.lora_params(speed.MODEL_B) == 32 * 1_310_720
 
 
-@pytest.mark.parametrize("model, mode, tokens_per_s, published_mfu", [
-    # tokens/s and MFU vs 989 that hf_baseline.py published for one H100 (shared/bench/hf_baseline_h100.md).
-    ("A", "full", 44_082, 0.326),
-    ("A", "lora", 39_855, 0.214),
-    ("B", "lora", 9_742, 0.330),
-])
+@pytest.mark.parametrize(
+    "model, mode, tokens_per_s, published_mfu",
+    [
+        # tokens/s and MFU vs 989 that hf_baseline.py published for one H100 (shared/bench/hf_baseline_h100.md).
+        ("A", "full", 44_082, 0.326),
+        ("A", "lora", 39_855, 0.214),
+        ("B", "lora", 9_742, 0.330),
+    ],
+)
 def test_mfu_matches_the_published_baseline(model, mode, tokens_per_s, published_mfu):
     shape = {"A": speed.MODEL_A, "B": speed.MODEL_B}[model]
     fpt = speed.flops_per_token(shape, mode, 2048)
@@ -102,7 +110,8 @@ def test_shapes_are_the_baselines(monkeypatch, tiny):
         monkeypatch.setenv("ANCHOR_TINY", "1")
     baseline = load(REPO / "benchmarks" / "baseline" / "hf_baseline.py", f"hf_baseline_{tiny}")
     assert (baseline.MODEL_A, baseline.MODEL_B, baseline.SEQ) == (
-        (speed.TINY_MODEL_A, speed.TINY_MODEL_B, speed.TINY_SEQ) if tiny else (speed.MODEL_A, speed.MODEL_B, speed.SEQ))
+        (speed.TINY_MODEL_A, speed.TINY_MODEL_B, speed.TINY_SEQ) if tiny else (speed.MODEL_A, speed.MODEL_B, speed.SEQ)
+    )
     assert baseline.LORA_TARGETS == speed.LORA_TARGETS and baseline.PEAK_DATASHEET == speed.PEAK_DATASHEET
     assert set(speed.BASELINE_OF.values()) <= set(baseline.VARIANTS)
 
@@ -117,17 +126,43 @@ def test_rows_are_checked():
 
 
 def test_table_shows_a_failed_row_with_its_log():
-    ok = dict(name="1.1B-full-bf16", source="ours", model="A", mode="full", mb=8, precision="bf16", compile=0,
-              recompute="", status="ok", tokens_per_s=50_000.0, mfu_989=0.37, mfu_measured=0.46,
-              peak_alloc_gib=40.0, bookkeeping_share=0.02, ratio_to_hf=1.134)
-    failed = dict(name="1.1B-full-bf16master", source="ours", model="A", mode="full", mb=8, precision="bf16-master",
-                  compile=0, recompute="", status="failed", reason="run.sh exited with 2",
-                  tail="run.sh: error: PRECISION must be fp32, bf16 or fp16, got 'bf16-master'")
+    ok = dict(
+        name="1.1B-full-bf16",
+        source="ours",
+        model="A",
+        mode="full",
+        mb=8,
+        precision="bf16",
+        compile=0,
+        recompute="",
+        status="ok",
+        tokens_per_s=50_000.0,
+        mfu_989=0.37,
+        mfu_measured=0.46,
+        peak_alloc_gib=40.0,
+        bookkeeping_share=0.02,
+        ratio_to_hf=1.134,
+    )
+    failed = dict(
+        name="1.1B-full-bf16master",
+        source="ours",
+        model="A",
+        mode="full",
+        mb=8,
+        precision="bf16-master",
+        compile=0,
+        recompute="",
+        status="failed",
+        reason="run.sh exited with 2",
+        tail="run.sh: error: PRECISION must be fp32, bf16 or fp16, got 'bf16-master'",
+    )
     env = {"baseline_env": {"gpu": "NVIDIA H100 80GB HBM3"}, "driver_versions": {"torch": "2.11.0"}}
     settings = dict(seq=2048, tiny=False, steps=10, warmup=5, compile_warmup=8)
     table = speed.render_table([ok, failed], env, {}, settings)
-    assert ("| ours 1.1B-full-bf16: PRECISION=bf16 COMPILE=0 | Llama 1.1B | full FT | 8 | 50,000 | 37.0% | 46.0% | "
-            "40.0 | 2.0% | 1.13x |") in table
+    assert (
+        "| ours 1.1B-full-bf16: PRECISION=bf16 COMPILE=0 | Llama 1.1B | full FT | 8 | 50,000 | 37.0% | 46.0% | "
+        "40.0 | 2.0% | 1.13x |"
+    ) in table
     assert "| ours 1.1B-full-bf16master: PRECISION=bf16-master COMPILE=0 | Llama 1.1B | full FT | 8 | failed |" in table
     assert "got 'bf16-master'" in table.split("## 1.1B-full-bf16master")[1]
 
@@ -153,22 +188,29 @@ def test_a_failing_command_is_reported(tmp_path):
 
 def test_failure_excerpt_shows_the_workers_error_not_torchruns(tmp_path):
     log = tmp_path / "row.log"
-    log.write_text("\n".join([
-        "2026-11-28 06:19:27 | INFO | fairseq_cli.train | Start iterating over samples",
-        "/site-packages/torch/nn/modules/module.py:1869: FutureWarning: Using a non-full backward hook",
-        "Traceback (most recent call last):",
-        '  File "fairseq/trainer.py", line 1, in train_step',
-        '    raise FloatingPointError("gradients are Nan/Inf")',
-        "FloatingPointError: gradients are Nan/Inf",
-        "Traceback (most recent call last):",
-        '  File "torch/distributed/run.py", line 1028, in main',
-        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ",
-        "fairseq_cli.train FAILED",
-    ]))
+    log.write_text(
+        "\n".join(
+            [
+                "2026-11-28 06:19:27 | INFO | fairseq_cli.train | Start iterating over samples",
+                "/site-packages/torch/nn/modules/module.py:1869: FutureWarning: Using a non-full backward hook",
+                "Traceback (most recent call last):",
+                '  File "fairseq/trainer.py", line 1, in train_step',
+                '    raise FloatingPointError("gradients are Nan/Inf")',
+                "FloatingPointError: gradients are Nan/Inf",
+                "Traceback (most recent call last):",
+                '  File "torch/distributed/run.py", line 1028, in main',
+                "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ",
+                "fairseq_cli.train FAILED",
+            ]
+        )
+    )
     error, excerpt = speed.failure_excerpt(log, lines=3)
     assert error == "FloatingPointError: gradients are Nan/Inf"
-    assert excerpt.splitlines() == ['  File "fairseq/trainer.py", line 1, in train_step',
-                                    '    raise FloatingPointError("gradients are Nan/Inf")', error]
+    assert excerpt.splitlines() == [
+        '  File "fairseq/trainer.py", line 1, in train_step',
+        '    raise FloatingPointError("gradients are Nan/Inf")',
+        error,
+    ]
     error, excerpt = speed.failure_excerpt(log, at_error=False, lines=2)  # killed at its timeout: the last lines
     assert error == "" and excerpt.splitlines()[-1] == "fairseq_cli.train FAILED"
     (tmp_path / "sh.log").write_text("run.sh: error: COMPILE must be 0 or 1, got '2'\n")

@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 
-from fairseq_ext.errors import UserInputError
 from fairseq_ext.cube.runtime.precision import check_precision
+from fairseq_ext.errors import UserInputError
 from fairseq_ext.optim.adamw import MixedPrecisionAdamW, stochastic_round_to_bf16
 
 SETTINGS = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
@@ -68,13 +68,13 @@ def test_master_weights_keep_updates_smaller_than_bf16_resolution():
 
 
 def test_stochastic_rounding_is_unbiased_and_exact_on_bf16_values():
-    value = torch.full((200_000,), 1.0 + 2 ** -10)  # a quarter of the way between bf16 neighbours 1 and 1 + 2**-7
+    value = torch.full((200_000,), 1.0 + 2**-10)  # a quarter of the way between bf16 neighbours 1 and 1 + 2**-7
     rounded = stochastic_round_to_bf16(value, torch.Generator().manual_seed(0)).float()
-    assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2 ** -7}
-    assert rounded.mean().item() == pytest.approx(1.0 + 2 ** -10, abs=2e-5)
+    assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2**-7}
+    assert rounded.mean().item() == pytest.approx(1.0 + 2**-10, abs=2e-5)
     negative = stochastic_round_to_bf16(-value, torch.Generator().manual_seed(1)).float()
-    assert negative.mean().item() == pytest.approx(-(1.0 + 2 ** -10), abs=2e-5)
-    exact = torch.tensor([0.5, -3.0, 1.0 + 2 ** -7])
+    assert negative.mean().item() == pytest.approx(-(1.0 + 2**-10), abs=2e-5)
+    exact = torch.tensor([0.5, -3.0, 1.0 + 2**-7])
     assert torch.equal(stochastic_round_to_bf16(exact).float(), exact)
 
 
@@ -96,7 +96,7 @@ def test_lean_step_matches_float32_adamw_on_one_step():
     _run(MixedPrecisionAdamW(lean, **SETTINGS, lean_states=True), lean, 1)
     _run(torch.optim.AdamW(reference, **SETTINGS), reference, 1, grad_dtype=torch.float32)
     for a, b in zip(lean, reference):
-        torch.testing.assert_close(a.detach().float(), b.detach(), rtol=0, atol=2 ** -6)
+        torch.testing.assert_close(a.detach().float(), b.detach(), rtol=0, atol=2**-6)
 
 
 @pytest.mark.parametrize("lean", [False, True])
@@ -136,8 +136,10 @@ def _fairseq_optimizer(params, precision="fp32"):
     from omegaconf import OmegaConf
 
     from fairseq_ext.optim.torch_adamw import FairseqTorchAdamW
-    cfg = OmegaConf.create({"adam_betas": "(0.9, 0.95)", "adam_eps": 1e-8, "weight_decay": 0.1, "precision": precision,
-                            "lr": [1e-2]})
+
+    cfg = OmegaConf.create(
+        {"adam_betas": "(0.9, 0.95)", "adam_eps": 1e-8, "weight_decay": 0.1, "precision": precision, "lr": [1e-2]}
+    )
     return FairseqTorchAdamW(cfg, params)
 
 
@@ -146,8 +148,10 @@ def test_fairseq_scaling_and_clipping_fold_into_the_step(max_norm):
     """multiply_grads and clip_grad_norm leave the gradients alone and the step applies both: the same
     weights and norm as scaling, clipping (torch's clip_grad_norm_) and stepping one after the other."""
     ours, reference = _params(torch.float32), _params(torch.float32)
-    optimizer, torch_optimizer = _fairseq_optimizer(ours), torch.optim.AdamW(reference, lr=1e-2, betas=(0.9, 0.95),
-                                                                              weight_decay=0.1)
+    optimizer, torch_optimizer = (
+        _fairseq_optimizer(ours),
+        torch.optim.AdamW(reference, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1),
+    )
     for step in range(3):
         grads = _grads(step, [p.shape for p in ours])
         for a, b, grad in zip(ours, reference, grads):

@@ -76,8 +76,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            loss += _chunk_loss(hidden[rows].to(dtype), w, target[rows], ignore_index,
-                                None if grad_hidden is None else grad_hidden[rows], grad_weight)
+            loss += _chunk_loss(
+                hidden[rows].to(dtype),
+                w,
+                target[rows],
+                ignore_index,
+                None if grad_hidden is None else grad_hidden[rows],
+                grad_weight,
+            )
 
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
@@ -94,8 +100,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                         ignore_index: int = -100, chunk_size: int = 4096) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int = -100, chunk_size: int = 4096
+) -> torch.Tensor:
     """Sum over positions with target != ignore_index of cross_entropy(hidden @ weight.T, target), in float32.
 
     ``hidden`` is (N, H) (flatten (B, T, H) first), ``weight`` the (V, H) LM head weight (no bias),
@@ -118,5 +125,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     # The Function casts to ``dtype`` itself; autocast inside it would also cast its float32 arithmetic.
     no_autocast = torch.autocast(device_type, enabled=False) if autocasting else contextlib.nullcontext()
     with no_autocast:
-        return _LinearCrossEntropy.apply(hidden, weight, target, ignore_index, chunk_size, dtype,
-                                         torch.is_grad_enabled())
+        return _LinearCrossEntropy.apply(
+            hidden, weight, target, ignore_index, chunk_size, dtype, torch.is_grad_enabled()
+        )

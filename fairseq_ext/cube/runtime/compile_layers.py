@@ -38,8 +38,10 @@ def compile_layers(model: torch.nn.Module) -> int:
     classes = repeated_block_classes(model)
     layers = [m for m in model.modules() if type(m).__name__ in classes]
     if not layers:
-        raise UserInputError(f"COMPILE=1 compiles the decoder layers, and {type(model).__name__} names none "
-                             f"(no _no_split_modules); set COMPILE=0")
+        raise UserInputError(
+            f"COMPILE=1 compiles the decoder layers, and {type(model).__name__} names none "
+            f"(no _no_split_modules); set COMPILE=0"
+        )
     options = {"pre_grad_custom_pass": FuseLowRankProjections()}  # one backend for all: one graph serves every layer
     for layer in layers:
         layer.compile(options=options)

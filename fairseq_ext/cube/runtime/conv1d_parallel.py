@@ -31,8 +31,10 @@ def output_dim(module: nn.Module) -> int:
         return 1
     if isinstance(module, nn.Linear):
         return 0
-    raise UserInputError(f"a fused q/k/v projection must be nn.Linear or transformers' Conv1D, "
-                         f"got {type(module).__name__}; register its module type with fairseq_ext.cube.custom")
+    raise UserInputError(
+        f"a fused q/k/v projection must be nn.Linear or transformers' Conv1D, "
+        f"got {type(module).__name__}; register its module type with fairseq_ext.cube.custom"
+    )
 
 
 def _distribute_parameter(module: nn.Module, name: str, mesh: DeviceMesh, placement, src_data_rank) -> None:
@@ -68,9 +70,13 @@ class PackedColwiseParallel(ColwiseParallel):
         return outputs.to_local()
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        return distribute_module(module, device_mesh, self._partition_fn,
-                                 partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
-                                 self._local_output)
+        return distribute_module(
+            module,
+            device_mesh,
+            self._partition_fn,
+            partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+            self._local_output,
+        )
 
 
 class Conv1DRowwiseParallel(RowwiseParallel):
@@ -83,6 +89,10 @@ class Conv1DRowwiseParallel(RowwiseParallel):
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         self.desired_input_layouts = (Shard(-1),)
-        return distribute_module(module, device_mesh, self._partition_fn,
-                                 partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
-                                 partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
+        return distribute_module(
+            module,
+            device_mesh,
+            self._partition_fn,
+            partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+            partial(self._prepare_output_fn, self.output_layouts, self.use_local_output),
+        )

@@ -29,5 +29,5 @@ def average_gradients(grads: List[torch.Tensor], group) -> None:
         flat.div_(size)
         offset = 0
         for grad in same:
-            grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
             offset += grad.numel()

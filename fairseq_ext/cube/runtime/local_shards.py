@@ -153,15 +153,21 @@ class LocalShards:
 
     @staticmethod
     def _full_like(param, value):
-        if isinstance(param, DTensor) and torch.is_tensor(value) and value.shape == local_tensor(param).shape \
-                and value.dim() > 0:
-            return DTensor.from_local(value, param.device_mesh, param.placements, run_check=False,
-                                      shape=param.shape, stride=param.stride()).full_tensor()
+        if (
+            isinstance(param, DTensor)
+            and torch.is_tensor(value)
+            and value.shape == local_tensor(param).shape
+            and value.dim() > 0
+        ):
+            return DTensor.from_local(
+                value, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+            ).full_tensor()
         return value
 
     @staticmethod
     def _local_like(param, value):
         if isinstance(param, DTensor) and torch.is_tensor(value) and value.shape == param.shape and value.dim() > 0:
-            return distribute_tensor(value.to(param.device), param.device_mesh, param.placements,
-                                     src_data_rank=None).to_local()
+            return distribute_tensor(
+                value.to(param.device), param.device_mesh, param.placements, src_data_rank=None
+            ).to_local()
         return value

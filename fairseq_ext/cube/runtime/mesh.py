@@ -36,8 +36,10 @@ def build_mesh(plan: Plan, device_type: Optional[str] = None) -> DeviceMesh:
         device_type: "cuda" or "cpu"; default "cuda" when CUDA is available, else "cpu".
     """
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("build_mesh needs torch.distributed initialized first: "
-                           "dist.init_process_group(backend_for(device_type)), e.g. under torchrun")
+        raise RuntimeError(
+            "build_mesh needs torch.distributed initialized first: "
+            "dist.init_process_group(backend_for(device_type)), e.g. under torchrun"
+        )
     plan.check_world_size(dist.get_world_size())
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"

@@ -55,9 +55,13 @@ def parallelize(hf_model, plan: Plan, mesh: DeviceMesh) -> Parallelized:
     if vocab_parallel:
         apply_vocab_parallel(hf_model, tp_mesh)
     else:
-        logger.info(f"vocab parallel off (pipeline parallel, no LM head, tied embeddings, or vocabulary "
-                    f"{getattr(hf_model.config, 'vocab_size', None)} does not split over tp {plan.tp}): "
-                    f"embeddings and head stay replicated")
-    logger.info(f"tensor parallel: {num_sharded} modules sharded over tp {plan.tp}"
-                + (", embeddings and LM head vocab parallel" if vocab_parallel else ""))
+        logger.info(
+            f"vocab parallel off (pipeline parallel, no LM head, tied embeddings, or vocabulary "
+            f"{getattr(hf_model.config, 'vocab_size', None)} does not split over tp {plan.tp}): "
+            f"embeddings and head stay replicated"
+        )
+    logger.info(
+        f"tensor parallel: {num_sharded} modules sharded over tp {plan.tp}"
+        + (", embeddings and LM head vocab parallel" if vocab_parallel else "")
+    )
     return Parallelized(vocab_parallel, stages)

@@ -32,8 +32,8 @@ from torch.distributed.pipelining import (
 )
 from torch.distributed.tensor import DTensor
 
-from ...errors import UserInputError
 from ...data.layouts import IGNORE_INDEX
+from ...errors import UserInputError
 from ..model_spec import RunSettings, spec_of, stage_layers
 from ..plan import Plan
 
@@ -57,7 +57,8 @@ def check_pipeline_model(hf_model, plan: Plan) -> None:
         raise UserInputError(
             f"pipeline parallel (pp {plan.pp}) splits decoder-only causal LMs (Llama-style: embed_tokens, layers, "
             f"norm, rotary_emb, lm_head); {type(hf_model).__name__} lacks "
-            f"{', '.join(missing) or 'an LM head'}; use a plan with pp 1 (tensor or data parallel) for it")
+            f"{', '.join(missing) or 'an LM head'}; use a plan with pp 1 (tensor or data parallel) for it"
+        )
     reasons = spec_of(hf_model.config).unsupported(plan, RunSettings(batch_size=plan.num_microbatches))
     if reasons:
         raise UserInputError(reasons[0])
@@ -95,13 +96,23 @@ class DecoderStage(torch.nn.Module):
     def forward(self, x, attention_mask=None):
         hidden = self.embed_tokens(x) if self.is_first else x  # (B, T, H)
         position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        mask = self._create_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                 past_key_values=None, position_ids=position_ids,
-                                 **({"cache_position": position_ids[0]} if self._wants_cache_position else {}))
+        mask = self._create_mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            past_key_values=None,
+            position_ids=position_ids,
+            **({"cache_position": position_ids[0]} if self._wants_cache_position else {}),
+        )
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         for layer in self.layers.values():
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
-                           position_ids=position_ids, use_cache=False)
+            hidden = layer(
+                hidden,
+                attention_mask=mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                use_cache=False,
+            )
             if isinstance(hidden, tuple):  # older transformers return (hidden_states, ...)
                 hidden = hidden[0]
         if self.is_last:
@@ -132,8 +143,7 @@ def split_model(hf_model, plan: Plan, pp_rank: int) -> List[Tuple[int, DecoderSt
     base = hf_model.base_model
     layers = stage_layers(len(base.layers), plan.num_stages, plan.stage_boundaries)
     mine = rank_stages(plan, pp_rank)
-    stages = [(s, DecoderStage(hf_model, layers[s], is_first=s == 0, is_last=s == plan.num_stages - 1))
-              for s in mine]
+    stages = [(s, DecoderStage(hf_model, layers[s], is_first=s == 0, is_last=s == plan.num_stages - 1)) for s in mine]
     kept = {i for s in mine for i in layers[s]}
     for i in range(len(base.layers)):
         if i not in kept:
@@ -142,11 +152,14 @@ def split_model(hf_model, plan: Plan, pp_rank: int) -> List[Tuple[int, DecoderSt
         base.embed_tokens = None
     if plan.num_stages - 1 not in mine:
         base.norm = None
-        head_name = next(name for name, module in hf_model.named_children()
-                         if module is hf_model.get_output_embeddings())
+        head_name = next(
+            name for name, module in hf_model.named_children() if module is hf_model.get_output_embeddings()
+        )
         setattr(hf_model, head_name, None)
-    logger.info(f"pipeline rank {pp_rank}: stages {mine}, decoder layers "
-                f"{[f'{layers[s].start}-{layers[s].stop - 1}' for s in mine]} of {len(layers)} stages")
+    logger.info(
+        f"pipeline rank {pp_rank}: stages {mine}, decoder layers "
+        f"{[f'{layers[s].start}-{layers[s].stop - 1}' for s in mine]} of {len(layers)} stages"
+    )
     return stages
 
 
@@ -160,8 +173,15 @@ class PipelineRunner:
             trained tokens (``CausalLMLoss.token_loss``).
     """
 
-    def __init__(self, stages: List[Tuple[int, torch.nn.Module]], plan: Plan, pp_group, device: torch.device,
-                 token_loss: Callable, pad_token_id: int = 0):
+    def __init__(
+        self,
+        stages: List[Tuple[int, torch.nn.Module]],
+        plan: Plan,
+        pp_group,
+        device: torch.device,
+        token_loss: Callable,
+        pad_token_id: int = 0,
+    ):
         self.stages, self.plan, self.pp_group, self.device = stages, plan, pp_group, device
         self.token_loss = token_loss
         self.pad_token_id = pad_token_id
@@ -183,11 +203,17 @@ class PipelineRunner:
         if schedule is None:
             if len(self._schedules) >= _MAX_CACHED_SCHEDULES:
                 self._schedules.pop(next(iter(self._schedules)))
-            stages = [PipelineStage(module, index, self.num_stages, self.device, group=self.pp_group)
-                      for index, module in self.stages]
+            stages = [
+                PipelineStage(module, index, self.num_stages, self.device, group=self.pp_group)
+                for index, module in self.stages
+            ]
             cls = SCHEDULES[self.plan.pp_schedule]
-            schedule = cls(stages if cls is ScheduleInterleaved1F1B else stages[0], self.plan.num_microbatches,
-                           loss_fn=self._loss, scale_grads=False)
+            schedule = cls(
+                stages if cls is ScheduleInterleaved1F1B else stages[0],
+                self.plan.num_microbatches,
+                loss_fn=self._loss,
+                scale_grads=False,
+            )
             self._schedules[shape] = schedule
         return schedule
 
@@ -203,6 +229,7 @@ class PipelineRunner:
 
         def more(t, value):
             return torch.cat([t, t.new_full((rows, *t.shape[1:]), value)])
+
         return more(input_ids, self.pad_token_id), more(attention_mask, 1), more(target, IGNORE_INDEX)
 
     def run(self, input_ids, attention_mask, target, train: bool = True, loss_scale: float = 1.0) -> torch.Tensor:

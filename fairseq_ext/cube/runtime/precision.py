@@ -50,8 +50,12 @@ def check_precision(precision: str, fp16: bool = False, bf16: bool = False, opti
     if precision not in PRECISIONS:
         raise _unknown(precision)
     if precision != "fp32" and (fp16 or bf16):
-        raise UserInputError(f"--precision {precision} is the runtime's bf16; drop --fp16/--bf16 "
-                             f"(PRECISION={precision} alone) or use --precision fp32 with --fp16")
+        raise UserInputError(
+            f"--precision {precision} is the runtime's bf16; drop --fp16/--bf16 "
+            f"(PRECISION={precision} alone) or use --precision fp32 with --fp16"
+        )
     if precision in BF16_WEIGHTS and optimizer is not None and optimizer != NEEDS_OPTIMIZER:
-        raise UserInputError(f"PRECISION={precision} keeps bf16 weights and needs --optimizer {NEEDS_OPTIMIZER} "
-                             f"(its float32 master weights / stochastic rounding); got --optimizer {optimizer}")
+        raise UserInputError(
+            f"PRECISION={precision} keeps bf16 weights and needs --optimizer {NEEDS_OPTIMIZER} "
+            f"(its float32 master weights / stochastic rounding); got --optimizer {optimizer}"
+        )

@@ -45,8 +45,10 @@ def apply_recompute(model: torch.nn.Module, class_names: Iterable[str]) -> int:
     present = module_class_names(model)
     unknown = sorted(names - set(present))
     if unknown:
-        raise UserInputError(f"RECOMPUTE_MODULE_NAMES {', '.join(unknown)}: no module of the model has that class; "
-                             f"its module classes are: {', '.join(present)}")
+        raise UserInputError(
+            f"RECOMPUTE_MODULE_NAMES {', '.join(unknown)}: no module of the model has that class; "
+            f"its module classes are: {', '.join(present)}"
+        )
     targets = [m for m in model.modules() if type(m).__name__ in names]
     apply_activation_checkpointing(
         model,

@@ -78,8 +78,9 @@ def apply_tensor_parallel(hf_model, tp_mesh: DeviceMesh, rules: Optional[Dict[st
         module = modules[name]
         plan.update(lora_plan(name, module, style) if is_lora_layer(module) else {name: make_style(style, module)})
     if not plan:
-        raise UserInputError(f"no module of {type(base).__name__} matches the tensor-parallel rules "
-                             f"{sorted(spec.tp_rules)}")
+        raise UserInputError(
+            f"no module of {type(base).__name__} matches the tensor-parallel rules {sorted(spec.tp_rules)}"
+        )
     parallelize_module(base, tp_mesh, plan)
     sharded = {name.rsplit(".", 1)[0] for name in styles}
     for name, module in base.named_modules():
@@ -102,9 +103,11 @@ def is_lora_layer(module) -> bool:
 def lora_plan(name: str, module, style: str) -> Dict[str, ParallelStyle]:
     """The styles for a LoRA-wrapped projection ``name`` ruled ``style`` (see the module docstring)."""
     if style not in ("colwise", "rowwise") or type(module.base_layer) is not nn.Linear:
-        raise UserInputError(f"LoRA on {name} ({type(module.base_layer).__name__}, tensor-parallel style {style}) "
-                             "is not available under tensor parallel: LoRA splits nn.Linear colwise and rowwise "
-                             "projections; leave this module out of LoRA's target_modules or use PLAN_NGPUS=1")
+        raise UserInputError(
+            f"LoRA on {name} ({type(module.base_layer).__name__}, tensor-parallel style {style}) "
+            "is not available under tensor parallel: LoRA splits nn.Linear colwise and rowwise "
+            "projections; leave this module out of LoRA's target_modules or use PLAN_NGPUS=1"
+        )
     plan = {f"{name}.base_layer": make_style(style, module.base_layer)}
     split = "lora_B" if style == "colwise" else "lora_A"
     for adapter, linear in getattr(module, split).items():
@@ -123,9 +126,12 @@ def apply_vocab_parallel(hf_model, tp_mesh: DeviceMesh) -> None:
     """
     embedding, head = hf_model.get_input_embeddings(), hf_model.get_output_embeddings()
     if not spec_of(hf_model.config).vocab_parallel(tp_mesh.size(), 1, head is not None):
-        raise UserInputError(f"vocab parallel over tp {tp_mesh.size()} needs an LM head untied from the input "
-                             f"embeddings (config.tie_word_embeddings false) and a vocabulary that tp divides")
+        raise UserInputError(
+            f"vocab parallel over tp {tp_mesh.size()} needs an LM head untied from the input "
+            f"embeddings (config.tie_word_embeddings false) and a vocabulary that tp divides"
+        )
     embedding, head = hf_model.get_input_embeddings(), hf_model.get_output_embeddings()
     parallelize_module(embedding, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
-    parallelize_module(head, tp_mesh, ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1),
-                                                      use_local_output=False))
+    parallelize_module(
+        head, tp_mesh, ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False)
+    )

@@ -20,14 +20,20 @@ from ...errors import UserInputError
 def zero_group_ranks(world_size: int, num_groups: int) -> List[List[int]]:
     """Split ranks ``0..world_size-1`` into ``num_groups`` groups of consecutive ranks."""
     if num_groups < 1 or world_size % num_groups:
-        raise UserInputError(f"ZERO_N_GROUPS {num_groups} does not divide the {world_size} data-parallel "
-                             f"replicas; choose a divisor of {world_size}")
+        raise UserInputError(
+            f"ZERO_N_GROUPS {num_groups} does not divide the {world_size} data-parallel "
+            f"replicas; choose a divisor of {world_size}"
+        )
     size = world_size // num_groups
     return [list(range(start, start + size)) for start in range(0, world_size, size)]
 
 
-def shard_optimizer_states(torch_optimizer: torch.optim.Optimizer, defaults: dict, num_groups: int = 1,
-                           replica_groups: Optional[Sequence[Sequence[int]]] = None) -> ZeroRedundancyOptimizer:
+def shard_optimizer_states(
+    torch_optimizer: torch.optim.Optimizer,
+    defaults: dict,
+    num_groups: int = 1,
+    replica_groups: Optional[Sequence[Sequence[int]]] = None,
+) -> ZeroRedundancyOptimizer:
     """Return a ZeRO-1 optimizer stepping like ``torch_optimizer``, its states sharded in this rank's group.
 
     ``consolidate_state_dict()`` (fairseq calls it before saving) gathers the states on the group's first
@@ -40,16 +46,24 @@ def shard_optimizer_states(torch_optimizer: torch.optim.Optimizer, defaults: dic
     """
     if replica_groups is None:
         replica_groups = [list(range(dist.get_world_size()))]
-    groups = [[replicas[i] for i in local] for replicas in replica_groups
-              for local in zero_group_ranks(len(replicas), num_groups)]
+    groups = [
+        [replicas[i] for i in local]
+        for replicas in replica_groups
+        for local in zero_group_ranks(len(replicas), num_groups)
+    ]
     process_groups = [dist.new_group(ranks) for ranks in groups]
     mine = next(i for i, ranks in enumerate(groups) if dist.get_rank() in ranks)
-    return ZeroRedundancyOptimizer(torch_optimizer.param_groups, type(torch_optimizer),
-                                   process_group=process_groups[mine], **defaults)
+    return ZeroRedundancyOptimizer(
+        torch_optimizer.param_groups, type(torch_optimizer), process_group=process_groups[mine], **defaults
+    )
 
 
 def local_state_numel(optimizer: torch.optim.Optimizer) -> int:
     """Number of optimizer-state elements this rank holds (for ZeRO: only its shard)."""
     inner = optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
-    return sum(value.numel() for state in inner.state.values() for value in state.values()
-               if torch.is_tensor(value) and value.dim() > 0)
+    return sum(
+        value.numel()
+        for state in inner.state.values()
+        for value in state.values()
+        if torch.is_tensor(value) and value.dim() > 0
+    )
