@@ -1,6 +1,6 @@
 """Tensor-parallel plans through run.sh (torchrun, gloo, CPU) give the single-process training.
 
-Each run trains the shipped tiny Llama (4 heads, 2 kv heads, FFN 384, vocabulary 554) for 10 updates
+Each run trains the shipped tiny Llama (4 heads, 2 kv heads, FFN 384, vocabulary 594) for 10 updates
 and is compared with one process on the same data order and global batch: the loss of every update
 (relative 1e-5; read from the unrounded ``ppl``, as fairseq rounds ``loss`` to 3 decimals); the gradient
 norm (to the last of its 3 logged decimals), tokens and samples of every update (the norm catches a
@@ -261,7 +261,7 @@ def tiny_gpt2(tmp_path_factory):
         shutil.copy(MODEL_DIR / name, folder / name)
     config = dict(
         model_type="gpt2",
-        vocab_size=554,
+        vocab_size=json.loads((MODEL_DIR / "config.json").read_text())["vocab_size"],
         n_embd=64,
         n_head=4,
         n_layer=2,
