@@ -169,7 +169,9 @@ if [[ -n $RECOMPUTE_MODULE_NAMES ]]; then RECOMPUTE_ARGS=(--recompute-module-nam
 LORA_ARGS=()
 if [[ $USE_LORA == 1 ]]; then LORA_ARGS=(--use-lora --lora-config "$LORA_CONFIG"); fi
 
-if "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+# Without a GPU device node (NVIDIA, ROCm, WSL) there is no GPU: known without importing torch (seconds).
+if { compgen -G "/dev/nvidia[0-9]*" >/dev/null || [[ -e /dev/kfd || -e /dev/dxg ]]; } &&
+    "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     DEVICE_ARGS=(--distributed-backend nccl)
 else
     DEVICE_ARGS=(--cpu --distributed-backend gloo)

@@ -1,11 +1,12 @@
 """LoRA through PEFT: ``--use-lora`` with ``--lora-config`` in ``peft.LoraConfig``'s own keys."""
 
 import dataclasses
+import functools
 import json
+import sys
 from typing import Dict, List
 
 import torch
-from peft import LoraConfig, get_peft_model
 
 from ..errors import UserInputError
 
@@ -19,7 +20,15 @@ RESERVED_KEYS = {
     "revision",
     "inference_mode",
 }
-LORA_KEYS = sorted(f.name for f in dataclasses.fields(LoraConfig) if f.name not in RESERVED_KEYS)
+
+
+@functools.cache
+def lora_keys() -> List[str]:
+    """The keys of ``peft.LoraConfig`` a LORA_CONFIG may set (peft is imported on first use: runs without LoRA
+    do not pay for it)."""
+    from peft import LoraConfig
+
+    return sorted(f.name for f in dataclasses.fields(LoraConfig) if f.name not in RESERVED_KEYS)
 
 
 def _parse_value(text: str):
@@ -49,9 +58,11 @@ def parse_lora_config(text: str) -> Dict:
             if not sep or not key:
                 raise UserInputError(f"LORA_CONFIG entry {pair!r} is not key=value (e.g. r=16 lora_alpha=32)")
             options[key] = _parse_value(value)
-    unknown = sorted(set(options) - set(LORA_KEYS))
+    unknown = sorted(set(options) - set(lora_keys()))
     if unknown:
-        raise UserInputError(f"LORA_CONFIG has unknown keys {unknown}; peft.LoraConfig accepts: {', '.join(LORA_KEYS)}")
+        raise UserInputError(
+            f"LORA_CONFIG has unknown keys {unknown}; peft.LoraConfig accepts: {', '.join(lora_keys())}"
+        )
     return options
 
 
@@ -69,6 +80,8 @@ def apply_lora(hf_model, lora_config: str, task_type: str, adapters_in_model_dty
     every adapted layer's input) in float32. With ``adapters_in_model_dtype`` they stay in the model's
     dtype, for runs whose optimizer keeps float32 master weights (PRECISION=bf16-master).
     """
+    from peft import LoraConfig, get_peft_model
+
     options = parse_lora_config(lora_config)
     try:
         config = LoraConfig(task_type=task_type, **options)
@@ -86,7 +99,6 @@ def apply_lora(hf_model, lora_config: str, task_type: str, adapters_in_model_dty
 
 
 def is_lora(hf_model) -> bool:
-    """Whether ``hf_model`` is a PEFT model."""
-    from peft import PeftModel
-
-    return isinstance(hf_model, PeftModel)
+    """Whether ``hf_model`` is a PEFT model (none can be before peft is imported)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(hf_model, peft.PeftModel)
