@@ -39,6 +39,20 @@ def pad_column(samples: Sequence[Dict], column: str, pad_value: int) -> torch.Te
     return out
 
 
+def document_lengths(position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, D) lengths of the documents of packed rows, in order, from their ``position_ids`` (restarting at 0
+    for each document): the padding at a row's end is one more segment, and 0 fills each row to D."""
+    rows = []
+    for positions, real in zip(position_ids, attention_mask.sum(dim=1).tolist()):
+        starts = (positions[:real] == 0).nonzero().flatten().tolist()
+        lengths = [end - start for start, end in zip(starts, [*starts[1:], real])]
+        rows.append(lengths + ([positions.numel() - real] if real < positions.numel() else []))
+    out = torch.zeros((len(rows), max(len(r) for r in rows)), dtype=torch.long)
+    for i, lengths in enumerate(rows):
+        out[i, : len(lengths)] = torch.tensor(lengths, dtype=torch.long)
+    return out
+
+
 class SampleLayout:
     """Base class: sequence columns (cut at SEQUENCE_LENGTH, padded per batch) and scalar columns."""
 
@@ -121,6 +135,8 @@ class CausalLMLayout(SampleLayout):
         net_input = self.net_input(batch, "position_ids")
         if "position_ids" in net_input:
             del net_input["attention_mask"]  # the model derives the per-sample causal mask from the positions
+            net_input["document_lengths"] = document_lengths(batch["position_ids"], batch["attention_mask"])
+            net_input["max_document_length"] = int(net_input["document_lengths"].max())
         elif bool(net_input["attention_mask"].all()):
             # no padding: the plain causal mask, as with a mask of ones, without Hugging Face's check of the
             # mask on the device (a wait for all the device's queued work at each forward)

@@ -5,13 +5,14 @@ import random
 import datasets
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, masking_utils
 
 from fairseq_ext.criterions.lm_loss import CausalLMLoss
-from fairseq_ext.data.layouts import IGNORE_INDEX, get_layout
+from fairseq_ext.data.layouts import IGNORE_INDEX, document_lengths, get_layout
 from fairseq_ext.data.packing import best_fit_decreasing, pack
 from fairseq_ext.data.tokenized import TokenizedDataset
 from fairseq_ext.errors import UserInputError
+from fairseq_ext.models.document_attention import ATTENTION_NAME, document_kwargs
 from fairseq_ext.models.hf_auto import HFAutoCausalLM
 from fairseq_ext.models.hf_loading import load_hf_model
 from tests.helpers import MODEL_DIR
@@ -53,12 +54,17 @@ def test_packing_other_columns_is_refused():
         pack(samples, 16, "train")
 
 
-@pytest.mark.parametrize("fused_loss", [True, False])
-def test_packed_batch_gives_the_unpacked_loss_and_gradients(fused_loss):
+@pytest.mark.parametrize(
+    "fused_loss, attention", [(True, "sdpa"), (False, "sdpa"), (True, ATTENTION_NAME), (False, ATTENTION_NAME)]
+)
+def test_packed_batch_gives_the_unpacked_loss_and_gradients(fused_loss, attention, monkeypatch):
     """The tiny Llama on 6 samples of different lengths, padded in one batch or packed into rows of 48
-    tokens (block-diagonal attention from the position ids): the same summed loss, trained-token count
-    and gradients, to float32 rounding."""
-    model = HFAutoCausalLM(load_hf_model(AutoModelForCausalLM, str(MODEL_DIR)))
+    tokens (sdpa: block-diagonal attention from the position ids; document_varlen: attention per document,
+    no mask): the same summed loss, trained-token count and gradients, to float32 rounding."""
+    if attention == ATTENTION_NAME:  # the packed rows never get a mask: neither a 4D one nor a packing check
+        monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", _no_mask_expected)
+        monkeypatch.setattr(masking_utils, "sdpa_mask", _no_mask_expected)
+    model = HFAutoCausalLM(load_hf_model(AutoModelForCausalLM, str(MODEL_DIR), attn_implementation=attention))
     model.lm_loss_logits = not fused_loss
     layout, criterion = get_layout("causal_lm"), CausalLMLoss(None)
     samples = _samples([9, 17, 30, 5, 22, 13], seed=1)
@@ -79,3 +85,48 @@ def test_packed_batch_gives_the_unpacked_loss_and_gradients(fused_loss):
     torch.testing.assert_close(packed_loss, loss, rtol=1e-5, atol=0)
     for name, grad in grads.items():
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _no_mask_expected(*args, **kwargs):
+    raise AssertionError("a mask was built for document_varlen attention")
+
+
+def _sample_logits(model, rows):
+    """Each sample's logits (its tokens in order), found by the sample's first tokens in the batch's rows."""
+    dataset = TokenizedDataset(rows, get_layout("causal_lm"), pad_id=0, shuffle=False)
+    batch = dataset.collater([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        logits = model(**batch["net_input"])
+    positions = batch["net_input"].get("position_ids")
+    per_sample = []
+    for row in range(logits.size(0)):
+        if positions is None:
+            per_sample.append(logits[row, : len(rows[row]["input_ids"])])
+            continue
+        starts = (positions[row] == 0).nonzero().flatten().tolist()
+        real = len(dataset[row]["input_ids"])
+        per_sample += [logits[row, a:b] for a, b in zip(starts, [*starts[1:], real]) if a < real]
+    return sorted(per_sample, key=lambda t: (t.size(0), float(t[0, 0])))
+
+
+def test_document_attention_gives_each_sample_its_own_logits():
+    """Per sample, packed rows on document_varlen give the logits of the sample alone (float32, 1e-5
+    relative), for rows whose last document ends in padding and rows of several documents."""
+    model = HFAutoCausalLM(load_hf_model(AutoModelForCausalLM, str(MODEL_DIR), attn_implementation=ATTENTION_NAME))
+    model.lm_loss_logits = True
+    samples = _samples([9, 17, 30, 5, 22, 13, 40, 3], seed=2)
+    alone = [_sample_logits(model, samples.select([i]))[0] for i in range(len(samples))]
+    packed = _sample_logits(model, pack(samples, 48, "train"))
+    alone = sorted(alone, key=lambda t: (t.size(0), float(t[0, 0])))
+    assert [t.size(0) for t in packed] == [t.size(0) for t in alone]
+    for got, want in zip(packed, alone):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_document_lengths_of_packed_rows():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 0], [0, 1, 2, 3, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0]])
+    assert document_lengths(positions, mask).tolist() == [[3, 2, 1, 1], [4, 3, 0, 0]]
+    kwargs = document_kwargs(document_lengths(positions, mask), 4)
+    assert kwargs["cu_seq_lens_q"].tolist() == [0, 3, 5, 6, 7, 11, 14, 14, 14]
+    assert kwargs["cu_seq_lens_q"].dtype == torch.int32 and kwargs["max_length_q"] == 4
