@@ -61,12 +61,12 @@ def _per_sample_logits_and_grads(model, rows):
     model.zero_grad()
     logits = model(**net_input)
     positions = net_input.get("position_ids")
-    pieces = []
-    for row in range(logits.size(0)):
-        real = len(dataset[row]["input_ids"])
-        starts = [0] if positions is None else (positions[row] == 0).nonzero().flatten().tolist()
-        pieces += [logits[row, a:b] for a, b in zip(starts, [*starts[1:], real]) if a < real]
-    pieces.sort(key=lambda t: (t.size(0), float(t[0, 0])))
+    if positions is None:
+        pieces = [logits[row, : len(dataset[row]["input_ids"])] for row in range(logits.size(0))]
+    else:  # one padding-free row of documents
+        starts = (positions[0] == 0).nonzero().flatten().tolist()
+        pieces = [logits[0, a:b] for a, b in zip(starts, [*starts[1:], logits.size(1)])]
+    pieces.sort(key=lambda t: (t.size(0), float(t[0, 0].detach())))
     # a loss that weighs every sample's tokens differently, so the gradients see each sample apart
     loss = sum((i + 1) * p.float().logsumexp(-1).mean() for i, p in enumerate(pieces))
     loss.backward()

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, masking_utils
 
 from fairseq_ext.criterions.lm_loss import CausalLMLoss
+from fairseq_ext.cube.micro_batches import split_batch
 from fairseq_ext.data.layouts import IGNORE_INDEX, document_lengths, get_layout
 from fairseq_ext.data.packing import best_fit_decreasing, pack
 from fairseq_ext.data.tokenized import TokenizedDataset
@@ -98,14 +99,12 @@ def _sample_logits(model, rows):
     with torch.no_grad():
         logits = model(**batch["net_input"])
     positions = batch["net_input"].get("position_ids")
-    per_sample = []
-    for row in range(logits.size(0)):
-        if positions is None:
-            per_sample.append(logits[row, : len(rows[row]["input_ids"])])
-            continue
-        starts = (positions[row] == 0).nonzero().flatten().tolist()
-        real = len(dataset[row]["input_ids"])
-        per_sample += [logits[row, a:b] for a, b in zip(starts, [*starts[1:], real]) if a < real]
+    if positions is None:
+        per_sample = [logits[row, : len(rows[row]["input_ids"])] for row in range(logits.size(0))]
+    else:  # one padding-free row: the documents end to end
+        assert logits.size(0) == 1 and logits.size(1) == sum(len(ids) for ids in rows["input_ids"])
+        starts = (positions[0] == 0).nonzero().flatten().tolist()
+        per_sample = [logits[0, a:b] for a, b in zip(starts, [*starts[1:], logits.size(1)])]
     return sorted(per_sample, key=lambda t: (t.size(0), float(t[0, 0])))
 
 
@@ -123,10 +122,36 @@ def test_document_attention_gives_each_sample_its_own_logits():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_document_lengths_of_packed_rows():
-    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 0], [0, 1, 2, 3, 0, 0, 0]])
-    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0]])
-    assert document_lengths(positions, mask).tolist() == [[3, 2, 1, 1], [4, 3, 0, 0]]
-    kwargs = document_kwargs(document_lengths(positions, mask), 4)
-    assert kwargs["cu_seq_lens_q"].tolist() == [0, 3, 5, 6, 7, 11, 14, 14, 14]
+def test_packed_rows_become_one_padding_free_row_of_documents():
+    """Rows of 3+2+1 and 4 tokens (3 pads): one row of 10 tokens, documents [3, 2, 1, 4], offsets for the
+    kernel, targets that never cross a document."""
+    samples = [
+        {
+            "id": torch.tensor(0),
+            "input_ids": torch.tensor([5, 6, 7, 8, 9, 10]),
+            "labels": torch.tensor([-100, 6, 7, -100, 9, -100]),
+            "position_ids": torch.tensor([0, 1, 2, 0, 1, 0]),
+        },
+        {
+            "id": torch.tensor(1),
+            "input_ids": torch.tensor([11, 12, 13, 14]),
+            "labels": torch.tensor([-100, 12, 13, 14]),
+            "position_ids": torch.tensor([0, 1, 2, 3]),
+        },
+    ]
+    batch = get_layout("causal_lm").collate(samples, pad_id=0)
+    net_input = batch["net_input"]
+    assert net_input["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]]
+    assert net_input["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 0, 1, 2, 3]]
+    assert net_input["document_lengths"].tolist() == [[3, 2, 1, 4]] and net_input["max_document_length"] == 4
+    assert "attention_mask" not in net_input and batch["nsentences"] == 2
+    assert batch["target"].tolist() == [[6, 7, -100, 9, -100, -100, 12, 13, 14, -100]] and batch["ntokens"] == 6
+    kwargs = document_kwargs(net_input["document_lengths"], net_input["max_document_length"])
+    assert kwargs["cu_seq_lens_q"].tolist() == [0, 3, 5, 6, 10]
     assert kwargs["cu_seq_lens_q"].dtype == torch.int32 and kwargs["max_length_q"] == 4
+    assert document_lengths(net_input["position_ids"]).tolist() == [[3, 2, 1, 4]]
+    first, second = split_batch(batch, 2)  # micro-batches: whole documents, about half the tokens each
+    assert first["net_input"]["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert second["net_input"]["document_lengths"].tolist() == [[1, 4]]
+    assert second["net_input"]["max_document_length"] == 4 and second["target"].tolist() == [[-100, 12, 13, 14, -100]]
+    assert first["ntokens"] == second["ntokens"] == 3
