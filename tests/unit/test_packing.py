@@ -16,6 +16,7 @@ from fairseq_ext.errors import UserInputError
 from fairseq_ext.models.document_attention import ATTENTION_NAME, document_kwargs
 from fairseq_ext.models.hf_auto import HFAutoCausalLM
 from fairseq_ext.models.hf_loading import load_hf_model
+from fairseq_ext.tasks.hf_finetune import check_token_budget
 from tests.helpers import MODEL_DIR
 
 
@@ -155,3 +156,17 @@ def test_packed_rows_become_one_padding_free_row_of_documents():
     assert second["net_input"]["document_lengths"].tolist() == [[1, 4]]
     assert second["net_input"]["max_document_length"] == 4 and second["target"].tolist() == [[-100, 12, 13, 14, -100]]
     assert first["ntokens"] == second["ntokens"] == 3
+
+
+def test_a_token_budget_below_the_longest_sample_is_one_clear_error():
+    """MAX_TOKENS (--max-tokens) must hold the longest sample after truncation: the task says so, with the
+    numbers, before fairseq's batching fails on that sample."""
+    dataset = TokenizedDataset(_samples([9, 40, 17]), get_layout("causal_lm"), pad_id=0, shuffle=False)
+    with pytest.raises(
+        UserInputError,
+        match=r"MAX_TOKENS 32 is smaller than the longest sample after truncation "
+        r"to SEQUENCE_LENGTH 64 \(40 tokens\); set MAX_TOKENS to at least 40",
+    ):
+        check_token_budget(dataset, 32, 64)
+    check_token_budget(dataset, 40, 64)
+    check_token_budget(dataset, None, 64)
