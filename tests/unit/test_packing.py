@@ -13,6 +13,7 @@ from fairseq_ext.data.layouts import IGNORE_INDEX, document_lengths, get_layout
 from fairseq_ext.data.packing import best_fit_decreasing, pack
 from fairseq_ext.data.tokenized import TokenizedDataset
 from fairseq_ext.errors import UserInputError
+from fairseq_ext.models import document_attention
 from fairseq_ext.models.document_attention import ATTENTION_NAME, document_kwargs
 from fairseq_ext.models.hf_auto import HFAutoCausalLM
 from fairseq_ext.models.hf_loading import load_hf_model
@@ -170,3 +171,16 @@ def test_a_token_budget_below_the_longest_sample_is_one_clear_error():
         check_token_budget(dataset, 32, 64)
     check_token_budget(dataset, 40, 64)
     check_token_budget(dataset, None, 64)
+
+
+def test_flex_attention_document_mask_matches_attention_per_document():
+    """The path for GPUs without torch's varlen kernel (FlexAttention, a document BlockMask) computes what
+    the CPU's per-document SDPA does (forward only: FlexAttention has no backward on the CPU)."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(37, 4, 8, generator=generator)  # (tokens, heads, head_dim); grouped-query: 2 key/value heads
+    k, v = (torch.randn(37, 2, 8, generator=generator) for _ in range(2))
+    offsets = torch.tensor([0, 5, 5, 21, 30, 37], dtype=torch.int32)  # a zero-length document too
+    with torch.no_grad():
+        flex = document_attention._flex(q, k, v, offsets, 0.3)
+        per_document = document_attention._per_document(q, k, v, offsets, 0.3)
+    torch.testing.assert_close(flex, per_document, rtol=1e-5, atol=1e-5)
