@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, masking_utils
 
 from fairseq_ext.criterions.lm_loss import CausalLMLoss
 from fairseq_ext.cube.micro_batches import split_batch
+from fairseq_ext.cube.runtime.recompute import apply_recompute
 from fairseq_ext.data.layouts import IGNORE_INDEX, document_lengths, get_layout
 from fairseq_ext.data.packing import best_fit_decreasing, pack
 from fairseq_ext.data.tokenized import TokenizedDataset
@@ -17,6 +18,7 @@ from fairseq_ext.models import document_attention
 from fairseq_ext.models.document_attention import ATTENTION_NAME, document_kwargs
 from fairseq_ext.models.hf_auto import HFAutoCausalLM
 from fairseq_ext.models.hf_loading import load_hf_model
+from fairseq_ext.models.lora import apply_lora
 from fairseq_ext.tasks.hf_finetune import check_token_budget
 from tests.helpers import MODEL_DIR
 
@@ -184,3 +186,27 @@ def test_flex_attention_document_mask_matches_attention_per_document():
         flex = document_attention._flex(q, k, v, offsets, 0.3)
         per_document = document_attention._per_document(q, k, v, offsets, 0.3)
     torch.testing.assert_close(flex, per_document, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_rows_with_lora_and_recompute_train_as_unpacked_rows():
+    """document_varlen under LoRA adapters and recomputed decoder layers: the packed batch's loss and adapter
+    gradients are the unpacked batch's (float32, 1e-5 relative)."""
+    hf_model = load_hf_model(AutoModelForCausalLM, str(MODEL_DIR), attn_implementation=ATTENTION_NAME)
+    assert apply_recompute(hf_model, ["LlamaDecoderLayer"]) > 0
+    model = HFAutoCausalLM(apply_lora(hf_model, "r=4 lora_alpha=8", "CAUSAL_LM"))
+    layout, criterion = get_layout("causal_lm"), CausalLMLoss(None)
+    samples = _samples([9, 17, 30, 5, 22, 13], seed=3)
+
+    def loss_and_grads(rows):
+        dataset = TokenizedDataset(rows, layout, pad_id=0, shuffle=False)
+        model.zero_grad()
+        loss, _, _ = criterion(model, dataset.collater([dataset[i] for i in range(len(dataset))]))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss, grads = loss_and_grads(samples)
+    packed_loss, packed_grads = loss_and_grads(pack(samples, 48, "train"))
+    torch.testing.assert_close(packed_loss, loss, rtol=1e-5, atol=0)
+    assert any(g.norm() > 0 for g in grads.values())  # B starts at zero: the B matrices get gradients
+    for name, grad in grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-5 * float(grad.abs().max()), msg=name)
