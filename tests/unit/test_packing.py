@@ -210,3 +210,19 @@ def test_packed_rows_with_lora_and_recompute_train_as_unpacked_rows():
     assert any(g.norm() > 0 for g in grads.values())  # B starts at zero: the B matrices get gradients
     for name, grad in grads.items():
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-5 * float(grad.abs().max()), msg=name)
+
+
+def test_generation_of_a_document_varlen_model_uses_the_masks():
+    """Generation (left padding, a key/value cache) needs Hugging Face's masks: a model trained on
+    document_varlen generates what the same weights on sdpa generate, and is on document_varlen after."""
+    from fairseq_ext.evaluation.generation import generate_answers
+    from fairseq_ext.models.hf_loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(MODEL_DIR))
+    prompts = [[5, 9, 13], [7, 8, 9, 10, 11, 12, 40, 41], [3, 4]]  # of different lengths: left padding
+    answers = {}
+    for attention in ("sdpa", ATTENTION_NAME):
+        model = load_hf_model(AutoModelForCausalLM, str(MODEL_DIR), attn_implementation=attention)
+        answers[attention] = generate_answers(model, tokenizer, prompts, max_new_tokens=6)
+        assert model.config._attn_implementation == attention
+    assert answers[ATTENTION_NAME] == answers["sdpa"] and any(answers["sdpa"])
