@@ -103,6 +103,12 @@ BASELINE_OF = {
     ("A", "lora"): "A5_lora_autocast",
     ("B", "lora"): "B5_lora_autocast_nogc",
 }
+# (model, mode, data) -> the hf_baseline.py variants on that variable-length data: random order, then grouped
+# by length (the one our rows on that data are compared with, in trained tokens/s)
+BASELINE_OF_DATA = {
+    ("A", "full", "varlen"): ("A1_varlen_random", "A1_varlen_grouped"),
+    ("A", "full", "chat"): ("A1_chat_random", "A1_chat_grouped"),
+}
 
 # Our rows: one dict each. precision: run.sh PRECISION; compile: run.sh COMPILE; recompute:
 # RECOMPUTE_MODULE_NAMES; timeout: seconds for the whole run.sh process (model init and compile included).
@@ -161,6 +167,28 @@ VARIANTS = [
         data="varlen",
         pack=1,
     ),
+    # long-tailed lengths shaped like chat data (hf_baseline.sample_lengths): padded, and packed
+    dict(
+        name="1.1B-full-bf16master-compile-chat",
+        model="A",
+        mode="full",
+        mb=8,
+        precision="bf16-master",
+        compile=1,
+        timeout=300,
+        data="chat",
+    ),
+    dict(
+        name="1.1B-full-bf16master-compile-chat-packed",
+        model="A",
+        mode="full",
+        mb=8,
+        precision="bf16-master",
+        compile=1,
+        timeout=300,
+        data="chat",
+        pack=1,
+    ),
     dict(
         name="1.1B-full-bf16master-compile-workers2",
         model="A",
@@ -191,6 +219,17 @@ VARIANTS = [
     ),
     dict(
         name="8B-lora-bf16master-compile", model="B", mode="lora", mb=2, precision="bf16-master", compile=1, timeout=420
+    ),
+    dict(
+        name="8B-lora-bf16master-compile-varlen-packed",
+        model="B",
+        mode="lora",
+        mb=2,
+        precision="bf16-master",
+        compile=1,
+        timeout=420,
+        data="varlen",
+        pack=1,
     ),
     dict(
         name="8B-lora-bf16master-compile-mb3",
@@ -236,7 +275,9 @@ ROW_KEYS = {
     "data",
     "pack",
 }
-DATA_KINDS = ("fixed", "varlen")  # rows of exactly seq tokens; or of lengths uniform in [seq/8, seq] (padding)
+# rows of exactly seq tokens; of lengths uniform in [seq/8, seq]; or long-tailed as chat data (padding)
+DATA_KINDS = ("fixed", "varlen", "chat")
+SAMPLES_PER_PACKED_ROW = {"fixed": 1, "varlen": 3, "chat": 8}  # more than the mean, for the dataset's size
 MIN_START_S = {0: 60, 1: 120}  # a row (by COMPILE) is not started with less budget than this left, as the baseline
 TAIL_LINES = 25
 # A line that ends a traceback or states run.sh's / fairseq_ext's one-line error (torchrun may prefix [rankN]: ).
@@ -452,21 +493,31 @@ def write_model_folder(folder: Path, shape: dict, seq: int) -> Path:
     return folder
 
 
+def baseline_module():
+    """hf_baseline.py as a module (its length distributions are the data of both sides)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hf_baseline", BASELINE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_dataset(
     folder: Path, vocab: int, seq: int, train_rows: int, valid_rows: int = 4, seed: int = 0, kind: str = "fixed"
 ) -> Path:
     """A save_to_disk DatasetDict with one column ``input_ids``: rows of ids uniform in [3, vocab) (0-2 are the
-    tokenizer's pad/bos/eos), of exactly ``seq`` ids (``fixed``) or of lengths uniform in [seq/8, seq]
-    (``varlen``: batches get padding, as instruction data does). The ``disk`` type trains on all tokens when
-    there is no labels column."""
+    tokenizer's pad/bos/eos), of exactly ``seq`` ids (``fixed``), of lengths uniform in [seq/8, seq]
+    (``varlen``) or long-tailed as chat data (``chat``): the lengths of the baseline's ``sample_lengths``.
+    The ``disk`` type trains on all tokens when there is no labels column."""
     import datasets
     import numpy as np
 
     rng = np.random.default_rng(seed)
+    sample_lengths = baseline_module().sample_lengths
 
     def rows_of(count):
-        lengths = [seq] * count if kind == "fixed" else rng.integers(seq // 8, seq + 1, size=count).tolist()
-        return [rng.integers(3, vocab, size=n).tolist() for n in lengths]
+        return [rng.integers(3, vocab, size=n).tolist() for n in sample_lengths(kind, count, seq, rng)]
 
     splits = {
         split: datasets.Dataset.from_dict({"input_ids": rows_of(rows)})
@@ -523,7 +574,9 @@ class Benchmark:
         self._rows_needed: Dict[Tuple[int, str], int] = {}
         for row in rows:
             key = (self.shapes[row["model"]]["vocab_size"], row["data"])
-            need = ((self.warmup(row) + args.steps) * row["mb"] + row["mb"]) * (3 if row["pack"] else 1)
+            need = ((self.warmup(row) + args.steps) * row["mb"] + row["mb"]) * (
+                SAMPLES_PER_PACKED_ROW[row["data"]] if row["pack"] else 1
+            )
             self._rows_needed[key] = max(self._rows_needed.get(key, 0), need)
 
     def remaining(self) -> float:
@@ -537,8 +590,10 @@ class Benchmark:
 
     # ---- the Hugging Face side ----
     def run_baseline(self) -> None:
-        keys = {(r["model"], r["mode"]) for r in self.rows}
+        keys = {(r["model"], r["mode"]) for r in self.rows if r["data"] == "fixed"}
         variants = [variant for key, variant in BASELINE_OF.items() if key in keys]
+        data_keys = {(r["model"], r["mode"], r["data"]) for r in self.rows}
+        variants += [v for key, pair in BASELINE_OF_DATA.items() if key in data_keys for v in pair]
         folder = self.logs / "baseline"
         folder.mkdir(parents=True, exist_ok=True)
         for stale in ("anchor_log.txt", "anchor_results.json", "anchor_table.md"):
@@ -566,8 +621,10 @@ class Benchmark:
             self.results.append(self.baseline_row(variant))
 
     def baseline_row(self, variant: str) -> dict:
-        model, mode = next(key for key, value in BASELINE_OF.items() if value == variant)
-        result = dict(name=variant, source="hf", model=model, mode=mode)
+        of = {value: (*key, "fixed") for key, value in BASELINE_OF.items()}
+        of.update({value: key for key, pair in BASELINE_OF_DATA.items() for value in pair})
+        model, mode, data = of[variant]
+        result = dict(name=variant, source="hf", model=model, mode=mode, data=data)
         record = self.baseline.get(variant)
         best = (record or {}).get("best")
         if best is None:
@@ -623,6 +680,8 @@ class Benchmark:
             precision=row["precision"],
             compile=row["compile"],
             recompute=row["recompute"],
+            data=row["data"],
+            pack=row["pack"],
             warmup=warmup,
             steps=self.args.steps,
             log=f"logs/{row['name']}.log",
@@ -752,13 +811,21 @@ class Benchmark:
         return planned
 
     def compare(self) -> None:
-        """Ratio of our tokens/s to the HF row of the same model and mode; flag a FLOP count that differs."""
-        hf = {(r["model"], r["mode"]): r for r in self.results if r["source"] == "hf" and r["status"] == "ok"}
+        """Ratio of our tokens/s to the HF row of the same model, mode and data (variable-length data: trained
+        tokens/s against HF's batches grouped by length); flag a FLOP count that differs."""
+        hf = {
+            (r["model"], r["mode"], r["data"]): r
+            for r in self.results
+            if r["source"] == "hf" and r["status"] == "ok" and not r["name"].endswith("_random")
+        }
         for r in self.results:
-            ref = hf.get((r["model"], r["mode"]))
+            ref = hf.get((r["model"], r["mode"], r.get("data", "fixed")))
             if r["source"] != "ours" or r["status"] != "ok" or ref is None:
                 continue
-            r["ratio_to_hf"] = r["tokens_per_s"] / ref["tokens_per_s"]
+            ours = r["tokens_per_s"] if r["data"] == "fixed" else r.get("trained_tokens_per_s")
+            if ours is None:
+                continue
+            r["ratio_to_hf"] = ours / ref["tokens_per_s"]
             r.setdefault("own_note", r.get("note", ""))  # compare() runs after every row: notes are rebuilt
             notes = [r["own_note"]] if r["own_note"] else []
             if ref["mb"] != r["mb"]:

@@ -63,7 +63,9 @@ LEARNING_RATE=${LEARNING_RATE:-${ARCH_DEFAULTS[3]}}
 DATASET_PATH=${DATASET_PATH:-$DATA_DIR}
 PROMPT_TYPE=${PROMPT_TYPE:-plain}
 SEQUENCE_LENGTH=${SEQUENCE_LENGTH:-512}
+BATCH_SIZE_SET=${BATCH_SIZE:+1}
 BATCH_SIZE=${BATCH_SIZE:-32}
+MAX_TOKENS=${MAX_TOKENS:-}  # tokens per batch (fairseq --max-tokens), instead of BATCH_SIZE samples
 GRADIENT_ACCU_NUM=${GRADIENT_ACCU_NUM:-1}
 WARMUP_STEPS=${WARMUP_STEPS:-50}
 MAX_STEPS=${MAX_STEPS:-${ARCH_DEFAULTS[4]}}
@@ -75,7 +77,8 @@ CUBE_SCALING_FACTOR=${CUBE_SCALING_FACTOR:-}  # scale units; default: world size
 PLAN_FILE=${PLAN_FILE:-}  # a Plan JSON; replaces PLAN_NGPUS, CUBE_SCALING_FACTOR, USE_ZERO, ZERO_N_GROUPS
 RECOMPUTE_MODULE_NAMES=${RECOMPUTE_MODULE_NAMES:-}
 MEM_PER_GPU=${MEM_PER_GPU:-}  # GB (2**30 bytes) per GPU for `run.sh compile`; default 0.8 x the GPU's memory
-PRECISION=${PRECISION:-fp32}  # fp32, bf16 (autocast over fp32 weights), bf16-master, bf16-lean (bf16 weights), fp16
+PRECISION=${PRECISION:-}  # fp32, bf16 (autocast over fp32 weights), bf16-master, bf16-lean (bf16 weights), fp16;
+# unset: bf16-master on GPUs with bf16, fp32 otherwise (chosen below, once the checks pass)
 COMPILE=${COMPILE:-0}  # 1: torch.compile each decoder layer
 PACK_SEQUENCES=${PACK_SEQUENCES:-0}  # 1: causal LM samples packed into rows of SEQUENCE_LENGTH tokens
 SPEED_LOG=${SPEED_LOG:-}  # a file: one JSON line per update (seconds, tokens, peak memory)
@@ -95,6 +98,12 @@ positive() { [[ ${!1} =~ ^[0-9]+$ && ${!1} -gt 0 ]] || fail "$1 must be a positi
 for name in NPROC_PER_NODE NNODES BATCH_SIZE GRADIENT_ACCU_NUM MAX_STEPS SEQUENCE_LENGTH LOG_INTERVAL ZERO_N_GROUPS PLAN_NGPUS; do
     positive "$name"
 done
+BATCH_ARGS=(--batch-size "$BATCH_SIZE")
+if [[ -n $MAX_TOKENS ]]; then
+    positive MAX_TOKENS
+    [[ -z $BATCH_SIZE_SET ]] || fail "set BATCH_SIZE (samples per batch) or MAX_TOKENS (tokens per batch), not both; got BATCH_SIZE=$BATCH_SIZE and MAX_TOKENS=$MAX_TOKENS"
+    BATCH_ARGS=(--max-tokens "$MAX_TOKENS")
+fi
 SAVE_STEPS=${SAVE_STEPS:-$(( MAX_STEPS / 4 > 0 ? MAX_STEPS / 4 : 1 ))}
 positive SAVE_STEPS
 # ---- one node and no MASTER_PORT: a free port, so that runs side by side do not collide ----
@@ -112,12 +121,28 @@ for name in NODE_RANK WARMUP_STEPS SEED MASTER_PORT; do
     [[ ${!name} =~ ^[0-9]+$ ]] || fail "$name must be a non-negative integer, got '${!name}'"
 done
 (( NODE_RANK < NNODES )) || fail "NODE_RANK $NODE_RANK must be below NNODES $NNODES"
+# ---- the device: a GPU (and whether it has bf16), or the CPU; PRECISION unset picks bf16-master on GPUs with bf16 ----
+device() {
+    # Without a GPU device node (NVIDIA, ROCm, WSL) there is no GPU: known without importing torch (seconds).
+    if ! { compgen -G "/dev/nvidia[0-9]*" >/dev/null || [[ -e /dev/kfd || -e /dev/dxg ]]; }; then
+        echo cpu
+        return
+    fi
+    "$PYTHON" -c "import torch; g = torch.cuda.is_available(); print('gpu-bf16' if g and torch.cuda.is_bf16_supported() else 'gpu' if g else 'cpu')" \
+        || fail "$PYTHON could not import torch; install the requirements (scripts/install.sh) or set PYTHON"
+}
+PRECISION_CHOSEN=
+choose_precision() {
+    PRECISION=fp32 PRECISION_CHOSEN=" (PRECISION unset, no GPU with bf16)"
+    if [[ $DEVICE == gpu-bf16 ]]; then PRECISION=bf16-master PRECISION_CHOSEN=" (PRECISION unset, the GPU has bf16)"; fi
+}
 # ---- run.sh compile: search the plan for these settings, write $OUTPUT_DIR/plan.json, and stop ----
 if [[ ${1:-} == compile ]]; then
     shift
     COMPILE_SCALING=${CUBE_SCALING_FACTOR:-$(( NPROC_PER_NODE * NNODES % PLAN_NGPUS ? 1 : NPROC_PER_NODE * NNODES / PLAN_NGPUS ))}
     [[ -z $MEM_PER_GPU || $MEM_PER_GPU =~ ^[0-9]+([.][0-9]+)?$ ]] || fail "MEM_PER_GPU must be a number of GB, got '$MEM_PER_GPU'"
     mkdir -p "$OUTPUT_DIR"
+    if [[ -z $PRECISION ]]; then DEVICE=$(device); choose_precision; fi
     COMPILE_ARGS=(--model "$HUGGINGFACE_MODEL_NAME_OR_PATH" --plan-ngpus "$PLAN_NGPUS" --scaling-factor "$COMPILE_SCALING"
         --use-zero "$USE_ZERO" --zero-n-groups "$ZERO_N_GROUPS" --recompute-module-names "$RECOMPUTE_MODULE_NAMES"
         --batch-size "$BATCH_SIZE" --sequence-length "$SEQUENCE_LENGTH" --gradient-accu-num "$GRADIENT_ACCU_NUM"
@@ -150,7 +175,7 @@ if [[ -n $PLAN_FILE ]]; then
     PLAN_ARGS=(--plan-file "$(cd "$(dirname "$PLAN_FILE")" && pwd)/$(basename "$PLAN_FILE")")
 fi
 case $PRECISION in
-    fp32) PRECISION_ARGS=() ;;
+    fp32 | "") PRECISION_ARGS=() ;;  # unset: chosen with the device below
     bf16 | bf16-master | bf16-lean) PRECISION_ARGS=(--precision "$PRECISION") ;;
     fp16) PRECISION_ARGS=(--fp16) ;;
     *) fail "PRECISION must be fp32, bf16, bf16-master, bf16-lean or fp16, got '$PRECISION'" ;;
@@ -169,9 +194,12 @@ if [[ -n $RECOMPUTE_MODULE_NAMES ]]; then RECOMPUTE_ARGS=(--recompute-module-nam
 LORA_ARGS=()
 if [[ $USE_LORA == 1 ]]; then LORA_ARGS=(--use-lora --lora-config "$LORA_CONFIG"); fi
 
-# Without a GPU device node (NVIDIA, ROCm, WSL) there is no GPU: known without importing torch (seconds).
-if { compgen -G "/dev/nvidia[0-9]*" >/dev/null || [[ -e /dev/kfd || -e /dev/dxg ]]; } &&
-    "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+DEVICE=$(device)
+if [[ -z $PRECISION ]]; then
+    choose_precision
+    if [[ $PRECISION != fp32 ]]; then PRECISION_ARGS=(--precision "$PRECISION" "${PRECISION_ARGS[@]}"); fi
+fi
+if [[ $DEVICE == gpu* ]]; then
     DEVICE_ARGS=(--distributed-backend nccl)
 else
     DEVICE_ARGS=(--cpu --distributed-backend gloo)
@@ -196,7 +224,7 @@ TRAIN_ARGS=(
     --hf-model-name-or-path "$HUGGINGFACE_MODEL_NAME_OR_PATH"
     --dataset-type "$DATASET_TYPE" --dataset-name "$DATASET_NAME" --prompt-type "$PROMPT_TYPE" "${DATA_ARGS[@]}"
     "${PRECISION_ARGS[@]}" "${LORA_ARGS[@]}" "${ZERO_ARGS[@]}" "${PLAN_ARGS[@]}" "${RECOMPUTE_ARGS[@]}"
-    --sequence-length "$SEQUENCE_LENGTH" --batch-size "$BATCH_SIZE" --update-freq "$GRADIENT_ACCU_NUM"
+    --sequence-length "$SEQUENCE_LENGTH" "${BATCH_ARGS[@]}" --update-freq "$GRADIENT_ACCU_NUM"
     --max-update "$MAX_STEPS" --lr-scheduler polynomial_decay --warmup-updates "$WARMUP_STEPS"
     --total-num-update "$MAX_STEPS" --seed "$SEED"
     $OPTIMIZE_PARAMS
@@ -211,12 +239,13 @@ TRAIN_ARGS=(
 echo "fairseq_ext run.sh settings:"
 for name in NPROC_PER_NODE NNODES NODE_RANK MASTER_ADDR MASTER_PORT EXAMPLE_PATH SCRIPT_PATH DATASET_NAME DATA_DIR \
     OUTPUT_DIR TENSORBOARD_DIR LOG_DIR CHECKPOINT_DIR USER_DIR MODEL_ARCH HUGGINGFACE_MODEL_NAME_OR_PATH DATASET_TYPE LEARNING_RATE \
-    DATASET_PATH PROMPT_TYPE SEQUENCE_LENGTH BATCH_SIZE GRADIENT_ACCU_NUM WARMUP_STEPS MAX_STEPS SEED USE_ZERO \
+    DATASET_PATH PROMPT_TYPE SEQUENCE_LENGTH BATCH_SIZE MAX_TOKENS GRADIENT_ACCU_NUM WARMUP_STEPS MAX_STEPS SEED USE_ZERO \
     ZERO_N_GROUPS PLAN_NGPUS CUBE_SCALING_FACTOR PLAN_FILE RECOMPUTE_MODULE_NAMES PRECISION COMPILE PACK_SEQUENCES \
     SPEED_LOG PROFILE_UPDATES NUM_WORKERS CHECKPOINT_FORMAT USE_LORA LORA_CONFIG OPTIMIZE_PARAMS \
     CHAT_TEMPLATE TRAIN_ON_ALL_TURNS DATA_CACHE_DIR; do
     printf '  %-32s %s\n' "$name" "${!name}"
 done
+if [[ -n $PRECISION_CHOSEN ]]; then echo "  PRECISION $PRECISION chosen$PRECISION_CHOSEN"; fi
 
 # ---- failures: one line each, the full output kept under LOG_DIR ----
 # Workers' stderr goes to a file. On failure run.sh shows the error lines (ours, and argparse's

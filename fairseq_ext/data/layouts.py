@@ -39,6 +39,21 @@ def pad_column(samples: Sequence[Dict], column: str, pad_value: int) -> torch.Te
     return out
 
 
+def document_lengths(position_ids: torch.Tensor) -> torch.Tensor:
+    """(1, D): the lengths of the documents of one padding-free row, in order, from its ``position_ids``
+    (1, N), which restart at 0 for each document."""
+    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
+    return torch.tensor([[end - start for start, end in zip(starts, [*starts[1:], position_ids.size(1)])]])
+
+
+def padding_free(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Packed rows (B, T) as one row (1, N) of their N real tokens, documents end to end: nothing is computed
+    for padding, however full the rows were packed. Each document's first label is -100 (``pack``), so no
+    target crosses documents or rows."""
+    real = batch["attention_mask"].bool()
+    return {c: batch[c][real].unsqueeze(0) for c in ("input_ids", "labels", "position_ids")}
+
+
 class SampleLayout:
     """Base class: sequence columns (cut at SEQUENCE_LENGTH, padded per batch) and scalar columns."""
 
@@ -109,18 +124,23 @@ class CausalLMLayout(SampleLayout):
     name = "causal_lm"
     trained_labels = ("labels", 1)
     sequence_columns = {"input_ids": PAD, "labels": IGNORE_INDEX}
-    # packed rows (data/packing.py): padding gets position 0, so each pad token is a sequence of its own
+    # packed rows (data/packing.py), made one padding-free row per batch (padding_free)
     optional_sequence_columns = {**SampleLayout.optional_sequence_columns, "position_ids": 0}
 
     def trainable(self, row):
         return any(t != IGNORE_INDEX for t in row["labels"][1:])
 
     def arrange(self, batch):
+        if "position_ids" in batch:
+            batch = padding_free(batch)
         labels = batch["labels"]
         target = torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), IGNORE_INDEX)], dim=1)
         net_input = self.net_input(batch, "position_ids")
         if "position_ids" in net_input:
-            del net_input["attention_mask"]  # the model derives the per-sample causal mask from the positions
+            # the model attends inside each document (models/document_attention.py), or derives the
+            # per-document causal mask from the positions
+            net_input["document_lengths"] = document_lengths(batch["position_ids"])
+            net_input["max_document_length"] = int(net_input["document_lengths"].max())
         elif bool(net_input["attention_mask"].all()):
             # no padding: the plain causal mask, as with a mask of ones, without Hugging Face's check of the
             # mask on the device (a wait for all the device's queued work at each forward)

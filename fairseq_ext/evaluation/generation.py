@@ -11,6 +11,7 @@ from ..data.instruction import FIELDS, encode_prompt
 from ..data.prompts import get_prompt_template
 from ..data.sources import find_split_source, load_source, load_split_records
 from ..errors import UserInputError
+from ..models.document_attention import masked_attention
 from .metric import Metric, ratio
 
 
@@ -49,16 +50,17 @@ def generate_answers(
         for row, ids in enumerate(encoded):
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             attention_mask[row, width - len(ids) :] = 1
-        out = hf_model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=pad_id,
-            **stop,
-        )
+        with masked_attention(hf_model):
+            out = hf_model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=pad_id,
+                **stop,
+            )
         texts = tokenizer.batch_decode(out if encoder_decoder else out[:, width:], skip_special_tokens=True)
         answers += [text.split(stop_text)[0] if stop_text else text for text in texts]
     return answers

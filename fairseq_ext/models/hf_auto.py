@@ -18,6 +18,7 @@ from transformers import (
 from ..cube.runtime.precision import weight_dtype
 from ..cube.runtime.recompute import apply_recompute, parse_module_names, state_dict_name
 from ..errors import UserInputError
+from .document_attention import ATTENTION_NAME, document_kwargs
 from .hf_loading import DTYPES, init_device, load_hf_model
 from .lora import apply_lora, is_lora
 
@@ -32,8 +33,13 @@ class HFAutoModelConfig(FairseqDataclass):
     hf_dtype: ChoiceEnum(list(DTYPES)) = field(
         default="float32", metadata={"help": "dtype the Hugging Face weights are loaded in"}
     )
-    attn_implementation: ChoiceEnum(["sdpa", "eager", "flash_attention_2"]) = field(
-        default="sdpa", metadata={"help": "attention kernel: PyTorch SDPA, eager, or flash-attn 2 when installed"}
+    attn_implementation: ChoiceEnum(["sdpa", "eager", "flash_attention_2", ATTENTION_NAME]) = field(
+        default="sdpa",
+        metadata={
+            "help": "attention kernel: PyTorch SDPA, eager, flash-attn 2 when installed, or document_varlen (packed "
+            "rows attend inside their documents through a variable-length kernel; what sdpa means with "
+            "--pack-sequences)"
+        },
     )
     recompute_module_names: str = field(
         default="",
@@ -64,6 +70,14 @@ class HFAutoModelConfig(FairseqDataclass):
             "target_modules=q_proj,v_proj'); unset keys take PEFT's defaults"
         },
     )
+
+
+def attention_implementation(cfg, task) -> str:
+    """``--attn-implementation``, except that packed rows (``--pack-sequences``) under the default ``sdpa``
+    attend inside their documents through the variable-length kernel (``document_attention.py``)."""
+    if str(cfg.attn_implementation) == "sdpa" and getattr(task.cfg, "pack_sequences", False):
+        return ATTENTION_NAME
+    return str(cfg.attn_implementation)
 
 
 class HFAutoModel(BaseFairseqModel):
@@ -113,7 +127,7 @@ class HFAutoModel(BaseFairseqModel):
             task.cfg.hf_model_name_or_path,
             dtype=bf16_weights or str(cfg.hf_dtype),
             init_device=init_device(task.cfg),
-            attn_implementation=str(cfg.attn_implementation),
+            attn_implementation=attention_implementation(cfg, task),
             trust_remote_code=task.cfg.trust_remote_code,
             init_seed=task.cfg.seed,
             **cls.label_config(task),
@@ -201,11 +215,24 @@ class HFAutoCausalLM(HFAutoModel):
     default_criterion = "hf_causal_lm"
     supports_pipeline = True
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, features_only=False):
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        document_lengths=None,
+        max_document_length=None,
+        features_only=False,
+    ):
         """Next-token logits; with ``features_only`` the last hidden states (B, T, hidden) that the LM head
         reads, for a loss that applies the head itself (:meth:`fused_lm_head`). Packed rows come with
-        ``position_ids`` (restarting per sample) and no attention mask."""
+        ``position_ids`` (restarting per sample), no attention mask, and their ``document_lengths``, which
+        the ``document_varlen`` attention attends within (other attention implementations build a
+        block-diagonal mask from the positions)."""
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        if document_lengths is not None and self._causal_lm().config._attn_implementation == ATTENTION_NAME:
+            inputs.update(document_kwargs(document_lengths, max_document_length))
         if features_only:
             return self._causal_lm().base_model(**inputs).last_hidden_state
         return self.hf_model(**inputs).logits

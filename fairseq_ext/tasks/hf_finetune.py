@@ -100,6 +100,19 @@ def sample_device(sample) -> torch.device:
     return sample["net_input"]["input_ids"].device
 
 
+def check_token_budget(dataset, max_tokens, sequence_length: int) -> None:
+    """A batch of at most ``max_tokens`` tokens (MAX_TOKENS) must hold the longest sample after truncation."""
+    sizes = getattr(dataset, "sizes", None)
+    if not max_tokens or sizes is None or not len(sizes):
+        return
+    longest = int(max(sizes))
+    if longest > max_tokens:
+        raise UserInputError(
+            f"MAX_TOKENS {max_tokens} is smaller than the longest sample after truncation to SEQUENCE_LENGTH "
+            f"{sequence_length} ({longest} tokens); set MAX_TOKENS to at least {longest} (or lower SEQUENCE_LENGTH)"
+        )
+
+
 @register_task("hf_finetune", dataclass=HFFinetuneConfig)
 class HFFinetuneTask(FairseqTask):
     """Finetune a Hugging Face model on tokenized samples from a registered dataset type.
@@ -179,6 +192,7 @@ class HFFinetuneTask(FairseqTask):
         """Training batches of a fixed ``--batch-size`` come as global batches (``data/global_batches.py``):
         the samples of each update, and a checkpoint's position, are the same under every plan with the
         same global batch. Other iterators (validation, ``--max-tokens`` batches) are fairseq's."""
+        check_token_budget(dataset, max_tokens, self.cfg.sequence_length)
         if dataset is not self.datasets.get("train") or max_tokens or not max_sentences:
             return super().get_batch_iterator(
                 dataset,

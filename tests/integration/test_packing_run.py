@@ -2,7 +2,12 @@
 
 import re
 
-from tests.helpers import fairseq_train, minilm_folder, tiny_train_args, train_losses
+import torch
+from transformers import AutoModelForCausalLM
+
+from fairseq_ext.models.hf_loading import load_hf_model
+from fairseq_ext.safe_load import load_checkpoint_file
+from tests.helpers import DATA_DIR, MODEL_DIR, fairseq_train, minilm_folder, tiny_train_args, train_losses
 
 
 def test_packed_training_runs_and_learns(tmp_path):
@@ -36,3 +41,34 @@ def test_packing_a_classification_head_is_one_clear_error(tmp_path):
     assert result.returncode != 0
     assert "PACK_SEQUENCES=1 packs causal LM samples; the seq_cls head" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _first_update(tmp_path, name, pack):
+    """fairseq-train, one SGD update (lr 1) over a batch holding every sample: the weights it moves."""
+    data = tmp_path / "data"
+    if not data.is_dir():
+        data.mkdir()
+        lines = (DATA_DIR / "toy_instructions_train.json").read_text().splitlines()
+        for split in ("train", "valid"):
+            (data / f"toy_instructions_{split}.json").write_text("\n".join(lines[:40]) + "\n")
+    args = ["--sequence-length", "64", "--batch-size", "64", "--optimizer", "sgd", "--lr", "1.0"]
+    args += ["--warmup-updates", "0", "--no-epoch-checkpoints", *(["--pack-sequences"] if pack else [])]
+    result = fairseq_train(tiny_train_args(tmp_path / name, data_dir=data, max_update=1, extra=args))
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert ("packed 40 samples into" in log) == pack, log[-2000:]
+    weights = load_checkpoint_file(tmp_path / name / "checkpoint_last.pt")["model"]
+    return weights, train_losses(result.stdout)[1]
+
+
+def test_packed_rows_train_as_unpacked_rows_through_fairseq_train(tmp_path):
+    """One update over the same 40 samples, padded (SDPA) or packed into rows (document_varlen attention,
+    per document on the CPU): the same loss and the same gradient (the SGD step), 1e-5 relative."""
+    start = load_hf_model(AutoModelForCausalLM, str(MODEL_DIR), init_seed=3).state_dict()
+    unpacked, unpacked_loss = _first_update(tmp_path, "unpacked", pack=False)
+    packed, packed_loss = _first_update(tmp_path, "packed", pack=True)
+    assert packed_loss == unpacked_loss
+    for name, weight in start.items():
+        want, got = unpacked[f"hf_model.{name}"] - weight, packed[f"hf_model.{name}"] - weight
+        assert want.norm() > 0, name
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()), msg=name)

@@ -90,6 +90,11 @@ BAD_INPUTS = {
         r"run\.sh: error: PRECISION must be fp32, bf16, bf16-master, bf16-lean or fp16, got 'fp8'",
     ),
     "COMPILE not 0/1": ({"COMPILE": "yes"}, r"run\.sh: error: COMPILE must be 0 or 1, got 'yes'"),
+    "MAX_TOKENS with BATCH_SIZE": (
+        {"MAX_TOKENS": "256", "BATCH_SIZE": "4"},
+        r"run\.sh: error: set BATCH_SIZE \(samples per batch\) or MAX_TOKENS \(tokens per batch\), not both; "
+        r"got BATCH_SIZE=4 and MAX_TOKENS=256",
+    ),
     "PROFILE_UPDATES not a range": (
         {"PROFILE_UPDATES": "8-10"},
         r"run\.sh: error: PROFILE_UPDATES must be FIRST:LAST updates counted from 1, e\.g\. "
@@ -146,3 +151,24 @@ def test_default_output_folder_is_one_per_arch(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     out = tmp_path / "runs" / "hf_auto_causal_lm"
     assert (out / "checkpoint" / "checkpoint_last.pt").is_file() and (out / "log" / "train.log").is_file()
+
+
+def test_token_budget_batches_and_the_precision_chosen_for_the_cpu(tmp_path):
+    """MAX_TOKENS batches hold at most that many tokens (fairseq's --max-tokens); with PRECISION unset on the
+    CPU the run is fp32, and the printed settings say it was chosen."""
+    result = run_sh(
+        tmp_path, MAX_TOKENS=300, SEQUENCE_LENGTH=64, MAX_STEPS=3, EVALUATE=0, LOG_FORMAT="json", LOG_INTERVAL=1
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "PRECISION fp32 chosen (PRECISION unset, no GPU with bf16)" in result.stdout
+    assert re.search(r"MAX_TOKENS +300", result.stdout)
+    records = [
+        json.loads(line.split("| train_inner |", 1)[1])
+        for line in result.stdout.splitlines()
+        if "| train_inner |" in line
+    ]
+    assert len(records) == 3, result.stdout[-3000:]
+    # a batch of bsz samples padded to its longest: at most 300 tokens; more samples than a short sample's 32
+    assert all(float(r["bsz"]) * 8 > 32 for r in records), records
+    train_log = (tmp_path / "out" / "log" / "train.log").read_text()
+    assert "'max_tokens': 300" in train_log and "'precision': 'fp32'" in train_log

@@ -5,15 +5,21 @@ import random
 import datasets
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, masking_utils
 
 from fairseq_ext.criterions.lm_loss import CausalLMLoss
-from fairseq_ext.data.layouts import IGNORE_INDEX, get_layout
+from fairseq_ext.cube.micro_batches import split_batch
+from fairseq_ext.cube.runtime.recompute import apply_recompute
+from fairseq_ext.data.layouts import IGNORE_INDEX, document_lengths, get_layout
 from fairseq_ext.data.packing import best_fit_decreasing, pack
 from fairseq_ext.data.tokenized import TokenizedDataset
 from fairseq_ext.errors import UserInputError
+from fairseq_ext.models import document_attention
+from fairseq_ext.models.document_attention import ATTENTION_NAME, document_kwargs
 from fairseq_ext.models.hf_auto import HFAutoCausalLM
 from fairseq_ext.models.hf_loading import load_hf_model
+from fairseq_ext.models.lora import apply_lora
+from fairseq_ext.tasks.hf_finetune import check_token_budget
 from tests.helpers import MODEL_DIR
 
 
@@ -53,12 +59,17 @@ def test_packing_other_columns_is_refused():
         pack(samples, 16, "train")
 
 
-@pytest.mark.parametrize("fused_loss", [True, False])
-def test_packed_batch_gives_the_unpacked_loss_and_gradients(fused_loss):
+@pytest.mark.parametrize(
+    "fused_loss, attention", [(True, "sdpa"), (False, "sdpa"), (True, ATTENTION_NAME), (False, ATTENTION_NAME)]
+)
+def test_packed_batch_gives_the_unpacked_loss_and_gradients(fused_loss, attention, monkeypatch):
     """The tiny Llama on 6 samples of different lengths, padded in one batch or packed into rows of 48
-    tokens (block-diagonal attention from the position ids): the same summed loss, trained-token count
-    and gradients, to float32 rounding."""
-    model = HFAutoCausalLM(load_hf_model(AutoModelForCausalLM, str(MODEL_DIR)))
+    tokens (sdpa: block-diagonal attention from the position ids; document_varlen: attention per document,
+    no mask): the same summed loss, trained-token count and gradients, to float32 rounding."""
+    if attention == ATTENTION_NAME:  # the packed rows never get a mask: neither a 4D one nor a packing check
+        monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", _no_mask_expected)
+        monkeypatch.setattr(masking_utils, "sdpa_mask", _no_mask_expected)
+    model = HFAutoCausalLM(load_hf_model(AutoModelForCausalLM, str(MODEL_DIR), attn_implementation=attention))
     model.lm_loss_logits = not fused_loss
     layout, criterion = get_layout("causal_lm"), CausalLMLoss(None)
     samples = _samples([9, 17, 30, 5, 22, 13], seed=1)
@@ -79,3 +90,139 @@ def test_packed_batch_gives_the_unpacked_loss_and_gradients(fused_loss):
     torch.testing.assert_close(packed_loss, loss, rtol=1e-5, atol=0)
     for name, grad in grads.items():
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _no_mask_expected(*args, **kwargs):
+    raise AssertionError("a mask was built for document_varlen attention")
+
+
+def _sample_logits(model, rows):
+    """Each sample's logits (its tokens in order), found by the sample's first tokens in the batch's rows."""
+    dataset = TokenizedDataset(rows, get_layout("causal_lm"), pad_id=0, shuffle=False)
+    batch = dataset.collater([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        logits = model(**batch["net_input"])
+    positions = batch["net_input"].get("position_ids")
+    if positions is None:
+        per_sample = [logits[row, : len(rows[row]["input_ids"])] for row in range(logits.size(0))]
+    else:  # one padding-free row: the documents end to end
+        assert logits.size(0) == 1 and logits.size(1) == sum(len(ids) for ids in rows["input_ids"])
+        starts = (positions[0] == 0).nonzero().flatten().tolist()
+        per_sample = [logits[0, a:b] for a, b in zip(starts, [*starts[1:], logits.size(1)])]
+    return sorted(per_sample, key=lambda t: (t.size(0), float(t[0, 0])))
+
+
+def test_document_attention_gives_each_sample_its_own_logits():
+    """Per sample, packed rows on document_varlen give the logits of the sample alone (float32, 1e-5
+    relative), for rows whose last document ends in padding and rows of several documents."""
+    model = HFAutoCausalLM(load_hf_model(AutoModelForCausalLM, str(MODEL_DIR), attn_implementation=ATTENTION_NAME))
+    model.lm_loss_logits = True
+    samples = _samples([9, 17, 30, 5, 22, 13, 40, 3], seed=2)
+    alone = [_sample_logits(model, samples.select([i]))[0] for i in range(len(samples))]
+    packed = _sample_logits(model, pack(samples, 48, "train"))
+    alone = sorted(alone, key=lambda t: (t.size(0), float(t[0, 0])))
+    assert [t.size(0) for t in packed] == [t.size(0) for t in alone]
+    for got, want in zip(packed, alone):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_rows_become_one_padding_free_row_of_documents():
+    """Rows of 3+2+1 and 4 tokens (3 pads): one row of 10 tokens, documents [3, 2, 1, 4], offsets for the
+    kernel, targets that never cross a document."""
+    samples = [
+        {
+            "id": torch.tensor(0),
+            "input_ids": torch.tensor([5, 6, 7, 8, 9, 10]),
+            "labels": torch.tensor([-100, 6, 7, -100, 9, -100]),
+            "position_ids": torch.tensor([0, 1, 2, 0, 1, 0]),
+        },
+        {
+            "id": torch.tensor(1),
+            "input_ids": torch.tensor([11, 12, 13, 14]),
+            "labels": torch.tensor([-100, 12, 13, 14]),
+            "position_ids": torch.tensor([0, 1, 2, 3]),
+        },
+    ]
+    batch = get_layout("causal_lm").collate(samples, pad_id=0)
+    net_input = batch["net_input"]
+    assert net_input["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]]
+    assert net_input["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 0, 1, 2, 3]]
+    assert net_input["document_lengths"].tolist() == [[3, 2, 1, 4]] and net_input["max_document_length"] == 4
+    assert "attention_mask" not in net_input and batch["nsentences"] == 2
+    assert batch["target"].tolist() == [[6, 7, -100, 9, -100, -100, 12, 13, 14, -100]] and batch["ntokens"] == 6
+    kwargs = document_kwargs(net_input["document_lengths"], net_input["max_document_length"])
+    assert kwargs["cu_seq_lens_q"].tolist() == [0, 3, 5, 6, 10]
+    assert kwargs["cu_seq_lens_q"].dtype == torch.int32 and kwargs["max_length_q"] == 4
+    assert document_lengths(net_input["position_ids"]).tolist() == [[3, 2, 1, 4]]
+    first, second = split_batch(batch, 2)  # micro-batches: whole documents, about half the tokens each
+    assert first["net_input"]["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert second["net_input"]["document_lengths"].tolist() == [[1, 4]]
+    assert second["net_input"]["max_document_length"] == 4 and second["target"].tolist() == [[-100, 12, 13, 14, -100]]
+    assert first["ntokens"] == second["ntokens"] == 3
+
+
+def test_a_token_budget_below_the_longest_sample_is_one_clear_error():
+    """MAX_TOKENS (--max-tokens) must hold the longest sample after truncation: the task says so, with the
+    numbers, before fairseq's batching fails on that sample."""
+    dataset = TokenizedDataset(_samples([9, 40, 17]), get_layout("causal_lm"), pad_id=0, shuffle=False)
+    with pytest.raises(
+        UserInputError,
+        match=r"MAX_TOKENS 32 is smaller than the longest sample after truncation "
+        r"to SEQUENCE_LENGTH 64 \(40 tokens\); set MAX_TOKENS to at least 40",
+    ):
+        check_token_budget(dataset, 32, 64)
+    check_token_budget(dataset, 40, 64)
+    check_token_budget(dataset, None, 64)
+
+
+def test_flex_attention_document_mask_matches_attention_per_document():
+    """The path for GPUs without torch's varlen kernel (FlexAttention, a document BlockMask) computes what
+    the CPU's per-document SDPA does (forward only: FlexAttention has no backward on the CPU)."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(37, 4, 8, generator=generator)  # (tokens, heads, head_dim); grouped-query: 2 key/value heads
+    k, v = (torch.randn(37, 2, 8, generator=generator) for _ in range(2))
+    offsets = torch.tensor([0, 5, 5, 21, 30, 37], dtype=torch.int32)  # a zero-length document too
+    with torch.no_grad():
+        flex = document_attention._flex(q, k, v, offsets, 0.3)
+        per_document = document_attention._per_document(q, k, v, offsets, 0.3)
+    torch.testing.assert_close(flex, per_document, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_rows_with_lora_and_recompute_train_as_unpacked_rows():
+    """document_varlen under LoRA adapters and recomputed decoder layers: the packed batch's loss and adapter
+    gradients are the unpacked batch's (float32, 1e-5 relative)."""
+    hf_model = load_hf_model(AutoModelForCausalLM, str(MODEL_DIR), attn_implementation=ATTENTION_NAME)
+    assert apply_recompute(hf_model, ["LlamaDecoderLayer"]) > 0
+    model = HFAutoCausalLM(apply_lora(hf_model, "r=4 lora_alpha=8", "CAUSAL_LM"))
+    layout, criterion = get_layout("causal_lm"), CausalLMLoss(None)
+    samples = _samples([9, 17, 30, 5, 22, 13], seed=3)
+
+    def loss_and_grads(rows):
+        dataset = TokenizedDataset(rows, layout, pad_id=0, shuffle=False)
+        model.zero_grad()
+        loss, _, _ = criterion(model, dataset.collater([dataset[i] for i in range(len(dataset))]))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss, grads = loss_and_grads(samples)
+    packed_loss, packed_grads = loss_and_grads(pack(samples, 48, "train"))
+    torch.testing.assert_close(packed_loss, loss, rtol=1e-5, atol=0)
+    assert any(g.norm() > 0 for g in grads.values())  # B starts at zero: the B matrices get gradients
+    for name, grad in grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-5 * float(grad.abs().max()), msg=name)
+
+
+def test_generation_of_a_document_varlen_model_uses_the_masks():
+    """Generation (left padding, a key/value cache) needs Hugging Face's masks: a model trained on
+    document_varlen generates what the same weights on sdpa generate, and is on document_varlen after."""
+    from fairseq_ext.evaluation.generation import generate_answers
+    from fairseq_ext.models.hf_loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(MODEL_DIR))
+    prompts = [[5, 9, 13], [7, 8, 9, 10, 11, 12, 40, 41], [3, 4]]  # of different lengths: left padding
+    answers = {}
+    for attention in ("sdpa", ATTENTION_NAME):
+        model = load_hf_model(AutoModelForCausalLM, str(MODEL_DIR), attn_implementation=attention)
+        answers[attention] = generate_answers(model, tokenizer, prompts, max_new_tokens=6)
+        assert model.config._attn_implementation == attention
+    assert answers[ATTENTION_NAME] == answers["sdpa"] and any(answers["sdpa"])

@@ -114,6 +114,28 @@ def test_shapes_are_the_baselines(monkeypatch, tiny):
     )
     assert baseline.LORA_TARGETS == speed.LORA_TARGETS and baseline.PEAK_DATASHEET == speed.PEAK_DATASHEET
     assert set(speed.BASELINE_OF.values()) <= set(baseline.VARIANTS)
+    assert {v for pair in speed.BASELINE_OF_DATA.values() for v in pair} <= set(baseline.ORDER)
+
+
+def test_length_distributions_and_batches_grouped_by_length():
+    """Both sides' variable-length data: uniform in [seq/8, seq]; chat-like lengths mostly a few hundred
+    tokens with a tail to seq; batches grouped by length pad far less than batches in random order."""
+    import numpy as np
+
+    baseline = speed.baseline_module()
+    rng = np.random.default_rng(0)
+    uniform = baseline.sample_lengths("varlen", 4000, 2048, rng)
+    assert min(uniform) >= 256 and max(uniform) <= 2048 and 1000 < np.mean(uniform) < 1300
+    chat = baseline.sample_lengths("chat", 4000, 2048, rng)
+    assert 200 < np.median(chat) < 400 and max(chat) == 2048 and min(chat) >= 16
+    assert 0.05 < np.mean(np.array(chat) > 1024) < 0.15  # a tenth of the samples over half of seq
+
+    def padding(order):
+        batches = baseline.length_batches("chat", order, 8, 200, 2048)
+        assert len(batches) == 200 and all(len(b) == 8 for b in batches)
+        return sum(8 * max(b) - sum(b) for b in batches) / sum(8 * max(b) for b in batches)
+
+    assert padding("grouped") < 0.2 < 0.5 < padding("random")
 
 
 def test_rows_are_checked():
