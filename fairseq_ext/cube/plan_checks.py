@@ -66,11 +66,18 @@ def apply_plan(cfg, model, criterion=None) -> AppliedPlan:
     settings = run_settings(cfg, model, criterion)
     if plan.world_size == 1 or runs_on_fairseq_ddp(plan, model, settings):
         if plan.zero > 1 and plan.scaling_factor > 1:
-            raise UserInputError(
-                f"USE_ZERO={plan.zero} shards gradients (FSDP2), which runs Hugging Face models (--arch "
-                f"hf_auto_*) without fairseq's --fp16/--bf16/--amp; this run's data parallel is fairseq's DDP, "
-                f"which shards optimizer states only: use USE_ZERO=1 or 0, or PRECISION=bf16-master"
+            hf_model = getattr(model, "hf_model", None)
+            reasons = (
+                spec_of(hf_model.config).unsupported(plan, settings)
+                if hf_model is not None
+                else [
+                    f"USE_ZERO={plan.zero} shards gradients with FSDP2, which runs Hugging Face models "
+                    f"(--arch hf_auto_*); {type(model).__name__} trains on fairseq's DDP, ZeRO 1 at most: "
+                    f"use USE_ZERO=1 or 0"
+                ]
             )
+            if reasons:
+                raise UserInputError("; ".join(reasons))
         apply_plan_recompute(getattr(model, "hf_model", model), plan)
         return AppliedPlan(plan, None, False, None, [])
     hf_model = getattr(model, "hf_model", None)

@@ -22,7 +22,13 @@ from safetensors.torch import load_file
 
 from fairseq_ext.cube.checkpoint import export_hf
 from tests.distributed.test_pipeline_run_sh import assert_sharded
-from tests.distributed.test_plan_run_sh import assert_same_training, assert_weights_match, checkpoint_format, train
+from tests.distributed.test_plan_run_sh import (
+    assert_same_training,
+    assert_weights_match,
+    chained,
+    checkpoint_format,
+    train,
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +68,7 @@ def test_zero_levels_hybrid_tp_and_pp_resume_each_other_and_match_one_process(tm
             assert_sharded(checkpoint_dir, 4, one_process[2])
     assert "tensor parallel:" in results[2][3] and "pipeline rank 0: stages [0]" in results[3][3]
     assert [sorted(r[0]) for r in results] == [[1, 2, 3], [4, 5], [6, 7], [8, 9, 10]]
-    resumed = (
-        {k: v for r in results for k, v in r[0].items()},
-        {k: v for r in results for k, v in r[1].items()},
-        results[-1][2],
-        results[-1][3],
-    )
+    resumed = chained(results)
     assert_same_training(resumed, one_process)
 
     export_hf(str(checkpoint_dir / "checkpoint_last.pt"), str(tmp_path / "hf"))

@@ -100,6 +100,17 @@ def assert_same_training(got, expected, min_progress=0.5, loss_atol=0.0):
         assert_weights_match(got_weights[name], value, name)
 
 
+def chained(results):
+    """One training from the results of runs that each resumed the one before: every run's losses and
+    counts, the last run's weights and log."""
+    return (
+        {k: v for r in results for k, v in r[0].items()},
+        {k: v for r in results for k, v in r[1].items()},
+        results[-1][2],
+        results[-1][3],
+    )
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     """The single-process reference runs, each trained once per module: accumulation 1, 2 and 4."""
@@ -187,12 +198,7 @@ def test_checkpoints_resume_across_plans_and_formats(tmp_path, one_process):
         formats.append(checkpoint_format(tmp_path))
     assert formats == ["full", "dcp", "dcp", "full"]
     assert [sorted(r[0]) for r in results] == [[1, 2, 3], [4, 5, 6], [7, 8], [9, 10]]
-    resumed = (
-        {k: v for r in results for k, v in r[0].items()},
-        {k: v for r in results for k, v in r[1].items()},
-        results[-1][2],
-        results[-1][3],
-    )
+    resumed = chained(results)
     assert_same_training(resumed, one_process(1))
 
 
