@@ -33,7 +33,7 @@ class AppliedPlan(NamedTuple):
     data_parallel_roots: List[torch.nn.Module]  # the modules FSDP2 shards over the scale units (runtime/fsdp.py)
 
 
-def runs_on_fairseq_ddp(plan: Plan, model, settings: Optional[RunSettings]) -> bool:
+def runs_on_fairseq_ddp(plan: Plan, model, settings: RunSettings) -> bool:
     """Whether the data parallel of a plan of one GPU per scale unit runs on fairseq's DDP (with ZeRO-1 by
     torch's ZeroRedundancyOptimizer) instead of FSDP2: for models that are not Hugging Face ones (no
     repeated blocks to shard) and for fairseq's own --fp16/--bf16/--amp, whose optimizers flatten the
