@@ -38,7 +38,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=32, help="samples per scale unit per micro-step (BATCH_SIZE)")
     parser.add_argument("--sequence-length", type=int, default=512, help="tokens per sample (SEQUENCE_LENGTH)")
     parser.add_argument("--gradient-accu-num", type=int, default=1, help="micro-steps per update (GRADIENT_ACCU_NUM)")
-    parser.add_argument("--use-zero", type=int, choices=(0, 1), default=0, help="ZeRO-1 (USE_ZERO)")
+    parser.add_argument("--use-zero", type=int, choices=(0, 1, 2, 3), default=0, help="ZeRO level (USE_ZERO)")
     parser.add_argument("--zero-n-groups", type=int, default=1, help="ZeRO-1 groups (ZERO_N_GROUPS)")
     parser.add_argument(
         "--recompute-module-names",
@@ -117,7 +117,7 @@ def settings_from(args) -> CompileSettings:
         batch_size=args.batch_size,
         seq_len=args.sequence_length,
         grad_accu=args.gradient_accu_num,
-        zero=bool(args.use_zero),
+        zero=args.use_zero,
         zero_n_groups=args.zero_n_groups,
         precision=args.precision,
         attn_implementation="sdpa" if args.attn_implementation != "eager" else "eager",

@@ -159,9 +159,9 @@ if [[ -d $HUGGINGFACE_MODEL_NAME_OR_PATH ]]; then
 fi
 
 [[ $USE_LORA == 0 || $USE_LORA == 1 ]] || fail "USE_LORA must be 0 or 1, got '$USE_LORA'"
-[[ $USE_ZERO == 0 || $USE_ZERO == 1 ]] || fail "USE_ZERO must be 0 or 1, got '$USE_ZERO'"
-ZERO_ARGS=()
-if [[ $USE_ZERO == 1 ]]; then ZERO_ARGS=(--use-zero --zero-n-groups "$ZERO_N_GROUPS"); fi
+[[ $USE_ZERO =~ ^[0-3]$ ]] || fail "USE_ZERO must be a ZeRO level 0, 1, 2 or 3, got '$USE_ZERO'"
+ZERO_ARGS=(--use-zero "$USE_ZERO")
+if [[ $USE_ZERO != 0 ]]; then ZERO_ARGS+=(--zero-n-groups "$ZERO_N_GROUPS"); fi
 WORLD_SIZE=$(( NPROC_PER_NODE * NNODES ))
 if [[ -z $CUBE_SCALING_FACTOR && -z $PLAN_FILE ]]; then
     (( WORLD_SIZE % PLAN_NGPUS == 0 )) || fail "PLAN_NGPUS $PLAN_NGPUS does not divide the world size $WORLD_SIZE (NPROC_PER_NODE x NNODES)"

@@ -45,7 +45,8 @@ def _temporary_name(path: str) -> str:
 
 class CheckpointSaving:
     """The checkpoint part of the cube trainer (mixed into it before fairseq's Trainer): reads the trainer's
-    ``mesh``, ``checkpoint_format``, ``_shards_folder``, ``_full_param_names`` and ``_check_previous_norm``."""
+    ``mesh``, ``data_parallel_roots``, ``checkpoint_format``, ``_shards_folder``, ``_full_param_names`` and
+    ``_check_previous_norm``."""
 
     def _checkpoint_format(self, cfg, model) -> str:
         """``--checkpoint-format`` resolved for this plan, and what a sharded checkpoint cannot hold refused."""
@@ -83,11 +84,12 @@ class CheckpointSaving:
 
     @property
     def always_call_state_dict_during_save_checkpoint(self) -> bool:
-        """The ranks of the first scale unit build the state dict (its gathers are collective over tp);
-        with sharded checkpoints nobody needs to (the shards are written before, by every rank)."""
+        """The ranks of the first scale unit build the state dict (its gathers are collective over tp), every
+        rank when FSDP2 shards the model over the units; with sharded checkpoints nobody needs to (the shards
+        are written before, by every rank)."""
         if self.mesh is None or self.checkpoint_format == "dcp":
             return super().always_call_state_dict_during_save_checkpoint
-        return self.data_parallel_rank == 0
+        return bool(self.data_parallel_roots) or self.data_parallel_rank == 0
 
     @property
     def writes_shards(self) -> bool:

@@ -19,13 +19,19 @@ CHECKPOINT_FORMATS = ("auto", "full", "dcp")
 
 @dataclass
 class CubeConfig(FairseqDataclass):
-    use_zero: bool = field(
-        default=False, metadata={"help": "ZeRO-1: shard optimizer states among the data-parallel replicas (USE_ZERO)"}
+    use_zero: int = field(
+        default=0,
+        metadata={
+            "help": "ZeRO level of the data parallel between scale units (USE_ZERO): 0 every unit keeps weights, "
+            "gradients and optimizer states; 1 and 2 shard gradients and optimizer states (2 also between "
+            "accumulated batches), weights gathered once per update; 3 also reshards weights after the forward"
+        },
     )
     zero_n_groups: int = field(
         default=1,
         metadata={
-            "help": "ZeRO-1 shards inside this many groups of consecutive replicas (ZERO_N_GROUPS; run.sh: NNODES)"
+            "help": "ZeRO shards inside this many groups of consecutive units and replicates across them (hybrid "
+            "sharding; ZERO_N_GROUPS; run.sh: NNODES)"
         },
     )
     plan_ngpus: int = field(
@@ -68,7 +74,8 @@ class CubeConfig(FairseqDataclass):
         metadata={
             "help": "full: fairseq's one file with every tensor, gathered on the first rank; dcp: fairseq's files "
             "stay small and each rank writes its own shards (torch.distributed.checkpoint) into a folder "
-            "beside them; auto: dcp for plans with tensor or pipeline parallel, else full (CHECKPOINT_FORMAT)"
+            "beside them; auto: dcp for plans of several processes on a mesh (tensor, pipeline or FSDP2 data "
+            "parallel), else full (CHECKPOINT_FORMAT)"
         },
     )
 
@@ -93,7 +100,7 @@ def plan_from_config(task_cfg, world_size: int, gpus_per_node: int) -> Plan:
                     f"PLAN_NGPUS {plan_ngpus} does not divide the world size {world_size} (NPROC_PER_NODE x NNODES)"
                 )
             scaling_factor = world_size // plan_ngpus
-        zero = bool(getattr(task_cfg, "use_zero", False))
+        zero = int(getattr(task_cfg, "use_zero", 0))
         plan = default_plan(
             plan_ngpus,
             scaling_factor,

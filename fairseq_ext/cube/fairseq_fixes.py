@@ -3,7 +3,9 @@ in place (the one seam into fairseq), this module only defines them.
 
 - ``progress_bar``: adds a ``--log-file`` handler at every epoch (each line logged once more per epoch);
 - ``infer_init_method``: a torchrun launch on a host without GPUs (world size 1, division by zero);
-- ``_broadcast_object_slow``: the broadcast of a loaded checkpoint, which fails on torch >= 2.6.
+- ``_broadcast_object_slow``: the broadcast of a loaded checkpoint, which fails on torch >= 2.6;
+- ``broadcast``: the broadcast of a loaded checkpoint's tensors, which names the source by its global rank
+  where fairseq's callers mean its rank in the group (the same only in the world group).
 """
 
 import os
@@ -60,3 +62,11 @@ def broadcast_object_slow(obj, src_rank, group, dist_device):
     objects = [obj if dist.get_rank(group) == src_rank else None]
     dist.broadcast_object_list(objects, group_src=src_rank, group=group, device=dist_device)
     return objects[0]
+
+
+def broadcast_in_group(tensor, src, group):
+    """Replaces fairseq's tensor broadcast, whose callers (the broadcast of a loaded checkpoint from the first
+    rank of the data-parallel group) give ``src`` as the rank in ``group``, as its rank checks do, while it
+    passes it to torch as a global rank: a group without global rank 0 (the second data-parallel group of a
+    tensor- or pipeline-parallel plan) failed."""
+    dist.broadcast(tensor, group_src=src, group=group)

@@ -153,6 +153,12 @@ class ModelSpec:
                 f"only, not the {settings.head} head's; use num_microbatches 1 (a smaller BATCH_SIZE "
                 f"with GRADIENT_ACCU_NUM)"
             )
+        if plan.zero > 1 and plan.scaling_factor > 1 and settings.half_flags:
+            reasons.append(
+                f"USE_ZERO={plan.zero} shards gradients with FSDP2, which {'/'.join(settings.half_flags)} cannot "
+                f"run with (its optimizer flattens the parameters: data parallel runs on fairseq's DDP, ZeRO 1 "
+                f"at most); use USE_ZERO=1 or 0, or PRECISION=bf16-master"
+            )
         if plan.plan_ngpus > 1:
             reasons += self._mesh_reasons(plan, settings)
         if plan.pp > 1:
@@ -196,11 +202,6 @@ class ModelSpec:
         if settings.lora:
             reasons.append(
                 f"LoRA with pipeline parallel (pp {plan.pp}) is not available yet; use a plan with pp 1 or USE_LORA=0"
-            )
-        if plan.zero:
-            reasons.append(
-                f"ZeRO-1 with pipeline parallel (pp {plan.pp}) is not available yet; set USE_ZERO=0 "
-                f"(zero false in the plan) or use a plan with pp 1"
             )
         if settings.packing:
             reasons.append(

@@ -8,7 +8,8 @@ from .sharded_optimizer import gather_over
 
 
 class TensorParallelModel(torch.nn.Module):
-    """What fairseq's Trainer holds in place of its DDP wrapper when the model is tensor parallel.
+    """What fairseq's Trainer holds in place of its DDP wrapper when the model runs on a mesh (tensor,
+    pipeline or FSDP2 data parallel).
 
     Calls and missing attributes go to the model. fairseq calls ``all_reduce_grads`` after the last
     backward of an update (``reduce_grads``: the trainer averages them over the dp axis);
@@ -17,17 +18,22 @@ class TensorParallelModel(torch.nn.Module):
     checkpoint's :class:`ModelShards` and reads this rank's shards (collective over all ranks).
 
 
+    ``no_sync`` (``fsdp.accumulation_without_sync``): what fairseq enters for the batches of an update
+    before its last, as it does for DDP's ``no_sync``.
+
     With pipeline parallel (``pipeline_group``) the module holds only this rank's stages: ``state_dict``
     also gathers the other stages' tensors (collective over the pp group) and ``load_state_dict`` keeps
     the entries of this rank's stages.
     """
 
-    def __init__(self, module: torch.nn.Module, reduce_grads, pipeline_group=None, full_keys=()):
+    def __init__(self, module: torch.nn.Module, reduce_grads, pipeline_group=None, full_keys=(), no_sync=None):
         super().__init__()
         self.module = module
         self._reduce_grads = reduce_grads
         self._pipeline_group = pipeline_group
         self._full_keys = list(full_keys)  # the single-process state_dict order
+        if no_sync is not None:  # fairseq runs the batches of an update before its last under it
+            self.no_sync = no_sync
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)

@@ -3,8 +3,11 @@
 A Plan is data, nothing else: the search returns a Plan and never receives a module; the runtime
 consumes a Plan and never searches. It says how one *scale unit* of ``plan_ngpus`` GPUs splits the
 model (tensor parallel ``tp`` x pipeline parallel ``pp``), how the pipeline is scheduled, and how the
-``scaling_factor`` scale units (data parallel to each other) share optimizer states (ZeRO-1). It also
-names the modules whose forward is recomputed in backward.
+``scaling_factor`` scale units (data parallel to each other) share the training state: ``zero`` is the
+ZeRO level (0: every unit keeps everything, 1 and 2: gradients and optimizer states sharded, weights
+kept whole from forward to backward, 3: weights resharded after the forward too), sharded inside
+``zero_n_groups`` groups of consecutive units and replicated across them. It also names the modules
+whose forward is recomputed in backward.
 
 A Plan is saved as JSON (``plan.json``) and validated on load, so a hand-edited or stale file stops the
 run with one message that says what to change. ``fingerprint()`` identifies a plan's content; the
@@ -23,6 +26,7 @@ from typing import Tuple
 from fairseq_ext.errors import UserInputError
 
 PLAN_VERSION = 1
+ZERO_LEVELS = (0, 1, 2, 3)
 PIPELINE_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B")
 INTERLEAVED = "Interleaved1F1B"
 
@@ -42,8 +46,8 @@ class Plan:
     virtual_stages_per_rank: int = 1
     # First decoder layer index of stages 1..S-1 (S = pp * virtual_stages_per_rank); empty: balanced by layer count.
     stage_boundaries: Tuple[int, ...] = ()
-    zero: bool = False  # ZeRO-1
-    zero_n_groups: int = 1
+    zero: int = 0  # ZeRO level 0..3 (USE_ZERO); true/false of older files read as 1/0
+    zero_n_groups: int = 1  # hybrid sharding: shard inside this many groups of units, replicate across
     recompute_modules: Tuple[str, ...] = ()  # module class names
     model_fingerprint: str = ""  # filled by the compile pass
     version: int = PLAN_VERSION
@@ -54,11 +58,24 @@ class Plan:
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
+        if isinstance(self.zero, bool):  # plan files written when zero was ZeRO-1 on or off
+            object.__setattr__(self, "zero", int(self.zero))
 
     @property
     def world_size(self) -> int:
         """GPUs the plan runs on: PLAN_NGPUS x CUBE_SCALING_FACTOR."""
         return self.plan_ngpus * self.scaling_factor
+
+    @property
+    def dp_shard(self) -> int:
+        """Scale units that share (shard) one copy of the training state: 1 at ZeRO level 0, else
+        CUBE_SCALING_FACTOR / ZERO_N_GROUPS."""
+        return self.scaling_factor // self.zero_n_groups if self.zero else 1
+
+    @property
+    def dp_replicate(self) -> int:
+        """Copies of the training state across the scale units (dp_replicate x dp_shard = scaling_factor)."""
+        return self.scaling_factor // self.dp_shard
 
     @property
     def num_stages(self) -> int:
@@ -140,8 +157,8 @@ class Plan:
             )
 
     def _validate_zero(self) -> None:
-        if not isinstance(self.zero, bool):
-            raise UserInputError(f"zero must be true or false, got {self.zero!r}")
+        if not _is_int(self.zero) or self.zero not in ZERO_LEVELS:
+            raise UserInputError(f"zero must be a ZeRO level 0, 1, 2 or 3 (USE_ZERO), got {self.zero!r}")
         if not self.zero:
             return  # zero_n_groups only matters with ZeRO
         groups = self.zero_n_groups
@@ -150,7 +167,7 @@ class Plan:
         if self.scaling_factor % groups:
             raise UserInputError(
                 f"zero_n_groups {groups} does not divide CUBE_SCALING_FACTOR {self.scaling_factor}: ZeRO shards "
-                f"optimizer states among the {self.scaling_factor} data-parallel replicas of each parameter "
+                f"the training state among the {self.scaling_factor} data-parallel replicas of each parameter "
                 f"shard, in {groups} equal groups; choose a zero_n_groups that divides {self.scaling_factor}"
             )
 
@@ -232,7 +249,7 @@ def default_plan(
     plan_ngpus: int,
     scaling_factor: int,
     gpus_per_node: int,
-    zero: bool = False,
+    zero: int = 0,
     zero_n_groups: int = 1,
     recompute_modules: Tuple[str, ...] = (),
 ) -> Plan:

@@ -4,7 +4,7 @@ with refused, each with what to change."""
 import json
 import logging
 import os
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -15,7 +15,7 @@ from .compile import check_plan_is_current
 from .config import plan_from_config
 from .model_spec import RunSettings, spec_of
 from .plan import Plan
-from .runtime.mesh import PP, build_mesh
+from .runtime.mesh import DP, PP, build_mesh
 from .runtime.parallelize import apply_plan_recompute, parallelize
 from .runtime.pipeline import PipelineRunner
 from .runtime.precision import check_precision
@@ -27,9 +27,18 @@ class AppliedPlan(NamedTuple):
     """The plan a run trains with and what applying it built."""
 
     plan: Plan
-    mesh: Optional[DeviceMesh]  # (dp, pp, tp); None for plans of one GPU per scale unit
+    mesh: Optional[DeviceMesh]  # (dp_replicate, dp_shard, pp, tp) and dp; None: one process, or fairseq's DDP
     vocab_parallel: bool  # whether the LM head's logits are sharded over the vocabulary
     pipeline: Optional[PipelineRunner]  # this rank's stages, for pp > 1
+    data_parallel_roots: List[torch.nn.Module]  # the modules FSDP2 shards over the scale units (runtime/fsdp.py)
+
+
+def runs_on_fairseq_ddp(plan: Plan, model, settings: RunSettings) -> bool:
+    """Whether the data parallel of a plan of one GPU per scale unit runs on fairseq's DDP (with ZeRO-1 by
+    torch's ZeroRedundancyOptimizer) instead of FSDP2: for models that are not Hugging Face ones (no
+    repeated blocks to shard) and for fairseq's own --fp16/--bf16/--amp, whose optimizers flatten the
+    parameters FSDP2 shards."""
+    return plan.plan_ngpus == 1 and (getattr(model, "hf_model", None) is None or bool(settings.half_flags))
 
 
 def apply_plan(cfg, model, criterion=None) -> AppliedPlan:
@@ -54,21 +63,35 @@ def apply_plan(cfg, model, criterion=None) -> AppliedPlan:
             compiled=getattr(cfg.model, "compile_layers", False),
             lora_config=cfg.model.lora_config if getattr(cfg.model, "use_lora", False) else None,
         )
-    if plan.plan_ngpus == 1:
+    settings = run_settings(cfg, model, criterion)
+    if plan.world_size == 1 or runs_on_fairseq_ddp(plan, model, settings):
+        if plan.zero > 1 and plan.scaling_factor > 1:
+            hf_model = getattr(model, "hf_model", None)
+            reasons = (
+                spec_of(hf_model.config).unsupported(plan, settings)
+                if hf_model is not None
+                else [
+                    f"USE_ZERO={plan.zero} shards gradients with FSDP2, which runs Hugging Face models "
+                    f"(--arch hf_auto_*); {type(model).__name__} trains on fairseq's DDP, ZeRO 1 at most: "
+                    f"use USE_ZERO=1 or 0"
+                ]
+            )
+            if reasons:
+                raise UserInputError("; ".join(reasons))
         apply_plan_recompute(getattr(model, "hf_model", model), plan)
-        return AppliedPlan(plan, None, False, None)
+        return AppliedPlan(plan, None, False, None, [])
     hf_model = getattr(model, "hf_model", None)
     if hf_model is None:
         raise UserInputError(
             f"PLAN_NGPUS {plan.plan_ngpus} needs a Hugging Face model (--arch hf_auto_*), "
             f"got {type(model).__name__}; use PLAN_NGPUS=1"
         )
-    reasons = spec_of(hf_model.config).unsupported(plan, run_settings(cfg, model, criterion))
+    reasons = spec_of(hf_model.config).unsupported(plan, settings)
     if reasons:
         raise UserInputError("; ".join(reasons) if len(reasons) < 3 else "\n  " + "\n  ".join(reasons))
     on_gpu = torch.cuda.is_available() and not cfg.common.cpu
     mesh = build_mesh(plan, "cuda" if on_gpu else "cpu")
-    vocab_parallel, stages = parallelize(hf_model, plan, mesh)
+    vocab_parallel, stages, roots = parallelize(hf_model, plan, mesh, root=model)
     pipeline = None
     if stages:
         device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
@@ -79,8 +102,9 @@ def apply_plan(cfg, model, criterion=None) -> AppliedPlan:
             device,
             token_loss=criterion.token_loss,
             pad_token_id=getattr(hf_model.config, "pad_token_id", None) or 0,
+            dp_group=mesh.get_group(DP) if plan.scaling_factor > 1 else None,
         )
-    return AppliedPlan(plan, mesh, vocab_parallel, pipeline)
+    return AppliedPlan(plan, mesh, vocab_parallel, pipeline, roots)
 
 
 def run_settings(cfg, model, criterion=None) -> RunSettings:

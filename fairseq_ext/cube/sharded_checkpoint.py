@@ -44,6 +44,7 @@ from ..errors import UserInputError
 from ..safe_load import SafeFileSystemReader, SafeLoadPlanner, checkpoint_types_only, load_checkpoint_file
 from .checkpoint_faults import READ_ERRORS, unreadable_checkpoint
 from .runtime.local_shards import local_tensor
+from .runtime.mesh import TP
 
 SHARDS_KEY = "dcp"  # the small file's entry that names its shards folder
 FORMAT_VERSION = 1
@@ -111,14 +112,20 @@ def _dcp_load(state: dict, folder: str, no_dist: bool = False) -> None:
 
 
 def has_strided_shards(module: torch.nn.Module) -> bool:
-    """Whether ``module`` holds a DTensor split in interleaved pieces (``_StridedShard``: GPT-2's fused q/k/v,
-    each rank its heads of q, k and v), which torch.distributed.checkpoint cannot describe as chunks."""
+    """Whether ``module`` holds a DTensor split over tensor parallel in interleaved pieces (``_StridedShard``:
+    GPT-2's fused q/k/v, each rank its heads of q, k and v), which torch.distributed.checkpoint cannot
+    describe as chunks. FSDP2's strided shards over the data-parallel axes of a tensor-parallel shard are
+    chunks of it, which it saves and reshards."""
     from torch.distributed.tensor.placement_types import _StridedShard
 
-    return any(
-        isinstance(value, DTensor) and any(isinstance(p, _StridedShard) for p in value.placements)
-        for value in module.state_dict().values()
-    )
+    def strided_over_tp(value) -> bool:
+        names = value.device_mesh.mesh_dim_names or ()
+        return any(
+            isinstance(p, _StridedShard) and (dim >= len(names) or names[dim] == TP)
+            for dim, p in enumerate(value.placements)
+        )
+
+    return any(isinstance(value, DTensor) and strided_over_tp(value) for value in module.state_dict().values())
 
 
 def model_entries(module: torch.nn.Module) -> Dict[str, object]:

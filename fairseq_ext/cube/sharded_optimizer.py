@@ -4,15 +4,15 @@ adds to fairseq's optimizer (a mixin of it).
 With tensor parallel the optimizer steps each rank's local shards (plain tensors sharing storage with the
 model's DTensors); its ``state_dict`` gives full tensors, keyed like the single-process model's optimizer
 (the stages of a pipeline gathered and merged), and ``load_state_dict`` takes them back, or a sharded
-checkpoint's :class:`OptimizerShards`. ZeRO-1 shards the optimizer states among the replicas of each
-parameter shard.
+checkpoint's :class:`OptimizerShards`. On a mesh, FSDP2 has already sharded the parameters over the scale
+units (ZeRO levels, ``runtime/fsdp.py``), so the local shards are also the data-parallel shards; on fairseq's
+DDP path, ZeRO-1 shards the optimizer states among the replicas with torch's ZeroRedundancyOptimizer.
 """
 
 import logging
 
 import torch.distributed as dist
 
-from .runtime.data_parallel import average_gradients
 from .runtime.local_shards import LocalShards
 from .runtime.mesh import PP
 from .runtime.recompute import state_dict_name
@@ -34,15 +34,15 @@ class ShardedOptimizer:
     trainer's ``mesh``, ``plan``, ``pipeline``, ``checkpoint_format``, ``_model`` and ``_full_param_names``."""
 
     def _build_optimizer(self):
-        """Adds to fairseq's optimizer: stepping local shards of a tensor-parallel model, and ZeRO-1.
+        """Adds to fairseq's optimizer: stepping local shards of a model on a mesh, and ZeRO-1 on DDP.
 
-        With tensor parallel the optimizer's parameters become each rank's local shards (plain tensors
-        sharing storage with the DTensors), so fairseq's gradient scaling, its optimizers and ZeRO work
-        unchanged; its state_dict is gathered to full tensors for checkpoints and cut back on load.
-        ZeRO-1 (``--use-zero``): fairseq's own ``--zero-sharding os`` needs fairscale, which is
-        unmaintained; this uses torch's ZeroRedundancyOptimizer among the replicas of each parameter
-        shard (the dp group), and fairseq's ``consolidate_optimizer`` before checkpoints already calls
-        its ``consolidate_state_dict``.
+        On a mesh (tensor, pipeline or FSDP2 data parallel) the optimizer's parameters become each rank's
+        local shards (plain tensors sharing storage with the DTensors), so fairseq's gradient scaling and
+        its optimizers work unchanged; its state_dict is gathered to full tensors for checkpoints and cut
+        back on load. ZeRO-1 on fairseq's DDP path (``--use-zero 1``): fairseq's own ``--zero-sharding os``
+        needs fairscale, which is unmaintained; this uses torch's ZeroRedundancyOptimizer among the
+        replicas, and fairseq's ``consolidate_optimizer`` before checkpoints already calls its
+        ``consolidate_state_dict``.
         """
         super()._build_optimizer()
         fairseq_optimizer = self._optimizer
@@ -56,15 +56,9 @@ class ShardedOptimizer:
             for group in inner.param_groups:
                 group["params"] = [view_of[id(p)] for p in group["params"]]
             self._gather_optimizer_state_in_checkpoints(fairseq_optimizer)
-        if self.plan.zero and self.data_parallel_world_size > 1:
-            replica_groups = None
-            if self.mesh is not None:
-                ranks = self.mesh.mesh  # (dp, pp, tp) -> global rank
-                replica_groups = [
-                    ranks[:, pp, tp].tolist() for pp in range(ranks.shape[1]) for tp in range(ranks.shape[2])
-                ]
+        if self.mesh is None and self.plan.zero and self.data_parallel_world_size > 1:
             fairseq_optimizer.optimizer = shard_optimizer_states(
-                fairseq_optimizer.optimizer, fairseq_optimizer.optimizer_config, self.plan.zero_n_groups, replica_groups
+                fairseq_optimizer.optimizer, fairseq_optimizer.optimizer_config, self.plan.zero_n_groups
             )
             logger.info(
                 f"ZeRO-1: optimizer states sharded among {self.data_parallel_world_size} replicas "
@@ -119,9 +113,9 @@ class ShardedOptimizer:
         return [index[name] for name in local]
 
     def _reduce_grads(self) -> None:
-        """Average the gradients of a tensor-parallel model over the dp axis (what DDP does otherwise)."""
+        """After the last backward of an update: the optimizer's local views get their gradients (FSDP2 has
+        averaged them over the scale units in the backward)."""
         self._shards.link_grads()
-        average_gradients(self._shards.local_grads(), self.data_parallel_process_group)
 
 
 def to_global_indices(state: dict, global_index) -> dict:

@@ -2,11 +2,13 @@
 
 Each override says which fairseq behaviour it replaces. No other module of fairseq_ext patches fairseq.
 
-Plans whose scale unit has one GPU (PLAN_NGPUS=1) are plain data parallel: fairseq's DDP path, with
-ZeRO-1 on top. A tensor-parallel plan runs on a (dp, pp, tp) DeviceMesh: the model is sharded with
-DTensor before the optimizer exists, fairseq's data-parallel rank, size and group become the mesh's dp
-axis (all ranks of a scale unit read the same batch; logged sums run over dp only), gradients are
-averaged over dp explicitly instead of by DDP, and the optimizer steps each rank's local shards.
+A plan of several processes runs on a DeviceMesh (``runtime/mesh.py``): the model is split with DTensor
+(tensor parallel) and sharded over the scale units with FSDP2 at the plan's ZeRO level
+(``runtime/fsdp.py``) before the optimizer exists; fairseq's data-parallel rank, size and group become
+the mesh's dp axis (all ranks of a scale unit read the same batch; logged sums run over dp only), FSDP2
+reduces the gradients in the backward instead of DDP, and the optimizer steps each rank's local shards.
+fairseq's DDP path (ZeRO-1 by torch's ZeroRedundancyOptimizer) stays for data parallel of models that
+are not Hugging Face ones and under fairseq's own --fp16/--bf16/--amp (``plan_checks.runs_on_fairseq_ddp``).
 
 A pipeline-parallel plan (pp > 1) also cuts the model to each rank's stages (``runtime/pipeline.py``);
 the pipeline schedule runs forward and backward of each batch in place of the task's train and valid
@@ -37,12 +39,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..criterions.base import logging_output
 from .checkpoint_saving import CheckpointSaving, atomic_copy, save_checkpoint_with_shards
-from .fairseq_fixes import broadcast_object_slow, infer_init_method, progress_bar_once_per_log_file
+from .fairseq_fixes import broadcast_in_group, broadcast_object_slow, infer_init_method, progress_bar_once_per_log_file
 from .host_copies import HostCopy, LoggedValues, pinned
 from .micro_batches import split_batch
 from .out_of_memory import SkippedBatches, is_out_of_memory, out_of_memory_error, skipping_allowed
 from .parallel_model import TensorParallelModel
 from .plan_checks import apply_plan
+from .runtime.fsdp import accumulation_without_sync
 from .runtime.local_shards import local_tensor
 from .runtime.mesh import DP, PP
 from .runtime.precision import autocast
@@ -81,7 +84,9 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
         self._full_keys = list(model.state_dict().keys())
         self._full_param_names = [state_dict_name(n) for n, p in model.named_parameters() if p.requires_grad]
         # The plan is applied before fairseq's __init__, which reads the data-parallel size and places the model.
-        self.plan, self.mesh, self.vocab_parallel, self.pipeline = apply_plan(cfg, model, criterion)
+        applied = apply_plan(cfg, model, criterion)
+        self.plan, self.mesh, self.vocab_parallel, self.pipeline = applied[:4]
+        self.data_parallel_roots = applied.data_parallel_roots
         self.checkpoint_format = self._checkpoint_format(cfg, model)
         self._shards = None
         self._shards_folder = None  # the DCP folder written for the checkpoint being saved
@@ -144,7 +149,11 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
         model gets :class:`TensorParallelModel` instead of a DDP wrapper."""
         if self._wrapped_model is None and self.mesh is not None:
             self._wrapped_model = TensorParallelModel(
-                self._model, self._reduce_grads, self.mesh.get_group(PP) if self.pipeline else None, self._full_keys
+                self._model,
+                self._reduce_grads,
+                self.mesh.get_group(PP) if self.pipeline else None,
+                self._full_keys,
+                no_sync=None if self.pipeline else accumulation_without_sync(self.data_parallel_roots, self.plan),
             )
         if self._wrapped_model is None and self.use_distributed_wrapper and self.device.type == "cpu":
             dt = self.cfg.distributed_training
@@ -394,3 +403,4 @@ def install() -> None:
     progress_bar.progress_bar = progress_bar_once_per_log_file
     distributed_utils.infer_init_method = infer_init_method
     distributed_utils._broadcast_object_slow = broadcast_object_slow
+    distributed_utils.broadcast = broadcast_in_group

@@ -1,8 +1,9 @@
-"""Two CPU processes (gloo, through run.sh and torchrun) train data-parallel with the single-process result."""
+"""Two CPU processes (gloo, through run.sh and torchrun) train data-parallel (FSDP2 at ZeRO 0: replicated)
+with the single-process result."""
 
 import torch
-from fairseq import checkpoint_utils
 
+from fairseq_ext.cube.sharded_checkpoint import read_checkpoint
 from tests.integration.test_run_sh import run_sh
 
 
@@ -26,9 +27,7 @@ def test_two_processes_match_one_process_with_gradient_accumulation(tmp_path):
         assert abs(got[step] - expected[step]) <= 1e-3, (step, got[step], expected[step])
 
     def weights(folder):
-        return checkpoint_utils.load_checkpoint_to_cpu(str(folder / "out" / "checkpoint" / "checkpoint_last.pt"))[
-            "model"
-        ]
+        return read_checkpoint(str(folder / "out" / "checkpoint" / "checkpoint_last.pt"))["model"]
 
     final_two, final_one = weights(tmp_path / "two"), weights(tmp_path / "one")
     for key, value in final_one.items():

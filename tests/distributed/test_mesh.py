@@ -1,5 +1,5 @@
-"""build_mesh on 4 CPU processes (gloo): rank layout (tp fastest, then pp, then dp), subgroup collectives,
-and the world-size check raised in every rank."""
+"""build_mesh on 4 CPU processes (gloo): rank layout (tp fastest, then pp, then dp: dp_shard, then
+dp_replicate), subgroup collectives, and the world-size check raised in every rank."""
 
 import json
 import socket
@@ -10,13 +10,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fairseq_ext.cube.plan import Plan
-from fairseq_ext.cube.runtime.mesh import DP, PP, TP, backend_for, build_mesh
+from fairseq_ext.cube.runtime.mesh import DP, MESH_AXES, PP, TP, backend_for, build_mesh
 from fairseq_ext.errors import UserInputError
 
 WORLD_SIZE = 4
 TIMEOUT_S = 180
 
-DP2_TP2 = Plan(plan_ngpus=2, scaling_factor=2, tp=2, pp=1)
+DP2_TP2 = Plan(plan_ngpus=2, scaling_factor=2, tp=2, pp=1, zero=1)  # the 2 units shard: dp_shard 2
 PP2_TP2 = Plan(plan_ngpus=4, scaling_factor=1, tp=2, pp=2, num_microbatches=2)
 WORLD_8 = Plan(plan_ngpus=4, scaling_factor=2, tp=4, pp=1)
 
@@ -73,26 +73,29 @@ def test_mesh_layout_groups_and_world_size_check(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     results = _run_ranks(tmp_path)
 
-    # dp2 x tp2, shape (2, 1, 2): rank = dp * 2 + tp.
+    # dp2 x tp2 at ZeRO 1, shape (1, 2, 1, 2): rank = dp_shard * 2 + tp.
     #   tp groups [0, 1], [2, 3]; dp groups [0, 2], [1, 3]; pp groups are single ranks.
     expected_dp2_tp2 = {
-        0: ([0, 0, 0], [0, 2], [0], [0, 1]),
-        1: ([0, 0, 1], [1, 3], [1], [0, 1]),
-        2: ([1, 0, 0], [0, 2], [2], [2, 3]),
-        3: ([1, 0, 1], [1, 3], [3], [2, 3]),
+        0: ([0, 0, 0, 0], [0, 2], [0], [0, 1]),
+        1: ([0, 0, 0, 1], [1, 3], [1], [0, 1]),
+        2: ([0, 1, 0, 0], [0, 2], [2], [2, 3]),
+        3: ([0, 1, 0, 1], [1, 3], [3], [2, 3]),
     }
-    # pp2 x tp2, shape (1, 2, 2): rank = pp * 2 + tp.
+    # pp2 x tp2, shape (1, 1, 2, 2): rank = pp * 2 + tp.
     #   tp groups [0, 1], [2, 3]; pp groups [0, 2], [1, 3]; dp groups are single ranks.
     expected_pp2_tp2 = {
-        0: ([0, 0, 0], [0], [0, 2], [0, 1]),
-        1: ([0, 0, 1], [1], [1, 3], [0, 1]),
-        2: ([0, 1, 0], [2], [0, 2], [2, 3]),
-        3: ([0, 1, 1], [3], [1, 3], [2, 3]),
+        0: ([0, 0, 0, 0], [0], [0, 2], [0, 1]),
+        1: ([0, 0, 0, 1], [1], [1, 3], [0, 1]),
+        2: ([0, 0, 1, 0], [2], [0, 2], [2, 3]),
+        3: ([0, 0, 1, 1], [3], [1, 3], [2, 3]),
     }
-    for name, shape, expected in (("dp2_tp2", [2, 1, 2], expected_dp2_tp2), ("pp2_tp2", [1, 2, 2], expected_pp2_tp2)):
+    for name, shape, expected in (
+        ("dp2_tp2", [1, 2, 1, 2], expected_dp2_tp2),
+        ("pp2_tp2", [1, 1, 2, 2], expected_pp2_tp2),
+    ):
         for rank, (coordinate, dp_ranks, pp_ranks, tp_ranks) in expected.items():
             seen = results[rank][name]
-            assert seen["shape"] == shape and seen["axes"] == [DP, PP, TP], (name, rank, seen)
+            assert seen["shape"] == shape and seen["axes"] == list(MESH_AXES), (name, rank, seen)
             assert seen["coordinate"] == coordinate, (name, rank, seen)
             for axis, ranks in ((DP, dp_ranks), (PP, pp_ranks), (TP, tp_ranks)):
                 assert seen[axis]["ranks"] == ranks, (name, rank, axis, seen)

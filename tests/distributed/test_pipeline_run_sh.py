@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from fairseq_ext.cube.checkpoint import export_hf
-from tests.distributed.test_plan_run_sh import COMMON, assert_same_training, assert_weights_match, train
+from tests.distributed.test_plan_run_sh import COMMON, assert_same_training, assert_weights_match, chained, train
 from tests.helpers import MODEL_DIR, tensor_bytes_per_file
 from tests.integration.test_run_sh import run_sh
 
@@ -158,12 +158,7 @@ def test_pipeline_checkpoint_resumes_under_dp4_and_in_one_process(tmp_path, one_
             assert_sharded(checkpoint_dir, 4, one_process()[2])
             shutil.copytree(checkpoint_dir, tmp_path / "copy" / "out" / "checkpoint")
     assert [sorted(r[0]) for r in results] == [[1, 2, 3], [4, 5], [6, 7], [8, 9, 10]]
-    resumed = (
-        {k: v for r in results for k, v in r[0].items()},
-        {k: v for r in results for k, v in r[1].items()},
-        results[-1][2],
-        results[-1][3],
-    )
+    resumed = chained(results)
     assert_same_training(resumed, one_process())
     direct = train(tmp_path / "copy", NPROC_PER_NODE=1)
     assert sorted(direct[0]) == list(range(4, 11))

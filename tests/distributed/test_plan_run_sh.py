@@ -100,6 +100,17 @@ def assert_same_training(got, expected, min_progress=0.5, loss_atol=0.0):
         assert_weights_match(got_weights[name], value, name)
 
 
+def chained(results):
+    """One training from the results of runs that each resumed the one before: every run's losses and
+    counts, the last run's weights and log."""
+    return (
+        {k: v for r in results for k, v in r[0].items()},
+        {k: v for r in results for k, v in r[1].items()},
+        results[-1][2],
+        results[-1][3],
+    )
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     """The single-process reference runs, each trained once per module: accumulation 1, 2 and 4."""
@@ -126,12 +137,13 @@ def test_tp2_with_gradient_accumulation_matches_one_process(tmp_path, one_proces
     assert_same_training(train(tmp_path, NPROC_PER_NODE=2, PLAN_NGPUS=2, GRADIENT_ACCU_NUM=4), one_process(4))
 
 
-def test_two_tp2_scale_units_with_zero_match_one_process(tmp_path, one_process):
-    """4 processes: 2 scale units of tp 2. Unit u reads batches u, u+2, ... (fairseq shards by unit), so one
-    update sees two consecutive batches: exactly one process with GRADIENT_ACCU_NUM=2."""
-    run = train(tmp_path, NPROC_PER_NODE=4, PLAN_NGPUS=2, USE_ZERO=1)
-    assert '"scaling_factor": 2' in run[3] and '"zero": true' in run[3]
-    assert "ZeRO-1: optimizer states sharded among 2 replicas" in run[3]
+def test_two_tp2_scale_units_with_zero3_match_one_process(tmp_path, one_process):
+    """4 processes: 2 scale units of tp 2, ZeRO 3 (FSDP2 across the units: each tensor-parallel shard split
+    again over them, weights freed after each layer's forward). Unit u reads batches u, u+2, ... (fairseq
+    shards by unit), so one update sees two consecutive batches: exactly one process with GRADIENT_ACCU_NUM=2."""
+    run = train(tmp_path, NPROC_PER_NODE=4, PLAN_NGPUS=2, USE_ZERO=3)
+    assert '"scaling_factor": 2' in run[3] and '"zero": 3' in run[3]
+    assert "data parallel (FSDP2, ZeRO 3): 2 blocks and 1 root(s) over 2 scale units, sharding 1 x 2" in run[3]
     assert_same_training(run, one_process(2))
 
 
@@ -186,18 +198,14 @@ def test_checkpoints_resume_across_plans_and_formats(tmp_path, one_process):
         formats.append(checkpoint_format(tmp_path))
     assert formats == ["full", "dcp", "dcp", "full"]
     assert [sorted(r[0]) for r in results] == [[1, 2, 3], [4, 5, 6], [7, 8], [9, 10]]
-    resumed = (
-        {k: v for r in results for k, v in r[0].items()},
-        {k: v for r in results for k, v in r[1].items()},
-        results[-1][2],
-        results[-1][3],
-    )
+    resumed = chained(results)
     assert_same_training(resumed, one_process(1))
 
 
 def test_two_nodes_simulated_match_one_process(tmp_path, one_process):
     """Two run.sh launches on this machine (NNODES=2, NODE_RANK 0 and 1, 2 processes each): a scale unit of
-    tp 2 per node, ZeRO-1 with the default ZERO_N_GROUPS (= NNODES: shards stay inside a node). The nodes
+    tp 2 per node, ZeRO 1 with the default ZERO_N_GROUPS (= NNODES: shards stay inside a node, here one unit
+    per node, so each node keeps whole states and the nodes only all-reduce gradients). The nodes
     share CHECKPOINT_DIR, as sharded checkpoints need: every rank writes its shards there."""
     port = free_port()
     checkpoint_dir = tmp_path / "shared_checkpoint"
@@ -209,7 +217,7 @@ def test_two_nodes_simulated_match_one_process(tmp_path, one_process):
     for result in (node0, node1):
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert (
-        "ZeRO-1: optimizer states sharded among 2 replicas in 2 group(s)"
+        "data parallel (FSDP2, ZeRO 1): 2 blocks and 1 root(s) over 2 scale units, sharding 2 x 1"
         in node0.stdout + (tmp_path / "node0" / "out" / "log" / "train.log").read_text()
     )
     weights = read_checkpoint(str(checkpoint_dir / "checkpoint_last.pt"), optimizer=False)

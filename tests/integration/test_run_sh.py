@@ -95,6 +95,10 @@ BAD_INPUTS = {
         r"run\.sh: error: set BATCH_SIZE \(samples per batch\) or MAX_TOKENS \(tokens per batch\), not both; "
         r"got BATCH_SIZE=4 and MAX_TOKENS=256",
     ),
+    "USE_ZERO not a level": (
+        {"USE_ZERO": "4"},
+        r"run\.sh: error: USE_ZERO must be a ZeRO level 0, 1, 2 or 3, got '4'",
+    ),
     "PROFILE_UPDATES not a range": (
         {"PROFILE_UPDATES": "8-10"},
         r"run\.sh: error: PROFILE_UPDATES must be FIRST:LAST updates counted from 1, e\.g\. "

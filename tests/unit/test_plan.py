@@ -24,7 +24,7 @@ def full_plan(**changes) -> Plan:
         num_microbatches=8,
         virtual_stages_per_rank=2,
         stage_boundaries=(2, 4, 6, 8, 10, 12, 14),
-        zero=True,
+        zero=3,
         zero_n_groups=2,
         recompute_modules=("LlamaDecoderLayer",),
         model_fingerprint="abc123",
@@ -32,6 +32,18 @@ def full_plan(**changes) -> Plan:
     )
     fields.update(changes)
     return Plan(**fields)
+
+
+def test_zero_is_a_level_and_older_true_false_files_load_as_1_and_0():
+    for old, level in ((True, 1), (False, 0)):
+        data = json.loads(full_plan().to_json())
+        data["zero"] = old
+        plan = Plan.from_json(json.dumps(data))
+        assert plan.zero == level and type(plan.zero) is int
+    sharded = full_plan(zero=2, scaling_factor=4, zero_n_groups=2)  # hybrid: shard inside pairs of units
+    assert (sharded.dp_replicate, sharded.dp_shard) == (2, 2)
+    replicated = full_plan(zero=0, scaling_factor=4, zero_n_groups=2)  # level 0: no sharding, groups ignored
+    assert (replicated.dp_replicate, replicated.dp_shard) == (4, 1)
 
 
 def test_json_round_trip_is_equal():
@@ -48,7 +60,7 @@ def test_fingerprint_is_stable_and_pinned():
     assert len(fingerprint) == 16 and int(fingerprint, 16) >= 0
     assert Plan.from_json(plan.to_json()).fingerprint() == fingerprint
     # Pinned: a change of the canonical form (key order, separators, hash) would make saved plans look stale.
-    assert fingerprint == "1e60389c87a86298"
+    assert fingerprint == "51be6eb061d3e7d8"
 
 
 @pytest.mark.parametrize(
@@ -62,7 +74,7 @@ def test_fingerprint_is_stable_and_pinned():
         ("num_microbatches", 16),
         ("virtual_stages_per_rank", 3),
         ("stage_boundaries", (1, 4, 6, 8, 10, 12, 14)),
-        ("zero", False),
+        ("zero", 2),
         ("zero_n_groups", 4),
         ("recompute_modules", ()),
         ("model_fingerprint", "abc124"),
@@ -144,7 +156,8 @@ def test_fingerprint_changes_with_every_field(field, value):
             dict(zero=True, scaling_factor=4, zero_n_groups=3),
             r"zero_n_groups 3 does not divide CUBE_SCALING_FACTOR 4.*choose a zero_n_groups that divides 4",
         ),
-        (dict(zero="yes"), r"zero must be true or false"),
+        (dict(zero="yes"), r"zero must be a ZeRO level 0, 1, 2 or 3 \(USE_ZERO\), got 'yes'"),
+        (dict(zero=4), r"zero must be a ZeRO level 0, 1, 2 or 3 \(USE_ZERO\), got 4"),
         (dict(recompute_modules=("",)), r"recompute_modules must be a list of module class names"),
         (dict(version=2), r"plan version 2 is not supported"),
     ],

@@ -24,7 +24,8 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from fairseq_ext.cube import custom
 from fairseq_ext.cube.compile import CompileSettings
 from fairseq_ext.cube.cost import Hardware, Workload
-from fairseq_ext.cube.model_spec import spec_of
+from fairseq_ext.cube.model_spec import RunSettings, spec_of
+from fairseq_ext.cube.plan import Plan
 from fairseq_ext.cube.plan_checks import apply_plan, run_settings
 from fairseq_ext.cube.profile_types import Activations, ModelProfile, ModuleProfile
 from fairseq_ext.cube.search import search
@@ -338,3 +339,24 @@ def test_the_search_says_why_it_picks_no_plan():
     assert piped and all(
         c.rejected[0].startswith("LoRA with pipeline parallel (pp 2) is not available yet") for c in piped
     )
+
+
+def test_zero_levels_with_pipeline_stages_run_and_gradient_sharding_under_fairseq_half_is_refused(tmp_path):
+    """ZeRO with pipeline stages runs (each stage sharded over its replicas by FSDP2); fairseq's --fp16 keeps
+    data parallel on DDP, where ZeRO 2 and 3 are refused, by the spec and by the runtime alike."""
+    spec = spec_of(_llama())
+    pp_zero3 = Plan(plan_ngpus=2, scaling_factor=2, tp=1, pp=2, num_microbatches=2, zero=3)
+    assert spec.unsupported(pp_zero3, RunSettings(batch_size=BATCH_SIZE)) == []
+    fp16 = CompileSettings(model="", plan_ngpus=1, mem_per_gpu=1e3, batch_size=BATCH_SIZE, precision="fp16")
+    dp_zero2 = Plan(plan_ngpus=1, scaling_factor=2, tp=1, pp=1, zero=2)
+    reasons = spec.unsupported(dp_zero2, fp16.run_settings())
+    assert reasons == [
+        "USE_ZERO=2 shards gradients with FSDP2, which --fp16 cannot run with (its optimizer flattens the "
+        "parameters: data parallel runs on fairseq's DDP, ZeRO 1 at most); use USE_ZERO=1 or 0, or "
+        "PRECISION=bf16-master"
+    ]
+    assert spec.unsupported(dataclasses.replace(dp_zero2, zero=1), fp16.run_settings()) == []
+    plan_file = tmp_path / "plan.json"
+    dp_zero2.save(str(plan_file))
+    refused = runtime_outcome(fairseq_cfg(fp16, str(plan_file)), build("llama", False), criterion_for("causal_lm"), 2)
+    assert isinstance(refused, UserInputError) and str(refused) == reasons[0]

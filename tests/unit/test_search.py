@@ -190,8 +190,9 @@ def test_user_fixed_settings_are_respected(llama3_8b):
         assert c.plan.recompute_modules == ("LlamaDecoderLayer",)
 
 
-def test_zero_with_pipeline_is_never_chosen(llama3_8b):
-    """The runtime refuses ZeRO-1 with pp > 1: such plans are listed with the reason, never chosen."""
+def test_zero_with_pipeline_is_not_refused(llama3_8b):
+    """ZeRO shards each pipeline stage's state over its data-parallel replicas (FSDP2): pipeline plans are
+    costed with it, none is rejected for it."""
     result = search(
         llama3_8b,
         Workload(batch_size=8, seq_len=512),
@@ -203,17 +204,17 @@ def test_zero_with_pipeline_is_never_chosen(llama3_8b):
         settings=RunSettings(batch_size=8),
         zero=True,
     )
-    assert result.best is not None and result.best.plan.pp == 1
-    reason = "ZeRO-1 with pipeline parallel (pp 2) is not available yet; set USE_ZERO=0"
-    assert any(any(r.startswith(reason) for r in c.rejected) for c in result.candidates if c.plan.pp == 2)
+    assert result.best is not None and any(c.plan.pp == 2 for c in result.candidates)
+    assert not any("ZeRO" in r for c in result.candidates for r in c.rejected)
 
 
 def test_a_refusal_names_the_closest_plans_and_one_setting_to_change():
     """PLAN_NGPUS=16 puts pipeline stages in every plan (tp stays within a node of 8), which the runtime
-    refuses with ZeRO-1: a few lines name the closest plans and USE_ZERO=0, not every plan's reasons."""
+    refuses with packed sequences: a few lines name the closest plans and PACK_SEQUENCES=0, not every plan's
+    reasons."""
     compiled = compile_plan(
         CompileSettings(
-            model=LLAMA3_8B, plan_ngpus=16, mem_per_gpu=20, batch_size=32, seq_len=512, precision="bf16", zero=True
+            model=LLAMA3_8B, plan_ngpus=16, mem_per_gpu=20, batch_size=32, seq_len=512, precision="bf16", packing=True
         )
     )
     assert compiled.plan is None
@@ -221,5 +222,5 @@ def test_a_refusal_names_the_closest_plans_and_one_setting_to_change():
     assert len(lines) <= 6, compiled.error
     assert lines[0] == "no plan for PLAN_NGPUS=16 runs with these settings within MEM_PER_GPU=20; the closest:"
     assert all(line.startswith("  tp=") for line in lines[1:4]), compiled.error
-    assert lines[4].startswith("change one setting: ZeRO-1 with pipeline parallel (pp "), compiled.error
-    assert "is not available yet; set USE_ZERO=0" in lines[4]
+    assert lines[4].startswith("change one setting: PACK_SEQUENCES=1 with pipeline parallel"), compiled.error
+    assert "use PACK_SEQUENCES=0" in lines[4]

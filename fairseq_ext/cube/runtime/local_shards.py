@@ -96,30 +96,32 @@ class LocalShards:
     def grad_norm(self, views: Optional[Iterable[torch.Tensor]] = None) -> torch.Tensor:
         """The L2 norm of the full gradient of the whole model, the same on every rank.
 
-        Squares of sharded gradients are summed over their mesh (each element counted once); replicated
-        gradients are counted once, from the local copy.
+        Squares of sharded gradients are summed over the mesh dims they are split over (each element
+        counted once); replicated gradients are counted once, from the local copy.
 
         Args:
             views: the local views whose gradients count (default: all).
         """
         params = self.params if views is None else [self.param_of(v) for v in views]
-        sharded_sq, replicated_sq = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-        mesh = None
+        # Squares summed per (mesh, mesh dims the gradient is split over): tp; dp (FSDP2); dp and tp.
+        by_split: Dict[tuple, torch.Tensor] = {}
         for param in params:
             if param.grad is None:
                 continue
             square = local_tensor(param.grad).detach().double().pow(2).sum().cpu()
+            key = (None, ())
             if is_sharded(param.grad):
-                sharded_sq += square
-                mesh = param.grad.device_mesh
-            else:
-                replicated_sq += square
-        if mesh is not None:
-            # All DTensor parameters of a tensor-parallel model live on the same 1-D tp mesh.
-            sharded_sq = sharded_sq.to(mesh.device_type)
-            dist.all_reduce(sharded_sq, group=mesh.get_group())
-            sharded_sq = sharded_sq.cpu()
-        total_sq = sharded_sq + replicated_sq
+                placements = param.grad.placements
+                key = (param.grad.device_mesh, tuple(d for d, p in enumerate(placements) if not p.is_replicate()))
+            by_split[key] = by_split.get(key, torch.zeros((), dtype=torch.float64)) + square
+        total_sq = torch.zeros((), dtype=torch.float64)
+        for (mesh, dims), square in by_split.items():  # the same keys, in the same order, on the ranks of a mesh
+            if mesh is not None:
+                square = square.to(mesh.device_type)
+                for dim in dims:
+                    dist.all_reduce(square, group=mesh.get_group(dim))
+                square = square.cpu()
+            total_sq = total_sq + square
         if self.pipeline_group is not None and views is None:
             device = self.params[0].device if self.params else torch.device("cpu")
             total_sq = total_sq.to(device)

@@ -1,8 +1,11 @@
-"""The device mesh of a Plan: axes (dp, pp, tp), tensor parallel fastest.
+"""The device mesh of a Plan: axes (dp_replicate, dp_shard, pp, tp), tensor parallel fastest, and dp,
+the two data-parallel axes flattened into one.
 
-Rank layout: rank = (dp * pp_size + pp) * tp_size + tp. Ranks of one tp group are adjacent, so with
-tp <= GPUs per node a tp group stays inside a node (tensor parallel talks most); pipeline stages come
-next, and whole scale units (PLAN_NGPUS ranks each) are data parallel to each other.
+Rank layout: rank = (dp * pp_size + pp) * tp_size + tp with dp = dp_replicate * dp_shard_size + dp_shard.
+Ranks of one tp group are adjacent, so with tp <= GPUs per node a tp group stays inside a node (tensor
+parallel talks most); pipeline stages come next, and whole scale units (PLAN_NGPUS ranks each) are data
+parallel to each other: the training state is sharded among the consecutive units of one dp_shard group
+(ZeRO) and replicated across the groups (``Plan.dp_shard``, ``Plan.dp_replicate``).
 """
 
 from typing import Optional
@@ -14,7 +17,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from fairseq_ext.cube.plan import Plan
 
 DP, PP, TP = "dp", "pp", "tp"
-MESH_AXES = (DP, PP, TP)
+DP_REPLICATE, DP_SHARD = "dp_replicate", "dp_shard"
+MESH_AXES = (DP_REPLICATE, DP_SHARD, PP, TP)
 
 
 def backend_for(device_type: str) -> str:
@@ -26,7 +30,8 @@ def backend_for(device_type: str) -> str:
 
 
 def build_mesh(plan: Plan, device_type: Optional[str] = None) -> DeviceMesh:
-    """Build the (dp, pp, tp) mesh of shape (scaling_factor, pp, tp) over all ranks.
+    """Build the (dp_replicate, dp_shard, pp, tp) mesh over all ranks, with the axis dp of shape
+    scaling_factor flattened from the first two.
 
     Collective: every rank must call it. Requires ``torch.distributed`` to be initialized (with
     ``backend_for(device_type)``); raises UserInputError in every rank when the plan's world size
@@ -43,4 +48,15 @@ def build_mesh(plan: Plan, device_type: Optional[str] = None) -> DeviceMesh:
     plan.check_world_size(dist.get_world_size())
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    return init_device_mesh(device_type, (plan.scaling_factor, plan.pp, plan.tp), mesh_dim_names=MESH_AXES)
+    shape = (plan.dp_replicate, plan.dp_shard, plan.pp, plan.tp)
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_AXES)
+    mesh[DP_REPLICATE, DP_SHARD]._flatten(DP)
+    return mesh
+
+
+def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The mesh FSDP2 shards the training state over: dp_shard alone, or (dp_replicate, dp_shard) for hybrid
+    sharding (shard inside a group, replicate across groups)."""
+    if mesh[DP_REPLICATE].size() == 1:
+        return mesh[DP_SHARD]
+    return mesh[DP_REPLICATE, DP_SHARD]

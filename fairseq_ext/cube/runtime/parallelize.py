@@ -8,7 +8,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from ..model_spec import spec_of
 from ..plan import Plan
-from .mesh import PP, TP
+from .fsdp import shard_data_parallel
+from .mesh import PP, TP, data_parallel_mesh
 from .pipeline import check_pipeline_model, split_model
 from .recompute import apply_recompute
 from .tensor_parallel import apply_tensor_parallel, apply_vocab_parallel
@@ -24,21 +25,34 @@ def apply_plan_recompute(module, plan: Plan) -> None:
 
 
 class Parallelized(NamedTuple):
-    """What :func:`parallelize` did: whether the LM head is vocab parallel, and this rank's pipeline stages
-    (``[(stage_index, module)]``; empty without pipeline parallel)."""
+    """What :func:`parallelize` did: whether the LM head is vocab parallel, this rank's pipeline stages
+    (``[(stage_index, module)]``; empty without pipeline parallel), and the modules FSDP2 shards over the
+    scale units (empty with one unit)."""
 
     vocab_parallel: bool
     stages: List[Tuple[int, torch.nn.Module]]
+    data_parallel_roots: List[torch.nn.Module]
 
 
-def parallelize(hf_model, plan: Plan, mesh: DeviceMesh) -> Parallelized:
-    """Split and shard ``hf_model`` in place as ``plan`` says, on the (dp, pp, tp) ``mesh``.
+def parallelize(hf_model, plan: Plan, mesh: DeviceMesh, root=None) -> Parallelized:
+    """Split and shard ``hf_model`` in place as ``plan`` says, on the ``mesh`` of ``mesh.build_mesh``.
 
     Every rank must hold the same weights before the call. With pp > 1 the model is first cut to this
-    rank's pipeline stages (see ``pipeline.split_model``), then the remaining layers are sharded over tp.
+    rank's pipeline stages (see ``pipeline.split_model``), then the remaining layers are sharded over tp,
+    then, with several scale units, ``root`` (the module whose forward training calls; default ``hf_model``)
+    or each pipeline stage is sharded over them with FSDP2 at the plan's ZeRO level (``fsdp.py``).
     When the LM head is vocab parallel (pp 1 only) its logits are a DTensor sharded on the vocabulary, and
     the loss must be computed (forward and backward) under ``torch.distributed.tensor.parallel.loss_parallel()``.
     """
+    vocab_parallel, stages = _split(hf_model, plan, mesh)
+    roots = []
+    if plan.scaling_factor > 1:
+        roots = [module for _, module in stages] or [hf_model if root is None else root]
+        shard_data_parallel(roots, hf_model, plan, data_parallel_mesh(mesh))
+    return Parallelized(vocab_parallel, stages, roots)
+
+
+def _split(hf_model, plan: Plan, mesh: DeviceMesh):
     apply_plan_recompute(hf_model, plan)
     # Recompute wraps layers in place, so it comes before the pipeline split, which keeps references to them.
     stages = []
@@ -46,7 +60,7 @@ def parallelize(hf_model, plan: Plan, mesh: DeviceMesh) -> Parallelized:
         check_pipeline_model(hf_model, plan)
         stages = split_model(hf_model, plan, mesh.get_local_rank(PP))
     if plan.tp == 1:
-        return Parallelized(False, stages)
+        return False, stages
     tp_mesh = mesh[TP]
     num_sharded = apply_tensor_parallel(hf_model, tp_mesh)
     # With pp the embeddings and head live on different stages; they stay replicated over tp there.
@@ -64,4 +78,4 @@ def parallelize(hf_model, plan: Plan, mesh: DeviceMesh) -> Parallelized:
         f"tensor parallel: {num_sharded} modules sharded over tp {plan.tp}"
         + (", embeddings and LM head vocab parallel" if vocab_parallel else "")
     )
-    return Parallelized(vocab_parallel, stages)
+    return vocab_parallel, stages

@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
@@ -171,6 +172,9 @@ class PipelineRunner:
         pp_group: the process group of the pipeline ranks of this scale unit (mesh axis ``pp``).
         token_loss: the criterion's loss of one micro-batch, ``(logits, target) -> summed loss`` over the
             trained tokens (``CausalLMLoss.token_loss``).
+        dp_group: with several scale units, the group of this stage's data-parallel replicas (FSDP2 shards
+            the stages over it): every batch is padded to the largest shape among them, so that they set up
+            schedules, whose first step runs FSDP2's collectives to infer shapes, at the same steps.
     """
 
     def __init__(
@@ -181,8 +185,10 @@ class PipelineRunner:
         device: torch.device,
         token_loss: Callable,
         pad_token_id: int = 0,
+        dp_group=None,
     ):
         self.stages, self.plan, self.pp_group, self.device = stages, plan, pp_group, device
+        self.dp_group = dp_group
         self.token_loss = token_loss
         self.pad_token_id = pad_token_id
         self.num_stages = plan.num_stages
@@ -218,19 +224,29 @@ class PipelineRunner:
         return schedule
 
     def _pad(self, input_ids, attention_mask, target):
-        """Pad the batch with untrained rows up to a multiple of the micro-batch count (a short last batch).
+        """Pad the batch with untrained rows up to a multiple of the micro-batch count (a short last batch);
+        with ``dp_group``, first to the most rows and positions of the replicas' batches.
 
-        The rows are pad tokens with a full attention mask (no all-masked softmax) and ignored targets, so
-        they add exactly zero to the loss and to every gradient.
+        The rows are pad tokens with a full attention mask (no all-masked softmax) and ignored targets, and
+        the positions are masked pad tokens after the sequence with ignored targets, so they add exactly
+        zero to the loss and to every gradient.
         """
-        rows = (-input_ids.shape[0]) % self.plan.num_microbatches
-        if not rows:
-            return input_ids, attention_mask, target
+        rows, length = input_ids.shape
+        if self.dp_group is not None:
+            size = torch.tensor([rows, length], device=self.device)
+            dist.all_reduce(size, op=dist.ReduceOp.MAX, group=self.dp_group)
+            rows, length = size.tolist()
+        rows += (-rows) % self.plan.num_microbatches
 
         def more(t, value):
-            return torch.cat([t, t.new_full((rows, *t.shape[1:]), value)])
+            t = torch.cat([t, t.new_full((t.shape[0], length - t.shape[1]), value)], dim=1)
+            return torch.cat([t, t.new_full((rows - t.shape[0], length), value)])
 
-        return more(input_ids, self.pad_token_id), more(attention_mask, 1), more(target, IGNORE_INDEX)
+        if (rows, length) == tuple(input_ids.shape):
+            return input_ids, attention_mask, target
+        attention_mask = more(attention_mask, 0)
+        attention_mask[input_ids.shape[0] :] = 1
+        return more(input_ids, self.pad_token_id), attention_mask, more(target, IGNORE_INDEX)
 
     def run(self, input_ids, attention_mask, target, train: bool = True, loss_scale: float = 1.0) -> torch.Tensor:
         """Forward (and with ``train``, backward) of one batch through the pipeline.
@@ -245,7 +261,11 @@ class PipelineRunner:
             attention_mask = torch.ones_like(input_ids)
         input_ids, attention_mask, target = self._pad(input_ids, attention_mask, target)
         micro_batch = input_ids.shape[0] // self.plan.num_microbatches
-        schedule = self._schedule((micro_batch, *input_ids.shape[1:]))
+        shape = (micro_batch, *input_ids.shape[1:])
+        # The first step of a new schedule infers shapes with a real forward and backward, then clears the
+        # gradients of FSDP2 stages: those of the update's earlier batches are kept aside meanwhile.
+        kept = self._take_sharded_grads() if shape not in self._schedules else None
+        schedule = self._schedule(shape)
         self._loss_scale = loss_scale
         losses: List[torch.Tensor] = []  # per micro-batch, filled on the last stage
         # args go to the first stage only; kwargs (the mask) are split the same way and given to every stage
@@ -255,6 +275,9 @@ class PipelineRunner:
             schedule.step(*args, target=target, losses=losses, return_outputs=False, attention_mask=attention_mask)
         else:
             schedule.eval(*args, target=target, losses=losses, attention_mask=attention_mask)
+        if kept:
+            for param, grad in kept.items():
+                param.grad = grad if param.grad is None else grad + param.grad
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for loss in losses:
             total = total + _plain(loss).detach().float()
@@ -262,6 +285,16 @@ class PipelineRunner:
             total = total / loss_scale
         dist.broadcast(total, group=self.pp_group, group_src=self._last_rank)
         return total
+
+    def _take_sharded_grads(self) -> Dict[torch.nn.Parameter, torch.Tensor]:
+        """The gradients of this rank's FSDP2-sharded stage parameters, removed from them."""
+        kept = {}
+        for _, module in self.stages:
+            if isinstance(module, FSDPModule):
+                for param in module.parameters():
+                    if param.grad is not None:
+                        kept[param], param.grad = param.grad, None
+        return kept
 
 
 def _plain(tensor):

@@ -1,4 +1,5 @@
-"""ZeRO-1: optimizer states sharded among the data-parallel replicas, with PyTorch's ZeroRedundancyOptimizer.
+"""ZeRO-1 on fairseq's DDP path: optimizer states sharded among the data-parallel replicas, with PyTorch's
+ZeroRedundancyOptimizer (plans on a mesh shard with FSDP2 instead: ``fsdp.py``).
 
 Gradients stay whole (all-reduced over the replicas); each replica steps the optimizer for its share of
 the parameters only, holding that share's states (Adam's two moments), then broadcasts the updated

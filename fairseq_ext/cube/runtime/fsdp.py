@@ -1,0 +1,98 @@
+"""Data parallel between scale units with FSDP2 (``torch.distributed.fsdp.fully_shard``) at the plan's ZeRO level.
+
+Each repeated block (Hugging Face's ``_no_split_modules``: the decoder layers) is sharded on its own and
+the root (the whole model, or each pipeline stage) holds what is left (embeddings, final norm, head), so
+FSDP2 gathers one block's weights at a time and prefetches the next. The data-parallel mesh comes from
+``mesh.data_parallel_mesh``: the units of one dp_shard group share one copy of the training state,
+dp_replicate groups hold copies of it (hybrid sharding). Tensor parallel happens first: its DTensors
+become 2-D (dp, tp) shards.
+
+The ZeRO levels (``Plan.zero``):
+
+- 0: the dp_shard groups have one unit each, so every unit keeps weights, gradients and optimizer states
+  whole; gradients are all-reduced once per update (batches accumulated by ``--update-freq`` add up locally).
+- 1: gradients and optimizer states are sharded; weights are gathered for the forward and kept until the
+  backward; accumulated batches add up in whole local gradients, reduce-scattered once per update.
+- 2: as 1, but each batch's gradients are reduce-scattered at once (only shards accumulate).
+- 3: as 2, and each block's weights are freed after its forward and gathered again in the backward.
+
+Gradients are averaged over the units (FSDP2's reduction), the convention fairseq's
+``multiply_grads(dp_size / sample_size)`` expects of DDP.
+"""
+
+import contextlib
+import logging
+from typing import List
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+
+from ..plan import Plan
+from .compile_layers import repeated_block_classes
+
+logger = logging.getLogger(__name__)
+
+# Levels whose accumulated batches keep whole local gradients, reduced once per update.
+_REDUCE_ONCE_PER_UPDATE = (0, 1)
+
+
+def _block_modules(root: torch.nn.Module, classes: set) -> List[torch.nn.Module]:
+    """The outermost submodules of ``root`` whose class (or, for a recompute wrapper, whose wrapped module's
+    class) is a repeated block, in module order."""
+    blocks, inside = [], set()
+    for name, module in root.named_modules():
+        if not name or any(name.startswith(prefix + ".") for prefix in inside):
+            continue
+        inner = getattr(module, "_checkpoint_wrapped_module", module)
+        if type(inner).__name__ in classes:
+            blocks.append(module)
+            inside.add(name)
+    return blocks
+
+
+def shard_data_parallel(roots: List[torch.nn.Module], hf_model, plan: Plan, dp_mesh: DeviceMesh) -> int:
+    """``fully_shard`` the repeated blocks of each of ``roots`` and then each root, in place, at ``plan.zero``.
+
+    Args:
+        roots: the modules whose forward the training calls (the whole model, or this rank's pipeline stages).
+        hf_model: the Hugging Face model, which names its repeated blocks.
+        dp_mesh: ``mesh.data_parallel_mesh(mesh)``.
+    Returns:
+        the number of blocks sharded on their own.
+    Collective: every rank of the mesh calls it with the same modules.
+    """
+    classes = repeated_block_classes(hf_model)
+    reshard_blocks = plan.zero == 3
+    count = 0
+    for root in roots:
+        for block in _block_modules(root, classes):
+            fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_blocks)
+            count += 1
+        fully_shard(root, mesh=dp_mesh, reshard_after_forward=False)  # the root is gathered again at once
+    kind = "hybrid sharding" if plan.dp_replicate > 1 and plan.dp_shard > 1 else "sharding"
+    logger.info(
+        f"data parallel (FSDP2, ZeRO {plan.zero}): {count} blocks and {len(roots)} root(s) over "
+        f"{plan.scaling_factor} scale units, {kind} {plan.dp_replicate} x {plan.dp_shard} (replicate x shard)"
+    )
+    return count
+
+
+def accumulation_without_sync(roots: List[torch.nn.Module], plan: Plan):
+    """A context manager factory for the batches of an update before its last (fairseq's ``no_sync``): at
+    levels 0 and 1 their gradients add up locally and are reduced with the last batch's; None at levels 2
+    and 3, whose every batch is reduce-scattered at once."""
+    if plan.zero not in _REDUCE_ONCE_PER_UPDATE:
+        return None
+
+    @contextlib.contextmanager
+    def no_sync():
+        for root in roots:
+            root.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            for root in roots:
+                root.set_requires_gradient_sync(True)
+
+    return no_sync
