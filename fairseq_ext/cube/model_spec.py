@@ -197,11 +197,6 @@ class ModelSpec:
             reasons.append(
                 f"LoRA with pipeline parallel (pp {plan.pp}) is not available yet; use a plan with pp 1 or USE_LORA=0"
             )
-        if plan.zero:
-            reasons.append(
-                f"ZeRO-1 with pipeline parallel (pp {plan.pp}) is not available yet; set USE_ZERO=0 "
-                f"(zero false in the plan) or use a plan with pp 1"
-            )
         if settings.packing:
             reasons.append(
                 "PACK_SEQUENCES=1 with pipeline parallel (pp > 1) is not available yet; use "

@@ -3,7 +3,7 @@
 A Plan is data, nothing else: the search returns a Plan and never receives a module; the runtime
 consumes a Plan and never searches. It says how one *scale unit* of ``plan_ngpus`` GPUs splits the
 model (tensor parallel ``tp`` x pipeline parallel ``pp``), how the pipeline is scheduled, and how the
-``scaling_factor`` scale units (data parallel to each other) share optimizer states (ZeRO-1). It also
+``scaling_factor`` scale units (data parallel to each other) shard their states (ZeRO level ``zero``). It also
 names the modules whose forward is recomputed in backward.
 
 A Plan is saved as JSON (``plan.json``) and validated on load, so a hand-edited or stale file stops the
@@ -25,6 +25,7 @@ from fairseq_ext.errors import UserInputError
 PLAN_VERSION = 1
 PIPELINE_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B")
 INTERLEAVED = "Interleaved1F1B"
+MAX_ZERO = 3  # ZeRO levels 0..3
 
 _COUNTS = ("plan_ngpus", "scaling_factor", "tp", "pp", "num_microbatches", "virtual_stages_per_rank")
 
@@ -42,8 +43,10 @@ class Plan:
     virtual_stages_per_rank: int = 1
     # First decoder layer index of stages 1..S-1 (S = pp * virtual_stages_per_rank); empty: balanced by layer count.
     stage_boundaries: Tuple[int, ...] = ()
-    zero: bool = False  # ZeRO-1
-    zero_n_groups: int = 1
+    # ZeRO level across the data-parallel replicas: 0 replicate; 1 and 2 shard gradients and optimizer states
+    # (weights unsharded between forward and backward); 3 also reshards weights after the forward
+    zero: int = 0
+    zero_n_groups: int = 1  # hybrid: shard inside groups of scaling_factor / zero_n_groups replicas
     recompute_modules: Tuple[str, ...] = ()  # module class names
     model_fingerprint: str = ""  # filled by the compile pass
     version: int = PLAN_VERSION
@@ -54,6 +57,8 @@ class Plan:
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
+        if isinstance(self.zero, bool):  # plans written before ZeRO levels: true was ZeRO-1
+            object.__setattr__(self, "zero", int(self.zero))
 
     @property
     def world_size(self) -> int:
@@ -140,8 +145,8 @@ class Plan:
             )
 
     def _validate_zero(self) -> None:
-        if not isinstance(self.zero, bool):
-            raise UserInputError(f"zero must be true or false, got {self.zero!r}")
+        if not _is_int(self.zero) or not 0 <= self.zero <= MAX_ZERO:
+            raise UserInputError(f"zero must be a ZeRO level 0..{MAX_ZERO} (or true / false), got {self.zero!r}")
         if not self.zero:
             return  # zero_n_groups only matters with ZeRO
         groups = self.zero_n_groups
@@ -232,7 +237,7 @@ def default_plan(
     plan_ngpus: int,
     scaling_factor: int,
     gpus_per_node: int,
-    zero: bool = False,
+    zero: int = 0,
     zero_n_groups: int = 1,
     recompute_modules: Tuple[str, ...] = (),
 ) -> Plan:

@@ -48,7 +48,7 @@ def test_fingerprint_is_stable_and_pinned():
     assert len(fingerprint) == 16 and int(fingerprint, 16) >= 0
     assert Plan.from_json(plan.to_json()).fingerprint() == fingerprint
     # Pinned: a change of the canonical form (key order, separators, hash) would make saved plans look stale.
-    assert fingerprint == "1e60389c87a86298"
+    assert fingerprint == "8ad2df72161ac783"  # zero as a level (1), not true
 
 
 @pytest.mark.parametrize(
@@ -144,7 +144,8 @@ def test_fingerprint_changes_with_every_field(field, value):
             dict(zero=True, scaling_factor=4, zero_n_groups=3),
             r"zero_n_groups 3 does not divide CUBE_SCALING_FACTOR 4.*choose a zero_n_groups that divides 4",
         ),
-        (dict(zero="yes"), r"zero must be true or false"),
+        (dict(zero="yes"), r"zero must be a ZeRO level 0\.\.3 \(or true / false\)"),
+        (dict(zero=4), r"zero must be a ZeRO level 0\.\.3"),
         (dict(recompute_modules=("",)), r"recompute_modules must be a list of module class names"),
         (dict(version=2), r"plan version 2 is not supported"),
     ],
@@ -352,3 +353,11 @@ def test_default_plan_passes_zero_and_recompute_and_validates():
         default_plan(4, 4, 8, zero=True, zero_n_groups=3)
     with pytest.raises(UserInputError, match=r"gpus_per_node must be a positive integer, got 0"):
         default_plan(4, 1, 0)
+
+
+def test_zero_is_a_level_and_true_from_older_plans_reads_as_level_1():
+    data = json.loads(full_plan().to_json())
+    older = Plan.from_json(json.dumps(dict(data, zero=True)))
+    assert older.zero == 1 and type(older.zero) is int
+    assert Plan.from_json(json.dumps(dict(data, zero=3))).zero == 3
+    assert Plan.from_json(json.dumps(dict(data, zero=False))).zero == 0
