@@ -61,7 +61,8 @@ GIB = float(2**30)  # MEM_PER_GPU and every memory figure printed are in GiB ("G
 
 @dataclass(frozen=True)
 class Hardware:
-    """Device and link parameters. Defaults: H100 SXM 80 GB, NVLink inside a node, InfiniBand between nodes.
+    """Device and link parameters. Defaults: H100 SXM 80 GB, NVLink inside a node, InfiniBand between nodes;
+    :data:`GPU_KINDS` holds the fitted ones of each GPU kind.
 
     Override any of them with a JSON file (``--cost-params``) holding some of these keys.
     """
@@ -69,9 +70,9 @@ class Hardware:
     gpus_per_node: int = 8
     device_flops: float = 989e12  # bf16/fp16 dense tensor-core peak, FLOP/s
     fp32_flops: float = 67e12  # fp32 without TF32 (torch's default for matmuls)
-    efficiency: float = 0.37  # fraction of peak the model's kernels reach, eager (fitted: calibration.md)
+    efficiency: float = 0.43  # fraction of peak the model's kernels reach, eager (fitted: calibration_by_gpu.md)
     compiled_speedup: float = 1.38  # decoder layers under torch.compile (COMPILE=1) against eager (calibration.md)
-    hbm_bandwidth: float = 3.35e12  # bytes/s, for the memory-bound optimizer step
+    hbm_bandwidth: float = 3.0e12  # bytes/s the memory-bound optimizer step reaches (3.35e12 on the datasheet)
     intra_node_bandwidth: float = 450e9  # bytes/s per GPU, NVLink, effective for all-reduce
     intra_node_latency: float = 5e-6  # s per ring step
     inter_node_bandwidth: float = 50e9  # bytes/s per GPU, InfiniBand (400 Gb/s NIC per GPU)
@@ -101,10 +102,11 @@ class Hardware:
 
 
 # The cost parameters of each GPU kind the compile pass can plan for (``--gpu-kind``; default: this host's GPU,
-# else H100). Fitted on the committed one-GPU rows (benchmarks/results/single_gpu_speed/calibration.md).
+# else H100): the fraction of peak the layers reach and the optimizer step's effective bandwidth, fitted on the
+# committed one-GPU rows of the current code (benchmarks/results/single_gpu_speed/calibration_by_gpu.md).
 GPU_KINDS = {
-    "H100": Hardware(),
-    "H200": Hardware(efficiency=0.41, hbm_bandwidth=4.0e12),
+    "H100": Hardware(),  # H100 SXM 80 GB: the defaults
+    "H200": Hardware(efficiency=0.41, hbm_bandwidth=4.0e12),  # H200 141 GB (4.8 TB/s on the datasheet)
 }
 
 
