@@ -87,7 +87,7 @@ def llama3_8b():
     from fairseq_ext.cube.compile import _profile
 
     # the cached profile compile_plan uses for the same model and settings: profiled once per test run
-    return _profile(load_config(LLAMA3_8B).to_json_string(), 512, "bf16", (1, 2, 4, 8), "sdpa")
+    return _profile(load_config(LLAMA3_8B).to_json_string(), 512, "bf16", (1, 2, 4, 8), "sdpa", False, None)
 
 
 def test_llama3_8b_on_8_gpus_at_20gb_compiles_quickly():
