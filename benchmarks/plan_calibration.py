@@ -10,7 +10,7 @@ before its allocator slack and workspace, which model what ``max_memory_reserved
     python benchmarks/plan_calibration.py --gpu-kind H200 benchmarks/results/single_gpu_speed/run10.json \
         [more.json ...] [--cost-params more.json] [--exclude "run9 ROW,..."] [--out calibration.md]
 
-The cost parameters are the measured GPU kind's (``cube.cost.GPU_KINDS``), as the compile pass takes them.
+The cost parameters are the measured GPU kind's (``cube.hardware.GPU_KINDS``), as the compile pass takes them.
 """
 
 import argparse
@@ -21,15 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fairseq_ext.cube.cost import (  # noqa: E402
-    GIB,
-    GPU_KINDS,
-    Hardware,
-    Workload,
-    estimate,
-    hardware_for,
-    predicted_vs_measured,
-)
+from fairseq_ext.cube.cost import GIB, Workload, estimate, predicted_vs_measured  # noqa: E402
+from fairseq_ext.cube.hardware import GPU_KINDS, Hardware, hardware_for  # noqa: E402
 from fairseq_ext.cube.plan import Plan  # noqa: E402
 from fairseq_ext.cube.profile import Lora, profile_model  # noqa: E402
 

@@ -19,7 +19,7 @@ from typing import Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the fairseq_ext beside this script
 
 from fairseq_ext.cube.compile import CompileSettings, compile_plan, format_report
-from fairseq_ext.cube.cost import GIB, GPU_KINDS, Hardware, gpu_kind_of, hardware_for
+from fairseq_ext.cube.hardware import GIB, GPU_KINDS, Hardware, gpu_kind_of, hardware_for
 from fairseq_ext.cube.plan import MAX_ZERO, PIPELINE_SCHEDULES
 from fairseq_ext.cube.profile import PRECISIONS
 from fairseq_ext.cube.runtime.recompute import parse_module_names

@@ -1,4 +1,4 @@
-"""The committed GPU calibration still holds, with the cost parameters of each GPU kind (``cost.GPU_KINDS``) as
+"""The committed GPU calibration still holds, with the cost parameters of each GPU kind (``hardware.GPU_KINDS``) as
 the compile pass takes them: the cost model predicts the measured peaks within 5%, and the step times of the
 runs of the current code within 5% on the H200 and 10% on the H100 (calibration_by_gpu.md)."""
 

@@ -9,16 +9,8 @@ from pathlib import Path
 import pytest
 
 from fairseq_ext.cube.compile import CompileSettings, compile_plan, format_report
-from fairseq_ext.cube.cost import (
-    GPU_KINDS,
-    DataParallelBytes,
-    Hardware,
-    Workload,
-    data_parallel_seconds,
-    estimate,
-    gpu_kind_of,
-    hardware_for,
-)
+from fairseq_ext.cube.cost import DataParallelBytes, Workload, data_parallel_seconds, estimate
+from fairseq_ext.cube.hardware import GPU_KINDS, Hardware, gpu_kind_of, hardware_for
 from fairseq_ext.cube.plan import Plan
 from fairseq_ext.cube.search import Fixed, zero_options
 from fairseq_ext.errors import UserInputError
