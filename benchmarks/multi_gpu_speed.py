@@ -117,6 +117,16 @@ def ours_settings(args, model: Path, data: Path, speed_log: Path, output_dir: Pa
     return settings
 
 
+def predictions(report: str) -> dict:
+    """The chosen plan's summary, predicted peak GiB and step seconds from ``run.sh compile``'s report."""
+    chosen = re.search(r"chosen plan: (.*?); peak memory ([\d.]+) GB.*?; step ([\d.]+) s", report)
+    if not chosen:
+        return {}
+    return dict(
+        plan_summary=chosen.group(1), predicted_peak_gib=float(chosen.group(2)), predicted_step_s=float(chosen.group(3))
+    )
+
+
 def run_ours(args, work: Path, env: dict, extra: str = "", name: str = "ours") -> dict:
     """``run.sh compile`` then ``run.sh`` with the plan (``extra``: more fairseq-train arguments); the speed log's
     summary and the plan's predictions."""
@@ -140,14 +150,7 @@ def run_ours(args, work: Path, env: dict, extra: str = "", name: str = "ours") -
             reason="run.sh compile failed",
             error=single.failure_excerpt(args.out / f"{name}_compile.log")[0],
         )
-    text = (args.out / f"{name}_compile.log").read_text()
-    chosen = re.search(r"chosen plan: (.*?); peak memory ([\d.]+) GB.*?step ([\d.]+) s", text)
-    if chosen:
-        result.update(
-            plan_summary=chosen.group(1),
-            predicted_peak_gib=float(chosen.group(2)),
-            predicted_step_s=float(chosen.group(3)),
-        )
+    result.update(predictions((args.out / f"{name}_compile.log").read_text()))
     result["plan"] = json.loads(plan_file.read_text())
     cmd = ["bash", str(single.RUN_SH), "--no-save", "--disable-validation", *extra.split()]
     run = single.run_logged(cmd, dict(env, PLAN_FILE=str(plan_file)), args.out / f"{name}.log", args.timeout)

@@ -86,3 +86,18 @@ def test_our_runs_leave_the_zero_level_to_the_compile_pass_unless_fixed(tmp_path
             "110",
             str(paths["output_dir"]),
         )
+
+
+def test_the_compile_pass_predictions_are_read_from_its_report():
+    from fairseq_ext.cube.compile import Compiled, format_report
+    from fairseq_ext.cube.cost import Workload
+    from fairseq_ext.cube.search import search
+    from tests.unit.test_search import BARE, TOY_SPEC, toy_profile
+
+    result = search(toy_profile(4), Workload(batch_size=1, seq_len=10), BARE, 1, 2, 1.0, TOY_SPEC, zero=None)
+    report = format_report(Compiled(result.best.plan, result, 0.1))
+    found = _load().predictions(report)
+    assert found["plan_summary"].startswith(f"tp=1, pp=1, ZeRO-{result.best.plan.zero}")
+    assert found["predicted_step_s"] == float(f"{result.best.cost.step_time:.3f}")
+    assert found["predicted_peak_gib"] == float(f"{result.best.cost.peak_gib:.2f}")
+    assert _load().predictions("no plan") == {}
