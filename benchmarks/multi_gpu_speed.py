@@ -4,8 +4,9 @@ Both sides train the same Llama config (random weights) on random token ids with
 (``--mb`` sequences per GPU per update), in the same invocation on the same GPUs:
 
 - ours: ``run.sh compile`` searches the plan for ``--gpus`` scale units of one GPU (PLAN_NGPUS=1,
-  CUBE_SCALING_FACTOR=gpus, USE_ZERO=1, PRECISION, COMPILE, MEM_PER_GPU), then ``run.sh`` trains with it
-  (fairseq-train under torchrun; SPEED_LOG gives CUDA-event step times and peak memory of rank 0);
+  CUBE_SCALING_FACTOR=gpus, PRECISION, COMPILE, MEM_PER_GPU; USE_ZERO as ``--zero`` gives it, or unset so
+  that the compile pass chooses the ZeRO level), then ``run.sh`` trains with it (fairseq-train under
+  torchrun; SPEED_LOG gives CUDA-event step times and peak memory of rank 0);
 - baseline: ``benchmarks/baseline/fsdp2_baseline.py`` (torch ``fully_shard`` per layer, bf16 compute,
   float32 master weights and reduction, fused AdamW, optionally ``torch.compile`` per layer).
 
@@ -14,7 +15,10 @@ TFLOP/s and over the bf16 matmul rate the baseline measured), peak memory, and f
 predicted peak and step time next to the measured ones.
 
     python benchmarks/multi_gpu_speed.py --gpus 2 --shape 8B --seq 4096 --mb 1 --mem-per-gpu 120 --out $OUT
+    python benchmarks/multi_gpu_speed.py --gpus 2,4,8 --shape 8B --mem-per-gpu 70 --out $OUT   # one table per count
     python benchmarks/multi_gpu_speed.py --tiny --gpus 2 --out /tmp/mgs      # CPU smoke run (gloo, fp32)
+
+With several counts each runs in its own folder ``$OUT/<n>gpus`` and ``$OUT/multi_gpu_speed.md`` holds all tables.
 
 NVLink multicast stays off in every launch (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1,
 NVSHMEM_DISABLE_NVLS=1), as the lent multi-GPU machines require.
@@ -77,14 +81,9 @@ def run_fsdp2(args, work: Path, env: dict) -> dict:
     return dict(json.loads(out.read_text()), status="ok", wall_s=run["wall_s"])
 
 
-def run_ours(args, work: Path, env: dict, extra: str = "", name: str = "ours") -> dict:
-    """``run.sh compile`` then ``run.sh`` with the plan (``extra``: more fairseq-train arguments); the speed log's
-    summary and the plan's predictions."""
-    shape = SHAPES[args.shape]
-    model = single.write_model_folder(work / "model", shape, args.seq)
-    rows = (args.warmup + args.steps + 1) * args.mb * args.gpus
-    data = single.write_dataset(work / "data", shape["vocab_size"], args.seq, rows)
-    speed_log = work / f"{name}_speed.jsonl"
+def ours_settings(args, model: Path, data: Path, speed_log: Path, output_dir: Path) -> dict:
+    """run.sh's variables for our run on ``args.gpus`` GPUs: scale units of one GPU, the global batch of the
+    baseline (``--mb`` per GPU per update), USE_ZERO only where ``--zero`` fixes it."""
     settings = dict(
         MODEL_ARCH="hf_auto_causal_lm",
         HUGGINGFACE_MODEL_NAME_OR_PATH=str(model),
@@ -99,7 +98,7 @@ def run_ours(args, work: Path, env: dict, extra: str = "", name: str = "ours") -
         LOG_INTERVAL="10",
         LOG_FORMAT="json",
         EVALUATE="0",
-        OUTPUT_DIR=str(work / name),
+        OUTPUT_DIR=str(output_dir),
         PRECISION=args.precision,
         COMPILE=str(int(args.compile)),
         USE_LORA="0",
@@ -109,12 +108,36 @@ def run_ours(args, work: Path, env: dict, extra: str = "", name: str = "ours") -
         NNODES="1",
         NODE_RANK="0",
         PLAN_NGPUS="1",
-        USE_ZERO="1",
         CUBE_SCALING_FACTOR=str(args.gpus),
         MEM_PER_GPU=str(args.mem_per_gpu),
         MASTER_PORT=str(single.free_port()),
     )
-    env = dict(env, PYTHON=sys.executable, **settings)
+    if args.zero != "auto":
+        settings["USE_ZERO"] = args.zero
+    return settings
+
+
+def predictions(report: str) -> dict:
+    """The chosen plan's summary, predicted peak GiB and step seconds from ``run.sh compile``'s report."""
+    chosen = re.search(r"chosen plan: (.*?); peak memory ([\d.]+) GB.*?; step ([\d.]+) s", report)
+    if not chosen:
+        return {}
+    return dict(
+        plan_summary=chosen.group(1), predicted_peak_gib=float(chosen.group(2)), predicted_step_s=float(chosen.group(3))
+    )
+
+
+def run_ours(args, work: Path, env: dict, extra: str = "", name: str = "ours") -> dict:
+    """``run.sh compile`` then ``run.sh`` with the plan (``extra``: more fairseq-train arguments); the speed log's
+    summary and the plan's predictions."""
+    shape = SHAPES[args.shape]
+    model = single.write_model_folder(work / "model", shape, args.seq)
+    rows = (args.warmup + args.steps + 1) * args.mb * args.gpus
+    data = single.write_dataset(work / "data", shape["vocab_size"], args.seq, rows)
+    speed_log = work / f"{name}_speed.jsonl"
+    settings = ours_settings(args, model, data, speed_log, work / name)
+    inherited = {k: v for k, v in env.items() if k not in ("USE_ZERO", "ZERO_N_GROUPS")}  # the search's, unless --zero
+    env = dict(inherited, PYTHON=sys.executable, **settings)
     result = dict(
         settings={k: v for k, v in settings.items() if k not in ("DATASET_PATH", "OUTPUT_DIR")}, extra_args=extra
     )
@@ -127,14 +150,7 @@ def run_ours(args, work: Path, env: dict, extra: str = "", name: str = "ours") -
             reason="run.sh compile failed",
             error=single.failure_excerpt(args.out / f"{name}_compile.log")[0],
         )
-    text = (args.out / f"{name}_compile.log").read_text()
-    chosen = re.search(r"chosen plan: (.*?); peak memory ([\d.]+) GB.*?step ([\d.]+) s", text)
-    if chosen:
-        result.update(
-            plan_summary=chosen.group(1),
-            predicted_peak_gib=float(chosen.group(2)),
-            predicted_step_s=float(chosen.group(3)),
-        )
+    result.update(predictions((args.out / f"{name}_compile.log").read_text()))
     result["plan"] = json.loads(plan_file.read_text())
     cmd = ["bash", str(single.RUN_SH), "--no-save", "--disable-validation", *extra.split()]
     run = single.run_logged(cmd, dict(env, PLAN_FILE=str(plan_file)), args.out / f"{name}.log", args.timeout)
@@ -204,9 +220,27 @@ def table(args, fsdp2: dict, ours_runs: list) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def gpu_counts(text: str) -> list:
+    """``--gpus``: one count or several, comma separated (2,4,8)."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or any(n < 1 for n in counts):
+        raise argparse.ArgumentTypeError(f"--gpus must be GPU counts separated by commas (e.g. 2,4,8), got {text!r}")
+    return counts
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line; ``--tiny`` replaces the shape, sequence length, precision and compile settings."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--gpus", type=gpu_counts, default=[2], help="GPU count(s) of the runs, e.g. 2,4,8")
+    parser.add_argument(
+        "--zero",
+        choices=("auto", "0", "1", "2", "3"),
+        default="auto",
+        help="USE_ZERO of our runs; auto: unset, the compile pass chooses the level",
+    )
     parser.add_argument("--shape", choices=sorted(SHAPES), default="8B")
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--mb", type=int, default=1)
@@ -231,8 +265,21 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.tiny:
         args.shape, args.seq, args.precision, args.compile, args.fsdp2_compile = "tiny", 64, "fp32", 0, 0
+    return args
+
+
+def runs_of(args) -> list:
+    """One set of arguments per GPU count: its own ``gpus`` and, with several counts, its own folder."""
+    several = len(args.gpus) > 1
+    return [
+        argparse.Namespace(**{**vars(args), "gpus": n, "out": args.out / f"{n}gpus" if several else args.out})
+        for n in args.gpus
+    ]
+
+
+def run_one(args, env: dict) -> str:
+    """The baseline and our runs on ``args.gpus`` GPUs; writes their table and JSON into ``args.out``."""
     args.out.mkdir(parents=True, exist_ok=True)
-    env = dict(single.os.environ, PYTHONUNBUFFERED="1", **NCCL_ENV)
     work = Path(tempfile.mkdtemp(prefix="multi_gpu_speed_"))
     try:
         fsdp2 = run_fsdp2(args, work, env)
@@ -243,11 +290,22 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     text = table(args, fsdp2, ours)
-    print(text)
     (args.out / "multi_gpu_speed.md").write_text(text)
     (args.out / "multi_gpu_speed.json").write_text(
         json.dumps(dict(args={k: str(v) for k, v in vars(args).items()}, fsdp2=fsdp2, ours=ours), indent=1)
     )
+    return text
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    env = dict(single.os.environ, PYTHONUNBUFFERED="1", **NCCL_ENV)
+    texts = []
+    for run in runs_of(args):
+        texts.append(run_one(run, env))
+        print(texts[-1], flush=True)
+    if len(texts) > 1:
+        (args.out / "multi_gpu_speed.md").write_text("\n".join(texts))
     return 0
 
 

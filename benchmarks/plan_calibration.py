@@ -7,18 +7,22 @@ prints the table of ``cube.cost.predicted_vs_measured``: predicted allocated mem
 before its allocator slack and workspace, which model what ``max_memory_reserved`` adds) against
 ``torch.cuda.max_memory_allocated``, predicted step time against the measured median.
 
-    python benchmarks/plan_calibration.py benchmarks/results/single_gpu_speed/run10.json [more.json ...] \
-        [--cost-params h200.json] [--exclude "run9 ROW,..."] [--out calibration.md]
+    python benchmarks/plan_calibration.py --gpu-kind H200 benchmarks/results/single_gpu_speed/run10.json \
+        [more.json ...] [--cost-params more.json] [--exclude "run9 ROW,..."] [--out calibration.md]
+
+The cost parameters are the measured GPU kind's (``cube.hardware.GPU_KINDS``), as the compile pass takes them.
 """
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fairseq_ext.cube.cost import GIB, Hardware, Workload, estimate, predicted_vs_measured  # noqa: E402
+from fairseq_ext.cube.cost import GIB, Workload, estimate, predicted_vs_measured  # noqa: E402
+from fairseq_ext.cube.hardware import GPU_KINDS, Hardware, hardware_for  # noqa: E402
 from fairseq_ext.cube.plan import Plan  # noqa: E402
 from fairseq_ext.cube.profile import Lora, profile_model  # noqa: E402
 
@@ -54,8 +58,8 @@ def predict(row: dict, settings: dict, hardware: Hardware) -> dict:
     else:
         recompute = tuple(filter(None, (row.get("recompute") or "").split(",")))
         plan = Plan(plan_ngpus=1, scaling_factor=1, tp=1, pp=1, recompute_modules=recompute)
-    profile = profile_model(
-        config, settings["seq"], row["precision"], compiled=bool(row.get("compile")), lora=lora_of(row, settings)
+    profile = _profile(
+        config.to_json_string(), settings["seq"], row["precision"], bool(row.get("compile")), lora_of(row, settings)
     )
     cost = estimate(profile, plan, Workload(row["mb"], settings["seq"]), hardware)
     allocated = (cost.peak_bytes - hardware.workspace_bytes) / (1 + hardware.allocator_slack)
@@ -73,6 +77,16 @@ def predict(row: dict, settings: dict, hardware: Hardware) -> dict:
     )
 
 
+@functools.lru_cache(maxsize=16)
+def _profile(config_json: str, seq: int, precision: str, compiled: bool, lora):
+    """One profile per model and settings (rows of several runs share it; profiling costs seconds)."""
+    from transformers import AutoConfig
+
+    data = json.loads(config_json)
+    config = AutoConfig.for_model(data.pop("model_type"), **data)
+    return profile_model(config, seq, precision, compiled=compiled, lora=lora)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", help="single_gpu_speed.json files")
@@ -83,13 +97,17 @@ def main(argv=None) -> int:
         "with code the cost model no longer describes)",
     )
     parser.add_argument(
+        "--gpu-kind", choices=sorted(GPU_KINDS), default="H100", help="the GPU the runs were measured on"
+    )
+    parser.add_argument(
         "--cost-params",
-        help="a JSON file of cost.Hardware values for the measured GPU "
-        "(plan_report.py / run.sh compile --cost-params); default: the H100 defaults",
+        help="a JSON file of cost.Hardware values overriding the GPU kind's (plan_report.py --cost-params)",
     )
     parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args(argv)
-    hardware = Hardware.from_json(args.cost_params) if args.cost_params else Hardware()
+    hardware = hardware_for(args.gpu_kind)
+    if args.cost_params:
+        hardware = Hardware.from_json(args.cost_params, base=hardware)
     excluded = set(filter(None, args.exclude.split(",")))
     rows = [
         predict(row, settings, hardware)

@@ -4,20 +4,23 @@
 
 Builds the model from its config on fake tensors (no weights), costs every plan of a scale unit of
 ``--plan-ngpus`` GPUs, and prints the chosen plan and the best alternatives as a table (tp, pp, schedule,
-micro-batches, recompute, ZeRO, predicted memory, predicted step time, why rejected). ``--output`` writes
+micro-batches, recompute, ZeRO level, predicted memory, predicted step time, why rejected), and for each ZeRO
+level not chosen its best plan and why. ``--output`` writes
 the plan JSON (atomically) for ``PLAN_FILE``. When no plan fits it prints one line naming the MEM_PER_GPU
 (or PLAN_NGPUS) that would, and exits 2. ``run.sh compile`` runs this with the run's settings.
 """
 
 import argparse
+import dataclasses
 import os
 import sys
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the fairseq_ext beside this script
 
 from fairseq_ext.cube.compile import CompileSettings, compile_plan, format_report
-from fairseq_ext.cube.cost import GIB, Hardware
-from fairseq_ext.cube.plan import PIPELINE_SCHEDULES
+from fairseq_ext.cube.hardware import GIB, GPU_KINDS, Hardware, gpu_kind_of, hardware_for
+from fairseq_ext.cube.plan import MAX_ZERO, PIPELINE_SCHEDULES
 from fairseq_ext.cube.profile import PRECISIONS
 from fairseq_ext.cube.runtime.recompute import parse_module_names
 from fairseq_ext.cube.search import Fixed
@@ -38,8 +41,19 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=32, help="samples per scale unit per micro-step (BATCH_SIZE)")
     parser.add_argument("--sequence-length", type=int, default=512, help="tokens per sample (SEQUENCE_LENGTH)")
     parser.add_argument("--gradient-accu-num", type=int, default=1, help="micro-steps per update (GRADIENT_ACCU_NUM)")
-    parser.add_argument("--use-zero", type=int, choices=(0, 1, 2, 3), default=0, help="ZeRO level (USE_ZERO)")
-    parser.add_argument("--zero-n-groups", type=int, default=1, help="ZeRO-1 groups (ZERO_N_GROUPS)")
+    parser.add_argument(
+        "--use-zero",
+        type=_level_or_auto,
+        default=None,
+        help="ZeRO level 0..3 across the scale units (USE_ZERO), or auto (default): the search chooses",
+    )
+    parser.add_argument(
+        "--zero-n-groups",
+        type=_count_or_auto,
+        default=None,
+        help="hybrid groups: shard inside each of this many groups of scale units (ZERO_N_GROUPS), or auto "
+        "(default): the search chooses",
+    )
     parser.add_argument(
         "--recompute-module-names",
         default="",
@@ -64,7 +78,15 @@ def parse_args(argv=None):
     parser.add_argument("--pp-schedule", choices=PIPELINE_SCHEDULES, help="fix the pipeline schedule")
     parser.add_argument("--num-microbatches", type=int, help="fix the micro-batch count")
     parser.add_argument("--stage-boundaries", help="fix the first layer of stages 1..S-1, comma separated")
-    parser.add_argument("--cost-params", help="JSON file overriding cost-model parameters (see cube/cost.py Hardware)")
+    parser.add_argument(
+        "--gpu-kind",
+        choices=("auto", *GPU_KINDS),
+        default="auto",
+        help="the training GPUs' kind, whose cost parameters the search uses; auto: this host's GPU, else H100",
+    )
+    parser.add_argument(
+        "--cost-params", help="JSON file overriding the GPU kind's cost-model parameters (see cube/cost.py Hardware)"
+    )
     parser.add_argument("--gpus-per-node", type=int, help="GPUs per node (default 8, or the cost-params file's)")
     parser.add_argument(
         "--pack-sequences",
@@ -90,10 +112,35 @@ def default_mem_per_gpu() -> float:
     return 0.8 * torch.cuda.get_device_properties(0).total_memory / GIB
 
 
+def _level_or_auto(text: str) -> Optional[int]:
+    if text == "auto":
+        return None
+    if text not in {str(level) for level in range(MAX_ZERO + 1)}:
+        raise argparse.ArgumentTypeError(f"USE_ZERO must be a ZeRO level 0..{MAX_ZERO} or auto, got {text!r}")
+    return int(text)
+
+
+def _count_or_auto(text: str) -> Optional[int]:
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"ZERO_N_GROUPS must be a positive integer or auto, got {text!r}")
+    return int(text)
+
+
+def host_gpu_kind() -> str:
+    """The GPU_KINDS key of this host's first GPU; H100 on a host without one."""
+    import torch
+
+    return gpu_kind_of(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else "H100"
+
+
 def settings_from(args) -> CompileSettings:
-    hardware = Hardware.from_json(args.cost_params) if args.cost_params else Hardware()
+    hardware = hardware_for(host_gpu_kind() if args.gpu_kind == "auto" else args.gpu_kind)
+    if args.cost_params:
+        hardware = Hardware.from_json(args.cost_params, base=hardware)
     if args.gpus_per_node:
-        hardware = Hardware(**{**hardware.__dict__, "gpus_per_node": args.gpus_per_node})
+        hardware = dataclasses.replace(hardware, gpus_per_node=args.gpus_per_node)
     bounds = None
     if args.stage_boundaries:
         try:

@@ -70,6 +70,8 @@ GRADIENT_ACCU_NUM=${GRADIENT_ACCU_NUM:-1}
 WARMUP_STEPS=${WARMUP_STEPS:-50}
 MAX_STEPS=${MAX_STEPS:-${ARCH_DEFAULTS[4]}}
 SEED=${SEED:-1}
+COMPILE_ZERO=${USE_ZERO:-auto}  # run.sh compile: the ZeRO level and groups the user set, else the search chooses
+COMPILE_ZERO_GROUPS=${ZERO_N_GROUPS:-auto}
 USE_ZERO=${USE_ZERO:-0}
 ZERO_N_GROUPS=${ZERO_N_GROUPS:-$NNODES}
 PLAN_NGPUS=${PLAN_NGPUS:-1}  # GPUs of one scale unit (tensor parallel inside); 1: plain data parallel
@@ -144,7 +146,7 @@ if [[ ${1:-} == compile ]]; then
     mkdir -p "$OUTPUT_DIR"
     if [[ -z $PRECISION ]]; then DEVICE=$(device); choose_precision; fi
     COMPILE_ARGS=(--model "$HUGGINGFACE_MODEL_NAME_OR_PATH" --plan-ngpus "$PLAN_NGPUS" --scaling-factor "$COMPILE_SCALING"
-        --use-zero "$USE_ZERO" --zero-n-groups "$ZERO_N_GROUPS" --recompute-module-names "$RECOMPUTE_MODULE_NAMES"
+        --use-zero "$COMPILE_ZERO" --zero-n-groups "$COMPILE_ZERO_GROUPS" --recompute-module-names "$RECOMPUTE_MODULE_NAMES"
         --batch-size "$BATCH_SIZE" --sequence-length "$SEQUENCE_LENGTH" --gradient-accu-num "$GRADIENT_ACCU_NUM"
         --precision "$PRECISION" --compile-layers "$COMPILE" --pack-sequences "$PACK_SEQUENCES" --output "$OUTPUT_DIR/plan.json")
     if [[ -n $MEM_PER_GPU ]]; then COMPILE_ARGS+=(--mem-per-gpu "$MEM_PER_GPU"); fi

@@ -18,7 +18,7 @@ from .cost import GIB, Hardware, Workload
 from .model_spec import RunSettings, spec_of
 from .plan import Plan
 from .profile import Lora, load_config, profile_model
-from .search import OVER_MEMORY, Fixed, SearchResult, search, smallest_fit
+from .search import OVER_MEMORY, Fixed, SearchResult, search, smallest_fit, zero_options
 
 MAX_SUGGESTED_NGPUS = 64  # the "or use PLAN_NGPUS=N" hint looks this far
 CLOSEST_SHOWN = 3  # plans a refusal shows
@@ -35,8 +35,8 @@ class CompileSettings:
     batch_size: int = 32  # BATCH_SIZE
     seq_len: int = 512  # SEQUENCE_LENGTH
     grad_accu: int = 1  # GRADIENT_ACCU_NUM
-    zero: bool = False  # USE_ZERO
-    zero_n_groups: int = 1  # ZERO_N_GROUPS
+    zero: Optional[int] = 0  # USE_ZERO: ZeRO level 0..3; None (auto): the search chooses
+    zero_n_groups: Optional[int] = 1  # ZERO_N_GROUPS; None (auto): the search chooses
     precision: str = "fp32"  # PRECISION
     attn_implementation: str = "sdpa"
     compiled: bool = False  # COMPILE: decoder layers under torch.compile (they keep fewer activations)
@@ -68,12 +68,13 @@ def check_settings(s: CompileSettings) -> None:
     """Raise UserInputError for settings no search can use."""
     for name in ("plan_ngpus", "scaling_factor", "batch_size", "seq_len", "grad_accu", "zero_n_groups"):
         value = getattr(s, name)
+        if value is None and name == "zero_n_groups":
+            continue
         if not isinstance(value, int) or value < 1:
             raise UserInputError(f"{name} must be a positive integer, got {value!r}")
     if not s.mem_per_gpu > 0:
         raise UserInputError(f"MEM_PER_GPU must be a positive number of GB per GPU, got {s.mem_per_gpu!r}")
-    if s.zero and s.scaling_factor % s.zero_n_groups:
-        raise UserInputError(f"ZERO_N_GROUPS {s.zero_n_groups} does not divide CUBE_SCALING_FACTOR {s.scaling_factor}")
+    zero_options(s.scaling_factor, s.plan_ngpus, s.hardware.gpus_per_node, s.zero, s.zero_n_groups)
 
 
 def model_fingerprint(config, s: CompileSettings) -> str:
@@ -143,21 +144,21 @@ def compile_plan(s: CompileSettings) -> Compiled:
     check_settings(s)
     start = time.perf_counter()
     config = load_config(s.model)
-    max_tp = min(s.hardware.gpus_per_node, max(s.plan_ngpus, MAX_SUGGESTED_NGPUS))
     lora = Lora.from_config(s.lora_config, config.model_type) if s.lora_config is not None else None
     spec = spec_of(config)
-    profile = _profile(
-        config.to_json_string(),
-        s.seq_len,
-        s.precision,
-        tuple(spec.tp_degrees(max_tp)),
-        s.attn_implementation,
-        s.compiled,
-        lora,
-    )
     work = Workload(batch_size=s.batch_size, seq_len=s.seq_len, grad_accu=s.grad_accu)
 
     def run(plan_ngpus, budget):
+        # profiled for the tp degrees the run's scale unit can use (profiling costs, the search not); the
+        # search for a larger PLAN_NGPUS to suggest profiles every degree inside a node, once
+        degrees = spec.tp_degrees(s.hardware.gpus_per_node)
+        if plan_ngpus == s.plan_ngpus:
+            degrees = [tp for tp in degrees if _may_plan(s, spec, tp)]
+            if not degrees or any(tp < plan_ngpus for tp in degrees):
+                degrees = sorted({1, *degrees})  # pipeline stages keep the embedding and LM head whole (tp 1)
+        profile = _profile(
+            config.to_json_string(), s.seq_len, s.precision, tuple(degrees), s.attn_implementation, s.compiled, lora
+        )
         return search(
             profile,
             work,
@@ -177,6 +178,18 @@ def compile_plan(s: CompileSettings) -> Compiled:
         plan = replace(result.best.plan, model_fingerprint=model_fingerprint(config, s)).validate()
         return Compiled(plan, result, time.perf_counter() - start)
     return Compiled(None, result, time.perf_counter() - start, _no_fit_message(s, result, run))
+
+
+def _may_plan(s: CompileSettings, spec, tp: int) -> bool:
+    """Whether the search can make a plan with ``tp`` for the run's scale unit: tp divides PLAN_NGPUS, is the
+    user's when fixed, and leaves stages the layers and BATCH_SIZE's micro-batches can fill."""
+    pp = s.plan_ngpus // tp
+    return (
+        s.plan_ngpus % tp == 0
+        and (s.fixed.tp or tp) == tp
+        and pp <= spec.num_layers
+        and (pp == 1 or pp <= s.batch_size)
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -262,7 +275,35 @@ def _describe(c) -> str:
         text += f", {p.pp_schedule}, {p.num_microbatches} micro-batches"
     elif p.num_microbatches > 1:
         text += f", {p.num_microbatches} micro-batches"
+    if p.scaling_factor > 1:
+        text += f", {_zero_label(p)}"
     return text + (f", recompute {c.recompute}" if c.recompute != "none" else "")
+
+
+def _zero_label(p: Plan) -> str:
+    """ZeRO level and hybrid groups as the table shows them: ``ZeRO-3``, ``ZeRO-1x2`` (2 groups)."""
+    if not p.zero or p.scaling_factor == 1:
+        return "ZeRO-0"
+    return f"ZeRO-{p.zero}" + (f"x{p.zero_n_groups}" if p.zero_n_groups > 1 else "")
+
+
+def zero_alternatives(result: SearchResult) -> List[str]:
+    """One line per ZeRO level and grouping the search costed but did not choose: its best plan and why."""
+    best = result.best
+    lines, seen = [], set()
+    for c in result.candidates:  # the viable ones first, fastest first; then the rejected
+        key = (c.plan.zero, c.plan.zero_n_groups)
+        if key in seen or (best is not None and key == (best.plan.zero, best.plan.zero_n_groups)):
+            continue
+        seen.add(key)
+        if not c.rejected and best is not None:
+            why = f"slower: {c.cost.step_time:.3f} s against {best.cost.step_time:.3f} s"
+        else:
+            fitting = [x for x in result.candidates if (x.plan.zero, x.plan.zero_n_groups) == key]
+            c = min(fitting, key=lambda x: (len(x.rejected), x.cost.peak_bytes))
+            why = "; ".join(c.rejected)
+        lines.append(f"  {_zero_label(c.plan)}: {_describe(c)}, {c.cost.peak_gib:.1f} GB: {why}")
+    return lines
 
 
 def format_report(compiled: Compiled, top: int = 8) -> str:
@@ -273,7 +314,7 @@ def format_report(compiled: Compiled, top: int = 8) -> str:
     rows: List[Tuple[str, object]] = [("chosen" if i == 0 else "ok", c) for i, c in enumerate(viable[:top])]
     rows += [("; ".join(c.rejected), c) for c in rejected[:top]]
     header = (
-        f"{'tp':>3} {'pp':>3} {'schedule':<16} {'mb':>4} {'v':>2} {'recompute':<30} {'zero':<5} "
+        f"{'tp':>3} {'pp':>3} {'schedule':<16} {'mb':>4} {'v':>2} {'recompute':<30} {'zero':<9} "
         f"{'memory GB':>9} {'step s':>9}  status"
     )
     lines = [
@@ -287,18 +328,24 @@ def format_report(compiled: Compiled, top: int = 8) -> str:
         schedule = p.pp_schedule if p.pp > 1 else "-"
         lines.append(
             f"{p.tp:>3} {p.pp:>3} {schedule:<16} {p.num_microbatches:>4} {p.virtual_stages_per_rank:>2} "
-            f"{c.recompute:<30} {str(p.zero).lower():<5} {c.cost.peak_gib:>9.2f} {c.cost.step_time:>9.3f}  {status}"
+            f"{c.recompute:<30} {_zero_label(p):<9} {c.cost.peak_gib:>9.2f} {c.cost.step_time:>9.3f}  {status}"
         )
+    alternatives = zero_alternatives(result)
+    if alternatives:
+        lines.append("ZeRO levels not chosen (the best plan of each, and why):")
+        lines += alternatives
     if compiled.plan is not None:
         best = result.best
         parts = best.cost.parts
         lines.append(
             f"chosen plan: {_describe(best)}; peak memory {best.cost.peak_gib:.2f} GB of which weights, "
             f"gradients and optimizer states {parts['static'] / GIB:.2f} (gradients only from backward on), "
+            f"all-gathered weights {parts['unsharded'] / GIB:.2f}, "
             f"activations kept {parts['activations'] / GIB:.2f}, backward working set "
             f"{parts['transient'] / GIB:.2f}, pipeline buffers {parts['comm'] / GIB:.2f}; "
             f"step {best.cost.step_time:.3f} s = compute+tp {parts['compute_and_tp']:.3f} + bubble "
-            f"{parts['bubble']:.3f} + dp {parts['dp']:.3f} + optimizer {parts['optimizer']:.3f}"
+            f"{parts['bubble']:.3f} + dp {parts['dp']:.3f} (of {parts['dp_communication']:.3f} communicated) "
+            f"+ optimizer {parts['optimizer']:.3f}"
         )
         lines.append(compiled.plan.to_json().rstrip())
     return "\n".join(lines)

@@ -4,7 +4,13 @@ Memory of one rank (the fullest pipeline stage decides the plan's peak)::
 
     static      = local parameters x (weight + gradient + optimizer bytes per parameter)
                   optimizer: Adam's two fp32 moments (+ fp32 master weights and gradients when the weights
-                  are fp16), divided by the ZeRO-1 shard count (replicas of a shard / ZERO_N_GROUPS)
+                  are fp16); from ZeRO level 1 on (FSDP2 ``fully_shard`` across the data-parallel replicas)
+                  all of it is divided by the shard count S = CUBE_SCALING_FACTOR / ZERO_N_GROUPS
+    unsharded   = FSDP2's all-gathered weights: levels 1 and 2 keep every local weight unsharded from the
+                  forward to the end of the backward; level 3 reshards after each layer's forward, so only
+                  the layer computing and the one prefetched (plus the root's embedding, norm and head, which
+                  FSDP2 keeps) are whole; in the backward each layer's unsharded gradient and its float32
+                  reduce-scatter input exist while it runs
     activations = what one micro-batch keeps on the rank's stages x micro-batches in flight:
                   GPipe keeps all m, 1F1B keeps pp - rank (stage 0: pp), Interleaved1F1B keeps
                   (v - 1) x pp + 2 x (pp - 1 - rank) + 1 chunk-forwards (torch.distributed.pipelining's warm-up)
@@ -13,8 +19,8 @@ Memory of one rank (the fullest pipeline stage decides the plan's peak)::
                   (fairseq sets gradients to None, so without accumulation they do not exist in the
                   forward) and holds its backward-only buffers while it runs (the LM head's logits
                   gradient; a recomputed layer's rebuilt activations)
-    step        = static (gradients included) + the data-parallel buffer (the runtime's flat copy of the
-                  gradients for tp plans; DDP's buckets for PLAN_NGPUS=1)
+    step        = static (gradients included) + the data-parallel buffer (with PRECISION=fp16 only, which
+                  fairseq's DDP runs: its buckets, or the mesh's flat copy of the gradients for tp plans)
     peak        = max(forward/backward peak, step) x (1 + allocator_slack) + workspace
 
 Step time of one update::
@@ -24,65 +30,29 @@ Step time of one update::
         all-reduces (ring: 2 (n-1)/n bytes / bandwidth + 2 (n-1) x latency, intra-node when tp <=
         gpus_per_node) + pipeline sends
     pipeline:  m x slowest rank x (1 + (pp - 1) / (v x m))     (the bubble; v = virtual stages per rank)
-    update:    GRADIENT_ACCU_NUM x pipeline + data-parallel gradient all-reduce (+ ZeRO-1's parameter
-               broadcast) + the optimizer step (memory bound: ``optimizer_step_bytes`` / HBM bandwidth)
+    update:    GRADIENT_ACCU_NUM x pipeline + the exposed data-parallel communication + the optimizer step
+               (memory bound: ``optimizer_step_bytes`` / HBM bandwidth, on 1/S of the parameters)
+    data parallel (:func:`data_parallel_seconds`), per forward-backward pass of a micro-step (and of each
+               micro-batch without pipeline stages): level 0 all-reduces the gradients; levels 1-2
+               all-gather the weights once and reduce-scatter the gradients; level 3 all-gathers in the
+               forward and again in the backward; hybrid groups all-reduce the shards across groups. A
+               ring moves (n-1)/n of the data per all-gather or reduce-scatter, twice that per all-reduce,
+               over NVLink while the group lies in one node, else over the network. FSDP2 prefetches the
+               next layer's collective while one computes: what exceeds the compute it hides behind shows,
+               and one layer's worth per pass always does (the first all-gather, the last reduce-scatter).
 
-Nothing is overlapped (communication and compute add up): a conservative ranking that calibration on
-a GPU (``predicted_vs_measured``) can correct through ``efficiency`` and the bandwidths.
+Tensor-parallel and pipeline communication is not overlapped (it adds to compute). Cost parameters per GPU
+kind: ``hardware.GPU_KINDS`` (fitted on the committed one-GPU runs, benchmarks/results/single_gpu_speed).
 """
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-from ..errors import UserInputError
+from .hardware import GIB, Hardware
 from .model_spec import stage_layers
 from .plan import INTERLEAVED, Plan
 from .profile_types import ModelProfile
-
-GIB = float(2**30)  # MEM_PER_GPU and every memory figure printed are in GiB ("GB" in the docs)
-
-
-@dataclass(frozen=True)
-class Hardware:
-    """Device and link parameters. Defaults: H100 SXM 80 GB, NVLink inside a node, InfiniBand between nodes.
-
-    Override any of them with a JSON file (``--cost-params``) holding some of these keys.
-    """
-
-    gpus_per_node: int = 8
-    device_flops: float = 989e12  # bf16/fp16 dense tensor-core peak, FLOP/s
-    fp32_flops: float = 67e12  # fp32 without TF32 (torch's default for matmuls)
-    efficiency: float = 0.37  # fraction of peak the model's kernels reach, eager (fitted: calibration.md)
-    compiled_speedup: float = 1.38  # decoder layers under torch.compile (COMPILE=1) against eager (calibration.md)
-    hbm_bandwidth: float = 3.35e12  # bytes/s, for the memory-bound optimizer step
-    intra_node_bandwidth: float = 450e9  # bytes/s per GPU, NVLink, effective for all-reduce
-    intra_node_latency: float = 5e-6  # s per ring step
-    inter_node_bandwidth: float = 50e9  # bytes/s per GPU, InfiniBand (400 Gb/s NIC per GPU)
-    inter_node_latency: float = 10e-6
-    allocator_slack: float = 0.05  # fraction the caching allocator loses to fragmentation
-    workspace_bytes: float = 0.25 * GIB  # cuBLAS / NCCL workspaces and other small buffers
-
-    @classmethod
-    def from_json(cls, path: str) -> "Hardware":
-        """Defaults overridden by the keys of a JSON object in ``path``; unknown keys are an error."""
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserInputError(f"cannot read cost parameters {path}: {exc}") from None
-        known = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(data, dict) or set(data) - known:
-            raise UserInputError(
-                f"{path}: unknown cost parameters {sorted(set(data) - known) if isinstance(data, dict) else data!r}; "
-                f"known: {', '.join(sorted(known))}"
-            )
-        for key, value in data.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise UserInputError(f"{path}: {key} must be a non-negative number, got {value!r}")
-        return dataclasses.replace(cls(), **data)
 
 
 @dataclass(frozen=True)
@@ -103,6 +73,9 @@ _PRECISION_BYTES = {
     "fp16": (2, 2, 16),  # fairseq's --fp16: fp32 master weights and gradients, fp32 moments
 }
 ADAM_STATE_BYTES = 8  # two fp32 moments
+# bytes per gradient element FSDP2 reduces: float32 where the precision keeps float32 masters or weights
+_REDUCE_BYTES = {"fp32": 4, "bf16": 4, "bf16-master": 4, "bf16-lean": 2, "fp16": 4}
+FSDP_LAYERS_IN_FLIGHT = 2  # level 3: the layer computing and the one FSDP2 prefetches
 
 
 def optimizer_step_bytes(precision: str) -> float:
@@ -180,8 +153,11 @@ def estimate(
     shared = profile.shared[tp]
     stages = stage_layers(profile.num_layers, plan.num_stages, plan.stage_boundaries)
     weight_b, grad_b, optimizer_b = _PRECISION_BYTES[profile.precision]
-    zero_shards = plan.scaling_factor // plan.zero_n_groups if plan.zero else 1
-    per_param = weight_b + grad_b + optimizer_b / zero_shards
+    level = zero_level(plan)
+    shards = zero_shards(plan)
+    # Level 1 adds up accumulated batches in whole local gradients, reduced once per update
+    grad_shards = 1 if level == 1 and work.grad_accu > 1 else shards
+    reduce_b = _REDUCE_BYTES[profile.precision]
     rate = (hw.fp32_flops if profile.precision == "fp32" else hw.device_flops) * hw.efficiency
     layer_rate = rate * (hw.compiled_speedup if profile.compiled else 1.0)  # COMPILE compiles the decoder layers
     tp_link = _link(hw, tp <= hw.gpus_per_node)
@@ -193,53 +169,80 @@ def estimate(
         rank_stages = [s for s in range(plan.num_stages) if s % pp == rank]
         walk: List[_Backward] = []  # per module of one micro-batch, in forward order
         weights, seconds = 0, 0.0  # weights: all parameter elements of the rank; numel below: the trained ones
+        edge_weights, layer_count = 0, 0  # the root's (embedding, norm, head) elements; decoder layers
+        # FSDP2 (level >= 1): a layer's gradient is reduce-scattered as its backward ends, leaving 1/S; while it
+        # runs, the unsharded gradient and the reduce-scatter's input exist
+        layer_grads = layer.local_trainable(tp)
+        # Level 0 runs on FSDP2 too (replicas of one shard each), except fp16, which fairseq's DDP runs
+        on_fsdp = plan.scaling_factor > 1 and (level or profile.precision != "fp16")
+        fsdp_backward = layer_grads * (grad_b + reduce_b) if on_fsdp else 0.0
         for s in rank_stages:
             if s == 0:
-                walk.append(_Backward(embed.activations.bytes(mb_tokens), embed.local_trainable(edge_tp) * grad_b, 0.0))
+                walk.append(
+                    _Backward(
+                        embed.activations.bytes(mb_tokens), embed.local_trainable(edge_tp) * grad_b / grad_shards, 0.0
+                    )
+                )
                 weights += embed.local_numel(edge_tp)
+                edge_weights += embed.local_numel(edge_tp)
                 seconds += _flops(embed) * mb_tokens / rate + _tp_seconds(embed, edge_tp, mb_tokens, tp_link)
             walk.append(_Backward(shared.bytes(mb_tokens), 0.0, 0.0))
             for i in stages[s]:
                 cls = recompute[i]
                 acts = layer.activations if cls is None else layer.recompute[cls][0]
                 walk.append(
-                    _Backward(acts.bytes(mb_tokens), layer.local_trainable(tp) * grad_b, acts.backward_bytes(mb_tokens))
+                    _Backward(
+                        acts.bytes(mb_tokens),
+                        layer_grads * grad_b / grad_shards,
+                        acts.backward_bytes(mb_tokens) + fsdp_backward,
+                    )
                 )
                 weights += layer.local_numel(tp)
+                layer_count += 1
                 extra = 0.0 if cls is None else layer.recompute[cls][1]
                 seconds += (_flops(layer) + extra) * mb_tokens / layer_rate
                 seconds += _tp_seconds(layer, tp, mb_tokens, tp_link, again=cls is not None)
             if s == plan.num_stages - 1:
-                walk.append(_Backward(norm.activations.bytes(mb_tokens), norm.local_trainable(edge_tp) * grad_b, 0.0))
+                walk.append(
+                    _Backward(
+                        norm.activations.bytes(mb_tokens), norm.local_trainable(edge_tp) * grad_b / grad_shards, 0.0
+                    )
+                )
+                head_grads = head.local_trainable(edge_tp)
                 walk.append(
                     _Backward(
                         head_acts.bytes(mb_tokens),
-                        head.local_trainable(edge_tp) * grad_b,
-                        head_acts.backward_bytes(mb_tokens),
+                        head_grads * grad_b / grad_shards,
+                        head_acts.backward_bytes(mb_tokens) + (head_grads * (grad_b + reduce_b) if on_fsdp else 0.0),
                     )
                 )
                 weights += norm.local_numel(edge_tp) + head.local_numel(edge_tp)
+                edge_weights += norm.local_numel(edge_tp) + head.local_numel(edge_tp)
                 seconds += (_flops(norm) + _flops(head)) * mb_tokens / rate
                 seconds += _tp_seconds(head, edge_tp, mb_tokens, tp_link)
-        numel = round(sum(w.grad_bytes for w in walk) / grad_b)
+        numel = round(sum(w.grad_bytes for w in walk) * grad_shards / grad_b)  # the trained elements before sharding
         kept = sum(w.kept_bytes for w in walk)
         activations = kept / len(rank_stages) * in_flight(plan, rank) if pp > 1 else kept
         p2p_bytes = mb_tokens * profile.hidden_size * 4  # fp32 hidden states between stages
         comm = 4 * p2p_bytes * len(rank_stages) if pp > 1 else 0.0  # send + receive, forward + backward
         if pp > 1:
             seconds += 2 * len(rank_stages) * _p2p_seconds(hw, p2p_bytes, plan.plan_ngpus <= hw.gpus_per_node)
-        # frozen weights (LoRA's base) hold their weight bytes only
-        static = numel * per_param + (weights - numel) * weight_b - (0.0 if grads_persist else numel * grad_b)
+        # frozen weights (LoRA's base) hold their weight bytes only; from ZeRO level 1 on, 1/S of everything
+        states = (
+            numel * (weight_b + optimizer_b) + (weights - numel) * weight_b
+        ) / shards + numel * grad_b / grad_shards
+        static = states - (0.0 if grads_persist else numel * grad_b / grad_shards)
+        unsharded = _unsharded_weights(level, weights, edge_weights, layer.local_numel(tp), layer_count) * weight_b
         grads = numel * grad_b
         dp_buffer = 0.0
-        if plan.scaling_factor > 1:
-            # DDP (PLAN_NGPUS=1) keeps its buckets, a copy of every gradient, from its start to the end (no
-            # --gradient-as-bucket-view); the mesh's dp average (PLAN_NGPUS > 1) holds one while it runs
+        if plan.scaling_factor > 1 and not on_fsdp:
+            # fairseq's DDP (PLAN_NGPUS=1) keeps its buckets, a copy of every gradient, from its start to the
+            # end (no --gradient-as-bucket-view); the mesh's dp average (PLAN_NGPUS > 1) holds one while it runs
             dp_buffer = grads
         ddp_buckets = dp_buffer if plan.plan_ngpus == 1 else 0.0
         # Backward of the last micro-batch in flight, module by module from the end: its activations are
         # freed as its gradients appear; a module's backward-only buffers exist while it runs.
-        current = static + activations + comm + ddp_buckets
+        current = static + unsharded + activations + comm + ddp_buckets
         fwd_bwd, transient = current, 0.0
         for kept_bytes, grad_bytes, backward_only in reversed(walk):
             if current + backward_only > fwd_bwd:
@@ -247,14 +250,17 @@ def estimate(
             current += grad_bytes - kept_bytes - (grad_bytes if grads_persist else 0.0)
         fwd_bwd = max(fwd_bwd, current)
         # torch_adamw's steps hold nothing beside the states: bf16 weights' Triton kernels read the bf16
-        # gradients as they are and keep float32 values in registers
-        step_peak = numel * per_param + (weights - numel) * weight_b + dp_buffer
+        # gradients as they are and keep float32 values in registers; FSDP2 has resharded the weights
+        step_peak = states + dp_buffer
         peak = max(fwd_bwd, step_peak) * (1 + hw.allocator_slack) + hw.workspace_bytes
         ranks.append(
             dict(
                 rank=rank,
                 numel=numel,
-                static=numel * per_param + (weights - numel) * weight_b,
+                weights=weights,
+                layers=layer_count,
+                static=states,
+                unsharded=unsharded,
                 activations=activations,
                 transient=transient,
                 comm=comm,
@@ -271,26 +277,97 @@ def estimate(
     pipeline = m * slowest * (1 + (pp - 1) / (v * m))
     bubble = pipeline - m * slowest
     numel = max(r["numel"] for r in ranks)
-    dp_link = _link(hw, plan.world_size <= hw.gpus_per_node)
-    dp_seconds = _allreduce_seconds(numel * grad_b, plan.scaling_factor, dp_link)
-    if plan.zero and zero_shards > 1:
-        # ZeroRedundancyOptimizer: each replica broadcasts the parameters it updated, to its group
-        dp_seconds += _broadcast_seconds(numel * weight_b, zero_shards, dp_link)
-    optimizer_seconds = numel * optimizer_step_bytes(profile.precision) / zero_shards / hw.hbm_bandwidth
+    busiest = max(ranks, key=lambda r: r["weights"])
+    compute = work.grad_accu * m * slowest
+    passes = work.grad_accu * (m if pp == 1 else 1)  # forward-backward passes of an update, per stage
+    dp_total, dp_seconds = data_parallel_seconds(
+        plan,
+        hw,
+        DataParallelBytes(busiest["weights"] * weight_b, numel * reduce_b if level else numel * grad_b),
+        passes,
+        compute,
+        max(1, busiest["layers"]),
+        grad_reductions=1 if level == 1 else passes,
+    )
+    optimizer_seconds = numel * optimizer_step_bytes(profile.precision) / shards / hw.hbm_bandwidth
     step = work.grad_accu * pipeline + dp_seconds + optimizer_seconds
     parts = dict(
         static=worst["static"],
+        unsharded=worst["unsharded"],
         activations=worst["activations"],
         transient=worst["transient"],
         comm=worst["comm"],
         dp_buffer=worst["dp_buffer"],
         worst_rank=worst["rank"],
-        compute_and_tp=work.grad_accu * m * slowest,
+        compute_and_tp=compute,
         bubble=work.grad_accu * bubble,
         dp=dp_seconds,
+        dp_communication=dp_total,
         optimizer=optimizer_seconds,
     )
     return Cost(peak_bytes=worst["peak"], step_time=step, parts=parts)
+
+
+def zero_level(plan: Plan) -> int:
+    """The ZeRO level that acts: 0 for a single scale unit (no data-parallel replicas to shard across)."""
+    return plan.zero if plan.scaling_factor > 1 else 0
+
+
+def zero_shards(plan: Plan) -> int:
+    """S: the replicas each sharded state is split across (CUBE_SCALING_FACTOR / ZERO_N_GROUPS), 1 at level 0."""
+    return plan.scaling_factor // plan.zero_n_groups if zero_level(plan) else 1
+
+
+def _unsharded_weights(level: int, weights: int, edge_weights: int, layer_weights: int, layers: int) -> float:
+    """Parameter elements FSDP2 holds all-gathered at the forward/backward peak, beside the shards."""
+    if level == 0:
+        return 0.0
+    if level < 3:
+        return weights  # kept from the forward to the end of the backward
+    return edge_weights + min(layers, FSDP_LAYERS_IN_FLIGHT) * layer_weights
+
+
+class DataParallelBytes(NamedTuple):
+    """What one rank's data-parallel collectives move: its weights (all-gathers) and gradients (reductions)."""
+
+    weights: float
+    grads: float
+
+
+def data_parallel_seconds(
+    plan: Plan,
+    hw: Hardware,
+    volume: DataParallelBytes,
+    passes: int,
+    compute: float,
+    layers: int,
+    grad_reductions: Optional[int] = None,
+) -> Tuple[float, float]:
+    """(all, exposed) seconds of one update's data-parallel communication (see the module docstring).
+
+    Args:
+        passes: forward-backward passes of the update (each all-gathers and reduces once; level 0's
+            replicas reduce once per update).
+        compute: the update's compute seconds the collectives can hide behind.
+        layers: FSDP2 units per pass (decoder layers of the rank): one unit's collective never hides.
+        grad_reductions: passes whose gradients are reduced (default: every pass; level 1 reduces once).
+    """
+    level, n = zero_level(plan), plan.scaling_factor
+    if n <= 1:
+        return 0.0, 0.0
+    if level == 0:
+        total = _allreduce_seconds(volume.grads, n, _link(hw, plan.world_size <= hw.gpus_per_node))
+        backward = compute / passes * 2 / 3  # the last pass's backward: DDP reduces its buckets as they fill
+        return total, max(0.0, total - backward) + total / layers
+    shards, groups = zero_shards(plan), plan.zero_n_groups
+    link = _link(hw, shards * plan.plan_ngpus <= hw.gpus_per_node)
+    gathers = 2 if level == 3 else 1
+    reductions = passes if grad_reductions is None else grad_reductions
+    reduce = _allgather_seconds(volume.grads, shards, link)  # a reduce-scatter moves what an all-gather does
+    if groups > 1:
+        reduce += _allreduce_seconds(volume.grads / shards, groups, _link(hw, plan.world_size <= hw.gpus_per_node))
+    total = passes * gathers * _allgather_seconds(volume.weights, shards, link) + reductions * reduce
+    return total, max(0.0, total - compute) + total / (passes * layers)
 
 
 def _flops(module) -> float:
@@ -327,7 +404,10 @@ def _allreduce_seconds(nbytes: float, n: int, link: Tuple[float, float]) -> floa
     return 2 * (n - 1) / n * nbytes / bandwidth + 2 * (n - 1) * latency
 
 
-def _broadcast_seconds(nbytes: float, n: int, link: Tuple[float, float]) -> float:
+def _allgather_seconds(nbytes: float, n: int, link: Tuple[float, float]) -> float:
+    """Ring all-gather (or reduce-scatter) of ``nbytes`` in all: each rank moves (n-1)/n of it in n-1 steps."""
+    if n <= 1:
+        return 0.0
     bandwidth, latency = link
     return (n - 1) / n * nbytes / bandwidth + (n - 1) * latency
 

@@ -29,6 +29,7 @@ PLAN_VERSION = 1
 ZERO_LEVELS = (0, 1, 2, 3)
 PIPELINE_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B")
 INTERLEAVED = "Interleaved1F1B"
+MAX_ZERO = ZERO_LEVELS[-1]
 
 _COUNTS = ("plan_ngpus", "scaling_factor", "tp", "pp", "num_microbatches", "virtual_stages_per_rank")
 

@@ -6,28 +6,34 @@ Enumerated: tp (dividing heads, kv heads and FFN width, at most the GPUs of a no
 count (divisors of BATCH_SIZE, at least pp; without pipeline the batch's parts accumulate inside the step, so
 a BATCH_SIZE too big for memory is split rather than refused), recompute (none, or the decoder layer / attention / MLP class;
 the user's RECOMPUTE_MODULE_NAMES only, when set), and stage boundaries balanced by cost (the contiguous
-partition of the layers that minimises the slowest stage). ZeRO-1 is the user's (USE_ZERO). A per-layer
+partition of the layers that minimises the slowest stage), and the ZeRO level and hybrid groups (the user's
+USE_ZERO / ZERO_N_GROUPS when set; else levels 0, 1 and 3 (2 costs what 1 does), sharded across all scale
+units or inside groups that fit a node). A per-layer
 recompute (the fewest layers of each stage) is shown where it would fit, but Plan v1 names classes, not
 layers, so it is never emitted.
 
 Plans the runtime refuses with the run's settings (the model spec's ``unsupported``: e.g. COMPILE=1 or
-fairseq's --fp16 with PLAN_NGPUS > 1, LoRA or ZeRO-1 with pipeline parallel) are costed and listed with the
-spec's reason, never chosen.
+fairseq's --fp16 with PLAN_NGPUS > 1, LoRA with pipeline parallel) are costed and listed with the spec's
+reason, never chosen.
 """
 
 from dataclasses import dataclass, replace
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 from ..errors import UserInputError
 from .cost import Cost, Hardware, Workload, estimate, stage_seconds_per_layer
 from .model_spec import ModelSpec, RunSettings, stage_layers
-from .plan import INTERLEAVED, Plan
+from .plan import INTERLEAVED, MAX_ZERO, Plan
 from .profile_types import ModelProfile
 
 MAX_VIRTUAL_STAGES = 4
 PER_LAYER = "per-layer"
 NOT_IN_PLAN = "per-layer recompute: Plan v1 names classes, not layers"
 OVER_MEMORY = "over MEM_PER_GPU"
+# Without accumulation level 2 runs as 1 does (each pass's gradients reduce-scattered), so costs the same; with
+# it, level 1 keeps whole gradients and reduces once, level 2 keeps shards and reduces every pass.
+AUTO_ZERO_LEVELS = (0, 1, 3)
+AUTO_ZERO_LEVELS_ACCUMULATING = (0, 1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -68,14 +74,15 @@ def search(
     budget_gib: float,
     spec: ModelSpec,
     settings: RunSettings = RunSettings(),
-    zero: bool = False,
-    zero_n_groups: int = 1,
+    zero: Optional[int] = 0,
+    zero_n_groups: Optional[int] = 1,
     fixed: Fixed = Fixed(),
 ) -> SearchResult:
     """Cost every plan of a ``plan_ngpus`` scale unit; return them ranked, the fastest one that fits first.
 
     ``spec`` (the model's, ``model_spec.spec_of``) and the run's ``settings`` say which plans the runtime
-    refuses: those are listed with the reasons, never chosen.
+    refuses: those are listed with the reasons, never chosen. ``zero`` / ``zero_n_groups`` None: the
+    search chooses them (:func:`zero_options`).
 
     Invariant relied on by callers: the set of plans does not depend on ``budget_gib``, so a larger budget
     never yields a slower best plan.
@@ -95,6 +102,42 @@ def search(
     viable = sorted((c for c in candidates if not c.rejected), key=_rank)
     rejected = sorted((c for c in candidates if c.rejected), key=lambda c: (c.cost.peak_bytes, c.cost.step_time))
     return SearchResult(best=viable[0] if viable else None, candidates=viable + rejected, budget_gib=budget_gib)
+
+
+def zero_options(
+    scaling_factor: int,
+    plan_ngpus: int,
+    gpus_per_node: int,
+    zero: Optional[int],
+    zero_n_groups: Optional[int],
+    accumulating: bool = False,
+) -> List[Tuple[int, int]]:
+    """(ZeRO level, hybrid groups) pairs to cost: the user's when set; else levels 0, 1 and 3 (and 2 when
+    batches accumulate), each sharded across every scale unit and, where that differs, inside groups of the
+    replicas that share a node."""
+    if scaling_factor == 1:
+        return [(0, 1)]
+    auto = AUTO_ZERO_LEVELS_ACCUMULATING if accumulating else AUTO_ZERO_LEVELS
+    levels = [zero] if zero is not None else list(auto)
+    if zero_n_groups is not None:
+        groups = [zero_n_groups]
+    else:
+        per_node = max(1, gpus_per_node // plan_ngpus)
+        hybrid = 1 < per_node < scaling_factor and scaling_factor % per_node == 0
+        groups = [1] + ([scaling_factor // per_node] if hybrid else [])
+    options = []
+    for level in levels:
+        if not 0 <= level <= MAX_ZERO:
+            raise UserInputError(f"USE_ZERO must be a ZeRO level 0..{MAX_ZERO} or auto, got {level!r}")
+        for g in groups if level else [1]:
+            if scaling_factor % g:
+                raise UserInputError(
+                    f"ZERO_N_GROUPS {g} does not divide CUBE_SCALING_FACTOR {scaling_factor}; choose a divisor "
+                    f"of {scaling_factor}, or leave ZERO_N_GROUPS unset to let the search choose"
+                )
+            if (level, g) not in options:
+                options.append((level, g))
+    return options
 
 
 def smallest_fit(result: SearchResult) -> Optional[Candidate]:
@@ -138,6 +181,8 @@ def balanced_boundaries(
 def _plans(profile, work, hw, plan_ngpus, scaling_factor, zero, zero_n_groups, fixed, spec):
     """Yield (plan, recompute class or None) for every combination the search considers: tp degrees the
     model splits into, stage counts it has layers for."""
+    options = zero_options(scaling_factor, plan_ngpus, hw.gpus_per_node, zero, zero_n_groups, work.grad_accu > 1)
+    balanced = {}  # (tp, stages, recompute) -> boundaries: the same for every schedule and micro-batch count
     for tp in profile.tp_degrees:
         if plan_ngpus % tp or tp > hw.gpus_per_node or (fixed.tp and tp != fixed.tp):
             continue
@@ -151,29 +196,40 @@ def _plans(profile, work, hw, plan_ngpus, scaling_factor, zero, zero_n_groups, f
                 if fixed.stage_boundaries is not None:
                     bounds = fixed.stage_boundaries
                 elif stages > 1:
-                    bounds = balanced_boundaries(profile, tp, stages, recompute)
+                    key = (tp, stages, recompute)
+                    if key not in balanced:
+                        balanced[key] = balanced_boundaries(profile, tp, stages, recompute)
+                    bounds = balanced[key]
                 else:
                     bounds = ()
-                plan = Plan(
-                    plan_ngpus=plan_ngpus,
-                    scaling_factor=scaling_factor,
-                    tp=tp,
-                    pp=pp,
-                    pp_schedule=schedule,
-                    num_microbatches=m,
-                    virtual_stages_per_rank=v,
-                    stage_boundaries=bounds,
-                    zero=zero,
-                    zero_n_groups=zero_n_groups if zero else 1,
-                    recompute_modules=names,
-                )
-                try:
-                    plan.validate()
-                except UserInputError:
-                    continue
-                if spec.tp_reasons(tp) or plan.num_stages > spec.num_layers:
-                    continue
-                yield plan, recompute
+                for level, groups in options:
+                    yield from _valid(
+                        Plan(
+                            plan_ngpus=plan_ngpus,
+                            scaling_factor=scaling_factor,
+                            tp=tp,
+                            pp=pp,
+                            pp_schedule=schedule,
+                            num_microbatches=m,
+                            virtual_stages_per_rank=v,
+                            stage_boundaries=bounds,
+                            zero=level,
+                            zero_n_groups=groups,
+                            recompute_modules=names,
+                        ),
+                        recompute,
+                        spec,
+                    )
+
+
+def _valid(plan: Plan, recompute: Optional[str], spec: ModelSpec) -> Iterator[Tuple[Plan, Optional[str]]]:
+    """``(plan, recompute)`` when the plan is valid on its own and the model can take its tp and stages."""
+    try:
+        plan.validate()
+    except UserInputError:
+        return
+    if not spec.tp_reasons(plan.tp) and plan.num_stages <= spec.num_layers:
+        yield plan, recompute
 
 
 def _schedules(profile, work, pp, fixed):
@@ -250,6 +306,7 @@ def _rank(c: Candidate):
     return (
         float(f"{c.cost.step_time:.9g}"),
         c.plan.num_microbatches,
+        c.plan.zero,
         c.cost.peak_bytes,
         len(c.plan.recompute_modules),
         c.plan.pp,

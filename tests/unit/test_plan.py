@@ -365,3 +365,11 @@ def test_default_plan_passes_zero_and_recompute_and_validates():
         default_plan(4, 4, 8, zero=True, zero_n_groups=3)
     with pytest.raises(UserInputError, match=r"gpus_per_node must be a positive integer, got 0"):
         default_plan(4, 1, 0)
+
+
+def test_zero_is_a_level_and_true_from_older_plans_reads_as_level_1():
+    data = json.loads(full_plan().to_json())
+    older = Plan.from_json(json.dumps(dict(data, zero=True)))
+    assert older.zero == 1 and type(older.zero) is int
+    assert Plan.from_json(json.dumps(dict(data, zero=3))).zero == 3
+    assert Plan.from_json(json.dumps(dict(data, zero=False))).zero == 0

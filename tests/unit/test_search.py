@@ -19,9 +19,9 @@ BARE = Hardware(allocator_slack=0.0, workspace_bytes=0.0)
 LLAMA3_8B_SPEC = spec_of(load_config(LLAMA3_8B))
 
 
-def toy_profile() -> ModelProfile:
-    """Two decoder layers of 100 parameters that keep 1000 bytes per token (10 when recomputed); embedding
-    and head of 50 parameters that keep nothing; tp=1 only."""
+def toy_profile(num_layers: int = 2) -> ModelProfile:
+    """``num_layers`` decoder layers of 100 parameters that keep 1000 bytes per token (10 when recomputed);
+    embedding and head of 50 parameters that keep nothing; tp=1 only."""
     layer = ModuleProfile(
         name="layers",
         class_name="Block",
@@ -40,7 +40,7 @@ def toy_profile() -> ModelProfile:
     }
     return ModelProfile(
         model_type="toy",
-        num_layers=2,
+        num_layers=num_layers,
         hidden_size=4,
         num_heads=1,
         num_kv_heads=1,
@@ -87,7 +87,7 @@ def llama3_8b():
     from fairseq_ext.cube.compile import _profile
 
     # the cached profile compile_plan uses for the same model and settings: profiled once per test run
-    return _profile(load_config(LLAMA3_8B).to_json_string(), 512, "bf16", (1, 2, 4, 8), "sdpa")
+    return _profile(load_config(LLAMA3_8B).to_json_string(), 512, "bf16", (1, 2, 4, 8), "sdpa", False, None)
 
 
 def test_llama3_8b_on_8_gpus_at_20gb_compiles_quickly():
@@ -190,28 +190,28 @@ def test_user_fixed_settings_are_respected(llama3_8b):
         assert c.plan.recompute_modules == ("LlamaDecoderLayer",)
 
 
-def test_zero_with_pipeline_is_not_refused(llama3_8b):
-    """ZeRO shards each pipeline stage's state over its data-parallel replicas (FSDP2): pipeline plans are
-    costed with it, none is rejected for it."""
-    result = search(
-        llama3_8b,
-        Workload(batch_size=8, seq_len=512),
-        Hardware(),
+def test_the_search_chooses_the_zero_level_unless_the_user_fixed_it(llama3_8b):
+    """USE_ZERO unset: levels 0, 1 and 3, with pipeline stages too; set: that level only."""
+    args = dict(
+        profile=llama3_8b,
+        work=Workload(batch_size=8, seq_len=512),
+        hw=Hardware(),
         plan_ngpus=8,
         scaling_factor=2,
         budget_gib=80,
         spec=LLAMA3_8B_SPEC,
         settings=RunSettings(batch_size=8),
-        zero=True,
     )
-    assert result.best is not None and any(c.plan.pp == 2 for c in result.candidates)
-    assert not any("ZeRO" in r for c in result.candidates for r in c.rejected)
+    chosen = search(**args, zero=None, zero_n_groups=None)
+    assert {c.plan.zero for c in chosen.candidates} == {0, 1, 3}
+    assert any(c.plan.zero and c.plan.pp > 1 and not c.rejected for c in chosen.candidates)
+    fixed = search(**args, zero=2, zero_n_groups=1)
+    assert {(c.plan.zero, c.plan.zero_n_groups) for c in fixed.candidates} == {(2, 1)}
 
 
 def test_a_refusal_names_the_closest_plans_and_one_setting_to_change():
     """PLAN_NGPUS=16 puts pipeline stages in every plan (tp stays within a node of 8), which the runtime
-    refuses with packed sequences: a few lines name the closest plans and PACK_SEQUENCES=0, not every plan's
-    reasons."""
+    refuses with PACK_SEQUENCES=1: a few lines name the closest plans and the setting, not every plan's reasons."""
     compiled = compile_plan(
         CompileSettings(
             model=LLAMA3_8B, plan_ngpus=16, mem_per_gpu=20, batch_size=32, seq_len=512, precision="bf16", packing=True
