@@ -88,11 +88,12 @@ LOG_INTERVAL=${LOG_INTERVAL:-50}
 LOG_FORMAT=${LOG_FORMAT:-simple}
 EVALUATE=${EVALUATE:-1}
 NUM_WORKERS=${NUM_WORKERS:-0}  # data loader processes (fairseq --num-workers); 0: batches made in a thread of the trainer
+COLLECTIVE_TIMEOUT=${COLLECTIVE_TIMEOUT:-1800}  # seconds a rank waits for the others in a collective before the run stops
 CHECKPOINT_FORMAT=${CHECKPOINT_FORMAT:-auto}  # full: one file per checkpoint; dcp: small files + shards; auto: dcp if PLAN_NGPUS > 1
 
 fail() { echo "run.sh: error: $*" >&2; exit 2; }
 positive() { [[ ${!1} =~ ^[0-9]+$ && ${!1} -gt 0 ]] || fail "$1 must be a positive integer, got '${!1}'"; }
-for name in NPROC_PER_NODE NNODES BATCH_SIZE GRADIENT_ACCU_NUM MAX_STEPS SEQUENCE_LENGTH LOG_INTERVAL ZERO_N_GROUPS PLAN_NGPUS; do
+for name in NPROC_PER_NODE NNODES BATCH_SIZE GRADIENT_ACCU_NUM MAX_STEPS SEQUENCE_LENGTH LOG_INTERVAL ZERO_N_GROUPS PLAN_NGPUS COLLECTIVE_TIMEOUT; do
     positive "$name"
 done
 SAVE_STEPS=${SAVE_STEPS:-$(( MAX_STEPS / 4 > 0 ? MAX_STEPS / 4 : 1 ))}
@@ -202,6 +203,7 @@ TRAIN_ARGS=(
     --keep-interval-updates 2 --keep-last-epochs 2 --checkpoint-format "$CHECKPOINT_FORMAT"
     --tensorboard-logdir "$TENSORBOARD_DIR" --log-file "$LOG_DIR/train.log"
     --log-format "$LOG_FORMAT" --log-interval "$LOG_INTERVAL" --num-workers "$NUM_WORKERS"
+    --collective-timeout "$COLLECTIVE_TIMEOUT"
     "${DEVICE_ARGS[@]}"
     "$@"
 )
@@ -212,7 +214,7 @@ for name in NPROC_PER_NODE NNODES NODE_RANK MASTER_ADDR MASTER_PORT EXAMPLE_PATH
     DATASET_PATH PROMPT_TYPE SEQUENCE_LENGTH BATCH_SIZE GRADIENT_ACCU_NUM WARMUP_STEPS MAX_STEPS SEED USE_ZERO \
     ZERO_N_GROUPS PLAN_NGPUS CUBE_SCALING_FACTOR PLAN_FILE RECOMPUTE_MODULE_NAMES PRECISION COMPILE PACK_SEQUENCES \
     SPEED_LOG PROFILE_UPDATES NUM_WORKERS CHECKPOINT_FORMAT USE_LORA LORA_CONFIG OPTIMIZE_PARAMS \
-    CHAT_TEMPLATE TRAIN_ON_ALL_TURNS DATA_CACHE_DIR; do
+    CHAT_TEMPLATE TRAIN_ON_ALL_TURNS DATA_CACHE_DIR COLLECTIVE_TIMEOUT; do
     printf '  %-32s %s\n' "$name" "${!name}"
 done
 

@@ -3,7 +3,8 @@ in place (the one seam into fairseq), this module only defines them.
 
 - ``progress_bar``: adds a ``--log-file`` handler at every epoch (each line logged once more per epoch);
 - ``infer_init_method``: a torchrun launch on a host without GPUs (world size 1, division by zero);
-- ``_broadcast_object_slow``: the broadcast of a loaded checkpoint, which fails on torch >= 2.6.
+- ``_broadcast_object_slow``: the broadcast of a loaded checkpoint, which fails on torch >= 2.6;
+- ``distributed_init``: creates the process group without a timeout (``--collective-timeout`` is set first).
 """
 
 import os
@@ -12,6 +13,9 @@ import torch
 import torch.distributed as dist
 from fairseq.distributed import utils as distributed_utils
 from fairseq.logging import progress_bar
+
+from .. import errors
+from . import collective_timeout
 
 _fairseq_progress_bar = progress_bar.progress_bar
 
@@ -60,3 +64,20 @@ def broadcast_object_slow(obj, src_rank, group, dist_device):
     objects = [obj if dist.get_rank(group) == src_rank else None]
     dist.broadcast_object_list(objects, group_src=src_rank, group=group, device=dist_device)
     return objects[0]
+
+
+_fairseq_distributed_init = distributed_utils.distributed_init
+
+
+def distributed_init(cfg):
+    """Replaces fairseq's process-group setup, which passes no timeout: every group of the run (the world,
+    fairseq's, the mesh's, ZeRO's) waits ``--collective-timeout`` seconds (COLLECTIVE_TIMEOUT) in a collective,
+    and a collective that waits longer ends the run with one line naming the rank that stopped answering."""
+    seconds = float(getattr(getattr(cfg, "task", None), "collective_timeout", collective_timeout.DEFAULT_SECONDS))
+    if not seconds > 0:
+        raise errors.UserInputError(
+            f"COLLECTIVE_TIMEOUT (--collective-timeout) must be a positive number of seconds, got {seconds:g}"
+        )
+    collective_timeout.set_default_timeout(seconds)
+    errors.explain_with(collective_timeout.timeout_message)
+    return _fairseq_distributed_init(cfg)

@@ -37,7 +37,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..criterions.base import logging_output
 from .checkpoint_saving import CheckpointSaving, atomic_copy, save_checkpoint_with_shards
-from .fairseq_fixes import broadcast_object_slow, infer_init_method, progress_bar_once_per_log_file
+from .fairseq_fixes import (
+    broadcast_object_slow,
+    distributed_init,
+    infer_init_method,
+    progress_bar_once_per_log_file,
+)
 from .host_copies import HostCopy, LoggedValues, pinned
 from .micro_batches import split_batch
 from .out_of_memory import SkippedBatches, is_out_of_memory, out_of_memory_error, skipping_allowed
@@ -394,3 +399,4 @@ def install() -> None:
     progress_bar.progress_bar = progress_bar_once_per_log_file
     distributed_utils.infer_init_method = infer_init_method
     distributed_utils._broadcast_object_slow = broadcast_object_slow
+    distributed_utils.distributed_init = distributed_init
