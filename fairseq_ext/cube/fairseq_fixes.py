@@ -4,6 +4,8 @@ in place (the one seam into fairseq), this module only defines them.
 - ``progress_bar``: adds a ``--log-file`` handler at every epoch (each line logged once more per epoch);
 - ``infer_init_method``: a torchrun launch on a host without GPUs (world size 1, division by zero);
 - ``_broadcast_object_slow``: the broadcast of a loaded checkpoint, which fails on torch >= 2.6;
+- ``broadcast``: takes a rank of the group for a global rank (a loaded checkpoint's tensors sent within a
+  data-parallel group that lacks global rank 0, under tensor x data parallel plans);
 - ``distributed_init``: creates the process group without a timeout (``--collective-timeout`` is set first).
 """
 
@@ -64,6 +66,13 @@ def broadcast_object_slow(obj, src_rank, group, dist_device):
     objects = [obj if dist.get_rank(group) == src_rank else None]
     dist.broadcast_object_list(objects, group_src=src_rank, group=group, device=dist_device)
     return objects[0]
+
+
+def broadcast_from_group_rank(tensor, src, group):
+    """Replaces fairseq's broadcast. Its callers (``broadcast_object`` and the helpers under it) give ``src`` as
+    a rank of ``group``, and fairseq passes it on as torch's ``src``, a global rank: a checkpoint loaded under a
+    plan with tensor and data parallel was sent from the wrong rank, or to a group that does not hold it."""
+    dist.broadcast(tensor, group_src=src, group=group)
 
 
 _fairseq_distributed_init = distributed_utils.distributed_init

@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..criterions.base import logging_output
 from .checkpoint_saving import CheckpointSaving, atomic_copy, save_checkpoint_with_shards
 from .fairseq_fixes import (
+    broadcast_from_group_rank,
     broadcast_object_slow,
     distributed_init,
     infer_init_method,
@@ -400,3 +401,4 @@ def install() -> None:
     distributed_utils.infer_init_method = infer_init_method
     distributed_utils._broadcast_object_slow = broadcast_object_slow
     distributed_utils.distributed_init = distributed_init
+    distributed_utils.broadcast = broadcast_from_group_rank
