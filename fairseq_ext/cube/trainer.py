@@ -256,9 +256,12 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
                 if not is_out_of_memory(err):
                     raise
                 raise out_of_memory_error(update, self.device) from err
-            skipped = self._skipped_batches.end_update(update)
+            skipped, skipped_all_ranks = self._skipped_batches.end_update(update)
+            if skipping_allowed():
+                self._skipped_batches.log(skipped_all_ranks)
             if self._speed_log is not None:
-                self._speed_log.end_update(*((0, 0) if skipped else (batch_tokens(samples), trained_tokens(samples))))
+                tokens = (0, 0) if skipped else (batch_tokens(samples), trained_tokens(samples))
+                self._speed_log.end_update(*tokens, skipped_batches=skipped if skipping_allowed() else None)
         self._update_samples = None
         if self._profiler is not None:
             self._profiler.after_update(update)
@@ -348,8 +351,11 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
 
     def _aggregate_logging_outputs(self, logging_outputs, *extra_stats_to_sum, ignore=False):
         """Logged values that are DTensors (a vocab-parallel loss, replicated over tp) become plain tensors
-        before fairseq sums them over the dp group."""
-        return super()._aggregate_logging_outputs(_plain(logging_outputs), *extra_stats_to_sum, ignore=ignore)
+        before fairseq sums them over the dp group; the sum of out-of-memory batches is kept (out_of_memory.py)."""
+        result = super()._aggregate_logging_outputs(_plain(logging_outputs), *extra_stats_to_sum, ignore=ignore)
+        if self._update_samples is not None:  # in train_step: the sums are (sample size, out-of-memory batches, time)
+            self._skipped_batches.summed_over_ranks(result[1][1])
+        return result
 
     def _reduce_and_log_stats(self, logging_outputs, sample_size, grad_norm=None):
         """Replaces fairseq's: the same meters (gnorm, clip, ups, the criterion's), logged with the values
