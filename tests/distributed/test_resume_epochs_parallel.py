@@ -11,6 +11,7 @@ import shutil
 
 import torch
 
+from tests.helpers import EXACT_LOSS_USER_DIR
 from tests.integration.test_resume_epochs import precise_losses, small_data
 from tests.integration.test_run_sh import run_sh
 
@@ -27,6 +28,7 @@ SETTINGS = dict(
     LOG_FORMAT="json",
     LOG_INTERVAL=1,
     DATASET_NAME="toy_instructions",
+    USER_DIR=EXACT_LOSS_USER_DIR,
 )
 ARGS = ["--keep-interval-updates", "-1", "--disable-validation"]
 

@@ -12,7 +12,7 @@ from fairseq_ext.errors import UserInputError
 from fairseq_ext.evaluation.generation import chat_exact_match
 from fairseq_ext.models.hf_loading import load_hf_model
 from tests.distributed.test_plan_run_sh import full_precision_losses
-from tests.helpers import DATA_DIR, EXAMPLE
+from tests.helpers import DATA_DIR, EXACT_LOSS_USER_DIR, EXAMPLE
 from tests.integration.test_run_sh import run_sh
 
 T5_DIR = EXAMPLE / "model" / "tiny-t5"
@@ -26,7 +26,14 @@ CONVERSATION = {
     ]
 }
 SETTINGS = dict(
-    DATASET_TYPE="chat", MAX_STEPS=3, SAVE_STEPS=3, WARMUP_STEPS=1, BATCH_SIZE=4, LOG_FORMAT="json", LOG_INTERVAL=1
+    USER_DIR=EXACT_LOSS_USER_DIR,
+    DATASET_TYPE="chat",
+    MAX_STEPS=3,
+    SAVE_STEPS=3,
+    WARMUP_STEPS=1,
+    BATCH_SIZE=4,
+    LOG_FORMAT="json",
+    LOG_INTERVAL=1,
 )
 
 
