@@ -5,8 +5,9 @@ without one its backend's default (gloo 30 min, NCCL 10 min): the world group, f
 DeviceMesh's and ZeRO's groups. :func:`set_default_timeout` makes ``--collective-timeout`` (run.sh:
 COLLECTIVE_TIMEOUT) the timeout of every group this process creates afterwards, on every backend.
 
-When a collective times out (gloo raises on the waiting ranks; NCCL's watchdog reports it), each rank that
-waited says so in the job's store and gives the others a short while to do the same; the ranks that did not are
+When a collective times out and the waiting ranks get the error (gloo raises it; with NCCL, torch's watchdog may
+end the process first, and run.sh then names the worker and its signal), each rank that waited says so in the
+job's store and gives the others a short while to do the same; the ranks that did not are
 the ones that stopped answering. Every waiting rank then prints the same line (run.sh folds duplicates),
 naming them and the setting to change.
 """
