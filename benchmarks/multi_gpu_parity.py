@@ -1,7 +1,7 @@
 """bf16 loss parity of parallel plans on several GPUs (NCCL) against one GPU, through run.sh.
 
 Each plan trains the same model on the same data order and global batch for ``--steps`` updates
-(PRECISION=bf16 by default); the per-update losses (full precision, from fairseq's unrounded ``ppl``)
+(PRECISION=bf16 by default); the per-update losses (full precision: ``exact_loss`` of the tests' --user-dir tests/assets/exact_loss)
 are written to ``losses.csv`` and compared with the one-GPU run of the same global batch in
 ``parity.md``. Plans on 2 scale units compare with one GPU accumulating 2 micro-batches.
 
@@ -14,7 +14,6 @@ as the lent multi-GPU machines require.
 import argparse
 import csv
 import json
-import math
 import os
 import shutil
 import socket
@@ -74,7 +73,7 @@ def losses_of(stdout: str) -> dict:
     for line in stdout.splitlines():
         if "| train_inner |" in line:
             record = json.loads(line.split("| train_inner |", 1)[1])
-            out[int(record["num_updates"])] = math.log2(float(record["ppl"]))
+            out[int(record["num_updates"])] = float(record["exact_loss"])
     return out
 
 
@@ -95,6 +94,7 @@ def train(name: str, nproc: int, accumulation: int, variables: dict, out: Path, 
         BATCH_SIZE=str(args.batch_size),
         SEQUENCE_LENGTH="128",
         PRECISION=args.precision,
+        USER_DIR=str(REPO / "tests" / "assets" / "exact_loss"),
         EVALUATE="0",
         LOG_FORMAT="json",
         LOG_INTERVAL="1",

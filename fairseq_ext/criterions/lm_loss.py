@@ -1,7 +1,7 @@
 """Language-model losses: token-mean cross entropy over the trained (answer) tokens."""
 
 import torch.nn.functional as F
-from fairseq import metrics
+from fairseq import metrics, utils
 from fairseq.criterions import register_criterion
 from fairseq.dataclass import FairseqDataclass
 
@@ -13,14 +13,9 @@ CHUNK_ELEMENTS = 1 << 27  # logits computed at once by the fused loss: 512 MB in
 
 
 def perplexity(nll_loss_base2) -> float:
-    """2 ** the base-2 loss, unrounded; 0 when no loss was logged (fairseq's helpers do the same for a
-    missing value: after a batch dropped for running out of memory there may be none)."""
-    if nll_loss_base2 is None:
-        return 0.0
-    try:
-        return 2**nll_loss_base2
-    except OverflowError:
-        return float("inf")
+    """2 ** the base-2 loss as fairseq's LM criteria log it (rounded to 2 places); 0 when no loss was logged
+    (after a batch dropped for running out of memory there may be none)."""
+    return utils.get_perplexity(nll_loss_base2)
 
 
 @register_criterion("hf_causal_lm", dataclass=FairseqDataclass)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
 from ..errors import UserInputError
+from .collective_timeout import DEFAULT_SECONDS
 from .plan import Plan, default_plan
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,13 @@ class CubeConfig(FairseqDataclass):
     profile_dir: str = field(
         default="",
         metadata={"help": "folder of --profile-updates' files; default: 'profile' beside --save-dir (PROFILE_DIR)"},
+    )
+    collective_timeout: float = field(
+        default=DEFAULT_SECONDS,
+        metadata={
+            "help": "seconds a rank waits in a collective operation for the others before the run stops naming the "
+            "rank that stopped answering (COLLECTIVE_TIMEOUT); every process group of the run gets it"
+        },
     )
     checkpoint_format: ChoiceEnum(list(CHECKPOINT_FORMATS)) = field(
         default="auto",

@@ -6,6 +6,7 @@ in place (the one seam into fairseq), this module only defines them.
 - ``_broadcast_object_slow``: the broadcast of a loaded checkpoint, which fails on torch >= 2.6;
 - ``broadcast``: the broadcast of a loaded checkpoint's tensors, which names the source by its global rank
   where fairseq's callers mean its rank in the group (the same only in the world group).
+- ``distributed_init``: creates the process group without a timeout (``--collective-timeout`` is set first).
 """
 
 import os
@@ -14,6 +15,9 @@ import torch
 import torch.distributed as dist
 from fairseq.distributed import utils as distributed_utils
 from fairseq.logging import progress_bar
+
+from .. import errors
+from . import collective_timeout
 
 _fairseq_progress_bar = progress_bar.progress_bar
 
@@ -70,3 +74,20 @@ def broadcast_in_group(tensor, src, group):
     passes it to torch as a global rank: a group without global rank 0 (the second data-parallel group of a
     tensor- or pipeline-parallel plan) failed."""
     dist.broadcast(tensor, group_src=src, group=group)
+
+
+_fairseq_distributed_init = distributed_utils.distributed_init
+
+
+def distributed_init(cfg):
+    """Replaces fairseq's process-group setup, which passes no timeout: every group of the run (the world,
+    fairseq's, the mesh's, ZeRO's) waits ``--collective-timeout`` seconds (COLLECTIVE_TIMEOUT) in a collective,
+    and a collective that waits longer ends the run with one line naming the rank that stopped answering."""
+    seconds = float(getattr(getattr(cfg, "task", None), "collective_timeout", collective_timeout.DEFAULT_SECONDS))
+    if not seconds > 0:
+        raise errors.UserInputError(
+            f"COLLECTIVE_TIMEOUT (--collective-timeout) must be a positive number of seconds, got {seconds:g}"
+        )
+    collective_timeout.set_default_timeout(seconds)
+    errors.explain_with(collective_timeout.timeout_message)
+    return _fairseq_distributed_init(cfg)

@@ -1,6 +1,7 @@
 """``--speed-log FILE`` (run.sh ``SPEED_LOG``): one JSON line per update with its time, the part of it
 spent computing, the tokens it processed (``tokens``, padding included; ``trained_tokens``, those the
-loss counts) and the peak device memory so far.
+loss counts), with SKIP_OOM_BATCHES the batches it dropped for running out of memory (``skipped_batches``;
+such an update counts no tokens) and the peak device memory so far.
 
 ``compute_s`` runs from the start of the update's first forward (the task's ``train_step``) to the end
 of its optimizer step; ``step_s`` from the end of the previous update's optimizer step to the end of
@@ -82,9 +83,12 @@ class SpeedLog:
                 self._peaks["peak_reserved_bytes"], torch.cuda.max_memory_reserved(self.device)
             )
 
-    def end_update(self, tokens: int, trained_tokens: Optional[int] = None) -> None:
+    def end_update(
+        self, tokens: int, trained_tokens: Optional[int] = None, skipped_batches: Optional[int] = None
+    ) -> None:
         """Close the update that processed ``tokens`` input tokens (padding included), of which
-        ``trained_tokens`` were trained on; write the previous update's record."""
+        ``trained_tokens`` were trained on, and dropped ``skipped_batches`` batches for running out of memory
+        (SKIP_OOM_BATCHES; such an update counts no tokens); write the previous update's record."""
         if self._start is None:  # nothing was timed (a skipped update)
             return
         self.flush()
@@ -99,6 +103,8 @@ class SpeedLog:
         }
         if trained_tokens is not None:
             self._pending["trained_tokens"] = int(trained_tokens)
+        if skipped_batches is not None:
+            self._pending["skipped_batches"] = int(skipped_batches)
         self._previous_end, self._start, self._end = self._end, None, None
 
     def flush(self) -> None:
@@ -115,8 +121,9 @@ class SpeedLog:
             "compute_s": compute,
             "tokens": pending.pop("tokens"),
         }
-        if "trained_tokens" in pending:
-            record["trained_tokens"] = pending.pop("trained_tokens")
+        for key in ("trained_tokens", "skipped_batches"):
+            if key in pending:
+                record[key] = pending.pop(key)
         if self.device.type == "cuda":
             record.update(pending)
         if self._file is None:

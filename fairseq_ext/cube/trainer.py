@@ -39,7 +39,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..criterions.base import logging_output
 from .checkpoint_saving import CheckpointSaving, atomic_copy, save_checkpoint_with_shards
-from .fairseq_fixes import broadcast_in_group, broadcast_object_slow, infer_init_method, progress_bar_once_per_log_file
+from .fairseq_fixes import (
+    broadcast_in_group,
+    broadcast_object_slow,
+    distributed_init,
+    infer_init_method,
+    progress_bar_once_per_log_file,
+)
 from .host_copies import HostCopy, LoggedValues, pinned
 from .micro_batches import split_batch
 from .out_of_memory import SkippedBatches, is_out_of_memory, out_of_memory_error, skipping_allowed
@@ -259,9 +265,12 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
                 if not is_out_of_memory(err):
                     raise
                 raise out_of_memory_error(update, self.device) from err
-            skipped = self._skipped_batches.end_update(update)
+            skipped, skipped_all_ranks = self._skipped_batches.end_update(update)
+            if skipping_allowed():
+                self._skipped_batches.log(skipped_all_ranks)
             if self._speed_log is not None:
-                self._speed_log.end_update(*((0, 0) if skipped else (batch_tokens(samples), trained_tokens(samples))))
+                tokens = (0, 0) if skipped else (batch_tokens(samples), trained_tokens(samples))
+                self._speed_log.end_update(*tokens, skipped_batches=skipped if skipping_allowed() else None)
         self._update_samples = None
         if self._profiler is not None:
             self._profiler.after_update(update)
@@ -351,8 +360,11 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
 
     def _aggregate_logging_outputs(self, logging_outputs, *extra_stats_to_sum, ignore=False):
         """Logged values that are DTensors (a vocab-parallel loss, replicated over tp) become plain tensors
-        before fairseq sums them over the dp group."""
-        return super()._aggregate_logging_outputs(_plain(logging_outputs), *extra_stats_to_sum, ignore=ignore)
+        before fairseq sums them over the dp group; the sum of out-of-memory batches is kept (out_of_memory.py)."""
+        result = super()._aggregate_logging_outputs(_plain(logging_outputs), *extra_stats_to_sum, ignore=ignore)
+        if self._update_samples is not None:  # in train_step: the sums are (sample size, out-of-memory batches, time)
+            self._skipped_batches.summed_over_ranks(result[1][1])
+        return result
 
     def _reduce_and_log_stats(self, logging_outputs, sample_size, grad_norm=None):
         """Replaces fairseq's: the same meters (gnorm, clip, ups, the criterion's), logged with the values
@@ -403,4 +415,5 @@ def install() -> None:
     progress_bar.progress_bar = progress_bar_once_per_log_file
     distributed_utils.infer_init_method = infer_init_method
     distributed_utils._broadcast_object_slow = broadcast_object_slow
+    distributed_utils.distributed_init = distributed_init
     distributed_utils.broadcast = broadcast_in_group

@@ -6,9 +6,9 @@ A dataset builder returns rows of token ids; the model's head decides how they a
 layout             row columns                                    batch (``net_input`` / ``target``)
 =================  =============================================  ==============================================
 causal_lm          input_ids, labels (-100 = not trained)         input_ids / labels shifted to the next token
-seq2seq_lm         input_ids, labels as for causal_lm: the        encoder input_ids, decoder labels / labels
-                   masked prefix is the encoder input, the
-                   rest the decoder's labels
+seq2seq_lm         input_ids, labels as for causal_lm: what       encoder input_ids, decoder labels / labels
+                   comes before the last trained span is the
+                   encoder input, that span the decoder's
 seq_cls            input_ids, label (class index)                 input_ids / label (B,)
 token_cls          input_ids, labels (class index per token)      input_ids / labels (B, T)
 qa                 input_ids, start_positions, end_positions      input_ids / (start, end) (B, 2)
@@ -155,14 +155,24 @@ class Seq2SeqLMLayout(SampleLayout):
     sequence_columns = {"input_ids": PAD, "labels": IGNORE_INDEX}
 
     def prepare(self, row):
+        """The encoder reads everything before the last trained span, the decoder learns that span: for a
+        prompt and its answer, the prompt and the answer; for a conversation (DATASET_TYPE=chat), the turns
+        up to the last assistant turn (earlier answers included, as context) and that turn, as evaluation
+        asks for it."""
         labels = row["labels"]
-        prompt_length = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
-        if prompt_length == 0:
+        start = len(labels)
+        while start > 0 and labels[start - 1] == IGNORE_INDEX:  # the masked tail (a template's text after a turn)
+            start -= 1
+        while start > 0 and labels[start - 1] != IGNORE_INDEX:
+            start -= 1
+        if start == 0 and labels and labels[0] != IGNORE_INDEX:
             raise UserInputError(
-                "a seq2seq sample needs a prompt: its first labels must be -100 (the encoder "
-                "input); this sample trains on every token, as plain language modelling does"
+                "a seq2seq sample needs a prompt: its first labels must be -100 (the encoder input); this "
+                "sample trains on every token, as plain language modelling (or TRAIN_ON_ALL_TURNS=1) does"
             )
-        return {**row, "input_ids": row["input_ids"][:prompt_length], "labels": labels[prompt_length:]}
+        if start == 0:  # nothing trained: an encoder input without labels, dropped as untrainable
+            start = len(labels)
+        return {**row, "input_ids": row["input_ids"][:start], "labels": labels[start:]}
 
     def trainable(self, row):
         return any(t != IGNORE_INDEX for t in row["labels"])

@@ -2,7 +2,8 @@
 
 Each run trains the shipped tiny Llama (4 heads, 2 kv heads, FFN 384, vocabulary 594) for 10 updates
 and is compared with one process on the same data order and global batch: the loss of every update
-(relative 1e-5; read from the unrounded ``ppl``, as fairseq rounds ``loss`` to 3 decimals); the gradient
+(relative 1e-5; read from ``exact_loss``, logged at full precision by the tests' --user-dir, as fairseq rounds
+``loss`` to 3 decimals); the gradient
 norm (to the last of its 3 logged decimals), tokens and samples of every update (the norm catches a
 wrongly scaled gradient, which Adam and clipping hide from the loss; the counts catch sums over the
 ranks of a scale unit); and every parameter of the saved checkpoint, read in one process (a
@@ -17,7 +18,6 @@ shard, a missed reduction) moves most elements of a tensor.
 """
 
 import json
-import math
 import re
 import shutil
 from multiprocessing.pool import ThreadPool
@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM
 from fairseq_ext.cube.checkpoint import export_hf, load_trained
 from fairseq_ext.cube.sharded_checkpoint import read_checkpoint
 from fairseq_ext.models.hf_loading import load_hf_model
-from tests.helpers import MODEL_DIR, minilm_folder
+from tests.helpers import EXACT_LOSS_USER_DIR, MODEL_DIR, minilm_folder
 from tests.integration.test_run_sh import free_port, run_sh
 
 STEPS = 10
@@ -43,6 +43,7 @@ COMMON = dict(
     EVALUATE=0,
     LOG_FORMAT="json",
     LOG_INTERVAL=1,
+    USER_DIR=EXACT_LOSS_USER_DIR,
 )
 
 
@@ -68,12 +69,9 @@ def counted(stdout):
 
 
 def full_precision_losses(stdout):
-    """The loss fairseq logs rounded to 3 decimals, at full precision: ``ppl`` = 2 ** loss is not rounded
-    (criteria without ``ppl``, e.g. classification: the rounded loss)."""
-    return {
-        step: math.log2(float(record["ppl"])) if "ppl" in record else float(record["loss"])
-        for step, record in inner_records(stdout)
-    }
+    """The loss fairseq logs rounded to 3 decimals, at full precision: ``exact_loss`` (tests/assets/exact_loss,
+    the --user-dir of these runs)."""
+    return {step: float(record["exact_loss"]) for step, record in inner_records(stdout)}
 
 
 def assert_weights_match(got, expected, name):

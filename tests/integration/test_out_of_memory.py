@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+from fairseq import trainer as fairseq_trainer
+from fairseq.logging import metrics
 
 from fairseq_ext.criterions.lm_loss import perplexity
 from fairseq_ext.cube.out_of_memory import SKIP_VARIABLE
@@ -45,13 +47,38 @@ def test_skipped_batches_are_counted_and_train_no_tokens(tmp_path, monkeypatch, 
     speed_log = tmp_path / "speed.jsonl"
     trainer, batches = build_trainer(tmp_path, cpu=True, extra=["--speed-log", str(speed_log)])
     out_of_memory_at(trainer, monkeypatch, {2})
-    for _ in range(3):
-        trainer.train_step([next(batches)])
+    with metrics.aggregate() as logged:
+        for _ in range(3):
+            trainer.train_step([next(batches)])
     trainer._speed_log.flush()
     records = [json.loads(line) for line in speed_log.read_text().splitlines()]
     assert [r["update"] for r in records] == [1, 2, 3]
+    assert [r["skipped_batches"] for r in records] == [0, 1, 0]
     assert records[1]["tokens"] == 0 and records[1]["trained_tokens"] == 0
     assert records[0]["trained_tokens"] > 0 and records[2]["trained_tokens"] > 0
     assert trainer._skipped_batches.count == 1 and trainer.get_num_updates() == 2
     assert "out of memory, batch skipped (SKIP_OOM_BATCHES=1); 1 skipped so far" in caplog.text
+    # fairseq's training log: a field of its own; its token count ("wpb") has the two trained batches only
+    assert logged.get_smoothed_values()["skipped_batches"] == 1
+    assert logged["wpb"].count == 2
     assert perplexity(None) == 0.0 and perplexity(3.0) == 8.0  # the loss of a dropped batch is missing
+
+
+def test_skipped_batches_are_summed_over_the_data_parallel_ranks(tmp_path, monkeypatch):
+    """With several ranks fairseq sums its count of out-of-memory batches over the dp group (stood in for here:
+    another rank dropped one); the training log's field is that sum, this rank's speed log its own."""
+    monkeypatch.setenv(SKIP_VARIABLE, "1")
+    speed_log = tmp_path / "speed.jsonl"
+    trainer, batches = build_trainer(tmp_path, cpu=True, extra=["--speed-log", str(speed_log)])
+    monkeypatch.setattr(type(trainer), "_sync_stats", lambda self: True)
+
+    def summed(self, logging_outputs, sample_size, ooms, train_time, ignore=False):
+        return logging_outputs, (sample_size * 2, ooms + 1, train_time * 2)
+
+    monkeypatch.setattr(fairseq_trainer.Trainer, "_aggregate_logging_outputs", summed)
+    with metrics.aggregate() as logged:
+        trainer.train_step([next(batches)])
+    trainer._speed_log.flush()
+    record = json.loads(speed_log.read_text())
+    assert record["skipped_batches"] == 0 and record["trained_tokens"] > 0
+    assert logged.get_smoothed_values()["skipped_batches"] == 1 and trainer._skipped_batches.count == 0

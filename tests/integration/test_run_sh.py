@@ -149,12 +149,20 @@ def test_resume_through_run_sh_skips_before_evaluation(tmp_path):
     assert "(before)" not in second.stdout and "test exact match (after)" in second.stdout
 
 
-def test_default_output_folder_is_one_per_arch(tmp_path):
-    """Without OUTPUT_DIR, checkpoints, logs and TensorBoard files go to $SCRIPT_PATH/$MODEL_ARCH."""
+def test_default_output_folder_is_one_per_arch_and_dataset(tmp_path):
+    """Without OUTPUT_DIR, checkpoints, logs and TensorBoard files go to
+    $SCRIPT_PATH/$MODEL_ARCH/$DATASET_TYPE-$DATASET_NAME: a chat run does not resume the instruction run."""
     result = run_sh(tmp_path, OUTPUT_DIR="", SCRIPT_PATH=tmp_path / "runs", MAX_STEPS=2, EVALUATE=0, BATCH_SIZE=4)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    out = tmp_path / "runs" / "hf_auto_causal_lm"
+    out = tmp_path / "runs" / "hf_auto_causal_lm" / "instruction-toy_instructions"
     assert (out / "checkpoint" / "checkpoint_last.pt").is_file() and (out / "log" / "train.log").is_file()
+    chat = run_sh(
+        tmp_path, OUTPUT_DIR="", SCRIPT_PATH=tmp_path / "runs", DATASET_TYPE="chat", EVALUATE=0, args=["--help"]
+    )
+    assert chat.returncode == 0, chat.stderr[-2000:]  # fairseq-train's help: the settings are printed before it
+    assert (
+        f"OUTPUT_DIR                       {tmp_path / 'runs' / 'hf_auto_causal_lm' / 'chat-toy_chat'}" in chat.stdout
+    )
 
 
 def test_token_budget_batches_and_the_precision_chosen_for_the_cpu(tmp_path):
