@@ -69,6 +69,7 @@ class RunSettings:
     compiled: bool = False  # COMPILE
     lora: bool = False  # USE_LORA
     packing: bool = False  # PACK_SEQUENCES
+    sequence_parallel: bool = False  # SEQUENCE_PARALLEL
     head: str = CAUSAL_LM  # the hf_auto_* arch's head: causal_lm, seq2seq_lm, seq_cls, ...
     pipeline_loss: bool = True  # the criterion computes the pipeline's loss (``pipeline_loss``)
     batch_size: int = 1  # BATCH_SIZE; 0: batches by --max-tokens
@@ -91,6 +92,7 @@ class ModelSpec:
     tied_embeddings: bool
     vocab_size: int
     registered: bool = False  # classes registered with cube/custom.py may carry rules of their own
+    llama_style: bool = False  # the rules are the config's base_model_tp_plan
 
     @property
     def has_tp_rules(self) -> bool:
@@ -166,13 +168,34 @@ class ModelSpec:
                 f"{'/'.join(settings.half_flags)} with tensor or pipeline parallel (PLAN_NGPUS > 1) "
                 f"is not available yet; use PRECISION=bf16, bf16-master or bf16-lean, or fp32"
             )
-        if settings.compiled:
-            reasons.append("COMPILE=1 (--compile-layers) with PLAN_NGPUS > 1 is not available yet; use COMPILE=0")
+        if settings.compiled and plan.tp > 1 and settings.head != CAUSAL_LM:
+            reasons.append(
+                f"COMPILE=1 under tensor parallel (tp {plan.tp}) compiles blocks for one static shape, padding "
+                f"causal LM batches to SEQUENCE_LENGTH, not the {settings.head} head's; use COMPILE=0 or tp 1"
+            )
+        if settings.sequence_parallel and plan.tp > 1:
+            reasons += self._sequence_parallel_reasons(plan, settings)
         if settings.lora and plan.tp > 1 and self.model_type in _CONV1D_FAMILIES:
             reasons.append(
                 f"LoRA under tensor parallel splits nn.Linear projections; {self.model_type}'s are "
                 f"Conv1D: use a plan with tp 1 or USE_LORA=0"
             )
+        return reasons
+
+    def _sequence_parallel_reasons(self, plan, settings: RunSettings) -> List[str]:
+        change = "use SEQUENCE_PARALLEL=0 or a plan with tp 1"
+        if not (self.decoder and self.llama_style) or self.registered:
+            return [
+                f"SEQUENCE_PARALLEL=1 shards Llama-style decoders (rules from base_model_tp_plan, no registered "
+                f"module types); model type {self.model_type!r} is not one: {change}"
+            ]
+        reasons = []
+        if settings.head != CAUSAL_LM:
+            reasons.append(f"SEQUENCE_PARALLEL=1 pads causal LM batches, not the {settings.head} head's: {change}")
+        if settings.lora:
+            reasons.append(f"SEQUENCE_PARALLEL=1 with LoRA is not available yet: {change}, or USE_LORA=0")
+        if plan.pp > 1:
+            reasons.append(f"SEQUENCE_PARALLEL=1 with pipeline parallel (pp {plan.pp}) is not available yet: {change}")
         return reasons
 
     def _pipeline_reasons(self, plan, settings: RunSettings) -> List[str]:
@@ -192,6 +215,11 @@ class ModelSpec:
             reasons.append(
                 f"pipeline parallel (pp {plan.pp}) needs untied input and output embeddings (the "
                 f"model's config has tie_word_embeddings true); use a plan with pp 1"
+            )
+        if settings.compiled:
+            reasons.append(
+                f"COMPILE=1 with pipeline parallel (pp {plan.pp}) is not available yet; use COMPILE=0 or a plan "
+                f"with pp 1"
             )
         if settings.lora:
             reasons.append(
@@ -257,6 +285,7 @@ def spec_of(config) -> ModelSpec:
         tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         vocab_size=getattr(config, "vocab_size", None) or 1,
         registered=bool(CUSTOM_MODULES),
+        llama_style=bool(getattr(config, "base_model_tp_plan", None)),
     )
 
 

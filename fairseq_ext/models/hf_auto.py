@@ -15,7 +15,6 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
-from ..cube.runtime.compile_layers import compile_layers
 from ..cube.runtime.precision import weight_dtype
 from ..cube.runtime.recompute import apply_recompute, parse_module_names, state_dict_name
 from ..errors import UserInputError
@@ -129,8 +128,6 @@ class HFAutoModel(BaseFairseqModel):
             trainable = sum(p.numel() for p in hf_model.parameters() if p.requires_grad)
             total = sum(p.numel() for p in hf_model.parameters())
             logger.info(f"LoRA: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
-        if cfg.compile_layers:
-            logger.info(f"torch.compile: {compile_layers(hf_model)} decoder layers")
         model = cls(hf_model)
         model.lm_loss_logits = cfg.lm_loss_logits
         return model

@@ -90,6 +90,10 @@ BAD_INPUTS = {
         r"run\.sh: error: PRECISION must be fp32, bf16, bf16-master, bf16-lean or fp16, got 'fp8'",
     ),
     "COMPILE not 0/1": ({"COMPILE": "yes"}, r"run\.sh: error: COMPILE must be 0 or 1, got 'yes'"),
+    "SEQUENCE_PARALLEL not 0/1": (
+        {"SEQUENCE_PARALLEL": "on"},
+        r"run\.sh: error: SEQUENCE_PARALLEL must be 0 or 1, got 'on'",
+    ),
     "PROFILE_UPDATES not a range": (
         {"PROFILE_UPDATES": "8-10"},
         r"run\.sh: error: PROFILE_UPDATES must be FIRST:LAST updates counted from 1, e\.g\. "

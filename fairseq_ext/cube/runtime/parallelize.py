@@ -11,6 +11,7 @@ from ..plan import Plan
 from .mesh import PP, TP
 from .pipeline import check_pipeline_model, split_model
 from .recompute import apply_recompute
+from .sequence_parallel import apply_sequence_parallel
 from .tensor_parallel import apply_tensor_parallel, apply_vocab_parallel
 
 logger = logging.getLogger(__name__)
@@ -31,13 +32,15 @@ class Parallelized(NamedTuple):
     stages: List[Tuple[int, torch.nn.Module]]
 
 
-def parallelize(hf_model, plan: Plan, mesh: DeviceMesh) -> Parallelized:
+def parallelize(hf_model, plan: Plan, mesh: DeviceMesh, sequence_parallel: bool = False) -> Parallelized:
     """Split and shard ``hf_model`` in place as ``plan`` says, on the (dp, pp, tp) ``mesh``.
 
     Every rank must hold the same weights before the call. With pp > 1 the model is first cut to this
     rank's pipeline stages (see ``pipeline.split_model``), then the remaining layers are sharded over tp.
     When the LM head is vocab parallel (pp 1 only) its logits are a DTensor sharded on the vocabulary, and
     the loss must be computed (forward and backward) under ``torch.distributed.tensor.parallel.loss_parallel()``.
+    ``sequence_parallel`` (tp > 1): the norms and the hidden states between the tensor-parallel regions are
+    sharded on the sequence (``sequence_parallel.py``).
     """
     apply_plan_recompute(hf_model, plan)
     # Recompute wraps layers in place, so it comes before the pipeline split, which keeps references to them.
@@ -48,7 +51,7 @@ def parallelize(hf_model, plan: Plan, mesh: DeviceMesh) -> Parallelized:
     if plan.tp == 1:
         return Parallelized(False, stages)
     tp_mesh = mesh[TP]
-    num_sharded = apply_tensor_parallel(hf_model, tp_mesh)
+    num_sharded = apply_tensor_parallel(hf_model, tp_mesh, sequence_parallel=sequence_parallel)
     # With pp the embeddings and head live on different stages; they stay replicated over tp there.
     has_lm_head = hf_model.get_output_embeddings() is not None
     vocab_parallel = spec_of(hf_model.config).vocab_parallel(plan.tp, plan.pp, has_lm_head)
@@ -64,4 +67,7 @@ def parallelize(hf_model, plan: Plan, mesh: DeviceMesh) -> Parallelized:
         f"tensor parallel: {num_sharded} modules sharded over tp {plan.tp}"
         + (", embeddings and LM head vocab parallel" if vocab_parallel else "")
     )
+    if sequence_parallel:
+        norms = apply_sequence_parallel(hf_model, tp_mesh)
+        logger.info(f"sequence parallel: {norms} norms and the hidden states between them sharded over tp {plan.tp}")
     return Parallelized(vocab_parallel, stages)

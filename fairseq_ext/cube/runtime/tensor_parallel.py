@@ -49,18 +49,24 @@ def check_divisible(config, tp: int) -> None:
         raise UserInputError(reasons[0])
 
 
-def make_style(style: str, module) -> ParallelStyle:
+def make_style(style: str, module, sequence_parallel: bool = False) -> ParallelStyle:
     """The ParallelStyle that applies ``style`` (one of :data:`STYLES`) to ``module``: torch's for
-    ``nn.Linear`` and ``nn.Embedding``, this runtime's for transformers' ``Conv1D`` and for ``colwise_qkv``."""
+    ``nn.Linear`` and ``nn.Embedding``, this runtime's for transformers' ``Conv1D`` and for ``colwise_qkv``.
+    ``sequence_parallel``: a rowwise projection reduce-scatters its output onto sequence shards."""
     if style == "colwise_qkv":
         return PackedColwiseParallel(parts=3)
     if isinstance(module, Conv1D):
         return PackedColwiseParallel() if style == "colwise" else Conv1DRowwiseParallel()
-    return ColwiseParallel() if style == "colwise" else RowwiseParallel()
+    if style == "colwise":
+        return ColwiseParallel()
+    return RowwiseParallel(output_layouts=Shard(1)) if sequence_parallel else RowwiseParallel()
 
 
-def apply_tensor_parallel(hf_model, tp_mesh: DeviceMesh, rules: Optional[Dict[str, str]] = None):
+def apply_tensor_parallel(
+    hf_model, tp_mesh: DeviceMesh, rules: Optional[Dict[str, str]] = None, sequence_parallel: bool = False
+) -> int:
     """Shard ``hf_model``'s layers in place over the 1-D ``tp_mesh``; return the number of modules sharded.
+    ``sequence_parallel``: rowwise projections leave their output on sequence shards (``sequence_parallel.py``).
 
     Every rank of ``tp_mesh`` must hold the same weights (same init seed or checkpoint) before the call.
     """
@@ -76,7 +82,11 @@ def apply_tensor_parallel(hf_model, tp_mesh: DeviceMesh, rules: Optional[Dict[st
     plan = {}
     for name, style in styles.items():
         module = modules[name]
-        plan.update(lora_plan(name, module, style) if is_lora_layer(module) else {name: make_style(style, module)})
+        plan.update(
+            lora_plan(name, module, style)
+            if is_lora_layer(module)
+            else {name: make_style(style, module, sequence_parallel)}
+        )
     if not plan:
         raise UserInputError(
             f"no module of {type(base).__name__} matches the tensor-parallel rules {sorted(spec.tp_rules)}"
@@ -115,6 +125,18 @@ def lora_plan(name: str, module, style: str) -> Dict[str, ParallelStyle]:
     return plan
 
 
+class EmbeddingRowwiseParallel(RowwiseParallel):
+    """torch's ``RowwiseParallel`` for an embedding whose output feeds compiled blocks: the reduction of its
+    partial rows completes before the output leaves (torch's runs it asynchronously, and the pending tensor
+    it hands on, entering a compiled block, comes back in backward as a plain gradient where a DTensor is due)."""
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        if outputs.placements != output_layouts:
+            outputs = outputs.redistribute(placements=output_layouts)
+        return outputs.to_local() if use_local_output else outputs
+
+
 def apply_vocab_parallel(hf_model, tp_mesh: DeviceMesh) -> None:
     """Shard the input embedding and the LM head over the vocabulary.
 
@@ -131,7 +153,9 @@ def apply_vocab_parallel(hf_model, tp_mesh: DeviceMesh) -> None:
             f"embeddings (config.tie_word_embeddings false) and a vocabulary that tp divides"
         )
     embedding, head = hf_model.get_input_embeddings(), hf_model.get_output_embeddings()
-    parallelize_module(embedding, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
+    parallelize_module(
+        embedding, tp_mesh, EmbeddingRowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    )
     parallelize_module(
         head, tp_mesh, ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False)
     )
