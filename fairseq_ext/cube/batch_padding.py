@@ -15,9 +15,10 @@ from typing import Dict
 import torch
 
 from ..data.layouts import IGNORE_INDEX
+from .plan import Plan
 
 
-def length_multiple(plan, sequence_length: int, compiled: bool, sequence_parallel: bool) -> int:
+def length_multiple(plan: Plan, sequence_length: int, compiled: bool, sequence_parallel: bool) -> int:
     """The multiple a batch's length is padded to under ``plan`` (1: batches stay as they come)."""
     multiple = 1
     if plan.tp > 1 and compiled:

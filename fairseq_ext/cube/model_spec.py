@@ -18,9 +18,15 @@ The loss the pipeline's last stage computes is the task's criterion's own (``pip
 
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .custom import CUSTOM_MODULES, STYLES, registered_rules
+
+if TYPE_CHECKING:  # annotations only: the spec is read without importing torch's or transformers' models
+    import torch
+    from transformers import PretrainedConfig
+
+    from .plan import Plan
 
 # Rules for families whose configs carry no base_model_tp_plan. Their attention views use -1 heads, so
 # shards of 1/tp of the heads run unchanged.
@@ -133,7 +139,7 @@ class ModelSpec:
         embedding, a vocabulary that ``tp`` divides, and no pipeline (which puts them on different stages)."""
         return tp > 1 and pp == 1 and has_lm_head and not self.tied_embeddings and self.vocab_size % tp == 0
 
-    def unsupported(self, plan, settings: RunSettings) -> List[str]:
+    def unsupported(self, plan: "Plan", settings: RunSettings) -> List[str]:
         """Why the runtime cannot run ``plan`` (a :class:`~fairseq_ext.cube.plan.Plan`) on this model with
         ``settings``, each reason saying what to change; empty when it can."""
         reasons = list(self.tp_reasons(plan.tp))
@@ -161,7 +167,7 @@ class ModelSpec:
             reasons += self._pipeline_reasons(plan, settings)
         return reasons
 
-    def _mesh_reasons(self, plan, settings: RunSettings) -> List[str]:
+    def _mesh_reasons(self, plan: "Plan", settings: RunSettings) -> List[str]:
         reasons = []
         if settings.half_flags:
             reasons.append(
@@ -182,7 +188,7 @@ class ModelSpec:
             )
         return reasons
 
-    def _sequence_parallel_reasons(self, plan, settings: RunSettings) -> List[str]:
+    def _sequence_parallel_reasons(self, plan: "Plan", settings: RunSettings) -> List[str]:
         change = "use SEQUENCE_PARALLEL=0 or a plan with tp 1"
         if not (self.decoder and self.llama_style) or self.registered:
             return [
@@ -198,7 +204,7 @@ class ModelSpec:
             reasons.append(f"SEQUENCE_PARALLEL=1 with pipeline parallel (pp {plan.pp}) is not available yet: {change}")
         return reasons
 
-    def _pipeline_reasons(self, plan, settings: RunSettings) -> List[str]:
+    def _pipeline_reasons(self, plan: "Plan", settings: RunSettings) -> List[str]:
         reasons = []
         if not self.decoder:
             reasons.append(
@@ -248,7 +254,7 @@ class ModelSpec:
             )
         return reasons
 
-    def module_styles(self, base) -> Dict[str, str]:
+    def module_styles(self, base: "torch.nn.Module") -> Dict[str, str]:
         """Module name (under ``base``, the base model) -> style, for every module the rules split: the
         family's rules, replaced inside modules of registered classes by the registered ones (none: whole)."""
         styles = {
@@ -270,7 +276,7 @@ class ModelSpec:
         return styles
 
 
-def spec_of(config) -> ModelSpec:
+def spec_of(config: "PretrainedConfig") -> ModelSpec:
     """The spec of the model ``config`` (a Hugging Face config) describes."""
     model_type = getattr(config, "model_type", "") or ""
     rules = getattr(config, "base_model_tp_plan", None) or FALLBACK_RULES.get(model_type) or {}
@@ -289,7 +295,7 @@ def spec_of(config) -> ModelSpec:
     )
 
 
-def tp_sizes(config) -> Dict[str, int]:
+def tp_sizes(config: "PretrainedConfig") -> Dict[str, int]:
     """The sizes of ``config`` that tensor parallel splits (heads, kv heads, FFN width), by their config names."""
     sizes = {
         "num_attention_heads": getattr(config, "num_attention_heads", None),  # GPT-2's n_head, T5's num_heads
@@ -301,7 +307,7 @@ def tp_sizes(config) -> Dict[str, int]:
     return {name: size for name, size in sizes.items() if size is not None}
 
 
-def _n_inner(config) -> Optional[int]:
+def _n_inner(config: "PretrainedConfig") -> Optional[int]:
     """GPT-2's FFN width: ``n_inner``, or 4 x ``n_embd`` when it is unset (as GPT2Block builds it)."""
     if not hasattr(config, "n_embd"):
         return None

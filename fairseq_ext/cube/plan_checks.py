@@ -8,6 +8,7 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..errors import UserInputError
@@ -33,7 +34,7 @@ class AppliedPlan(NamedTuple):
     pipeline: Optional[PipelineRunner]  # this rank's stages, for pp > 1
 
 
-def apply_plan(cfg, model, criterion=None) -> AppliedPlan:
+def apply_plan(cfg: DictConfig, model: torch.nn.Module, criterion: Optional[object] = None) -> AppliedPlan:
     """Resolve the run's Plan and, for a tensor- or pipeline-parallel one, build the mesh and split
     ``model``, then compile its decoder blocks under COMPILE=1; settings the plan cannot run with are refused
     with what to change."""
@@ -89,7 +90,7 @@ def apply_plan(cfg, model, criterion=None) -> AppliedPlan:
     return AppliedPlan(plan, mesh, vocab_parallel, pipeline)
 
 
-def _compile_blocks(cfg, model, plan: Plan) -> None:
+def _compile_blocks(cfg: DictConfig, model: torch.nn.Module, plan: Plan) -> None:
     """COMPILE=1 (``--compile-layers``): compile each decoder block of the model as the plan left it (recompute
     wrappers, tensor-parallel shards in place), as torchtitan does. Tensor-parallel blocks get one static
     shape (``dynamic=False``; the trainer pads their batches to SEQUENCE_LENGTH, ``batch_padding.py``)."""
@@ -99,7 +100,7 @@ def _compile_blocks(cfg, model, plan: Plan) -> None:
         logger.info(f"torch.compile: {count} decoder layers" + (", one static shape" if plan.tp > 1 else ""))
 
 
-def run_settings(cfg, model, criterion=None) -> RunSettings:
+def run_settings(cfg: DictConfig, model: torch.nn.Module, criterion: Optional[object] = None) -> RunSettings:
     """The settings of this fairseq run that decide which plans it can run (``model_spec.RunSettings``)."""
     half = tuple(flag for flag, on in (("--bf16", cfg.common.bf16), ("--amp", cfg.common.amp)) if on)
     return RunSettings(

@@ -17,7 +17,7 @@ from .tensor_parallel import apply_tensor_parallel, apply_vocab_parallel
 logger = logging.getLogger(__name__)
 
 
-def apply_plan_recompute(module, plan: Plan) -> None:
+def apply_plan_recompute(module: torch.nn.Module, plan: Plan) -> None:
     """Recompute the plan's module classes (a plan file's; RECOMPUTE_MODULE_NAMES is applied at build time)."""
     if plan.recompute_modules and not any("checkpoint_wrapped" in n for n, _ in module.named_modules()):
         count = apply_recompute(module, plan.recompute_modules)
@@ -32,7 +32,9 @@ class Parallelized(NamedTuple):
     stages: List[Tuple[int, torch.nn.Module]]
 
 
-def parallelize(hf_model, plan: Plan, mesh: DeviceMesh, sequence_parallel: bool = False) -> Parallelized:
+def parallelize(
+    hf_model: torch.nn.Module, plan: Plan, mesh: DeviceMesh, sequence_parallel: bool = False
+) -> Parallelized:
     """Split and shard ``hf_model`` in place as ``plan`` says, on the (dp, pp, tp) ``mesh``.
 
     Every rank must hold the same weights before the call. With pp > 1 the model is first cut to this

@@ -18,6 +18,7 @@ states between the attention and MLP blocks are sharded on the sequence dim (``S
 tp must divide the batch's length: the trainer pads causal LM batches (``cube/batch_padding.py``).
 """
 
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
@@ -37,7 +38,7 @@ def is_layer_norm(name: str) -> bool:
     return "norm" in name.lower()
 
 
-def apply_sequence_parallel(hf_model, tp_mesh: DeviceMesh) -> int:
+def apply_sequence_parallel(hf_model: nn.Module, tp_mesh: DeviceMesh) -> int:
     """Shard ``hf_model``'s decoder stack on the sequence between its tensor-parallel regions; return how many
     norms run on sequence shards. Call after ``apply_tensor_parallel(..., sequence_parallel=True)`` (its
     rowwise projections leave their output on sequence shards)."""

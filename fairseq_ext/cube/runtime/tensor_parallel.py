@@ -25,6 +25,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
+from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from ...errors import UserInputError
@@ -32,7 +33,7 @@ from ..model_spec import HEAD_COUNTS, spec_of
 from .conv1d_parallel import Conv1DRowwiseParallel, PackedColwiseParallel
 
 
-def tp_rules(hf_model) -> Dict[str, str]:
+def tp_rules(hf_model: nn.Module) -> Dict[str, str]:
     """The model's tensor-parallel rules (``model_spec``): ``config.base_model_tp_plan`` (Llama, Mistral,
     Qwen2, ...), else the spec's own for the family (GPT-2, BERT-style encoders, T5)."""
     spec = spec_of(hf_model.config)
@@ -42,14 +43,14 @@ def tp_rules(hf_model) -> Dict[str, str]:
     return dict(spec.tp_rules)
 
 
-def check_divisible(config, tp: int) -> None:
+def check_divisible(config: PretrainedConfig, tp: int) -> None:
     """Raise a UserInputError when ``tp`` does not divide the heads, kv heads or FFN width of ``config``."""
     reasons = spec_of(config).tp_reasons(tp)
     if reasons:
         raise UserInputError(reasons[0])
 
 
-def make_style(style: str, module, sequence_parallel: bool = False) -> ParallelStyle:
+def make_style(style: str, module: nn.Module, sequence_parallel: bool = False) -> ParallelStyle:
     """The ParallelStyle that applies ``style`` (one of :data:`STYLES`) to ``module``: torch's for
     ``nn.Linear`` and ``nn.Embedding``, this runtime's for transformers' ``Conv1D`` and for ``colwise_qkv``.
     ``sequence_parallel``: a rowwise projection reduce-scatters its output onto sequence shards."""
@@ -63,7 +64,7 @@ def make_style(style: str, module, sequence_parallel: bool = False) -> ParallelS
 
 
 def apply_tensor_parallel(
-    hf_model, tp_mesh: DeviceMesh, rules: Optional[Dict[str, str]] = None, sequence_parallel: bool = False
+    hf_model: nn.Module, tp_mesh: DeviceMesh, rules: Optional[Dict[str, str]] = None, sequence_parallel: bool = False
 ) -> int:
     """Shard ``hf_model``'s layers in place over the 1-D ``tp_mesh``; return the number of modules sharded.
     ``sequence_parallel``: rowwise projections leave their output on sequence shards (``sequence_parallel.py``).
@@ -99,18 +100,18 @@ def apply_tensor_parallel(
     return len(plan)
 
 
-def _transformer(hf_model):
+def _transformer(hf_model: nn.Module) -> nn.Module:
     """The transformer the rules name modules of (``model.model`` of a Llama), also under a peft wrapper."""
     model = hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model
     return model.base_model
 
 
-def is_lora_layer(module) -> bool:
+def is_lora_layer(module: nn.Module) -> bool:
     """Whether ``module`` is a projection wrapped by peft's LoRA (a base layer and A, B adapters)."""
     return all(hasattr(module, name) for name in ("base_layer", "lora_A", "lora_B"))
 
 
-def lora_plan(name: str, module, style: str) -> Dict[str, ParallelStyle]:
+def lora_plan(name: str, module: nn.Module, style: str) -> Dict[str, ParallelStyle]:
     """The styles for a LoRA-wrapped projection ``name`` ruled ``style`` (see the module docstring)."""
     if style not in ("colwise", "rowwise") or type(module.base_layer) is not nn.Linear:
         raise UserInputError(
@@ -137,7 +138,7 @@ class EmbeddingRowwiseParallel(RowwiseParallel):
         return outputs.to_local() if use_local_output else outputs
 
 
-def apply_vocab_parallel(hf_model, tp_mesh: DeviceMesh) -> None:
+def apply_vocab_parallel(hf_model: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Shard the input embedding and the LM head over the vocabulary.
 
     The embedding's rows are split (each rank looks up its slice, one all-reduce completes the
