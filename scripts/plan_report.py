@@ -95,6 +95,13 @@ def parse_args(argv=None):
         default=0,
         help="samples packed into rows (PACK_SEQUENCES): plans the runtime cannot pack under are refused",
     )
+    parser.add_argument(
+        "--sequence-parallel",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="norms and hidden states between tensor-parallel regions sharded on the sequence (SEQUENCE_PARALLEL)",
+    )
     parser.add_argument("--output", help="write the chosen plan here (e.g. $OUTPUT_DIR/plan.json)")
     parser.add_argument("--top", type=int, default=8, help="alternatives to show of each kind")
     return parser.parse_args(argv)
@@ -171,6 +178,7 @@ def settings_from(args) -> CompileSettings:
         compiled=bool(args.compile_layers),
         lora_config=args.lora_config,
         packing=bool(args.pack_sequences),
+        sequence_parallel=bool(args.sequence_parallel),
         fixed=fixed,
         hardware=hardware,
     )

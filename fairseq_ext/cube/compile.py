@@ -42,6 +42,7 @@ class CompileSettings:
     compiled: bool = False  # COMPILE: decoder layers under torch.compile (they keep fewer activations)
     lora_config: Optional[str] = None  # LORA_CONFIG when USE_LORA=1: only the adapters train
     packing: bool = False  # PACK_SEQUENCES
+    sequence_parallel: bool = False  # SEQUENCE_PARALLEL
     fixed: Fixed = field(default_factory=Fixed)
     hardware: Hardware = field(default_factory=Hardware)
 
@@ -52,6 +53,7 @@ class CompileSettings:
             compiled=self.compiled,
             lora=self.lora_config is not None,
             packing=self.packing,
+            sequence_parallel=self.sequence_parallel,
             batch_size=self.batch_size,
         )
 
@@ -95,6 +97,8 @@ def model_fingerprint(config, s: CompileSettings) -> str:
     data.update(seq_len=s.seq_len, batch_size=s.batch_size, grad_accu=s.grad_accu, precision=s.precision)
     if s.compiled:  # absent when off, so plans compiled before the setting existed stay current
         data.update(compiled=True)
+    if s.sequence_parallel:
+        data.update(sequence_parallel=True)
     if s.lora_config is not None:
         lora = Lora.from_config(s.lora_config, getattr(config, "model_type", ""))
         data.update(lora_rank=lora.rank, lora_targets=sorted(lora.targets))
@@ -112,6 +116,7 @@ def check_plan_is_current(
     source: str = "PLAN_FILE",
     compiled: bool = False,
     lora_config: Optional[str] = None,
+    sequence_parallel: bool = False,
 ) -> None:
     """Refuse a compiled plan (one with a ``model_fingerprint``) made for another model or other settings.
 
@@ -129,11 +134,12 @@ def check_plan_is_current(
         precision=precision,
         compiled=compiled,
         lora_config=lora_config,
+        sequence_parallel=sequence_parallel,
     )
     if model_fingerprint(config, settings) != plan.model_fingerprint:
         raise UserInputError(
             f"{source} was compiled for another model or other settings (model sizes, SEQUENCE_LENGTH, BATCH_SIZE, "
-            f"GRADIENT_ACCU_NUM, PRECISION, COMPILE, LoRA): run `bash run.sh compile` again with this run's settings, or remove "
+            f"GRADIENT_ACCU_NUM, PRECISION, COMPILE, SEQUENCE_PARALLEL, LoRA): run `bash run.sh compile` again with this run's settings, or remove "
             f"model_fingerprint from the file to use it anyway"
         )
 
@@ -146,7 +152,9 @@ def compile_plan(s: CompileSettings) -> Compiled:
     config = load_config(s.model)
     lora = Lora.from_config(s.lora_config, config.model_type) if s.lora_config is not None else None
     spec = spec_of(config)
-    work = Workload(batch_size=s.batch_size, seq_len=s.seq_len, grad_accu=s.grad_accu)
+    work = Workload(
+        batch_size=s.batch_size, seq_len=s.seq_len, grad_accu=s.grad_accu, sequence_parallel=s.sequence_parallel
+    )
 
     def run(plan_ngpus, budget):
         # profiled for the tp degrees the run's scale unit can use (profiling costs, the search not); the

@@ -45,6 +45,13 @@ class CubeConfig(FairseqDataclass):
         default=0,
         metadata={"help": "scale units, data parallel to each other (CUBE_SCALING_FACTOR); 0: world size / plan-ngpus"},
     )
+    sequence_parallel: bool = field(
+        default=False,
+        metadata={
+            "help": "tensor-parallel plans of Llama-style decoders: the norms and the hidden states between the "
+            "tensor-parallel regions hold 1/tp of the tokens on each rank (SEQUENCE_PARALLEL)"
+        },
+    )
     plan_file: str = field(
         default="",
         metadata={

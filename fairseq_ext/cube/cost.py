@@ -62,6 +62,7 @@ class Workload:
     batch_size: int  # BATCH_SIZE: samples per scale unit per micro-step
     seq_len: int  # SEQUENCE_LENGTH
     grad_accu: int = 1  # GRADIENT_ACCU_NUM
+    sequence_parallel: bool = False  # SEQUENCE_PARALLEL: norms keep their activations for 1/tp of the tokens
 
 
 # bytes per parameter: (weight, gradient, optimizer-held bytes that ZeRO-1 shards: master copies and Adam's moments)
@@ -161,6 +162,7 @@ def estimate(
     rate = (hw.fp32_flops if profile.precision == "fp32" else hw.device_flops) * hw.efficiency
     layer_rate = rate * (hw.compiled_speedup if profile.compiled else 1.0)  # COMPILE compiles the decoder layers
     tp_link = _link(hw, tp <= hw.gpus_per_node)
+    sp_saving = sequence_parallel_saving(profile, tp) if work.sequence_parallel else 0.0
 
     # Gradients live through the forward when they accumulate: over micro-steps, or over micro-batches.
     grads_persist = work.grad_accu > 1 or plan.num_microbatches > 1
@@ -190,9 +192,10 @@ def estimate(
             for i in stages[s]:
                 cls = recompute[i]
                 acts = layer.activations if cls is None else layer.recompute[cls][0]
+                kept = acts.bytes(mb_tokens) - (sp_saving * mb_tokens if cls is None else 0.0)
                 walk.append(
                     _Backward(
-                        acts.bytes(mb_tokens),
+                        kept,
                         layer_grads * grad_b / grad_shards,
                         acts.backward_bytes(mb_tokens) + fsdp_backward,
                     )
@@ -373,6 +376,17 @@ def data_parallel_seconds(
 def _flops(module) -> float:
     """Forward plus backward FLOPs per token of ``module``."""
     return module.fwd_flops_per_token + module.backward_flops_per_token
+
+
+def sequence_parallel_saving(profile: ModelProfile, tp: int) -> float:
+    """Bytes per token a decoder layer keeps less under sequence parallel: its two norms keep what they save for
+    backward for 1/tp of the tokens. A norm saves its input cast to float32 and its normalised output in the
+    weights' dtype (compiled: Inductor's partitioner recomputes the cast, the output stays), per hidden unit."""
+    if tp <= 1:
+        return 0.0
+    weight_bytes = _PRECISION_BYTES[profile.precision][0]
+    per_norm = profile.hidden_size * (weight_bytes if profile.compiled else 4 + weight_bytes)
+    return 2 * per_norm * (1 - 1 / tp)
 
 
 def stage_seconds_per_layer(profile: ModelProfile, tp: int, recompute_cls: Optional[str]) -> float:

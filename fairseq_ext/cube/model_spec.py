@@ -18,9 +18,15 @@ The loss the pipeline's last stage computes is the task's criterion's own (``pip
 
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .custom import CUSTOM_MODULES, STYLES, registered_rules
+
+if TYPE_CHECKING:  # annotations only: the spec is read without importing torch's or transformers' models
+    import torch
+    from transformers import PretrainedConfig
+
+    from .plan import Plan
 
 # Rules for families whose configs carry no base_model_tp_plan. Their attention views use -1 heads, so
 # shards of 1/tp of the heads run unchanged.
@@ -69,6 +75,7 @@ class RunSettings:
     compiled: bool = False  # COMPILE
     lora: bool = False  # USE_LORA
     packing: bool = False  # PACK_SEQUENCES
+    sequence_parallel: bool = False  # SEQUENCE_PARALLEL
     head: str = CAUSAL_LM  # the hf_auto_* arch's head: causal_lm, seq2seq_lm, seq_cls, ...
     pipeline_loss: bool = True  # the criterion computes the pipeline's loss (``pipeline_loss``)
     batch_size: int = 1  # BATCH_SIZE; 0: batches by --max-tokens
@@ -91,6 +98,7 @@ class ModelSpec:
     tied_embeddings: bool
     vocab_size: int
     registered: bool = False  # classes registered with cube/custom.py may carry rules of their own
+    llama_style: bool = False  # the rules are the config's base_model_tp_plan
 
     @property
     def has_tp_rules(self) -> bool:
@@ -131,7 +139,7 @@ class ModelSpec:
         embedding, a vocabulary that ``tp`` divides, and no pipeline (which puts them on different stages)."""
         return tp > 1 and pp == 1 and has_lm_head and not self.tied_embeddings and self.vocab_size % tp == 0
 
-    def unsupported(self, plan, settings: RunSettings) -> List[str]:
+    def unsupported(self, plan: "Plan", settings: RunSettings) -> List[str]:
         """Why the runtime cannot run ``plan`` (a :class:`~fairseq_ext.cube.plan.Plan`) on this model with
         ``settings``, each reason saying what to change; empty when it can."""
         reasons = list(self.tp_reasons(plan.tp))
@@ -165,15 +173,20 @@ class ModelSpec:
             reasons += self._pipeline_reasons(plan, settings)
         return reasons
 
-    def _mesh_reasons(self, plan, settings: RunSettings) -> List[str]:
+    def _mesh_reasons(self, plan: "Plan", settings: RunSettings) -> List[str]:
         reasons = []
         if settings.half_flags:
             reasons.append(
                 f"{'/'.join(settings.half_flags)} with tensor or pipeline parallel (PLAN_NGPUS > 1) "
                 f"is not available yet; use PRECISION=bf16, bf16-master or bf16-lean, or fp32"
             )
-        if settings.compiled:
-            reasons.append("COMPILE=1 (--compile-layers) with PLAN_NGPUS > 1 is not available yet; use COMPILE=0")
+        if settings.compiled and plan.tp > 1 and settings.head != CAUSAL_LM:
+            reasons.append(
+                f"COMPILE=1 under tensor parallel (tp {plan.tp}) compiles blocks for one static shape, padding "
+                f"causal LM batches to SEQUENCE_LENGTH, not the {settings.head} head's; use COMPILE=0 or tp 1"
+            )
+        if settings.sequence_parallel and plan.tp > 1:
+            reasons += self._sequence_parallel_reasons(plan, settings)
         if settings.lora and plan.tp > 1 and self.model_type in _CONV1D_FAMILIES:
             reasons.append(
                 f"LoRA under tensor parallel splits nn.Linear projections; {self.model_type}'s are "
@@ -181,7 +194,23 @@ class ModelSpec:
             )
         return reasons
 
-    def _pipeline_reasons(self, plan, settings: RunSettings) -> List[str]:
+    def _sequence_parallel_reasons(self, plan: "Plan", settings: RunSettings) -> List[str]:
+        change = "use SEQUENCE_PARALLEL=0 or a plan with tp 1"
+        if not (self.decoder and self.llama_style) or self.registered:
+            return [
+                f"SEQUENCE_PARALLEL=1 shards Llama-style decoders (rules from base_model_tp_plan, no registered "
+                f"module types); model type {self.model_type!r} is not one: {change}"
+            ]
+        reasons = []
+        if settings.head != CAUSAL_LM:
+            reasons.append(f"SEQUENCE_PARALLEL=1 pads causal LM batches, not the {settings.head} head's: {change}")
+        if settings.lora:
+            reasons.append(f"SEQUENCE_PARALLEL=1 with LoRA is not available yet: {change}, or USE_LORA=0")
+        if plan.pp > 1:
+            reasons.append(f"SEQUENCE_PARALLEL=1 with pipeline parallel (pp {plan.pp}) is not available yet: {change}")
+        return reasons
+
+    def _pipeline_reasons(self, plan: "Plan", settings: RunSettings) -> List[str]:
         reasons = []
         if not self.decoder:
             reasons.append(
@@ -198,6 +227,11 @@ class ModelSpec:
             reasons.append(
                 f"pipeline parallel (pp {plan.pp}) needs untied input and output embeddings (the "
                 f"model's config has tie_word_embeddings true); use a plan with pp 1"
+            )
+        if settings.compiled:
+            reasons.append(
+                f"COMPILE=1 with pipeline parallel (pp {plan.pp}) is not available yet; use COMPILE=0 or a plan "
+                f"with pp 1"
             )
         if settings.lora:
             reasons.append(
@@ -221,7 +255,7 @@ class ModelSpec:
             )
         return reasons
 
-    def module_styles(self, base) -> Dict[str, str]:
+    def module_styles(self, base: "torch.nn.Module") -> Dict[str, str]:
         """Module name (under ``base``, the base model) -> style, for every module the rules split: the
         family's rules, replaced inside modules of registered classes by the registered ones (none: whole)."""
         styles = {
@@ -243,7 +277,7 @@ class ModelSpec:
         return styles
 
 
-def spec_of(config) -> ModelSpec:
+def spec_of(config: "PretrainedConfig") -> ModelSpec:
     """The spec of the model ``config`` (a Hugging Face config) describes."""
     model_type = getattr(config, "model_type", "") or ""
     rules = getattr(config, "base_model_tp_plan", None) or FALLBACK_RULES.get(model_type) or {}
@@ -258,10 +292,11 @@ def spec_of(config) -> ModelSpec:
         tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         vocab_size=getattr(config, "vocab_size", None) or 1,
         registered=bool(CUSTOM_MODULES),
+        llama_style=bool(getattr(config, "base_model_tp_plan", None)),
     )
 
 
-def tp_sizes(config) -> Dict[str, int]:
+def tp_sizes(config: "PretrainedConfig") -> Dict[str, int]:
     """The sizes of ``config`` that tensor parallel splits (heads, kv heads, FFN width), by their config names."""
     sizes = {
         "num_attention_heads": getattr(config, "num_attention_heads", None),  # GPT-2's n_head, T5's num_heads
@@ -273,7 +308,7 @@ def tp_sizes(config) -> Dict[str, int]:
     return {name: size for name, size in sizes.items() if size is not None}
 
 
-def _n_inner(config) -> Optional[int]:
+def _n_inner(config: "PretrainedConfig") -> Optional[int]:
     """GPT-2's FFN width: ``n_inner``, or 4 x ``n_embd`` when it is unset (as GPT2Block builds it)."""
     if not hasattr(config, "n_embd"):
         return None

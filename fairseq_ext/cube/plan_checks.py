@@ -8,6 +8,7 @@ from typing import List, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..errors import UserInputError
@@ -15,6 +16,7 @@ from .compile import check_plan_is_current
 from .config import plan_from_config
 from .model_spec import RunSettings, spec_of
 from .plan import Plan
+from .runtime.compile_layers import compile_layers
 from .runtime.mesh import DP, PP, build_mesh
 from .runtime.parallelize import apply_plan_recompute, parallelize
 from .runtime.pipeline import PipelineRunner
@@ -41,9 +43,10 @@ def runs_on_fairseq_ddp(plan: Plan, model, settings: RunSettings) -> bool:
     return plan.plan_ngpus == 1 and (getattr(model, "hf_model", None) is None or bool(settings.half_flags))
 
 
-def apply_plan(cfg, model, criterion=None) -> AppliedPlan:
+def apply_plan(cfg: DictConfig, model: torch.nn.Module, criterion: Optional[object] = None) -> AppliedPlan:
     """Resolve the run's Plan and, for a tensor- or pipeline-parallel one, build the mesh and split
-    ``model``; settings the plan cannot run with are refused with what to change."""
+    ``model``, then compile its decoder blocks under COMPILE=1; settings the plan cannot run with are refused
+    with what to change."""
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     gpus_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     check_precision(getattr(cfg.task, "precision", "fp32"), optimizer=getattr(cfg.optimizer, "_name", None))
@@ -62,6 +65,7 @@ def apply_plan(cfg, model, criterion=None) -> AppliedPlan:
             source=f"PLAN_FILE {cfg.task.plan_file}",
             compiled=getattr(cfg.model, "compile_layers", False),
             lora_config=cfg.model.lora_config if getattr(cfg.model, "use_lora", False) else None,
+            sequence_parallel=bool(getattr(cfg.task, "sequence_parallel", False)),
         )
     settings = run_settings(cfg, model, criterion)
     if plan.world_size == 1 or runs_on_fairseq_ddp(plan, model, settings):
@@ -79,6 +83,7 @@ def apply_plan(cfg, model, criterion=None) -> AppliedPlan:
             if reasons:
                 raise UserInputError("; ".join(reasons))
         apply_plan_recompute(getattr(model, "hf_model", model), plan)
+        _compile_blocks(cfg, model, plan)
         return AppliedPlan(plan, None, False, None, [])
     hf_model = getattr(model, "hf_model", None)
     if hf_model is None:
@@ -91,7 +96,14 @@ def apply_plan(cfg, model, criterion=None) -> AppliedPlan:
         raise UserInputError("; ".join(reasons) if len(reasons) < 3 else "\n  " + "\n  ".join(reasons))
     on_gpu = torch.cuda.is_available() and not cfg.common.cpu
     mesh = build_mesh(plan, "cuda" if on_gpu else "cpu")
-    vocab_parallel, stages, roots = parallelize(hf_model, plan, mesh, root=model)
+    vocab_parallel, stages, roots = parallelize(
+        hf_model,
+        plan,
+        mesh,
+        root=model,
+        sequence_parallel=settings.sequence_parallel,
+        compile_blocks=lambda: _compile_blocks(cfg, model, plan),
+    )
     pipeline = None
     if stages:
         device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
@@ -107,7 +119,17 @@ def apply_plan(cfg, model, criterion=None) -> AppliedPlan:
     return AppliedPlan(plan, mesh, vocab_parallel, pipeline, roots)
 
 
-def run_settings(cfg, model, criterion=None) -> RunSettings:
+def _compile_blocks(cfg: DictConfig, model: torch.nn.Module, plan: Plan) -> None:
+    """COMPILE=1 (``--compile-layers``): compile each decoder block of the model as the plan left it (recompute
+    wrappers, tensor-parallel shards in place), as torchtitan does. Tensor-parallel blocks get one static
+    shape (``dynamic=False``; the trainer pads their batches to SEQUENCE_LENGTH, ``batch_padding.py``)."""
+    hf_model = getattr(model, "hf_model", None)
+    if getattr(cfg.model, "compile_layers", False) and hf_model is not None:
+        count = compile_layers(hf_model, dynamic=False if plan.tp > 1 else None)
+        logger.info(f"torch.compile: {count} decoder layers" + (", one static shape" if plan.tp > 1 else ""))
+
+
+def run_settings(cfg: DictConfig, model: torch.nn.Module, criterion: Optional[object] = None) -> RunSettings:
     """The settings of this fairseq run that decide which plans it can run (``model_spec.RunSettings``)."""
     half = tuple(flag for flag, on in (("--bf16", cfg.common.bf16), ("--amp", cfg.common.amp)) if on)
     return RunSettings(
@@ -116,6 +138,7 @@ def run_settings(cfg, model, criterion=None) -> RunSettings:
         compiled=bool(getattr(cfg.model, "compile_layers", False)),
         lora=bool(getattr(model, "saves_trainable_only", False)),
         packing=bool(getattr(cfg.task, "pack_sequences", False)),
+        sequence_parallel=bool(getattr(cfg.task, "sequence_parallel", False)),
         head=getattr(model, "layout", type(model).__name__),
         pipeline_loss=bool(
             getattr(model, "supports_pipeline", False)

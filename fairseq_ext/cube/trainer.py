@@ -38,6 +38,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from torch.nn.parallel import DistributedDataParallel
 
 from ..criterions.base import logging_output
+from .batch_padding import length_multiple, pad_batch
 from .checkpoint_saving import CheckpointSaving, atomic_copy, save_checkpoint_with_shards
 from .fairseq_fixes import (
     broadcast_in_group,
@@ -94,6 +95,12 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
         self.plan, self.mesh, self.vocab_parallel, self.pipeline = applied[:4]
         self.data_parallel_roots = applied.data_parallel_roots
         self.checkpoint_format = self._checkpoint_format(cfg, model)
+        self._length_multiple = length_multiple(
+            self.plan,
+            getattr(cfg.task, "sequence_length", 0),
+            compiled=bool(getattr(cfg.model, "compile_layers", False)),
+            sequence_parallel=bool(getattr(cfg.task, "sequence_parallel", False)),
+        )
         self._shards = None
         self._shards_folder = None  # the DCP folder written for the checkpoint being saved
         self._speed_log = None
@@ -309,7 +316,10 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
         return _wrapped_task_steps(self.task, {"train_step": checking})
 
     def _prepare_sample(self, sample, is_dummy=False):
-        """fairseq's, with the batch pinned first on GPUs: its copy to the device then waits for nothing."""
+        """fairseq's, with the batch padded to the length the plan needs (``batch_padding.py``) and pinned first
+        on GPUs: its copy to the device then waits for nothing."""
+        if sample and sample != "DUMMY":
+            sample = pad_batch(sample, self._length_multiple, getattr(self.task, "pad_id", 0))
         if self.cuda and sample and sample != "DUMMY":
             sample = pinned(sample)
         return super()._prepare_sample(sample, is_dummy)

@@ -142,10 +142,6 @@ class HFAutoModel(BaseFairseqModel):
             trainable = sum(p.numel() for p in hf_model.parameters() if p.requires_grad)
             total = sum(p.numel() for p in hf_model.parameters())
             logger.info(f"LoRA: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
-        if cfg.compile_layers:
-            from ..cube.runtime.compile_layers import compile_layers  # imports torch._inductor: only when asked
-
-            logger.info(f"torch.compile: {compile_layers(hf_model)} decoder layers")
         model = cls(hf_model)
         model.lm_loss_logits = cfg.lm_loss_logits
         return model

@@ -99,6 +99,10 @@ BAD_INPUTS = {
         {"USE_ZERO": "4"},
         r"run\.sh: error: USE_ZERO must be a ZeRO level 0, 1, 2 or 3, got '4'",
     ),
+    "SEQUENCE_PARALLEL not 0/1": (
+        {"SEQUENCE_PARALLEL": "on"},
+        r"run\.sh: error: SEQUENCE_PARALLEL must be 0 or 1, got 'on'",
+    ),
     "PROFILE_UPDATES not a range": (
         {"PROFILE_UPDATES": "8-10"},
         r"run\.sh: error: PROFILE_UPDATES must be FIRST:LAST updates counted from 1, e\.g\. "

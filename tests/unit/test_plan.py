@@ -373,3 +373,30 @@ def test_zero_is_a_level_and_true_from_older_plans_reads_as_level_1():
     assert older.zero == 1 and type(older.zero) is int
     assert Plan.from_json(json.dumps(dict(data, zero=3))).zero == 3
     assert Plan.from_json(json.dumps(dict(data, zero=False))).zero == 0
+
+
+def test_model_spec_says_where_sequence_parallel_and_compiled_tp_blocks_run():
+    llama = ModelSpec(
+        model_type="llama",
+        tp_rules={"layers.*.self_attn.q_proj": "colwise"},
+        tp_sizes={},
+        num_layers=4,
+        decoder=True,
+        tied_embeddings=False,
+        vocab_size=8,
+        llama_style=True,
+    )
+    tp2 = Plan(plan_ngpus=2, scaling_factor=1, tp=2, pp=1)
+    pp2 = Plan(plan_ngpus=4, scaling_factor=1, tp=2, pp=2, num_microbatches=2)
+    both = RunSettings(sequence_parallel=True, compiled=True, batch_size=2)
+    assert llama.unsupported(tp2, both) == []
+    assert llama.unsupported(Plan(plan_ngpus=1, scaling_factor=1, tp=1, pp=1), replace(both, head="seq_cls")) == []
+    [lora] = llama.unsupported(tp2, replace(both, lora=True))
+    assert lora.startswith("SEQUENCE_PARALLEL=1 with LoRA is not available yet")
+    classify = llama.unsupported(tp2, replace(both, head="seq_cls"))
+    assert [r.split(" ")[0] for r in classify] == ["COMPILE=1", "SEQUENCE_PARALLEL=1"], classify
+    piped = llama.unsupported(pp2, both)
+    assert any(r.startswith("SEQUENCE_PARALLEL=1 with pipeline parallel (pp 2)") for r in piped)
+    assert any(r.startswith("COMPILE=1 with pipeline parallel (pp 2)") for r in piped)
+    [gpt2] = replace(llama, model_type="gpt2", decoder=False, llama_style=False).unsupported(tp2, both)
+    assert gpt2.startswith("SEQUENCE_PARALLEL=1 shards Llama-style decoders") and "'gpt2' is not one" in gpt2

@@ -1,6 +1,7 @@
 """The plan search: a hand-checked toy problem, Llama-3-8B on 8 GPUs at MEM_PER_GPU=20, the refusal at
 MEM_PER_GPU=1, and monotonicity (more memory never gives a slower predicted plan)."""
 
+import dataclasses
 import time
 
 import pytest
@@ -224,3 +225,30 @@ def test_a_refusal_names_the_closest_plans_and_one_setting_to_change():
     assert all(line.startswith("  tp=") for line in lines[1:4]), compiled.error
     assert lines[4].startswith("change one setting: PACK_SEQUENCES=1 with pipeline parallel"), compiled.error
     assert "use PACK_SEQUENCES=0" in lines[4]
+
+
+def test_sequence_parallel_keeps_the_norms_activations_for_a_share_of_the_tokens():
+    # Hidden size 4, fp32: each norm saves its float32 input and its output, 4 x (4 + 4) = 32 bytes per token
+    # (compiled: the output only, 16); under tp 2 each rank keeps them for half the tokens: two norms save
+    # 32 (compiled 16) bytes per token in each layer, x 2 layers x 10 tokens = 640 (320) bytes less at the peak.
+    base = toy_profile()
+    profile = dataclasses.replace(
+        base,
+        tp_degrees=(1, 2),
+        vocab_parallel={1: False, 2: False},
+        modules={1: base.modules[1], 2: base.modules[1]},
+        shared={1: base.shared[1], 2: base.shared[1]},
+    )
+    work, sequence_parallel = (
+        Workload(batch_size=1, seq_len=10),
+        Workload(batch_size=1, seq_len=10, sequence_parallel=True),
+    )
+    tp2, tp1 = Plan(plan_ngpus=2, scaling_factor=1, tp=2, pp=1), Plan(plan_ngpus=1, scaling_factor=1, tp=1, pp=1)
+    assert (
+        estimate(profile, tp2, work, BARE).peak_bytes - estimate(profile, tp2, sequence_parallel, BARE).peak_bytes
+        == 640
+    )
+    compiled = dataclasses.replace(profile, compiled=True)
+    saved = estimate(compiled, tp2, work, BARE).peak_bytes - estimate(compiled, tp2, sequence_parallel, BARE).peak_bytes
+    assert saved == 320
+    assert estimate(profile, tp1, work, BARE) == estimate(profile, tp1, sequence_parallel, BARE)  # nothing to shard

@@ -29,8 +29,10 @@ def repeated_block_classes(model: torch.nn.Module) -> set:
     return set()
 
 
-def compile_layers(model: torch.nn.Module) -> int:
+def compile_layers(model: torch.nn.Module, dynamic: Optional[bool] = None) -> int:
     """Compile, in place, every submodule whose class is one of the model's repeated blocks; return how many.
+    ``dynamic``: torch.compile's (None: a second batch length makes the graphs' sizes symbolic; False: one
+    graph per shape, for tensor-parallel blocks, whose batches have one length: ``cube/batch_padding.py``).
 
     Raises:
         UserInputError: the model names no repeated blocks (a model that is not a Hugging Face transformer).
@@ -44,7 +46,7 @@ def compile_layers(model: torch.nn.Module) -> int:
         )
     options = {"pre_grad_custom_pass": FuseLowRankProjections()}  # one backend for all: one graph serves every layer
     for layer in layers:
-        layer.compile(options=options)
+        layer.compile(options=options, dynamic=dynamic)
     return len(layers)
 
 

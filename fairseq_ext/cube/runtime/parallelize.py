@@ -1,7 +1,7 @@
 """Apply a Plan to a Hugging Face model: the order of the runtime's techniques in one place."""
 
 import logging
-from typing import List, NamedTuple, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
@@ -12,12 +12,13 @@ from .fsdp import shard_data_parallel
 from .mesh import PP, TP, data_parallel_mesh
 from .pipeline import check_pipeline_model, split_model
 from .recompute import apply_recompute
+from .sequence_parallel import apply_sequence_parallel
 from .tensor_parallel import apply_tensor_parallel, apply_vocab_parallel
 
 logger = logging.getLogger(__name__)
 
 
-def apply_plan_recompute(module, plan: Plan) -> None:
+def apply_plan_recompute(module: torch.nn.Module, plan: Plan) -> None:
     """Recompute the plan's module classes (a plan file's; RECOMPUTE_MODULE_NAMES is applied at build time)."""
     if plan.recompute_modules and not any("checkpoint_wrapped" in n for n, _ in module.named_modules()):
         count = apply_recompute(module, plan.recompute_modules)
@@ -34,7 +35,14 @@ class Parallelized(NamedTuple):
     data_parallel_roots: List[torch.nn.Module]
 
 
-def parallelize(hf_model, plan: Plan, mesh: DeviceMesh, root=None) -> Parallelized:
+def parallelize(
+    hf_model: torch.nn.Module,
+    plan: Plan,
+    mesh: DeviceMesh,
+    root: Optional[torch.nn.Module] = None,
+    sequence_parallel: bool = False,
+    compile_blocks: Optional[Callable[[], None]] = None,
+) -> Parallelized:
     """Split and shard ``hf_model`` in place as ``plan`` says, on the ``mesh`` of ``mesh.build_mesh``.
 
     Every rank must hold the same weights before the call. With pp > 1 the model is first cut to this
@@ -43,8 +51,14 @@ def parallelize(hf_model, plan: Plan, mesh: DeviceMesh, root=None) -> Paralleliz
     or each pipeline stage is sharded over them with FSDP2 at the plan's ZeRO level (``fsdp.py``).
     When the LM head is vocab parallel (pp 1 only) its logits are a DTensor sharded on the vocabulary, and
     the loss must be computed (forward and backward) under ``torch.distributed.tensor.parallel.loss_parallel()``.
+    ``sequence_parallel`` (tp > 1): the norms and the hidden states between the tensor-parallel regions are
+    sharded on the sequence (``sequence_parallel.py``). ``compile_blocks`` (COMPILE=1) is called after the
+    tensor-parallel split and before FSDP2 sharding (torchtitan's order), so each compiled block traces its
+    tensor-parallel forward.
     """
-    vocab_parallel, stages = _split(hf_model, plan, mesh)
+    vocab_parallel, stages = _split(hf_model, plan, mesh, sequence_parallel)
+    if compile_blocks is not None:
+        compile_blocks()
     roots = []
     if plan.scaling_factor > 1:
         roots = [module for _, module in stages] or [hf_model if root is None else root]
@@ -52,7 +66,7 @@ def parallelize(hf_model, plan: Plan, mesh: DeviceMesh, root=None) -> Paralleliz
     return Parallelized(vocab_parallel, stages, roots)
 
 
-def _split(hf_model, plan: Plan, mesh: DeviceMesh):
+def _split(hf_model, plan: Plan, mesh: DeviceMesh, sequence_parallel: bool):
     apply_plan_recompute(hf_model, plan)
     # Recompute wraps layers in place, so it comes before the pipeline split, which keeps references to them.
     stages = []
@@ -62,7 +76,7 @@ def _split(hf_model, plan: Plan, mesh: DeviceMesh):
     if plan.tp == 1:
         return False, stages
     tp_mesh = mesh[TP]
-    num_sharded = apply_tensor_parallel(hf_model, tp_mesh)
+    num_sharded = apply_tensor_parallel(hf_model, tp_mesh, sequence_parallel=sequence_parallel)
     # With pp the embeddings and head live on different stages; they stay replicated over tp there.
     has_lm_head = hf_model.get_output_embeddings() is not None
     vocab_parallel = spec_of(hf_model.config).vocab_parallel(plan.tp, plan.pp, has_lm_head)
@@ -78,4 +92,7 @@ def _split(hf_model, plan: Plan, mesh: DeviceMesh):
         f"tensor parallel: {num_sharded} modules sharded over tp {plan.tp}"
         + (", embeddings and LM head vocab parallel" if vocab_parallel else "")
     )
+    if sequence_parallel:
+        norms = apply_sequence_parallel(hf_model, tp_mesh)
+        logger.info(f"sequence parallel: {norms} norms and the hidden states between them sharded over tp {plan.tp}")
     return vocab_parallel, stages

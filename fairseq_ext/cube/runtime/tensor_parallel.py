@@ -25,6 +25,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
+from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from ...errors import UserInputError
@@ -32,7 +33,7 @@ from ..model_spec import HEAD_COUNTS, spec_of
 from .conv1d_parallel import Conv1DRowwiseParallel, PackedColwiseParallel
 
 
-def tp_rules(hf_model) -> Dict[str, str]:
+def tp_rules(hf_model: nn.Module) -> Dict[str, str]:
     """The model's tensor-parallel rules (``model_spec``): ``config.base_model_tp_plan`` (Llama, Mistral,
     Qwen2, ...), else the spec's own for the family (GPT-2, BERT-style encoders, T5)."""
     spec = spec_of(hf_model.config)
@@ -42,25 +43,31 @@ def tp_rules(hf_model) -> Dict[str, str]:
     return dict(spec.tp_rules)
 
 
-def check_divisible(config, tp: int) -> None:
+def check_divisible(config: PretrainedConfig, tp: int) -> None:
     """Raise a UserInputError when ``tp`` does not divide the heads, kv heads or FFN width of ``config``."""
     reasons = spec_of(config).tp_reasons(tp)
     if reasons:
         raise UserInputError(reasons[0])
 
 
-def make_style(style: str, module) -> ParallelStyle:
+def make_style(style: str, module: nn.Module, sequence_parallel: bool = False) -> ParallelStyle:
     """The ParallelStyle that applies ``style`` (one of :data:`STYLES`) to ``module``: torch's for
-    ``nn.Linear`` and ``nn.Embedding``, this runtime's for transformers' ``Conv1D`` and for ``colwise_qkv``."""
+    ``nn.Linear`` and ``nn.Embedding``, this runtime's for transformers' ``Conv1D`` and for ``colwise_qkv``.
+    ``sequence_parallel``: a rowwise projection reduce-scatters its output onto sequence shards."""
     if style == "colwise_qkv":
         return PackedColwiseParallel(parts=3)
     if isinstance(module, Conv1D):
         return PackedColwiseParallel() if style == "colwise" else Conv1DRowwiseParallel()
-    return ColwiseParallel() if style == "colwise" else RowwiseParallel()
+    if style == "colwise":
+        return ColwiseParallel()
+    return RowwiseParallel(output_layouts=Shard(1)) if sequence_parallel else RowwiseParallel()
 
 
-def apply_tensor_parallel(hf_model, tp_mesh: DeviceMesh, rules: Optional[Dict[str, str]] = None):
+def apply_tensor_parallel(
+    hf_model: nn.Module, tp_mesh: DeviceMesh, rules: Optional[Dict[str, str]] = None, sequence_parallel: bool = False
+) -> int:
     """Shard ``hf_model``'s layers in place over the 1-D ``tp_mesh``; return the number of modules sharded.
+    ``sequence_parallel``: rowwise projections leave their output on sequence shards (``sequence_parallel.py``).
 
     Every rank of ``tp_mesh`` must hold the same weights (same init seed or checkpoint) before the call.
     """
@@ -76,7 +83,11 @@ def apply_tensor_parallel(hf_model, tp_mesh: DeviceMesh, rules: Optional[Dict[st
     plan = {}
     for name, style in styles.items():
         module = modules[name]
-        plan.update(lora_plan(name, module, style) if is_lora_layer(module) else {name: make_style(style, module)})
+        plan.update(
+            lora_plan(name, module, style)
+            if is_lora_layer(module)
+            else {name: make_style(style, module, sequence_parallel)}
+        )
     if not plan:
         raise UserInputError(
             f"no module of {type(base).__name__} matches the tensor-parallel rules {sorted(spec.tp_rules)}"
@@ -89,18 +100,18 @@ def apply_tensor_parallel(hf_model, tp_mesh: DeviceMesh, rules: Optional[Dict[st
     return len(plan)
 
 
-def _transformer(hf_model):
+def _transformer(hf_model: nn.Module) -> nn.Module:
     """The transformer the rules name modules of (``model.model`` of a Llama), also under a peft wrapper."""
     model = hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model
     return model.base_model
 
 
-def is_lora_layer(module) -> bool:
+def is_lora_layer(module: nn.Module) -> bool:
     """Whether ``module`` is a projection wrapped by peft's LoRA (a base layer and A, B adapters)."""
     return all(hasattr(module, name) for name in ("base_layer", "lora_A", "lora_B"))
 
 
-def lora_plan(name: str, module, style: str) -> Dict[str, ParallelStyle]:
+def lora_plan(name: str, module: nn.Module, style: str) -> Dict[str, ParallelStyle]:
     """The styles for a LoRA-wrapped projection ``name`` ruled ``style`` (see the module docstring)."""
     if style not in ("colwise", "rowwise") or type(module.base_layer) is not nn.Linear:
         raise UserInputError(
@@ -115,7 +126,19 @@ def lora_plan(name: str, module, style: str) -> Dict[str, ParallelStyle]:
     return plan
 
 
-def apply_vocab_parallel(hf_model, tp_mesh: DeviceMesh) -> None:
+class EmbeddingRowwiseParallel(RowwiseParallel):
+    """torch's ``RowwiseParallel`` for an embedding whose output feeds compiled blocks: the reduction of its
+    partial rows completes before the output leaves (torch's runs it asynchronously, and the pending tensor
+    it hands on, entering a compiled block, comes back in backward as a plain gradient where a DTensor is due)."""
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        if outputs.placements != output_layouts:
+            outputs = outputs.redistribute(placements=output_layouts)
+        return outputs.to_local() if use_local_output else outputs
+
+
+def apply_vocab_parallel(hf_model: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Shard the input embedding and the LM head over the vocabulary.
 
     The embedding's rows are split (each rank looks up its slice, one all-reduce completes the
@@ -131,7 +154,9 @@ def apply_vocab_parallel(hf_model, tp_mesh: DeviceMesh) -> None:
             f"embeddings (config.tie_word_embeddings false) and a vocabulary that tp divides"
         )
     embedding, head = hf_model.get_input_embeddings(), hf_model.get_output_embeddings()
-    parallelize_module(embedding, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
+    parallelize_module(
+        embedding, tp_mesh, EmbeddingRowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    )
     parallelize_module(
         head, tp_mesh, ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False)
     )
