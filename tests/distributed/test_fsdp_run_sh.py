@@ -1,4 +1,5 @@
-"""Data parallel on FSDP2 through run.sh (torchrun, gloo, CPU, 4 processes): every ZeRO level, hybrid groups,
+"""Data parallel on FSDP2 through run.sh (torchrun, gloo, CPU, 4 processes): the sharding ZeRO levels (0, the
+replicas, runs in ``test_data_parallel``), hybrid groups,
 tensor parallel and pipeline stages inside the scale units, each resuming the one before it.
 
 One checkpoint folder, four runs of 4 processes, each loading the sharded checkpoint the one before wrote
@@ -8,7 +9,7 @@ under another level and plan (``dcp.load`` reshards it), all with the global bat
 2. updates 4-5: ZeRO 2, hybrid groups 2 x 2 (ZERO_N_GROUPS=2: sharded inside pairs, replicated across);
 3. updates 6-7: ZeRO 1, tp 2 x 2 units (2-D DTensors: tp inside, FSDP2 across), 2 batches accumulated
    per update in whole local gradients, reduce-scattered once;
-4. updates 8-10: ZeRO 0, pp 2 x 2 units (each stage replicated over its 2 units), 2 batches accumulated.
+4. updates 8-10: ZeRO 1, pp 2 x 2 units (each stage sharded over its 2 units), 2 batches accumulated.
 
 Compared with one process accumulating 4 batches of 4, as ``test_plan_run_sh`` compares: the loss of every
 update (relative 1e-5), the logged gradient norm, tokens and samples, and the final weights; the final
@@ -48,13 +49,13 @@ def test_zero_levels_hybrid_tp_and_pp_resume_each_other_and_match_one_process(tm
         dict(USE_ZERO=3, args=["--max-update", "3"]),
         dict(USE_ZERO=2, ZERO_N_GROUPS=2, args=["--max-update", "5"]),
         dict(USE_ZERO=1, PLAN_NGPUS=2, GRADIENT_ACCU_NUM=2, args=["--max-update", "7"]),
-        dict(PLAN_FILE=pipeline_plan(tmp_path, zero=0), GRADIENT_ACCU_NUM=2),
+        dict(PLAN_FILE=pipeline_plan(tmp_path, zero=1), GRADIENT_ACCU_NUM=2),
     ]
     logged = [
         "data parallel (FSDP2, ZeRO 3): 2 blocks and 1 root(s) over 4 scale units, sharding 1 x 4",
         "data parallel (FSDP2, ZeRO 2): 2 blocks and 1 root(s) over 4 scale units, hybrid sharding 2 x 2",
         "data parallel (FSDP2, ZeRO 1): 2 blocks and 1 root(s) over 2 scale units, sharding 1 x 2",
-        "data parallel (FSDP2, ZeRO 0): 1 blocks and 1 root(s) over 2 scale units, sharding 2 x 1",
+        "data parallel (FSDP2, ZeRO 1): 1 blocks and 1 root(s) over 2 scale units, sharding 1 x 2",
     ]
     checkpoint_dir = tmp_path / "out" / "checkpoint"
     results = []
