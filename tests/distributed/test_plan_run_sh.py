@@ -342,6 +342,15 @@ def test_tp2_with_compiled_blocks_matches_one_process(tmp_path, one_process):
     assert_same_training(tp2, one_process(1))
 
 
+def test_two_scale_units_at_zero3_with_compiled_blocks_match_one_process(tmp_path, one_process):
+    """COMPILE=1 with data parallel on FSDP2: each decoder block is compiled before it is sharded over the
+    scale units (ZeRO 3: its weights gathered for the forward and again for the backward); the training is the
+    eager process's with the same global batch."""
+    run = train(tmp_path, NPROC_PER_NODE=2, USE_ZERO=3, COMPILE=1)
+    assert "torch.compile: 2 decoder layers" in run[3] and "data parallel (FSDP2, ZeRO 3)" in run[3]
+    assert_same_training(run, one_process(2))
+
+
 def test_tp2_bf16_master_matches_one_process_in_bf16_master(tmp_path):
     """PRECISION=bf16-master under tensor parallel against one process in bf16-master: the float32 master step
     runs on each rank's local shards, element by element the same arithmetic as one process's.
