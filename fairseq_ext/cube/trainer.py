@@ -91,9 +91,9 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
         self._full_keys = list(model.state_dict().keys())
         self._full_param_names = [state_dict_name(n) for n, p in model.named_parameters() if p.requires_grad]
         # The plan is applied before fairseq's __init__, which reads the data-parallel size and places the model.
-        applied = apply_plan(cfg, model, criterion)
-        self.plan, self.mesh, self.vocab_parallel, self.pipeline = applied[:4]
-        self.data_parallel_roots = applied.data_parallel_roots
+        self.plan, self.mesh, self.vocab_parallel, self.pipeline, self.data_parallel_roots = apply_plan(
+            cfg, model, criterion
+        )
         self.checkpoint_format = self._checkpoint_format(cfg, model)
         self._length_multiple = length_multiple(
             self.plan,
