@@ -22,6 +22,16 @@ from fairseq_ext.errors import PREFIX, UserInputError
 from fairseq_ext.evaluation import evaluate
 
 
+def read_training_data(cfg, task) -> None:
+    """Read the splits fairseq-train reads, as it reads them, before the model is evaluated: a bad train or
+    valid file is reported before an evaluation the user would wait for, and their tokenized cache is built
+    once here for the training workers."""
+    if not cfg.dataset.disable_validation:
+        for split in cfg.dataset.valid_subset.split(","):
+            task.load_dataset(split, combine=False, epoch=1)
+    task.load_dataset(cfg.dataset.train_subset, combine=True, epoch=1)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     train_args = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -35,7 +45,9 @@ def main(argv=None) -> int:
     try:
         if bool(args.checkpoint) == bool(train_args):
             raise UserInputError("give --checkpoint, or fairseq-train's arguments after --")
-        _, task, model = load_trained(args.checkpoint) if args.checkpoint else load_initial(train_args)
+        cfg, task, model = load_trained(args.checkpoint) if args.checkpoint else load_initial(train_args)
+        if train_args:
+            read_training_data(cfg, task)
         metrics = evaluate(model, task, args.split)
     except UserInputError as err:
         print(f"{PREFIX} {err}", file=sys.stderr)

@@ -62,6 +62,10 @@ BAD_INPUTS = {
         {"DATA_DIR": {"train": GOOD + '{"instruction": "x", \n'}},
         r"toy_instructions_train\.json:2: malformed JSON line",
     ),
+    "malformed train file, evaluation on": (
+        {"DATA_DIR": {"train": GOOD + '{"instruction": "x", \n'}, "EVALUATE": 1},
+        r"toy_instructions_train\.json:2: malformed JSON line",
+    ),
     "missing field": (
         {"DATA_DIR": {"valid": GOOD + json.dumps({"instruction": "x", "input": ""}) + "\n"}},
         r"toy_instructions_valid\.json: line 2: record is missing field 'output'",
@@ -134,6 +138,7 @@ def test_bad_input_gets_one_clear_error(tmp_path, case):
     assert "Traceback" not in output, output[-3000:]
     assert len([line for line in result.stderr.splitlines() if "error:" in line]) == 1, result.stderr
     assert not list((tmp_path / "out").rglob("*.pt")), "a checkpoint was written for a run that never started"
+    assert "(before)" not in result.stdout, "the model was evaluated before its training data was read"
 
 
 def test_fairseq_train_itself_prints_one_line_for_bad_input(tmp_path):
