@@ -154,6 +154,7 @@ if [[ ${1:-} == compile ]]; then
         --precision "$PRECISION" --compile-layers "$COMPILE" --pack-sequences "$PACK_SEQUENCES"
         --sequence-parallel "$SEQUENCE_PARALLEL" --output "$OUTPUT_DIR/plan.json")
     if [[ -n $MEM_PER_GPU ]]; then COMPILE_ARGS+=(--mem-per-gpu "$MEM_PER_GPU"); fi
+    if [[ -n $MAX_TOKENS ]]; then COMPILE_ARGS+=(--max-tokens "$MAX_TOKENS"); fi
     if [[ $USE_LORA == 1 ]]; then COMPILE_ARGS+=(--lora-config "$LORA_CONFIG"); fi
     PYTHONPATH=$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH} exec "$PYTHON" "$REPO_ROOT/scripts/plan_report.py" "${COMPILE_ARGS[@]}" "$@"
 fi

@@ -13,10 +13,27 @@ at every update, and a checkpoint records how many global batches the epoch has 
 resumes at the same sample under any plan with the same global batch.
 """
 
-from typing import List
+from typing import List, Sequence
 
 import numpy as np
 from fairseq.data import data_utils, iterators
+
+
+def token_budget_batches(sizes: Sequence[int], max_tokens: int) -> List[List[int]]:
+    """Positions of ``sizes`` (in their order) cut into consecutive batches of at most ``max_tokens`` padded
+    tokens each (the longest sample times the samples, as fairseq's ``--max-tokens`` counts them)."""
+    batches: List[List[int]] = []
+    longest = 0
+    for position, size in enumerate(sizes):
+        if size > max_tokens:
+            raise ValueError(f"a sample of {size} tokens does not fit MAX_TOKENS {max_tokens}")
+        if batches and max(longest, size) * (len(batches[-1]) + 1) <= max_tokens:
+            batches[-1].append(position)
+            longest = max(longest, size)
+        else:
+            batches.append([position])
+            longest = size
+    return batches
 
 
 class GlobalBatchIterator(iterators.EpochBatchIterator):
