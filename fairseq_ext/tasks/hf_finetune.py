@@ -13,7 +13,7 @@ from omegaconf import II
 
 from ..cube.config import CubeConfig
 from ..cube.runtime.precision import autocast, check_precision
-from ..data.global_batches import GlobalBatchIterator
+from ..data.global_batches import GlobalBatchIterator, token_budget_global_batches
 from ..data.layouts import get_layout
 from ..data.packing import pack
 from ..data.preprocess import cache_key, cache_root, cached_split
@@ -189,11 +189,11 @@ class HFFinetuneTask(FairseqTask):
         grouped_shuffling=False,
         update_epoch_batch_itr=False,
     ):
-        """Training batches of a fixed ``--batch-size`` come as global batches (``data/global_batches.py``):
-        the samples of each update, and a checkpoint's position, are the same under every plan with the
-        same global batch. Other iterators (validation, ``--max-tokens`` batches) are fairseq's."""
+        """Training batches of ``--batch-size`` samples or ``--max-tokens`` tokens come as global batches
+        (``data/global_batches.py``): the samples of each update, and a checkpoint's position, are the same
+        under every plan with the same global batch. Other iterators (validation) are fairseq's."""
         check_token_budget(dataset, max_tokens, self.cfg.sequence_length)
-        if dataset is not self.datasets.get("train") or max_tokens or not max_sentences:
+        if dataset is not self.datasets.get("train") or not (max_tokens or max_sentences):
             return super().get_batch_iterator(
                 dataset,
                 max_tokens=max_tokens,
@@ -223,12 +223,17 @@ class HFFinetuneTask(FairseqTask):
         if max_positions is not None:
             indices = self.filter_indices_by_size(indices, dataset, max_positions, ignore_invalid_inputs)
         accumulation = self.cfg.update_freq[0]
-        global_batches = dataset.batch_by_size(indices, max_sentences=max_sentences * num_shards * accumulation)
+        if max_tokens:
+            global_batches = token_budget_global_batches(
+                indices, dataset.sizes, max_tokens, num_shards * accumulation, max_sentences
+            )
+        else:
+            global_batches = dataset.batch_by_size(indices, max_sentences=max_sentences * num_shards * accumulation)
         epoch_iter = GlobalBatchIterator(
             units=num_shards,
             unit=shard_id,
             accumulation=accumulation,
-            micro_batch=max_sentences,
+            micro_batch=None if max_tokens else max_sentences,
             dataset=dataset,
             collate_fn=dataset.collater,
             batch_sampler=global_batches,
