@@ -85,6 +85,13 @@ class HFFinetuneConfig(CubeConfig):
             "only to itself (no compute on padding)"
         },
     )
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "causal LM: each batch of unpacked samples as one row of their tokens end to end, each attending "
+            "only to itself (no compute on padding)"
+        },
+    )
     trust_remote_code: bool = field(
         default=False,
         metadata={"help": "allow code shipped with the model or tokenizer to run; off unless you trust its source"},
@@ -154,6 +161,11 @@ class HFFinetuneTask(FairseqTask):
                 f"PACK_SEQUENCES=1 packs causal LM samples; the {self.layout.name} head of "
                 f"--arch {self._arch} takes one sample per row: set PACK_SEQUENCES=0"
             )
+        if self.cfg.padding_free and self.layout.name != "causal_lm":
+            raise UserInputError(
+                f"PADDING_FREE=1 lays causal LM samples end to end; the {self.layout.name} head of "
+                f"--arch {self._arch} takes one sample per row: set PADDING_FREE=0"
+            )
         builder = get_dataset_builder(self.cfg.dataset_type)
 
         def build():
@@ -168,7 +180,9 @@ class HFFinetuneTask(FairseqTask):
         samples, stats, from_cache = cached_split(key, cache_root(self.cfg), build)
         if from_cache:
             report_truncation(split, self.cfg.sequence_length, stats["samples"], stats["truncated"], stats["dropped"])
-        self.datasets[split] = TokenizedDataset(samples, self.layout, self.pad_id, shuffle=(split == "train"))
+        self.datasets[split] = TokenizedDataset(
+            samples, self.layout, self.pad_id, shuffle=(split == "train"), padding_free=self.cfg.padding_free
+        )
 
     def get_batch_iterator(
         self,
