@@ -152,7 +152,7 @@ if [[ ${1:-} == compile ]]; then
     COMPILE_ARGS=(--model "$HUGGINGFACE_MODEL_NAME_OR_PATH" --plan-ngpus "$PLAN_NGPUS" --scaling-factor "$COMPILE_SCALING"
         --use-zero "$COMPILE_ZERO" --zero-n-groups "$COMPILE_ZERO_GROUPS" --recompute-module-names "$RECOMPUTE_MODULE_NAMES"
         --batch-size "$BATCH_SIZE" --sequence-length "$SEQUENCE_LENGTH" --gradient-accu-num "$GRADIENT_ACCU_NUM"
-        --precision "$PRECISION" --compile-layers "$COMPILE" --pack-sequences "$PACK_SEQUENCES"
+        --precision "$PRECISION" --compile-layers "$COMPILE" --pack-sequences "$([[ $PACK_SEQUENCES == 1 || $PADDING_FREE == 1 ]] && echo 1 || echo 0)"
         --sequence-parallel "$SEQUENCE_PARALLEL" --output "$OUTPUT_DIR/plan.json")
     if [[ -n $MEM_PER_GPU ]]; then COMPILE_ARGS+=(--mem-per-gpu "$MEM_PER_GPU"); fi
     if [[ -n $MAX_TOKENS ]]; then COMPILE_ARGS+=(--max-tokens "$MAX_TOKENS"); fi
