@@ -22,10 +22,18 @@ def _dataset():
     )
 
 
-def _iterators(units, accumulation, epoch=1):
+def _iterators(units, accumulation, epoch=1, max_tokens=None):
+    """One iterator per scale unit: global batches of GLOBAL samples, or of units x accumulation micro-batches
+    of at most ``max_tokens`` tokens."""
     dataset = _dataset()
-    micro = GLOBAL // (units * accumulation)
-    batches = dataset.batch_by_size(dataset.ordered_indices(), max_sentences=GLOBAL)
+    if max_tokens:
+        micro = None
+        batches = token_budget_global_batches(
+            dataset.ordered_indices(), dataset.sizes, max_tokens, units * accumulation
+        )
+    else:
+        micro = GLOBAL // (units * accumulation)
+        batches = dataset.batch_by_size(dataset.ordered_indices(), max_sentences=GLOBAL)
     return [
         GlobalBatchIterator(
             units=units,
@@ -85,28 +93,10 @@ def test_dummy_batch_is_one_micro_batch():
 MAX_TOKENS = 12  # samples of 1-7 tokens: 1 to 12 a micro-batch
 
 
-def _token_iterators(units, accumulation, epoch=1):
-    dataset = _dataset()
-    batches = token_budget_global_batches(dataset.ordered_indices(), dataset.sizes, MAX_TOKENS, units * accumulation)
-    return [
-        GlobalBatchIterator(
-            units=units,
-            unit=u,
-            accumulation=accumulation,
-            micro_batch=None,
-            dataset=dataset,
-            collate_fn=dataset.collater,
-            batch_sampler=batches,
-            seed=7,
-            epoch=epoch,
-        )
-        for u in range(units)
-    ]
-
-
 def _token_updates(units, accumulation, epoch=2):
     """Per update, the micro-batches (sorted sample indices) all units train on."""
-    pieces = [it.ordered_batches(epoch, False, shuffle=True) for it in _token_iterators(units, accumulation)]
+    iterators = _iterators(units, accumulation, max_tokens=MAX_TOKENS)
+    pieces = [it.ordered_batches(epoch, False, shuffle=True) for it in iterators]
     updates = []
     for start in range(0, len(pieces[0]), accumulation):
         updates.append(sorted(sorted(piece) for unit in pieces for piece in unit[start : start + accumulation]))
@@ -133,17 +123,17 @@ def test_token_budget_plans_of_one_product_train_the_same_micro_batches_at_each_
 
 
 def test_token_budget_position_resumes_at_the_same_global_batch_under_another_plan():
-    two = _token_iterators(2, 1)
+    two = _iterators(2, 1, max_tokens=MAX_TOKENS)
     itrs = [unit.next_epoch_itr(shuffle=True) for unit in two]
     for itr in itrs:
         for _ in range(3):
             next(itr)
     state = two[0].state_dict()
     assert state["global_batches_in_epoch"] == 3
-    resumed = _token_iterators(1, 2)[0]
+    resumed = _iterators(1, 2, max_tokens=MAX_TOKENS)[0]
     resumed.load_state_dict(state)
     itr = resumed.next_epoch_itr(shuffle=True)
     got = sorted(sorted(next(itr)["id"].tolist()) for _ in range(2))
     assert got == _token_updates(2, 1, epoch=1)[3]
-    assert _token_iterators(2, 2)[1].first_batch["nsentences"] >= 1
+    assert _iterators(2, 2, max_tokens=MAX_TOKENS)[1].first_batch["nsentences"] >= 1
     assert token_budget_batches([3, 3, 3, 5], 9, max_samples=2) == [[0, 1], [2], [3]]
