@@ -66,7 +66,7 @@ def apply_plan(cfg: DictConfig, model: torch.nn.Module, criterion: Optional[obje
             compiled=getattr(cfg.model, "compile_layers", False),
             lora_config=cfg.model.lora_config if getattr(cfg.model, "use_lora", False) else None,
             sequence_parallel=bool(getattr(cfg.task, "sequence_parallel", False)),
-            max_tokens=cfg.dataset.max_tokens,
+            max_tokens=getattr(cfg.dataset, "max_tokens", None),
         )
     settings = run_settings(cfg, model, criterion)
     if plan.world_size == 1 or runs_on_fairseq_ddp(plan, model, settings):
