@@ -7,6 +7,12 @@ prints the table of ``cube.cost.predicted_vs_measured``: predicted allocated mem
 before its allocator slack and workspace, which model what ``max_memory_reserved`` adds) against
 ``torch.cuda.max_memory_allocated``, predicted step time against the measured median.
 
+Rows of variable-length data (``data`` varlen or chat, padded or packed) are costed with the micro-batches the
+run made: the benchmark's sample lengths (``single_gpu_speed.write_dataset``: the same generator and seed), cut
+and ordered as the run cut them (packing, the length-sorted order, fairseq's seeded shuffle of whole
+batches); the step time is the median of each timed update's prediction, the memory that of the run's
+largest micro-batch (``cube.batch_layout``).
+
     python benchmarks/plan_calibration.py --gpu-kind H200 benchmarks/results/single_gpu_speed/run10.json \
         [more.json ...] [--cost-params more.json] [--exclude "run9 ROW,..."] [--out calibration.md]
 
@@ -16,11 +22,13 @@ The cost parameters are the measured GPU kind's (``cube.hardware.GPU_KINDS``), a
 import argparse
 import functools
 import json
+import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fairseq_ext.cube.batch_layout import document_rows, from_micro_batches  # noqa: E402
 from fairseq_ext.cube.cost import GIB, Workload, estimate, predicted_vs_measured  # noqa: E402
 from fairseq_ext.cube.hardware import GPU_KINDS, Hardware, hardware_for  # noqa: E402
 from fairseq_ext.cube.plan import Plan  # noqa: E402
@@ -61,7 +69,21 @@ def predict(row: dict, settings: dict, hardware: Hardware) -> dict:
     profile = _profile(
         config.to_json_string(), settings["seq"], row["precision"], bool(row.get("compile")), lora_of(row, settings)
     )
-    cost = estimate(profile, plan, Workload(row["mb"], settings["seq"]), hardware)
+    work = Workload(row["mb"], settings["seq"])
+    cost = estimate(profile, plan, work, hardware)
+    step_time = cost.step_time
+    updates = run_micro_batches(row, settings)
+    if updates is not None:
+        packed = bool(row.get("pack"))
+        layout = from_micro_batches(updates, packed)  # every update of the run: its largest decides the peak
+        cost = estimate(profile, plan, Workload(row["mb"], settings["seq"], layout=layout), hardware)
+        timed = updates[row["warmup"] : row["warmup"] + row["steps"]]
+        step_time = statistics.median(
+            estimate(
+                profile, plan, Workload(row["mb"], settings["seq"], layout=from_micro_batches([b], packed)), hardware
+            ).step_time
+            for b in timed
+        )
     allocated = (cost.peak_bytes - hardware.workspace_bytes) / (1 + hardware.allocator_slack)
     group = (
         f"{row['run']} {row['model']} {row['mode']} {row['precision']} COMPILE={int(bool(row.get('compile')))} "
@@ -71,10 +93,67 @@ def predict(row: dict, settings: dict, hardware: Hardware) -> dict:
         name=f"{row['run']} {row['name']}",
         predicted_gib=allocated / GIB,
         measured_gib=row["peak_alloc_gib"],
-        predicted_s=cost.step_time,
+        predicted_s=step_time,
         measured_s=row["step_median_s"],
         group=group,
     )
+
+
+def run_micro_batches(row: dict, settings: dict):
+    """The micro-batches (rows of document lengths) of a variable-length row's updates, in the order the run
+    trained them; None for rows of fixed-length data. Raises ValueError when they disagree with the
+    tokens per update the run logged (the reconstruction no longer matches the benchmark)."""
+    kind = row.get("data", "fixed")
+    if kind == "fixed":
+        return None
+    import numpy as np
+    from fairseq.data import data_utils
+
+    speed = _speed_module()
+    seq = settings["seq"]
+    lengths = speed.baseline_module().sample_lengths(kind, _dataset_rows(row, settings), seq, np.random.default_rng(0))
+    # the run's order: ties in length broken by a permutation under the seed, whole batches shuffled under it
+    run_seed = 1 + 1  # run.sh SEED=1, epoch 1
+    rows = document_rows(lengths, seq, packing=bool(row.get("pack")))
+    sizes = np.array([sum(r) for r in rows])
+    with data_utils.numpy_seed(run_seed):
+        order = np.random.permutation(len(rows))
+    order = order[np.argsort(sizes[order], kind="mergesort")]
+    batches = [[rows[i] for i in order[start : start + row["mb"]]] for start in range(0, len(order), row["mb"])]
+    with data_utils.numpy_seed(run_seed):
+        np.random.shuffle(batches)
+    updates = batches[: row["warmup"] + row["steps"]]
+    timed = updates[row["warmup"] :]
+    logged = statistics.median(sum(map(sum, b)) if row.get("pack") else max(map(sum, b)) * len(b) for b in timed)
+    if logged != row["tokens_per_update"]:
+        raise ValueError(
+            f"{row['run']} {row['name']}: the rebuilt batches hold {logged} tokens per update, the run logged "
+            f"{row['tokens_per_update']}"
+        )
+    return updates
+
+
+def _dataset_rows(row: dict, settings: dict) -> int:
+    """Samples the benchmark wrote for the row's data (``single_gpu_speed.Benchmark``: enough for the longest
+    row of the run that uses the same vocabulary and data kind)."""
+    speed = _speed_module()
+    vocab = settings["shapes"][row["model"]]["vocab_size"]
+    need = 0
+    for other in settings["rows"]:
+        if settings["shapes"][other["model"]]["vocab_size"] != vocab or other.get("data", "fixed") != row["data"]:
+            continue
+        warmup = settings["compile_warmup"] if other["compile"] else settings["warmup"]
+        per_row = speed.SAMPLES_PER_PACKED_ROW[row["data"]] if other["pack"] else 1
+        need = max(need, ((warmup + settings["steps"]) * other["mb"] + other["mb"]) * per_row)
+    return need
+
+
+@functools.lru_cache(maxsize=1)
+def _speed_module():
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import single_gpu_speed
+
+    return single_gpu_speed
 
 
 @functools.lru_cache(maxsize=16)

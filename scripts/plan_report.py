@@ -40,6 +40,9 @@ def parse_args(argv=None):
     parser.add_argument("--scaling-factor", type=int, default=1, help="scale units (CUBE_SCALING_FACTOR)")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per scale unit per micro-step (BATCH_SIZE)")
     parser.add_argument("--sequence-length", type=int, default=512, help="tokens per sample (SEQUENCE_LENGTH)")
+    parser.add_argument(
+        "--max-tokens", type=int, help="tokens per micro-step of a scale unit instead of --batch-size (MAX_TOKENS)"
+    )
     parser.add_argument("--gradient-accu-num", type=int, default=1, help="micro-steps per update (GRADIENT_ACCU_NUM)")
     parser.add_argument(
         "--use-zero",
@@ -169,6 +172,7 @@ def settings_from(args) -> CompileSettings:
         mem_per_gpu=args.mem_per_gpu if args.mem_per_gpu is not None else default_mem_per_gpu(),
         scaling_factor=args.scaling_factor,
         batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
         seq_len=args.sequence_length,
         grad_accu=args.gradient_accu_num,
         zero=args.use_zero,

@@ -84,6 +84,7 @@ PRECISION=${PRECISION:-}  # fp32, bf16 (autocast over fp32 weights), bf16-master
 # unset: bf16-master on GPUs with bf16, fp32 otherwise (chosen below, once the checks pass)
 COMPILE=${COMPILE:-0}  # 1: torch.compile each decoder layer
 PACK_SEQUENCES=${PACK_SEQUENCES:-0}  # 1: causal LM samples packed into rows of SEQUENCE_LENGTH tokens
+PADDING_FREE=${PADDING_FREE:-0}  # 1: each batch of causal LM samples one row of their tokens, no padding
 SEQUENCE_PARALLEL=${SEQUENCE_PARALLEL:-0}  # 1: tensor-parallel plans shard norms and hidden states on the sequence
 SPEED_LOG=${SPEED_LOG:-}  # a file: one JSON line per update (seconds, tokens, peak memory)
 PROFILE_UPDATES=${PROFILE_UPDATES:-}  # FIRST:LAST: torch.profiler over these updates
@@ -151,9 +152,10 @@ if [[ ${1:-} == compile ]]; then
     COMPILE_ARGS=(--model "$HUGGINGFACE_MODEL_NAME_OR_PATH" --plan-ngpus "$PLAN_NGPUS" --scaling-factor "$COMPILE_SCALING"
         --use-zero "$COMPILE_ZERO" --zero-n-groups "$COMPILE_ZERO_GROUPS" --recompute-module-names "$RECOMPUTE_MODULE_NAMES"
         --batch-size "$BATCH_SIZE" --sequence-length "$SEQUENCE_LENGTH" --gradient-accu-num "$GRADIENT_ACCU_NUM"
-        --precision "$PRECISION" --compile-layers "$COMPILE" --pack-sequences "$PACK_SEQUENCES"
+        --precision "$PRECISION" --compile-layers "$COMPILE" --pack-sequences "$([[ $PACK_SEQUENCES == 1 || $PADDING_FREE == 1 ]] && echo 1 || echo 0)"
         --sequence-parallel "$SEQUENCE_PARALLEL" --output "$OUTPUT_DIR/plan.json")
     if [[ -n $MEM_PER_GPU ]]; then COMPILE_ARGS+=(--mem-per-gpu "$MEM_PER_GPU"); fi
+    if [[ -n $MAX_TOKENS ]]; then COMPILE_ARGS+=(--max-tokens "$MAX_TOKENS"); fi
     if [[ $USE_LORA == 1 ]]; then COMPILE_ARGS+=(--lora-config "$LORA_CONFIG"); fi
     PYTHONPATH=$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH} exec "$PYTHON" "$REPO_ROOT/scripts/plan_report.py" "${COMPILE_ARGS[@]}" "$@"
 fi
@@ -190,6 +192,8 @@ esac
 if [[ $COMPILE == 1 ]]; then PRECISION_ARGS+=(--compile-layers); fi
 [[ $PACK_SEQUENCES == 0 || $PACK_SEQUENCES == 1 ]] || fail "PACK_SEQUENCES must be 0 or 1, got '$PACK_SEQUENCES'"
 if [[ $PACK_SEQUENCES == 1 ]]; then PRECISION_ARGS+=(--pack-sequences); fi
+[[ $PADDING_FREE == 0 || $PADDING_FREE == 1 ]] || fail "PADDING_FREE must be 0 or 1, got '$PADDING_FREE'"
+if [[ $PADDING_FREE == 1 ]]; then PRECISION_ARGS+=(--padding-free); fi
 [[ $SEQUENCE_PARALLEL == 0 || $SEQUENCE_PARALLEL == 1 ]] || fail "SEQUENCE_PARALLEL must be 0 or 1, got '$SEQUENCE_PARALLEL'"
 if [[ $SEQUENCE_PARALLEL == 1 ]]; then PRECISION_ARGS+=(--sequence-parallel); fi
 if [[ -n $SPEED_LOG ]]; then PRECISION_ARGS+=(--speed-log "$SPEED_LOG"); fi
@@ -249,7 +253,7 @@ echo "fairseq_ext run.sh settings:"
 for name in NPROC_PER_NODE NNODES NODE_RANK MASTER_ADDR MASTER_PORT EXAMPLE_PATH SCRIPT_PATH DATASET_NAME DATA_DIR \
     OUTPUT_DIR TENSORBOARD_DIR LOG_DIR CHECKPOINT_DIR USER_DIR MODEL_ARCH HUGGINGFACE_MODEL_NAME_OR_PATH DATASET_TYPE LEARNING_RATE \
     DATASET_PATH PROMPT_TYPE SEQUENCE_LENGTH BATCH_SIZE MAX_TOKENS GRADIENT_ACCU_NUM WARMUP_STEPS MAX_STEPS SEED USE_ZERO \
-    ZERO_N_GROUPS PLAN_NGPUS CUBE_SCALING_FACTOR PLAN_FILE RECOMPUTE_MODULE_NAMES PRECISION COMPILE PACK_SEQUENCES SEQUENCE_PARALLEL \
+    ZERO_N_GROUPS PLAN_NGPUS CUBE_SCALING_FACTOR PLAN_FILE RECOMPUTE_MODULE_NAMES PRECISION COMPILE PACK_SEQUENCES PADDING_FREE SEQUENCE_PARALLEL \
     SPEED_LOG PROFILE_UPDATES NUM_WORKERS CHECKPOINT_FORMAT USE_LORA LORA_CONFIG OPTIMIZE_PARAMS \
     CHAT_TEMPLATE TRAIN_ON_ALL_TURNS DATA_CACHE_DIR COLLECTIVE_TIMEOUT; do
     printf '  %-32s %s\n' "$name" "${!name}"

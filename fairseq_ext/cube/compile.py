@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import List, Optional, Tuple
 
 from ..errors import UserInputError
+from .batch_layout import token_budget
 from .cost import GIB, Hardware, Workload
 from .model_spec import RunSettings, spec_of
 from .plan import Plan
@@ -33,6 +34,7 @@ class CompileSettings:
     mem_per_gpu: float  # MEM_PER_GPU, GiB per GPU
     scaling_factor: int = 1  # CUBE_SCALING_FACTOR
     batch_size: int = 32  # BATCH_SIZE
+    max_tokens: Optional[int] = None  # MAX_TOKENS: tokens per micro-batch instead of BATCH_SIZE samples
     seq_len: int = 512  # SEQUENCE_LENGTH
     grad_accu: int = 1  # GRADIENT_ACCU_NUM
     zero: Optional[int] = 0  # USE_ZERO: ZeRO level 0..3; None (auto): the search chooses
@@ -54,7 +56,7 @@ class CompileSettings:
             lora=self.lora_config is not None,
             packing=self.packing,
             sequence_parallel=self.sequence_parallel,
-            batch_size=self.batch_size,
+            batch_size=0 if self.max_tokens else self.batch_size,
         )
 
 
@@ -74,6 +76,8 @@ def check_settings(s: CompileSettings) -> None:
             continue
         if not isinstance(value, int) or value < 1:
             raise UserInputError(f"{name} must be a positive integer, got {value!r}")
+    if s.max_tokens is not None and (not isinstance(s.max_tokens, int) or s.max_tokens < 1):
+        raise UserInputError(f"MAX_TOKENS must be a positive integer, got {s.max_tokens!r}")
     if not s.mem_per_gpu > 0:
         raise UserInputError(f"MEM_PER_GPU must be a positive number of GB per GPU, got {s.mem_per_gpu!r}")
     zero_options(s.scaling_factor, s.plan_ngpus, s.hardware.gpus_per_node, s.zero, s.zero_n_groups)
@@ -81,7 +85,8 @@ def check_settings(s: CompileSettings) -> None:
 
 def model_fingerprint(config, s: CompileSettings) -> str:
     """16 hex digits identifying what a plan was compiled for: the model's sizes, SEQUENCE_LENGTH,
-    BATCH_SIZE, GRADIENT_ACCU_NUM, PRECISION and COMPILE. A saved plan whose fingerprint differs is stale."""
+    BATCH_SIZE (or MAX_TOKENS), GRADIENT_ACCU_NUM, PRECISION and COMPILE. A saved plan whose fingerprint differs
+    is stale."""
     keys = (
         "model_type",
         "hidden_size",
@@ -95,6 +100,8 @@ def model_fingerprint(config, s: CompileSettings) -> str:
     )
     data = {key: getattr(config, key, None) for key in keys}
     data.update(seq_len=s.seq_len, batch_size=s.batch_size, grad_accu=s.grad_accu, precision=s.precision)
+    if s.max_tokens:  # batches by tokens: BATCH_SIZE does not count
+        data.update(batch_size=0, max_tokens=s.max_tokens)
     if s.compiled:  # absent when off, so plans compiled before the setting existed stay current
         data.update(compiled=True)
     if s.sequence_parallel:
@@ -117,6 +124,7 @@ def check_plan_is_current(
     compiled: bool = False,
     lora_config: Optional[str] = None,
     sequence_parallel: bool = False,
+    max_tokens: Optional[int] = None,
 ) -> None:
     """Refuse a compiled plan (one with a ``model_fingerprint``) made for another model or other settings.
 
@@ -129,6 +137,7 @@ def check_plan_is_current(
         plan_ngpus=plan.plan_ngpus,
         mem_per_gpu=1.0,
         batch_size=batch_size,
+        max_tokens=max_tokens or None,
         seq_len=seq_len,
         grad_accu=grad_accu,
         precision=precision,
@@ -138,7 +147,7 @@ def check_plan_is_current(
     )
     if model_fingerprint(config, settings) != plan.model_fingerprint:
         raise UserInputError(
-            f"{source} was compiled for another model or other settings (model sizes, SEQUENCE_LENGTH, BATCH_SIZE, "
+            f"{source} was compiled for another model or other settings (model sizes, SEQUENCE_LENGTH, BATCH_SIZE or MAX_TOKENS, "
             f"GRADIENT_ACCU_NUM, PRECISION, COMPILE, SEQUENCE_PARALLEL, LoRA): run `bash run.sh compile` again with this run's settings, or remove "
             f"model_fingerprint from the file to use it anyway"
         )
@@ -153,7 +162,12 @@ def compile_plan(s: CompileSettings) -> Compiled:
     lora = Lora.from_config(s.lora_config, config.model_type) if s.lora_config is not None else None
     spec = spec_of(config)
     work = Workload(
-        batch_size=s.batch_size, seq_len=s.seq_len, grad_accu=s.grad_accu, sequence_parallel=s.sequence_parallel
+        # MAX_TOKENS: one micro-batch of the token budget (its sample count unknown, it is not split further)
+        batch_size=1 if s.max_tokens else s.batch_size,
+        seq_len=s.seq_len,
+        grad_accu=s.grad_accu,
+        sequence_parallel=s.sequence_parallel,
+        layout=token_budget(s.max_tokens, s.seq_len) if s.max_tokens else None,
     )
 
     def run(plan_ngpus, budget):
@@ -196,7 +210,7 @@ def _may_plan(s: CompileSettings, spec, tp: int) -> bool:
         s.plan_ngpus % tp == 0
         and (s.fixed.tp or tp) == tp
         and pp <= spec.num_layers
-        and (pp == 1 or pp <= s.batch_size)
+        and (pp == 1 or (pp <= s.batch_size and not s.max_tokens))
     )
 
 

@@ -26,7 +26,10 @@ Memory of one rank (the fullest pipeline stage decides the plan's peak)::
 Step time of one update::
 
     per micro-batch and rank: 3 x forward FLOPs (backward = 2 x forward) + recomputed forward FLOPs, at
-        device_flops x efficiency (x compiled_speedup for compiled decoder layers), + tensor-parallel
+        device_flops x efficiency (x compiled_speedup for compiled decoder layers), for the tokens the
+        micro-batches compute on average (``Workload.layout``: padding included, packed rows without it);
+        the attention core's FLOPs grow with the span a token attends over and run at the speed of the
+        layout's kernel (``attention_speed``: variable-length documents, padded rows' masked SDPA), + tensor-parallel
         all-reduces (ring: 2 (n-1)/n bytes / bandwidth + 2 (n-1) x latency, intra-node when tp <=
         gpus_per_node) + pipeline sends
     pipeline:  m x slowest rank x (1 + (pp - 1) / (v x m))     (the bubble; v = virtual stages per rank)
@@ -49,6 +52,7 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+from .batch_layout import MASKED, VARLEN, BatchLayout, full_rows
 from .hardware import GIB, Hardware
 from .model_spec import stage_layers
 from .plan import INTERLEAVED, Plan
@@ -63,6 +67,13 @@ class Workload:
     seq_len: int  # SEQUENCE_LENGTH
     grad_accu: int = 1  # GRADIENT_ACCU_NUM
     sequence_parallel: bool = False  # SEQUENCE_PARALLEL: norms keep their activations for 1/tp of the tokens
+    # what a micro-batch computes when rows are not full (packed, padded, MAX_TOKENS); None: full rows of
+    # batch_size x seq_len tokens
+    layout: Optional[BatchLayout] = None
+
+    def batch_layout(self) -> BatchLayout:
+        """The layout the cost is computed for: ``layout``, else full rows."""
+        return self.layout or full_rows(self.batch_size, self.seq_len)
 
 
 # bytes per parameter: (weight, gradient, optimizer-held bytes that ZeRO-1 shards: master copies and Adam's moments)
@@ -144,8 +155,15 @@ def estimate(
     tp, pp, v = plan.tp, plan.pp, plan.virtual_stages_per_rank
     if recompute is None:
         recompute = [_recomputed_class(profile, plan.recompute_modules)] * profile.num_layers
-    mb_tokens = work.batch_size // plan.num_microbatches * work.seq_len
+    layout = work.batch_layout()
+    # memory holds the largest micro-batch; time runs the mean one
+    if work.layout is None:
+        mb_tokens = work.batch_size // plan.num_microbatches * work.seq_len
+    else:
+        mb_tokens = layout.peak_tokens / plan.num_microbatches
+    tokens = layout.tokens / plan.num_microbatches if work.layout is not None else mb_tokens
     layer = profile.module(tp, "layers")
+    attention = _attention_seconds_factor(profile, layout, hw)
     # Under pipeline parallel the runtime keeps the embeddings and the LM head whole (no vocab parallel).
     edge_tp = tp if pp == 1 else 1
     embed, norm, head = (profile.module(edge_tp, name) for name in ("embed", "norm", "head"))
@@ -187,7 +205,7 @@ def estimate(
                 )
                 weights += embed.local_numel(edge_tp)
                 edge_weights += embed.local_numel(edge_tp)
-                seconds += _flops(embed) * mb_tokens / rate + _tp_seconds(embed, edge_tp, mb_tokens, tp_link)
+                seconds += _flops(embed) * tokens / rate + _tp_seconds(embed, edge_tp, tokens, tp_link)
             walk.append(_Backward(shared.bytes(mb_tokens), 0.0, 0.0))
             for i in stages[s]:
                 cls = recompute[i]
@@ -203,8 +221,10 @@ def estimate(
                 weights += layer.local_numel(tp)
                 layer_count += 1
                 extra = 0.0 if cls is None else layer.recompute[cls][1]
-                seconds += (_flops(layer) + extra) * mb_tokens / layer_rate
-                seconds += _tp_seconds(layer, tp, mb_tokens, tp_link, again=cls is not None)
+                # the attention core's forward and backward, and its forward again when recomputed
+                core = layer.attention_flops_per_token * (3 + (cls in (profile.layer_class, profile.attention_class)))
+                seconds += (_flops(layer) + extra + core * (attention - 1)) * tokens / layer_rate
+                seconds += _tp_seconds(layer, tp, tokens, tp_link, again=cls is not None)
             if s == plan.num_stages - 1:
                 walk.append(
                     _Backward(
@@ -221,15 +241,16 @@ def estimate(
                 )
                 weights += norm.local_numel(edge_tp) + head.local_numel(edge_tp)
                 edge_weights += norm.local_numel(edge_tp) + head.local_numel(edge_tp)
-                seconds += (_flops(norm) + _flops(head)) * mb_tokens / rate
-                seconds += _tp_seconds(head, edge_tp, mb_tokens, tp_link)
+                seconds += (_flops(norm) + _flops(head)) * tokens / rate
+                seconds += _tp_seconds(head, edge_tp, tokens, tp_link)
         numel = round(sum(w.grad_bytes for w in walk) * grad_shards / grad_b)  # the trained elements before sharding
         kept = sum(w.kept_bytes for w in walk)
         activations = kept / len(rank_stages) * in_flight(plan, rank) if pp > 1 else kept
         p2p_bytes = mb_tokens * profile.hidden_size * 4  # fp32 hidden states between stages
         comm = 4 * p2p_bytes * len(rank_stages) if pp > 1 else 0.0  # send + receive, forward + backward
         if pp > 1:
-            seconds += 2 * len(rank_stages) * _p2p_seconds(hw, p2p_bytes, plan.plan_ngpus <= hw.gpus_per_node)
+            p2p_time_bytes = tokens * profile.hidden_size * 4
+            seconds += 2 * len(rank_stages) * _p2p_seconds(hw, p2p_time_bytes, plan.plan_ngpus <= hw.gpus_per_node)
         # frozen weights (LoRA's base) hold their weight bytes only; from ZeRO level 1 on, 1/S of everything
         states = (
             numel * (weight_b + optimizer_b) + (weights - numel) * weight_b
@@ -371,6 +392,13 @@ def data_parallel_seconds(
         reduce += _allreduce_seconds(volume.grads / shards, groups, _link(hw, plan.world_size <= hw.gpus_per_node))
     total = passes * gathers * _allgather_seconds(volume.weights, shards, link) + reductions * reduce
     return total, max(0.0, total - compute) + total / (passes * layers)
+
+
+def _attention_seconds_factor(profile: ModelProfile, layout: BatchLayout, hw: Hardware) -> float:
+    """The attention core's time per token against a full row's under causal SDPA (what the profile counts and
+    ``efficiency`` was fitted on): its FLOPs scale with the span a token attends over, at its kernel's speed."""
+    speed = {VARLEN: hw.varlen_attention_speed, MASKED: hw.masked_attention_speed}.get(layout.kernel, 1.0)
+    return layout.attention_scale(profile.seq_len) / speed
 
 
 def _flops(module) -> float:

@@ -63,9 +63,11 @@ def lora_split(model, styles: Dict[str, str], lora: Lora) -> Tuple[int, int]:
 
 def with_lora(module: ModuleProfile, adapters: Tuple[int, int], tp: int) -> ModuleProfile:
     """``module`` with its base weights frozen and, for the decoder layers, LoRA's adapters training. A frozen
-    module's backward computes its input's gradient only (one forward's FLOPs; none for the embedding)."""
+    module's backward computes its input's gradient only (one forward's FLOPs; none for the embedding), but
+    the attention core's backward still takes twice its forward (the gradients of queries, keys and values)."""
+    frozen_backward = module.fwd_flops_per_token + module.attention_flops_per_token
     if module.name != "layers":
-        backward = 0.0 if module.name == "embed" else module.fwd_flops_per_token
+        backward = 0.0 if module.name == "embed" else frozen_backward
         return replace(module, trainable=(0, 0), bwd_flops_per_token=backward)
     numel, sharded = adapters
     module = replace(
@@ -78,5 +80,5 @@ def with_lora(module: ModuleProfile, adapters: Tuple[int, int], tp: int) -> Modu
     return replace(
         module,
         fwd_flops_per_token=module.fwd_flops_per_token + adapter_flops,
-        bwd_flops_per_token=module.fwd_flops_per_token + 2 * adapter_flops,
+        bwd_flops_per_token=frozen_backward + 2 * adapter_flops,
     )

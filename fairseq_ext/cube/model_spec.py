@@ -237,11 +237,6 @@ class ModelSpec:
             reasons.append(
                 f"LoRA with pipeline parallel (pp {plan.pp}) is not available yet; use a plan with pp 1 or USE_LORA=0"
             )
-        if settings.packing:
-            reasons.append(
-                "PACK_SEQUENCES=1 with pipeline parallel (pp > 1) is not available yet; use "
-                "PACK_SEQUENCES=0 or a plan without pipeline stages"
-            )
         if not settings.batch_size:
             reasons.append(
                 f"pipeline parallel (pp {plan.pp}) splits each batch into {plan.num_microbatches} "

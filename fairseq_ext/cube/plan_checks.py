@@ -66,6 +66,7 @@ def apply_plan(cfg: DictConfig, model: torch.nn.Module, criterion: Optional[obje
             compiled=getattr(cfg.model, "compile_layers", False),
             lora_config=cfg.model.lora_config if getattr(cfg.model, "use_lora", False) else None,
             sequence_parallel=bool(getattr(cfg.task, "sequence_parallel", False)),
+            max_tokens=getattr(cfg.dataset, "max_tokens", None),
         )
     settings = run_settings(cfg, model, criterion)
     if plan.world_size == 1 or runs_on_fairseq_ddp(plan, model, settings):
@@ -137,7 +138,7 @@ def run_settings(cfg: DictConfig, model: torch.nn.Module, criterion: Optional[ob
         fairseq_half=half,
         compiled=bool(getattr(cfg.model, "compile_layers", False)),
         lora=bool(getattr(model, "saves_trainable_only", False)),
-        packing=bool(getattr(cfg.task, "pack_sequences", False)),
+        packing=bool(getattr(cfg.task, "pack_sequences", False) or getattr(cfg.task, "padding_free", False)),
         sequence_parallel=bool(getattr(cfg.task, "sequence_parallel", False)),
         head=getattr(model, "layout", type(model).__name__),
         pipeline_loss=bool(

@@ -62,8 +62,14 @@ def measure_modules(config, seq_len: int, precision: str, attn_implementation: s
             activations=Activations(full.per_token, full.fixed, *transient),
             recompute=recompute,
             fwd_flops_per_token=one["flops"] / seq_len,
+            attention_flops_per_token=attention_core_flops(config, 1, seq_len) / seq_len if name == "layers" else 0.0,
         )
     return out, Activations(*split(runs[0]["shared"], runs[1]["shared"]))
+
+
+def attention_core_flops(config, batch: int, seq_len: int) -> float:
+    """Forward FLOPs of one layer's QK^T and PV over full T x T matrices, as FlopCounterMode counts SDPA."""
+    return 4.0 * batch * seq_len**2 * config.head_dim * config.num_attention_heads
 
 
 class SavedTensorRecorder:
@@ -146,11 +152,11 @@ class SavedTensorRecorder:
         return module.register_forward_pre_hook(pre, with_kwargs=True), module.register_forward_hook(post)
 
     def _attention_core_flops(self) -> float:
-        """QK^T and PV over the full T x T matrix, as FlopCounterMode counts SDPA; on the CPU the SDPA kernel
-        is not counted, so it is added here (eager attention's matmuls are counted already)."""
+        """The attention core's FLOPs where FlopCounterMode misses them: on the CPU the SDPA kernel is not
+        counted, so it is added here (eager attention's matmuls are counted already)."""
         if self.eager:
             return 0.0
-        return 4.0 * self.batch * self.seq_len**2 * self.config.head_dim * self.config.num_attention_heads
+        return attention_core_flops(self.config, self.batch, self.seq_len)
 
     def _collect(self, model, tops, flop_counts, logits_grad_bytes) -> dict:
         module_flops = {key.split(".", 1)[1]: float(sum(v.values())) for key, v in flop_counts.items() if "." in key}

@@ -53,6 +53,9 @@ class ModuleProfile:
         tp_allreduce_per_token: bytes per token all-reduced over tp in forward (rowwise outputs,
             vocab-parallel embedding) and in backward (inputs of colwise modules).
         tp_allreduce_count: how many all-reduces that is, (forward, backward), for their latency.
+        attention_flops_per_token: of ``fwd_flops_per_token``, the attention core's (QK^T and PV over a full
+            row of the profiled length, as FlopCounterMode counts SDPA); it grows with the span a token
+            attends over (``batch_layout.py``), and its backward is twice it whether weights train or not.
     """
 
     name: str
@@ -68,6 +71,7 @@ class ModuleProfile:
     # the backward FLOPs per token; None: every parameter trains and backward is twice the forward
     trainable: Optional[Tuple[int, int]] = None
     bwd_flops_per_token: Optional[float] = None
+    attention_flops_per_token: float = 0.0
 
     def local_numel(self, tp: int) -> int:
         """Parameter elements one of ``tp`` ranks holds."""

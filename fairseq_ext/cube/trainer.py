@@ -365,6 +365,7 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
                 sample["target"],
                 train=train,
                 loss_scale=loss_scale,
+                position_ids=net_input.get("position_ids"),
             )
         return loss, sample["ntokens"], logging_output(loss, sample, sample["ntokens"], nll_loss=loss.data)
 

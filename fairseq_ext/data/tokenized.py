@@ -6,6 +6,7 @@ from typing import Dict, List, Optional, Union
 import datasets
 import numpy as np
 import pyarrow.compute as pc
+import torch
 from fairseq.data import FairseqDataset
 
 from ..errors import UserInputError
@@ -117,11 +118,21 @@ class TokenizedDataset(FairseqDataset):
     ``ordered_indices`` shuffles (under the seed fairseq sets per epoch) and then sorts by length,
     as fairseq's own datasets do, so batches built by ``--max-tokens`` waste little padding. Samples
     that share a ``group`` stay next to each other (so in one batch unless it ends between them):
-    groups are shuffled and sorted by their longest sample.
+    groups are shuffled and sorted by their longest sample. ``padding_free`` (causal LM samples, not
+    packed): each sample comes as a document of its own, positions from 0 and its first label ignored (never
+    a target of its own), so that a batch is one padding-free row of its samples (``layouts.padding_free``).
     """
 
-    def __init__(self, samples: datasets.Dataset, layout: SampleLayout, pad_id: int, shuffle: bool = True):
+    def __init__(
+        self,
+        samples: datasets.Dataset,
+        layout: SampleLayout,
+        pad_id: int,
+        shuffle: bool = True,
+        padding_free: bool = False,
+    ):
         self.samples = samples.with_format("torch")
+        self.padding_free = padding_free
         self.layout = layout
         self.pad_id = pad_id
         self.shuffle = shuffle
@@ -134,6 +145,9 @@ class TokenizedDataset(FairseqDataset):
     def __getitem__(self, index: int) -> Dict:
         row = {k: v.long() for k, v in self.samples[int(index)].items()}
         row["id"] = int(index)
+        if self.padding_free and "position_ids" not in row:
+            row["position_ids"] = torch.arange(len(row["input_ids"]))
+            row["labels"][0] = IGNORE_INDEX
         return row
 
     def __len__(self) -> int:

@@ -73,9 +73,11 @@ class HFAutoModelConfig(FairseqDataclass):
 
 
 def attention_implementation(cfg, task) -> str:
-    """``--attn-implementation``, except that packed rows (``--pack-sequences``) under the default ``sdpa``
-    attend inside their documents through the variable-length kernel (``document_attention.py``)."""
-    if str(cfg.attn_implementation) == "sdpa" and getattr(task.cfg, "pack_sequences", False):
+    """``--attn-implementation``, except that packed rows (``--pack-sequences``) and padding-free batches
+    (``--padding-free``) under the default ``sdpa`` attend inside their documents through the variable-length
+    kernel (``document_attention.py``)."""
+    documents = getattr(task.cfg, "pack_sequences", False) or getattr(task.cfg, "padding_free", False)
+    if str(cfg.attn_implementation) == "sdpa" and documents:
         return ATTENTION_NAME
     return str(cfg.attn_implementation)
 

@@ -13,7 +13,7 @@ from omegaconf import II
 
 from ..cube.config import CubeConfig
 from ..cube.runtime.precision import autocast, check_precision
-from ..data.global_batches import GlobalBatchIterator
+from ..data.global_batches import GlobalBatchIterator, token_budget_global_batches
 from ..data.layouts import get_layout
 from ..data.packing import pack
 from ..data.preprocess import cache_key, cache_root, cached_split
@@ -82,6 +82,13 @@ class HFFinetuneConfig(CubeConfig):
         default=False,
         metadata={
             "help": "causal LM: pack several samples into each row of up to --sequence-length tokens, each attending "
+            "only to itself (no compute on padding)"
+        },
+    )
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "causal LM: each batch of unpacked samples as one row of their tokens end to end, each attending "
             "only to itself (no compute on padding)"
         },
     )
@@ -154,6 +161,11 @@ class HFFinetuneTask(FairseqTask):
                 f"PACK_SEQUENCES=1 packs causal LM samples; the {self.layout.name} head of "
                 f"--arch {self._arch} takes one sample per row: set PACK_SEQUENCES=0"
             )
+        if self.cfg.padding_free and self.layout.name != "causal_lm":
+            raise UserInputError(
+                f"PADDING_FREE=1 lays causal LM samples end to end; the {self.layout.name} head of "
+                f"--arch {self._arch} takes one sample per row: set PADDING_FREE=0"
+            )
         builder = get_dataset_builder(self.cfg.dataset_type)
 
         def build():
@@ -168,7 +180,9 @@ class HFFinetuneTask(FairseqTask):
         samples, stats, from_cache = cached_split(key, cache_root(self.cfg), build)
         if from_cache:
             report_truncation(split, self.cfg.sequence_length, stats["samples"], stats["truncated"], stats["dropped"])
-        self.datasets[split] = TokenizedDataset(samples, self.layout, self.pad_id, shuffle=(split == "train"))
+        self.datasets[split] = TokenizedDataset(
+            samples, self.layout, self.pad_id, shuffle=(split == "train"), padding_free=self.cfg.padding_free
+        )
 
     def get_batch_iterator(
         self,
@@ -189,11 +203,11 @@ class HFFinetuneTask(FairseqTask):
         grouped_shuffling=False,
         update_epoch_batch_itr=False,
     ):
-        """Training batches of a fixed ``--batch-size`` come as global batches (``data/global_batches.py``):
-        the samples of each update, and a checkpoint's position, are the same under every plan with the
-        same global batch. Other iterators (validation, ``--max-tokens`` batches) are fairseq's."""
+        """Training batches of ``--batch-size`` samples or ``--max-tokens`` tokens come as global batches
+        (``data/global_batches.py``): the samples of each update, and a checkpoint's position, are the same
+        under every plan with the same global batch. Other iterators (validation) are fairseq's."""
         check_token_budget(dataset, max_tokens, self.cfg.sequence_length)
-        if dataset is not self.datasets.get("train") or max_tokens or not max_sentences:
+        if dataset is not self.datasets.get("train") or not (max_tokens or max_sentences):
             return super().get_batch_iterator(
                 dataset,
                 max_tokens=max_tokens,
@@ -223,12 +237,17 @@ class HFFinetuneTask(FairseqTask):
         if max_positions is not None:
             indices = self.filter_indices_by_size(indices, dataset, max_positions, ignore_invalid_inputs)
         accumulation = self.cfg.update_freq[0]
-        global_batches = dataset.batch_by_size(indices, max_sentences=max_sentences * num_shards * accumulation)
+        if max_tokens:
+            global_batches = token_budget_global_batches(
+                indices, dataset.sizes, max_tokens, num_shards * accumulation, max_sentences
+            )
+        else:
+            global_batches = dataset.batch_by_size(indices, max_sentences=max_sentences * num_shards * accumulation)
         epoch_iter = GlobalBatchIterator(
             units=num_shards,
             unit=shard_id,
             accumulation=accumulation,
-            micro_batch=max_sentences,
+            micro_batch=None if max_tokens else max_sentences,
             dataset=dataset,
             collate_fn=dataset.collater,
             batch_sampler=global_batches,

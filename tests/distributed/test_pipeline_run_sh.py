@@ -21,7 +21,15 @@ import torch
 from safetensors.torch import load_file
 
 from fairseq_ext.cube.checkpoint import export_hf
-from tests.distributed.test_plan_run_sh import COMMON, assert_same_training, assert_weights_match, chained, train
+from tests.distributed.test_plan_run_sh import (
+    COMMON,
+    assert_same_training,
+    assert_weights_match,
+    chained,
+    counted,
+    full_precision_losses,
+    train,
+)
 from tests.helpers import MODEL_DIR, tensor_bytes_per_file
 from tests.integration.test_run_sh import run_sh
 
@@ -187,10 +195,20 @@ def test_bad_pipeline_plan_gets_one_clear_error(tmp_path, case):
     assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
 
 
-def test_packed_sequences_with_pipeline_stages_get_one_clear_error(tmp_path):
-    result = run_sh(tmp_path, **{**COMMON, "NPROC_PER_NODE": 2, "PLAN_FILE": plan_file(tmp_path), "PACK_SEQUENCES": 1})
-    assert result.returncode != 0
-    assert "PACK_SEQUENCES=1 with pipeline parallel (pp > 1) is not available yet" in result.stderr, result.stderr[
-        -3000:
-    ]
-    assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
+def test_packed_rows_under_pp2_train_as_one_process(tmp_path):
+    """PACK_SEQUENCES=1 under pp 2 (1F1B, 2 micro-batches): each packed batch's documents are laid out as one
+    row per micro-batch and every stage attends inside them (document_varlen, no mask): the loss of each of 4
+    updates (1e-5 relative), its tokens and samples, as one process training the same packed batches."""
+    settings = dict(PACK_SEQUENCES=1, MAX_STEPS=4, SAVE_STEPS=4, BATCH_SIZE=2)
+    one = run_sh(tmp_path / "one", **{**COMMON, **settings, "NPROC_PER_NODE": 1})
+    pp2 = run_sh(tmp_path / "pp2", **{**COMMON, **settings, "NPROC_PER_NODE": 2, "PLAN_FILE": plan_file(tmp_path)})
+    for result in (one, pp2):
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert '"pp": 2' in pp2.stdout and "packed" in pp2.stdout + pp2.stderr
+    expected, got = full_precision_losses(one.stdout), full_precision_losses(pp2.stdout)
+    assert sorted(got) == sorted(expected) == [1, 2, 3, 4]
+    for step, loss in expected.items():
+        assert abs(got[step] - loss) <= 1e-5 * abs(loss), (step, got[step], loss)
+    expected_counts, got_counts = counted(one.stdout), counted(pp2.stdout)
+    for step, (_, tokens, samples) in expected_counts.items():
+        assert got_counts[step][1:] == (tokens, samples), (step, got_counts[step], expected_counts[step])

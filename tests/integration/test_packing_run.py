@@ -1,7 +1,9 @@
 """--pack-sequences through fairseq-train: packed rows train, and heads other than the causal LM refuse it."""
 
+import json
 import re
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -21,12 +23,13 @@ def test_packed_training_runs_and_learns(tmp_path):
     assert sorted(losses) == list(range(1, 9)) and losses[8] < losses[1] - 0.5, losses
 
 
-def test_packing_a_classification_head_is_one_clear_error(tmp_path):
+@pytest.mark.parametrize("flag, variable", [("--pack-sequences", "PACK_SEQUENCES"), ("--padding-free", "PADDING_FREE")])
+def test_packing_a_classification_head_is_one_clear_error(tmp_path, flag, variable):
     args = tiny_train_args(
         tmp_path,
         max_update=1,
         extra=[
-            "--pack-sequences",
+            flag,
             "--arch",
             "hf_auto_seq_cls_lm",
             "--hf-model-name-or-path",
@@ -39,11 +42,12 @@ def test_packing_a_classification_head_is_one_clear_error(tmp_path):
     )
     result = fairseq_train(args)
     assert result.returncode != 0
-    assert "PACK_SEQUENCES=1 packs causal LM samples; the seq_cls head" in result.stderr
+    assert f"{variable}=1 " in result.stderr and "the seq_cls head of --arch hf_auto_seq_cls_lm" in result.stderr
+    assert f"set {variable}=0" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def _first_update(tmp_path, name, pack):
+def _first_update(tmp_path, name, pack, flags=()):
     """fairseq-train, one SGD update (lr 1) over a batch holding every sample: the weights it moves."""
     data = tmp_path / "data"
     if not data.is_dir():
@@ -52,7 +56,13 @@ def _first_update(tmp_path, name, pack):
         for split in ("train", "valid"):
             (data / f"toy_instructions_{split}.json").write_text("\n".join(lines[:40]) + "\n")
     args = ["--sequence-length", "64", "--batch-size", "64", "--optimizer", "sgd", "--lr", "1.0"]
-    args += ["--warmup-updates", "0", "--no-epoch-checkpoints", *(["--pack-sequences"] if pack else [])]
+    args += [
+        "--warmup-updates",
+        "0",
+        "--no-epoch-checkpoints",
+        *(["--pack-sequences"] if pack else []),
+        *map(str, flags),
+    ]
     result = fairseq_train(tiny_train_args(tmp_path / name, data_dir=data, max_update=1, extra=args))
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
@@ -70,5 +80,22 @@ def test_packed_rows_train_as_unpacked_rows_through_fairseq_train(tmp_path):
     assert packed_loss == unpacked_loss
     for name, weight in start.items():
         want, got = unpacked[f"hf_model.{name}"] - weight, packed[f"hf_model.{name}"] - weight
+        assert want.norm() > 0, name
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()), msg=name)
+
+
+def test_padding_free_batches_train_as_padded_batches_through_fairseq_train(tmp_path):
+    """One update over the same 40 samples, padded (SDPA with a padding mask) or padding-free (``--padding-free``:
+    the batch as one row of its samples, document_varlen attention): the same loss and gradient, 1e-5 relative."""
+    start = load_hf_model(AutoModelForCausalLM, str(MODEL_DIR), init_seed=3).state_dict()
+    logs = {name: tmp_path / f"{name}.jsonl" for name in ("padded", "free")}
+    padded, padded_loss = _first_update(tmp_path, "padded", pack=False, flags=["--speed-log", logs["padded"]])
+    free, free_loss = _first_update(tmp_path, "free", pack=False, flags=["--padding-free", "--speed-log", logs["free"]])
+    assert free_loss == padded_loss
+    # the tokens computed, padding included: the padding-free batch has none
+    tokens = {name: json.loads(log.read_text().splitlines()[0])["tokens"] for name, log in logs.items()}
+    assert tokens["free"] < tokens["padded"], tokens
+    for name, weight in start.items():
+        want, got = padded[f"hf_model.{name}"] - weight, free[f"hf_model.{name}"] - weight
         assert want.norm() > 0, name
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()), msg=name)

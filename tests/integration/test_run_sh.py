@@ -94,6 +94,7 @@ BAD_INPUTS = {
         r"run\.sh: error: PRECISION must be fp32, bf16, bf16-master, bf16-lean or fp16, got 'fp8'",
     ),
     "COMPILE not 0/1": ({"COMPILE": "yes"}, r"run\.sh: error: COMPILE must be 0 or 1, got 'yes'"),
+    "PADDING_FREE not 0/1": ({"PADDING_FREE": "2"}, r"run\.sh: error: PADDING_FREE must be 0 or 1, got '2'"),
     "MAX_TOKENS with BATCH_SIZE": (
         {"MAX_TOKENS": "256", "BATCH_SIZE": "4"},
         r"run\.sh: error: set BATCH_SIZE \(samples per batch\) or MAX_TOKENS \(tokens per batch\), not both; "

@@ -5,7 +5,7 @@ import datasets
 import numpy as np
 import pytest
 
-from fairseq_ext.data.global_batches import GlobalBatchIterator
+from fairseq_ext.data.global_batches import GlobalBatchIterator, token_budget_batches, token_budget_global_batches
 from fairseq_ext.data.layouts import get_layout
 from fairseq_ext.data.tokenized import TokenizedDataset
 
@@ -22,10 +22,18 @@ def _dataset():
     )
 
 
-def _iterators(units, accumulation, epoch=1):
+def _iterators(units, accumulation, epoch=1, max_tokens=None):
+    """One iterator per scale unit: global batches of GLOBAL samples, or of units x accumulation micro-batches
+    of at most ``max_tokens`` tokens."""
     dataset = _dataset()
-    micro = GLOBAL // (units * accumulation)
-    batches = dataset.batch_by_size(dataset.ordered_indices(), max_sentences=GLOBAL)
+    if max_tokens:
+        micro = None
+        batches = token_budget_global_batches(
+            dataset.ordered_indices(), dataset.sizes, max_tokens, units * accumulation
+        )
+    else:
+        micro = GLOBAL // (units * accumulation)
+        batches = dataset.batch_by_size(dataset.ordered_indices(), max_sentences=GLOBAL)
     return [
         GlobalBatchIterator(
             units=units,
@@ -80,3 +88,52 @@ def test_dummy_batch_is_one_micro_batch():
     first = _iterators(4, 1)[0].first_batch
     assert first["nsentences"] == GLOBAL // 4
     assert np.all(first["id"].numpy() >= 0)
+
+
+MAX_TOKENS = 12  # samples of 1-7 tokens: 1 to 12 a micro-batch
+
+
+def _token_updates(units, accumulation, epoch=2):
+    """Per update, the micro-batches (sorted sample indices) all units train on."""
+    iterators = _iterators(units, accumulation, max_tokens=MAX_TOKENS)
+    pieces = [it.ordered_batches(epoch, False, shuffle=True) for it in iterators]
+    updates = []
+    for start in range(0, len(pieces[0]), accumulation):
+        updates.append(sorted(sorted(piece) for unit in pieces for piece in unit[start : start + accumulation]))
+    return updates
+
+
+@pytest.mark.parametrize("units, accumulation", [(2, 1), (1, 2), (4, 1), (2, 2), (1, 4)])
+def test_token_budget_plans_of_one_product_train_the_same_micro_batches_at_each_update(units, accumulation):
+    """MAX_TOKENS: the micro-batches are cut the same under every plan, each within the budget (the longest
+    sample times the samples), and plans with the same units x accumulation group them into the same updates."""
+    expected = _token_updates(units * accumulation, 1)
+    assert _token_updates(units, accumulation) == expected
+    sizes = _dataset().sizes
+    micro = [piece for update in expected for piece in update if piece]
+    assert all(max(sizes[piece]) * len(piece) <= MAX_TOKENS for piece in micro)
+    assert sorted(i for piece in micro for i in piece) == list(range(NUM_SAMPLES))
+    # the budget is filled: no micro-batch could have taken the next sample of the sorted order
+    order = _dataset().ordered_indices().tolist()
+    for piece in micro:
+        last = max(order.index(i) for i in piece)
+        if last + 1 < len(order):
+            grown = list(piece) + [order[last + 1]]
+            assert max(sizes[grown]) * len(grown) > MAX_TOKENS
+
+
+def test_token_budget_position_resumes_at_the_same_global_batch_under_another_plan():
+    two = _iterators(2, 1, max_tokens=MAX_TOKENS)
+    itrs = [unit.next_epoch_itr(shuffle=True) for unit in two]
+    for itr in itrs:
+        for _ in range(3):
+            next(itr)
+    state = two[0].state_dict()
+    assert state["global_batches_in_epoch"] == 3
+    resumed = _iterators(1, 2, max_tokens=MAX_TOKENS)[0]
+    resumed.load_state_dict(state)
+    itr = resumed.next_epoch_itr(shuffle=True)
+    got = sorted(sorted(next(itr)["id"].tolist()) for _ in range(2))
+    assert got == _token_updates(2, 1, epoch=1)[3]
+    assert _iterators(2, 2, max_tokens=MAX_TOKENS)[1].first_batch["nsentences"] >= 1
+    assert token_budget_batches([3, 3, 3, 5], 9, max_samples=2) == [[0, 1], [2], [3]]

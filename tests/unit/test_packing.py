@@ -226,3 +226,43 @@ def test_generation_of_a_document_varlen_model_uses_the_masks():
         answers[attention] = generate_answers(model, tokenizer, prompts, max_new_tokens=6)
         assert model.config._attn_implementation == attention
     assert answers[ATTENTION_NAME] == answers["sdpa"] and any(answers["sdpa"])
+
+
+def test_padding_free_batches_give_each_sample_its_padded_loss_and_gradients():
+    """Unpacked samples of different lengths in one batch, padded (SDPA with a padding mask) or padding-free
+    (``padding_free``: one row of the samples end to end, document_varlen attention, per document on the CPU):
+    each sample's summed loss and the gradients of each sample's loss alone are the same (1e-5 relative), and
+    the padding-free batch computes no padding."""
+    samples = _samples([9, 17, 30, 5, 22, 13], seed=3)
+    layout = get_layout("causal_lm")
+
+    def per_sample(attention, padding_free):
+        model = HFAutoCausalLM(load_hf_model(AutoModelForCausalLM, str(MODEL_DIR), attn_implementation=attention))
+        model.lm_loss_logits = True
+        dataset = TokenizedDataset(samples, layout, pad_id=0, shuffle=False, padding_free=padding_free)
+        batch = dataset.collater([dataset[i] for i in range(len(dataset))])
+        logits = model(**batch["net_input"])
+        token_loss = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), batch["target"].flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view(batch["target"].shape)
+        if padding_free:
+            ends = batch["net_input"]["document_lengths"][0].cumsum(0).tolist()
+            spans = [(0, 0, ends[0]), *((0, a, b) for a, b in zip(ends, ends[1:]))]
+        else:
+            spans = [(row, 0, len(samples[row]["input_ids"])) for row in range(len(samples))]
+        results = []
+        for row, start, end in spans:
+            loss = token_loss[row, start:end].sum()
+            grads = torch.autograd.grad(loss, [p for p in model.parameters()], retain_graph=True)
+            results.append((loss.detach(), grads))
+        return results, batch
+
+    padded, padded_batch = per_sample("sdpa", padding_free=False)
+    free, free_batch = per_sample(ATTENTION_NAME, padding_free=True)
+    assert free_batch["net_input"]["input_ids"].shape == (1, sum(len(ids) for ids in samples["input_ids"]))
+    assert "attention_mask" not in free_batch["net_input"] and "attention_mask" in padded_batch["net_input"]
+    assert free_batch["ntokens"] == padded_batch["ntokens"]
+    for (want_loss, want_grads), (loss, grads) in zip(padded, free):
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=0)
+        for want, got in zip(want_grads, grads):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

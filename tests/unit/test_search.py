@@ -111,7 +111,7 @@ def test_llama3_8b_on_8_gpus_at_20gb_compiles_quickly():
 def test_a_batch_too_big_for_memory_is_split_into_micro_batches():
     # BATCH_SIZE 32 x 512 tokens: no plan running the batch at once fits 24 GB (the smallest needs 28). The
     # search splits it: into pipeline micro-batches, or into parts accumulated inside the step, also where
-    # pipeline stages are refused (PACK_SEQUENCES=1).
+    # pipeline stages are refused (COMPILE=1).
     from fairseq_ext.cube.search import Fixed
 
     settings = dict(model=LLAMA3_8B, plan_ngpus=8, mem_per_gpu=24, batch_size=32, seq_len=512, precision="bf16")
@@ -119,9 +119,9 @@ def test_a_batch_too_big_for_memory_is_split_into_micro_batches():
     assert whole.plan is None and "raise MEM_PER_GPU" in whole.error
     split = compile_plan(CompileSettings(**settings)).plan
     assert split is not None and split.num_microbatches > 1 and len(split.stage_boundaries) == split.num_stages - 1
-    packed = compile_plan(CompileSettings(**settings, packing=True))
+    packed = compile_plan(CompileSettings(**settings, compiled=True))
     assert packed.plan is not None and packed.plan.pp == 1 and packed.plan.num_microbatches > 1
-    assert "PACK_SEQUENCES=1 with pipeline parallel (pp > 1) is not available yet" in format_report(packed)
+    assert "COMPILE=1 with pipeline parallel" in format_report(packed)
     assert packed.result.best.cost.peak_gib <= 24
 
 
@@ -156,14 +156,14 @@ def test_more_memory_never_gives_a_slower_plan(llama3_8b):
     work = Workload(batch_size=8, seq_len=512)
     previous = float("inf")
     for budget in range(12, 81, 4):
-        for packing in (True, False):  # packing: pipeline plans refused
+        for refused in (True, False):  # COMPILE=1: pipeline plans refused
             best = search(
-                llama3_8b, work, Hardware(), 8, 2, budget, LLAMA3_8B_SPEC, RunSettings(packing=packing, batch_size=8)
+                llama3_8b, work, Hardware(), 8, 2, budget, LLAMA3_8B_SPEC, RunSettings(compiled=refused, batch_size=8)
             ).best
             if best is None:
                 continue
             assert best.cost.peak_gib <= budget
-            if packing:
+            if refused:
                 assert best.cost.step_time <= previous + 1e-12, (budget, best)
                 previous = best.cost.step_time
     assert previous < float("inf")
@@ -212,10 +212,16 @@ def test_the_search_chooses_the_zero_level_unless_the_user_fixed_it(llama3_8b):
 
 def test_a_refusal_names_the_closest_plans_and_one_setting_to_change():
     """PLAN_NGPUS=16 puts pipeline stages in every plan (tp stays within a node of 8), which the runtime
-    refuses with PACK_SEQUENCES=1: a few lines name the closest plans and the setting, not every plan's reasons."""
+    refuses with COMPILE=1: a few lines name the closest plans and the setting, not every plan's reasons."""
     compiled = compile_plan(
         CompileSettings(
-            model=LLAMA3_8B, plan_ngpus=16, mem_per_gpu=20, batch_size=32, seq_len=512, precision="bf16", packing=True
+            model=LLAMA3_8B,
+            plan_ngpus=16,
+            mem_per_gpu=20,
+            batch_size=32,
+            seq_len=512,
+            precision="bf16",
+            compiled=True,
         )
     )
     assert compiled.plan is None
@@ -223,8 +229,8 @@ def test_a_refusal_names_the_closest_plans_and_one_setting_to_change():
     assert len(lines) <= 6, compiled.error
     assert lines[0] == "no plan for PLAN_NGPUS=16 runs with these settings within MEM_PER_GPU=20; the closest:"
     assert all(line.startswith("  tp=") for line in lines[1:4]), compiled.error
-    assert lines[4].startswith("change one setting: PACK_SEQUENCES=1 with pipeline parallel"), compiled.error
-    assert "use PACK_SEQUENCES=0" in lines[4]
+    assert lines[4].startswith("change one setting: COMPILE=1 with pipeline parallel"), compiled.error
+    assert "use COMPILE=0" in lines[4]
 
 
 def test_sequence_parallel_keeps_the_norms_activations_for_a_share_of_the_tokens():

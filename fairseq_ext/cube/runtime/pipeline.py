@@ -8,7 +8,10 @@ pp rank ``s % pp`` (the looped placement torch's interleaved schedule expects).
 Hugging Face forwards do not tolerate missing layers, so a stage runs :class:`DecoderStage`, a small
 forward over its slice that recomputes what the base model's forward computes before its layers
 (positions, rotary embeddings, the causal + padding mask) with the model's own functions, so every
-layer sees exactly what it sees in the single-process forward. The Hugging Face model itself is pruned
+layer sees exactly what it sees in the single-process forward. Packed batches (one padding-free row of
+documents, ``layouts.padding_free``) are laid out again as one row of whole documents per micro-batch
+(:func:`documents_as_rows`); every stage receives the rows' ``position_ids`` and attends inside the documents
+they start (``document_attention.py``), with no mask. The Hugging Face model itself is pruned
 to the rank's modules (the others become ``None``): its state_dict keeps the single-process names and
 its parameters are exactly the rank's, so fairseq's optimizer and checkpoints need no renaming.
 
@@ -35,6 +38,7 @@ from torch.distributed.tensor import DTensor
 
 from ...data.layouts import IGNORE_INDEX
 from ...errors import UserInputError
+from ...models.document_attention import document_kwargs
 from ..model_spec import RunSettings, spec_of, stage_layers
 from ..plan import Plan
 
@@ -94,17 +98,24 @@ class DecoderStage(torch.nn.Module):
         # transformers versions differ: some mask builders still take cache_position
         self._wants_cache_position = "cache_position" in inspect.signature(self._create_mask).parameters
 
-    def forward(self, x, attention_mask=None):
+    def forward(self, x, attention_mask=None, position_ids=None):
         hidden = self.embed_tokens(x) if self.is_first else x  # (B, T, H)
-        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        mask = self._create_mask(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask,
-            past_key_values=None,
-            position_ids=position_ids,
-            **({"cache_position": position_ids[0]} if self._wants_cache_position else {}),
-        )
+        documents = {}
+        if position_ids is not None:  # rows of documents, each starting at position 0: no mask
+            mask = None
+            starts = (position_ids.flatten() == 0).nonzero().flatten()
+            lengths = torch.diff(starts, append=starts.new_tensor([position_ids.numel()]))
+            documents = document_kwargs(lengths.unsqueeze(0), int(lengths.max()))
+        else:
+            position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+            mask = self._create_mask(
+                config=self.config,
+                inputs_embeds=hidden,
+                attention_mask=attention_mask,
+                past_key_values=None,
+                position_ids=position_ids,
+                **({"cache_position": position_ids[0]} if self._wants_cache_position else {}),
+            )
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         for layer in self.layers.values():
             hidden = layer(
@@ -113,12 +124,34 @@ class DecoderStage(torch.nn.Module):
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
                 use_cache=False,
+                **documents,
             )
             if isinstance(hidden, tuple):  # older transformers return (hidden_states, ...)
                 hidden = hidden[0]
         if self.is_last:
             return self.lm_head(self.norm(hidden))  # (B, T, V)
         return hidden
+
+
+def documents_as_rows(input_ids, position_ids, target, rows: int, pad_token_id: int):
+    """A padding-free row (1, N) of whole documents (``position_ids`` restart at 0 for each) as ``rows`` rows of
+    consecutive documents, about as many tokens each, right-padded to the longest: (rows, T) ids, positions
+    and targets. A pad token is a document of its own (position 0) with an ignored target, so it changes no
+    other token and adds nothing to the loss or the gradients."""
+    starts = (position_ids[0] == 0).nonzero().flatten().tolist() + [input_ids.shape[1]]
+    bounds, total = [0], input_ids.shape[1]
+    for index in range(1, rows):  # the document start nearest to an equal share of the tokens
+        goal = total * index / rows
+        bounds.append(max(bounds[-1], min(starts, key=lambda start: abs(start - goal))))
+    bounds.append(total)
+    length = max(max(b - a for a, b in zip(bounds, bounds[1:])), 1)
+    out = []
+    for source, value in ((input_ids, pad_token_id), (position_ids, 0), (target, IGNORE_INDEX)):
+        rows_of = source.new_full((rows, length), value)
+        for row, (a, b) in enumerate(zip(bounds, bounds[1:])):
+            rows_of[row, : b - a] = source[0, a:b]
+        out.append(rows_of)
+    return tuple(out)
 
 
 def _mask_function(base):
@@ -223,13 +256,14 @@ class PipelineRunner:
             self._schedules[shape] = schedule
         return schedule
 
-    def _pad(self, input_ids, attention_mask, target):
+    def _pad(self, input_ids, attention_mask, target, position_ids=None):
         """Pad the batch with untrained rows up to a multiple of the micro-batch count (a short last batch);
         with ``dp_group``, first to the most rows and positions of the replicas' batches.
 
         The rows are pad tokens with a full attention mask (no all-masked softmax) and ignored targets, and
         the positions are masked pad tokens after the sequence with ignored targets, so they add exactly
-        zero to the loss and to every gradient.
+        zero to the loss and to every gradient. Rows of documents (``position_ids``) are padded with
+        documents of one pad token each.
         """
         rows, length = input_ids.shape
         if self.dp_group is not None:
@@ -243,13 +277,23 @@ class PipelineRunner:
             return torch.cat([t, t.new_full((rows - t.shape[0], length), value)])
 
         if (rows, length) == tuple(input_ids.shape):
-            return input_ids, attention_mask, target
+            return input_ids, attention_mask, target, position_ids
         attention_mask = more(attention_mask, 0)
         attention_mask[input_ids.shape[0] :] = 1
-        return more(input_ids, self.pad_token_id), attention_mask, more(target, IGNORE_INDEX)
+        position_ids = None if position_ids is None else more(position_ids, 0)
+        return more(input_ids, self.pad_token_id), attention_mask, more(target, IGNORE_INDEX), position_ids
 
-    def run(self, input_ids, attention_mask, target, train: bool = True, loss_scale: float = 1.0) -> torch.Tensor:
-        """Forward (and with ``train``, backward) of one batch through the pipeline.
+    def run(
+        self,
+        input_ids,
+        attention_mask,
+        target,
+        train: bool = True,
+        loss_scale: float = 1.0,
+        position_ids=None,
+    ) -> torch.Tensor:
+        """Forward (and with ``train``, backward) of one batch through the pipeline; ``position_ids``: the
+        batch is one padding-free row of documents (packed), laid out as a row per micro-batch.
 
         Gradients accumulate into the stage parameters' ``.grad`` (as ``loss.backward()`` would), those of
         ``loss_scale`` x the batch's summed loss.
@@ -257,9 +301,14 @@ class PipelineRunner:
         Returns:
             the batch's summed token cross entropy (float32 scalar, unscaled), the same on every pp rank.
         """
+        if position_ids is not None:
+            input_ids, position_ids, target = documents_as_rows(
+                input_ids, position_ids, target, self.plan.num_microbatches, self.pad_token_id
+            )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        input_ids, attention_mask, target = self._pad(input_ids, attention_mask, target)
+        input_ids, attention_mask, target, position_ids = self._pad(input_ids, attention_mask, target, position_ids)
+        kwargs = dict(attention_mask=attention_mask) if position_ids is None else dict(position_ids=position_ids)
         micro_batch = input_ids.shape[0] // self.plan.num_microbatches
         shape = (micro_batch, *input_ids.shape[1:])
         # The first step of a new schedule infers shapes with a real forward and backward, then clears the
@@ -272,9 +321,9 @@ class PipelineRunner:
         # (torch 2.11 refuses args on a rank without the first stage; newer versions ignore them)
         args = (input_ids,) if any(index == 0 for index, _ in self.stages) else ()
         if train:
-            schedule.step(*args, target=target, losses=losses, return_outputs=False, attention_mask=attention_mask)
+            schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
         else:
-            schedule.eval(*args, target=target, losses=losses, attention_mask=attention_mask)
+            schedule.eval(*args, target=target, losses=losses, **kwargs)
         if kept:
             for param, grad in kept.items():
                 param.grad = grad if param.grad is None else grad + param.grad
