@@ -1,8 +1,8 @@
 """The compile pass's predictions against GPU measurements: peak memory and step time of measured runs.
 
 Reads the JSON files ``single_gpu_speed.py`` wrote on the GPU, takes every full-finetune and LoRA row of
-ours (one GPU: PLAN_NGPUS=1, the row's PRECISION, COMPILE, micro-batch, LoRA and recompute, or the plan the
-compile pass chose for it), predicts it with the cost model on this machine (meta-device profile, no GPU) and
+ours (one GPU: PLAN_NGPUS=1, the row's PRECISION, COMPILE, micro-batch, LoRA, recompute and USE_ZERO, or the
+plan the compile pass chose for it), predicts it with the cost model on this machine (meta-device profile, no GPU) and
 prints the table of ``cube.cost.predicted_vs_measured``: predicted allocated memory (the cost model's peak
 before its allocator slack and workspace, which model what ``max_memory_reserved`` adds) against
 ``torch.cuda.max_memory_allocated``, predicted step time against the measured median.
@@ -57,7 +57,8 @@ def predict(row: dict, settings: dict, hardware: Hardware) -> dict:
         plan = Plan(**{k: v for k, v in row["plan"].items() if k != "version"})
     else:
         recompute = tuple(filter(None, (row.get("recompute") or "").split(",")))
-        plan = Plan(plan_ngpus=1, scaling_factor=1, tp=1, pp=1, recompute_modules=recompute)
+        # USE_ZERO >= 1 on one GPU: FSDP2 over one rank (Plan.on_fsdp)
+        plan = Plan(plan_ngpus=1, scaling_factor=1, tp=1, pp=1, zero=row.get("zero", 0), recompute_modules=recompute)
     profile = _profile(
         config.to_json_string(), settings["seq"], row["precision"], bool(row.get("compile")), lora_of(row, settings)
     )
