@@ -31,9 +31,13 @@ def measured_rows(paths):
     """(row, settings) for each full-finetune or LoRA row of ours that ran, from benchmark JSON files."""
     for path in paths:
         data = json.loads(Path(path).read_text())
+        zero_of = {r["name"]: r.get("zero", 0) for r in data["settings"].get("rows", [])}  # the row settings' USE_ZERO
         for row in data["rows"]:
             if row.get("source") == "ours" and row.get("mode") in ("full", "lora") and row.get("status") == "ok":
-                yield dict(row, run=Path(path).stem), data["settings"]
+                yield (
+                    dict(row, run=Path(path).stem, zero=row.get("zero", zero_of.get(row["name"], 0))),
+                    data["settings"],
+                )
 
 
 def lora_of(row: dict, settings: dict):

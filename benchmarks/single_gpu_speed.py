@@ -728,6 +728,7 @@ class Benchmark:
             recompute=row["recompute"],
             data=row["data"],
             pack=row["pack"],
+            zero=row["zero"],
             warmup=warmup,
             steps=self.args.steps,
             log=f"logs/{row['name']}.log",
