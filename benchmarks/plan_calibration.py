@@ -1,8 +1,8 @@
 """The compile pass's predictions against GPU measurements: peak memory and step time of measured runs.
 
 Reads the JSON files ``single_gpu_speed.py`` wrote on the GPU, takes every full-finetune and LoRA row of
-ours (one GPU: PLAN_NGPUS=1, the row's PRECISION, COMPILE, micro-batch, LoRA and recompute, or the plan the
-compile pass chose for it), predicts it with the cost model on this machine (meta-device profile, no GPU) and
+ours (one GPU: PLAN_NGPUS=1, the row's PRECISION, COMPILE, micro-batch, LoRA, recompute and USE_ZERO, or the
+plan the compile pass chose for it), predicts it with the cost model on this machine (meta-device profile, no GPU) and
 prints the table of ``cube.cost.predicted_vs_measured``: predicted allocated memory (the cost model's peak
 before its allocator slack and workspace, which model what ``max_memory_reserved`` adds) against
 ``torch.cuda.max_memory_allocated``, predicted step time against the measured median.
@@ -39,9 +39,13 @@ def measured_rows(paths):
     """(row, settings) for each full-finetune or LoRA row of ours that ran, from benchmark JSON files."""
     for path in paths:
         data = json.loads(Path(path).read_text())
+        zero_of = {r["name"]: r.get("zero", 0) for r in data["settings"].get("rows", [])}  # the row settings' USE_ZERO
         for row in data["rows"]:
             if row.get("source") == "ours" and row.get("mode") in ("full", "lora") and row.get("status") == "ok":
-                yield dict(row, run=Path(path).stem), data["settings"]
+                yield (
+                    dict(row, run=Path(path).stem, zero=row.get("zero", zero_of.get(row["name"], 0))),
+                    data["settings"],
+                )
 
 
 def lora_of(row: dict, settings: dict):
@@ -65,7 +69,8 @@ def predict(row: dict, settings: dict, hardware: Hardware) -> dict:
         plan = Plan(**{k: v for k, v in row["plan"].items() if k != "version"})
     else:
         recompute = tuple(filter(None, (row.get("recompute") or "").split(",")))
-        plan = Plan(plan_ngpus=1, scaling_factor=1, tp=1, pp=1, recompute_modules=recompute)
+        # USE_ZERO >= 1 on one GPU: FSDP2 over one rank (Plan.on_fsdp)
+        plan = Plan(plan_ngpus=1, scaling_factor=1, tp=1, pp=1, zero=row.get("zero", 0), recompute_modules=recompute)
     profile = _profile(
         config.to_json_string(), settings["seq"], row["precision"], bool(row.get("compile")), lora_of(row, settings)
     )

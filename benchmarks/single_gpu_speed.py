@@ -260,6 +260,51 @@ VARIANTS = [
         mem_per_gpu=74,
         timeout=420,
     ),
+    # zero: USE_ZERO; on one GPU a level >= 1 trains through FSDP2 over one rank. With mem_per_gpu, the compile
+    # pass's predicted peak and step for the same settings (plain rows too, to compare)
+    dict(
+        name="1.1B-full-bf16master-compile-zero1",
+        model="A",
+        mode="full",
+        mb=8,
+        precision="bf16-master",
+        compile=1,
+        zero=1,
+        mem_per_gpu=74,
+        timeout=300,
+    ),
+    dict(
+        name="1.1B-full-bf16master-compile-plan",
+        model="A",
+        mode="full",
+        mb=8,
+        precision="bf16-master",
+        compile=1,
+        mem_per_gpu=74,
+        timeout=300,
+    ),
+    dict(
+        name="8B-full-bf16lean-plan-compile-zero3",
+        model="B",
+        mode="full",
+        mb=2,
+        precision="bf16-lean",
+        compile=1,
+        zero=3,
+        mem_per_gpu=78,
+        timeout=420,
+    ),
+    dict(
+        name="1.1B-full-bf16master-compile-zero3",
+        model="A",
+        mode="full",
+        mb=8,
+        precision="bf16-master",
+        compile=1,
+        zero=3,
+        mem_per_gpu=74,
+        timeout=300,
+    ),
 ]
 ROW_KEYS = {
     "name",
@@ -274,6 +319,7 @@ ROW_KEYS = {
     "mem_per_gpu",
     "data",
     "pack",
+    "zero",
 }
 # rows of exactly seq tokens; of lengths uniform in [seq/8, seq]; or long-tailed as chat data (padding)
 DATA_KINDS = ("fixed", "varlen", "chat")
@@ -547,7 +593,7 @@ def check_rows(rows: List[dict]) -> List[dict]:
             )
         if row.get("data", "fixed") not in DATA_KINDS:
             raise ValueError(f"row {name}: data must be one of {DATA_KINDS}, got {row['data']!r}")
-        out.append(dict(dict(compile=0, recompute="", timeout=240, data="fixed", pack=0), **row))
+        out.append(dict(dict(compile=0, recompute="", timeout=240, data="fixed", pack=0, zero=0), **row))
     names = [r["name"] for r in out]
     if len(set(names)) != len(names):
         raise ValueError(f"row names must be unique, got {names}")
@@ -682,6 +728,7 @@ class Benchmark:
             recompute=row["recompute"],
             data=row["data"],
             pack=row["pack"],
+            zero=row["zero"],
             warmup=warmup,
             steps=self.args.steps,
             log=f"logs/{row['name']}.log",
@@ -722,7 +769,7 @@ class Benchmark:
             NNODES="1",
             NODE_RANK="0",
             PLAN_NGPUS="1",
-            USE_ZERO="0",
+            USE_ZERO=str(row["zero"]),
             PLAN_FILE="",
             CUBE_SCALING_FACTOR="",
             MASTER_PORT=str(free_port()),
@@ -985,6 +1032,7 @@ def render_table(results: List[dict], environment: dict, baseline: dict, setting
                 run = f"ours {r['name']}: PRECISION={r['precision']} COMPILE={r['compile']}" + (
                     f" RECOMPUTE_MODULE_NAMES={r['recompute']}" if r["recompute"] else ""
                 )
+                run += f" USE_ZERO={r['zero']}" if r.get("zero") else ""
             if r["status"] != "ok":
                 lines.append(
                     f"| {run} | {model} | {mode} | {r.get('mb', '-')} | {r['status']} | - | - | - | - | - | "

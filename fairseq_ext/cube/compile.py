@@ -297,14 +297,14 @@ def _describe(c) -> str:
         text += f", {p.pp_schedule}, {p.num_microbatches} micro-batches"
     elif p.num_microbatches > 1:
         text += f", {p.num_microbatches} micro-batches"
-    if p.scaling_factor > 1:
+    if p.on_fsdp:
         text += f", {_zero_label(p)}"
     return text + (f", recompute {c.recompute}" if c.recompute != "none" else "")
 
 
 def _zero_label(p: Plan) -> str:
     """ZeRO level and hybrid groups as the table shows them: ``ZeRO-3``, ``ZeRO-1x2`` (2 groups)."""
-    if not p.zero or p.scaling_factor == 1:
+    if not p.zero or not p.on_fsdp:
         return "ZeRO-0"
     return f"ZeRO-{p.zero}" + (f"x{p.zero_n_groups}" if p.zero_n_groups > 1 else "")
 

@@ -43,6 +43,9 @@ Step time of one update::
                over NVLink while the group lies in one node, else over the network. FSDP2 prefetches the
                next layer's collective while one computes: what exceeds the compute it hides behind shows,
                and one layer's worth per pass always does (the first all-gather, the last reduce-scatter).
+               One GPU alone at a ZeRO level (FSDP2 over one rank, ``Plan.on_fsdp``): nothing is sharded (S = 1),
+               levels 1-2 hold the gathered weights beside the shards, and the collectives are copies in
+               memory (:func:`one_rank_copy_seconds`).
 
 Tensor-parallel and pipeline communication is not overlapped (it adds to compute). Cost parameters per GPU
 kind: ``hardware.GPU_KINDS`` (fitted on the committed one-GPU runs, benchmarks/results/single_gpu_speed).
@@ -194,7 +197,7 @@ def estimate(
         # runs, the unsharded gradient and the reduce-scatter's input exist
         layer_grads = layer.local_trainable(tp)
         # Level 0 runs on FSDP2 too (replicas of one shard each), except fp16, which fairseq's DDP runs
-        on_fsdp = plan.scaling_factor > 1 and (level or profile.precision != "fp16")
+        on_fsdp = plan.on_fsdp and (level or profile.precision != "fp16")
         fsdp_backward = layer_grads * (grad_b + reduce_b) if on_fsdp else 0.0
         for s in rank_stages:
             if s == 0:
@@ -307,12 +310,17 @@ def estimate(
     dp_total, dp_seconds = data_parallel_seconds(
         plan,
         hw,
-        DataParallelBytes(busiest["weights"] * weight_b, numel * reduce_b if level else numel * grad_b),
+        # FSDP2 reduces in the reduce dtype at every level (level 0: its replicas all-reduce); fairseq's DDP in grad_b
+        DataParallelBytes(busiest["weights"] * weight_b, numel * (reduce_b if on_fsdp else grad_b)),
         passes,
         compute,
         max(1, busiest["layers"]),
         grad_reductions=1 if level == 1 else passes,
     )
+    if on_fsdp and plan.scaling_factor == 1:  # one GPU alone on FSDP2: its collectives are copies in memory
+        dp_total = dp_seconds = one_rank_copy_seconds(
+            plan, hw, busiest["weights"] * weight_b, numel, grad_b, reduce_b, passes, 1 if level == 1 else passes
+        )
     optimizer_seconds = numel * optimizer_step_bytes(profile.precision) / shards / hw.hbm_bandwidth
     step = work.grad_accu * pipeline + dp_seconds + optimizer_seconds
     parts = dict(
@@ -333,8 +341,9 @@ def estimate(
 
 
 def zero_level(plan: Plan) -> int:
-    """The ZeRO level that acts: 0 for a single scale unit (no data-parallel replicas to shard across)."""
-    return plan.zero if plan.scaling_factor > 1 else 0
+    """The ZeRO level that acts: 0 without FSDP2 (a single scale unit of several GPUs: nothing to shard across;
+    one GPU alone at a level >= 1 runs FSDP2 over one rank, ``Plan.on_fsdp``)."""
+    return plan.zero if plan.on_fsdp else 0
 
 
 def zero_shards(plan: Plan) -> int:
@@ -349,6 +358,26 @@ def _unsharded_weights(level: int, weights: int, edge_weights: int, layer_weight
     if level < 3:
         return weights  # kept from the forward to the end of the backward
     return edge_weights + min(layers, FSDP_LAYERS_IN_FLIGHT) * layer_weights
+
+
+def one_rank_copy_seconds(
+    plan: Plan,
+    hw: Hardware,
+    weight_bytes: float,
+    numel: int,
+    grad_b: int,
+    reduce_b: int,
+    passes: int,
+    reductions: int,
+) -> float:
+    """Seconds FSDP2 spends on one rank alone (one GPU at a ZeRO level): each gather copies the shards into
+    the gathered weights (read and write), each reduction casts the gradients into the reduce-scatter input
+    (read ``grad_b``, write ``reduce_b``), copies it to the output (read and write ``reduce_b``) and, where the
+    reduce dtype differs, casts that to the sharded gradient (read ``reduce_b``, write ``grad_b``); memory bound,
+    at ``hw.hbm_bandwidth``, not hidden (they compete with the compute for memory)."""
+    gathers = passes * (2 if plan.zero == 3 else 1)
+    per_grad = grad_b + 3 * reduce_b + (reduce_b + grad_b if reduce_b != grad_b else 0)
+    return (gathers * 2 * weight_bytes + reductions * numel * per_grad) / hw.hbm_bandwidth
 
 
 class DataParallelBytes(NamedTuple):

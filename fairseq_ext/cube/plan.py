@@ -79,6 +79,14 @@ class Plan:
         return self.scaling_factor // self.dp_shard
 
     @property
+    def on_fsdp(self) -> bool:
+        """Whether the scale units train through FSDP2 (``fully_shard`` at level ``zero``): with several units, or
+        on one GPU alone at a ZeRO level >= 1, which shards over a mesh of one rank (nothing is split: all-gathers
+        and reduce-scatters become copies, and levels 1-2 keep the gathered weights beside the shards). A
+        single unit of several GPUs has no data parallel to run."""
+        return self.scaling_factor > 1 or (self.zero > 0 and self.world_size == 1)
+
+    @property
     def num_stages(self) -> int:
         """Pipeline stages S = pp x virtual_stages_per_rank."""
         return self.pp * self.virtual_stages_per_rank

@@ -17,10 +17,10 @@ from .config import plan_from_config
 from .model_spec import RunSettings, spec_of
 from .plan import Plan
 from .runtime.compile_layers import compile_layers
-from .runtime.mesh import DP, PP, build_mesh
+from .runtime.mesh import DP, PP, build_mesh, init_one_process_group
 from .runtime.parallelize import apply_plan_recompute, parallelize
 from .runtime.pipeline import PipelineRunner
-from .runtime.precision import check_precision
+from .runtime.precision import check_precision, reduce_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +44,10 @@ def runs_on_fairseq_ddp(plan: Plan, model, settings: RunSettings) -> bool:
 
 
 def apply_plan(cfg: DictConfig, model: torch.nn.Module, criterion: Optional[object] = None) -> AppliedPlan:
-    """Resolve the run's Plan and, for a tensor- or pipeline-parallel one, build the mesh and split
-    ``model``, then compile its decoder blocks under COMPILE=1; settings the plan cannot run with are refused
-    with what to change."""
+    """Resolve the run's Plan and, for a plan on a mesh (tensor or pipeline parallel, FSDP2 data parallel:
+    several scale units, or one GPU at USE_ZERO >= 1), build the mesh and split and shard ``model``, then
+    compile its decoder blocks under COMPILE=1; settings the plan cannot run with are refused with what to
+    change."""
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     gpus_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     check_precision(getattr(cfg.task, "precision", "fp32"), optimizer=getattr(cfg.optimizer, "_name", None))
@@ -69,7 +70,7 @@ def apply_plan(cfg: DictConfig, model: torch.nn.Module, criterion: Optional[obje
             max_tokens=getattr(cfg.dataset, "max_tokens", None),
         )
     settings = run_settings(cfg, model, criterion)
-    if plan.world_size == 1 or runs_on_fairseq_ddp(plan, model, settings):
+    if (plan.world_size == 1 and not plan.on_fsdp) or runs_on_fairseq_ddp(plan, model, settings):
         if plan.zero > 1 and plan.scaling_factor > 1:
             hf_model = getattr(model, "hf_model", None)
             reasons = (
@@ -96,6 +97,8 @@ def apply_plan(cfg: DictConfig, model: torch.nn.Module, criterion: Optional[obje
     if reasons:
         raise UserInputError("; ".join(reasons) if len(reasons) < 3 else "\n  " + "\n  ".join(reasons))
     on_gpu = torch.cuda.is_available() and not cfg.common.cpu
+    if plan.world_size == 1:
+        init_one_process_group("cuda" if on_gpu else "cpu")  # fairseq starts one process without torch.distributed
     mesh = build_mesh(plan, "cuda" if on_gpu else "cpu")
     vocab_parallel, stages, roots = parallelize(
         hf_model,
@@ -104,6 +107,7 @@ def apply_plan(cfg: DictConfig, model: torch.nn.Module, criterion: Optional[obje
         root=model,
         sequence_parallel=settings.sequence_parallel,
         compile_blocks=lambda: _compile_blocks(cfg, model, plan),
+        reduce_dtype=reduce_dtype(settings.precision) if settings.precision != "fp16" else None,
     )
     pipeline = None
     if stages:

@@ -114,11 +114,12 @@ def zero_options(
 ) -> List[Tuple[int, int]]:
     """(ZeRO level, hybrid groups) pairs to cost: the user's when set; else levels 0, 1 and 3 (and 2 when
     batches accumulate), each sharded across every scale unit and, where that differs, inside groups of the
-    replicas that share a node."""
-    if scaling_factor == 1:
-        return [(0, 1)]
+    replicas that share a node. One scale unit: level 0, or on one GPU the level the user set (FSDP2 over
+    one rank, ``Plan.on_fsdp``; never chosen by the search: it only adds copies and memory)."""
     auto = AUTO_ZERO_LEVELS_ACCUMULATING if accumulating else AUTO_ZERO_LEVELS
     levels = [zero] if zero is not None else list(auto)
+    if scaling_factor == 1:  # nothing to shard across; one GPU alone runs FSDP2 at the level the user set
+        levels, zero_n_groups = ([zero] if zero and plan_ngpus == 1 else [0]), 1
     if zero_n_groups is not None:
         groups = [zero_n_groups]
     else:

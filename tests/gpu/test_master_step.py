@@ -89,3 +89,33 @@ def test_step_never_waits_for_the_device(with_found_inf):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert all(optimizer.state[w]["step"].item() == 2 for w in weights)
+
+
+def test_fsdp2_local_shards_take_the_kernel(monkeypatch):
+    """bf16-master on FSDP2 (one GPU at USE_ZERO=3, a mesh of one rank): the optimizer's local shards of the
+    DTensor weights go to the one-launch kernel, all of them in one launch per update, and two updates give the
+    plain model's weights (stepped by the same kernel) to bf16 rounding."""
+    import torch.distributed as dist
+
+    from tests.distributed.test_fsdp_bf16_master import sharded_tiny_llama, train_updates
+
+    launches = []
+    original = master_step.MasterAdamWStep.__call__
+
+    def counted(self, params, *args):
+        launches.append(len(params))
+        return original(self, params, *args)
+
+    monkeypatch.setattr(master_step.MasterAdamWStep, "__call__", counted)
+    try:
+        plain, sharded = sharded_tiny_llama(torch.device("cuda"))
+        _, views = train_updates(sharded)
+        assert launches == [len(views)] * 2 and len(views) == len(list(plain.parameters()))
+        launches.clear()
+        train_updates(plain)
+        assert launches == [len(views)] * 2
+        full = {name: p.full_tensor() for name, p in sharded.named_parameters()}
+        for name, value in plain.named_parameters():
+            torch.testing.assert_close(full[name], value.detach(), rtol=1e-2, atol=1e-3)
+    finally:
+        dist.destroy_process_group()

@@ -9,9 +9,17 @@ from pathlib import Path
 import pytest
 
 from fairseq_ext.cube.compile import CompileSettings, compile_plan, format_report
-from fairseq_ext.cube.cost import DataParallelBytes, Workload, data_parallel_seconds, estimate
+from fairseq_ext.cube.cost import (
+    _REDUCE_BYTES,
+    DataParallelBytes,
+    Workload,
+    data_parallel_seconds,
+    estimate,
+    one_rank_copy_seconds,
+)
 from fairseq_ext.cube.hardware import GPU_KINDS, Hardware, gpu_kind_of, hardware_for
 from fairseq_ext.cube.plan import Plan
+from fairseq_ext.cube.runtime.precision import reduce_dtype
 from fairseq_ext.cube.search import Fixed, zero_options
 from fairseq_ext.errors import UserInputError
 from scripts import plan_report
@@ -45,9 +53,11 @@ def test_memory_of_each_zero_level_worked_by_hand():
     accumulating = Workload(batch_size=1, seq_len=10, grad_accu=2)
     whole, shards = (estimate(profile, toy_plan(zero), accumulating, BARE).peak_bytes for zero in (1, 2))
     assert whole - shards == 1000
-    # one scale unit has no replicas to shard across: every level is level 0 without DDP's buckets
-    alone = {estimate(profile, toy_plan(zero, scaling_factor=1), work, BARE).peak_bytes for zero in (0, 3)}
-    assert alone == {48000 - 2000 + 200}
+    # one GPU alone: level 0 trains without FSDP2 (no buckets, no reduce buffers); at a level >= 1 FSDP2 runs
+    # over one rank (S = 1): level 0's 47000 on FSDP2 plus the gathered weights beside the shards, all of them
+    # at level 1 (2000), the root's and two layers' at level 3 (1200)
+    alone = {zero: estimate(profile, toy_plan(zero, scaling_factor=1), work, BARE).peak_bytes for zero in (0, 1, 3)}
+    assert alone == {0: 48000 - 2000 + 200, 1: 47000 + 2000, 3: 47000 + 1200}
     # hybrid groups: 2 groups of 2 shard in pairs (S = 2), as 2 scale units do
     hybrid = Plan(plan_ngpus=1, scaling_factor=4, tp=1, pp=1, zero=1, zero_n_groups=2)
     assert estimate(profile, hybrid, work, BARE).peak_bytes == peaks[1]
@@ -92,8 +102,33 @@ def test_communication_of_each_zero_level_worked_by_hand():
     assert total == pytest.approx(9.0)
 
 
+def test_one_gpu_on_fsdp2_costs_copies_in_memory():
+    # 1 GB of bf16 weights, 500M gradient elements reduced in float32, 1 TB/s: level 1 copies the weights once
+    # (read and write: 2 GB) and each gradient bf16 -> float32 input -> float32 output -> bf16 (2 + 4 + 8 + 6
+    # = 20 bytes: 10 GB): 12 ms; level 3 gathers again in the backward (+2 GB), and reduces each of 2 passes
+    hw = Hardware(hbm_bandwidth=1e12)
+    one_gpu = Plan(plan_ngpus=1, scaling_factor=1, tp=1, pp=1, zero=1)
+    assert one_gpu.on_fsdp and not Plan(plan_ngpus=1, scaling_factor=1, tp=1, pp=1).on_fsdp
+    assert not Plan(plan_ngpus=2, scaling_factor=1, tp=2, pp=1, zero=3).on_fsdp  # one unit of several GPUs
+    assert one_rank_copy_seconds(one_gpu, hw, 1e9, 500_000_000, 2, 4, 1, 1) == pytest.approx(0.012)
+    level3 = Plan(plan_ngpus=1, scaling_factor=1, tp=1, pp=1, zero=3)
+    assert one_rank_copy_seconds(level3, hw, 1e9, 500_000_000, 2, 4, 2, 2) == pytest.approx(0.008 + 0.020)
+    # bf16 gradients reduced in bf16 (bf16-lean): no cast back, 2 + 3 x 2 = 8 bytes each
+    assert one_rank_copy_seconds(one_gpu, hw, 1e9, 500_000_000, 2, 2, 1, 1) == pytest.approx(0.006)
+
+
+def test_the_cost_models_reduce_bytes_are_the_runtimes_reduce_dtype():
+    """FSDP2 sums gradients in ``precision.reduce_dtype``, else in the weights' dtype: the bytes cost.py counts."""
+    weight_bytes = {"fp32": 4, "bf16": 4, "bf16-master": 2, "bf16-lean": 2}
+    for precision, weight_b in weight_bytes.items():
+        dtype = reduce_dtype(precision)
+        assert _REDUCE_BYTES[precision] == (weight_b if dtype is None else dtype.itemsize), precision
+
+
 def test_zero_options_respect_the_user_and_group_by_node():
     assert zero_options(1, 1, 8, None, None) == [(0, 1)]
+    # one GPU alone: the level the user set (FSDP2 over one rank); one unit of several GPUs has none to run
+    assert zero_options(1, 1, 8, 3, 1) == [(3, 1)] and zero_options(1, 2, 8, 3, 1) == [(0, 1)]
     # 16 replicas of one GPU on nodes of 8: across all, or in 2 groups of the 8 that share a node
     assert zero_options(16, 1, 8, None, None) == [(0, 1), (1, 1), (1, 2), (3, 1), (3, 2)]
     assert zero_options(8, 8, 8, None, None) == [(0, 1), (1, 1), (3, 1)]  # a unit fills a node: no groups

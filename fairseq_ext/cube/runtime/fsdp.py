@@ -17,16 +17,22 @@ The ZeRO levels (``Plan.zero``):
 - 3: as 2, and each block's weights are freed after its forward and gathered again in the backward.
 
 Gradients are averaged over the units (FSDP2's reduction), the convention fairseq's
-``multiply_grads(dp_size / sample_size)`` expects of DDP.
+``multiply_grads(dp_size / sample_size)`` expects of DDP; with bf16 weights and float32 masters
+(``bf16-master``) they are summed in float32 and rounded to bf16 once, after the sum
+(``precision.reduce_dtype``: FSDP2's ``MixedPrecisionPolicy(reduce_dtype=float32)``; the weights stay bf16
+and the optimizer's master step runs on each rank's local shards).
+
+One GPU alone at a ZeRO level (``Plan.on_fsdp``) runs this over a mesh of one rank: FSDP2 then copies where
+it would gather and reduce, and levels 1 and 2 keep a gathered copy of the weights beside the shards.
 """
 
 import contextlib
 import logging
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from ..plan import Plan
 from .compile_layers import repeated_block_classes
@@ -51,29 +57,40 @@ def _block_modules(root: torch.nn.Module, classes: set) -> List[torch.nn.Module]
     return blocks
 
 
-def shard_data_parallel(roots: List[torch.nn.Module], hf_model, plan: Plan, dp_mesh: DeviceMesh) -> int:
+def shard_data_parallel(
+    roots: List[torch.nn.Module],
+    hf_model,
+    plan: Plan,
+    dp_mesh: DeviceMesh,
+    reduce_dtype: Optional[torch.dtype] = None,
+) -> int:
     """``fully_shard`` the repeated blocks of each of ``roots`` and then each root, in place, at ``plan.zero``.
 
     Args:
         roots: the modules whose forward the training calls (the whole model, or this rank's pipeline stages).
         hf_model: the Hugging Face model, which names its repeated blocks.
         dp_mesh: ``mesh.data_parallel_mesh(mesh)``.
+        reduce_dtype: the dtype gradients are summed over the replicas in (``precision.reduce_dtype``); None:
+            their own.
     Returns:
         the number of blocks sharded on their own.
     Collective: every rank of the mesh calls it with the same modules.
     """
     classes = repeated_block_classes(hf_model)
     reshard_blocks = plan.zero == 3
+    policy = MixedPrecisionPolicy(reduce_dtype=reduce_dtype)
     count = 0
     for root in roots:
         for block in _block_modules(root, classes):
-            fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_blocks)
+            fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_blocks, mp_policy=policy)
             count += 1
-        fully_shard(root, mesh=dp_mesh, reshard_after_forward=False)  # the root is gathered again at once
+        # the root is gathered again at once
+        fully_shard(root, mesh=dp_mesh, reshard_after_forward=False, mp_policy=policy)
     kind = "hybrid sharding" if plan.dp_replicate > 1 and plan.dp_shard > 1 else "sharding"
     logger.info(
         f"data parallel (FSDP2, ZeRO {plan.zero}): {count} blocks and {len(roots)} root(s) over "
         f"{plan.scaling_factor} scale units, {kind} {plan.dp_replicate} x {plan.dp_shard} (replicate x shard)"
+        + (f", gradients summed in {str(reduce_dtype).removeprefix('torch.')}" if reduce_dtype is not None else "")
     )
     return count
 

@@ -94,40 +94,42 @@ class LocalShards:
         return [local_tensor(p.grad) for p in self.params if p.grad is not None]
 
     def grad_norm(self, views: Optional[Iterable[torch.Tensor]] = None) -> torch.Tensor:
-        """The L2 norm of the full gradient of the whole model, the same on every rank.
+        """The L2 norm of the full gradient of the whole model, the same on every rank, as a 0-dim float32 tensor
+        on the gradients' device, computed without waiting for the device (no value is read on the host).
 
         Squares of sharded gradients are summed over the mesh dims they are split over (each element
-        counted once); replicated gradients are counted once, from the local copy.
+        counted once); replicated gradients are counted once, from the local copy. Each local gradient's norm
+        is taken in float32 (one multi-tensor launch per kind of split), their squares summed in float64.
 
         Args:
             views: the local views whose gradients count (default: all).
         """
         params = self.params if views is None else [self.param_of(v) for v in views]
-        # Squares summed per (mesh, mesh dims the gradient is split over): tp; dp (FSDP2); dp and tp.
-        by_split: Dict[tuple, torch.Tensor] = {}
+        # Local gradients per (mesh, mesh dims the gradient is split over): tp; dp (FSDP2); dp and tp.
+        by_split: Dict[tuple, List[torch.Tensor]] = {}
         for param in params:
             if param.grad is None:
                 continue
-            square = local_tensor(param.grad).detach().double().pow(2).sum().cpu()
             key = (None, ())
             if is_sharded(param.grad):
                 placements = param.grad.placements
                 key = (param.grad.device_mesh, tuple(d for d, p in enumerate(placements) if not p.is_replicate()))
-            by_split[key] = by_split.get(key, torch.zeros((), dtype=torch.float64)) + square
-        total_sq = torch.zeros((), dtype=torch.float64)
-        for (mesh, dims), square in by_split.items():  # the same keys, in the same order, on the ranks of a mesh
+            by_split.setdefault(key, []).append(local_tensor(param.grad).detach())
+        device = next(iter(by_split.values()))[0].device if by_split else self._device()
+        total_sq = torch.zeros((), dtype=torch.float64, device=device)
+        for (mesh, dims), grads in by_split.items():  # the same keys, in the same order, on the ranks of a mesh
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+            square = torch.stack(norms).double().square().sum()
             if mesh is not None:
-                square = square.to(mesh.device_type)
                 for dim in dims:
                     dist.all_reduce(square, group=mesh.get_group(dim))
-                square = square.cpu()
-            total_sq = total_sq + square
+            total_sq = total_sq + square.to(device)
         if self.pipeline_group is not None and views is None:
-            device = self.params[0].device if self.params else torch.device("cpu")
-            total_sq = total_sq.to(device)
             dist.all_reduce(total_sq, group=self.pipeline_group)  # each stage's parameters counted once
-            total_sq = total_sq.cpu()
         return total_sq.sqrt().float()
+
+    def _device(self) -> torch.device:
+        return self.params[0].device if self.params else torch.device("cpu")
 
     def full_optimizer_state(self, state_dict: dict, views: List[torch.Tensor]) -> dict:
         """An optimizer state_dict whose per-parameter tensors are gathered into full tensors.

@@ -29,6 +29,14 @@ def backend_for(device_type: str) -> str:
     return backends[device_type]
 
 
+def init_one_process_group(device_type: str) -> None:
+    """torch.distributed for a run of one process, which fairseq starts without it: a group of one rank over
+    an in-memory store (no address, no port), so that a plan on a mesh (FSDP2 at a ZeRO level on one GPU)
+    runs alone too. Nothing when a group exists already."""
+    if not dist.is_initialized():
+        dist.init_process_group(backend_for(device_type), store=dist.HashStore(), rank=0, world_size=1)
+
+
 def build_mesh(plan: Plan, device_type: Optional[str] = None) -> DeviceMesh:
     """Build the (dp_replicate, dp_shard, pp, tp) mesh over all ranks, with the axis dp of shape
     scaling_factor flattened from the first two.

@@ -42,27 +42,29 @@ def parallelize(
     root: Optional[torch.nn.Module] = None,
     sequence_parallel: bool = False,
     compile_blocks: Optional[Callable[[], None]] = None,
+    reduce_dtype: Optional[torch.dtype] = None,
 ) -> Parallelized:
     """Split and shard ``hf_model`` in place as ``plan`` says, on the ``mesh`` of ``mesh.build_mesh``.
 
     Every rank must hold the same weights before the call. With pp > 1 the model is first cut to this
     rank's pipeline stages (see ``pipeline.split_model``), then the remaining layers are sharded over tp,
-    then, with several scale units, ``root`` (the module whose forward training calls; default ``hf_model``)
-    or each pipeline stage is sharded over them with FSDP2 at the plan's ZeRO level (``fsdp.py``).
+    then, with several scale units (or one GPU at a ZeRO level: ``Plan.on_fsdp``), ``root`` (the module whose
+    forward training calls; default ``hf_model``) or each pipeline stage is sharded over them with FSDP2 at
+    the plan's ZeRO level (``fsdp.py``).
     When the LM head is vocab parallel (pp 1 only) its logits are a DTensor sharded on the vocabulary, and
     the loss must be computed (forward and backward) under ``torch.distributed.tensor.parallel.loss_parallel()``.
     ``sequence_parallel`` (tp > 1): the norms and the hidden states between the tensor-parallel regions are
     sharded on the sequence (``sequence_parallel.py``). ``compile_blocks`` (COMPILE=1) is called after the
     tensor-parallel split and before FSDP2 sharding (torchtitan's order), so each compiled block traces its
-    tensor-parallel forward.
+    tensor-parallel forward. ``reduce_dtype``: what FSDP2 sums gradients in (``fsdp.shard_data_parallel``).
     """
     vocab_parallel, stages = _split(hf_model, plan, mesh, sequence_parallel)
     if compile_blocks is not None:
         compile_blocks()
     roots = []
-    if plan.scaling_factor > 1:
+    if plan.on_fsdp:
         roots = [module for _, module in stages] or [hf_model if root is None else root]
-        shard_data_parallel(roots, hf_model, plan, data_parallel_mesh(mesh))
+        shard_data_parallel(roots, hf_model, plan, data_parallel_mesh(mesh), reduce_dtype)
     return Parallelized(vocab_parallel, stages, roots)
 
 

@@ -44,6 +44,16 @@ def weight_dtype(precision: str) -> Optional[str]:
     return "bfloat16" if precision in BF16_WEIGHTS else None
 
 
+def reduce_dtype(precision: str) -> Optional[torch.dtype]:
+    """The dtype FSDP2 sums gradients over the data-parallel replicas in (its ``MixedPrecisionPolicy``
+    ``reduce_dtype``), or None for the gradients' own: float32 for ``bf16-master``, whose bf16 gradients are
+    summed in float32 and rounded to bf16 once, for the float32 master step (``bf16-lean`` keeps bf16: no
+    float32 state to feed; fp32 and bf16 autocast have float32 gradients already)."""
+    if precision not in PRECISIONS:
+        raise _unknown(precision)
+    return torch.float32 if precision == "bf16-master" else None
+
+
 def check_precision(precision: str, fp16: bool = False, bf16: bool = False, optimizer: Optional[str] = None) -> None:
     """A known precision; the runtime's bf16 settings and fairseq's own half precision (``--fp16``,
     ``--bf16``) exclude each other; bf16 weights need ``--optimizer torch_adamw``."""
