@@ -53,6 +53,8 @@ from .hardware import GIB, Hardware
 from .model_spec import stage_layers
 from .plan import INTERLEAVED, Plan
 from .profile_types import ModelProfile
+from .runtime.float8 import float8_flops_per_token
+from .runtime.precision import FLOAT8, stored_as
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ def optimizer_step_bytes(precision: str) -> float:
     about 168;
     fairseq's fp16 optimizer adds its float32 gradient copy to the fused step.
     """
+    precision = stored_as(precision)
     if precision == "bf16-lean":
         return 2 + 3 * 2 + 3 * 2
     if precision == "bf16-master":
@@ -153,14 +156,15 @@ def estimate(
     head_acts = (profile.fused_head.get(edge_tp) if pp == 1 else None) or head.activations
     shared = profile.shared[tp]
     stages = stage_layers(profile.num_layers, plan.num_stages, plan.stage_boundaries)
-    weight_b, grad_b, optimizer_b = _PRECISION_BYTES[profile.precision]
+    weight_b, grad_b, optimizer_b = _PRECISION_BYTES[stored_as(profile.precision)]
     level = zero_level(plan)
     shards = zero_shards(plan)
     # Level 1 adds up accumulated batches in whole local gradients, reduced once per update
     grad_shards = 1 if level == 1 and work.grad_accu > 1 else shards
-    reduce_b = _REDUCE_BYTES[profile.precision]
+    reduce_b = _REDUCE_BYTES[stored_as(profile.precision)]
     rate = (hw.fp32_flops if profile.precision == "fp32" else hw.device_flops) * hw.efficiency
     layer_rate = rate * (hw.compiled_speedup if profile.compiled else 1.0)  # COMPILE compiles the decoder layers
+    layer_rate /= float8_time_share(profile, hw)
     tp_link = _link(hw, tp <= hw.gpus_per_node)
     sp_saving = sequence_parallel_saving(profile, tp) if work.sequence_parallel else 0.0
 
@@ -384,9 +388,23 @@ def sequence_parallel_saving(profile: ModelProfile, tp: int) -> float:
     weights' dtype (compiled: Inductor's partitioner recomputes the cast, the output stays), per hidden unit."""
     if tp <= 1:
         return 0.0
-    weight_bytes = _PRECISION_BYTES[profile.precision][0]
+    weight_bytes = _PRECISION_BYTES[stored_as(profile.precision)][0]
     per_norm = profile.hidden_size * (weight_bytes if profile.compiled else 4 + weight_bytes)
     return 2 * per_norm * (1 - 1 / tp)
+
+
+def float8_time_share(profile: ModelProfile, hw: Hardware) -> float:
+    """A decoder layer's time under ``profile.precision`` against bf16 at the same rate: 1 but for fp8 /
+    fp8-lean, whose converted linear layers' share of the layer's FLOPs (``runtime/float8.py``, Llama-style
+    shapes) runs ``hw.fp8_speedup`` times faster."""
+    if profile.precision not in FLOAT8:
+        return 1.0
+    layer = profile.module(profile.tp_degrees[0], "layers")
+    converted = float8_flops_per_token(
+        profile.hidden_size, profile.num_heads, profile.num_kv_heads, profile.intermediate_size
+    )
+    share = min(1.0, converted / layer.fwd_flops_per_token) if layer.fwd_flops_per_token else 0.0
+    return 1.0 - share + share / hw.fp8_speedup
 
 
 def stage_seconds_per_layer(profile: ModelProfile, tp: int, recompute_cls: Optional[str]) -> float:
