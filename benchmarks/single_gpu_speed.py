@@ -260,18 +260,6 @@ VARIANTS = [
         mem_per_gpu=74,
         timeout=420,
     ),
-    # accu: GRADIENT_ACCU_NUM (the plan is chosen for it; memory with accumulation against without)
-    dict(
-        name="8B-full-bf16lean-plan-compile-accu8",
-        model="B",
-        mode="full",
-        mb=2,
-        accu=8,
-        precision="bf16-lean",
-        compile=1,
-        mem_per_gpu=74,
-        timeout=480,
-    ),
     # float8 linear layers in the decoder blocks (PRECISION=fp8: bf16-master's storage; fp8-lean: bf16-lean's)
     dict(name="1.1B-full-fp8-compile", model="A", mode="full", mb=8, precision="fp8", compile=1, timeout=300),
     dict(name="8B-lora-fp8-compile", model="B", mode="lora", mb=2, precision="fp8", compile=1, timeout=420),
@@ -284,6 +272,18 @@ VARIANTS = [
         compile=1,
         mem_per_gpu=74,
         timeout=420,
+    ),
+    # accu: GRADIENT_ACCU_NUM (the plan is chosen for it; memory with accumulation against without)
+    dict(
+        name="8B-full-bf16lean-plan-compile-accu8",
+        model="B",
+        mode="full",
+        mb=2,
+        accu=8,
+        precision="bf16-lean",
+        compile=1,
+        mem_per_gpu=74,
+        timeout=480,
     ),
 ]
 ROW_KEYS = {
