@@ -61,8 +61,8 @@ def predict(row: dict, settings: dict, hardware: Hardware) -> dict:
     profile = _profile(
         config.to_json_string(), settings["seq"], row["precision"], bool(row.get("compile")), lora_of(row, settings)
     )
-    cost = estimate(profile, plan, Workload(row["mb"], settings["seq"]), hardware)
-    allocated = (cost.peak_bytes - hardware.workspace_bytes) / (1 + hardware.allocator_slack)
+    cost = estimate(profile, plan, Workload(row["mb"], settings["seq"], grad_accu=row.get("accu", 1)), hardware)
+    allocated = cost.parts["allocated"]
     group = (
         f"{row['run']} {row['model']} {row['mode']} {row['precision']} COMPILE={int(bool(row.get('compile')))} "
         f"mb {row['mb']}"

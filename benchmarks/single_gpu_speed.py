@@ -827,6 +827,7 @@ class Benchmark:
         if run["rc"] != 0 or not plan_file.is_file():
             return dict(reason=f"run.sh compile failed (rc {run['rc']})", tail=text.splitlines()[-TAIL_LINES:])
         chosen = re.search(r"chosen plan: (.*?); peak memory ([\d.]+) GB.*?step ([\d.]+) s", text)
+        tensors = re.search(r"chosen plan: .*?; peak memory [\d.]+ GB \(tensors ([\d.]+)", text)
         planned = dict(plan_file=str(plan_file), plan=json.loads(plan_file.read_text()))
         if chosen:
             planned.update(
@@ -834,6 +835,8 @@ class Benchmark:
                 predicted_peak_gib=float(chosen.group(2)),
                 predicted_step_s=float(chosen.group(3)),
             )
+        if tensors:  # comparable with the measured peak_alloc_gib (torch.cuda.max_memory_allocated)
+            planned.update(predicted_alloc_gib=float(tensors.group(1)))
         self.log(f"PLAN {row['name']}: {planned.get('plan_summary')} (MEM_PER_GPU {row['mem_per_gpu']})")
         return planned
 
@@ -1028,7 +1031,13 @@ def render_table(results: List[dict], environment: dict, baseline: dict, setting
                         [
                             notes,
                             f"compile pass: {r['plan_summary']}, predicted peak "
-                            f"{r['predicted_peak_gib']:.1f} GiB, step {r['predicted_step_s']:.3f} s",
+                            f"{r['predicted_peak_gib']:.1f} GiB"
+                            + (
+                                f" (tensors {r['predicted_alloc_gib']:.1f} against the measured allocated peak)"
+                                if r.get("predicted_alloc_gib")
+                                else ""
+                            )
+                            + f", step {r['predicted_step_s']:.3f} s",
                         ],
                     )
                 )

@@ -21,7 +21,9 @@ Memory of one rank (the fullest pipeline stage decides the plan's peak)::
                   gradient; a recomputed layer's rebuilt activations)
     step        = static (gradients included) + the data-parallel buffer (with PRECISION=fp16 only, which
                   fairseq's DDP runs: its buckets, or the mesh's flat copy of the gradients for tp plans)
-    peak        = max(forward/backward peak, step) x (1 + allocator_slack) + workspace
+    allocated   = max(forward/backward peak, step): what torch.cuda.max_memory_allocated reads (``parts``)
+    peak        = allocated x (1 + allocator_slack) + workspace: what MEM_PER_GPU must hold (the caching
+                  allocator's fragmentation and cuBLAS workspaces beside the tensors)
 
 Step time of one update::
 
@@ -259,7 +261,8 @@ def estimate(
         # torch_adamw's steps hold nothing beside the states: bf16 weights' Triton kernels read the bf16
         # gradients as they are and keep float32 values in registers; FSDP2 has resharded the weights
         step_peak = states + dp_buffer
-        peak = max(fwd_bwd, step_peak) * (1 + hw.allocator_slack) + hw.workspace_bytes
+        allocated = max(fwd_bwd, step_peak)  # what torch.cuda.max_memory_allocated would read
+        peak = allocated * (1 + hw.allocator_slack) + hw.workspace_bytes
         ranks.append(
             dict(
                 rank=rank,
@@ -272,6 +275,7 @@ def estimate(
                 transient=transient,
                 comm=comm,
                 dp_buffer=dp_buffer,
+                allocated=allocated,
                 peak=peak,
                 seconds_per_microbatch=seconds,
             )
@@ -305,6 +309,7 @@ def estimate(
         transient=worst["transient"],
         comm=worst["comm"],
         dp_buffer=worst["dp_buffer"],
+        allocated=worst["allocated"],
         worst_rank=worst["rank"],
         compute_and_tp=compute,
         bubble=work.grad_accu * bubble,
