@@ -55,7 +55,7 @@ from .hardware import GIB, Hardware
 from .model_spec import stage_layers
 from .plan import INTERLEAVED, Plan
 from .profile_types import ModelProfile
-from .runtime.float8 import float8_flops_per_token
+from .runtime.float8 import float8_flops_per_token, kept_bytes_saved_per_token
 from .runtime.precision import FLOAT8, stored_as
 
 
@@ -168,7 +168,9 @@ def estimate(
     layer_rate = rate * (hw.compiled_speedup if profile.compiled else 1.0)  # COMPILE compiles the decoder layers
     layer_rate /= float8_time_share(profile, hw)
     tp_link = _link(hw, tp <= hw.gpus_per_node)
-    sp_saving = sequence_parallel_saving(profile, tp) if work.sequence_parallel else 0.0
+    kept_saving = sequence_parallel_saving(profile, tp) if work.sequence_parallel else 0.0
+    if profile.precision in FLOAT8 and profile.compiled and layer.trainable is None:
+        kept_saving += kept_bytes_saved_per_token(profile.hidden_size, profile.intermediate_size)
 
     # Gradients live through the forward when they accumulate: over micro-steps, or over micro-batches.
     grads_persist = work.grad_accu > 1 or plan.num_microbatches > 1
@@ -198,7 +200,7 @@ def estimate(
             for i in stages[s]:
                 cls = recompute[i]
                 acts = layer.activations if cls is None else layer.recompute[cls][0]
-                kept = acts.bytes(mb_tokens) - (sp_saving * mb_tokens if cls is None else 0.0)
+                kept = acts.bytes(mb_tokens) - (kept_saving * mb_tokens if cls is None else 0.0)
                 walk.append(
                     _Backward(
                         kept,
