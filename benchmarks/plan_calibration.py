@@ -20,6 +20,7 @@ The cost parameters are the measured GPU kind's (``cube.hardware.GPU_KINDS``), a
 """
 
 import argparse
+import dataclasses
 import functools
 import json
 import statistics
@@ -74,22 +75,22 @@ def predict(row: dict, settings: dict, hardware: Hardware) -> dict:
     profile = _profile(
         config.to_json_string(), settings["seq"], row["precision"], bool(row.get("compile")), lora_of(row, settings)
     )
-    work = Workload(row["mb"], settings["seq"])
+    work = Workload(row["mb"], settings["seq"], grad_accu=row.get("accu", 1))
     cost = estimate(profile, plan, work, hardware)
     step_time = cost.step_time
     updates = run_micro_batches(row, settings)
     if updates is not None:
         packed = bool(row.get("pack"))
         layout = from_micro_batches(updates, packed)  # every update of the run: its largest decides the peak
-        cost = estimate(profile, plan, Workload(row["mb"], settings["seq"], layout=layout), hardware)
+        cost = estimate(profile, plan, dataclasses.replace(work, layout=layout), hardware)
         timed = updates[row["warmup"] : row["warmup"] + row["steps"]]
         step_time = statistics.median(
             estimate(
-                profile, plan, Workload(row["mb"], settings["seq"], layout=from_micro_batches([b], packed)), hardware
+                profile, plan, dataclasses.replace(work, layout=from_micro_batches([b], packed)), hardware
             ).step_time
             for b in timed
         )
-    allocated = (cost.peak_bytes - hardware.workspace_bytes) / (1 + hardware.allocator_slack)
+    allocated = cost.parts["allocated"]
     group = (
         f"{row['run']} {row['model']} {row['mode']} {row['precision']} COMPILE={int(bool(row.get('compile')))} "
         f"mb {row['mb']}"

@@ -305,6 +305,31 @@ VARIANTS = [
         mem_per_gpu=74,
         timeout=300,
     ),
+    # float8 linear layers in the decoder blocks (PRECISION=fp8: bf16-master's storage; fp8-lean: bf16-lean's)
+    dict(name="1.1B-full-fp8-compile", model="A", mode="full", mb=8, precision="fp8", compile=1, timeout=300),
+    dict(name="8B-lora-fp8-compile", model="B", mode="lora", mb=2, precision="fp8", compile=1, timeout=420),
+    dict(
+        name="8B-full-fp8lean-plan-compile",
+        model="B",
+        mode="full",
+        mb=2,
+        precision="fp8-lean",
+        compile=1,
+        mem_per_gpu=74,
+        timeout=420,
+    ),
+    # accu: GRADIENT_ACCU_NUM (the plan is chosen for it; memory with accumulation against without)
+    dict(
+        name="8B-full-bf16lean-plan-compile-accu8",
+        model="B",
+        mode="full",
+        mb=2,
+        accu=8,
+        precision="bf16-lean",
+        compile=1,
+        mem_per_gpu=74,
+        timeout=480,
+    ),
 ]
 ROW_KEYS = {
     "name",
@@ -320,6 +345,7 @@ ROW_KEYS = {
     "data",
     "pack",
     "zero",
+    "accu",
 }
 # rows of exactly seq tokens; of lengths uniform in [seq/8, seq]; or long-tailed as chat data (padding)
 DATA_KINDS = ("fixed", "varlen", "chat")
@@ -593,7 +619,7 @@ def check_rows(rows: List[dict]) -> List[dict]:
             )
         if row.get("data", "fixed") not in DATA_KINDS:
             raise ValueError(f"row {name}: data must be one of {DATA_KINDS}, got {row['data']!r}")
-        out.append(dict(dict(compile=0, recompute="", timeout=240, data="fixed", pack=0, zero=0), **row))
+        out.append(dict(dict(compile=0, recompute="", timeout=240, data="fixed", pack=0, zero=0, accu=1), **row))
     names = [r["name"] for r in out]
     if len(set(names)) != len(names):
         raise ValueError(f"row names must be unique, got {names}")
@@ -620,7 +646,7 @@ class Benchmark:
         self._rows_needed: Dict[Tuple[int, str], int] = {}
         for row in rows:
             key = (self.shapes[row["model"]]["vocab_size"], row["data"])
-            need = ((self.warmup(row) + args.steps) * row["mb"] + row["mb"]) * (
+            need = ((self.warmup(row) + args.steps) * row["mb"] * row["accu"] + row["mb"]) * (
                 SAMPLES_PER_PACKED_ROW[row["data"]] if row["pack"] else 1
             )
             self._rows_needed[key] = max(self._rows_needed.get(key, 0), need)
@@ -729,6 +755,8 @@ class Benchmark:
             data=row["data"],
             pack=row["pack"],
             zero=row["zero"],
+    ),
+            accu=row["accu"],
             warmup=warmup,
             steps=self.args.steps,
             log=f"logs/{row['name']}.log",
@@ -749,7 +777,7 @@ class Benchmark:
             DATASET_PATH=str(self.dataset(shape["vocab_size"], row["data"])),
             SEQUENCE_LENGTH=str(self.seq),
             BATCH_SIZE=str(row["mb"]),
-            GRADIENT_ACCU_NUM="1",
+            GRADIENT_ACCU_NUM=str(row["accu"]),
             MAX_STEPS=str(warmup + self.args.steps),
             WARMUP_STEPS="0",
             LEARNING_RATE=LEARNING_RATE[row["mode"]],
@@ -847,6 +875,7 @@ class Benchmark:
         if run["rc"] != 0 or not plan_file.is_file():
             return dict(reason=f"run.sh compile failed (rc {run['rc']})", tail=text.splitlines()[-TAIL_LINES:])
         chosen = re.search(r"chosen plan: (.*?); peak memory ([\d.]+) GB.*?step ([\d.]+) s", text)
+        tensors = re.search(r"chosen plan: .*?; peak memory [\d.]+ GB \(tensors ([\d.]+)", text)
         planned = dict(plan_file=str(plan_file), plan=json.loads(plan_file.read_text()))
         if chosen:
             planned.update(
@@ -854,6 +883,8 @@ class Benchmark:
                 predicted_peak_gib=float(chosen.group(2)),
                 predicted_step_s=float(chosen.group(3)),
             )
+        if tensors:  # comparable with the measured peak_alloc_gib (torch.cuda.max_memory_allocated)
+            planned.update(predicted_alloc_gib=float(tensors.group(1)))
         self.log(f"PLAN {row['name']}: {planned.get('plan_summary')} (MEM_PER_GPU {row['mem_per_gpu']})")
         return planned
 
@@ -1049,7 +1080,13 @@ def render_table(results: List[dict], environment: dict, baseline: dict, setting
                         [
                             notes,
                             f"compile pass: {r['plan_summary']}, predicted peak "
-                            f"{r['predicted_peak_gib']:.1f} GiB, step {r['predicted_step_s']:.3f} s",
+                            f"{r['predicted_peak_gib']:.1f} GiB"
+                            + (
+                                f" (tensors {r['predicted_alloc_gib']:.1f} against the measured allocated peak)"
+                                if r.get("predicted_alloc_gib")
+                                else ""
+                            )
+                            + f", step {r['predicted_step_s']:.3f} s",
                         ],
                     )
                 )

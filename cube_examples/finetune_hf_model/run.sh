@@ -80,7 +80,9 @@ CUBE_SCALING_FACTOR=${CUBE_SCALING_FACTOR:-}  # scale units; default: world size
 PLAN_FILE=${PLAN_FILE:-}  # a Plan JSON; replaces PLAN_NGPUS, CUBE_SCALING_FACTOR, USE_ZERO, ZERO_N_GROUPS
 RECOMPUTE_MODULE_NAMES=${RECOMPUTE_MODULE_NAMES:-}
 MEM_PER_GPU=${MEM_PER_GPU:-}  # GB (2**30 bytes) per GPU for `run.sh compile`; default 0.8 x the GPU's memory
-PRECISION=${PRECISION:-}  # fp32, bf16 (autocast over fp32 weights), bf16-master, bf16-lean (bf16 weights), fp16;
+PRECISION=${PRECISION:-}  # fp32, bf16 (autocast over fp32 weights), bf16-master, bf16-lean (bf16 weights), fp16,
+# fp8 / fp8-lean (bf16-master / bf16-lean with float8 linear layers in the decoder blocks: GPUs of compute
+# capability 8.9+, torchao);
 # unset: bf16-master on GPUs with bf16, fp32 otherwise (chosen below, once the checks pass)
 COMPILE=${COMPILE:-0}  # 1: torch.compile each decoder layer
 PACK_SEQUENCES=${PACK_SEQUENCES:-0}  # 1: causal LM samples packed into rows of SEQUENCE_LENGTH tokens
@@ -184,9 +186,9 @@ if [[ -n $PLAN_FILE ]]; then
 fi
 case $PRECISION in
     fp32 | "") PRECISION_ARGS=() ;;  # unset: chosen with the device below
-    bf16 | bf16-master | bf16-lean) PRECISION_ARGS=(--precision "$PRECISION") ;;
+    bf16 | bf16-master | bf16-lean | fp8 | fp8-lean) PRECISION_ARGS=(--precision "$PRECISION") ;;
     fp16) PRECISION_ARGS=(--fp16) ;;
-    *) fail "PRECISION must be fp32, bf16, bf16-master, bf16-lean or fp16, got '$PRECISION'" ;;
+    *) fail "PRECISION must be fp32, bf16, bf16-master, bf16-lean, fp8, fp8-lean or fp16, got '$PRECISION'" ;;
 esac
 [[ $COMPILE == 0 || $COMPILE == 1 ]] || fail "COMPILE must be 0 or 1, got '$COMPILE'"
 if [[ $COMPILE == 1 ]]; then PRECISION_ARGS+=(--compile-layers); fi

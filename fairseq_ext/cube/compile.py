@@ -360,7 +360,8 @@ def format_report(compiled: Compiled, top: int = 8) -> str:
         best = result.best
         parts = best.cost.parts
         lines.append(
-            f"chosen plan: {_describe(best)}; peak memory {best.cost.peak_gib:.2f} GB of which weights, "
+            f"chosen plan: {_describe(best)}; peak memory {best.cost.peak_gib:.2f} GB (tensors {parts['allocated'] / GIB:.2f} "
+            f"as torch.cuda.max_memory_allocated counts them, plus allocator slack and workspaces) of which weights, "
             f"gradients and optimizer states {parts['static'] / GIB:.2f} (gradients only from backward on), "
             f"all-gathered weights {parts['unsharded'] / GIB:.2f}, "
             f"activations kept {parts['activations'] / GIB:.2f}, backward working set "

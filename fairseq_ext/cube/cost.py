@@ -21,7 +21,9 @@ Memory of one rank (the fullest pipeline stage decides the plan's peak)::
                   gradient; a recomputed layer's rebuilt activations)
     step        = static (gradients included) + the data-parallel buffer (with PRECISION=fp16 only, which
                   fairseq's DDP runs: its buckets, or the mesh's flat copy of the gradients for tp plans)
-    peak        = max(forward/backward peak, step) x (1 + allocator_slack) + workspace
+    allocated   = max(forward/backward peak, step): what torch.cuda.max_memory_allocated reads (``parts``)
+    peak        = allocated x (1 + allocator_slack) + workspace: what MEM_PER_GPU must hold (the caching
+                  allocator's fragmentation and cuBLAS workspaces beside the tensors)
 
 Step time of one update::
 
@@ -60,6 +62,8 @@ from .hardware import GIB, Hardware
 from .model_spec import stage_layers
 from .plan import INTERLEAVED, Plan
 from .profile_types import ModelProfile
+from .runtime.float8 import float8_flops_per_token, kept_bytes_saved_per_token
+from .runtime.precision import FLOAT8, stored_as
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,7 @@ def optimizer_step_bytes(precision: str) -> float:
     about 168;
     fairseq's fp16 optimizer adds its float32 gradient copy to the fused step.
     """
+    precision = stored_as(precision)
     if precision == "bf16-lean":
         return 2 + 3 * 2 + 3 * 2
     if precision == "bf16-master":
@@ -174,16 +179,19 @@ def estimate(
     head_acts = (profile.fused_head.get(edge_tp) if pp == 1 else None) or head.activations
     shared = profile.shared[tp]
     stages = stage_layers(profile.num_layers, plan.num_stages, plan.stage_boundaries)
-    weight_b, grad_b, optimizer_b = _PRECISION_BYTES[profile.precision]
+    weight_b, grad_b, optimizer_b = _PRECISION_BYTES[stored_as(profile.precision)]
     level = zero_level(plan)
     shards = zero_shards(plan)
     # Level 1 adds up accumulated batches in whole local gradients, reduced once per update
     grad_shards = 1 if level == 1 and work.grad_accu > 1 else shards
-    reduce_b = _REDUCE_BYTES[profile.precision]
+    reduce_b = _REDUCE_BYTES[stored_as(profile.precision)]
     rate = (hw.fp32_flops if profile.precision == "fp32" else hw.device_flops) * hw.efficiency
     layer_rate = rate * (hw.compiled_speedup if profile.compiled else 1.0)  # COMPILE compiles the decoder layers
+    layer_rate /= float8_time_share(profile, hw)
     tp_link = _link(hw, tp <= hw.gpus_per_node)
-    sp_saving = sequence_parallel_saving(profile, tp) if work.sequence_parallel else 0.0
+    kept_saving = sequence_parallel_saving(profile, tp) if work.sequence_parallel else 0.0
+    if profile.precision in FLOAT8 and profile.compiled and layer.trainable is None:
+        kept_saving += kept_bytes_saved_per_token(profile.hidden_size, profile.intermediate_size)
 
     # Gradients live through the forward when they accumulate: over micro-steps, or over micro-batches.
     grads_persist = work.grad_accu > 1 or plan.num_microbatches > 1
@@ -213,7 +221,7 @@ def estimate(
             for i in stages[s]:
                 cls = recompute[i]
                 acts = layer.activations if cls is None else layer.recompute[cls][0]
-                kept = acts.bytes(mb_tokens) - (sp_saving * mb_tokens if cls is None else 0.0)
+                kept = acts.bytes(mb_tokens) - (kept_saving * mb_tokens if cls is None else 0.0)
                 walk.append(
                     _Backward(
                         kept,
@@ -279,7 +287,8 @@ def estimate(
         # torch_adamw's steps hold nothing beside the states: bf16 weights' Triton kernels read the bf16
         # gradients as they are and keep float32 values in registers; FSDP2 has resharded the weights
         step_peak = states + dp_buffer
-        peak = max(fwd_bwd, step_peak) * (1 + hw.allocator_slack) + hw.workspace_bytes
+        allocated = max(fwd_bwd, step_peak)  # what torch.cuda.max_memory_allocated would read
+        peak = allocated * (1 + hw.allocator_slack) + hw.workspace_bytes
         ranks.append(
             dict(
                 rank=rank,
@@ -292,6 +301,7 @@ def estimate(
                 transient=transient,
                 comm=comm,
                 dp_buffer=dp_buffer,
+                allocated=allocated,
                 peak=peak,
                 seconds_per_microbatch=seconds,
             )
@@ -330,6 +340,7 @@ def estimate(
         transient=worst["transient"],
         comm=worst["comm"],
         dp_buffer=worst["dp_buffer"],
+        allocated=worst["allocated"],
         worst_rank=worst["rank"],
         compute_and_tp=compute,
         bubble=work.grad_accu * bubble,
@@ -441,9 +452,23 @@ def sequence_parallel_saving(profile: ModelProfile, tp: int) -> float:
     weights' dtype (compiled: Inductor's partitioner recomputes the cast, the output stays), per hidden unit."""
     if tp <= 1:
         return 0.0
-    weight_bytes = _PRECISION_BYTES[profile.precision][0]
+    weight_bytes = _PRECISION_BYTES[stored_as(profile.precision)][0]
     per_norm = profile.hidden_size * (weight_bytes if profile.compiled else 4 + weight_bytes)
     return 2 * per_norm * (1 - 1 / tp)
+
+
+def float8_time_share(profile: ModelProfile, hw: Hardware) -> float:
+    """A decoder layer's time under ``profile.precision`` against bf16 at the same rate: 1 but for fp8 /
+    fp8-lean, whose converted linear layers' share of the layer's FLOPs (``runtime/float8.py``, Llama-style
+    shapes) runs ``hw.fp8_speedup`` times faster."""
+    if profile.precision not in FLOAT8:
+        return 1.0
+    layer = profile.module(profile.tp_degrees[0], "layers")
+    converted = float8_flops_per_token(
+        profile.hidden_size, profile.num_heads, profile.num_kv_heads, profile.intermediate_size
+    )
+    share = min(1.0, converted / layer.fwd_flops_per_token) if layer.fwd_flops_per_token else 0.0
+    return 1.0 - share + share / hw.fp8_speedup
 
 
 def stage_seconds_per_layer(profile: ModelProfile, tp: int, recompute_cls: Optional[str]) -> float:

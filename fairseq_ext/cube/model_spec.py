@@ -21,6 +21,7 @@ from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .custom import CUSTOM_MODULES, STYLES, registered_rules
+from .runtime.precision import FLOAT8, stored_as
 
 if TYPE_CHECKING:  # annotations only: the spec is read without importing torch's or transformers' models
     import torch
@@ -70,7 +71,7 @@ CAUSAL_LM = "causal_lm"
 class RunSettings:
     """The run's settings that decide which plans can run (run.sh's names in the comments)."""
 
-    precision: str = "fp32"  # PRECISION: fp32, bf16, bf16-master, bf16-lean, or fp16 (fairseq's --fp16)
+    precision: str = "fp32"  # PRECISION: fp32, bf16, bf16-master, bf16-lean, fp8, fp8-lean, or fp16 (fairseq's --fp16)
     fairseq_half: Tuple[str, ...] = ()  # fairseq's own --bf16 / --amp flags in use (--fp16 is precision fp16)
     compiled: bool = False  # COMPILE
     lora: bool = False  # USE_LORA
@@ -179,6 +180,12 @@ class ModelSpec:
             reasons.append(
                 f"{'/'.join(settings.half_flags)} with tensor or pipeline parallel (PLAN_NGPUS > 1) "
                 f"is not available yet; use PRECISION=bf16, bf16-master or bf16-lean, or fp32"
+            )
+        if settings.precision in FLOAT8:
+            reasons.append(
+                f"PRECISION={settings.precision} with tensor or pipeline parallel (PLAN_NGPUS {plan.plan_ngpus}) is "
+                f"not available yet (float8 linear layers are not split); use PLAN_NGPUS=1 (data parallel) or "
+                f"PRECISION={stored_as(settings.precision)}"
             )
         if settings.compiled and plan.tp > 1 and settings.head != CAUSAL_LM:
             reasons.append(

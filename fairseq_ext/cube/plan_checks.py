@@ -16,11 +16,12 @@ from .compile import check_plan_is_current
 from .config import plan_from_config
 from .model_spec import RunSettings, spec_of
 from .plan import Plan
+from .runtime import float8
 from .runtime.compile_layers import compile_layers
 from .runtime.mesh import DP, PP, build_mesh, init_one_process_group
 from .runtime.parallelize import apply_plan_recompute, parallelize
 from .runtime.pipeline import PipelineRunner
-from .runtime.precision import check_precision, reduce_dtype
+from .runtime.precision import FLOAT8, check_precision, reduce_dtype, stored_as
 
 logger = logging.getLogger(__name__)
 
@@ -125,10 +126,24 @@ def apply_plan(cfg: DictConfig, model: torch.nn.Module, criterion: Optional[obje
 
 
 def _compile_blocks(cfg: DictConfig, model: torch.nn.Module, plan: Plan) -> None:
-    """COMPILE=1 (``--compile-layers``): compile each decoder block of the model as the plan left it (recompute
+    """PRECISION=fp8: swap the decoder blocks' linear layers for float8 ones (``runtime/float8.py``); then
+    COMPILE=1 (``--compile-layers``): compile each decoder block of the model as the plan left it (recompute
     wrappers, tensor-parallel shards in place), as torchtitan does. Tensor-parallel blocks get one static
     shape (``dynamic=False``; the trainer pads their batches to SEQUENCE_LENGTH, ``batch_padding.py``)."""
     hf_model = getattr(model, "hf_model", None)
+    precision = getattr(cfg.task, "precision", "fp32")
+    if precision in FLOAT8:
+        if hf_model is None:
+            raise UserInputError(
+                f"PRECISION={precision} converts the decoder blocks of Hugging Face models (--arch hf_auto_*), "
+                f"got {type(model).__name__}; use PRECISION={stored_as(precision)}"
+            )
+        on_gpu = torch.cuda.is_available() and not cfg.common.cpu
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        float8.check_device(device, precision)
+        logger.info(
+            f"PRECISION={precision}: {float8.convert_blocks(hf_model, precision)} linear layers multiply in float8"
+        )
     if getattr(cfg.model, "compile_layers", False) and hf_model is not None:
         count = compile_layers(hf_model, dynamic=False if plan.tp > 1 else None)
         logger.info(f"torch.compile: {count} decoder layers" + (", one static shape" if plan.tp > 1 else ""))

@@ -6,9 +6,10 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-# run.sh PRECISION: bf16 is autocast over fp32 weights, bf16-master / bf16-lean keep bf16 weights, fp16 is fairseq's
-PRECISIONS = ("fp32", "bf16", "bf16-master", "bf16-lean", "fp16")
-WEIGHT_DTYPES = {"fp16": torch.float16, "bf16-master": torch.bfloat16, "bf16-lean": torch.bfloat16}
+# run.sh PRECISION: bf16 is autocast over fp32 weights, bf16-master / bf16-lean / fp8 / fp8-lean keep bf16 weights,
+# fp16 is fairseq's
+PRECISIONS = ("fp32", "bf16", "bf16-master", "bf16-lean", "fp8", "fp8-lean", "fp16")
+WEIGHT_DTYPES = {"fp16": torch.float16, **{p: torch.bfloat16 for p in ("bf16-master", "bf16-lean", "fp8", "fp8-lean")}}
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.optim import FairseqOptimizer, register_optimizer
 from omegaconf import II, OmegaConf
 
+from ..cube.runtime.precision import stored_as
 from .adamw import MixedPrecisionAdamW
 
 
@@ -90,7 +91,7 @@ class FairseqTorchAdamW(FairseqOptimizer):
             "betas": tuple(betas),
             "eps": self.cfg.adam_eps,
             "weight_decay": self.cfg.weight_decay,
-            "lean_states": getattr(self.cfg, "precision", "fp32") == "bf16-lean",
+            "lean_states": stored_as(getattr(self.cfg, "precision", "fp32")) == "bf16-lean",
         }
 
     @property

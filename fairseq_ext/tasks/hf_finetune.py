@@ -73,8 +73,9 @@ class HFFinetuneConfig(CubeConfig):
         default="fp32",
         metadata={
             "help": "fp32; bf16: forward under bfloat16 autocast with fp32 weights and optimizer; bf16-master: bf16 "
-            "weights, fp32 master weights and moments in the optimizer; bf16-lean: bf16 weights and moments "
-            "(both need --optimizer torch_adamw). fairseq's own --bf16 does not work on GPUs; fp16 is "
+            "weights, fp32 master weights and moments in the optimizer; bf16-lean: bf16 weights and moments; "
+            "fp8: bf16-master with the decoder blocks' linear layers in float8 (GPUs of compute capability 8.9+, "
+            "torchao); fp8-lean: bf16-lean with those float8 layers (all need --optimizer torch_adamw). fairseq's own --bf16 does not work on GPUs; fp16 is "
             "fairseq's --fp16"
         },
     )

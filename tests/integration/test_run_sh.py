@@ -90,8 +90,13 @@ BAD_INPUTS = {
     "USE_LORA not 0/1": ({"USE_LORA": "yes"}, r"run\.sh: error: USE_LORA must be 0 or 1, got 'yes'"),
     "BATCH_SIZE negative": ({"BATCH_SIZE": "-4"}, r"BATCH_SIZE must be a positive integer, got '-4'"),
     "unknown PRECISION": (
+        {"PRECISION": "fp4"},
+        r"run\.sh: error: PRECISION must be fp32, bf16, bf16-master, bf16-lean, fp8, fp8-lean or fp16, got 'fp4'",
+    ),
+    "PRECISION=fp8 on the CPU": (
         {"PRECISION": "fp8"},
-        r"run\.sh: error: PRECISION must be fp32, bf16, bf16-master, bf16-lean or fp16, got 'fp8'",
+        r"PRECISION=fp8 multiplies in float8 on NVIDIA GPUs of compute capability 8\.9 or newer \(Ada, Hopper\); "
+        r"this run is on the CPU: use PRECISION=bf16-master",
     ),
     "COMPILE not 0/1": ({"COMPILE": "yes"}, r"run\.sh: error: COMPILE must be 0 or 1, got 'yes'"),
     "PADDING_FREE not 0/1": ({"PADDING_FREE": "2"}, r"run\.sh: error: PADDING_FREE must be 0 or 1, got '2'"),

@@ -54,7 +54,7 @@ def parallelize(
     When the LM head is vocab parallel (pp 1 only) its logits are a DTensor sharded on the vocabulary, and
     the loss must be computed (forward and backward) under ``torch.distributed.tensor.parallel.loss_parallel()``.
     ``sequence_parallel`` (tp > 1): the norms and the hidden states between the tensor-parallel regions are
-    sharded on the sequence (``sequence_parallel.py``). ``compile_blocks`` (COMPILE=1) is called after the
+    sharded on the sequence (``sequence_parallel.py``). ``compile_blocks`` (float8 layers, COMPILE=1) is called after the
     tensor-parallel split and before FSDP2 sharding (torchtitan's order), so each compiled block traces its
     tensor-parallel forward. ``reduce_dtype``: what FSDP2 sums gradients in (``fsdp.shard_data_parallel``).
     """

@@ -11,6 +11,10 @@ run.sh ``PRECISION``):
   gradient traffic); the optimizer (``--optimizer torch_adamw``) keeps float32 master weights and moments.
 - ``bf16-lean``: bfloat16 weights, gradients and moments, no master weights; updates are rounded
   stochastically. 8 bytes per parameter: the full finetune of the largest model that fits.
+- ``fp8``: bf16-master whose decoder blocks' linear layers multiply in float8 (``runtime/float8.py``, torchao's
+  float8 training; GPUs of compute capability 8.9 or newer). Weights, checkpoints and exports are bf16-master's.
+- ``fp8-lean``: the same float8 linear layers over bf16-lean's weights and optimizer (an 8B full finetune on
+  one 80 GB GPU).
 """
 
 import contextlib
@@ -20,8 +24,11 @@ import torch
 
 from ...errors import UserInputError
 
-PRECISIONS = ("fp32", "bf16", "bf16-master", "bf16-lean")
-BF16_WEIGHTS = ("bf16-master", "bf16-lean")  # the model is loaded in bfloat16
+PRECISIONS = ("fp32", "bf16", "bf16-master", "bf16-lean", "fp8", "fp8-lean")
+BF16_WEIGHTS = ("bf16-master", "bf16-lean", "fp8", "fp8-lean")  # the model is loaded in bfloat16
+FLOAT8 = ("fp8", "fp8-lean")  # the decoder blocks' linear layers multiply in float8
+# what each precision keeps of weights, gradients and optimizer states, where that is another precision's
+_STORED_AS = {"fp8": "bf16-master", "fp8-lean": "bf16-lean"}
 NEEDS_OPTIMIZER = "torch_adamw"  # the optimizer that keeps master weights / rounds stochastically
 
 
@@ -36,6 +43,12 @@ def autocast(precision: str, device: torch.device):
     if precision in PRECISIONS:
         return contextlib.nullcontext()
     raise _unknown(precision)
+
+
+def stored_as(precision: str) -> str:
+    """The precision whose weights, gradients and optimizer states (bytes, optimizer step, profile dtypes)
+    ``precision`` keeps: fp8 keeps bf16-master's, fp8-lean bf16-lean's; the others their own."""
+    return _STORED_AS.get(precision, precision)
 
 
 def weight_dtype(precision: str) -> Optional[str]:

@@ -1,0 +1,110 @@
+"""PRECISION=fp8 / fp8-lean: the decoder blocks' linear layers multiply in float8 (torchao's float8 training,
+dynamic tensorwise scales), everything else as bf16-master (bf16 weights and gradients, float32 master weights
+and moments in the optimizer) / bf16-lean. The weights stay bf16 ``nn.Parameter``s under the same names, so
+checkpoints and exports are bf16-master's / bf16-lean's.
+
+Which linear layers convert (:func:`converts`, also what the compile pass costs at the float8 rate): those of
+the repeated blocks (``_no_split_modules``), never LoRA's adapters (rank-wide, all cast and no matmul), never
+the LM head or embeddings (outside the blocks), with both dimensions divisible by 16 (the float8 matmul's
+requirement), and not the narrow ones whose casts cost more than the faster matmul saves (input width at most
+4096 and output at most 1024: an 8B model's k/v projections; torchao's own threshold for tensorwise scaling).
+"""
+
+from typing import Iterator, Tuple
+
+import torch
+
+from ...errors import UserInputError
+from .precision import stored_as
+
+INSTALL = "pip install torchao==0.18.0"
+MIN_CAPABILITY = (8, 9)  # float8 tensor cores: Ada (sm89), Hopper (sm90) and newer
+NARROW_IN, NARROW_OUT = 4096, 1024  # at most this wide in and out: the casts cost more than float8 saves
+
+
+def converts(name: str, in_features: int, out_features: int) -> bool:
+    """Whether the linear layer ``name`` (its path inside a decoder block) multiplies in float8."""
+    if any(part.startswith("lora_") for part in name.split(".")):
+        return False
+    if in_features % 16 or out_features % 16:
+        return False
+    return not (in_features <= NARROW_IN and out_features <= NARROW_OUT)
+
+
+def llama_linears(hidden: int, heads: int, kv_heads: int, intermediate: int) -> Iterator[Tuple[str, int, int]]:
+    """(name, in, out) of a Llama-style decoder layer's linear layers."""
+    head_dim = hidden // heads
+    yield from (
+        ("self_attn.q_proj", hidden, heads * head_dim),
+        ("self_attn.k_proj", hidden, kv_heads * head_dim),
+        ("self_attn.v_proj", hidden, kv_heads * head_dim),
+        ("self_attn.o_proj", heads * head_dim, hidden),
+        ("mlp.gate_proj", hidden, intermediate),
+        ("mlp.up_proj", hidden, intermediate),
+        ("mlp.down_proj", intermediate, hidden),
+    )
+
+
+def float8_flops_per_token(hidden: int, heads: int, kv_heads: int, intermediate: int) -> float:
+    """Forward FLOPs per token of one Llama-style decoder layer's linear layers that :func:`converts`."""
+    return sum(
+        2.0 * i * o for name, i, o in llama_linears(hidden, heads, kv_heads, intermediate) if converts(name, i, o)
+    )
+
+
+def kept_bytes_saved_per_token(hidden: int, intermediate: int) -> float:
+    """Bytes per token a compiled Llama-style decoder layer with float8 linear layers keeps less for the backward
+    of a full finetune: Inductor keeps float8 casts of inputs where bf16 copies were kept. Fitted on two H100
+    runs (benchmarks/results/single_gpu_speed/run24: 1.1B -4.5 GiB, 8B -4.0 GiB against bf16): one byte per
+    hidden unit and two per intermediate one. LoRA (frozen float8 weights) keeps what bf16 keeps."""
+    return hidden + 2.0 * intermediate
+
+
+def check_device(device: torch.device, precision: str = "fp8") -> None:
+    """Refuse a device without float8 matmuls, in one line that says what to use instead."""
+    instead = stored_as(precision)
+    if device.type != "cuda":
+        raise UserInputError(
+            f"PRECISION={precision} multiplies in float8 on NVIDIA GPUs of compute capability 8.9 or newer (Ada, "
+            f"Hopper); this run is on the {device.type.upper()}: use PRECISION={instead}"
+        )
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_CAPABILITY:
+        raise UserInputError(
+            f"PRECISION={precision} needs float8 tensor cores (compute capability 8.9 or newer: Ada, Hopper); "
+            f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}: use PRECISION={instead}"
+        )
+
+
+def convert_blocks(model: torch.nn.Module, precision: str = "fp8") -> int:
+    """Swap the linear layers of ``model``'s decoder blocks that :func:`converts` for torchao's ``Float8Linear``
+    in place; return how many. The weights stay the same parameters.
+
+    Raises:
+        UserInputError: torchao is not installed, or the model has no linear layer to convert.
+    """
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError:
+        raise UserInputError(f"PRECISION={precision} runs torchao's float8 training; install it: {INSTALL}") from None
+    config = Float8LinearConfig()  # dynamic tensorwise scales (cuBLAS's float8 matmul)
+    count = 0
+
+    def chosen(module: torch.nn.Module, name: str) -> bool:
+        nonlocal count
+        take = type(module) is torch.nn.Linear and converts(name, module.in_features, module.out_features)
+        count += take
+        return take
+
+    from .compile_layers import repeated_block_classes  # torch's Inductor: only where a run converts
+
+    classes = repeated_block_classes(model)
+    for block in [m for m in model.modules() if type(m).__name__ in classes]:
+        convert_to_float8_training(block, module_filter_fn=chosen, config=config)
+    if not count:
+        raise UserInputError(
+            f"PRECISION={precision} multiplies the decoder blocks' linear layers in float8, and "
+            f"{type(model).__name__} has none that qualify (nn.Linear, both sizes divisible by 16, not narrow); "
+            f"use PRECISION={stored_as(precision)}"
+        )
+    return count
