@@ -755,7 +755,6 @@ class Benchmark:
             data=row["data"],
             pack=row["pack"],
             zero=row["zero"],
-    ),
             accu=row["accu"],
             warmup=warmup,
             steps=self.args.steps,
