@@ -99,8 +99,7 @@ def test_packed_variable_length_rows_are_predicted_within_10_percent_on_the_h100
 
 def test_fp8_and_accumulation_rows_are_predicted():
     """H100 run 24: fp8 / fp8-lean (float8 linear layers; the kept-activation saving and fp8_speedup fitted on its
-    full-finetune rows) and 8B bf16-lean with GRADIENT_ACCU_NUM=8: every peak within 5%, full-finetune step times
-    within 10% (8B LoRA fp8 -11%: its frozen float8 base is costed as a full one's share)."""
+    rows) and 8B bf16-lean with GRADIENT_ACCU_NUM=8: every peak within 5%, every step time within 10%."""
     rows = [
         plan_calibration.predict(row, s, plan_calibration.hardware_for("H100"))
         for row, s in plan_calibration.measured_rows([RESULTS / "run24.json"])
@@ -108,5 +107,4 @@ def test_fp8_and_accumulation_rows_are_predicted():
     assert len(rows) == 5
     for row in rows:
         assert abs(row["predicted_gib"] - row["measured_gib"]) / row["measured_gib"] <= 0.05, row
-        if "lora" not in row["name"]:
-            assert abs(row["predicted_s"] - row["measured_s"]) / row["measured_s"] <= 0.10, row
+        assert abs(row["predicted_s"] - row["measured_s"]) / row["measured_s"] <= 0.10, row
