@@ -3,7 +3,7 @@
 Reads the JSON files ``single_gpu_speed.py`` wrote on the GPU, takes every full-finetune and LoRA row of
 ours (one GPU: PLAN_NGPUS=1, the row's PRECISION, COMPILE, micro-batch, LoRA, recompute and USE_ZERO, or the
 plan the compile pass chose for it), predicts it with the cost model on this machine (meta-device profile, no GPU) and
-prints the table of ``cube.cost.predicted_vs_measured``: predicted allocated memory (the cost model's peak
+prints the table of ``cube.calibration_table.predicted_vs_measured``: predicted allocated memory (the cost model's peak
 before its allocator slack and workspace, which model what ``max_memory_reserved`` adds) against
 ``torch.cuda.max_memory_allocated``, predicted step time against the measured median.
 
@@ -30,7 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fairseq_ext.cube.batch_layout import document_rows, from_micro_batches  # noqa: E402
-from fairseq_ext.cube.cost import GIB, Workload, estimate, predicted_vs_measured  # noqa: E402
+from fairseq_ext.cube.calibration_table import predicted_vs_measured  # noqa: E402
+from fairseq_ext.cube.cost import GIB, Workload, estimate  # noqa: E402
 from fairseq_ext.cube.hardware import GPU_KINDS, Hardware, hardware_for  # noqa: E402
 from fairseq_ext.cube.plan import Plan  # noqa: E402
 from fairseq_ext.cube.profile import Lora, profile_model  # noqa: E402

@@ -53,11 +53,20 @@ Tensor-parallel and pipeline communication is not overlapped (it adds to compute
 kind: ``hardware.GPU_KINDS`` (fitted on the committed one-GPU runs, benchmarks/results/single_gpu_speed).
 """
 
-import math
 from dataclasses import dataclass
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 from .batch_layout import MASKED, VARLEN, BatchLayout, full_rows
+from .communication_cost import link, p2p_seconds, tp_seconds
+from .data_parallel_cost import (
+    DataParallelBytes,
+    data_parallel_seconds,
+    one_rank_copy_seconds,
+    reduce_bytes,
+    unsharded_weights,
+    zero_level,
+    zero_shards,
+)
 from .hardware import GIB, Hardware
 from .model_spec import stage_layers
 from .plan import INTERLEAVED, Plan
@@ -92,9 +101,6 @@ _PRECISION_BYTES = {
     "fp16": (2, 2, 16),  # fairseq's --fp16: fp32 master weights and gradients, fp32 moments
 }
 ADAM_STATE_BYTES = 8  # two fp32 moments
-# bytes per gradient element FSDP2 reduces: float32 where the precision keeps float32 masters or weights
-_REDUCE_BYTES = {"fp32": 4, "bf16": 4, "bf16-master": 4, "bf16-lean": 2, "fp16": 4}
-FSDP_LAYERS_IN_FLIGHT = 2  # level 3: the layer computing and the one FSDP2 prefetches
 
 
 def optimizer_step_bytes(precision: str) -> float:
@@ -184,11 +190,11 @@ def estimate(
     shards = zero_shards(plan)
     # Level 1 adds up accumulated batches in whole local gradients, reduced once per update
     grad_shards = 1 if level == 1 and work.grad_accu > 1 else shards
-    reduce_b = _REDUCE_BYTES[stored_as(profile.precision)]
+    reduce_b = reduce_bytes(profile.precision, grad_b)
     rate = (hw.fp32_flops if profile.precision == "fp32" else hw.device_flops) * hw.efficiency
     layer_rate = rate * (hw.compiled_speedup if profile.compiled else 1.0)  # COMPILE compiles the decoder layers
     layer_rate /= float8_time_share(profile, hw)
-    tp_link = _link(hw, tp <= hw.gpus_per_node)
+    tp_link = link(hw, tp <= hw.gpus_per_node)
     kept_saving = sequence_parallel_saving(profile, tp) if work.sequence_parallel else 0.0
     if profile.precision in FLOAT8 and profile.compiled and layer.trainable is None:
         kept_saving += kept_bytes_saved_per_token(profile.hidden_size, profile.intermediate_size)
@@ -216,7 +222,7 @@ def estimate(
                 )
                 weights += embed.local_numel(edge_tp)
                 edge_weights += embed.local_numel(edge_tp)
-                seconds += _flops(embed) * tokens / rate + _tp_seconds(embed, edge_tp, tokens, tp_link)
+                seconds += _flops(embed) * tokens / rate + tp_seconds(embed, edge_tp, tokens, tp_link)
             walk.append(_Backward(shared.bytes(mb_tokens), 0.0, 0.0))
             for i in stages[s]:
                 cls = recompute[i]
@@ -235,7 +241,7 @@ def estimate(
                 # the attention core's forward and backward, and its forward again when recomputed
                 core = layer.attention_flops_per_token * (3 + (cls in (profile.layer_class, profile.attention_class)))
                 seconds += (_flops(layer) + extra + core * (attention - 1)) * tokens / layer_rate
-                seconds += _tp_seconds(layer, tp, tokens, tp_link, again=cls is not None)
+                seconds += tp_seconds(layer, tp, tokens, tp_link, again=cls is not None)
             if s == plan.num_stages - 1:
                 walk.append(
                     _Backward(
@@ -253,7 +259,7 @@ def estimate(
                 weights += norm.local_numel(edge_tp) + head.local_numel(edge_tp)
                 edge_weights += norm.local_numel(edge_tp) + head.local_numel(edge_tp)
                 seconds += (_flops(norm) + _flops(head)) * tokens / rate
-                seconds += _tp_seconds(head, edge_tp, tokens, tp_link)
+                seconds += tp_seconds(head, edge_tp, tokens, tp_link)
         numel = round(sum(w.grad_bytes for w in walk) * grad_shards / grad_b)  # the trained elements before sharding
         kept = sum(w.kept_bytes for w in walk)
         activations = kept / len(rank_stages) * in_flight(plan, rank) if pp > 1 else kept
@@ -261,13 +267,13 @@ def estimate(
         comm = 4 * p2p_bytes * len(rank_stages) if pp > 1 else 0.0  # send + receive, forward + backward
         if pp > 1:
             p2p_time_bytes = tokens * profile.hidden_size * 4
-            seconds += 2 * len(rank_stages) * _p2p_seconds(hw, p2p_time_bytes, plan.plan_ngpus <= hw.gpus_per_node)
+            seconds += 2 * len(rank_stages) * p2p_seconds(hw, p2p_time_bytes, plan.plan_ngpus <= hw.gpus_per_node)
         # frozen weights (LoRA's base) hold their weight bytes only; from ZeRO level 1 on, 1/S of everything
         states = (
             numel * (weight_b + optimizer_b) + (weights - numel) * weight_b
         ) / shards + numel * grad_b / grad_shards
         static = states - (0.0 if grads_persist else numel * grad_b / grad_shards)
-        unsharded = _unsharded_weights(level, weights, edge_weights, layer.local_numel(tp), layer_count) * weight_b
+        unsharded = unsharded_weights(level, weights, edge_weights, layer.local_numel(tp), layer_count) * weight_b
         grads = numel * grad_b
         dp_buffer = 0.0
         if plan.scaling_factor > 1 and not on_fsdp:
@@ -351,89 +357,6 @@ def estimate(
     return Cost(peak_bytes=worst["peak"], step_time=step, parts=parts)
 
 
-def zero_level(plan: Plan) -> int:
-    """The ZeRO level that acts: 0 without FSDP2 (a single scale unit of several GPUs: nothing to shard across;
-    one GPU alone at a level >= 1 runs FSDP2 over one rank, ``Plan.on_fsdp``)."""
-    return plan.zero if plan.on_fsdp else 0
-
-
-def zero_shards(plan: Plan) -> int:
-    """S: the replicas each sharded state is split across (CUBE_SCALING_FACTOR / ZERO_N_GROUPS), 1 at level 0."""
-    return plan.scaling_factor // plan.zero_n_groups if zero_level(plan) else 1
-
-
-def _unsharded_weights(level: int, weights: int, edge_weights: int, layer_weights: int, layers: int) -> float:
-    """Parameter elements FSDP2 holds all-gathered at the forward/backward peak, beside the shards."""
-    if level == 0:
-        return 0.0
-    if level < 3:
-        return weights  # kept from the forward to the end of the backward
-    return edge_weights + min(layers, FSDP_LAYERS_IN_FLIGHT) * layer_weights
-
-
-def one_rank_copy_seconds(
-    plan: Plan,
-    hw: Hardware,
-    weight_bytes: float,
-    numel: int,
-    grad_b: int,
-    reduce_b: int,
-    passes: int,
-    reductions: int,
-) -> float:
-    """Seconds FSDP2 spends on one rank alone (one GPU at a ZeRO level): each gather copies the shards into
-    the gathered weights (read and write), each reduction casts the gradients into the reduce-scatter input
-    (read ``grad_b``, write ``reduce_b``), copies it to the output (read and write ``reduce_b``) and, where the
-    reduce dtype differs, casts that to the sharded gradient (read ``reduce_b``, write ``grad_b``); memory bound,
-    at ``hw.hbm_bandwidth``, not hidden (they compete with the compute for memory)."""
-    gathers = passes * (2 if plan.zero == 3 else 1)
-    per_grad = grad_b + 3 * reduce_b + (reduce_b + grad_b if reduce_b != grad_b else 0)
-    return (gathers * 2 * weight_bytes + reductions * numel * per_grad) / hw.hbm_bandwidth
-
-
-class DataParallelBytes(NamedTuple):
-    """What one rank's data-parallel collectives move: its weights (all-gathers) and gradients (reductions)."""
-
-    weights: float
-    grads: float
-
-
-def data_parallel_seconds(
-    plan: Plan,
-    hw: Hardware,
-    volume: DataParallelBytes,
-    passes: int,
-    compute: float,
-    layers: int,
-    grad_reductions: Optional[int] = None,
-) -> Tuple[float, float]:
-    """(all, exposed) seconds of one update's data-parallel communication (see the module docstring).
-
-    Args:
-        passes: forward-backward passes of the update (each all-gathers and reduces once; level 0's
-            replicas reduce once per update).
-        compute: the update's compute seconds the collectives can hide behind.
-        layers: FSDP2 units per pass (decoder layers of the rank): one unit's collective never hides.
-        grad_reductions: passes whose gradients are reduced (default: every pass; level 1 reduces once).
-    """
-    level, n = zero_level(plan), plan.scaling_factor
-    if n <= 1:
-        return 0.0, 0.0
-    if level == 0:
-        total = _allreduce_seconds(volume.grads, n, _link(hw, plan.world_size <= hw.gpus_per_node))
-        backward = compute / passes * 2 / 3  # the last pass's backward: DDP reduces its buckets as they fill
-        return total, max(0.0, total - backward) + total / layers
-    shards, groups = zero_shards(plan), plan.zero_n_groups
-    link = _link(hw, shards * plan.plan_ngpus <= hw.gpus_per_node)
-    gathers = 2 if level == 3 else 1
-    reductions = passes if grad_reductions is None else grad_reductions
-    reduce = _allgather_seconds(volume.grads, shards, link)  # a reduce-scatter moves what an all-gather does
-    if groups > 1:
-        reduce += _allreduce_seconds(volume.grads / shards, groups, _link(hw, plan.world_size <= hw.gpus_per_node))
-    total = passes * gathers * _allgather_seconds(volume.weights, shards, link) + reductions * reduce
-    return total, max(0.0, total - compute) + total / (passes * layers)
-
-
 def _attention_seconds_factor(profile: ModelProfile, layout: BatchLayout, hw: Hardware) -> float:
     """The attention core's time per token against a full row's under causal SDPA (what the profile counts and
     ``efficiency`` was fitted on): its FLOPs scale with the span a token attends over, at its kernel's speed."""
@@ -484,85 +407,3 @@ def _recomputed_class(profile: ModelProfile, names: Sequence[str]) -> Optional[s
         if name in layer.recompute:
             return name
     return None
-
-
-def _link(hw: Hardware, intra: bool) -> Tuple[float, float]:
-    return (
-        (hw.intra_node_bandwidth, hw.intra_node_latency) if intra else (hw.inter_node_bandwidth, hw.inter_node_latency)
-    )
-
-
-def _allreduce_seconds(nbytes: float, n: int, link: Tuple[float, float]) -> float:
-    """Ring all-reduce: each rank sends and receives 2 (n-1)/n of the data in 2 (n-1) steps."""
-    if n <= 1:
-        return 0.0
-    bandwidth, latency = link
-    return 2 * (n - 1) / n * nbytes / bandwidth + 2 * (n - 1) * latency
-
-
-def _allgather_seconds(nbytes: float, n: int, link: Tuple[float, float]) -> float:
-    """Ring all-gather (or reduce-scatter) of ``nbytes`` in all: each rank moves (n-1)/n of it in n-1 steps."""
-    if n <= 1:
-        return 0.0
-    bandwidth, latency = link
-    return (n - 1) / n * nbytes / bandwidth + (n - 1) * latency
-
-
-def _p2p_seconds(hw: Hardware, nbytes: float, intra: bool) -> float:
-    bandwidth, latency = _link(hw, intra)
-    return nbytes / bandwidth + latency
-
-
-def _tp_seconds(module, tp: int, tokens: int, link, again: bool = False) -> float:
-    """Tensor-parallel all-reduces of one micro-batch through ``module``: forward, backward, and the
-    forward's again when the module is recomputed."""
-    if tp <= 1:
-        return 0.0
-    (fwd_bytes, bwd_bytes), (fwd_count, bwd_count) = module.tp_allreduce_per_token, module.tp_allreduce_count
-    total = 0.0
-    for per_token, count in ((fwd_bytes, fwd_count), (bwd_bytes, bwd_count)) + (
-        ((fwd_bytes, fwd_count),) if again else ()
-    ):
-        if count:
-            total += count * _allreduce_seconds(per_token / count * tokens, tp, link)
-    return total
-
-
-def predicted_vs_measured(rows: Sequence[dict]) -> str:
-    """The calibration table: each row holds a plan's ``name``, ``predicted_gib``, ``measured_gib``
-    (``torch.cuda.max_memory_allocated`` / 2**30) and optionally ``predicted_s`` and ``measured_s`` (seconds
-    per update) and ``group`` (the settings a search holds fixed: plans of one group are alternatives).
-    Returns the table as text, with the memory error per row and whether the predicted step times rank the
-    plans of each group as the measured ones do. Issue 5 asks for memory within 5%."""
-    lines = [f"{'plan':<44} {'pred GiB':>9} {'meas GiB':>9} {'error':>7} {'pred s':>8} {'meas s':>8} {'error':>7}"]
-    for row in rows:
-        error = (row["predicted_gib"] - row["measured_gib"]) / row["measured_gib"]
-        time_error = _time_error(row)
-        lines.append(
-            f"{row['name']:<44} {row['predicted_gib']:9.2f} {row['measured_gib']:9.2f} {error:+7.1%} "
-            f"{row.get('predicted_s', math.nan):8.3f} {row.get('measured_s', math.nan):8.3f} "
-            f"{time_error if time_error is not None else math.nan:+7.1%}"
-        )
-    groups = {}
-    for row in rows:
-        if "predicted_s" in row and "measured_s" in row:
-            groups.setdefault(row.get("group", ""), []).append(row)
-    for group, timed in sorted(groups.items()):
-        if len(timed) > 1:
-            same = sorted(timed, key=lambda r: r["predicted_s"]) == sorted(timed, key=lambda r: r["measured_s"])
-            lines.append(
-                f"step-time ranking {'matches' if same else 'DIFFERS from'} the measured one"
-                + (f" among {len(timed)} plans of {group}" if group else "")
-            )
-    worst = max(abs(r["predicted_gib"] - r["measured_gib"]) / r["measured_gib"] for r in rows) if rows else 0.0
-    lines.append(f"largest memory error {worst:.1%} ({'within' if worst <= 0.05 else 'outside'} 5%)")
-    time_errors = [abs(e) for e in map(_time_error, rows) if e is not None]
-    if time_errors:
-        lines.append(f"largest step-time error {max(time_errors):.1%}")
-    return "\n".join(lines)
-
-
-def _time_error(row: dict) -> Optional[float]:
-    if "predicted_s" not in row or "measured_s" not in row:
-        return None
-    return (row["predicted_s"] - row["measured_s"]) / row["measured_s"]

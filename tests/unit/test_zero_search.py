@@ -7,15 +7,15 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from fairseq_ext.cube.compile import CompileSettings, compile_plan, format_report
-from fairseq_ext.cube.cost import (
-    _REDUCE_BYTES,
+from fairseq_ext.cube.cost import Workload, estimate
+from fairseq_ext.cube.data_parallel_cost import (
     DataParallelBytes,
-    Workload,
     data_parallel_seconds,
-    estimate,
     one_rank_copy_seconds,
+    reduce_bytes,
 )
 from fairseq_ext.cube.hardware import GPU_KINDS, Hardware, gpu_kind_of, hardware_for
 from fairseq_ext.cube.plan import Plan
@@ -117,12 +117,12 @@ def test_one_gpu_on_fsdp2_costs_copies_in_memory():
     assert one_rank_copy_seconds(one_gpu, hw, 1e9, 500_000_000, 2, 2, 1, 1) == pytest.approx(0.006)
 
 
-def test_the_cost_models_reduce_bytes_are_the_runtimes_reduce_dtype():
-    """FSDP2 sums gradients in ``precision.reduce_dtype``, else in the weights' dtype: the bytes cost.py counts."""
-    weight_bytes = {"fp32": 4, "bf16": 4, "bf16-master": 2, "bf16-lean": 2}
-    for precision, weight_b in weight_bytes.items():
-        dtype = reduce_dtype(precision)
-        assert _REDUCE_BYTES[precision] == (weight_b if dtype is None else dtype.itemsize), precision
+def test_the_cost_model_reduces_bf16_master_gradients_in_float32():
+    """The bytes the cost model counts per reduced gradient element follow the runtime's FSDP2 policy
+    (``precision.reduce_dtype``): float32 for bf16-master's bf16 gradients, bf16 for bf16-lean's."""
+    assert reduce_bytes("bf16-master", 2) == 4 and reduce_dtype("bf16-master") == torch.float32
+    assert reduce_bytes("bf16-lean", 2) == 2
+    assert reduce_bytes("fp32", 4) == 4
 
 
 def test_zero_options_respect_the_user_and_group_by_node():
