@@ -122,6 +122,7 @@ def test_the_cost_model_reduces_bf16_master_gradients_in_float32():
     (``precision.reduce_dtype``): float32 for bf16-master's bf16 gradients, bf16 for bf16-lean's."""
     assert reduce_bytes("bf16-master", 2) == 4 and reduce_dtype("bf16-master") == torch.float32
     assert reduce_bytes("bf16-lean", 2) == 2
+    assert reduce_bytes("fp8", 2) == 4 and reduce_bytes("fp8-lean", 2) == 2  # as stored: bf16-master, bf16-lean
     assert reduce_bytes("fp32", 4) == 4
 
 

@@ -61,10 +61,11 @@ def reduce_dtype(precision: str) -> Optional[torch.dtype]:
     """The dtype FSDP2 sums gradients over the data-parallel replicas in (its ``MixedPrecisionPolicy``
     ``reduce_dtype``), or None for the gradients' own: float32 for ``bf16-master``, whose bf16 gradients are
     summed in float32 and rounded to bf16 once, for the float32 master step (``bf16-lean`` keeps bf16: no
-    float32 state to feed; fp32 and bf16 autocast have float32 gradients already)."""
+    float32 state to feed; fp32 and bf16 autocast have float32 gradients already; fp8 and fp8-lean as the
+    precisions they are stored as)."""
     if precision not in PRECISIONS:
         raise _unknown(precision)
-    return torch.float32 if precision == "bf16-master" else None
+    return torch.float32 if stored_as(precision) == "bf16-master" else None
 
 
 def check_precision(precision: str, fp16: bool = False, bf16: bool = False, optimizer: Optional[str] = None) -> None:
