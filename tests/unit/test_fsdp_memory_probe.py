@@ -21,3 +21,14 @@ def test_zero1_on_one_rank_holds_one_gathered_copy_of_the_weights():
     assert result["fsdp2"]["Unsharded Param"] == weights
     assert result["extra_bytes"] == weights  # and nothing else of FSDP2 then
     assert "FSDP2 (ZeRO 1) holds" in out
+
+
+def test_real_tensors_on_the_cpu_allocator_agree():
+    """The same on real tensors, counted by the CPU allocator (the profiler's memory events): FSDP2's peak is the
+    plain one plus one bf16 copy of the weights."""
+    script = REPO / "benchmarks" / "fsdp_memory_probe.py"
+    shape = ["--layers", "2", "--hidden", "128", "--intermediate", "256", "--heads", "4", "--kv-heads", "2"]
+    shape += ["--vocab", "500", "--mb", "2", "--seq", "128"]
+    out = subprocess.run([sys.executable, str(script), "--real", *shape], check=True, capture_output=True, text=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["extra_bytes"] == result["params"] * 2
