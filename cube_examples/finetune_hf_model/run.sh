@@ -90,6 +90,7 @@ PADDING_FREE=${PADDING_FREE:-0}  # 1: each batch of causal LM samples one row of
 SEQUENCE_PARALLEL=${SEQUENCE_PARALLEL:-0}  # 1: tensor-parallel plans shard norms and hidden states on the sequence
 SPEED_LOG=${SPEED_LOG:-}  # a file: one JSON line per update (seconds, tokens, peak memory)
 PROFILE_UPDATES=${PROFILE_UPDATES:-}  # FIRST:LAST: torch.profiler over these updates
+MEMORY_SNAPSHOT_UPDATE=${MEMORY_SNAPSHOT_UPDATE:-}  # N: CUDA memory snapshot of update N in LOG_DIR (the trainer reads it)
 USE_LORA=${USE_LORA:-0}
 LORA_CONFIG=${LORA_CONFIG:-}
 OPTIMIZE_PARAMS=${OPTIMIZE_PARAMS:---optimizer torch_adamw --adam-betas (0.9,0.95) --weight-decay 0.0 --lr $LEARNING_RATE --clip-norm 1.0}

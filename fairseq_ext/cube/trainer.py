@@ -38,6 +38,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from torch.nn.parallel import DistributedDataParallel
 
 from ..criterions.base import logging_output
+from . import memory_snapshot
 from .batch_padding import length_multiple, pad_batch
 from .checkpoint_saving import CheckpointSaving, atomic_copy, save_checkpoint_with_shards
 from .fairseq_fixes import (
@@ -87,6 +88,12 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
     on a DeviceMesh; ZeRO-1; checkpoints that are never left half-written."""
 
     def __init__(self, cfg, task, model, criterion, quantizer=None):
+        # recording from here on, so that the snapshot also says where the weights were placed
+        self._memory_snapshot = memory_snapshot.from_environment(
+            os.path.dirname(os.path.abspath(cfg.checkpoint.save_dir)),
+            distributed_utils.get_global_rank(),
+            torch.cuda.is_available() and not cfg.common.cpu,
+        )
         # Names of the single-process model, before a pipeline plan cuts it to this rank's stages.
         self._full_keys = list(model.state_dict().keys())
         self._full_param_names = [state_dict_name(n) for n, p in model.named_parameters() if p.requires_grad]
@@ -281,6 +288,8 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
         self._update_samples = None
         if self._profiler is not None:
             self._profiler.after_update(update)
+        if self._memory_snapshot is not None:
+            self._memory_snapshot.after_update(update)
         if 0 < self.cfg.optimization.max_update <= self.get_num_updates():
             self._check_previous_norm()  # the last update: no later one will
         return result

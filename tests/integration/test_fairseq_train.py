@@ -199,3 +199,14 @@ def test_profile_updates_refuses_a_bad_range(tmp_path):
     assert result.returncode != 0
     assert "fairseq_ext: error: --profile-updates (PROFILE_UPDATES) takes FIRST:LAST" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_memory_snapshot_update_refuses_a_run_without_a_gpu(tmp_path):
+    """MEMORY_SNAPSHOT_UPDATE records CUDA allocations: a CPU run says so in one line and stops."""
+    result = fairseq_train(
+        tiny_train_args(tmp_path / "ckpt", max_update=2, extra=["--no-save"]),
+        extra_env={"MEMORY_SNAPSHOT_UPDATE": "2"},
+    )
+    assert result.returncode != 0
+    assert "MEMORY_SNAPSHOT_UPDATE records CUDA allocations: unset it for a run without a GPU" in result.stderr
+    assert "Traceback" not in result.stderr
