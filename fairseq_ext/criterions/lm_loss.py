@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from fairseq import metrics, utils
 from fairseq.criterions import register_criterion
 from fairseq.dataclass import FairseqDataclass
+from torch.distributed.tensor import DTensor
 
 from ..cube.runtime.chunked_loss import linear_cross_entropy
 from ..data.layouts import IGNORE_INDEX
@@ -35,6 +36,9 @@ class CausalLMLoss(HFCriterion):
         if head is not None:
             # The LM head applied chunk by chunk inside the loss: no (B, T, vocab) logits in memory.
             hidden = model(**sample["net_input"], features_only=True)  # (B, T, H)
+            head = model.fused_lm_head()  # under FSDP2: the whole weight the forward gathered
+            if isinstance(head, DTensor):
+                head = head.full_tensor()
             loss = linear_cross_entropy(
                 hidden.reshape(-1, hidden.size(-1)),
                 head,

@@ -249,9 +249,24 @@ class HFAutoCausalLM(HFAutoModel):
         ):
             return None
         head = causal_lm.get_output_embeddings()
-        if type(head) is not torch.nn.Linear or head.bias is not None or type(head.weight) is not torch.nn.Parameter:
+        if type(head) is not torch.nn.Linear or head.bias is not None:
             return None
-        return head.weight
+        weight = head.weight
+        if type(weight) is torch.nn.Parameter or _data_parallel_shard(weight):
+            return weight
+        return None
+
+
+def _data_parallel_shard(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is FSDP2's shard of a whole weight over data-parallel mesh dims only (no tensor-parallel
+    split): FSDP2 gathers it for the forward, and the root keeps it gathered until the backward, so a loss after
+    the forward reads the whole weight (``fused_lm_head`` asked again then)."""
+    from torch.distributed.tensor import DTensor
+
+    from ..cube.runtime.mesh import DATA_PARALLEL_AXES
+
+    names = weight.device_mesh.mesh_dim_names if isinstance(weight, DTensor) else None
+    return bool(names) and set(names) <= set(DATA_PARALLEL_AXES)
 
 
 @register_model("hf_auto_seq2seq_lm", dataclass=HFAutoModelConfig)

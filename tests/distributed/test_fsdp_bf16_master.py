@@ -149,3 +149,42 @@ def test_master_step_runs_on_local_shards_and_trains_as_the_plain_model():
         assert not torch.equal(full["lm_head.weight"], initial)  # the updates really moved the weights
     finally:
         dist.destroy_process_group()
+
+
+def test_the_lm_loss_computes_the_head_chunk_by_chunk_under_fsdp2(monkeypatch):
+    """FSDP2 over one rank at each level: the causal-LM loss still applies the LM head chunk by chunk (no
+    (B, T, vocab) logits: the model is never asked for them), reading the whole weight the forward gathered;
+    loss and every gradient equal the plain model's."""
+    from fairseq_ext.criterions.lm_loss import CausalLMLoss
+    from fairseq_ext.models.hf_auto import HFAutoCausalLM
+
+    init_one_process_group("cpu")
+    torch.manual_seed(0)
+    hf_model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(MODEL_DIR))
+    ids = torch.randint(3, hf_model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
+    sample = {"net_input": {"input_ids": ids}, "target": ids.roll(-1, dims=1), "ntokens": ids.numel(), "nsentences": 2}
+    criterion = CausalLMLoss(None)
+
+    def loss_and_grads(model):
+        loss, _, _ = criterion(model, sample)
+        loss.backward()
+        return loss.detach(), {n: local_tensor(p.grad) for n, p in model.named_parameters()}
+
+    plain = HFAutoCausalLM(copy.deepcopy(hf_model))
+    expected_loss, expected_grads = loss_and_grads(plain)
+    for zero in (1, 3):
+        sharded = HFAutoCausalLM(copy.deepcopy(hf_model))
+        plan = Plan(plan_ngpus=1, scaling_factor=1, tp=1, pp=1, zero=zero)
+        shard_data_parallel([sharded], sharded.hf_model, plan, data_parallel_mesh(build_mesh(plan, "cpu")))
+        assert isinstance(sharded.fused_lm_head(), DTensor)
+        forward = sharded.forward
+
+        def hidden_states_only(*args, features_only=False, **kwargs):
+            assert features_only, "full logits were computed"
+            return forward(*args, features_only=features_only, **kwargs)
+
+        monkeypatch.setattr(sharded, "forward", hidden_states_only)
+        loss, grads = loss_and_grads(sharded)
+        torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=0)
+        for name, grad in expected_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=f"ZeRO {zero}: {name}")

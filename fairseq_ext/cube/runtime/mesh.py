@@ -19,6 +19,7 @@ from fairseq_ext.cube.plan import Plan
 DP, PP, TP = "dp", "pp", "tp"
 DP_REPLICATE, DP_SHARD = "dp_replicate", "dp_shard"
 MESH_AXES = (DP_REPLICATE, DP_SHARD, PP, TP)
+DATA_PARALLEL_AXES = (DP_REPLICATE, DP_SHARD, DP)  # the dims FSDP2 shards over (data_parallel_mesh)
 
 
 def backend_for(device_type: str) -> str:
