@@ -48,6 +48,12 @@ class CompileSettings:
     fixed: Fixed = field(default_factory=Fixed)
     hardware: Hardware = field(default_factory=Hardware)
 
+    @property
+    def batch_rows(self) -> int:
+        """The fewest samples a micro-step's batch holds, what the search splits into micro-batches: BATCH_SIZE,
+        or the rows of SEQUENCE_LENGTH tokens MAX_TOKENS holds (at least one)."""
+        return max(1, self.max_tokens // self.seq_len) if self.max_tokens else self.batch_size
+
     def run_settings(self) -> RunSettings:
         """What the runtime will run with (a causal LM, the compile pass's head)."""
         return RunSettings(
@@ -162,8 +168,8 @@ def compile_plan(s: CompileSettings) -> Compiled:
     lora = Lora.from_config(s.lora_config, config.model_type) if s.lora_config is not None else None
     spec = spec_of(config)
     work = Workload(
-        # MAX_TOKENS: one micro-batch of the token budget (its sample count unknown, it is not split further)
-        batch_size=1 if s.max_tokens else s.batch_size,
+        # MAX_TOKENS: a batch of the token budget (the layout), split into micro-batches of its rows
+        batch_size=s.batch_rows,
         seq_len=s.seq_len,
         grad_accu=s.grad_accu,
         sequence_parallel=s.sequence_parallel,
@@ -204,13 +210,13 @@ def compile_plan(s: CompileSettings) -> Compiled:
 
 def _may_plan(s: CompileSettings, spec, tp: int) -> bool:
     """Whether the search can make a plan with ``tp`` for the run's scale unit: tp divides PLAN_NGPUS, is the
-    user's when fixed, and leaves stages the layers and BATCH_SIZE's micro-batches can fill."""
+    user's when fixed, and leaves stages the layers and a batch's micro-batches can fill."""
     pp = s.plan_ngpus // tp
     return (
         s.plan_ngpus % tp == 0
         and (s.fixed.tp or tp) == tp
         and pp <= spec.num_layers
-        and (pp == 1 or (pp <= s.batch_size and not s.max_tokens))
+        and (pp == 1 or pp <= s.batch_rows)
     )
 
 

@@ -244,12 +244,9 @@ class ModelSpec:
             reasons.append(
                 f"LoRA with pipeline parallel (pp {plan.pp}) is not available yet; use a plan with pp 1 or USE_LORA=0"
             )
-        if not settings.batch_size:
-            reasons.append(
-                f"pipeline parallel (pp {plan.pp}) splits each batch into {plan.num_microbatches} "
-                f"micro-batches and needs a fixed --batch-size (BATCH_SIZE) instead of --max-tokens"
-            )
-        elif settings.batch_size % plan.num_microbatches:
+        # batch_size 0 (MAX_TOKENS): a batch of any number of rows runs, padded with untrained rows to a
+        # multiple of the micro-batches (``runtime/pipeline.py``)
+        if settings.batch_size and settings.batch_size % plan.num_microbatches:
             reasons.append(
                 f"BATCH_SIZE {settings.batch_size} is not divisible by the plan's num_microbatches "
                 f"{plan.num_microbatches}; choose a BATCH_SIZE that is a multiple of "

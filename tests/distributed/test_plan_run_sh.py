@@ -304,6 +304,15 @@ def test_tp2_with_packed_sequences_matches_one_process(tmp_path):
     assert_same_training(train(tmp_path / "tp2", NPROC_PER_NODE=2, PLAN_NGPUS=2, PACK_SEQUENCES=1), reference)
 
 
+def test_tp2_padding_free_matches_one_process(tmp_path, one_process):
+    """PADDING_FREE=1 under tensor parallel: each batch one row of its samples' tokens, no pad, every rank's
+    heads attending inside the samples (document attention from the restarted position ids): the losses,
+    gradient norms, counts and weights of the padded single-process training."""
+    tp2 = train(tmp_path / "tp2", NPROC_PER_NODE=2, PLAN_NGPUS=2, PADDING_FREE=1)
+    assert '"tp": 2' in tp2[3] and "'padding_free': True" in tp2[3], tp2[3][-3000:]
+    assert_same_training(tp2, one_process(1))
+
+
 LORA = dict(
     USE_LORA=1,
     LEARNING_RATE="1e-2",

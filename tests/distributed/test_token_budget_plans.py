@@ -6,6 +6,7 @@ same samples as the uninterrupted dp2 run (tokens and samples equal, losses to 1
 
 import json
 
+from tests.distributed.test_pipeline_run_sh import plan_file
 from tests.distributed.test_resume_epochs_parallel import copy_checkpoint
 from tests.helpers import EXACT_LOSS_USER_DIR
 from tests.integration.test_resume_epochs import small_data
@@ -58,3 +59,26 @@ def test_a_dp2_token_budget_checkpoint_resumes_in_one_process_at_the_same_sample
         assert abs(loss - want_loss) <= 1e-5 * abs(want_loss), (step, loss, want_loss)
     # the updates hold several micro-batches of at most MAX_TOKENS padded tokens: more samples than one row
     assert all(float(samples) > 2 for _, _, samples in expected.values()), expected
+
+
+def test_token_budget_batches_under_pp2_train_as_one_process(tmp_path):
+    """MAX_TOKENS under pp 2 (1F1B, 4 micro-batches, two processes): each token-budget batch is split into the
+    plan's micro-batches, padded with untrained rows to a multiple of them (here batches of 3 rows: 4 micro-batches
+    of one row, the last all padding): the loss of each update (1e-5 relative), its tokens and samples, as one
+    process training the same batches."""
+    data = small_data(tmp_path / "data")
+    settings = {**SETTINGS, "MAX_TOKENS": 48, "SAVE_STEPS": TOTAL, "DATA_DIR": str(data)}
+    one = run_sh(tmp_path / "one", args=ARGS, NPROC_PER_NODE=1, **settings)
+    pp2 = run_sh(
+        tmp_path / "pp2", args=ARGS, NPROC_PER_NODE=2, PLAN_FILE=plan_file(tmp_path, num_microbatches=4), **settings
+    )
+    for result in (one, pp2):
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert '"pp": 2' in pp2.stdout
+    expected, got = updates(one.stdout), updates(pp2.stdout)
+    assert sorted(got) == sorted(expected) == list(range(1, TOTAL + 1)), pp2.stdout[-3000:]
+    for step, (loss, tokens, samples) in expected.items():
+        assert got[step][1:] == (tokens, samples), (step, got[step], expected[step])
+        assert abs(got[step][0] - loss) <= 1e-5 * abs(loss), (step, got[step][0], loss)
+    # batches of fewer rows than micro-batches, and of a number they do not divide
+    assert all(1 < float(samples) < 4 and float(samples) != 2 for _, _, samples in expected.values()), expected

@@ -103,8 +103,8 @@ def test_recomputed_layers_run_the_attention_core_again(profile):
 
 def test_max_tokens_plans_a_micro_batch_of_the_token_budget():
     """MAX_TOKENS = 2 rows of SEQUENCE_LENGTH costs as BATCH_SIZE 2 does; the plan's fingerprint names
-    MAX_TOKENS (a plan compiled for it is stale under BATCH_SIZE and the other way round); pipeline stages,
-    which split batches of samples, are refused."""
+    MAX_TOKENS (a plan compiled for it is stale under BATCH_SIZE and the other way round); pipeline plans split
+    the budget's rows of SEQUENCE_LENGTH into micro-batches and cost as those of BATCH_SIZE 2 do."""
     settings = CompileSettings(
         model=str(MODEL_DIR), plan_ngpus=1, mem_per_gpu=8.0, seq_len=SEQ, precision="bf16-master", compiled=True
     )
@@ -123,5 +123,14 @@ def test_max_tokens_plans_a_micro_batch_of_the_token_budget():
         check_plan_is_current(by_tokens.plan, config, batch_size=32, **current)
     with pytest.raises(UserInputError, match="MAX_TOKENS"):
         compile_plan(replace(settings, max_tokens=0))
-    two = compile_plan(replace(settings, plan_ngpus=2, max_tokens=2 * SEQ, compiled=False))
-    assert two.plan is None or two.plan.pp == 1
+    two_by_tokens, two_by_samples = (
+        compile_plan(replace(settings, plan_ngpus=2, compiled=False, **batch))
+        for batch in (dict(max_tokens=2 * SEQ), dict(batch_size=2))
+    )
+    pipelines = {c.plan: c for c in two_by_tokens.result.candidates if c.plan.pp == 2}
+    assert any(not c.rejected for c in pipelines.values()), pipelines
+    assert {c.plan.num_microbatches for c in pipelines.values()} == {2}  # the budget's 2 rows, one a micro-batch
+    by_samples_pipelines = [c for c in two_by_samples.result.candidates if c.plan.pp == 2]
+    assert by_samples_pipelines and {c.plan for c in by_samples_pipelines} == set(pipelines)
+    for candidate in by_samples_pipelines:
+        assert pipelines[candidate.plan].cost.peak_bytes == pytest.approx(candidate.cost.peak_bytes)
