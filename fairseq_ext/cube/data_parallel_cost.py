@@ -13,8 +13,9 @@ FSDP_LAYERS_IN_FLIGHT = 2  # level 3: the layer computing and the one FSDP2 pref
 
 def reduce_bytes(precision: str, grad_bytes: int) -> int:
     """Bytes per gradient element FSDP2 reduces under ``precision``: its ``reduce_dtype`` (float32 where the
-    precision keeps float32 masters), else the gradients' own ``grad_bytes``."""
-    dtype = reduce_dtype(precision)
+    precision keeps float32 masters), else the gradients' own ``grad_bytes`` (fairseq's --fp16 reduces its fp16
+    gradients through DDP)."""
+    dtype = None if precision == "fp16" else reduce_dtype(precision)
     return grad_bytes if dtype is None else dtype.itemsize
 
 
