@@ -195,16 +195,19 @@ def test_bad_pipeline_plan_gets_one_clear_error(tmp_path, case):
     assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
 
 
-def test_packed_rows_under_pp2_train_as_one_process(tmp_path):
-    """PACK_SEQUENCES=1 under pp 2 (1F1B, 2 micro-batches): each packed batch's documents are laid out as one
-    row per micro-batch and every stage attends inside them (document_varlen, no mask): the loss of each of 4
-    updates (1e-5 relative), its tokens and samples, as one process training the same packed batches."""
-    settings = dict(PACK_SEQUENCES=1, MAX_STEPS=4, SAVE_STEPS=4, BATCH_SIZE=2)
+@pytest.mark.parametrize("layout", ["PACK_SEQUENCES", "PADDING_FREE"])
+def test_packed_rows_under_pp2_train_as_one_process(tmp_path, layout):
+    """PACK_SEQUENCES=1 (samples packed into rows) or PADDING_FREE=1 (a batch's samples as one row) under pp 2
+    (1F1B, 2 micro-batches): each batch's documents are laid out as one row per micro-batch and every stage
+    attends inside them (document_varlen, no mask): the loss of each of 4 updates (1e-5 relative), its tokens
+    and samples, as one process training the same batches."""
+    settings = {layout: 1, "MAX_STEPS": 4, "SAVE_STEPS": 4, "BATCH_SIZE": 2}
     one = run_sh(tmp_path / "one", **{**COMMON, **settings, "NPROC_PER_NODE": 1})
     pp2 = run_sh(tmp_path / "pp2", **{**COMMON, **settings, "NPROC_PER_NODE": 2, "PLAN_FILE": plan_file(tmp_path)})
     for result in (one, pp2):
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert '"pp": 2' in pp2.stdout and "packed" in pp2.stdout + pp2.stderr
+    on = "packed" in pp2.stdout + pp2.stderr if layout == "PACK_SEQUENCES" else "'padding_free': True" in pp2.stdout
+    assert '"pp": 2' in pp2.stdout and on
     expected, got = full_precision_losses(one.stdout), full_precision_losses(pp2.stdout)
     assert sorted(got) == sorted(expected) == [1, 2, 3, 4]
     for step, loss in expected.items():
