@@ -88,3 +88,78 @@ def test_bad_files_name_file_and_line(tmp_path, content, message):
 def test_missing_file(tmp_path):
     with pytest.raises(UserInputError, match="no such file"):
         read_instruction_records(str(tmp_path), "absent", "train")
+
+
+BATCH_RECORDS = [
+    {"instruction": "Copy the words.", "input": "cat dog  owl", "output": "cat dog owl"},
+    {"instruction": "Say hi.", "input": None, "output": "hi"},
+    {"instruction": "Say nothing.", "input": "", "output": ""},
+    {"instruction": " Spaces around ", "input": "\tTabs\nand lines\n", "output": "  two leading spaces"},
+    {"instruction": "Ünïcode: naïve café, 你好, émoji 🙂", "input": "Ωmega", "output": "ça va"},
+    {"instruction": "Special tokens as text: </s> <s> [SEP] [CLS]", "input": "<pad>", "output": "[SEP] </s>"},
+]
+
+
+def _tokenizers():
+    from transformers import AutoTokenizer
+
+    from tests.helpers import EXAMPLE, minilm_folder
+
+    minilm = AutoTokenizer.from_pretrained(minilm_folder())
+    minilm.eos_token = "[SEP]"
+    return {
+        "llama-bpe-bos": AutoTokenizer.from_pretrained(MODEL_DIR),
+        "t5-eos-appended": AutoTokenizer.from_pretrained(EXAMPLE / "model" / "tiny-t5"),
+        "bert-wordpiece-cls-sep": minilm,
+    }
+
+
+@pytest.mark.parametrize("name", ["llama-bpe-bos", "t5-eos-appended", "bert-wordpiece-cls-sep"])
+def test_batched_samples_are_those_of_one_record_at_a_time(tmp_path, name):
+    """The batched map (backend encode_batch_fast, Arrow columns) gives exactly tokenize_instruction's samples."""
+    import types
+
+    from fairseq_ext.data.encode import _plain_backend
+    from fairseq_ext.data.instruction import build_instruction_split
+
+    tok = _tokenizers()[name]
+    assert _plain_backend(tok), "the fast path is not taken for a plain Rust tokenizer"
+    (tmp_path / "toy_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in BATCH_RECORDS))
+    for prompt_type in ("alpaca", "plain"):
+        cfg = types.SimpleNamespace(data=str(tmp_path), dataset_name="toy", prompt_type=prompt_type)
+        got = build_instruction_split(cfg, "train", tok)
+        template = get_prompt_template(prompt_type)
+        expected = [
+            tokenize_instruction(tok, template.render(r["instruction"], r["input"] or ""), r["output"])
+            for r in BATCH_RECORDS
+        ]
+        assert got.features["input_ids"].feature.dtype == "int32"
+        assert list(got["input_ids"]) == [e["input_ids"] for e in expected]
+        assert list(got["labels"]) == [e["labels"] for e in expected]
+
+
+def test_the_encoder_resets_the_backend_as_the_tokenizer_does(tokenizer):
+    """A truncation or padding left on the backend is dropped, as ``tokenizer(texts)`` drops it."""
+    from fairseq_ext.data.encode import batch_encoder
+
+    texts = ["a longer text than three tokens", "b"]
+    expected = tokenizer(texts)["input_ids"]
+    tokenizer.backend_tokenizer.enable_truncation(3)
+    tokenizer.backend_tokenizer.enable_padding(length=12)
+    assert batch_encoder(tokenizer)(texts, True) == expected
+    assert tokenizer.backend_tokenizer.truncation is None and tokenizer.backend_tokenizer.padding is None
+
+
+def test_a_tokenizer_with_python_steps_is_called_itself():
+    """A tokenizer class that rewrites texts in Python is not bypassed."""
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    from fairseq_ext.data.encode import _plain_backend, batch_encoder
+
+    class Shouting(type(_tokenizers()["llama-bpe-bos"])):
+        def _encode_plus(self, text, *args, **kwargs):
+            return TokenizersBackend._encode_plus(self, [t.upper() for t in text], *args, **kwargs)
+
+    tok = Shouting.from_pretrained(MODEL_DIR)
+    assert not _plain_backend(tok)
+    assert batch_encoder(tok)(["quiet words"], False) == tok(["QUIET WORDS"], add_special_tokens=False)["input_ids"]
