@@ -4,13 +4,13 @@ Records (``{data}/{dataset_name}_{split}.json``, ``.jsonl``, ``.parquet`` or a `
 ``sources.py``) hold ``instruction`` and ``output`` strings and an optional ``input`` string.
 """
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import datasets
 import pyarrow as pa
 
 from ..errors import UserInputError
-from .encode import batch_encoder, int32_lists, with_masked_prefix
+from .encode import BatchEncoder, int32_lists, with_masked_prefix
 from .layouts import IGNORE_INDEX
 from .preprocess import token_features, tokenize_map
 from .prompts import get_prompt_template
@@ -64,16 +64,19 @@ def tokenize_records(records: List[Dict], tokenizer, prompt_type: str) -> List[D
     ]
 
 
-def tokenize_instruction_batch(batch: pa.Table, tokenizer, prompt_type: str) -> pa.Table:
+def tokenize_instruction_batch(
+    batch: pa.Table, tokenizer, prompt_type: str, encode: Optional[BatchEncoder] = None
+) -> pa.Table:
     """``datasets.map`` function over Arrow batches: :func:`tokenize_instruction` for every record, the prompts
-    and the answers each tokenized in one call (``encode.py``), the samples made as Arrow columns."""
+    and the answers each tokenized in one call of ``encode`` (``encode.py``; made from ``tokenizer`` when not
+    given), the samples made as Arrow columns."""
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     if eos is None:
         raise UserInputError("the tokenizer has no EOS token; set eos_token in its tokenizer_config.json")
     template = get_prompt_template(prompt_type)
     instructions = batch.column("instruction").to_pylist()
     inputs = batch.column("input").to_pylist() if "input" in batch.column_names else [None] * len(instructions)
-    encode = batch_encoder(tokenizer)
+    encode = encode or BatchEncoder(tokenizer)
     prompt_ids = encode([template.render(i, x or "") for i, x in zip(instructions, inputs)], True)
     answer_ids = encode(batch.column("output").to_pylist(), False)
     prompt_lengths = []
@@ -96,7 +99,7 @@ def tokenize_instruction_dataset(
         tokenize_instruction_batch,
         desc=f"tokenizing {split}",
         features=token_features(),
-        fn_kwargs={"tokenizer": tokenizer, "prompt_type": prompt_type},
+        fn_kwargs={"tokenizer": tokenizer, "prompt_type": prompt_type, "encode": BatchEncoder(tokenizer)},
     )
 
 

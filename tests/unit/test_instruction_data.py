@@ -140,13 +140,13 @@ def test_batched_samples_are_those_of_one_record_at_a_time(tmp_path, name):
 
 def test_the_encoder_resets_the_backend_as_the_tokenizer_does(tokenizer):
     """A truncation or padding left on the backend is dropped, as ``tokenizer(texts)`` drops it."""
-    from fairseq_ext.data.encode import batch_encoder
+    from fairseq_ext.data.encode import BatchEncoder
 
     texts = ["a longer text than three tokens", "b"]
     expected = tokenizer(texts)["input_ids"]
     tokenizer.backend_tokenizer.enable_truncation(3)
     tokenizer.backend_tokenizer.enable_padding(length=12)
-    assert batch_encoder(tokenizer)(texts, True) == expected
+    assert BatchEncoder(tokenizer)(texts, True) == expected
     assert tokenizer.backend_tokenizer.truncation is None and tokenizer.backend_tokenizer.padding is None
 
 
@@ -154,7 +154,7 @@ def test_a_tokenizer_with_python_steps_is_called_itself():
     """A tokenizer class that rewrites texts in Python is not bypassed."""
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-    from fairseq_ext.data.encode import _plain_backend, batch_encoder
+    from fairseq_ext.data.encode import BatchEncoder, _plain_backend
 
     class Shouting(type(_tokenizers()["llama-bpe-bos"])):
         def _encode_plus(self, text, *args, **kwargs):
@@ -162,4 +162,55 @@ def test_a_tokenizer_with_python_steps_is_called_itself():
 
     tok = Shouting.from_pretrained(MODEL_DIR)
     assert not _plain_backend(tok)
-    assert batch_encoder(tok)(["quiet words"], False) == tok(["QUIET WORDS"], add_special_tokens=False)["input_ids"]
+    assert BatchEncoder(tok)(["quiet words"], False) == tok(["QUIET WORDS"], add_special_tokens=False)["input_ids"]
+
+
+def _fuzz_texts(count: int = 400, seed: int = 0):
+    """ASCII texts over all 128 characters and mixed case, some with added tokens' text or non-ASCII."""
+    import random
+
+    rng = random.Random(seed)
+    pieces = ["Hello", "WORLD", "naïve", "你好", "[SEP]", "[sep]", "[CLS]", "<s>", "</s>", "[MASK]", "  ", "\t", "\n"]
+    pieces += ["\r\n", "\x0b", "\x0c", "\x00", "\x7f", "\x1f", "a.b", "x,y!", "#1", "can't", "e\u0301", "\ufffd"]
+    texts = []
+    for _ in range(count):
+        if rng.random() < 0.5:  # printable ASCII and whitespace, one text in five with any of the 128
+            alphabet = 128 if rng.random() < 0.2 else [9, 10, 13, *range(32, 127)]
+            codes = rng.choices(range(alphabet) if alphabet == 128 else alphabet, k=rng.randrange(40))
+            texts.append("".join(map(chr, codes)))
+        else:
+            texts.append(" ".join(rng.choice(pieces) for _ in range(rng.randrange(12))))
+    return texts
+
+
+@pytest.mark.parametrize(
+    "normalizer",
+    ["bert", "bert, split on spaces only", "bert-cased-no-clean", "nfkc-lowercase", "nfc", "replace (not known)"],
+)
+def test_ascii_texts_normalized_in_python_give_the_tokenizers_ids(normalizer):
+    """Texts the encoder normalizes itself (ASCII, no control characters, no added token's text) get exactly
+    the ids of ``tokenizer(texts)``; so do all the others, which go through the backend."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    from fairseq_ext.data.encode import BatchEncoder
+
+    tok = _tokenizers()["bert-wordpiece-cls-sep"]
+    backend = tok.backend_tokenizer
+    backend.normalizer = {
+        "bert": backend.normalizer,
+        "bert, split on spaces only": backend.normalizer,
+        "bert-cased-no-clean": normalizers.BertNormalizer(clean_text=False, lowercase=False),
+        "nfkc-lowercase": normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()]),
+        "nfc": normalizers.NFC(),
+        "replace (not known)": normalizers.Replace("a", "b"),
+    }[normalizer]
+    if normalizer == "bert, split on spaces only":  # tabs and newlines stay inside the pieces
+        backend.pre_tokenizer = pre_tokenizers.Split(" ", "removed")
+    encoder = BatchEncoder(tok)
+    assert (encoder.unnormalized is None) == (normalizer == "replace (not known)")
+    texts = _fuzz_texts()
+    if encoder.unnormalized is not None:  # both paths are taken
+        simple = sum(encoder._ascii_normalized(t) is not None for t in texts)
+        assert 100 < simple < len(texts) - 100
+    for add_special_tokens in (True, False):
+        assert encoder(texts, add_special_tokens) == tok(texts, add_special_tokens=add_special_tokens)["input_ids"]
