@@ -13,13 +13,10 @@ normalizer: the same normalized string, so the same pieces and ids. Every other 
 backend itself.
 """
 
-import re
 from typing import Callable, List, Optional
 
 import numpy as np
 import pyarrow as pa
-
-ASCII_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # what BERT's clean_text drops in ASCII
 
 
 def _plain_backend(tokenizer) -> bool:
@@ -72,7 +69,7 @@ class BatchEncoder:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.fast = _plain_backend(tokenizer)
-        self.unnormalized, self.steps, self.added = None, None, ()
+        self.unnormalized, self.steps, self.added, self.added_starts = None, None, (), set()
         if self.fast:
             import json
 
@@ -83,7 +80,8 @@ class BatchEncoder:
             if spec.get("normalizer") is not None and self.steps is not None:
                 self.unnormalized = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
                 self.unnormalized.normalizer = None
-                self.added = tuple(token["content"] for token in spec.get("added_tokens", []))
+                self.added = tuple(token["content"] for token in spec.get("added_tokens", []) if token["content"])
+                self.added_starts = {token[0] for token in self.added}
 
     def __call__(self, texts: List[str], add_special_tokens: bool) -> List[List[int]]:
         if not self.fast:
@@ -110,12 +108,14 @@ class BatchEncoder:
 
     def _ascii_normalized(self, text: str) -> Optional[str]:
         """``text`` as the backend's normalizer leaves it, or None when it is not that simple."""
-        if not text.isascii() or ASCII_CONTROL.search(text):
+        if not text.isascii() or not _whitespace_to_spaces(text).isprintable():  # a control character
             return None
         normalized = text
         for step in self.steps:
             normalized = step(normalized)
-        if any(token in text or token in normalized for token in self.added):
+        if any(c in text or c in normalized for c in self.added_starts) and any(
+            token in text or token in normalized for token in self.added
+        ):
             return None
         return normalized
 

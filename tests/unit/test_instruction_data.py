@@ -170,7 +170,23 @@ def _fuzz_texts(count: int = 400, seed: int = 0):
     import random
 
     rng = random.Random(seed)
-    pieces = ["Hello", "WORLD", "naïve", "你好", "[SEP]", "[sep]", "[CLS]", "<s>", "</s>", "[MASK]", "  ", "\t", "\n"]
+    pieces = [
+        "Hello",
+        "WORLD",
+        "QQZZ",
+        "qqzz",
+        "naïve",
+        "你好",
+        "[SEP]",
+        "[sep]",
+        "[CLS]",
+        "<s>",
+        "</s>",
+        "[MASK]",
+        "  ",
+        "\t",
+        "\n",
+    ]
     pieces += ["\r\n", "\x0b", "\x0c", "\x00", "\x7f", "\x1f", "a.b", "x,y!", "#1", "can't", "e\u0301", "\ufffd"]
     texts = []
     for _ in range(count):
@@ -190,7 +206,7 @@ def _fuzz_texts(count: int = 400, seed: int = 0):
 def test_ascii_texts_normalized_in_python_give_the_tokenizers_ids(normalizer):
     """Texts the encoder normalizes itself (ASCII, no control characters, no added token's text) get exactly
     the ids of ``tokenizer(texts)``; so do all the others, which go through the backend."""
-    from tokenizers import normalizers, pre_tokenizers
+    from tokenizers import AddedToken, normalizers, pre_tokenizers
 
     from fairseq_ext.data.encode import BatchEncoder
 
@@ -206,6 +222,7 @@ def test_ascii_texts_normalized_in_python_give_the_tokenizers_ids(normalizer):
     }[normalizer]
     if normalizer == "bert, split on spaces only":  # tabs and newlines stay inside the pieces
         backend.pre_tokenizer = pre_tokenizers.Split(" ", "removed")
+    tok.add_tokens([AddedToken("qqzz", normalized=False)])  # matched in the raw text, not in "QQZZ" lowercased
     encoder = BatchEncoder(tok)
     assert (encoder.unnormalized is None) == (normalizer == "replace (not known)")
     texts = _fuzz_texts()
