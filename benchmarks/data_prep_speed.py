@@ -162,8 +162,11 @@ def start(data: Path, model: Path, cache: Path, out: Path) -> dict:
     peak_kib = max(peak_kib, reaped if reaped > before else 0)
     if first_update is None:
         first_update = total
-    log = (out / "log" / "train.log").read_text()
+    log = output_file.read_text(errors="replace").replace("\r", "\n")
     samples = [line.split("| INFO | ")[-1] for line in log.splitlines() if "split train:" in line]
+    samples += [line.strip() for line in log.splitlines() if line.startswith("tokenizing train") and "100%" in line][
+        -1:
+    ]
     return {
         "first_update_s": round(first_update, 1),
         "total_s": round(total, 1),

@@ -108,11 +108,14 @@ class BatchEncoder:
 
     def _ascii_normalized(self, text: str) -> Optional[str]:
         """``text`` as the backend's normalizer leaves it, or None when it is not that simple."""
-        if not text.isascii() or not _whitespace_to_spaces(text).isprintable():  # a control character
+        if not text.isascii():
+            return None
+        spaced = _whitespace_to_spaces(text)
+        if not spaced.isprintable():  # a control character
             return None
         normalized = text
         for step in self.steps:
-            normalized = step(normalized)
+            normalized = spaced if step is _whitespace_to_spaces and normalized is text else step(normalized)
         if any(c in text or c in normalized for c in self.added_starts) and any(
             token in text or token in normalized for token in self.added
         ):
