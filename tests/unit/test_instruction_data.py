@@ -231,3 +231,26 @@ def test_ascii_texts_normalized_in_python_give_the_tokenizers_ids(normalizer):
         assert 100 < simple < len(texts) - 100
     for add_special_tokens in (True, False):
         assert encoder(texts, add_special_tokens) == tok(texts, add_special_tokens=add_special_tokens)["input_ids"]
+
+
+def test_two_processes_give_the_samples_of_one(tmp_path, monkeypatch):
+    """Large data is tokenized by one process per core (the encoder pickled into each): the same samples."""
+    import types
+
+    from fairseq_ext.data import preprocess
+    from fairseq_ext.data.instruction import build_instruction_split
+
+    tok = _tokenizers()["bert-wordpiece-cls-sep"]
+    records = [dict(r, output=f"{r['output']} {i}") for i in range(8) for r in BATCH_RECORDS]
+    samples = {}
+    for processes in (1, 2):
+        monkeypatch.setattr(preprocess, "MIN_RECORDS_PER_PROCESS", 10 if processes == 2 else 10**9)
+        monkeypatch.setattr(preprocess.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+        folder = tmp_path / str(processes)
+        folder.mkdir()
+        (folder / "toy_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        cfg = types.SimpleNamespace(data=str(folder), dataset_name="toy", prompt_type="alpaca")
+        samples[processes] = build_instruction_split(cfg, "train", tok)
+    assert len(samples[2].cache_files) == 2  # one Arrow file per process
+    assert list(samples[2]["input_ids"]) == list(samples[1]["input_ids"])
+    assert list(samples[2]["labels"]) == list(samples[1]["labels"])
