@@ -62,6 +62,9 @@ def ascii_steps(spec: Optional[dict]) -> Optional[List[Callable[[str], str]]]:
     return None
 
 
+PROBE = "The quick, brown fox (aged 3) jumps over 2 lazy dogs!\nCAN'T stop: a_b-c / x.y? #1 @home [ok] 100%\r\n"
+
+
 class BatchEncoder:
     """``encoder(texts, add_special_tokens)``: the token ids of each text as fresh lists, those of
     ``tokenizer(texts, add_special_tokens=...)["input_ids"]`` (see the module docstring)."""
@@ -82,6 +85,16 @@ class BatchEncoder:
                 self.unnormalized.normalizer = None
                 self.added = tuple(token["content"] for token in spec.get("added_tokens", []) if token["content"])
                 self.added_starts = {token[0] for token in self.added}
+                if self._ascii_path_differs():
+                    self.unnormalized = None
+
+    def _ascii_path_differs(self) -> bool:
+        """Whether the ASCII path gives other ids than the backend for a few probe texts (a safeguard: a
+        tokenizer whose parts behave otherwise than their serialized form says keeps the backend path)."""
+        probes = [PROBE, PROBE.upper(), PROBE.replace(" ", "\t"), "", " ".join(PROBE.split()[::-1])]
+        probes = [text for text in probes if self._ascii_normalized(text) is not None]
+        backend = self.tokenizer.backend_tokenizer
+        return self(probes, True) != self._encode(backend, probes, True)
 
     def __call__(self, texts: List[str], add_special_tokens: bool) -> List[List[int]]:
         if not self.fast:

@@ -254,3 +254,16 @@ def test_two_processes_give_the_samples_of_one(tmp_path, monkeypatch):
     assert len(samples[2].cache_files) == 2  # one Arrow file per process
     assert list(samples[2]["input_ids"]) == list(samples[1]["input_ids"])
     assert list(samples[2]["labels"]) == list(samples[1]["labels"])
+
+
+def test_an_ascii_path_that_differs_on_the_probes_is_not_taken(monkeypatch):
+    """Should the steps said for a normalizer be wrong, the probe texts show it and the backend is used."""
+    from fairseq_ext.data import encode
+
+    tok = _tokenizers()["bert-wordpiece-cls-sep"]
+    assert encode.BatchEncoder(tok).unnormalized is not None
+    monkeypatch.setattr(encode, "ascii_steps", lambda spec: [])  # forgets BERT's lowercasing
+    encoder = encode.BatchEncoder(tok)
+    assert encoder.unnormalized is None
+    texts = _fuzz_texts(100)
+    assert encoder(texts, True) == tok(texts)["input_ids"]
