@@ -10,7 +10,9 @@ model is the shipped tiny Llama's config with the vocabulary of the MiniLM token
 ``run.sh`` with ``MAX_STEPS=1`` and ``EVALUATE=0`` into a fresh output folder; the first start of a
 format uses an empty ``DATA_CACHE_DIR``, the second the cache the first one wrote (no validation, no
 checkpoint). The first update is seen when train.log (``LOG_INTERVAL=1``) logs it, polled every 0.2 s. Peak memory is the largest ``ru_maxrss`` of the run's
-processes (all reaped by the time run.sh returns) and the largest ``VmHWM`` seen while polling them.
+processes (all reaped by the time run.sh returns) and the largest ``VmHWM`` seen while polling them; ``cpu_s``
+is the CPU time (user + system) of all of them, a figure the machine's other load changes less than the
+time. run.sh's output is kept beside each output folder (``out_*.output.txt``).
 Writes ``data_prep_speed.json`` to ``--out`` (default benchmarks/results/data_prep_speed).
 """
 
@@ -133,16 +135,19 @@ def start(data: Path, model: Path, cache: Path, out: Path) -> dict:
         "LOG_INTERVAL": "1",
         "MASTER_PORT": str(29600 + os.getpid() % 300),
     }
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before, cpu_before = usage.ru_maxrss, usage.ru_utime + usage.ru_stime
     began = time.perf_counter()
     train_log = out / "log" / "train.log"
-    proc = subprocess.Popen(
-        ["bash", str(RUN_SH), "--disable-validation", "--no-save"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    # run.sh's output goes to a file: a pipe read only at the end fills up (progress bars) and stalls the run
+    output_file = out.parent / f"{out.name}.output.txt"
+    with open(output_file, "w") as output_sink:
+        proc = subprocess.Popen(
+            ["bash", str(RUN_SH), "--disable-validation", "--no-save"],
+            env=env,
+            stdout=output_sink,
+            stderr=subprocess.STDOUT,
+        )
     first_update, peak_kib = None, 0
     while proc.poll() is None:
         peak_kib = max([peak_kib] + [high_water_kib(p) for p in descendants(proc.pid)])
@@ -150,20 +155,25 @@ def start(data: Path, model: Path, cache: Path, out: Path) -> dict:
             first_update = time.perf_counter() - began
         time.sleep(0.2)
     total = time.perf_counter() - began
-    output = proc.stdout.read()
     if proc.returncode != 0:
-        raise SystemExit(f"run.sh failed ({proc.returncode}):\n{output[-4000:]}")
-    reaped = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        raise SystemExit(f"run.sh failed ({proc.returncode}):\n{output_file.read_text()[-4000:]}")
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    reaped, cpu = usage.ru_maxrss, usage.ru_utime + usage.ru_stime - cpu_before
     peak_kib = max(peak_kib, reaped if reaped > before else 0)
     if first_update is None:
         first_update = total
-    log = (out / "log" / "train.log").read_text()
+    log = output_file.read_text(errors="replace").replace("\r", "\n")
     samples = [line.split("| INFO | ")[-1] for line in log.splitlines() if "split train:" in line]
+    samples += [line.strip() for line in log.splitlines() if line.startswith("tokenizing train") and "100%" in line][
+        -1:
+    ]
     return {
         "first_update_s": round(first_update, 1),
         "total_s": round(total, 1),
         "peak_rss_gib": round(peak_kib / 2**20, 2),
-        "log": samples[:2],
+        "cpu_s": round(cpu, 1),
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+        "log": samples,
     }
 
 

@@ -4,11 +4,13 @@ Records (``{data}/{dataset_name}_{split}.json``, ``.jsonl``, ``.parquet`` or a `
 ``sources.py``) hold ``instruction`` and ``output`` strings and an optional ``input`` string.
 """
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import datasets
+import pyarrow as pa
 
 from ..errors import UserInputError
+from .encode import BatchEncoder, int32_lists, with_masked_prefix
 from .layouts import IGNORE_INDEX
 from .preprocess import token_features, tokenize_map
 from .prompts import get_prompt_template
@@ -62,37 +64,42 @@ def tokenize_records(records: List[Dict], tokenizer, prompt_type: str) -> List[D
     ]
 
 
-def tokenize_instruction_batch(batch: Dict[str, list], tokenizer, prompt_type: str) -> Dict[str, list]:
-    """``datasets.map`` function: :func:`tokenize_instruction` for a batch of records, tokenized in one call each
-    for the prompts and for the answers."""
-    if tokenizer.eos_token_id is None:
+def tokenize_instruction_batch(
+    batch: pa.Table, tokenizer, prompt_type: str, encode: Optional[BatchEncoder] = None
+) -> pa.Table:
+    """``datasets.map`` function over Arrow batches: :func:`tokenize_instruction` for every record, the prompts
+    and the answers each tokenized in one call of ``encode`` (``encode.py``; made from ``tokenizer`` when not
+    given), the samples made as Arrow columns."""
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    if eos is None:
         raise UserInputError("the tokenizer has no EOS token; set eos_token in its tokenizer_config.json")
     template = get_prompt_template(prompt_type)
-    inputs = batch.get("input") or [""] * len(batch["instruction"])
-    prompts = [template.render(i, x or "") for i, x in zip(batch["instruction"], inputs)]
-    prompt_ids = tokenizer(prompts)["input_ids"]
-    answer_ids = tokenizer(batch["output"], add_special_tokens=False)["input_ids"]
-    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
-    out = {"input_ids": [], "labels": []}
+    instructions = batch.column("instruction").to_pylist()
+    inputs = batch.column("input").to_pylist() if "input" in batch.column_names else [None] * len(instructions)
+    encode = encode or BatchEncoder(tokenizer)
+    prompt_ids = encode([template.render(i, x or "") for i, x in zip(instructions, inputs)], True)
+    answer_ids = encode(batch.column("output").to_pylist(), False)
+    prompt_lengths = []
     for prompt, answer in zip(prompt_ids, answer_ids):
         if prompt and prompt[-1] == eos and eos != bos:
-            prompt = prompt[:-1]  # tokenizers like T5's append EOS to every text
-        answer = answer + [eos]
-        out["input_ids"].append(prompt + answer)
-        out["labels"].append([IGNORE_INDEX] * len(prompt) + answer)
-    return out
+            del prompt[-1]  # tokenizers like T5's append EOS to every text
+        prompt_lengths.append(len(prompt))
+        prompt += answer
+        prompt.append(eos)
+    input_ids = int32_lists(prompt_ids)
+    return pa.table({"input_ids": input_ids, "labels": with_masked_prefix(input_ids, prompt_lengths, IGNORE_INDEX)})
 
 
 def tokenize_instruction_dataset(
     records: datasets.Dataset, tokenizer, prompt_type: str, split: str
 ) -> datasets.Dataset:
-    """Samples of instruction records held in a Dataset (batched map over processes, Arrow files)."""
+    """Samples of instruction records held in a Dataset (batched map over Arrow batches, Arrow files)."""
     return tokenize_map(
-        records,
+        records.with_format("arrow"),
         tokenize_instruction_batch,
         desc=f"tokenizing {split}",
         features=token_features(),
-        fn_kwargs={"tokenizer": tokenizer, "prompt_type": prompt_type},
+        fn_kwargs={"tokenizer": tokenizer, "prompt_type": prompt_type, "encode": BatchEncoder(tokenizer)},
     )
 
 

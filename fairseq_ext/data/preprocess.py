@@ -85,7 +85,7 @@ def tokenize_map(
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
     fingerprint = hashlib.sha256(f"{records._fingerprint}|{desc}|{function.__qualname__}".encode()).hexdigest()[:32]
     with progress_on_stdout():
-        return records.map(
+        samples = records.map(
             function,
             batched=True,
             batch_size=batch_size,
@@ -97,6 +97,7 @@ def tokenize_map(
             cache_file_name=scratch_file(fingerprint),
             **map_kwargs,
         )
+    return samples.with_format(None)  # the records' format (Arrow batches for some functions) is theirs
 
 
 def scratch_file(name: str) -> str:

@@ -109,10 +109,35 @@ def progress_on_stdout():
         yield
 
 
+PARQUET_BATCH_ROWS = 10_000
+
+
+def _parquet_to_arrow(path: str, cache_dir: str) -> datasets.Dataset:
+    """A parquet file as a memory-mapped Arrow file, read page by page in batches of rows: datasets' parquet
+    reader holds a whole row group in memory (pyarrow writes up to a million rows in one)."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    stat = os.stat(path)
+    key = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}".encode()
+    target = os.path.join(cache_dir, f"parquet-{hashlib.sha256(key).hexdigest()[:24]}.arrow")
+    if not os.path.isfile(target):
+        os.makedirs(cache_dir, exist_ok=True)
+        parquet = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
+        partial = target + ".partial"
+        with pa.OSFile(partial, "wb") as sink, pa.ipc.new_stream(sink, parquet.schema_arrow) as writer:
+            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+                writer.write_batch(batch)
+        os.replace(partial, target)
+    return datasets.Dataset.from_file(target)
+
+
 def _load_file(source: SplitSource, cache_dir: str) -> datasets.Dataset:
-    builder = "parquet" if source.kind == "parquet" else "json"
+    if source.kind == "parquet":
+        return _parquet_to_arrow(source.path, cache_dir)
     with progress_on_stdout():
-        return datasets.load_dataset(builder, data_files=source.path, split="train", cache_dir=cache_dir)
+        return datasets.load_dataset("json", data_files=source.path, split="train", cache_dir=cache_dir)
 
 
 def _is_utf8(path: str) -> bool:

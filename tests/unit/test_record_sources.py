@@ -97,3 +97,24 @@ def test_bad_records_name_file_and_line_or_record(tmp_path, tokenizer, kind, rec
         build_instruction_split(
             types.SimpleNamespace(data=str(tmp_path), dataset_name="toy", prompt_type="plain"), "train", tokenizer
         )
+
+
+def test_parquet_is_read_in_batches_smaller_than_its_row_groups(tmp_path, monkeypatch):
+    """A parquet file's records are read page by page in batches of rows, whatever its row groups: the same
+    records, nested values and null fields included, and an unreadable file is one clear error."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fairseq_ext.data import sources
+
+    rows = [
+        {"instruction": f"say {i}", "input": None if i % 3 else "x", "output": str(i), "tags": [{"k": i}]}
+        for i in range(25)
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "toy_train.parquet", row_group_size=20)
+    monkeypatch.setattr(sources, "PARQUET_BATCH_ROWS", 7)
+    records = sources.load_source(sources.find_split_source(str(tmp_path), "toy", "train"), str(tmp_path / "c"))
+    assert records.to_list() == rows
+    (tmp_path / "bad_train.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(UserInputError, match=r"bad_train\.parquet: cannot be read as parquet records"):
+        sources.load_source(sources.find_split_source(str(tmp_path), "bad", "train"), str(tmp_path / "c"))
