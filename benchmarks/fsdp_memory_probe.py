@@ -3,7 +3,7 @@
 A Llama-shaped Hugging Face model in bf16 on fake tensors (``FakeTensorMode``: shapes only, nothing computed,
 no memory used) runs two forward-backward passes plain, under torch's ``MemTracker``, and two sharded as
 the runtime shards it (``fairseq_ext.cube.runtime.fsdp.shard_data_parallel`` over a mesh of one rank at the
-given ZeRO level, gradients reduced in float32 as ``bf16-master`` does) under ``FSDPMemTracker``. Both peaks
+given ZeRO level, gradients reduced as ``bf16-master`` reduces them on one rank: in their own bf16) under ``FSDPMemTracker``. Both peaks
 are printed by category, in GiB, with their difference. Eager layers; the optimizer's states are not in it
 (the same on both sides).
 
@@ -40,6 +40,7 @@ def probe(layers, hidden, intermediate, heads, kv_heads, vocab, mb, seq, zero) -
 
     from fairseq_ext.cube.plan import Plan
     from fairseq_ext.cube.runtime.fsdp import shard_data_parallel
+    from fairseq_ext.cube.runtime.precision import reduce_dtype
 
     mesh = init_device_mesh("cpu", (1,))
     result = {}
@@ -48,7 +49,7 @@ def probe(layers, hidden, intermediate, heads, kv_heads, vocab, mb, seq, zero) -
             model = _llama(layers, hidden, intermediate, heads, kv_heads, vocab, seq)
             if sharded:
                 plan = Plan(plan_ngpus=1, scaling_factor=1, tp=1, pp=1, zero=zero)
-                shard_data_parallel([model], model, plan, mesh, reduce_dtype=torch.float32)
+                shard_data_parallel([model], model, plan, mesh, reduce_dtype("bf16-master", 1))
                 tracker = FSDPMemTracker(model, None)
             else:
                 tracker = MemTracker()
@@ -98,6 +99,7 @@ def probe_real(layers, hidden, intermediate, heads, kv_heads, vocab, mb, seq, ze
     from fairseq_ext.cube.plan import Plan
     from fairseq_ext.cube.runtime.compile_layers import compile_layers
     from fairseq_ext.cube.runtime.fsdp import shard_data_parallel
+    from fairseq_ext.cube.runtime.precision import reduce_dtype
 
     mesh = init_device_mesh("cpu", (1,))
     result = {}
@@ -108,7 +110,7 @@ def probe_real(layers, hidden, intermediate, heads, kv_heads, vocab, mb, seq, ze
             compile_layers(model)
         if sharded:
             plan = Plan(plan_ngpus=1, scaling_factor=1, tp=1, pp=1, zero=zero)
-            shard_data_parallel([model], model, plan, mesh, reduce_dtype=torch.float32)
+            shard_data_parallel([model], model, plan, mesh, reduce_dtype("bf16-master", 1))
         ids = torch.randint(0, vocab, (mb, seq))
 
         def step():

@@ -190,7 +190,7 @@ def estimate(
     shards = zero_shards(plan)
     # Level 1 adds up accumulated batches in whole local gradients, reduced once per update
     grad_shards = 1 if level == 1 and work.grad_accu > 1 else shards
-    reduce_b = reduce_bytes(profile.precision, grad_b)
+    reduce_b = reduce_bytes(profile.precision, grad_b, plan.scaling_factor)
     rate = (hw.fp32_flops if profile.precision == "fp32" else hw.device_flops) * hw.efficiency
     layer_rate = rate * (hw.compiled_speedup if profile.compiled else 1.0)  # COMPILE compiles the decoder layers
     layer_rate /= float8_time_share(profile, hw)

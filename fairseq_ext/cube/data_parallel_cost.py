@@ -11,11 +11,11 @@ from .runtime.precision import reduce_dtype
 FSDP_LAYERS_IN_FLIGHT = 2  # level 3: the layer computing and the one FSDP2 prefetches
 
 
-def reduce_bytes(precision: str, grad_bytes: int) -> int:
-    """Bytes per gradient element FSDP2 reduces under ``precision``: its ``reduce_dtype`` (float32 where the
-    precision keeps float32 masters), else the gradients' own ``grad_bytes`` (fairseq's --fp16 reduces its fp16
-    gradients through DDP)."""
-    dtype = None if precision == "fp16" else reduce_dtype(precision)
+def reduce_bytes(precision: str, grad_bytes: int, replicas: int) -> int:
+    """Bytes per gradient element FSDP2 reduces over ``replicas`` units under ``precision``: its
+    ``reduce_dtype`` (float32 where the precision keeps float32 masters and there is a sum), else the
+    gradients' own ``grad_bytes`` (fairseq's --fp16 reduces its fp16 gradients through DDP)."""
+    dtype = None if precision == "fp16" else reduce_dtype(precision, replicas)
     return grad_bytes if dtype is None else dtype.itemsize
 
 

@@ -108,7 +108,7 @@ def apply_plan(cfg: DictConfig, model: torch.nn.Module, criterion: Optional[obje
         root=model,
         sequence_parallel=settings.sequence_parallel,
         compile_blocks=lambda: _compile_blocks(cfg, model, plan),
-        reduce_dtype=reduce_dtype(settings.precision) if settings.precision != "fp16" else None,
+        reduce_dtype=reduce_dtype(settings.precision, plan.scaling_factor) if settings.precision != "fp16" else None,
     )
     pipeline = None
     if stages:

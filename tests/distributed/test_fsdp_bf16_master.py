@@ -63,7 +63,10 @@ def _reduced_gradient(rank, port, out_dir):
         mesh = init_device_mesh("cpu", (RANKS,))
         plan = Plan(plan_ngpus=1, scaling_factor=RANKS, tp=1, pp=1, zero=2)
         results = {}
-        for name, dtype in (("float32", reduce_dtype("bf16-master")), ("bf16", reduce_dtype("bf16-lean"))):
+        for name, dtype in (
+            ("float32", reduce_dtype("bf16-master", RANKS)),
+            ("bf16", reduce_dtype("bf16-lean", RANKS)),
+        ):
             model = _Scaled()
             shard_data_parallel([model], model, plan, mesh, dtype)
             model(_inputs()[rank]).backward()
@@ -86,7 +89,7 @@ def test_bf16_master_sums_bf16_gradients_in_float32_and_rounds_once(tmp_path):
     mp.start_processes(_run_then_exit, args=(_reduced_gradient, port, str(tmp_path)), nprocs=RANKS, start_method="fork")
     grads = {name: torch.tensor(values) for name, values in json.loads((tmp_path / "grads.json").read_text()).items()}
     exact_mean = _inputs().double().mean(0).bfloat16().float()  # FSDP2 averages over the replicas
-    assert reduce_dtype("bf16-master") == torch.float32 and reduce_dtype("bf16-lean") is None
+    assert reduce_dtype("bf16-master", RANKS) == torch.float32 and reduce_dtype("bf16-lean", RANKS) is None
     assert torch.equal(grads["float32"], exact_mean)
     assert (grads["bf16"] != exact_mean).float().mean().item() > 0.05  # rounded partial sums: the test can tell
 
@@ -100,7 +103,7 @@ def sharded_tiny_llama(device: torch.device, zero: int = 3):
     init_one_process_group(device.type)
     plan = Plan(plan_ngpus=1, scaling_factor=1, tp=1, pp=1, zero=zero)
     shard_data_parallel(
-        [sharded], sharded, plan, data_parallel_mesh(build_mesh(plan, device.type)), reduce_dtype("bf16-master")
+        [sharded], sharded, plan, data_parallel_mesh(build_mesh(plan, device.type)), reduce_dtype("bf16-master", 1)
     )
     return plain, sharded
 

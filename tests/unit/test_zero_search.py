@@ -119,11 +119,13 @@ def test_one_gpu_on_fsdp2_costs_copies_in_memory():
 
 def test_the_cost_model_reduces_bf16_master_gradients_in_float32():
     """The bytes the cost model counts per reduced gradient element follow the runtime's FSDP2 policy
-    (``precision.reduce_dtype``): float32 for bf16-master's bf16 gradients, bf16 for bf16-lean's."""
-    assert reduce_bytes("bf16-master", 2) == 4 and reduce_dtype("bf16-master") == torch.float32
-    assert reduce_bytes("bf16-lean", 2) == 2
-    assert reduce_bytes("fp8", 2) == 4 and reduce_bytes("fp8-lean", 2) == 2  # as stored: bf16-master, bf16-lean
-    assert reduce_bytes("fp32", 4) == 4
+    (``precision.reduce_dtype``): float32 for bf16-master's bf16 gradients summed over several units, bf16 for
+    bf16-lean's, and the gradients' own on one GPU alone (nothing is summed)."""
+    assert reduce_bytes("bf16-master", 2, 2) == 4 and reduce_dtype("bf16-master", 2) == torch.float32
+    assert reduce_bytes("bf16-master", 2, 1) == 2 and reduce_dtype("bf16-master", 1) is None
+    assert reduce_bytes("bf16-lean", 2, 8) == 2
+    assert reduce_bytes("fp8", 2, 2) == 4 and reduce_bytes("fp8-lean", 2, 2) == 2  # as stored: bf16-master, bf16-lean
+    assert reduce_bytes("fp32", 4, 2) == 4
 
 
 def test_zero_options_respect_the_user_and_group_by_node():

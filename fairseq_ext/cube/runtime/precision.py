@@ -57,15 +57,17 @@ def weight_dtype(precision: str) -> Optional[str]:
     return "bfloat16" if precision in BF16_WEIGHTS else None
 
 
-def reduce_dtype(precision: str) -> Optional[torch.dtype]:
-    """The dtype FSDP2 sums gradients over the data-parallel replicas in (its ``MixedPrecisionPolicy``
+def reduce_dtype(precision: str, replicas: int) -> Optional[torch.dtype]:
+    """The dtype FSDP2 sums gradients over ``replicas`` data-parallel units in (its ``MixedPrecisionPolicy``
     ``reduce_dtype``), or None for the gradients' own: float32 for ``bf16-master``, whose bf16 gradients are
     summed in float32 and rounded to bf16 once, for the float32 master step (``bf16-lean`` keeps bf16: no
     float32 state to feed; fp32 and bf16 autocast have float32 gradients already; fp8 and fp8-lean as the
-    precisions they are stored as)."""
+    precisions they are stored as). One replica (one GPU at a ZeRO level) sums nothing: its bf16 gradients
+    stay bf16, as without FSDP2 (a float32 round trip would give the same values for three more passes over
+    them)."""
     if precision not in PRECISIONS:
         raise _unknown(precision)
-    return torch.float32 if stored_as(precision) == "bf16-master" else None
+    return torch.float32 if stored_as(precision) == "bf16-master" and replicas > 1 else None
 
 
 def check_precision(precision: str, fp16: bool = False, bf16: bool = False, optimizer: Optional[str] = None) -> None:
