@@ -307,6 +307,28 @@ VARIANTS = [
     ),
     # float8 linear layers in the decoder blocks (PRECISION=fp8: bf16-master's storage; fp8-lean: bf16-lean's)
     dict(name="1.1B-full-fp8-compile", model="A", mode="full", mb=8, precision="fp8", compile=1, timeout=300),
+    # variants of the float8 layers (runtime/float8.py): fast accumulation in every float8 matmul; q/o (2048 x 2048)
+    # left in bf16
+    dict(
+        name="1.1B-full-fp8-compile-fastaccum",
+        model="A",
+        mode="full",
+        mb=8,
+        precision="fp8",
+        compile=1,
+        timeout=300,
+        args=["--float8-recipe", "tensorwise-fast-accum"],
+    ),
+    dict(
+        name="1.1B-full-fp8-compile-minwidth2048",
+        model="A",
+        mode="full",
+        mb=8,
+        precision="fp8",
+        compile=1,
+        timeout=300,
+        args=["--float8-min-width", "2048"],
+    ),
     dict(name="8B-lora-fp8-compile", model="B", mode="lora", mb=2, precision="fp8", compile=1, timeout=420),
     dict(
         name="8B-full-fp8lean-plan-compile",

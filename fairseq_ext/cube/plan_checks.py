@@ -141,9 +141,11 @@ def _compile_blocks(cfg: DictConfig, model: torch.nn.Module, plan: Plan) -> None
         on_gpu = torch.cuda.is_available() and not cfg.common.cpu
         device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
         float8.check_device(device, precision)
-        logger.info(
-            f"PRECISION={precision}: {float8.convert_blocks(hf_model, precision)} linear layers multiply in float8"
+        recipe = getattr(cfg.task, "float8_recipe", float8.RECIPES[0])
+        count = float8.convert_blocks(
+            hf_model, precision, recipe, getattr(cfg.task, "float8_min_width", float8.MIN_WIDTH)
         )
+        logger.info(f"PRECISION={precision}: {count} linear layers multiply in float8 ({recipe} scales)")
     if getattr(cfg.model, "compile_layers", False) and hf_model is not None:
         count = compile_layers(hf_model, dynamic=False if plan.tp > 1 else None)
         logger.info(f"torch.compile: {count} decoder layers" + (", one static shape" if plan.tp > 1 else ""))

@@ -12,6 +12,8 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
 from ..cube.config import CubeConfig
+from ..cube.runtime.float8 import MIN_WIDTH as FLOAT8_MIN_WIDTH
+from ..cube.runtime.float8 import RECIPES as FLOAT8_RECIPES
 from ..cube.runtime.precision import autocast, check_precision
 from ..data.global_batches import GlobalBatchIterator, token_budget_global_batches
 from ..data.layouts import get_layout
@@ -78,6 +80,17 @@ class HFFinetuneConfig(CubeConfig):
             "torchao); fp8-lean: bf16-lean with those float8 layers (all need --optimizer torch_adamw). fairseq's own --bf16 does not work on GPUs; fp16 is "
             "fairseq's --fp16"
         },
+    )
+    float8_recipe: str = field(
+        default=FLOAT8_RECIPES[0],
+        metadata={
+            "help": "PRECISION=fp8 / fp8-lean: torchao's float8 scaling: tensorwise (per-tensor scales); "
+            "tensorwise-fast-accum (also fast, less precise accumulation in the backward's matmuls)"
+        },
+    )
+    float8_min_width: int = field(
+        default=FLOAT8_MIN_WIDTH,
+        metadata={"help": "PRECISION=fp8 / fp8-lean: linear layers at most this wide in and out stay bf16"},
     )
     pack_sequences: bool = field(
         default=False,

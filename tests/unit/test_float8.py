@@ -37,15 +37,22 @@ def test_the_narrow_projections_lora_adapters_and_odd_sizes_stay_bf16():
     assert float8.converts("self_attn.k_proj", 8192, 1024)  # wide enough in: Llama-3-70B's k/v convert
 
 
+def test_a_min_width_leaves_the_square_projections_of_that_width_in_bf16():
+    mlp = {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    assert {n for n, i, o in float8.llama_linears(**TINYLLAMA_1B) if float8.converts(n, i, o, 2048)} == mlp
+    wide = {n for n, i, o in float8.llama_linears(**LLAMA3_8B) if float8.converts(n, i, o, 2048)}
+    assert wide == converted(LLAMA3_8B)  # 4096-wide q/o still convert
+
+
 def test_the_compile_pass_costs_the_converted_layers_flops():
     per_layer = float8.float8_flops_per_token(**LLAMA3_8B)
     assert per_layer == 2 * (2 * 4096 * 4096 + 3 * 4096 * 14336)
 
 
-def small_llama(intermediate: int = 1040) -> LlamaForCausalLM:
+def small_llama(intermediate: int = 1040, hidden: int = 64) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=64,
+        hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -85,6 +92,27 @@ def test_the_decoder_blocks_wide_linear_layers_convert_not_the_head_or_narrow_on
     torchao = stand_in_torchao(monkeypatch)
     assert float8.convert_blocks(model) == 4  # gate and up of 2 layers (64 -> 1040); down (1040 -> 64) is narrow
     assert torchao.chosen == ["mlp.gate_proj", "mlp.up_proj"] * 2  # paths inside each decoder layer
+
+
+def test_the_min_width_reaches_the_conversion_and_an_unknown_recipe_is_refused(monkeypatch):
+    torchao = stand_in_torchao(monkeypatch)
+    model = small_llama(intermediate=1056, hidden=1040)
+    assert float8.convert_blocks(model, min_width=1040) == 6  # gate, up, down; not q/o (1040 -> 1040)
+    assert torchao.chosen == ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"] * 2
+    with pytest.raises(UserInputError, match=r"unknown --float8-recipe 'blockwise'; choose one of tensorwise, "):
+        float8.convert_blocks(small_llama(), recipe="blockwise")
+
+
+def test_the_fast_accumulation_recipe_accumulates_every_float8_matmul_fast(monkeypatch):
+    stand_in_torchao(monkeypatch)
+    config = types.ModuleType("torchao.float8.config")
+    config.Float8GemmConfig = lambda use_fast_accum=False: "fast" if use_fast_accum else "precise"
+    monkeypatch.setitem(sys.modules, "torchao.float8.config", config)
+    sys.modules["torchao.float8"].Float8LinearConfig = lambda **gemms: gemms or "tensorwise"
+    assert float8.recipe_config("tensorwise") == "tensorwise"  # torchao's default: fast in the forward's only
+    assert float8.recipe_config("tensorwise-fast-accum") == dict(
+        gemm_config_grad_input="fast", gemm_config_grad_weight="fast"
+    )
 
 
 def test_lora_base_layers_convert_and_adapters_do_not(monkeypatch):

@@ -98,13 +98,15 @@ def test_packed_variable_length_rows_are_predicted_within_10_percent_on_the_h100
 
 
 def test_fp8_and_accumulation_rows_are_predicted():
-    """H100 run 24: fp8 / fp8-lean (float8 linear layers; the kept-activation saving and fp8_speedup fitted on its
-    rows) and 8B bf16-lean with GRADIENT_ACCU_NUM=8: every peak within 5%, every step time within 10%."""
+    """H100 runs 24 and 28: fp8 / fp8-lean (float8 linear layers; the kept-activation saving and fp8_speedup fitted
+    on their rows) beside bf16-master, and 8B bf16-lean with GRADIENT_ACCU_NUM=8: every peak within 5%, every step
+    time within 10%. (run28b's rows ran other --float8-recipe / --float8-min-width settings than the compile pass
+    costs.)"""
     rows = [
         plan_calibration.predict(row, s, plan_calibration.hardware_for("H100"))
-        for row, s in plan_calibration.measured_rows([RESULTS / "run24.json"])
+        for row, s in plan_calibration.measured_rows([RESULTS / "run24.json", RESULTS / "run28.json"])
     ]
-    assert len(rows) == 5
+    assert len(rows) == 7
     for row in rows:
         assert abs(row["predicted_gib"] - row["measured_gib"]) / row["measured_gib"] <= 0.05, row
         assert abs(row["predicted_s"] - row["measured_s"]) / row["measured_s"] <= 0.10, row
