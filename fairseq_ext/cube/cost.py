@@ -9,8 +9,9 @@ Memory of one rank (the fullest pipeline stage decides the plan's peak)::
     unsharded   = FSDP2's all-gathered weights: levels 1 and 2 keep every local weight unsharded from the
                   forward to the end of the backward; level 3 reshards after each layer's forward, so only
                   the layer computing and the one prefetched (plus the root's embedding, norm and head, which
-                  FSDP2 keeps) are whole; in the backward each layer's unsharded gradient and its float32
-                  reduce-scatter input exist while it runs
+                  FSDP2 keeps) are whole; in the backward each layer's unsharded gradient and its
+                  reduce-scatter input exist while it runs; the root's gradients are reduced after the whole
+                  backward
     activations = what one micro-batch keeps on the rank's stages x micro-batches in flight:
                   GPipe keeps all m, 1F1B keeps pp - rank (stage 0: pp), Interleaved1F1B keeps
                   (v - 1) x pp + 2 x (pp - 1 - rank) + 1 chunk-forwards (torch.distributed.pipelining's warm-up)
@@ -61,6 +62,7 @@ from .communication_cost import link, p2p_seconds, tp_seconds
 from .data_parallel_cost import (
     DataParallelBytes,
     data_parallel_seconds,
+    layers_in_flight,
     one_rank_copy_seconds,
     reduce_bytes,
     unsharded_weights,
@@ -213,6 +215,9 @@ def estimate(
         # Level 0 runs on FSDP2 too (replicas of one shard each), except fp16, which fairseq's DDP runs
         on_fsdp = plan.on_fsdp and (level or profile.precision != "fp16")
         fsdp_backward = layer_grads * (grad_b + reduce_b) if on_fsdp else 0.0
+        rank_layers = sum(len(stages[s]) for s in rank_stages)
+        gathered_layers = layers_in_flight(level, layer.local_numel(tp), rank_layers) * weight_b
+        root_grads = 0  # the root's gradients, reduced once its whole backward has run (after the embeddings')
         for s in rank_stages:
             if s == 0:
                 walk.append(
@@ -222,6 +227,7 @@ def estimate(
                 )
                 weights += embed.local_numel(edge_tp)
                 edge_weights += embed.local_numel(edge_tp)
+                root_grads += embed.local_trainable(edge_tp)
                 seconds += _flops(embed) * tokens / rate + tp_seconds(embed, edge_tp, tokens, tp_link)
             walk.append(_Backward(shared.bytes(mb_tokens), 0.0, 0.0))
             for i in stages[s]:
@@ -232,7 +238,7 @@ def estimate(
                     _Backward(
                         kept,
                         layer_grads * grad_b / grad_shards,
-                        acts.backward_bytes(mb_tokens) + fsdp_backward,
+                        acts.backward_bytes(mb_tokens) + fsdp_backward + gathered_layers,
                     )
                 )
                 weights += layer.local_numel(tp)
@@ -253,11 +259,12 @@ def estimate(
                     _Backward(
                         head_acts.bytes(mb_tokens),
                         head_grads * grad_b / grad_shards,
-                        head_acts.backward_bytes(mb_tokens) + (head_grads * (grad_b + reduce_b) if on_fsdp else 0.0),
+                        head_acts.backward_bytes(mb_tokens),
                     )
                 )
                 weights += norm.local_numel(edge_tp) + head.local_numel(edge_tp)
                 edge_weights += norm.local_numel(edge_tp) + head.local_numel(edge_tp)
+                root_grads += norm.local_trainable(edge_tp) + head_grads
                 seconds += (_flops(norm) + _flops(head)) * tokens / rate
                 seconds += tp_seconds(head, edge_tp, tokens, tp_link)
         numel = round(sum(w.grad_bytes for w in walk) * grad_shards / grad_b)  # the trained elements before sharding
@@ -273,7 +280,7 @@ def estimate(
             numel * (weight_b + optimizer_b) + (weights - numel) * weight_b
         ) / shards + numel * grad_b / grad_shards
         static = states - (0.0 if grads_persist else numel * grad_b / grad_shards)
-        unsharded = unsharded_weights(level, weights, edge_weights, layer.local_numel(tp), layer_count) * weight_b
+        unsharded = unsharded_weights(level, weights, edge_weights) * weight_b
         grads = numel * grad_b
         dp_buffer = 0.0
         if plan.scaling_factor > 1 and not on_fsdp:
@@ -284,12 +291,13 @@ def estimate(
         # Backward of the last micro-batch in flight, module by module from the end: its activations are
         # freed as its gradients appear; a module's backward-only buffers exist while it runs.
         current = static + unsharded + activations + comm + ddp_buckets
-        fwd_bwd, transient = current, 0.0
+        fwd_bwd, transient = current + gathered_layers, gathered_layers  # the forward's end (its last layers)
         for kept_bytes, grad_bytes, backward_only in reversed(walk):
             if current + backward_only > fwd_bwd:
                 fwd_bwd, transient = current + backward_only, backward_only
             current += grad_bytes - kept_bytes - (grad_bytes if grads_persist else 0.0)
-        fwd_bwd = max(fwd_bwd, current)
+        root_reduce = root_grads * (grad_b + reduce_b) if on_fsdp else 0.0
+        fwd_bwd = max(fwd_bwd, current + root_reduce)
         # torch_adamw's steps hold nothing beside the states: bf16 weights' Triton kernels read the bf16
         # gradients as they are and keep float32 values in registers; FSDP2 has resharded the weights
         step_peak = states + dp_buffer

@@ -30,13 +30,19 @@ def zero_shards(plan: Plan) -> int:
     return plan.scaling_factor // plan.zero_n_groups if zero_level(plan) else 1
 
 
-def unsharded_weights(level: int, weights: int, edge_weights: int, layer_weights: int, layers: int) -> float:
-    """Parameter elements FSDP2 holds all-gathered at the forward/backward peak, beside the shards."""
+def unsharded_weights(level: int, weights: int, edge_weights: int) -> float:
+    """Parameter elements FSDP2 holds all-gathered from the forward to the end of the backward, beside the
+    shards: every weight at levels 1-2; at level 3 the root's (embeddings, norm, head: the root is not
+    resharded after its forward); the decoder layers gathered while they run are :func:`layers_in_flight`."""
     if level == 0:
         return 0.0
-    if level < 3:
-        return weights  # kept from the forward to the end of the backward
-    return edge_weights + min(layers, FSDP_LAYERS_IN_FLIGHT) * layer_weights
+    return weights if level < 3 else edge_weights
+
+
+def layers_in_flight(level: int, layer_weights: int, layers: int) -> float:
+    """Parameter elements of the decoder layers FSDP2 holds gathered at level 3 while one layer computes:
+    that layer and the one it prefetches, in the forward and in the backward."""
+    return min(layers, FSDP_LAYERS_IN_FLIGHT) * layer_weights if level == 3 else 0.0
 
 
 def one_rank_copy_seconds(
