@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fairseq_ext.cube.batch_layout import document_rows, from_micro_batches  # noqa: E402
+from fairseq_ext.cube.batch_layout import document_rows, first_lengths, from_micro_batches  # noqa: E402
 from fairseq_ext.cube.batch_padding import LengthRule  # noqa: E402
 from fairseq_ext.cube.calibration_table import predicted_vs_measured  # noqa: E402
 from fairseq_ext.cube.cost import GIB, Workload, estimate  # noqa: E402
@@ -87,12 +87,16 @@ def predict(row: dict, settings: dict, hardware: Hardware) -> dict:
         rule = LengthRule.of(plan, settings["seq"], bool(row.get("compile")), sequence_parallel=False)
         layout = from_micro_batches(updates, packed, rule)  # every update of the run: its largest decides the peak
         cost = estimate(profile, plan, dataclasses.replace(work, layout=layout), hardware)
-        timed = updates[row["warmup"] : row["warmup"] + row["steps"]]
+        timed = slice(row["warmup"], row["warmup"] + row["steps"])
+        firsts = first_lengths(updates, packed, rule)  # updates whose padded length is new to the run
         step_time = statistics.median(
             estimate(
-                profile, plan, dataclasses.replace(work, layout=from_micro_batches([b], packed, rule)), hardware
+                profile,
+                plan,
+                dataclasses.replace(work, layout=from_micro_batches([b], packed, rule), new_lengths=first),
+                hardware,
             ).step_time
-            for b in timed
+            for b, first in zip(updates[timed], firsts[timed])
         )
     allocated = cost.parts["allocated"]
     group = (

@@ -83,6 +83,20 @@ def from_micro_batches(
     return BatchLayout(sum(tokens) / len(tokens), max(tokens), work / sum(tokens), VARLEN if packed else CAUSAL)
 
 
+def first_lengths(
+    batches: Sequence[Sequence[Sequence[int]]], packed: bool, padded_length: Callable[[int], int]
+) -> List[int]:
+    """For each micro-batch of a run, in order: 1 if it is padded rows whose padded length (``padded_length``
+    of the longest row) no earlier micro-batch had, else 0 (what ``Workload.new_lengths`` counts; packed
+    micro-batches count none: their one row's length is new almost every time and costs nothing measurable)."""
+    seen, firsts = set(), []
+    for rows in batches:
+        length = None if packed else padded_length(max(map(sum, rows)))
+        firsts.append(int(length is not None and length not in seen))
+        seen.add(length)
+    return firsts
+
+
 def document_rows(lengths: Sequence[int], seq_len: int, packing: bool = False) -> List[List[int]]:
     """The rows samples of ``lengths`` tokens make, each the lengths of its documents: cut to ``seq_len``,
     and packed into rows of at most ``seq_len`` when ``packing`` (``data/packing.py``, in its row order)."""

@@ -86,6 +86,9 @@ class Workload:
     # what a micro-batch computes when rows are not full (packed, padded, MAX_TOKENS); None: full rows of
     # batch_size x seq_len tokens
     layout: Optional[BatchLayout] = None
+    # padded lengths the update runs for the first time in the run (batch_layout.first_lengths); 0 in the
+    # steady state a plan is chosen for (at most SEQUENCE_LENGTH / LENGTH_BUCKET of them over a whole run)
+    new_lengths: int = 0
 
     def batch_layout(self) -> BatchLayout:
         """The layout the cost is computed for: ``layout``, else full rows."""
@@ -340,7 +343,7 @@ def estimate(
     optimizer_seconds = numel * optimizer_step_bytes(profile.precision) / shards / hw.hbm_bandwidth
     device_seconds = work.grad_accu * pipeline + dp_seconds + optimizer_seconds
     host_seconds = passes * hw.host_seconds_per_pass  # the host runs ahead of the device, unless batches are small
-    step = max(device_seconds, host_seconds)
+    step = max(device_seconds, host_seconds) + work.new_lengths * hw.new_length_seconds
     parts = dict(
         static=worst["static"],
         unsharded=worst["unsharded"],
@@ -355,6 +358,7 @@ def estimate(
         dp=dp_seconds,
         dp_communication=dp_total,
         optimizer=optimizer_seconds,
+        device=device_seconds,
         host=host_seconds,
     )
     return Cost(peak_bytes=worst["peak"], step_time=step, parts=parts)

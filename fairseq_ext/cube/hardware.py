@@ -36,8 +36,12 @@ class Hardware:
     # over packed documents of [256, 2048] 2.09 ms for 0.758 of the work
     varlen_attention_speed: float = 0.627
     # the host's seconds to queue one forward-backward pass and its share of the update (fairseq's loop, the
-    # compiled layers' guards and launches): an update takes at least this, however few its tokens
-    host_seconds_per_pass: float = 0.1
+    # compiled layers' guards and launches): an update takes at least this, however few its tokens (H100 run
+    # 27: updates of 1,024-2,560 padded tokens at lengths run before took 0.043-0.049 s)
+    host_seconds_per_pass: float = 0.045
+    # an update of padded rows (COMPILE=1) whose padded length no earlier update had takes this much longer
+    # (H100 runs 27: +0.070 to +0.106 s on each such update, none on the others; not a recompile)
+    new_length_seconds: float = 0.09
     intra_node_bandwidth: float = 450e9  # bytes/s per GPU, NVLink, effective for all-reduce
     intra_node_latency: float = 5e-6  # s per ring step
     inter_node_bandwidth: float = 50e9  # bytes/s per GPU, InfiniBand (400 Gb/s NIC per GPU)

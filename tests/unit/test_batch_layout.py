@@ -10,6 +10,7 @@ from fairseq_ext.cube.batch_layout import (
     CAUSAL,
     VARLEN,
     causal_work,
+    first_lengths,
     from_micro_batches,
     full_rows,
     micro_batches,
@@ -89,6 +90,18 @@ def test_packed_documents_cost_their_attention_and_tokens_and_memory_the_largest
     padded = estimate(profile, ONE, Workload(4, SEQ, layout=from_micro_batches([[[SEQ], [1], [1], [1]]], False)), HW)
     assert padded.parts["compute_and_tp"] == pytest.approx(base.parts["compute_and_tp"], rel=1e-9)
     assert padded.peak_bytes == pytest.approx(base.peak_bytes)
+
+
+def test_an_update_takes_at_least_the_host_time_and_longer_at_a_new_padded_length(profile):
+    tiny = Workload(4, SEQ, layout=from_micro_batches([[[8]]], packed=False))
+    cost = estimate(profile, ONE, tiny, HW)
+    assert cost.parts["compute_and_tp"] + cost.parts["optimizer"] < HW.host_seconds_per_pass == cost.step_time
+    first = estimate(profile, ONE, replace(tiny, new_lengths=1), HW)
+    assert first.step_time == pytest.approx(HW.host_seconds_per_pass + HW.new_length_seconds)
+    # padded lengths under COMPILE=1 (64-token buckets) seen first; packed micro-batches count none
+    rule = LengthRule(sequence_length=SEQ, compiled=True)
+    assert first_lengths([[[10], [60]], [[64]], [[65]], [[100], [3]], [[256]]], False, rule) == [1, 0, 1, 0, 1]
+    assert first_lengths([[[10, 20]], [[40]]], True, rule) == [0, 0]
 
 
 def test_recomputed_layers_run_the_attention_core_again(profile):
