@@ -10,7 +10,7 @@ before its allocator slack and workspace, which model what ``max_memory_reserved
 Rows of variable-length data (``data`` varlen or chat, padded or packed) are costed with the micro-batches the
 run made: the benchmark's sample lengths (``single_gpu_speed.write_dataset``: the same generator and seed), cut
 and ordered as the run cut them (packing, the length-sorted order, fairseq's seeded shuffle of whole
-batches); the step time is the median of each timed update's prediction, the memory that of the run's
+batches), padded rows at the length the runtime pads them to (``cube.batch_padding.LengthRule``); the step time is the median of each timed update's prediction, the memory that of the run's
 largest micro-batch (``cube.batch_layout``).
 
     python benchmarks/plan_calibration.py --gpu-kind H200 benchmarks/results/single_gpu_speed/run10.json \
@@ -29,7 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fairseq_ext.cube.batch_layout import document_rows, from_micro_batches  # noqa: E402
+from fairseq_ext.cube.batch_layout import document_rows, first_lengths, from_micro_batches  # noqa: E402
+from fairseq_ext.cube.batch_padding import LengthRule  # noqa: E402
 from fairseq_ext.cube.calibration_table import predicted_vs_measured  # noqa: E402
 from fairseq_ext.cube.cost import GIB, Workload, estimate  # noqa: E402
 from fairseq_ext.cube.hardware import GPU_KINDS, Hardware, hardware_for  # noqa: E402
@@ -82,14 +83,20 @@ def predict(row: dict, settings: dict, hardware: Hardware) -> dict:
     updates = run_micro_batches(row, settings)
     if updates is not None:
         packed = bool(row.get("pack"))
-        layout = from_micro_batches(updates, packed)  # every update of the run: its largest decides the peak
+        # padded rows at the length the runtime pads them to
+        rule = LengthRule.of(plan, settings["seq"], bool(row.get("compile")), sequence_parallel=False)
+        layout = from_micro_batches(updates, packed, rule)  # every update of the run: its largest decides the peak
         cost = estimate(profile, plan, dataclasses.replace(work, layout=layout), hardware)
-        timed = updates[row["warmup"] : row["warmup"] + row["steps"]]
+        timed = slice(row["warmup"], row["warmup"] + row["steps"])
+        firsts = first_lengths(updates, packed, rule)  # updates whose padded length is new to the run
         step_time = statistics.median(
             estimate(
-                profile, plan, dataclasses.replace(work, layout=from_micro_batches([b], packed)), hardware
+                profile,
+                plan,
+                dataclasses.replace(work, layout=from_micro_batches([b], packed, rule), new_lengths=first),
+                hardware,
             ).step_time
-            for b in timed
+            for b, first in zip(updates[timed], firsts[timed])
         )
     allocated = cost.parts["allocated"]
     group = (

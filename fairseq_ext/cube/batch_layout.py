@@ -7,22 +7,23 @@ otherwise, and :func:`from_micro_batches` describes what its micro-batches compu
 - packed (PACK_SEQUENCES=1): rows of whole documents, the micro-batch run as one padding-free row through
   the variable-length kernel (``models/document_attention.py``): its tokens are the documents' tokens and
   each token attends inside its document;
-- padded: each row one sample, padded to the micro-batch's longest; the padding is computed, and a row
-  shorter than the longest makes SDPA take its masked kernel.
+- padded: each row one sample, padded at its end to the micro-batch's longest, rounded up as the runtime
+  rounds it (``cube/batch_padding.py``: LENGTH_BUCKET under COMPILE=1); the padding is computed, through
+  causal SDPA over the padded length (the batch carries no mask: no real token sees the pad tokens after it).
 
 Attention kernels work in tiles of ``ATTENTION_TILE`` queries by as many keys: a causal span of ``L`` tokens
 (a document, a full row) computes the ``n (n + 1) / 2`` tiles on and below the diagonal (``n = ceil(L /
-ATTENTION_TILE)``), a padded row with a mask all ``n**2`` of them (the kernel cannot skip the masked ones).
+ATTENTION_TILE)``).
 ``work_per_token`` is that tile area per token of the micro-batch; :meth:`BatchLayout.attention_scale` is it
 against a full row's, which is what a profile counts. :func:`micro_batches` cuts sample lengths into the micro-batches a run makes of them
 (truncation, packing, the length-sorted order, BATCH_SIZE or MAX_TOKENS per micro-batch).
 """
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
-# the attention kernels a layout runs: full causal rows, documents of a padding-free row, padded rows with a mask
-CAUSAL, VARLEN, MASKED = "causal", "varlen", "masked"
+# the attention kernels a layout runs: causal rows (full or padded), documents of a padding-free row
+CAUSAL, VARLEN = "causal", "varlen"
 ATTENTION_TILE = 128  # queries (and keys) of a flash-attention tile
 
 
@@ -32,12 +33,6 @@ def causal_work(length: int) -> float:
     return ATTENTION_TILE**2 * n * (n + 1) / 2
 
 
-def masked_work(length: int) -> float:
-    """Query x key positions SDPA computes for a row of ``length`` tokens with a mask: every tile."""
-    n = -(-length // ATTENTION_TILE)
-    return ATTENTION_TILE**2 * n * n
-
-
 @dataclass(frozen=True)
 class BatchLayout:
     """What one micro-batch of a scale unit computes, on average (step time) and at its largest (memory)."""
@@ -45,7 +40,7 @@ class BatchLayout:
     tokens: float  # mean tokens a micro-batch computes (padding included where rows are padded)
     peak_tokens: float  # the largest micro-batch's tokens: what its activations must hold
     work_per_token: float  # the attention kernel's query x key positions per token (see the module docstring)
-    kernel: str = CAUSAL  # CAUSAL, VARLEN or MASKED
+    kernel: str = CAUSAL  # CAUSAL or VARLEN
 
     def attention_scale(self, seq_len: int) -> float:
         """The attention work per token against a full causal row of ``seq_len`` (what a profile counts)."""
@@ -64,28 +59,42 @@ def token_budget(max_tokens: int, seq_len: int) -> BatchLayout:
     return BatchLayout(max_tokens, max_tokens, causal_work(seq_len) / seq_len, CAUSAL)
 
 
-def from_micro_batches(batches: Sequence[Sequence[Sequence[int]]], packed: bool) -> BatchLayout:
+def from_micro_batches(
+    batches: Sequence[Sequence[Sequence[int]]], packed: bool, padded_length: Optional[Callable[[int], int]] = None
+) -> BatchLayout:
     """The layout of ``batches``: each a list of rows, each row its documents' lengths (one per unpacked row).
 
     ``packed``: each micro-batch runs as one padding-free row of its documents (PACK_SEQUENCES=1); else each
-    row is padded to the micro-batch's longest row.
+    row is padded to the micro-batch's longest row, then to ``padded_length`` of it (the run's
+    ``batch_padding.LengthRule``; default: the longest).
     """
     if not batches:
         raise ValueError("no micro-batches to describe")
-    tokens, work, masked = [], 0.0, False
+    tokens, work = [], 0.0
     for rows in batches:
         if packed:
             tokens.append(sum(map(sum, rows)))
             work += sum(causal_work(length) for row in rows for length in row)
             continue
         longest = max(map(sum, rows))
-        padded = any(sum(row) < longest for row in rows)
-        tokens.append(longest * len(rows))
-        work += (masked_work if padded else causal_work)(longest) * len(rows)
-        masked = masked or padded
-    # micro-batches of padded rows with and without padding: all at the masked kernel's speed
-    kernel = VARLEN if packed else MASKED if masked else CAUSAL
-    return BatchLayout(sum(tokens) / len(tokens), max(tokens), work / sum(tokens), kernel)
+        length = padded_length(longest) if padded_length else longest
+        tokens.append(length * len(rows))
+        work += causal_work(length) * len(rows)
+    return BatchLayout(sum(tokens) / len(tokens), max(tokens), work / sum(tokens), VARLEN if packed else CAUSAL)
+
+
+def first_lengths(
+    batches: Sequence[Sequence[Sequence[int]]], packed: bool, padded_length: Callable[[int], int]
+) -> List[int]:
+    """For each micro-batch of a run, in order: 1 if it is padded rows whose padded length (``padded_length``
+    of the longest row) no earlier micro-batch had, else 0 (what ``Workload.new_lengths`` counts; packed
+    micro-batches count none: their one row's length is new almost every time and costs nothing measurable)."""
+    seen, firsts = set(), []
+    for rows in batches:
+        length = None if packed else padded_length(max(map(sum, rows)))
+        firsts.append(int(length is not None and length not in seen))
+        seen.add(length)
+    return firsts
 
 
 def document_rows(lengths: Sequence[int], seq_len: int, packing: bool = False) -> List[List[int]]:

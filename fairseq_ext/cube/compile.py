@@ -375,6 +375,7 @@ def format_report(compiled: Compiled, top: int = 8) -> str:
             f"step {best.cost.step_time:.3f} s = compute+tp {parts['compute_and_tp']:.3f} + bubble "
             f"{parts['bubble']:.3f} + dp {parts['dp']:.3f} (of {parts['dp_communication']:.3f} communicated) "
             f"+ optimizer {parts['optimizer']:.3f}"
+            + (f", the host's floor {parts['host']:.3f} s" if parts["host"] > parts["device"] else "")
         )
         lines.append(compiled.plan.to_json().rstrip())
     return "\n".join(lines)

@@ -57,7 +57,7 @@ kind: ``hardware.GPU_KINDS`` (fitted on the committed one-GPU runs, benchmarks/r
 from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
-from .batch_layout import MASKED, VARLEN, BatchLayout, full_rows
+from .batch_layout import VARLEN, BatchLayout, full_rows
 from .communication_cost import link, p2p_seconds, tp_seconds
 from .data_parallel_cost import (
     DataParallelBytes,
@@ -88,6 +88,9 @@ class Workload:
     # what a micro-batch computes when rows are not full (packed, padded, MAX_TOKENS); None: full rows of
     # batch_size x seq_len tokens
     layout: Optional[BatchLayout] = None
+    # padded lengths the update runs for the first time in the run (batch_layout.first_lengths); 0 in the
+    # steady state a plan is chosen for (at most SEQUENCE_LENGTH / LENGTH_BUCKET of them over a whole run)
+    new_lengths: int = 0
 
     def batch_layout(self) -> BatchLayout:
         """The layout the cost is computed for: ``layout``, else full rows."""
@@ -346,7 +349,9 @@ def estimate(
             plan, hw, busiest["weights"] * weight_b, numel, grad_b, reduce_b, passes, 1 if level == 1 else passes
         )
     optimizer_seconds = numel * optimizer_step_bytes(profile.precision) / shards / hw.hbm_bandwidth
-    step = work.grad_accu * pipeline + dp_seconds + optimizer_seconds
+    device_seconds = work.grad_accu * pipeline + dp_seconds + optimizer_seconds
+    host_seconds = passes * hw.host_seconds_per_pass  # the host runs ahead of the device, unless batches are small
+    step = max(device_seconds, host_seconds) + work.new_lengths * hw.new_length_seconds
     parts = dict(
         static=worst["static"],
         unsharded=worst["unsharded"],
@@ -361,6 +366,8 @@ def estimate(
         dp=dp_seconds,
         dp_communication=dp_total,
         optimizer=optimizer_seconds,
+        device=device_seconds,
+        host=host_seconds,
     )
     return Cost(peak_bytes=worst["peak"], step_time=step, parts=parts)
 
@@ -368,7 +375,7 @@ def estimate(
 def _attention_seconds_factor(profile: ModelProfile, layout: BatchLayout, hw: Hardware) -> float:
     """The attention core's time per token against a full row's under causal SDPA (what the profile counts and
     ``efficiency`` was fitted on): its FLOPs scale with the span a token attends over, at its kernel's speed."""
-    speed = {VARLEN: hw.varlen_attention_speed, MASKED: hw.masked_attention_speed}.get(layout.kernel, 1.0)
+    speed = hw.varlen_attention_speed if layout.kernel == VARLEN else 1.0
     return layout.attention_scale(profile.seq_len) / speed
 
 

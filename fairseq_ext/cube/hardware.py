@@ -34,10 +34,15 @@ class Hardware:
     hbm_bandwidth: float = 3.0e12  # bytes/s the memory-bound optimizer step reaches (3.35e12 on the datasheet)
     # attention kernels' rates against causal SDPA over full rows, per unit of tile work (batch_layout.py):
     # fwd + bwd of one 1.1B layer, 8 rows of 2048 tokens, bf16, on an H100: causal SDPA 1.73 ms; varlen_attn
-    # over packed documents of [256, 2048] 2.09 ms for 0.758 of the work; SDPA with a dense mask 4.08 ms for
-    # 1.88 of it (every tile)
+    # over packed documents of [256, 2048] 2.09 ms for 0.758 of the work
     varlen_attention_speed: float = 0.627
-    masked_attention_speed: float = 0.80
+    # the host's seconds to queue one forward-backward pass and its share of the update (fairseq's loop, the
+    # compiled layers' guards and launches): an update takes at least this, however few its tokens (H100 run
+    # 27: updates of 1,024-2,560 padded tokens at lengths run before took 0.043-0.049 s)
+    host_seconds_per_pass: float = 0.045
+    # an update of padded rows (COMPILE=1) whose padded length no earlier update had takes this much longer
+    # (H100 runs 27: +0.070 to +0.106 s on each such update, none on the others; not a recompile)
+    new_length_seconds: float = 0.09
     intra_node_bandwidth: float = 450e9  # bytes/s per GPU, NVLink, effective for all-reduce
     intra_node_latency: float = 5e-6  # s per ring step
     inter_node_bandwidth: float = 50e9  # bytes/s per GPU, InfiniBand (400 Gb/s NIC per GPU)

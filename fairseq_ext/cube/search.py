@@ -303,9 +303,11 @@ def _label(recompute: Optional[str]) -> str:
 
 
 def _rank(c: Candidate):
-    # equal predicted times (a batch in parts costs the same FLOPs): fewer micro-batches, which run larger kernels
+    # equal predicted times (a batch in parts costs the same FLOPs; the host's floor): the device's time, then fewer
+    # micro-batches, which run larger kernels
     return (
         float(f"{c.cost.step_time:.9g}"),
+        float(f"{c.cost.parts['device']:.9g}"),
         c.plan.num_microbatches,
         c.plan.zero,
         c.cost.peak_bytes,

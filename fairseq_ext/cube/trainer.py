@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..criterions.base import logging_output
 from . import memory_snapshot
-from .batch_padding import length_multiple, pad_batch
+from .batch_padding import LengthRule, pad_batch
 from .checkpoint_saving import CheckpointSaving, atomic_copy, save_checkpoint_with_shards
 from .fairseq_fixes import (
     broadcast_in_group,
@@ -102,11 +102,12 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
             cfg, model, criterion
         )
         self.checkpoint_format = self._checkpoint_format(cfg, model)
-        self._length_multiple = length_multiple(
+        self._length_rule = LengthRule.of(
             self.plan,
             getattr(cfg.task, "sequence_length", 0),
             compiled=bool(getattr(cfg.model, "compile_layers", False)),
             sequence_parallel=bool(getattr(cfg.task, "sequence_parallel", False)),
+            causal_lm=getattr(getattr(task, "layout", None), "name", "causal_lm") == "causal_lm",
         )
         self._shards = None
         self._shards_folder = None  # the DCP folder written for the checkpoint being saved
@@ -328,7 +329,7 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
         """fairseq's, with the batch padded to the length the plan needs (``batch_padding.py``) and pinned first
         on GPUs: its copy to the device then waits for nothing."""
         if sample and sample != "DUMMY":
-            sample = pad_batch(sample, self._length_multiple, getattr(self.task, "pad_id", 0))
+            sample = pad_batch(sample, self._length_rule, getattr(self.task, "pad_id", 0))
         if self.cuda and sample and sample != "DUMMY":
             sample = pinned(sample)
         return super()._prepare_sample(sample, is_dummy)

@@ -141,9 +141,10 @@ class CausalLMLayout(SampleLayout):
             # per-document causal mask from the positions
             net_input["document_lengths"] = document_lengths(batch["position_ids"])
             net_input["max_document_length"] = int(net_input["document_lengths"].max())
-        elif bool(net_input["attention_mask"].all()):
-            # no padding: the plain causal mask, as with a mask of ones, without Hugging Face's check of the
-            # mask on the device (a wait for all the device's queued work at each forward)
+        else:
+            # Rows are padded at their end, so under the causal mask no real token sees a pad token: the plain
+            # causal mask gives real tokens what the padding mask gives, through the causal kernel, without
+            # Hugging Face's check of the mask on the device (a wait for the device's queued work each forward)
             del net_input["attention_mask"]
         return {"net_input": net_input, "target": target, "ntokens": int((target != IGNORE_INDEX).sum())}
 

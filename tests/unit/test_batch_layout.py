@@ -8,14 +8,15 @@ import pytest
 from fairseq_ext.cube.batch_layout import (
     ATTENTION_TILE,
     CAUSAL,
-    MASKED,
     VARLEN,
     causal_work,
+    first_lengths,
     from_micro_batches,
     full_rows,
     micro_batches,
     token_budget,
 )
+from fairseq_ext.cube.batch_padding import LengthRule
 from fairseq_ext.cube.compile import CompileSettings, check_plan_is_current, compile_plan, model_fingerprint
 from fairseq_ext.cube.cost import Hardware, Workload, estimate
 from fairseq_ext.cube.plan import Plan
@@ -43,11 +44,14 @@ def test_layouts_count_tokens_and_attention_tiles_by_hand():
     assert (packed.tokens, packed.peak_tokens) == ((320 + 256) / 2, 320)
     assert packed.work_per_token == pytest.approx((3 * tile + 3 * tile) / 576)
     assert packed.attention_scale(SEQ) == pytest.approx(6 * tile / 576 / (3 * tile / 256))
-    # padded rows compute their padding, and every tile of the longest row under a mask
+    # padded rows compute their padding through the causal kernel (no mask: pad tokens come last)
     padded = from_micro_batches([[[100], [300]]], packed=False)
-    assert (padded.tokens, padded.kernel) == (600, MASKED)
-    assert padded.work_per_token == pytest.approx(2 * 9 * tile / 600)
-    assert from_micro_batches([[[256], [256]]], packed=False).kernel == CAUSAL
+    assert (padded.tokens, padded.kernel) == (600, CAUSAL)
+    assert padded.work_per_token == pytest.approx(2 * 6 * tile / 600)
+    # under COMPILE=1 at the length the runtime pads to (batch_padding.LengthRule: 300 -> 320)
+    compiled = from_micro_batches([[[100], [300]]], packed=False, padded_length=LengthRule(compiled=True))
+    assert (compiled.tokens, compiled.peak_tokens) == (640, 640)
+    assert compiled.work_per_token == pytest.approx(2 * 6 * tile / 640)
     assert causal_work(1) == tile and causal_work(2 * ATTENTION_TILE + 1) == 6 * tile
 
 
@@ -82,12 +86,22 @@ def test_packed_documents_cost_their_attention_and_tokens_and_memory_the_largest
     small = estimate(profile, ONE, Workload(4, SEQ, layout=half), HW)
     assert small.peak_bytes < base.peak_bytes
     assert small.parts["compute_and_tp"] < packed.parts["compute_and_tp"] / 1.9
-    # padded rows with a mask take the masked kernel over every tile
+    # padded rows cost what full rows of their padded length cost
     padded = estimate(profile, ONE, Workload(4, SEQ, layout=from_micro_batches([[[SEQ], [1], [1], [1]]], False)), HW)
-    # the longest row's 4 tiles against a causal row's 3
-    assert padded.parts["compute_and_tp"] == pytest.approx(
-        base.parts["compute_and_tp"] + core * (4 / 3 / HW.masked_attention_speed - 1) / rate, rel=1e-9
-    )
+    assert padded.parts["compute_and_tp"] == pytest.approx(base.parts["compute_and_tp"], rel=1e-9)
+    assert padded.peak_bytes == pytest.approx(base.peak_bytes)
+
+
+def test_an_update_takes_at_least_the_host_time_and_longer_at_a_new_padded_length(profile):
+    tiny = Workload(4, SEQ, layout=from_micro_batches([[[8]]], packed=False))
+    cost = estimate(profile, ONE, tiny, HW)
+    assert cost.parts["compute_and_tp"] + cost.parts["optimizer"] < HW.host_seconds_per_pass == cost.step_time
+    first = estimate(profile, ONE, replace(tiny, new_lengths=1), HW)
+    assert first.step_time == pytest.approx(HW.host_seconds_per_pass + HW.new_length_seconds)
+    # padded lengths under COMPILE=1 (64-token buckets) seen first; packed micro-batches count none
+    rule = LengthRule(sequence_length=SEQ, compiled=True)
+    assert first_lengths([[[10], [60]], [[64]], [[65]], [[100], [3]], [[256]]], False, rule) == [1, 0, 1, 0, 1]
+    assert first_lengths([[[10, 20]], [[40]]], True, rule) == [0, 0]
 
 
 def test_recomputed_layers_run_the_attention_core_again(profile):

@@ -25,7 +25,8 @@ def test_causal_lm_pads_to_longest_and_shifts_targets():
         rows({"input_ids": [1, 5, 6, 7], "labels": [X, X, 6, 7]}, {"input_ids": [1, 8], "labels": [X, 8]}), pad_id=0
     )
     assert batch["net_input"]["input_ids"].tolist() == [[1, 5, 6, 7], [1, 8, 0, 0]]
-    assert batch["net_input"]["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    # no mask: pad tokens come after every real token (test_padded_rows_need_no_mask)
+    assert "attention_mask" not in batch["net_input"]
     # target[t] is the label of token t+1
     assert batch["target"].tolist() == [[X, 6, 7, X], [8, X, X, X]]
     assert batch["ntokens"] == 3 and batch["nsentences"] == 2
@@ -46,6 +47,23 @@ def test_causal_lm_batch_without_padding_has_no_attention_mask():
         assert torch.equal(
             model(input_ids=ids).logits, model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
         )
+
+
+def test_padded_rows_need_no_mask():
+    """A padded causal LM batch without a mask gives every real token the logits Hugging Face's padding mask
+    gives it: pad tokens come after the row's real tokens, which the causal mask keeps them from seeing."""
+    samples = [[1, 5, 6, 7, 9, 4], [1, 8], [1, 3, 3, 2]]
+    batch = get_layout("causal_lm").collate(rows(*({"input_ids": s, "labels": s} for s in samples)), pad_id=0)
+    ids = batch["net_input"]["input_ids"]
+    assert "attention_mask" not in batch["net_input"] and ids.shape == (3, 6)
+    mask = torch.tensor([[1] * len(s) + [0] * (6 - len(s)) for s in samples])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(MODEL_DIR)).eval()
+    with torch.no_grad():
+        plain, masked = model(input_ids=ids).logits, model(input_ids=ids, attention_mask=mask).logits
+    for row, sample in enumerate(samples):
+        torch.testing.assert_close(plain[row, : len(sample)], masked[row, : len(sample)], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(plain[1, 2:], masked[1, 2:])  # the pad tokens' own outputs differ (never trained)
 
 
 def test_seq2seq_lm_splits_the_masked_prompt_from_the_answer():

@@ -229,7 +229,7 @@ def test_generation_of_a_document_varlen_model_uses_the_masks():
 
 
 def test_padding_free_batches_give_each_sample_its_padded_loss_and_gradients():
-    """Unpacked samples of different lengths in one batch, padded (SDPA with a padding mask) or padding-free
+    """Unpacked samples of different lengths in one batch, padded (causal SDPA, pad tokens last) or padding-free
     (``padding_free``: one row of the samples end to end, document_varlen attention, per document on the CPU):
     each sample's summed loss and the gradients of each sample's loss alone are the same (1e-5 relative), and
     the padding-free batch computes no padding."""
@@ -260,7 +260,7 @@ def test_padding_free_batches_give_each_sample_its_padded_loss_and_gradients():
     padded, padded_batch = per_sample("sdpa", padding_free=False)
     free, free_batch = per_sample(ATTENTION_NAME, padding_free=True)
     assert free_batch["net_input"]["input_ids"].shape == (1, sum(len(ids) for ids in samples["input_ids"]))
-    assert "attention_mask" not in free_batch["net_input"] and "attention_mask" in padded_batch["net_input"]
+    assert "attention_mask" not in free_batch["net_input"] and "attention_mask" not in padded_batch["net_input"]
     assert free_batch["ntokens"] == padded_batch["ntokens"]
     for (want_loss, want_grads), (loss, grads) in zip(padded, free):
         torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=0)
