@@ -66,6 +66,8 @@ def ascii_steps(spec: Optional[dict]) -> Optional[List[Callable[[str], str]]]:
     return None
 
 
+# ASCII characters that are not control characters for the normalizers: printable ones, tab, newline, return
+PRINTABLE_OR_SPACE = bytes(range(32, 127)) + b"\t\n\r"
 PROBE = "The quick, brown fox (aged 3) jumps over 2 lazy dogs!\nCAN'T stop: a_b-c / x.y? #1 @home [ok] 100%\r\n"
 
 
@@ -149,14 +151,11 @@ class BatchEncoder:
 
     def _ascii_normalized(self, text: str) -> Optional[str]:
         """``text`` as the backend's normalizer leaves it, or None when it is not that simple."""
-        if not text.isascii():
-            return None
-        spaced = _whitespace_to_spaces(text)
-        if not spaced.isprintable():  # a control character
+        if not text.isascii() or text.encode("ascii").translate(None, PRINTABLE_OR_SPACE):  # a control character
             return None
         normalized = text
         for step in self.steps:
-            normalized = spaced if step is _whitespace_to_spaces and normalized is text else step(normalized)
+            normalized = step(normalized)
         if any(c in text or c in normalized for c in self.added_starts) and any(
             token in text or token in normalized for token in self.added
         ):
