@@ -7,16 +7,18 @@ Records (``{data}/{dataset_name}_{split}.json``, ``.jsonl``, ``.parquet`` or a `
 from typing import Dict, List, Optional
 
 import datasets
+import numpy as np
 import pyarrow as pa
 
 from ..errors import UserInputError
-from .encode import BatchEncoder, int32_lists, with_masked_prefix
+from .encode import BatchEncoder, with_masked_prefix
 from .layouts import IGNORE_INDEX
 from .preprocess import token_features, tokenize_map
 from .prompts import get_prompt_template
 from .records import read_split, require_fields, split_path
 from .registry import register_dataset_type
 from .sources import load_split_records
+from .word_ids import Rows, join_rows
 
 FIELDS = {"instruction": str, "output": str}
 
@@ -77,17 +79,16 @@ def tokenize_instruction_batch(
     instructions = batch.column("instruction").to_pylist()
     inputs = batch.column("input").to_pylist() if "input" in batch.column_names else [None] * len(instructions)
     encode = encode or BatchEncoder(tokenizer)
-    prompt_ids = encode([template.render(i, x or "") for i, x in zip(instructions, inputs)], True)
-    answer_ids = encode(batch.column("output").to_pylist(), False)
-    prompt_lengths = []
-    for prompt, answer in zip(prompt_ids, answer_ids):
-        if prompt and prompt[-1] == eos and eos != bos:
-            del prompt[-1]  # tokenizers like T5's append EOS to every text
-        prompt_lengths.append(len(prompt))
-        prompt += answer
-        prompt.append(eos)
-    input_ids = int32_lists(prompt_ids)
-    return pa.table({"input_ids": input_ids, "labels": with_masked_prefix(input_ids, prompt_lengths, IGNORE_INDEX)})
+    prompts = encode.rows([template.render(i, x or "") for i, x in zip(instructions, inputs)], True)
+    answers = encode.rows(batch.column("output").to_pylist(), False)
+    if eos != bos:  # tokenizers like T5's append EOS to every text
+        nonempty = prompts.lengths > 0
+        last = prompts.values[np.maximum(prompts.starts + prompts.lengths - 1, 0)] if len(prompts.values) else 0
+        prompts.lengths = prompts.lengths - (nonempty & (last == eos))
+    count = len(instructions)
+    eos_rows = Rows(np.zeros(count, np.int64), np.ones(count, np.int64), np.asarray([eos], dtype=np.int32))
+    input_ids = join_rows([prompts, answers, eos_rows])
+    return pa.table({"input_ids": input_ids, "labels": with_masked_prefix(input_ids, prompts.lengths, IGNORE_INDEX)})
 
 
 def tokenize_instruction_dataset(
@@ -98,6 +99,7 @@ def tokenize_instruction_dataset(
         records.with_format("arrow"),
         tokenize_instruction_batch,
         desc=f"tokenizing {split}",
+        batch_size=4000,  # a quarter less work than 1,000: each distinct word of a batch is looked up once
         features=token_features(),
         fn_kwargs={"tokenizer": tokenizer, "prompt_type": prompt_type, "encode": BatchEncoder(tokenizer)},
     )

@@ -225,12 +225,75 @@ def test_ascii_texts_normalized_in_python_give_the_tokenizers_ids(normalizer):
     tok.add_tokens([AddedToken("qqzz", normalized=False)])  # matched in the raw text, not in "QQZZ" lowercased
     encoder = BatchEncoder(tok)
     assert (encoder.unnormalized is None) == (normalizer == "replace (not known)")
+    # word by word where the pre-tokenizer is BERT's
+    assert (encoder.words is None) == (normalizer in ("replace (not known)", "bert, split on spaces only"))
     texts = _fuzz_texts()
     if encoder.unnormalized is not None:  # both paths are taken
         simple = sum(encoder._ascii_normalized(t) is not None for t in texts)
         assert 100 < simple < len(texts) - 100
     for add_special_tokens in (True, False):
-        assert encoder(texts, add_special_tokens) == tok(texts, add_special_tokens=add_special_tokens)["input_ids"]
+        expected = tok(texts, add_special_tokens=add_special_tokens)["input_ids"]
+        assert encoder(texts, add_special_tokens) == expected
+        assert encoder.rows(texts, add_special_tokens).to_lists() == expected
+        if encoder.unnormalized is None:
+            continue
+        ascii_only = [t for t in texts if encoder._ascii_normalized(t) is not None]
+        assert (
+            encoder.rows(ascii_only, add_special_tokens).to_lists()
+            == tok(ascii_only, add_special_tokens=add_special_tokens)["input_ids"]
+        )
+
+
+def test_word_by_word_ids_are_the_tokenizers_for_long_and_split_words_and_a_restarted_table(monkeypatch):
+    """Words longer than WordPiece's limit ([UNK]), words of several pieces, digits, empty and blank texts:
+    the ids of ``tokenizer(texts)``, on a first call, a second (remembered words) and after the table of
+    remembered words started over."""
+    from fairseq_ext.data import word_ids
+    from fairseq_ext.data.encode import BatchEncoder
+
+    tok = _tokenizers()["bert-wordpiece-cls-sep"]
+    encoder = BatchEncoder(tok)
+    assert encoder.words is not None
+    texts = [
+        "x" * 101 + " " + "y" * 100,
+        "Tokenization of unbelievably antidisestablishmentarianism",
+        "3.14159 and 2,718 (e) -- 1e10!!",
+        "",
+        "   ",
+        "\tab\t...end.",
+        " lead and trail ",
+    ]
+    for restart_after in (word_ids.MAX_WORDS, 3):
+        monkeypatch.setattr(word_ids, "MAX_WORDS", restart_after)
+        for add_special_tokens in (True, False, True):
+            expected = tok(texts, add_special_tokens=add_special_tokens)["input_ids"]
+            assert encoder.rows(texts, add_special_tokens).to_lists() == expected
+    assert len(encoder.words.known) <= 3 + 30  # started over when it held more than 3 words
+
+
+def test_a_word_path_that_differs_on_the_probes_is_not_taken(monkeypatch):
+    """Should the special tokens found around a text be wrong, the probes show it: the backend tokenizes the
+    normalized texts as it did before, with the same ids."""
+    from fairseq_ext.data import encode
+
+    tok = _tokenizers()["bert-wordpiece-cls-sep"]
+    monkeypatch.setattr(encode, "affixes", lambda backend: ([], []))  # forgets [CLS] and [SEP]
+    encoder = encode.BatchEncoder(tok)
+    assert encoder.words is None and encoder.unnormalized is not None
+    texts = _fuzz_texts(100)
+    assert encoder.rows(texts, True).to_lists() == tok(texts)["input_ids"]
+
+
+def test_rows_are_joined_row_by_row():
+    """join_rows: row i of the result is row i of each part in order, empty rows and gathered starts included."""
+    import numpy as np
+
+    from fairseq_ext.data.word_ids import Rows, join_rows
+
+    a = Rows(np.array([3, 0, 1]), np.array([2, 0, 3]), np.arange(10, 15, dtype=np.int32))
+    b = Rows(np.array([0, 0, 0]), np.array([1, 1, 0]), np.array([7], dtype=np.int32))
+    assert join_rows([a, b, a]).to_pylist() == [[13, 14, 7, 13, 14], [7], [11, 12, 13, 11, 12, 13]]
+    assert a.to_lists() == [[13, 14], [], [11, 12, 13]]
 
 
 def test_two_processes_give_the_samples_of_one(tmp_path, monkeypatch):
