@@ -59,10 +59,13 @@ def one_rank_copy_seconds(
     the gathered weights (read and write), each reduction casts the gradients into the reduce-scatter input
     (read ``grad_b``, write ``reduce_b``), copies it to the output (read and write ``reduce_b``) and, where the
     reduce dtype differs, casts that to the sharded gradient (read ``reduce_b``, write ``grad_b``); memory bound,
-    at ``hw.hbm_bandwidth``, not hidden (they compete with the compute for memory)."""
+    at ``hw.one_rank_copy_efficiency`` of ``hw.hbm_bandwidth``, not hidden (they compete with the compute for
+    memory)."""
     gathers = passes * (2 if plan.zero == 3 else 1)
     per_grad = grad_b + 3 * reduce_b + (reduce_b + grad_b if reduce_b != grad_b else 0)
-    return (gathers * 2 * weight_bytes + reductions * numel * per_grad) / hw.hbm_bandwidth
+    return (gathers * 2 * weight_bytes + reductions * numel * per_grad) / (
+        hw.hbm_bandwidth * hw.one_rank_copy_efficiency
+    )
 
 
 class DataParallelBytes(NamedTuple):

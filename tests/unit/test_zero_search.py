@@ -106,7 +106,7 @@ def test_one_gpu_on_fsdp2_costs_copies_in_memory():
     # 1 GB of bf16 weights, 500M gradient elements reduced in float32, 1 TB/s: level 1 copies the weights once
     # (read and write: 2 GB) and each gradient bf16 -> float32 input -> float32 output -> bf16 (2 + 4 + 8 + 6
     # = 20 bytes: 10 GB): 12 ms; level 3 gathers again in the backward (+2 GB), and reduces each of 2 passes
-    hw = Hardware(hbm_bandwidth=1e12)
+    hw = Hardware(hbm_bandwidth=2e12, one_rank_copy_efficiency=0.5)
     one_gpu = Plan(plan_ngpus=1, scaling_factor=1, tp=1, pp=1, zero=1)
     assert one_gpu.on_fsdp and not Plan(plan_ngpus=1, scaling_factor=1, tp=1, pp=1).on_fsdp
     assert not Plan(plan_ngpus=2, scaling_factor=1, tp=2, pp=1, zero=3).on_fsdp  # one unit of several GPUs
