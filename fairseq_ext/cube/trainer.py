@@ -246,9 +246,9 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
     def _clip_grad_norm(self, clip_norm):
         if self.mesh is None:
             return super().clip_grad_norm(clip_norm)
-        if hasattr(self.optimizer, "apply_grad_multiplier"):
-            self.optimizer.apply_grad_multiplier()  # the norm below reads the gradients themselves
         total_norm = self._shards.grad_norm()
+        if hasattr(self.optimizer, "clip_by_norm"):
+            return self.optimizer.clip_by_norm(total_norm, clip_norm)  # folded into the step
         if clip_norm > 0:
             grads = self._shards.local_grads()
             clip_coef = (float(clip_norm) / (total_norm + 1e-6)).clamp_(max=1)

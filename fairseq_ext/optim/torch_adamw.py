@@ -39,21 +39,22 @@ class FairseqTorchAdamW(FairseqOptimizer):
         kept and applied inside the optimizer step."""
         self._grad_multiplier = self._grad_multiplier * c
 
-    def apply_grad_multiplier(self) -> None:
-        """Multiply the gradients by the pending factor now (for code that reads gradients directly)."""
-        multiplier, self._grad_multiplier = self._grad_multiplier, 1.0
-        if torch.is_tensor(multiplier) or multiplier != 1.0:
-            super().multiply_grads(multiplier)
-
     def clip_grad_norm(self, max_norm, aggregate_norm_fn=None):
         """fairseq's clipping (the norm of all gradients, scaled to at most ``max_norm``) without touching
         the gradients: the norm includes the pending factor, and the clip coefficient joins it."""
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             return torch.zeros(())
-        total_norm = torch.linalg.vector_norm(torch.stack(_norms(grads))) * self._grad_multiplier
+        norm = torch.linalg.vector_norm(torch.stack(_norms(grads)))
         if aggregate_norm_fn is not None:
-            total_norm = aggregate_norm_fn(total_norm)
+            norm = aggregate_norm_fn(norm)
+        return self.clip_by_norm(norm, max_norm)
+
+    def clip_by_norm(self, norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+        """fairseq's clipping given ``norm``, the norm of the gradients as they are (of a model split over
+        processes: summed over the splits), without touching them: returns the norm with the pending factor,
+        and the clip coefficient joins the factor."""
+        total_norm = norm * self._grad_multiplier
         if max_norm > 0:
             self._grad_multiplier = self._grad_multiplier * (max_norm / (total_norm + 1e-6)).clamp_(max=1)
         return total_norm

@@ -171,17 +171,27 @@ def test_fairseq_scaling_and_clipping_fold_into_the_step(max_norm):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_apply_grad_multiplier_scales_the_gradients_once():
-    params = _params(torch.float32)
-    optimizer = _fairseq_optimizer(params)
-    grads = _grads(0, [p.shape for p in params])
-    for p, grad in zip(params, grads):
-        p.grad = grad.clone()
-    optimizer.multiply_grads(0.5)
-    optimizer.apply_grad_multiplier()
-    optimizer.apply_grad_multiplier()
-    for p, grad in zip(params, grads):
-        assert torch.equal(p.grad, grad * 0.5)
+def test_clipping_by_a_given_norm_folds_into_the_step_like_clip_grad_norm():
+    """A model split over processes clips by the norm summed over the splits (``clip_by_norm``): given the
+    norm of the gradients as they are, the same norm and weights as ``clip_grad_norm``, gradients untouched."""
+    given, computed = _params(torch.float32), _params(torch.float32)
+    by_norm, by_grads = _fairseq_optimizer(given), _fairseq_optimizer(computed)
+    for step in range(3):
+        grads = _grads(step, [p.shape for p in given])
+        for a, b, grad in zip(given, computed, grads):
+            a.grad, b.grad = grad.clone(), grad.clone()
+        by_norm.multiply_grads(0.25)
+        by_grads.multiply_grads(0.25)
+        norm_of_grads = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+        norm = by_norm.clip_by_norm(norm_of_grads, 0.5)
+        torch.testing.assert_close(norm, by_grads.clip_grad_norm(0.5), rtol=1e-6, atol=0)
+        assert torch.equal(given[0].grad, grads[0])
+        by_norm.step()
+        by_grads.step()
+        by_norm.zero_grad()
+        by_grads.zero_grad()
+    for a, b in zip(given, computed):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_lean_states_loaded_as_float32_become_bf16_again():
