@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from fairseq_ext.cube.plan import Plan
-from fairseq_ext.cube.runtime.fsdp import shard_data_parallel
+from fairseq_ext.cube.runtime.fsdp import OneRankReduceScatter, shard_data_parallel
 from fairseq_ext.cube.runtime.local_shards import LocalShards, local_tensor
 from fairseq_ext.cube.runtime.mesh import build_mesh, data_parallel_mesh, init_one_process_group
 from fairseq_ext.cube.runtime.precision import reduce_dtype
@@ -152,6 +152,34 @@ def test_master_step_runs_on_local_shards_and_trains_as_the_plain_model():
         assert not torch.equal(full["lm_head.weight"], initial)  # the updates really moved the weights
     finally:
         dist.destroy_process_group()
+
+
+def test_one_rank_reductions_hand_the_gradients_over_in_place(monkeypatch):
+    """Over a mesh of one rank every FSDP2 reduction gets its input's buffer as its output (FSDP2's copy from
+    one to the other then copies a tensor onto itself, which torch skips), and the gradients are the plain
+    model's."""
+    handed_over = []
+    allocate = OneRankReduceScatter.allocate
+
+    def recording(self, size, **kwargs):
+        pending = self._input
+        buffer = allocate(self, size, **kwargs)
+        if pending is not None:
+            handed_over.append(buffer is pending)
+        return buffer
+
+    monkeypatch.setattr(OneRankReduceScatter, "allocate", recording)
+    try:
+        plain, sharded = sharded_tiny_llama(torch.device("cpu"), zero=2)
+        ids = torch.tensor([[5, 6, 7, 8]])
+        for model in (plain, sharded):
+            model(input_ids=ids, labels=ids).loss.backward()
+        grads = {name: local_tensor(p.grad) for name, p in sharded.named_parameters()}
+        for name, param in plain.named_parameters():
+            assert torch.equal(grads[name], param.grad), name
+    finally:
+        dist.destroy_process_group()
+    assert len(handed_over) == 3 and all(handed_over)  # two decoder layers and the root
 
 
 def test_the_lm_loss_computes_the_head_chunk_by_chunk_under_fsdp2(monkeypatch):

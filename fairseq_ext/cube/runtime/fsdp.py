@@ -23,7 +23,8 @@ Gradients are averaged over the units (FSDP2's reduction), the convention fairse
 and the optimizer's master step runs on each rank's local shards).
 
 One GPU alone at a ZeRO level (``Plan.on_fsdp``) runs this over a mesh of one rank: FSDP2 then copies where
-it would gather and reduce, and levels 1 and 2 keep a gathered copy of the weights beside the shards.
+it would gather, and levels 1 and 2 keep a gathered copy of the weights beside the shards. Its reductions
+hand the gradients over in place (:class:`OneRankReduceScatter`).
 """
 
 import contextlib
@@ -31,8 +32,10 @@ import logging
 from typing import List, Optional
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 
 from ..plan import Plan
 from .compile_layers import repeated_block_classes
@@ -41,6 +44,29 @@ logger = logging.getLogger(__name__)
 
 # Levels whose accumulated batches keep whole local gradients, reduced once per update.
 _REDUCE_ONCE_PER_UPDATE = (0, 1)
+
+
+class OneRankReduceScatter(ReduceScatter):
+    """FSDP2's reduce-scatter over a mesh of one rank, where the reduced shard is the whole input: the output
+    buffer FSDP2 asks for right after an input of the same size is that input, so its copy from input to
+    output copies a tensor onto itself, which torch skips. One instance per FSDP2 module (it pairs the two
+    requests of one reduction)."""
+
+    def __init__(self):
+        self._input: Optional[torch.Tensor] = None
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The input's buffer when it matches (the output request), else a new buffer (an input)."""
+        given, self._input = self._input, None
+        if given is not None and tuple(given.shape) == tuple(size) and given.dtype == dtype and given.device == device:
+            return given
+        self._input = torch.empty(size, dtype=dtype, device=device)
+        return self._input
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op: bool = False):
+        if output_tensor is input_tensor:
+            return None
+        return dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
 
 
 def _block_modules(root: torch.nn.Module, classes: set) -> List[torch.nn.Module]:
@@ -80,12 +106,16 @@ def shard_data_parallel(
     reshard_blocks = plan.zero == 3
     policy = MixedPrecisionPolicy(reduce_dtype=reduce_dtype)
     count = 0
+    sharded = []
     for root in roots:
         for block in _block_modules(root, classes):
-            fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_blocks, mp_policy=policy)
+            sharded.append(fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_blocks, mp_policy=policy))
             count += 1
         # the root is gathered again at once
-        fully_shard(root, mesh=dp_mesh, reshard_after_forward=False, mp_policy=policy)
+        sharded.append(fully_shard(root, mesh=dp_mesh, reshard_after_forward=False, mp_policy=policy))
+    if dp_mesh.size() == 1:
+        for module in sharded:
+            module.set_custom_reduce_scatter(OneRankReduceScatter())
     kind = "hybrid sharding" if plan.dp_replicate > 1 and plan.dp_shard > 1 else "sharding"
     logger.info(
         f"data parallel (FSDP2, ZeRO {plan.zero}): {count} blocks and {len(roots)} root(s) over "
