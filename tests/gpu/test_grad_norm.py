@@ -1,6 +1,6 @@
 """On a GPU: the gradient norm of a model on a mesh (``LocalShards.grad_norm``, what clipping reads on every tensor-,
 pipeline- or FSDP2-parallel run) is computed on the device without the host waiting for it, and equals the norm
-of the plain model's gradients.
+of the plain model's gradients; over a mesh of one rank, FSDP2's reductions hand their input over as their output.
 
 Runs on the GPU machine (``python -m pytest -q tests/gpu``).
 """
@@ -35,3 +35,10 @@ def test_grad_norm_on_fsdp2_shards_never_waits_for_the_device():
         assert norm.item() == pytest.approx(expected.item(), rel=1e-5)
     finally:
         dist.destroy_process_group()
+
+
+def test_one_rank_reductions_hand_the_gradients_over_in_place_on_the_gpu(monkeypatch):
+    """The output request comes from FSDP2's reduce-scatter stream, so on a GPU it is told from the next input."""
+    from tests.distributed.test_fsdp_bf16_master import reductions_hand_over_in_place
+
+    reductions_hand_over_in_place(torch.device("cuda"), monkeypatch, exact=False)

@@ -48,19 +48,25 @@ _REDUCE_ONCE_PER_UPDATE = (0, 1)
 
 class OneRankReduceScatter(ReduceScatter):
     """FSDP2's reduce-scatter over a mesh of one rank, where the reduced shard is the whole input: the output
-    buffer FSDP2 asks for right after an input of the same size is that input, so its copy from input to
-    output copies a tensor onto itself, which torch skips. One instance per FSDP2 module (it pairs the two
-    requests of one reduction)."""
+    buffer FSDP2 asks for right after an input of the same size (on an accelerator: from its reduce-scatter
+    stream, not the input's) is that input, so FSDP2's copy from input to output copies a tensor onto itself,
+    which torch skips. One instance per FSDP2 module (it pairs the two requests of one reduction)."""
 
     def __init__(self):
         self._input: Optional[torch.Tensor] = None
+        self._input_stream = None
 
     def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The input's buffer when it matches (the output request), else a new buffer (an input)."""
+        """The input's buffer for the output request of the same reduction, else a new buffer (an input)."""
         given, self._input = self._input, None
-        if given is not None and tuple(given.shape) == tuple(size) and given.dtype == dtype and given.device == device:
+        stream = None if device.type == "cpu" else torch.get_device_module(device.type).current_stream(device)
+        if (
+            given is not None
+            and (stream is None or stream != self._input_stream)
+            and (tuple(given.shape), given.dtype, given.device) == (tuple(size), dtype, device)
+        ):
             return given
-        self._input = torch.empty(size, dtype=dtype, device=device)
+        self._input, self._input_stream = torch.empty(size, dtype=dtype, device=device), stream
         return self._input
 
     def __call__(self, output_tensor, input_tensor, group, op, async_op: bool = False):
