@@ -57,12 +57,12 @@ def one_rank_copy_seconds(
 ) -> float:
     """Seconds FSDP2 spends on one rank alone (one GPU at a ZeRO level): each gather copies the shards into
     the gathered weights (read and write), each reduction casts the gradients into the reduce-scatter input
-    (read ``grad_b``, write ``reduce_b``), copies it to the output (read and write ``reduce_b``) and, where the
+    (read ``grad_b``, write ``reduce_b``), which is its output (``fsdp.OneRankReduceScatter``), and, where the
     reduce dtype differs, casts that to the sharded gradient (read ``reduce_b``, write ``grad_b``); memory bound,
     at ``hw.one_rank_copy_efficiency`` of ``hw.hbm_bandwidth``, not hidden (they compete with the compute for
     memory)."""
     gathers = passes * (2 if plan.zero == 3 else 1)
-    per_grad = grad_b + 3 * reduce_b + (reduce_b + grad_b if reduce_b != grad_b else 0)
+    per_grad = grad_b + reduce_b + (reduce_b + grad_b if reduce_b != grad_b else 0)
     return (gathers * 2 * weight_bytes + reductions * numel * per_grad) / (
         hw.hbm_bandwidth * hw.one_rank_copy_efficiency
     )
