@@ -65,6 +65,8 @@ class OneRankReduceScatter(ReduceScatter):
             and (stream is None or stream != self._input_stream)
             and (tuple(given.shape), given.dtype, given.device) == (tuple(size), dtype, device)
         ):
+            if stream is not None:
+                given.record_stream(stream)  # FSDP2 reads the output there (accumulation) after it lets it go
             return given
         self._input, self._input_stream = torch.empty(size, dtype=dtype, device=device), stream
         return self._input
