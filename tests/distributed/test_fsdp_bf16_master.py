@@ -156,8 +156,8 @@ def test_master_step_runs_on_local_shards_and_trains_as_the_plain_model():
 
 def reductions_hand_over_in_place(device: torch.device, monkeypatch, exact: bool = True) -> None:
     """Over a mesh of one rank on ``device`` every FSDP2 reduction gets its input's buffer as its output (FSDP2's
-    copy from one to the other then copies a tensor onto itself, which torch skips), and the gradients are the
-    plain model's (``exact``: bit for bit)."""
+    copy from one to the other then copies a tensor onto itself, which torch skips), and the gradients of two
+    accumulated batches are the plain model's (``exact``: bit for bit)."""
     handed_over = []
     allocate = OneRankReduceScatter.allocate
 
@@ -171,9 +171,10 @@ def reductions_hand_over_in_place(device: torch.device, monkeypatch, exact: bool
     monkeypatch.setattr(OneRankReduceScatter, "allocate", recording)
     try:
         plain, sharded = sharded_tiny_llama(device, zero=2)
-        ids = torch.tensor([[5, 6, 7, 8]], device=device)
+        batches = [torch.tensor([[5, 6, 7, 8]], device=device), torch.tensor([[9, 3, 4]], device=device)]
         for model in (plain, sharded):
-            model(input_ids=ids, labels=ids).loss.backward()
+            for ids in batches:  # the second batch's gradients accumulate into the first's shards
+                model(input_ids=ids, labels=ids).loss.backward()
         grads = {name: local_tensor(p.grad) for name, p in sharded.named_parameters()}
         for name, param in plain.named_parameters():
             if exact:
@@ -182,7 +183,7 @@ def reductions_hand_over_in_place(device: torch.device, monkeypatch, exact: bool
                 torch.testing.assert_close(grads[name], param.grad, rtol=1e-2, atol=1e-5, msg=name)
     finally:
         dist.destroy_process_group()
-    assert len(handed_over) == 3 and all(handed_over)  # two decoder layers and the root
+    assert len(handed_over) == 6 and all(handed_over)  # two decoder layers and the root, two batches
 
 
 def test_one_rank_reductions_hand_the_gradients_over_in_place(monkeypatch):
