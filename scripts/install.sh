@@ -12,5 +12,7 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" -r requirements.txt -c constraints.txt
 "${PIP[@]}" --no-deps ve-fairseq==0.12.3
 "${PIP[@]}" --no-deps -e .
+# the package's bytecode written once: with PYTHONDONTWRITEBYTECODE=1 every process would compile it again
+"$VENV/bin/python" -m compileall -q fairseq_ext scripts
 "$VENV/bin/python" -c "import fairseq, fairseq_ext, transformers, torch; print('installed: torch', torch.__version__, \
 '| transformers', transformers.__version__, '| fairseq', fairseq.__version__)"

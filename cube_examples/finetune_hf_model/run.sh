@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Finetune a Hugging Face model with fairseq-train + fairseq_ext, launched by torchrun.
+# Finetune a Hugging Face model with fairseq-train + fairseq_ext, launched by torchrun (one process: directly).
 # Every setting is an environment variable (table in README.md beside this file); arguments after
 # the script name go to fairseq-train unchanged. With nothing set, it finetunes the shipped tiny
 # Llama on the shipped instruction data and prints test exact match before and after.
@@ -275,12 +275,16 @@ export FAIRSEQ_EXT_SKIP_OOM_BATCHES=$SKIP_OOM_BATCHES
 run_or_explain() {
     local stderr_file=$LOG_DIR/stderr_$1.log; shift
     local status=0
-    "$@" 2>"$stderr_file" || status=$?
+    { "$@"; } 2>"$stderr_file" || status=$?  # braces: bash's own "Killed" report goes to the file too
     (( status )) || return 0
     local error_line='^(\[rank[0-9]+\]: )?(fairseq_ext: error:|[A-Za-z0-9_.-]+: error: )'  # torchrun prefixes [rankN]:
     local failed  # torchrun's first observed failure: the worker's rank, exit code and signal
     failed=$(sed -n '/Root Cause/,$p' "$stderr_file" | grep -E '^ *(rank|exitcode|traceback) *:' \
         | sed -E 's/^ *//; s/ +: /: /' | paste -sd ' ' -) || true  # none when no worker failed (evaluate.py)
+    if [[ $1 == env && $status -gt 128 ]]; then  # the one process, launched without torchrun, died by a signal
+        local signal=$(( status - 128 ))
+        failed="rank: 0 (local_rank: 0) exitcode: -$signal traceback: Signal $signal (SIG$(kill -l "$signal")) received"
+    fi
     if [[ $failed == *Signal* || ! -s $stderr_file ]] || ! grep -Eq "$error_line" "$stderr_file"; then
         # killed without a message of its own; the other workers' errors below are its consequences
         echo "run.sh: error: ${failed:+a worker failed: $failed; }exit status $status; the full output is in $stderr_file" >&2
@@ -303,8 +307,15 @@ export PYTHONPATH=$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}
 if [[ ! -f $CHECKPOINT_DIR/checkpoint_last.pt ]]; then
     evaluate before -- "${TRAIN_ARGS[@]}"
 fi
-run_or_explain train "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --node-rank "$NODE_RANK" \
-    --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
-    -m fairseq_cli.train "${TRAIN_ARGS[@]}"  # what the fairseq-train command runs
+# One process on one node needs no launcher (torchrun costs 1.5 CPU-seconds): fairseq-train gets the
+# variables torchrun gives a worker, and a death by a signal is reported as torchrun reports it.
+if (( NPROC_PER_NODE * NNODES == 1 )); then
+    LAUNCH=(env MASTER_ADDR="$MASTER_ADDR" MASTER_PORT="$MASTER_PORT" WORLD_SIZE=1 RANK=0 LOCAL_RANK=0 LOCAL_WORLD_SIZE=1
+        GROUP_RANK=0 GROUP_WORLD_SIZE=1 ROLE_RANK=0 ROLE_WORLD_SIZE=1 "$PYTHON")
+else
+    LAUNCH=("$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --node-rank "$NODE_RANK"
+        --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
+fi
+run_or_explain train "${LAUNCH[@]}" -m fairseq_cli.train "${TRAIN_ARGS[@]}"  # what the fairseq-train command runs
 evaluate after --checkpoint "$CHECKPOINT_DIR/checkpoint_best.pt"
 echo "checkpoints: $CHECKPOINT_DIR  tensorboard: $TENSORBOARD_DIR  log: $LOG_DIR/train.log"

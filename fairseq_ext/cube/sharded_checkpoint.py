@@ -37,7 +37,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from fairseq import checkpoint_utils
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
 
 from ..errors import UserInputError
@@ -45,6 +44,7 @@ from ..safe_load import SafeFileSystemReader, SafeLoadPlanner, checkpoint_types_
 from .checkpoint_faults import READ_ERRORS, unreadable_checkpoint
 from .runtime.local_shards import local_tensor
 from .runtime.mesh import TP
+from .runtime.zero import is_zero_redundancy
 
 SHARDS_KEY = "dcp"  # the small file's entry that names its shards folder
 FORMAT_VERSION = 1
@@ -139,7 +139,7 @@ def _optimizer_views(torch_optimizer) -> List[torch.Tensor]:
 
 def _held_states(torch_optimizer):
     """The per-parameter states this rank keeps (ZeRO-1: those of its share of the parameters)."""
-    if isinstance(torch_optimizer, ZeroRedundancyOptimizer):
+    if is_zero_redundancy(torch_optimizer):
         return torch_optimizer.optim.state
     return torch_optimizer.state
 
@@ -440,7 +440,7 @@ def read_optimizer_shards(shards: OptimizerShards, torch_optimizer, params: Sequ
     views = _optimizer_views(torch_optimizer)
     held = (
         {id(p) for p in _optimizer_views(torch_optimizer.optim)}
-        if isinstance(torch_optimizer, ZeroRedundancyOptimizer)
+        if is_zero_redundancy(torch_optimizer)
         else {id(v) for v in views}
     )
     targets = {}

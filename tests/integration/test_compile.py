@@ -4,6 +4,8 @@
 import json
 import re
 
+import pytest
+
 from fairseq_ext.cube.model_spec import RunSettings, spec_of
 from fairseq_ext.cube.plan import Plan
 from fairseq_ext.cube.profile import load_config
@@ -13,11 +15,19 @@ from tests.integration.test_run_sh import run_sh
 SETTINGS = dict(PLAN_NGPUS=2, BATCH_SIZE=4, SEQUENCE_LENGTH=64, EVALUATE=0)
 
 
-def test_compiled_plan_trains_under_the_runtime(tmp_path):
-    compiled = run_sh(tmp_path, args=["compile"], MEM_PER_GPU=1, **SETTINGS)
-    assert compiled.returncode == 0, compiled.stdout[-2000:] + compiled.stderr[-3000:]
-    assert "chosen" in compiled.stdout
-    plan_file = tmp_path / "out" / "plan.json"
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """``run.sh compile`` of the tiny Llama at PLAN_NGPUS=2, MEM_PER_GPU=1 (full finetune), once per module:
+    its result and the plan file it wrote."""
+    folder = tmp_path_factory.mktemp("compiled")
+    result = run_sh(folder, args=["compile"], MEM_PER_GPU=1, **SETTINGS)
+    return result, folder / "out" / "plan.json"
+
+
+def test_compiled_plan_trains_under_the_runtime(tmp_path, compiled):
+    result, plan_file = compiled
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "chosen" in result.stdout
     plan = Plan.load(str(plan_file))
     assert plan.plan_ngpus == 2 and plan.tp * plan.pp == 2 and plan.model_fingerprint
     config = load_config(str(REPO / "cube_examples" / "finetune_hf_model" / "model" / "tiny-llama"))
@@ -62,18 +72,15 @@ def test_no_fit_is_one_clear_line(tmp_path):
 LORA = dict(USE_LORA=1, LORA_CONFIG="r=4 lora_alpha=8 target_modules=q_proj,v_proj,o_proj,down_proj")
 
 
-def test_lora_plan_counts_only_the_adapters_and_trains_lora_under_it(tmp_path):
+def test_lora_plan_counts_only_the_adapters_and_trains_lora_under_it(tmp_path, compiled):
     """With USE_LORA=1 the compile pass plans for the adapters alone (frozen base: no gradients or optimizer
     states for it; tests/unit/test_plan_calibration.py holds its memory against GPU runs) and without pipeline
     stages, the plan trains LoRA under the runtime, and it is refused for a full finetune."""
-    full = run_sh(tmp_path / "full", args=["compile"], MEM_PER_GPU=1, **SETTINGS)
+    full, full_plan_file = compiled
     lora = run_sh(tmp_path / "lora", args=["compile"], MEM_PER_GPU=1, **SETTINGS, **LORA)
     assert full.returncode == 0 and lora.returncode == 0, lora.stdout[-2000:] + lora.stderr[-3000:]
     plan_file = tmp_path / "lora" / "out" / "plan.json"
-    assert (
-        Plan.load(str(plan_file)).model_fingerprint
-        != Plan.load(str(tmp_path / "full" / "out" / "plan.json")).model_fingerprint
-    )
+    assert Plan.load(str(plan_file)).model_fingerprint != Plan.load(str(full_plan_file)).model_fingerprint
 
     trained = run_sh(
         tmp_path / "train",

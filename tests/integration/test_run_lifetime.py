@@ -17,6 +17,7 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from tests.helpers import RUN_SH, env
 from tests.integration.test_run_sh import run_sh
@@ -129,3 +130,18 @@ def test_one_run_per_output_dir_free_port_and_workers_die_with_the_launcher(tmp_
                 worker.kill()
         if busy is not None:
             busy.close()
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_worker_killed_by_a_signal_is_named_with_or_without_torchrun(tmp_path, processes):
+    """One process runs fairseq-train without torchrun, two under it: a worker killed by a signal is reported
+    the same way (torchrun's report of its first failure), run.sh exits 1."""
+    user_dir = tmp_path / "killed"
+    user_dir.mkdir()
+    (user_dir / "__init__.py").write_text("import os\nimport signal\n\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    result = run_sh(tmp_path, USER_DIR=user_dir, NPROC_PER_NODE=processes, EVALUATE=0)
+    assert result.returncode == 1, result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("run.sh: error: a worker failed: rank: "), lines
+    assert "exitcode: -9" in lines[0] and "Signal 9 (SIGKILL)" in lines[0], lines
+    assert lines[0].endswith(f"the full output is in {tmp_path}/out/log/stderr_train.log"), lines
