@@ -28,3 +28,14 @@ def test_a_tiny_run_agrees_with_the_float32_reference_and_writes_its_table(tmp_p
     written = json.loads((tmp_path / "lm_loss_speed.json").read_text())
     assert set(written["results"]) == {"tiny chunked", "tiny plain"}
     assert "| tiny chunked |" in (tmp_path / "lm_loss_speed.md").read_text()
+
+
+def test_a_failing_variant_is_recorded_and_the_others_still_run(monkeypatch):
+    def broken(h, w, t):
+        raise RuntimeError("no kernel for this shape")
+
+    monkeypatch.setattr(lm_loss_speed, "variants", lambda vocab: {"broken": broken, "plain": lm_loss_speed.plain})
+    rows = lm_loss_speed.run(lm_loss_speed.TINY, torch.device("cpu"), reps=1)
+    assert rows["tiny broken"] == {"error": "RuntimeError: no kernel for this shape"}
+    assert rows["tiny plain"]["finite"]
+    assert "| tiny broken | failed: RuntimeError: no kernel for this shape |" in lm_loss_speed.table(rows)
