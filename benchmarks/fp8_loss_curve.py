@@ -95,6 +95,24 @@ def compare(reference: List[float], other: List[float], window: int = WINDOW) ->
     )
 
 
+def read_losses(path: Path) -> Dict[str, List[float]]:
+    """The columns of a ``losses.csv`` this script wrote: run name -> per-update losses."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {name: [float(row[name]) for row in rows] for name in rows[0] if name != "update"}
+
+
+def other_seeds(reference: str, names: List[str], earlier: Dict[str, List[float]], steps: int) -> List[str]:
+    """The runs that measure the reference's seed spread: this call's runs of its precision under another seed,
+    then an earlier call's (``--earlier``; named ``NAME (earlier)``) of the same length."""
+    precision, seed = parse_run(reference)
+    found = [n for n in names[1:-1] if parse_run(n)[0] == precision]
+    for name, values in earlier.items():
+        if parse_run(name)[0] == precision and parse_run(name)[1] != seed and len(values) == steps:
+            found.append(f"{name} (earlier)")
+    return found
+
+
 def tolerance(reference: List[float], other_seeds: List[List[float]]) -> Tuple[float, float]:
     """The largest moving-average gap and final gap allowed against ``reference``: ``MAX_RELATIVE`` and
     ``FINAL_RELATIVE``, or those of the runs of the reference's precision under other seeds where larger."""
@@ -103,6 +121,44 @@ def tolerance(reference: List[float], other_seeds: List[List[float]]) -> Tuple[f
         max([MAX_RELATIVE] + [c["max_moving_gap"] for c in spread]),
         max([FINAL_RELATIVE] + [c["final_gap"] for c in spread]),
     )
+
+
+def summarize(
+    losses: Dict[str, List[float]], names: List[str], earlier: Dict[str, List[float]], steps: int
+) -> List[str]:
+    """The comparison's lines: the last run against the first, against the tolerance that the first run's
+    precision under other seeds (this call's and ``earlier``'s) sets; ``losses`` gains the earlier runs."""
+    reference, other = names[0], names[-1]
+    if not all(v == v for p in names for v in losses[p]):
+        return ["- a run did not log every update: see its log"]
+    lines = []
+    losses.update({f"{n} (earlier)": v for n, v in earlier.items()})
+    seeds = other_seeds(reference, names, earlier, steps)
+    max_moving, max_final = tolerance(losses[reference], [losses[n] for n in seeds])
+    lines.append(f"- loss of the first update: {' / '.join(f'{losses[n][0]:.4f}' for n in names)} ({', '.join(names)})")
+    for n in names[1:-1] + [n for n in seeds if n not in names] + names[-1:]:
+        c = compare(losses[reference], losses[n])
+        lines.append(
+            f"- {n} against {reference}: mean of the last {WINDOW} updates {c['final_reference']:.4f} / "
+            f"{c['final_other']:.4f} (gap {c['final_gap']:.2%}), largest gap of the {WINDOW}-update moving "
+            f"averages {c['max_moving_gap']:.2%}, mean signed gap {c['mean_signed_gap']:+.2%}"
+        )
+    for n in (reference, other):  # the same run in the earlier call: how far a repeat drifts
+        if f"{n} (earlier)" in losses and len(losses[f"{n} (earlier)"]) == steps:
+            c = compare(losses[f"{n} (earlier)"], losses[n])
+            lines.append(
+                f"- {n} against the same run in the earlier call: final gap {c['final_gap']:.2%}, largest "
+                f"moving-average gap {c['max_moving_gap']:.2%}"
+            )
+    c = compare(losses[reference], losses[other])
+    within = c["max_moving_gap"] <= max_moving and c["final_gap"] <= max_final
+    lines += [
+        f"- tolerance for {other}: moving averages within {max_moving:.2%}, final means within {max_final:.2%} "
+        f"(the larger of {MAX_RELATIVE:.0%} / {FINAL_RELATIVE:.0%} and the gaps of {', '.join(seeds) or 'no'} "
+        f"other-seed run)",
+        f"- {'WITHIN' if within else 'OUTSIDE'} the tolerance",
+    ]
+    return lines
 
 
 def main(argv=None) -> int:
@@ -122,6 +178,13 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--tiny", action="store_true", help="a two-layer model: a CPU smoke run of the script")
     parser.add_argument("--compile", default="1", help="run.sh COMPILE")
+    parser.add_argument(
+        "--earlier",
+        type=Path,
+        default=None,
+        help="losses.csv of an earlier call with the same settings: its runs of the reference's precision under "
+        "other seeds widen the tolerance as this call's do (so this call needs no second seed of it)",
+    )
     parser.add_argument(
         "--float8-args",
         default="",
@@ -193,29 +256,8 @@ def main(argv=None) -> int:
         + (f", fp8 runs with {args.float8_args}" if args.float8_args else ""),
         "",
     ]
-    if all(v == v for p in names for v in losses[p]):
-        seeds = [n for n in names[1:-1] if parse_run(n)[0] == parse_run(reference)[0]]
-        max_moving, max_final = tolerance(losses[reference], [losses[n] for n in seeds])
-        lines.append(
-            f"- loss of the first update: {' / '.join(f'{losses[n][0]:.4f}' for n in names)} ({', '.join(names)})"
-        )
-        for n in names[1:]:
-            c = compare(losses[reference], losses[n])
-            lines.append(
-                f"- {n} against {reference}: mean of the last {WINDOW} updates {c['final_reference']:.4f} / "
-                f"{c['final_other']:.4f} (gap {c['final_gap']:.2%}), largest gap of the {WINDOW}-update moving "
-                f"averages {c['max_moving_gap']:.2%}, mean signed gap {c['mean_signed_gap']:+.2%}"
-            )
-        c = compare(losses[reference], losses[other])
-        within = c["max_moving_gap"] <= max_moving and c["final_gap"] <= max_final
-        lines += [
-            f"- tolerance for {other}: moving averages within {max_moving:.2%}, final means within {max_final:.2%} "
-            f"(the larger of {MAX_RELATIVE:.0%} / {FINAL_RELATIVE:.0%} and the gaps of {', '.join(seeds) or 'no'} "
-            f"other-seed run)",
-            f"- {'WITHIN' if within else 'OUTSIDE'} the tolerance",
-        ]
-    else:
-        lines.append("- a run did not log every update: see its log")
+    earlier = read_losses(args.earlier) if args.earlier else {}
+    lines += summarize(losses, names, earlier, args.steps)
     (args.out / "fp8_loss_curve.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     try:

@@ -6,11 +6,9 @@ from fairseq.criterions import register_criterion
 from fairseq.dataclass import FairseqDataclass
 from torch.distributed.tensor import DTensor
 
-from ..cube.runtime.chunked_loss import linear_cross_entropy
+from ..cube.runtime.chunked_loss import chunk_rows, linear_cross_entropy
 from ..data.layouts import IGNORE_INDEX
 from .base import HFCriterion, logging_output
-
-CHUNK_ELEMENTS = 1 << 27  # logits computed at once by the fused loss: 512 MB in float32
 
 
 def perplexity(nll_loss_base2) -> float:
@@ -44,7 +42,7 @@ class CausalLMLoss(HFCriterion):
                 head,
                 target.view(-1),
                 ignore_index=IGNORE_INDEX,
-                chunk_size=max(512, CHUNK_ELEMENTS // head.size(0)),
+                chunk_size=chunk_rows(head.size(0)),
             )
         else:
             logits = model(**sample["net_input"])  # (B, T, V)

@@ -31,6 +31,7 @@ from .model_spec import ModelSpec, spec_of
 from .profile_memory import layer_bytes_per_token, with_layer_bytes
 from .profile_recorder import measure_modules
 from .profile_types import PRECISIONS, WEIGHT_DTYPES, Activations, ModelProfile, ModuleProfile
+from .runtime.chunked_loss import chunk_rows
 
 __all__ = [
     "PRECISIONS",
@@ -171,8 +172,6 @@ def fused_head_activations(
     compiled into two passes over the chunk; run eagerly (``compiled_softmax=False``, CPUs) it also holds three
     float32 chunk-sized intermediates and a boolean one-hot. A frozen head (LoRA, ``trains_weight=False``) has
     no weight gradient to keep or sum."""
-    from ..criterions.lm_loss import CHUNK_ELEMENTS
-
     hidden, vocab = config.hidden_size, config.vocab_size
     weight_bytes = WEIGHT_DTYPES.get(precision, torch.float32).itemsize
     matmul_bytes = 4 if precision == "fp32" else 2  # autocast's bf16, or the bf16 / fp16 weights
@@ -183,7 +182,7 @@ def fused_head_activations(
         fixed=vocab * hidden * weight_bytes if trains_weight else 0,
         transient_per_token=vocab * (2 * matmul_bytes if compiled_softmax else matmul_bytes + 13),
         transient_fixed=transient,
-        transient_max_tokens=max(512, CHUNK_ELEMENTS // vocab),
+        transient_max_tokens=chunk_rows(vocab),
     )
 
 

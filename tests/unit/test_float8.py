@@ -94,13 +94,27 @@ def test_the_decoder_blocks_wide_linear_layers_convert_not_the_head_or_narrow_on
     assert torchao.chosen == ["mlp.gate_proj", "mlp.up_proj"] * 2  # paths inside each decoder layer
 
 
-def test_the_min_width_reaches_the_conversion_and_an_unknown_recipe_is_refused(monkeypatch):
+def test_the_min_width_reaches_the_conversion(monkeypatch):
     torchao = stand_in_torchao(monkeypatch)
     model = small_llama(intermediate=1056, hidden=1040)
     assert float8.convert_blocks(model, min_width=1040) == 6  # gate, up, down; not q/o (1040 -> 1040)
     assert torchao.chosen == ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"] * 2
-    with pytest.raises(UserInputError, match=r"unknown --float8-recipe 'blockwise'; choose one of tensorwise, "):
-        float8.convert_blocks(small_llama(), recipe="blockwise")
+
+
+def test_an_unknown_recipe_is_refused_by_one_check_before_torchao_is_needed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # torchao missing: the recipe is still checked first
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)
+    for refuse in (
+        lambda: float8.convert_blocks(small_llama(), recipe="blockwise"),
+        lambda: float8.recipe_config("blockwise"),
+    ):
+        with pytest.raises(
+            UserInputError,
+            match=r"^unknown --float8-recipe 'blockwise'; choose one of tensorwise, tensorwise-fast-accum$",
+        ) as refused:
+            refuse()
+        assert refused.traceback[-1].name == "check_recipe"
+    float8.check_recipe("tensorwise-fast-accum")
 
 
 def test_the_fast_accumulation_recipe_accumulates_every_float8_matmul_fast(monkeypatch):

@@ -31,3 +31,40 @@ def test_another_seed_widens_the_tolerance_and_never_narrows_it():
     assert fp8_loss_curve.tolerance(reference, [far]) == pytest.approx((0.05, 0.05))
     near = [2.0] * 40
     assert fp8_loss_curve.tolerance(reference, [near]) == (fp8_loss_curve.MAX_RELATIVE, fp8_loss_curve.FINAL_RELATIVE)
+
+
+def test_an_earlier_calls_other_seed_of_the_reference_widens_the_tolerance(tmp_path):
+    csv_path = tmp_path / "losses.csv"
+    csv_path.write_text("update,bf16-master,bf16-master@2,fp8\n1,3.0,3.1,2.9\n2,2.0,2.1,1.9\n")
+    earlier = fp8_loss_curve.read_losses(csv_path)
+    assert earlier == {"bf16-master": [3.0, 2.0], "bf16-master@2": [3.1, 2.1], "fp8": [2.9, 1.9]}
+    # reference bf16-master@2: the earlier seed-1 run measures the spread, not the same run or another precision
+    names = ["bf16-master@2", "fp8@2"]
+    assert fp8_loss_curve.other_seeds("bf16-master@2", names, earlier, steps=2) == ["bf16-master (earlier)"]
+    assert fp8_loss_curve.other_seeds("bf16-master@2", names, earlier, steps=3) == []  # other lengths: other settings
+    three = ["bf16-master", "bf16-master@3", "fp8"]
+    assert fp8_loss_curve.other_seeds("bf16-master", three, earlier, steps=2) == [
+        "bf16-master@3",
+        "bf16-master@2 (earlier)",
+    ]
+
+
+RUN28 = REPO / "benchmarks" / "results" / "fp8_loss_curve"
+
+
+def test_the_summary_reproduces_run_28s_committed_comparison():
+    losses = fp8_loss_curve.read_losses(RUN28 / "losses.csv")
+    names = ["bf16-master", "bf16-master@2", "fp8"]
+    committed = (RUN28 / "fp8_loss_curve.md").read_text().splitlines()[2:]
+    assert fp8_loss_curve.summarize(losses, names, {}, steps=320) == committed
+
+
+def test_a_call_of_two_runs_takes_the_other_seed_from_the_earlier_call():
+    earlier = fp8_loss_curve.read_losses(RUN28 / "losses.csv")
+    losses = {"bf16-master@2": earlier["bf16-master@2"], "fp8@2": earlier["fp8"]}  # as if this call ran these two
+    lines = fp8_loss_curve.summarize(losses, ["bf16-master@2", "fp8@2"], earlier, steps=320)
+    assert "- bf16-master (earlier) against bf16-master@2: mean of the last 20 updates 2.0179 / 1.9558" in "\n".join(
+        lines
+    )
+    assert "- bf16-master@2 against the same run in the earlier call: final gap 0.00%" in "\n".join(lines)
+    assert "and the gaps of bf16-master (earlier) other-seed run)" in lines[-2]

@@ -16,11 +16,10 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from fairseq_ext.criterions.lm_loss import CHUNK_ELEMENTS
 from fairseq_ext.cube.cost import ADAM_STATE_BYTES, Hardware, Workload, estimate
 from fairseq_ext.cube.plan import Plan
 from fairseq_ext.cube.profile import fused_head_activations, load_config, profile_model
-from fairseq_ext.cube.runtime.chunked_loss import linear_cross_entropy
+from fairseq_ext.cube.runtime.chunked_loss import chunk_rows, linear_cross_entropy
 from fairseq_ext.cube.runtime.recompute import apply_recompute
 from tests.helpers import MODEL_DIR
 
@@ -116,7 +115,7 @@ def test_predicted_peak_tracks_a_real_training_step(profile, recompute):
     def step():  # the causal-LM criterion's fused loss: the LM head applied chunk by chunk inside it
         hidden = model.base_model(input_ids=ids).last_hidden_state
         loss = linear_cross_entropy(
-            hidden.reshape(-1, hidden.size(-1)), head, ids.view(-1), chunk_size=max(512, CHUNK_ELEMENTS // head.size(0))
+            hidden.reshape(-1, hidden.size(-1)), head, ids.view(-1), chunk_size=chunk_rows(head.size(0))
         )
         del hidden
         loss.backward()

@@ -11,6 +11,13 @@ import contextlib
 
 import torch
 
+CHUNK_ELEMENTS = 1 << 27  # logits computed at once: 512 MB in float32
+
+
+def chunk_rows(vocab: int) -> int:
+    """Rows of one chunk for a vocabulary of ``vocab``: ``CHUNK_ELEMENTS`` logits, at least 512 rows."""
+    return max(512, CHUNK_ELEMENTS // vocab)
+
 
 def _loss_and_grad_logits(logits, target, ignore_index: int, want_grad: bool):
     """Summed float32 cross entropy of one chunk's logits and, if ``want_grad``, its gradient with respect

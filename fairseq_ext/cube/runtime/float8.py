@@ -86,12 +86,17 @@ def check_device(device: torch.device, precision: str = "fp8") -> None:
         )
 
 
-def recipe_config(recipe: str):
-    """torchao's ``Float8LinearConfig`` of one of :data:`RECIPES`."""
-    from torchao.float8 import Float8LinearConfig
-
+def check_recipe(recipe: str) -> None:
+    """Refuse a ``--float8-recipe`` not in :data:`RECIPES`, naming those that are (needs no torchao)."""
     if recipe not in RECIPES:
         raise UserInputError(f"unknown --float8-recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+
+
+def recipe_config(recipe: str):
+    """torchao's ``Float8LinearConfig`` of one of :data:`RECIPES`."""
+    check_recipe(recipe)
+    from torchao.float8 import Float8LinearConfig
+
     if recipe == "tensorwise":
         return Float8LinearConfig()
     from torchao.float8.config import Float8GemmConfig
@@ -109,8 +114,7 @@ def convert_blocks(
     Raises:
         UserInputError: torchao is not installed, an unknown recipe, or the model has no linear layer to convert.
     """
-    if recipe not in RECIPES:
-        raise UserInputError(f"unknown --float8-recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    check_recipe(recipe)
     try:
         from torchao.float8 import convert_to_float8_training
     except ImportError:
