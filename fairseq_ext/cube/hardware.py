@@ -32,10 +32,10 @@ class Hardware:
     # 28: the largest error of the four fp8 rows at its least, 8.3%)
     fp8_speedup: float = 1.29
     hbm_bandwidth: float = 3.0e12  # bytes/s the memory-bound optimizer step reaches (3.35e12 on the datasheet)
-    # the fraction of hbm_bandwidth FSDP2's copies reach on one rank alone (one GPU at a ZeRO level: per-parameter
-    # copies and one-rank collectives, which run on few thread blocks): fitted on H100 run 26 (8B ZeRO 3: 0.113 s
-    # over the plain row for 128 GB moved) and 26b (1.1B ZeRO 1: 0.013 s for 13 GB); unmeasured on the H200
-    one_rank_copy_efficiency: float = 0.36
+    # the fraction of hbm_bandwidth FSDP2's copies reach on one rank alone (one GPU at a ZeRO level): fitted on
+    # H100 runs 30 (1.1B ZeRO 1: 4.2 ms over the plain row for 8.8 GB moved) and 30b (8B ZeRO 3: 29 ms for 96 GB,
+    # against a plain row the model itself puts 5.3% high); unmeasured on the H200
+    one_rank_copy_efficiency: float = 0.8
     # attention kernels' rates against causal SDPA over full rows, per unit of tile work (batch_layout.py):
     # fwd + bwd of one 1.1B layer, 8 rows of 2048 tokens, bf16, on an H100: causal SDPA 1.73 ms; varlen_attn
     # over packed documents of [256, 2048] 2.09 ms for 0.758 of the work
