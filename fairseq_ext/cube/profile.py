@@ -167,8 +167,8 @@ def fused_head_activations(
 ) -> Activations:
     """The LM head under the fused chunked loss (``runtime/chunked_loss.py``), which computes its gradients in
     the forward: it keeps the hidden states' gradient (per token) and the head weight's (fixed), and while it
-    runs holds a float32 sum of the weight's gradient, one chunk's logits and their gradient, and the chunk's
-    weight-gradient product before it is added to the float32 sum. On GPUs the softmax-gradient step is
+    runs holds a float32 sum of the weight's gradient, one chunk's logits and their gradient, and beside the sum
+    its copy in the weight's dtype at the end (on CPUs, as large: each chunk's product before it is added). On GPUs the softmax-gradient step is
     compiled into two passes over the chunk; run eagerly (``compiled_softmax=False``, CPUs) it also holds three
     float32 chunk-sized intermediates and a boolean one-hot. A frozen head (LoRA, ``trains_weight=False``) has
     no weight gradient to keep or sum."""
