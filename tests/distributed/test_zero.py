@@ -35,6 +35,7 @@ def worker(rank, port, out, num_groups):
             {"numel": local_state_numel(optimizer), "weights": [p.detach() for p in model.parameters()]},
             f"{out}/rank{rank}.pt",
         )
+        dist.barrier()  # rank 0 hosts the store: it stays until the other rank's groups (none shared) are made
     finally:
         dist.destroy_process_group()
 
