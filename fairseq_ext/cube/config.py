@@ -4,6 +4,7 @@ They live on the task because fairseq hands every component the task config; the
 them from ``cfg.task`` and turns them into a Plan with :func:`plan_from_config`.
 """
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -50,6 +51,14 @@ class CubeConfig(FairseqDataclass):
         metadata={
             "help": "tensor-parallel plans of Llama-style decoders: the norms and the hidden states between the "
             "tensor-parallel regions hold 1/tp of the tokens on each rank (SEQUENCE_PARALLEL)"
+        },
+    )
+    optimizer_in_backward: bool = field(
+        default=False,
+        metadata={
+            "help": "step each weight inside the backward as soon as its gradient is final and free the gradient "
+            "(one process, --optimizer torch_adamw, no clipping or accumulation; OPTIMIZER_IN_BACKWARD); "
+            "a plan file's optimizer_in_backward turns it on too"
         },
     )
     plan_file: str = field(
@@ -123,6 +132,8 @@ def plan_from_config(task_cfg, world_size: int, gpus_per_node: int) -> Plan:
             zero=zero,
             zero_n_groups=getattr(task_cfg, "zero_n_groups", 1) if zero else 1,
         )
+    if getattr(task_cfg, "optimizer_in_backward", False):
+        plan = dataclasses.replace(plan, optimizer_in_backward=True)
     plan.check_world_size(world_size)
     return plan
 

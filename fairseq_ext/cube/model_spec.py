@@ -80,6 +80,9 @@ class RunSettings:
     head: str = CAUSAL_LM  # the hf_auto_* arch's head: causal_lm, seq2seq_lm, seq_cls, ...
     pipeline_loss: bool = True  # the criterion computes the pipeline's loss (``pipeline_loss``)
     batch_size: int = 1  # BATCH_SIZE; 0: batches by --max-tokens
+    clip_norm: float = 0.0  # CLIP_NORM (--clip-norm)
+    grad_accu: int = 1  # GRADIENT_ACCU_NUM (--update-freq)
+    optimizer: str = "torch_adamw"  # --optimizer
 
     @property
     def half_flags(self) -> Tuple[str, ...]:
@@ -168,6 +171,7 @@ class ModelSpec:
                 f"run with (its optimizer flattens the parameters: data parallel runs on fairseq's DDP, ZeRO 1 "
                 f"at most); use USE_ZERO=1 or 0, or PRECISION=bf16-master"
             )
+        reasons += optimizer_in_backward_reasons(plan, settings)
         if plan.plan_ngpus > 1:
             reasons += self._mesh_reasons(plan, settings)
         if plan.pp > 1:
@@ -274,6 +278,50 @@ class ModelSpec:
                     if child and fnmatchcase(child, pattern):
                         styles[f"{prefix}.{child}"] = style
         return styles
+
+
+def optimizer_in_backward_reasons(plan: "Plan", settings: RunSettings) -> List[str]:
+    """Why ``plan``'s optimizer step inside the backward (``optim/in_backward.py``) cannot give the numbers of
+    the step after it with ``settings``, each with what to change; empty when it can, or when the plan has none.
+    Any model: the runtime refuses the same for models that are not Hugging Face ones."""
+    if not plan.optimizer_in_backward:
+        return []
+    off = "or OPTIMIZER_IN_BACKWARD=0"
+    reasons = []
+    if settings.clip_norm > 0:
+        reasons.append(
+            f"OPTIMIZER_IN_BACKWARD=1 steps each weight as soon as its gradient is final, but gradient clipping "
+            f"(--clip-norm {settings.clip_norm:g}) needs the norm of every gradient first; set CLIP_NORM=0 "
+            f"(--clip-norm 0; run.sh's default is 1.0) {off}"
+        )
+    if settings.grad_accu > 1 or plan.num_microbatches > 1:
+        what = f"GRADIENT_ACCU_NUM {settings.grad_accu}" if settings.grad_accu > 1 else ""
+        if plan.num_microbatches > 1:
+            what += (" and " if what else "") + f"{plan.num_microbatches} micro-batches inside the step"
+        reasons.append(
+            f"OPTIMIZER_IN_BACKWARD=1 frees each gradient once stepped, but {what} add up gradients over several "
+            f"backwards (they must survive between them, so nothing is saved); use GRADIENT_ACCU_NUM=1 "
+            f"(--update-freq 1) and a plan of one micro-batch, {off}"
+        )
+    if plan.world_size > 1 or plan.on_fsdp:
+        reasons.append(
+            f"OPTIMIZER_IN_BACKWARD=1 runs in one process without tensor, pipeline or data parallel, but this plan "
+            f"runs {plan.world_size} process(es)"
+            + (f" on FSDP2 (USE_ZERO={plan.zero})" if plan.on_fsdp else "")
+            + f"; use NPROC_PER_NODE=1 NNODES=1 PLAN_NGPUS=1 USE_ZERO=0, {off}"
+        )
+    if settings.half_flags:
+        reasons.append(
+            f"OPTIMIZER_IN_BACKWARD=1 does not run with fairseq's {'/'.join(settings.half_flags)} (its loss scaling "
+            f"decides after the backward whether the whole update is taken); use PRECISION=bf16-master, "
+            f"bf16-lean, bf16 or fp32, {off}"
+        )
+    if settings.optimizer != "torch_adamw":
+        reasons.append(
+            f"OPTIMIZER_IN_BACKWARD=1 steps --optimizer torch_adamw only, got --optimizer {settings.optimizer}; "
+            f"use torch_adamw (OPTIMIZE_PARAMS), {off}"
+        )
+    return reasons
 
 
 def spec_of(config: "PretrainedConfig") -> ModelSpec:

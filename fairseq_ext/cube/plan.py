@@ -7,7 +7,8 @@ model (tensor parallel ``tp`` x pipeline parallel ``pp``), how the pipeline is s
 ZeRO level (0: every unit keeps everything, 1 and 2: gradients and optimizer states sharded, weights
 kept whole from forward to backward, 3: weights resharded after the forward too), sharded inside
 ``zero_n_groups`` groups of consecutive units and replicated across them. It also names the modules
-whose forward is recomputed in backward.
+whose forward is recomputed in backward, and whether the optimizer steps each weight inside the backward
+(``optimizer_in_backward``: no gradient kept beyond the layer whose backward runs; ``optim/in_backward.py``).
 
 A Plan is saved as JSON (``plan.json``) and validated on load, so a hand-edited or stale file stops the
 run with one message that says what to change. ``fingerprint()`` identifies a plan's content; the
@@ -50,6 +51,7 @@ class Plan:
     zero: int = 0  # ZeRO level 0..3 (USE_ZERO); true/false of older files read as 1/0
     zero_n_groups: int = 1  # hybrid sharding: shard inside this many groups of units, replicate across
     recompute_modules: Tuple[str, ...] = ()  # module class names
+    optimizer_in_backward: bool = False  # OPTIMIZER_IN_BACKWARD; absent from the JSON when off
     model_fingerprint: str = ""  # filled by the compile pass
     version: int = PLAN_VERSION
 
@@ -140,6 +142,8 @@ class Plan:
             raise UserInputError(
                 f"recompute_modules must be a list of module class names, got {self.recompute_modules!r}"
             )
+        if not isinstance(self.optimizer_in_backward, bool):
+            raise UserInputError(f"optimizer_in_backward must be true or false, got {self.optimizer_in_backward!r}")
         if not isinstance(self.model_fingerprint, str):
             raise UserInputError(f"model_fingerprint must be a string, got {self.model_fingerprint!r}")
         return self
@@ -189,10 +193,14 @@ class Plan:
             )
 
     def to_dict(self) -> dict:
-        """The plan as plain JSON values (tuples become lists)."""
-        return {
+        """The plan as plain JSON values (tuples become lists); ``optimizer_in_backward`` only when on, so that
+        plans written before it existed keep their text and fingerprint."""
+        data = {
             key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self).items()
         }
+        if not self.optimizer_in_backward:
+            del data["optimizer_in_backward"]
+        return data
 
     def to_json(self) -> str:
         """The plan as JSON text, keys sorted (the same plan always gives the same text)."""

@@ -14,7 +14,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from ..errors import UserInputError
 from .compile import check_plan_is_current
 from .config import plan_from_config
-from .model_spec import RunSettings, spec_of
+from .model_spec import RunSettings, optimizer_in_backward_reasons, spec_of
 from .plan import Plan
 from .runtime import float8
 from .runtime.compile_layers import compile_layers
@@ -72,6 +72,9 @@ def apply_plan(cfg: DictConfig, model: torch.nn.Module, criterion: Optional[obje
         )
     settings = run_settings(cfg, model, criterion)
     if (plan.world_size == 1 and not plan.on_fsdp) or runs_on_fairseq_ddp(plan, model, settings):
+        reasons = optimizer_in_backward_reasons(plan, settings)
+        if reasons:
+            raise UserInputError("; ".join(reasons))
         if plan.zero > 1 and plan.scaling_factor > 1:
             hf_model = getattr(model, "hf_model", None)
             reasons = (
@@ -168,4 +171,7 @@ def run_settings(cfg: DictConfig, model: torch.nn.Module, criterion: Optional[ob
             and hasattr(criterion, "token_loss")
         ),
         batch_size=cfg.dataset.batch_size or 0,
+        clip_norm=float(cfg.optimization.clip_norm),
+        grad_accu=int(cfg.optimization.update_freq[0]),
+        optimizer=str(getattr(cfg.optimizer, "_name", "") or ""),
     )

@@ -42,7 +42,7 @@ class ShardedOptimizer:
         back on load. ZeRO-1 on fairseq's DDP path (``--use-zero 1``): fairseq's own ``--zero-sharding os``
         needs fairscale, which is unmaintained; this uses torch's ZeroRedundancyOptimizer among the
         replicas, and fairseq's ``consolidate_optimizer`` before checkpoints already calls its
-        ``consolidate_state_dict``.
+        ``consolidate_state_dict``. A plan with ``optimizer_in_backward`` hooks the step into the backward.
         """
         super()._build_optimizer()
         fairseq_optimizer = self._optimizer
@@ -64,6 +64,9 @@ class ShardedOptimizer:
                 f"ZeRO-1: optimizer states sharded among {self.data_parallel_world_size} replicas "
                 f"in {self.plan.zero_n_groups} group(s)"
             )
+        if self.plan.optimizer_in_backward:  # refused with any other optimizer (model_spec.py)
+            fairseq_optimizer.step_in_backward()
+            logger.info("the optimizer steps each weight inside the backward (optimizer_in_backward)")
         if self.checkpoint_format == "dcp":
             check_optimizer_by_parameter(fairseq_optimizer.optimizer, self._optimizer_params())
 

@@ -273,7 +273,13 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
         if self.plan.pp == 1 and self.plan.num_microbatches > 1:  # accumulated inside the update
             samples = [part for sample in samples for part in split_batch(sample, self.plan.num_microbatches)]
         self._update_samples = samples
-        with self._loss_context(), self._pipeline_steps(), self._timed_steps(), self._checking_previous_norm():
+        with (
+            self._loss_context(),
+            self._pipeline_steps(),
+            self._timed_steps(),
+            self._checking_previous_norm(),
+            self._stepping_in_backward(),
+        ):
             try:  # fault handling (out_of_memory.py): out of memory stops the run unless skipping is allowed
                 result = super().train_step(samples, raise_oom or not skipping_allowed())
             except RuntimeError as err:
@@ -307,6 +313,16 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
         return _wrapped_task_steps(
             self.task, {name: self._speed_log.timed for name in ("train_step", "optimizer_step")}
         )
+
+    def _stepping_in_backward(self):
+        """With the optimizer step inside the backward (``optim/in_backward.py``): the update's task step makes
+        the criterion's sample size the factor its backward steps the weights with (fairseq's multiply_grads,
+        applied after the backward otherwise)."""
+        in_backward = getattr(self.optimizer, "in_backward", None)
+        if in_backward is None:
+            return contextlib.nullcontext()
+        in_backward.start_update()
+        return _wrapped_task_steps(self.task, {"train_step": in_backward.arming})
 
     def _checking_previous_norm(self):
         """On GPUs: the task's train step, then the check of the previous update's gradient norm

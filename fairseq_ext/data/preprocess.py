@@ -58,6 +58,7 @@ NOT_DATA_SETTINGS = {
     "zero_n_groups",
     "recompute_module_names",
     "checkpoint_format",
+    "optimizer_in_backward",
 }
 MIN_RECORDS_PER_PROCESS = 20000
 

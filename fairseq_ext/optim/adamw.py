@@ -92,39 +92,43 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            dense, master_params, lean_params = [], [], []
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                if param.grad.is_sparse:
-                    raise RuntimeError("torch_adamw does not support sparse gradients")
-                state = self._init_state(param, group["lean_states"])
-                if param.dtype == torch.float32:
-                    dense.append(param)
-                elif "master" in state:
-                    master_params.append(param)
-                else:
-                    lean_params.append(param)
-            self._adamw(dense, [p.grad for p in dense], [self.state[p] for p in dense], group, grad_scale, found_inf)
-            fused, chunked = [], []
-            for param in master_params:
-                (fused if takes_fused_master_step(param, self.state[param]) else chunked).append(param)
-            self._one_launch(MasterAdamWStep, fused, group, grad_scale, found_inf)
-            fused_lean, unfused_lean = [], []
-            for param in lean_params:
-                (fused_lean if takes_fused_lean_step(param, self.state[param]) else unfused_lean).append(param)
-            self._one_launch(LeanAdamWStep, fused_lean, group, grad_scale, found_inf)
-            for param in unfused_lean:
-                self._lean_step(param, self.state[param], group, grad_scale, found_inf)
-            for chunk in _chunks(chunked, MASTER_CHUNK_ELEMENTS):
-                # float32 copies of one chunk's gradients at a time: at most MASTER_CHUNK_ELEMENTS x 4 bytes more;
-                # one multi-tensor copy casts them (a cast per tensor costs a kernel launch each: LoRA has hundreds)
-                masters = [self.state[p]["master"] for p in chunk]
-                grads = [torch.empty_like(master) for master in masters]
-                torch._foreach_copy_(grads, [p.grad for p in chunk])
-                self._adamw(masters, grads, [self.state[p] for p in chunk], group, grad_scale, found_inf)
-                torch._foreach_copy_(chunk, masters)
+            self.step_parameters(group, [p for p in group["params"] if p.grad is not None], grad_scale, found_inf)
         return loss
+
+    @torch.no_grad()
+    def step_parameters(self, group: dict, params: List[torch.Tensor], grad_scale=None, found_inf=None) -> None:
+        """One AdamW step of ``params`` (of ``group``, each with a gradient), as :meth:`step` takes it for all:
+        the step inside the backward (``in_backward.py``) takes it weight by weight."""
+        dense, master_params, lean_params = [], [], []
+        for param in params:
+            if param.grad.is_sparse:
+                raise RuntimeError("torch_adamw does not support sparse gradients")
+            state = self._init_state(param, group["lean_states"])
+            if param.dtype == torch.float32:
+                dense.append(param)
+            elif "master" in state:
+                master_params.append(param)
+            else:
+                lean_params.append(param)
+        self._adamw(dense, [p.grad for p in dense], [self.state[p] for p in dense], group, grad_scale, found_inf)
+        fused, chunked = [], []
+        for param in master_params:
+            (fused if takes_fused_master_step(param, self.state[param]) else chunked).append(param)
+        self._one_launch(MasterAdamWStep, fused, group, grad_scale, found_inf)
+        fused_lean, unfused_lean = [], []
+        for param in lean_params:
+            (fused_lean if takes_fused_lean_step(param, self.state[param]) else unfused_lean).append(param)
+        self._one_launch(LeanAdamWStep, fused_lean, group, grad_scale, found_inf)
+        for param in unfused_lean:
+            self._lean_step(param, self.state[param], group, grad_scale, found_inf)
+        for chunk in _chunks(chunked, MASTER_CHUNK_ELEMENTS):
+            # float32 copies of one chunk's gradients at a time: at most MASTER_CHUNK_ELEMENTS x 4 bytes more;
+            # one multi-tensor copy casts them (a cast per tensor costs a kernel launch each: LoRA has hundreds)
+            masters = [self.state[p]["master"] for p in chunk]
+            grads = [torch.empty_like(master) for master in masters]
+            torch._foreach_copy_(grads, [p.grad for p in chunk])
+            self._adamw(masters, grads, [self.state[p] for p in chunk], group, grad_scale, found_inf)
+            torch._foreach_copy_(chunk, masters)
 
     def _one_launch(self, step_class, params: List[torch.Tensor], group: dict, grad_scale=None, found_inf=None) -> None:
         """bf16 weights on a GPU stepped by one Triton launch per device (``step_class``: ``MasterAdamWStep``

@@ -12,6 +12,7 @@ from omegaconf import II, OmegaConf
 
 from ..cube.runtime.precision import stored_as
 from .adamw import MixedPrecisionAdamW
+from .in_backward import OptimizerInBackward
 
 
 @dataclass
@@ -33,15 +34,33 @@ class FairseqTorchAdamW(FairseqOptimizer):
         self._optimizer = MixedPrecisionAdamW(params, **self.optimizer_config)
         self._grad_multiplier = 1.0  # pending factor of the gradients, applied by the next step
         self._found_inf = None  # 1 on the device when the next step is to change nothing
+        self.in_backward = None  # an OptimizerInBackward once step_in_backward() is called
+
+    def step_in_backward(self) -> OptimizerInBackward:
+        """From now on each weight is stepped inside the backward, as its gradient is final (``in_backward.py``);
+        :meth:`multiply_grads`, :meth:`clip_grad_norm` and :meth:`step` then find the update done."""
+        if self.in_backward is None:
+            self.in_backward = OptimizerInBackward(self._optimizer)
+        return self.in_backward
 
     def multiply_grads(self, c) -> None:
         """Replaces fairseq's pass over every gradient (normalization by the sample size): the factor is
-        kept and applied inside the optimizer step."""
+        kept and applied inside the optimizer step (inside the backward: applied already)."""
+        if self.in_backward is not None:
+            self.in_backward.check_factor(c)
+            return
         self._grad_multiplier = self._grad_multiplier * c
 
     def clip_grad_norm(self, max_norm, aggregate_norm_fn=None):
         """fairseq's clipping (the norm of all gradients, scaled to at most ``max_norm``) without touching
-        the gradients: the norm includes the pending factor, and the clip coefficient joins it."""
+        the gradients: the norm includes the pending factor, and the clip coefficient joins it. With the step
+        inside the backward: the norm its hooks gathered (clipping is refused there, ``model_spec.py``)."""
+        if self.in_backward is not None:
+            assert not max_norm > 0, "the optimizer step inside the backward cannot clip (refused before training)"
+            norm = self.in_backward.grad_norm()
+            if norm is None:
+                return torch.zeros(())
+            return aggregate_norm_fn(norm) if aggregate_norm_fn is not None else norm
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             return torch.zeros(())
@@ -69,6 +88,9 @@ class FairseqTorchAdamW(FairseqOptimizer):
         """The optimizer step, with the pending gradient factor (and fairseq's ``scale``) folded into it."""
         if groups is not None:
             raise ValueError("torch_adamw steps all parameter groups together")
+        if self.in_backward is not None:  # every weight was stepped in the backward
+            self._grad_multiplier, self._found_inf = 1.0, None
+            return
         multiplier, self._grad_multiplier = self._grad_multiplier / scale, 1.0
         found_inf, self._found_inf = self._found_inf, None
         scales = torch.is_tensor(multiplier) or multiplier != 1.0

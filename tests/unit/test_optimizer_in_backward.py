@@ -1,0 +1,154 @@
+"""The optimizer step inside the backward (``optim/in_backward.py``) against the step after it, as fairseq's
+Trainer drives both (criterion forward, backward, multiply_grads by 1 / sample size, clip_grad_norm for the
+logged norm, step, LR schedule): the same weights, moments and gradient norm per update, gradients freed as
+they are stepped; and what it cannot run refused in one place with what to change (``model_spec.py``)."""
+
+import copy
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from fairseq_ext.cube.model_spec import RunSettings, optimizer_in_backward_reasons
+from fairseq_ext.cube.plan import Plan
+from fairseq_ext.optim.torch_adamw import FairseqTorchAdamW
+
+UPDATES = 3
+LR = 1e-2
+
+
+class _Model(torch.nn.Module):
+    """Embedding, two layers and an LM head tied to the embedding: a weight whose gradient comes twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(32, 16)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(2))
+        self.norm = torch.nn.LayerNorm(16)
+
+    def forward(self, tokens):
+        hidden = self.embed(tokens)
+        for layer in self.layers:
+            hidden = hidden + torch.tanh(layer(hidden))
+        return self.norm(hidden) @ self.embed.weight.T
+
+
+def _criterion(model, sample):
+    """fairseq's criterion contract: summed loss, sample size, logging output."""
+    logits = model(sample["tokens"])
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), sample["target"].flatten(), reduction="sum")
+    return loss, sample["ntokens"], {"loss": loss.detach()}
+
+
+def _train_step(sample, model, criterion, optimizer, update_num, ignore_grad=False):
+    """hf_finetune's train step: the criterion's forward, then the backward."""
+    loss, sample_size, logging_output = criterion(model, sample)
+    optimizer.backward(loss)
+    return loss, sample_size, logging_output
+
+
+def _samples():
+    generator = torch.Generator().manual_seed(3)
+    for ntokens in (40, 24, 33):
+        tokens = torch.randint(0, 32, (1, ntokens), generator=generator)
+        yield {"tokens": tokens, "target": torch.roll(tokens, -1, dims=1), "ntokens": ntokens}
+
+
+def _train(model, precision: str, in_backward: bool, updates: int = UPDATES):
+    """``updates`` updates as fairseq's Trainer runs them; returns the optimizer and each update's gradient norm."""
+    cfg = OmegaConf.create(
+        {"adam_betas": "(0.9, 0.95)", "adam_eps": 1e-8, "weight_decay": 0.1, "precision": precision, "lr": [LR]}
+    )
+    optimizer = FairseqTorchAdamW(cfg, [p for p in model.parameters() if p.requires_grad])
+    hooks = optimizer.step_in_backward() if in_backward else None
+    train_step = hooks.arming(_train_step) if in_backward else _train_step
+    norms = []
+    for update, sample in zip(range(updates), _samples()):
+        optimizer.set_lr(LR * (update + 1) / UPDATES)  # a warm-up schedule: the step reads the rate set before it
+        optimizer.zero_grad()
+        if hooks is not None:
+            hooks.start_update()
+        _, sample_size, _ = train_step(
+            sample=sample, model=model, criterion=_criterion, optimizer=optimizer, update_num=update
+        )
+        if in_backward:
+            assert all(p.grad is None for p in model.parameters())  # each freed once stepped
+        optimizer.multiply_grads(1 / (float(sample_size) or 1.0))
+        norms.append(optimizer.clip_grad_norm(0.0))
+        optimizer.step()
+    return optimizer, torch.stack(norms)
+
+
+def _model(dtype):
+    torch.manual_seed(0)
+    return _Model().to(dtype)
+
+
+@pytest.mark.parametrize(
+    "precision, dtype",
+    [("fp32", torch.float32), ("bf16-master", torch.bfloat16), ("bf16-lean", torch.bfloat16)],
+)
+def test_in_backward_updates_equal_the_step_after_the_backward(precision, dtype):
+    """fp32 and bf16-master, over UPDATES updates of a warm-up: the same weights, masters and moments within
+    float32 rounding (the CPU's fused AdamW in place of its multi-tensor one, which reads found_inf). bf16-lean,
+    one update (later ones start from weights rounded apart): the same moments, weights within one bf16 step
+    (its stochastic rounding draws other noise). The logged norm is the same."""
+    updates = 1 if precision == "bf16-lean" else UPDATES
+    after, inside = _model(dtype), _model(dtype)
+    stepped_after, norms_after = _train(after, precision, False, updates)
+    stepped_inside, norms_inside = _train(inside, precision, True, updates)
+    torch.testing.assert_close(norms_inside, norms_after, rtol=1e-6, atol=0)
+    for (name, a), b in zip(after.named_parameters(), inside.parameters()):
+        state_a, state_b = stepped_after.optimizer.state[a], stepped_inside.optimizer.state[b]
+        assert torch.equal(state_a["step"], state_b["step"]) and state_a["step"].item() == updates
+        if precision == "bf16-lean":
+            ulp = a.detach().float().abs() * 2**-7  # bf16's spacing at the weight: at most 2**-7 of it
+            assert ((a.detach().float() - b.detach().float()).abs() <= ulp).all(), name
+            assert torch.equal(state_b["exp_avg"], state_a["exp_avg"]) and torch.equal(
+                state_b["exp_avg_sq"], state_a["exp_avg_sq"]
+            )
+            continue
+        for key in ("master", "exp_avg", "exp_avg_sq"):
+            if key in state_a:
+                torch.testing.assert_close(state_b[key], state_a[key], rtol=1e-6, atol=1e-7, msg=f"{name} {key}")
+        torch.testing.assert_close(b, a, rtol=1e-6 if dtype == torch.float32 else 2**-8, atol=1e-7)
+
+
+def test_a_nan_detector_rerun_steps_nothing():
+    """A second backward of the same update (fairseq's NanDetector runs the batch again) keeps its gradients
+    and changes no weight."""
+    model = _model(torch.float32)
+    optimizer, _ = _train(model, "fp32", in_backward=True)
+    before = copy.deepcopy(model.state_dict())
+    sample = next(_samples())
+    _train_step(sample, model, _criterion, optimizer, 0)  # no start_update, not armed
+    assert all(p.grad is not None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+ONE_GPU = Plan(plan_ngpus=1, scaling_factor=1, tp=1, pp=1, optimizer_in_backward=True)
+
+
+@pytest.mark.parametrize(
+    "plan, settings, words",
+    [
+        (ONE_GPU, RunSettings(clip_norm=1.0), "set CLIP_NORM=0 (--clip-norm 0; run.sh's default is 1.0)"),
+        (ONE_GPU, RunSettings(grad_accu=4), "GRADIENT_ACCU_NUM 4 add up gradients over several backwards"),
+        (Plan(1, 1, 1, 1, num_microbatches=2, optimizer_in_backward=True), RunSettings(), "2 micro-batches"),
+        (Plan(1, 2, 1, 1, optimizer_in_backward=True), RunSettings(), "this plan runs 2 process(es)"),
+        (Plan(2, 1, 2, 1, optimizer_in_backward=True), RunSettings(), "use NPROC_PER_NODE=1 NNODES=1 PLAN_NGPUS=1"),
+        (Plan(1, 1, 1, 1, zero=1, optimizer_in_backward=True), RunSettings(), "on FSDP2 (USE_ZERO=1)"),
+        (ONE_GPU, RunSettings(precision="fp16"), "fairseq's --fp16"),
+        (ONE_GPU, RunSettings(optimizer="adam"), "torch_adamw only, got --optimizer adam"),
+    ],
+)
+def test_what_cannot_give_the_same_numbers_is_refused_with_what_to_change(plan, settings, words):
+    reasons = optimizer_in_backward_reasons(plan, settings)
+    assert len(reasons) == 1 and words in reasons[0] and "or OPTIMIZER_IN_BACKWARD=0" in reasons[0]
+
+
+def test_allowed_where_the_numbers_are_the_same():
+    for precision in ("fp32", "bf16", "bf16-master", "bf16-lean", "fp8-lean"):
+        assert optimizer_in_backward_reasons(ONE_GPU, RunSettings(precision=precision, lora=True)) == []
+    assert optimizer_in_backward_reasons(Plan(1, 1, 1, 1), RunSettings(clip_norm=1.0, grad_accu=8)) == []
+    assert Plan.from_json(ONE_GPU.to_json()) == ONE_GPU and "optimizer_in_backward" not in Plan(1, 1, 1, 1).to_json()
