@@ -105,6 +105,19 @@ def parse_args(argv=None):
         default=0,
         help="norms and hidden states between tensor-parallel regions sharded on the sequence (SEQUENCE_PARALLEL)",
     )
+    parser.add_argument(
+        "--clip-norm",
+        type=float,
+        default=1.0,
+        help="gradient clipping of the run (CLIP_NORM, run.sh's default 1.0); the step inside the backward needs 0",
+    )
+    parser.add_argument(
+        "--optimizer-in-backward",
+        choices=("auto", "0", "1"),
+        default="auto",
+        help="the optimizer step inside the backward (OPTIMIZER_IN_BACKWARD): 1 every plan, 0 none, auto (default): "
+        "the search takes it where a plan does not fit without it and the settings allow it",
+    )
     parser.add_argument("--output", help="write the chosen plan here (e.g. $OUTPUT_DIR/plan.json)")
     parser.add_argument("--top", type=int, default=8, help="alternatives to show of each kind")
     return parser.parse_args(argv)
@@ -165,6 +178,7 @@ def settings_from(args) -> CompileSettings:
         num_microbatches=args.num_microbatches,
         stage_boundaries=bounds,
         recompute_modules=recompute,
+        optimizer_in_backward=None if args.optimizer_in_backward == "auto" else args.optimizer_in_backward == "1",
     )
     return CompileSettings(
         model=args.model,
@@ -183,6 +197,7 @@ def settings_from(args) -> CompileSettings:
         lora_config=args.lora_config,
         packing=bool(args.pack_sequences),
         sequence_parallel=bool(args.sequence_parallel),
+        clip_norm=args.clip_norm,
         fixed=fixed,
         hardware=hardware,
     )

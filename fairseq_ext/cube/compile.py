@@ -45,6 +45,7 @@ class CompileSettings:
     lora_config: Optional[str] = None  # LORA_CONFIG when USE_LORA=1: only the adapters train
     packing: bool = False  # PACK_SEQUENCES
     sequence_parallel: bool = False  # SEQUENCE_PARALLEL
+    clip_norm: float = 1.0  # CLIP_NORM (run.sh's default): the step inside the backward needs 0
     fixed: Fixed = field(default_factory=Fixed)
     hardware: Hardware = field(default_factory=Hardware)
 
@@ -63,6 +64,8 @@ class CompileSettings:
             packing=self.packing,
             sequence_parallel=self.sequence_parallel,
             batch_size=0 if self.max_tokens else self.batch_size,
+            clip_norm=self.clip_norm,
+            grad_accu=self.grad_accu,
         )
 
 
@@ -305,7 +308,8 @@ def _describe(c) -> str:
         text += f", {p.num_microbatches} micro-batches"
     if p.on_fsdp:
         text += f", {_zero_label(p)}"
-    return text + (f", recompute {c.recompute}" if c.recompute != "none" else "")
+    text += f", recompute {c.recompute}" if c.recompute != "none" else ""
+    return text + (", optimizer step in backward" if p.optimizer_in_backward else "")
 
 
 def _zero_label(p: Plan) -> str:
@@ -313,6 +317,17 @@ def _zero_label(p: Plan) -> str:
     if not p.zero or not p.on_fsdp:
         return "ZeRO-0"
     return f"ZeRO-{p.zero}" + (f"x{p.zero_n_groups}" if p.zero_n_groups > 1 else "")
+
+
+def _gradients_held(p: Plan) -> str:
+    if p.optimizer_in_backward:
+        return "no gradient held: each weight is stepped inside the backward, its gradient freed"
+    return "gradients only from backward on"
+
+
+def _step_label(p: Plan) -> str:
+    """Where the optimizer steps, as the table shows it: ``in bwd`` (inside the backward) or ``after``."""
+    return "in bwd" if p.optimizer_in_backward else "after"
 
 
 def zero_alternatives(result: SearchResult) -> List[str]:
@@ -342,7 +357,7 @@ def format_report(compiled: Compiled, top: int = 8) -> str:
     rows: List[Tuple[str, object]] = [("chosen" if i == 0 else "ok", c) for i, c in enumerate(viable[:top])]
     rows += [("; ".join(c.rejected), c) for c in rejected[:top]]
     header = (
-        f"{'tp':>3} {'pp':>3} {'schedule':<16} {'mb':>4} {'v':>2} {'recompute':<30} {'zero':<9} "
+        f"{'tp':>3} {'pp':>3} {'schedule':<16} {'mb':>4} {'v':>2} {'recompute':<30} {'zero':<9} {'step':<8} "
         f"{'memory GB':>9} {'step s':>9}  status"
     )
     lines = [
@@ -356,7 +371,8 @@ def format_report(compiled: Compiled, top: int = 8) -> str:
         schedule = p.pp_schedule if p.pp > 1 else "-"
         lines.append(
             f"{p.tp:>3} {p.pp:>3} {schedule:<16} {p.num_microbatches:>4} {p.virtual_stages_per_rank:>2} "
-            f"{c.recompute:<30} {_zero_label(p):<9} {c.cost.peak_gib:>9.2f} {c.cost.step_time:>9.3f}  {status}"
+            f"{c.recompute:<30} {_zero_label(p):<9} {_step_label(p):<8} {c.cost.peak_gib:>9.2f} "
+            f"{c.cost.step_time:>9.3f}  {status}"
         )
     alternatives = zero_alternatives(result)
     if alternatives:
@@ -368,7 +384,7 @@ def format_report(compiled: Compiled, top: int = 8) -> str:
         lines.append(
             f"chosen plan: {_describe(best)}; peak memory {best.cost.peak_gib:.2f} GB (tensors {parts['allocated'] / GIB:.2f} "
             f"as torch.cuda.max_memory_allocated counts them, plus allocator slack and workspaces) of which weights, "
-            f"gradients and optimizer states {parts['static'] / GIB:.2f} (gradients only from backward on), "
+            f"gradients and optimizer states {parts['static'] / GIB:.2f} ({_gradients_held(best.plan)}), "
             f"all-gathered weights {parts['unsharded'] / GIB:.2f}, "
             f"activations kept {parts['activations'] / GIB:.2f}, backward working set "
             f"{parts['transient'] / GIB:.2f}, pipeline buffers {parts['comm'] / GIB:.2f}; "

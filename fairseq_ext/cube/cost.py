@@ -22,6 +22,8 @@ Memory of one rank (the fullest pipeline stage decides the plan's peak)::
                   gradient; a recomputed layer's rebuilt activations)
     step        = static (gradients included) + the data-parallel buffer (with PRECISION=fp16 only, which
                   fairseq's DDP runs: its buckets, or the mesh's flat copy of the gradients for tp plans)
+    optimizer_in_backward: no gradient is held; each module's exist while its backward runs
+                  (:func:`gradients_stepped_in_backward`), and there is no step after the backward
     allocated   = max(forward/backward peak, step): what torch.cuda.max_memory_allocated reads (``parts``)
     peak        = allocated x (1 + allocator_slack) + workspace: what MEM_PER_GPU must hold (the caching
                   allocator's fragmentation and cuBLAS workspaces beside the tensors)
@@ -279,10 +281,9 @@ def estimate(
             p2p_time_bytes = tokens * profile.hidden_size * 4
             seconds += 2 * len(rank_stages) * p2p_seconds(hw, p2p_time_bytes, plan.plan_ngpus <= hw.gpus_per_node)
         # frozen weights (LoRA's base) hold their weight bytes only; from ZeRO level 1 on, 1/S of everything
-        states = (
-            numel * (weight_b + optimizer_b) + (weights - numel) * weight_b
-        ) / shards + numel * grad_b / grad_shards
-        static = states - (0.0 if grads_persist else numel * grad_b / grad_shards)
+        held_grads = 0.0 if plan.optimizer_in_backward else numel * grad_b / grad_shards  # never all at once
+        states = (numel * (weight_b + optimizer_b) + (weights - numel) * weight_b) / shards + held_grads
+        static = states - (0.0 if grads_persist else held_grads)
         unsharded = unsharded_weights(level, weights, edge_weights) * weight_b
         grads = numel * grad_b
         dp_buffer = 0.0
@@ -295,7 +296,10 @@ def estimate(
         # freed as its gradients appear; a module's backward-only buffers exist while it runs.
         current = static + unsharded + activations + comm + ddp_buckets
         fwd_bwd, transient = current + gathered_layers, gathered_layers  # the forward's end (its last layers)
-        for kept_bytes, grad_bytes, backward_only in reversed(walk):
+        backward = walk
+        if plan.optimizer_in_backward:
+            backward = gradients_stepped_in_backward(walk, pp == 1 and tied_head(profile, edge_tp))
+        for kept_bytes, grad_bytes, backward_only in reversed(backward):
             if current + backward_only > fwd_bwd:
                 fwd_bwd, transient = current + backward_only, backward_only
             current += grad_bytes - kept_bytes - (grad_bytes if grads_persist else 0.0)
@@ -370,6 +374,27 @@ def estimate(
         host=host_seconds,
     )
     return Cost(peak_bytes=worst["peak"], step_time=step, parts=parts)
+
+
+def gradients_stepped_in_backward(walk: List[_Backward], tied: bool) -> List[_Backward]:
+    """The backward walk of a plan whose optimizer steps each weight inside the backward (``optim/in_backward.py``):
+    a gradient exists from its module's backward until its weight is stepped and it is freed, so no gradient is
+    held: a module's working set is at least its own gradients (a layer's measured one already holds them), and
+    the peak holds the largest module's at most. A head ``tied`` to the embedding hands its gradient to the
+    embedding's weight, stepped once the embedding's backward adds its part: held from the head's backward to the
+    embedding's. The step time is the same (the same kernels, run inside the backward)."""
+    held = walk[0].grad_bytes if tied else 0.0  # one stage: walk[0] is the embedding, walk[-1] the head
+    walk = [_Backward(w.kept_bytes, 0.0, max(w.backward_only, w.grad_bytes)) for w in walk]
+    if tied:
+        walk[0] = _Backward(walk[0].kept_bytes, -held, walk[0].backward_only)
+        walk[-1] = _Backward(walk[-1].kept_bytes, held, walk[-1].backward_only)
+    return walk
+
+
+def tied_head(profile: ModelProfile, tp: int) -> bool:
+    """Whether the LM head is the trained embedding's weight (tied): the profile counts its parameters once,
+    in the embedding."""
+    return profile.module(tp, "head").param_numel == 0 and profile.module(tp, "embed").local_trainable(tp) > 0
 
 
 def _attention_seconds_factor(profile: ModelProfile, layout: BatchLayout, hw: Hardware) -> float:

@@ -12,6 +12,14 @@ units or inside groups that fit a node). A per-layer
 recompute (the fewest layers of each stage) is shown where it would fit, but Plan v1 names classes, not
 layers, so it is never emitted.
 
+The optimizer step inside the backward (``Plan.optimizer_in_backward``, ``optim/in_backward.py``) is costed for
+a plan that does not fit MEM_PER_GPU without it, where the run's settings allow it (one process, no clipping, no
+accumulation: ``model_spec.optimizer_in_backward_reasons``), or for every plan when the user set
+OPTIMIZER_IN_BACKWARD. Only where needed, though the cost model gives it the same step time and less memory:
+it changes what a run does beyond memory (a kernel launch per weight instead of one for all, an update partly
+applied when a gradient is not finite, other stochastic rounding under bf16-lean), so a plan that fits without
+it keeps today's step; where it lets a larger micro-batch fit, that plan ranks first (fewer micro-batches).
+
 Plans the runtime refuses with the run's settings (the model spec's ``unsupported``: e.g. COMPILE=1 or
 fairseq's --fp16 with PLAN_NGPUS > 1, LoRA with pipeline parallel) are costed and listed with the spec's
 reason, never chosen.
@@ -22,7 +30,7 @@ from typing import Iterator, List, Optional, Tuple
 
 from ..errors import UserInputError
 from .cost import Cost, Hardware, Workload, estimate, stage_seconds_per_layer
-from .model_spec import ModelSpec, RunSettings, stage_layers
+from .model_spec import ModelSpec, RunSettings, optimizer_in_backward_reasons, stage_layers
 from .plan import INTERLEAVED, MAX_ZERO, Plan
 from .profile_types import ModelProfile
 
@@ -63,6 +71,7 @@ class Fixed:
     num_microbatches: Optional[int] = None
     stage_boundaries: Optional[Tuple[int, ...]] = None
     recompute_modules: Optional[Tuple[str, ...]] = None  # RECOMPUTE_MODULE_NAMES, when set
+    optimizer_in_backward: Optional[bool] = None  # OPTIMIZER_IN_BACKWARD, when set
 
 
 def search(
@@ -91,6 +100,10 @@ def search(
     for plan, recompute in _plans(profile, work, hw, plan_ngpus, scaling_factor, zero, zero_n_groups, fixed, spec):
         cost = estimate(profile, plan, work, hw)
         candidates.append(_judge(plan, cost, _label(recompute), budget_gib, spec, settings))
+        in_backward = _in_backward_variant(plan, cost, budget_gib, settings, fixed)
+        if in_backward is not None:
+            in_backward_cost = estimate(profile, in_backward, work, hw)
+            candidates.append(_judge(in_backward, in_backward_cost, _label(recompute), budget_gib, spec, settings))
         if (
             recompute is None
             and cost.peak_gib > budget_gib
@@ -217,10 +230,20 @@ def _plans(profile, work, hw, plan_ngpus, scaling_factor, zero, zero_n_groups, f
                             zero=level,
                             zero_n_groups=groups,
                             recompute_modules=names,
+                            optimizer_in_backward=bool(fixed.optimizer_in_backward),
                         ),
                         recompute,
                         spec,
                     )
+
+
+def _in_backward_variant(plan: Plan, cost: Cost, budget_gib: float, settings: RunSettings, fixed: Fixed):
+    """``plan`` with the optimizer step inside the backward, when the search chooses it (OPTIMIZER_IN_BACKWARD
+    unset) and it is needed (``plan`` over the budget) and allowed with the run's settings; else None."""
+    if fixed.optimizer_in_backward is not None or cost.peak_gib <= budget_gib:
+        return None
+    variant = replace(plan, optimizer_in_backward=True)
+    return None if optimizer_in_backward_reasons(variant, settings) else variant
 
 
 def _valid(plan: Plan, recompute: Optional[str], spec: ModelSpec) -> Iterator[Tuple[Plan, Optional[str]]]:
@@ -309,6 +332,7 @@ def _rank(c: Candidate):
         float(f"{c.cost.step_time:.9g}"),
         float(f"{c.cost.parts['device']:.9g}"),
         c.plan.num_microbatches,
+        c.plan.optimizer_in_backward,
         c.plan.zero,
         c.cost.peak_bytes,
         len(c.plan.recompute_modules),

@@ -4,6 +4,7 @@ logged norm, step, LR schedule): the same weights, moments and gradient norm per
 they are stepped; and what it cannot run refused in one place with what to change (``model_spec.py``)."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -152,3 +153,64 @@ def test_allowed_where_the_numbers_are_the_same():
         assert optimizer_in_backward_reasons(ONE_GPU, RunSettings(precision=precision, lora=True)) == []
     assert optimizer_in_backward_reasons(Plan(1, 1, 1, 1), RunSettings(clip_norm=1.0, grad_accu=8)) == []
     assert Plan.from_json(ONE_GPU.to_json()) == ONE_GPU and "optimizer_in_backward" not in Plan(1, 1, 1, 1).to_json()
+
+
+def _toy_profile():
+    """test_search's toy (two layers of 100 parameters, embedding and head of 50; fp32) with layers keeping
+    10 bytes per token instead of 1000, so that the gradients, not the activations, decide the peak."""
+    from fairseq_ext.cube.profile_types import Activations
+    from tests.unit.test_search import toy_profile
+
+    profile = toy_profile()
+    layer = dataclasses.replace(profile.modules[1]["layers"], activations=Activations(per_token=10.0))
+    return dataclasses.replace(profile, modules={1: dict(profile.modules[1], layers=layer)})
+
+
+def test_the_search_steps_in_backward_where_nothing_fits_without_it():
+    # 300 parameters, fp32: weights 4 + Adam 8 = 12 bytes each = 3600, gradients 4 bytes each = 1200. Batch 1 x
+    # 10 tokens: activations 2 x 10 x 10 = 200. After the backward: 3600 + 1200 = 4800 (the step's peak).
+    # Inside the backward no gradient is held: the head's backward holds its 200 (3600 + 200 + 200 = 4000), the
+    # last layer's its 400 beside both layers' activations (3600 + 200 + 400 = 4200), then less: peak 4200.
+    from fairseq_ext.cube.compile import Compiled, format_report
+    from fairseq_ext.cube.cost import GIB, Hardware, Workload, estimate
+    from fairseq_ext.cube.model_spec import ModelSpec
+    from fairseq_ext.cube.search import Fixed, search
+
+    profile, work = _toy_profile(), Workload(batch_size=1, seq_len=10)
+    bare = Hardware(allocator_slack=0.0, workspace_bytes=0.0)
+    after = estimate(profile, Plan(1, 1, 1, 1), work, bare)
+    inside = estimate(profile, Plan(1, 1, 1, 1, optimizer_in_backward=True), work, bare)
+    assert (after.peak_bytes, inside.peak_bytes) == (4800, 4200)
+    assert inside.step_time == after.step_time
+    spec = ModelSpec("toy", tp_rules={}, tp_sizes={}, num_layers=2, decoder=True, tied_embeddings=False, vocab_size=50)
+    no_clip = RunSettings(clip_norm=0.0)
+    chosen = search(profile, work, bare, 1, 1, 4500 / GIB, spec, no_clip)
+    assert chosen.best.plan.optimizer_in_backward and chosen.best.cost.peak_bytes == 4200
+    assert "in bwd" in format_report(Compiled(chosen.best.plan, chosen, 0.0))
+    assert not search(profile, work, bare, 1, 1, 5000 / GIB, spec, no_clip).best.plan.optimizer_in_backward  # fits
+    assert search(profile, work, bare, 1, 1, 4500 / GIB, spec, RunSettings(clip_norm=1.0)).best is None  # refused
+    off = search(profile, work, bare, 1, 1, 4500 / GIB, spec, no_clip, fixed=Fixed(optimizer_in_backward=False))
+    assert off.best is None
+
+
+def test_compile_pass_fits_llama3_8b_bf16_lean_at_58gb_only_stepping_in_backward():
+    """Llama-3-8B full finetuning in bf16-lean on one GPU, 2048 tokens: no plan fits 58 GB with the step after
+    the backward (the smallest, recomputing its layers, needs 63: 15 GB of bf16 gradients held to the step);
+    stepping inside the backward one does (about 53)."""
+    from fairseq_ext.cube.compile import CompileSettings, compile_plan, format_report
+    from tests.helpers import REPO
+
+    settings = dict(
+        model=str(REPO / "tests" / "assets" / "llama3-8b-config"),
+        plan_ngpus=1,
+        mem_per_gpu=58,
+        batch_size=1,
+        seq_len=2048,
+        precision="bf16-lean",
+    )
+    compiled = compile_plan(CompileSettings(**settings, clip_norm=0.0))
+    assert compiled.plan is not None and compiled.plan.optimizer_in_backward, compiled.error
+    assert compiled.result.best.cost.peak_gib <= 58
+    report = format_report(compiled)
+    assert "optimizer step in backward" in report and '"optimizer_in_backward": true' in report
+    assert min(c.cost.peak_gib for c in compiled.result.candidates if not c.plan.optimizer_in_backward) > 58

@@ -228,7 +228,7 @@ def fairseq_cfg(compile_settings: CompileSettings, plan_file: str):
         common=SimpleNamespace(fp16=s.precision == "fp16", bf16=False, amp=False, cpu=True),
         optimizer=SimpleNamespace(_name="torch_adamw"),
         dataset=SimpleNamespace(batch_size=s.batch_size),
-        optimization=SimpleNamespace(update_freq=[s.grad_accu]),
+        optimization=SimpleNamespace(update_freq=[s.grad_accu], clip_norm=s.clip_norm),
         model=SimpleNamespace(compile_layers=s.compiled, use_lora=s.lora_config is not None, lora_config=s.lora_config),
     )
 
