@@ -277,8 +277,8 @@ class CubeTrainer(CheckpointSaving, ShardedOptimizer, fairseq_trainer.Trainer):
             self._loss_context(),
             self._pipeline_steps(),
             self._timed_steps(),
+            self._stepping_in_backward(),  # inside the norm check: a rerun of the previous update's batches steps nothing
             self._checking_previous_norm(),
-            self._stepping_in_backward(),
         ):
             try:  # fault handling (out_of_memory.py): out of memory stops the run unless skipping is allowed
                 result = super().train_step(samples, raise_oom or not skipping_allowed())
