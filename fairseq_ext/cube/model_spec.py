@@ -286,7 +286,7 @@ def optimizer_in_backward_reasons(plan: "Plan", settings: RunSettings) -> List[s
     Any model: the runtime refuses the same for models that are not Hugging Face ones."""
     if not plan.optimizer_in_backward:
         return []
-    off = "or OPTIMIZER_IN_BACKWARD=0"
+    off = "or OPTIMIZER_IN_BACKWARD=0 (and a PLAN_FILE without it)"
     reasons = []
     if settings.clip_norm > 0:
         reasons.append(

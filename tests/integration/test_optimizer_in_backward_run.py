@@ -56,5 +56,5 @@ def test_default_clipping_is_refused_with_what_to_change(tmp_path):
     assert errors == [
         "fairseq_ext: error: OPTIMIZER_IN_BACKWARD=1 steps each weight as soon as its gradient is final, but "
         "gradient clipping (--clip-norm 1) needs the norm of every gradient first; set CLIP_NORM=0 (--clip-norm 0; "
-        "run.sh's default is 1.0) or OPTIMIZER_IN_BACKWARD=0"
+        "run.sh's default is 1.0) or OPTIMIZER_IN_BACKWARD=0 (and a PLAN_FILE without it)"
     ], result.stderr[-3000:]
