@@ -340,6 +340,30 @@ VARIANTS = [
         mem_per_gpu=74,
         timeout=420,
     ),
+    # in_backward: the optimizer step inside the backward (OPTIMIZER_IN_BACKWARD=1) against the step after it, both
+    # without clipping (CLIP_NORM=0, which it needs): the peak memory without the gradients held to the step
+    dict(
+        name="8B-full-bf16lean-compile-recompute-clip0",
+        model="B",
+        mode="full",
+        mb=2,
+        precision="bf16-lean",
+        compile=1,
+        recompute="LlamaDecoderLayer",
+        in_backward=0,
+        timeout=420,
+    ),
+    dict(
+        name="8B-full-bf16lean-compile-recompute-inbwd",
+        model="B",
+        mode="full",
+        mb=2,
+        precision="bf16-lean",
+        compile=1,
+        recompute="LlamaDecoderLayer",
+        in_backward=1,
+        timeout=420,
+    ),
     # accu: GRADIENT_ACCU_NUM (the plan is chosen for it; memory with accumulation against without)
     dict(
         name="8B-full-bf16lean-plan-compile-accu8",
@@ -368,6 +392,7 @@ ROW_KEYS = {
     "pack",
     "zero",
     "accu",
+    "in_backward",
 }
 # rows of exactly seq tokens; of lengths uniform in [seq/8, seq]; or long-tailed as chat data (padding)
 DATA_KINDS = ("fixed", "varlen", "chat")
@@ -778,6 +803,7 @@ class Benchmark:
             pack=row["pack"],
             zero=row["zero"],
             accu=row["accu"],
+            in_backward=row.get("in_backward"),
             warmup=warmup,
             steps=self.args.steps,
             log=f"logs/{row['name']}.log",
@@ -823,6 +849,8 @@ class Benchmark:
             CUBE_SCALING_FACTOR="",
             MASTER_PORT=str(free_port()),
         )
+        if row.get("in_backward") is not None:
+            settings.update(CLIP_NORM="0", OPTIMIZER_IN_BACKWARD=str(row["in_backward"]))
         env = dict(os.environ, PYTHON=sys.executable, PYTHONUNBUFFERED="1", **settings)
         cmd = ["bash", str(RUN_SH), "--no-save", "--disable-validation", *row.get("args", [])]
         header = "".join(f"# {k}={v}\n" for k, v in settings.items()) + f"# {' '.join(cmd)}\n"
