@@ -10,8 +10,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fairseq_ext.optim.lean_step import takes_fused_lean_step
-from fairseq_ext.optim.master_step import takes_fused_master_step
+from fairseq_ext.optim.lean_step import LeanAdamWStep, takes_fused_lean_step
+from fairseq_ext.optim.master_step import MasterAdamWStep, takes_fused_master_step
 from fairseq_ext.optim.torch_adamw import FairseqTorchAdamW
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -85,10 +85,18 @@ def test_one_bf16_update_inside_the_backward_equals_the_step_after_it(precision)
     one of the two bf16 neighbours of the same float32 value (the rounding's noise differs). The same norm."""
     after, after_optimizer, after_norm, _ = _run(precision, in_backward=False, updates=1)
     inside, inside_optimizer, inside_norm, _ = _run(precision, in_backward=True, updates=1)
-    fused = takes_fused_master_step if precision == "bf16-master" else takes_fused_lean_step
+    fused, kernel = (
+        (takes_fused_master_step, MasterAdamWStep)
+        if precision == "bf16-master"
+        else (takes_fused_lean_step, LeanAdamWStep)
+    )
+    assert kernel in inside_optimizer.optimizer._one_launch_steps  # the Triton kernel, weight by weight
     for a, b in zip(after.parameters(), inside.parameters()):
         state_a, state_b = after_optimizer.optimizer.state[a], inside_optimizer.optimizer.state[b]
-        assert fused(b, state_b)  # the Triton kernel, weight by weight
+        assert b.grad is None  # freed once stepped
+        b.grad = torch.zeros_like(b)
+        assert fused(b, state_b)  # no weight took the unfused path
+        b.grad = None
         assert state_a["step"].item() == state_b["step"].item() == 1
         keys = ("master", "exp_avg", "exp_avg_sq") if precision == "bf16-master" else ("exp_avg", "exp_avg_sq")
         for key in keys:

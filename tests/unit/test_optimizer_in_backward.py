@@ -153,6 +153,7 @@ def test_allowed_where_the_numbers_are_the_same():
         assert optimizer_in_backward_reasons(ONE_GPU, RunSettings(precision=precision, lora=True)) == []
     assert optimizer_in_backward_reasons(Plan(1, 1, 1, 1), RunSettings(clip_norm=1.0, grad_accu=8)) == []
     assert Plan.from_json(ONE_GPU.to_json()) == ONE_GPU and "optimizer_in_backward" not in Plan(1, 1, 1, 1).to_json()
+    assert ONE_GPU.fingerprint() != Plan(1, 1, 1, 1).fingerprint()
 
 
 def _toy_profile():
