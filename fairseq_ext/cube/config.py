@@ -52,6 +52,13 @@ class CubeConfig(FairseqDataclass):
             "tensor-parallel regions hold 1/tp of the tokens on each rank (SEQUENCE_PARALLEL)"
         },
     )
+    offload_activations: bool = field(
+        default=False,
+        metadata={
+            "help": "keep what each decoder layer saves for its backward in pinned host memory until the backward "
+            "needs it (OFFLOAD_ACTIVATIONS; GPUs only): less GPU memory for long sequences, the copies' time added"
+        },
+    )
     plan_file: str = field(
         default="",
         metadata={

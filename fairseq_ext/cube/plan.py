@@ -7,7 +7,8 @@ model (tensor parallel ``tp`` x pipeline parallel ``pp``), how the pipeline is s
 ZeRO level (0: every unit keeps everything, 1 and 2: gradients and optimizer states sharded, weights
 kept whole from forward to backward, 3: weights resharded after the forward too), sharded inside
 ``zero_n_groups`` groups of consecutive units and replicated across them. It also names the modules
-whose forward is recomputed in backward.
+whose forward is recomputed in backward, and those whose activations wait in host memory until the backward
+(``offload_modules``, written only when not empty, so plans without it keep their JSON and fingerprint).
 
 A Plan is saved as JSON (``plan.json``) and validated on load, so a hand-edited or stale file stops the
 run with one message that says what to change. ``fingerprint()`` identifies a plan's content; the
@@ -50,12 +51,13 @@ class Plan:
     zero: int = 0  # ZeRO level 0..3 (USE_ZERO); true/false of older files read as 1/0
     zero_n_groups: int = 1  # hybrid sharding: shard inside this many groups of units, replicate across
     recompute_modules: Tuple[str, ...] = ()  # module class names
+    offload_modules: Tuple[str, ...] = ()  # module class names whose saved activations wait in host memory
     model_fingerprint: str = ""  # filled by the compile pass
     version: int = PLAN_VERSION
 
     def __post_init__(self):
         # JSON has no tuples: accept lists so that from_json and hand-built plans compare equal.
-        for name in ("stage_boundaries", "recompute_modules"):
+        for name in ("stage_boundaries", "recompute_modules", "offload_modules"):
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
@@ -140,6 +142,7 @@ class Plan:
             raise UserInputError(
                 f"recompute_modules must be a list of module class names, got {self.recompute_modules!r}"
             )
+        self._validate_offload()
         if not isinstance(self.model_fingerprint, str):
             raise UserInputError(f"model_fingerprint must be a string, got {self.model_fingerprint!r}")
         return self
@@ -163,6 +166,19 @@ class Plan:
             raise UserInputError(
                 f"stage_boundaries {list(boundaries)} must be strictly increasing "
                 f"(every stage needs at least one layer)"
+            )
+
+    def _validate_offload(self) -> None:
+        if not isinstance(self.offload_modules, tuple) or not all(
+            isinstance(name, str) and name for name in self.offload_modules
+        ):
+            raise UserInputError(f"offload_modules must be a list of module class names, got {self.offload_modules!r}")
+        both = sorted(set(self.offload_modules) & set(self.recompute_modules))
+        if both:
+            raise UserInputError(
+                f"{', '.join(both)} is both recomputed and offloaded: a recomputed module keeps only its inputs, "
+                f"so there is nothing to offload; recompute it (RECOMPUTE_MODULE_NAMES) or offload its "
+                f"activations (OFFLOAD_ACTIVATIONS=1), not both"
             )
 
     def _validate_zero(self) -> None:
@@ -189,9 +205,11 @@ class Plan:
             )
 
     def to_dict(self) -> dict:
-        """The plan as plain JSON values (tuples become lists)."""
+        """The plan as plain JSON values (tuples become lists); ``offload_modules`` only when not empty."""
         return {
-            key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self).items()
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in dataclasses.asdict(self).items()
+            if key != "offload_modules" or value
         }
 
     def to_json(self) -> str:

@@ -12,6 +12,11 @@ units or inside groups that fit a node). A per-layer
 recompute (the fewest layers of each stage) is shown where it would fit, but Plan v1 names classes, not
 layers, so it is never emitted.
 
+Activation offloading (the decoder layers' saved tensors in pinned host memory, ``runtime/offload.py``) is
+costed beside every plan without recompute that does not fit MEM_PER_GPU, and competes with recompute on
+predicted step time (it trades the copies' seconds over the host link for recompute's FLOPs); with
+OFFLOAD_ACTIVATIONS=1 every plan without recompute offloads, and recompute is not tried.
+
 Plans the runtime refuses with the run's settings (the model spec's ``unsupported``: e.g. COMPILE=1 or
 fairseq's --fp16 with PLAN_NGPUS > 1, LoRA with pipeline parallel) are costed and listed with the spec's
 reason, never chosen.
@@ -63,6 +68,7 @@ class Fixed:
     num_microbatches: Optional[int] = None
     stage_boundaries: Optional[Tuple[int, ...]] = None
     recompute_modules: Optional[Tuple[str, ...]] = None  # RECOMPUTE_MODULE_NAMES, when set
+    offload: Optional[bool] = None  # OFFLOAD_ACTIVATIONS: True offloads every plan; None: where it does not fit
 
 
 def search(
@@ -89,8 +95,14 @@ def search(
     """
     candidates = []
     for plan, recompute in _plans(profile, work, hw, plan_ngpus, scaling_factor, zero, zero_n_groups, fixed, spec):
+        if fixed.offload and recompute is None:
+            plan = replace(plan, offload_modules=(profile.layer_class,))
         cost = estimate(profile, plan, work, hw)
-        candidates.append(_judge(plan, cost, _label(recompute), budget_gib, spec, settings))
+        candidates.append(_judge(plan, cost, _label(recompute, plan), budget_gib, spec, settings))
+        if recompute is None and cost.peak_gib > budget_gib and fixed.offload is None:
+            offloaded = _offloaded(profile, plan, work, hw, budget_gib, spec, settings)
+            if offloaded is not None:
+                candidates.append(offloaded)
         if (
             recompute is None
             and cost.peak_gib > budget_gib
@@ -270,6 +282,8 @@ def _recompute_options(profile, fixed) -> List[Optional[str]]:
         for name in known:  # the outermost class the user named decides what a layer keeps
             if name in fixed.recompute_modules:
                 return [name]
+    if fixed.offload:
+        return [None]
     return [None] + list(dict.fromkeys(known))
 
 
@@ -298,7 +312,20 @@ def _judge(plan, cost, label, budget_gib, spec, settings, extra=()) -> Candidate
     return Candidate(plan=plan, cost=cost, recompute=label, rejected=tuple(reasons) + tuple(extra))
 
 
-def _label(recompute: Optional[str]) -> str:
+def _offloaded(profile, plan, work, hw, budget_gib, spec, settings) -> Optional[Candidate]:
+    """``plan`` with its decoder layers' activations offloaded to host memory, costed and judged; None where the
+    runtime refuses offloading with that plan (the spec gives it reasons the plan without has not)."""
+    offloading = replace(plan, offload_modules=(profile.layer_class,))
+    if len(spec.unsupported(offloading, settings)) > len(spec.unsupported(plan, settings)):
+        return None
+    cost = estimate(profile, offloading, work, hw)
+    return _judge(offloading, cost, _label(None, offloading), budget_gib, spec, settings)
+
+
+def _label(recompute: Optional[str], plan: Optional[Plan] = None) -> str:
+    """The table's recompute column: the recomputed class, ``offload <class>``, or ``none``."""
+    if plan is not None and plan.offload_modules:
+        return "offload " + ",".join(plan.offload_modules)
     return recompute or "none"
 
 
