@@ -136,9 +136,11 @@ def run_cfg(cpu=True, recompute=""):
     )
 
 
-def test_offloading_is_refused_where_it_cannot_run(tiny_llama):
+def test_offloading_is_refused_where_it_cannot_run(tiny_llama, monkeypatch):
     base, _ = tiny_llama
     plan = Plan(plan_ngpus=1, scaling_factor=1, tp=1, pp=1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert with_offload(run_cfg(cpu=False), base, plan).offload_modules == (LAYER,)  # the model's decoder layers
     with pytest.raises(UserInputError, match="this run trains on the CPU.*set OFFLOAD_ACTIVATIONS=0"):
         with_offload(run_cfg(cpu=True), base, plan)
     # a layer recomputed (the model's flag or the plan) keeps only its inputs: one or the other
