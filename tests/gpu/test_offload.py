@@ -62,9 +62,11 @@ def test_offloading_keeps_results_and_frees_the_activations(model_and_tokens, co
             model.zero_grad(set_to_none=True)
     loss, grads, peak = forward_backward(plain, tokens)
     offloaded_loss, offloaded_grads, offloaded_peak = forward_backward(offloading, tokens)
-    assert torch.equal(loss, offloaded_loss)
+    # the same kernels on the same values: only the atomics of the embedding's and attention's backward may
+    # sum in another order
+    torch.testing.assert_close(offloaded_loss, loss, rtol=1e-6, atol=0)
     for name, grad in grads.items():
-        torch.testing.assert_close(offloaded_grads[name], grad, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(offloaded_grads[name], grad, msg=name)
     per_layer = [w.last_stats["offloaded"] for w in offloaded_modules(offloading)]
     assert all(b > 0 for b in per_layer) and offloading.model.layers[0].last_stats["kept"] > 0
     saved = peak - offloaded_peak
