@@ -19,6 +19,7 @@ from fairseq_ext.cube.plan_checks import with_offload
 from fairseq_ext.cube.runtime.offload import HostOffload, apply_offload, offloaded_modules
 from fairseq_ext.cube.search import Fixed, search
 from fairseq_ext.errors import UserInputError
+from tests.helpers import RUN_SH, run
 from tests.unit.test_compile_layers import lora_llama
 from tests.unit.test_search import BARE, TOY_SPEC, toy_profile
 
@@ -192,3 +193,17 @@ def test_the_search_weighs_offloading_against_recompute():
     assert all(not c.plan.offload_modules for c in roomy.candidates)
     asked = search(profile, work, BARE, 1, 1, 30000 / GIB, TOY_SPEC, fixed=Fixed(offload=True))
     assert all(c.plan.offload_modules == ("Block",) for c in asked.candidates)
+
+
+def test_run_sh_on_the_cpu_refuses_offloading_in_one_line(tmp_path):
+    result = run(
+        ["bash", RUN_SH],
+        timeout=300,
+        extra_env={"OUTPUT_DIR": str(tmp_path), "OFFLOAD_ACTIVATIONS": "1", "MAX_STEPS": "1", "EVALUATE": "0"},
+    )
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower() and "DEBUG" not in line]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert errors == [
+        "fairseq_ext: error: OFFLOAD_ACTIVATIONS=1 moves activations from GPU memory to pinned host memory; this run "
+        "trains on the CPU, where they already are in host memory: set OFFLOAD_ACTIVATIONS=0"
+    ]
