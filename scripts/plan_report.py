@@ -62,6 +62,13 @@ def parse_args(argv=None):
         default="",
         help="fix recompute to these classes (RECOMPUTE_MODULE_NAMES); empty: the search chooses",
     )
+    parser.add_argument(
+        "--offload-activations",
+        choices=("auto", "0", "1"),
+        default="auto",
+        help="OFFLOAD_ACTIVATIONS: 1 offloads the decoder layers' activations to host memory in every plan without "
+        "recompute, 0 never; auto (default): the search costs it where a plan does not fit MEM_PER_GPU",
+    )
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="PRECISION")
     parser.add_argument(
         "--compile-layers",
@@ -171,6 +178,7 @@ def settings_from(args) -> CompileSettings:
         except ValueError:
             raise UserInputError(f"--stage-boundaries must be layer indices, got {args.stage_boundaries!r}") from None
     recompute = tuple(parse_module_names(args.recompute_module_names)) or None
+    offload = {"auto": None, "0": False, "1": True}[args.offload_activations]
     fixed = Fixed(
         tp=args.tp,
         pp=args.pp,
@@ -179,6 +187,7 @@ def settings_from(args) -> CompileSettings:
         stage_boundaries=bounds,
         recompute_modules=recompute,
         optimizer_in_backward=None if args.optimizer_in_backward == "auto" else args.optimizer_in_backward == "1",
+        offload=offload,
     )
     return CompileSettings(
         model=args.model,

@@ -79,6 +79,8 @@ PLAN_NGPUS=${PLAN_NGPUS:-1}  # GPUs of one scale unit (tensor parallel inside); 
 CUBE_SCALING_FACTOR=${CUBE_SCALING_FACTOR:-}  # scale units; default: world size / PLAN_NGPUS, set once checked
 PLAN_FILE=${PLAN_FILE:-}  # a Plan JSON; replaces PLAN_NGPUS, CUBE_SCALING_FACTOR, USE_ZERO, ZERO_N_GROUPS
 RECOMPUTE_MODULE_NAMES=${RECOMPUTE_MODULE_NAMES:-}
+COMPILE_OFFLOAD=${OFFLOAD_ACTIVATIONS:-auto}  # run.sh compile: offloading as the user set it, else where it must
+OFFLOAD_ACTIVATIONS=${OFFLOAD_ACTIVATIONS:-0}  # 1: decoder layers keep their saved activations in pinned host memory (GPUs)
 MEM_PER_GPU=${MEM_PER_GPU:-}  # GB (2**30 bytes) per GPU for `run.sh compile`; default 0.8 x the GPU's memory
 PRECISION=${PRECISION:-}  # fp32, bf16 (autocast over fp32 weights), bf16-master, bf16-lean (bf16 weights), fp16,
 # fp8 / fp8-lean (bf16-master / bf16-lean with float8 linear layers in the decoder blocks: GPUs of compute
@@ -157,6 +159,7 @@ if [[ ${1:-} == compile ]]; then
     if [[ -z $PRECISION ]]; then DEVICE=$(device); choose_precision; fi
     COMPILE_ARGS=(--model "$HUGGINGFACE_MODEL_NAME_OR_PATH" --plan-ngpus "$PLAN_NGPUS" --scaling-factor "$COMPILE_SCALING"
         --use-zero "$COMPILE_ZERO" --zero-n-groups "$COMPILE_ZERO_GROUPS" --recompute-module-names "$RECOMPUTE_MODULE_NAMES"
+        --offload-activations "$COMPILE_OFFLOAD"
         --batch-size "$BATCH_SIZE" --sequence-length "$SEQUENCE_LENGTH" --gradient-accu-num "$GRADIENT_ACCU_NUM"
         --precision "$PRECISION" --compile-layers "$COMPILE" --pack-sequences "$([[ $PACK_SEQUENCES == 1 || $PADDING_FREE == 1 ]] && echo 1 || echo 0)"
         --sequence-parallel "$SEQUENCE_PARALLEL" --output "$OUTPUT_DIR/plan.json")
@@ -197,6 +200,8 @@ case $PRECISION in
 esac
 [[ $COMPILE == 0 || $COMPILE == 1 ]] || fail "COMPILE must be 0 or 1, got '$COMPILE'"
 if [[ $COMPILE == 1 ]]; then PRECISION_ARGS+=(--compile-layers); fi
+[[ $OFFLOAD_ACTIVATIONS == 0 || $OFFLOAD_ACTIVATIONS == 1 ]] || fail "OFFLOAD_ACTIVATIONS must be 0 or 1, got '$OFFLOAD_ACTIVATIONS'"
+if [[ $OFFLOAD_ACTIVATIONS == 1 ]]; then PRECISION_ARGS+=(--offload-activations); fi
 [[ $PACK_SEQUENCES == 0 || $PACK_SEQUENCES == 1 ]] || fail "PACK_SEQUENCES must be 0 or 1, got '$PACK_SEQUENCES'"
 if [[ $PACK_SEQUENCES == 1 ]]; then PRECISION_ARGS+=(--pack-sequences); fi
 [[ $PADDING_FREE == 0 || $PADDING_FREE == 1 ]] || fail "PADDING_FREE must be 0 or 1, got '$PADDING_FREE'"
@@ -262,7 +267,7 @@ echo "fairseq_ext run.sh settings:"
 for name in NPROC_PER_NODE NNODES NODE_RANK MASTER_ADDR MASTER_PORT EXAMPLE_PATH SCRIPT_PATH DATASET_NAME DATA_DIR \
     OUTPUT_DIR TENSORBOARD_DIR LOG_DIR CHECKPOINT_DIR USER_DIR MODEL_ARCH HUGGINGFACE_MODEL_NAME_OR_PATH DATASET_TYPE LEARNING_RATE \
     DATASET_PATH PROMPT_TYPE SEQUENCE_LENGTH BATCH_SIZE MAX_TOKENS GRADIENT_ACCU_NUM WARMUP_STEPS MAX_STEPS SEED USE_ZERO \
-    ZERO_N_GROUPS PLAN_NGPUS CUBE_SCALING_FACTOR PLAN_FILE RECOMPUTE_MODULE_NAMES PRECISION COMPILE PACK_SEQUENCES PADDING_FREE SEQUENCE_PARALLEL \
+    ZERO_N_GROUPS PLAN_NGPUS CUBE_SCALING_FACTOR PLAN_FILE RECOMPUTE_MODULE_NAMES OFFLOAD_ACTIVATIONS PRECISION COMPILE PACK_SEQUENCES PADDING_FREE SEQUENCE_PARALLEL \
     SPEED_LOG PROFILE_UPDATES NUM_WORKERS CHECKPOINT_FORMAT USE_LORA LORA_CONFIG CLIP_NORM OPTIMIZER_IN_BACKWARD OPTIMIZE_PARAMS \
     CHAT_TEMPLATE TRAIN_ON_ALL_TURNS DATA_CACHE_DIR COLLECTIVE_TIMEOUT; do
     printf '  %-32s %s\n' "$name" "${!name}"

@@ -308,7 +308,10 @@ def _describe(c) -> str:
         text += f", {p.num_microbatches} micro-batches"
     if p.on_fsdp:
         text += f", {_zero_label(p)}"
-    text += f", recompute {c.recompute}" if c.recompute != "none" else ""
+    if c.recompute.startswith("offload"):
+        text += f", {c.recompute} (activations in host memory)"
+    elif c.recompute != "none":
+        text += f", recompute {c.recompute}"
     return text + (", optimizer step in backward" if p.optimizer_in_backward else "")
 
 
@@ -392,6 +395,12 @@ def format_report(compiled: Compiled, top: int = 8) -> str:
             f"{parts['bubble']:.3f} + dp {parts['dp']:.3f} (of {parts['dp_communication']:.3f} communicated) "
             f"+ optimizer {parts['optimizer']:.3f}"
             + (f", the host's floor {parts['host']:.3f} s" if parts["host"] > parts["device"] else "")
+            + (
+                f"; offloaded to host memory {parts['offload_bytes'] / GIB:.2f} GB per micro-batch, copied there and "
+                f"back in {parts['offload']:.3f} s of compute+tp"
+                if parts.get("offload_bytes")
+                else ""
+            )
         )
         lines.append(compiled.plan.to_json().rstrip())
     return "\n".join(lines)

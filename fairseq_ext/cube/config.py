@@ -61,6 +61,13 @@ class CubeConfig(FairseqDataclass):
             "a plan file's optimizer_in_backward turns it on too"
         },
     )
+    offload_activations: bool = field(
+        default=False,
+        metadata={
+            "help": "keep what each decoder layer saves for its backward in pinned host memory until the backward "
+            "needs it (OFFLOAD_ACTIVATIONS; GPUs only): less GPU memory for long sequences, the copies' time added"
+        },
+    )
     plan_file: str = field(
         default="",
         metadata={

@@ -16,6 +16,10 @@ Memory of one rank (the fullest pipeline stage decides the plan's peak)::
                   GPipe keeps all m, 1F1B keeps pp - rank (stage 0: pp), Interleaved1F1B keeps
                   (v - 1) x pp + 2 x (pp - 1 - rank) + 1 chunk-forwards (torch.distributed.pipelining's warm-up)
     comm        = pipeline send/receive buffers (one micro-batch's hidden states per chunk, both ways)
+    offloaded   = a decoder layer of ``plan.offload_modules`` (not recomputed) keeps nothing it saves on the
+                  device (``runtime/offload.py``: saved tensors under 1 MiB stay, which the profile does not
+                  separate and real sizes make negligible); its backward holds its activations again while it
+                  runs (the layer in flight)
     backward    = walked module by module from the last: each frees its activations, adds its gradients
                   (fairseq sets gradients to None, so without accumulation they do not exist in the
                   forward) and holds its backward-only buffers while it runs (the LM head's logits
@@ -37,6 +41,8 @@ Step time of one update::
         layout's kernel (``attention_speed``: variable-length documents, padded rows' masked SDPA), + tensor-parallel
         all-reduces (ring: 2 (n-1)/n bytes / bandwidth + 2 (n-1) x latency, intra-node when tp <=
         gpus_per_node) + pipeline sends
+        + an offloaded layer's kept bytes copied to pinned host memory and back (2 x bytes / host_bandwidth,
+        not hidden: the copies run on the compute stream)
     pipeline:  m x slowest rank x (1 + (pp - 1) / (v x m))     (the bubble; v = virtual stages per rank)
     update:    GRADIENT_ACCU_NUM x pipeline + the exposed data-parallel communication + the optimizer step
                (memory bound: ``optimizer_step_bytes`` / HBM bandwidth, on 1/S of the parameters)
@@ -206,6 +212,7 @@ def estimate(
     if profile.precision in FLOAT8 and profile.compiled and layer.trainable is None:
         kept_saving += kept_bytes_saved_per_token(profile.hidden_size, profile.intermediate_size)
 
+    offloaded = profile.layer_class in plan.offload_modules
     # Gradients live through the forward when they accumulate: over micro-steps, or over micro-batches.
     grads_persist = work.grad_accu > 1 or plan.num_microbatches > 1
     worst, ranks = None, []
@@ -214,6 +221,7 @@ def estimate(
         walk: List[_Backward] = []  # per module of one micro-batch, in forward order
         weights, seconds = 0, 0.0  # weights: all parameter elements of the rank; numel below: the trained ones
         edge_weights, layer_count = 0, 0  # the root's (embedding, norm, head) elements; decoder layers
+        offload_bytes, offload_seconds = 0.0, 0.0  # per micro-batch: copied to the host (and back), their seconds
         # FSDP2 (level >= 1): a layer's gradient is reduce-scattered as its backward ends, leaving 1/S; while it
         # runs, the unsharded gradient and the reduce-scatter's input exist
         layer_grads = layer.local_trainable(tp)
@@ -239,11 +247,17 @@ def estimate(
                 cls = recompute[i]
                 acts = layer.activations if cls is None else layer.recompute[cls][0]
                 kept = acts.bytes(mb_tokens) - (kept_saving * mb_tokens if cls is None else 0.0)
+                in_flight_bytes = 0.0
+                if cls is None and offloaded:
+                    in_flight_bytes, kept = kept, 0.0
+                    moved = acts.bytes(tokens) - kept_saving * tokens
+                    offload_bytes += moved
+                    offload_seconds += 2 * moved / hw.host_bandwidth
                 walk.append(
                     _Backward(
                         kept,
                         layer_grads * grad_b / grad_shards,
-                        acts.backward_bytes(mb_tokens) + fsdp_backward + gathered_layers,
+                        acts.backward_bytes(mb_tokens) + fsdp_backward + gathered_layers + in_flight_bytes,
                     )
                 )
                 weights += layer.local_numel(tp)
@@ -272,6 +286,7 @@ def estimate(
                 root_grads += norm.local_trainable(edge_tp) + head_grads
                 seconds += (_flops(norm) + _flops(head)) * tokens / rate
                 seconds += tp_seconds(head, edge_tp, tokens, tp_link)
+        seconds += offload_seconds
         numel = round(sum(w.grad_bytes for w in walk) * grad_shards / grad_b)  # the trained elements before sharding
         kept = sum(w.kept_bytes for w in walk)
         activations = kept / len(rank_stages) * in_flight(plan, rank) if pp > 1 else kept
@@ -325,6 +340,8 @@ def estimate(
                 allocated=allocated,
                 peak=peak,
                 seconds_per_microbatch=seconds,
+                offload_bytes=offload_bytes,
+                offload_seconds=offload_seconds,
             )
         )
         if worst is None or peak > worst["peak"]:
@@ -372,6 +389,8 @@ def estimate(
         optimizer=optimizer_seconds,
         device=device_seconds,
         host=host_seconds,
+        offload_bytes=worst["offload_bytes"],  # copied to pinned host memory per micro-batch (and back)
+        offload=work.grad_accu * m * max(r["offload_seconds"] for r in ranks),
     )
     return Cost(peak_bytes=worst["peak"], step_time=step, parts=parts)
 

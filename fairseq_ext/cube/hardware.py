@@ -47,6 +47,9 @@ class Hardware:
     # an update of padded rows (COMPILE=1) whose padded length no earlier update had takes this much longer
     # (H100 runs 27: +0.070 to +0.106 s on each such update, none on the others; not a recompile)
     new_length_seconds: float = 0.09
+    # bytes/s of one GPU's copies to and from pinned host memory (activation offloading, runtime/offload.py): PCIe
+    # Gen5 x16 (64 GB/s a direction on paper, about 50 effective); not yet fitted on a GPU row
+    host_bandwidth: float = 50e9
     intra_node_bandwidth: float = 450e9  # bytes/s per GPU, NVLink, effective for all-reduce
     intra_node_latency: float = 5e-6  # s per ring step
     inter_node_bandwidth: float = 50e9  # bytes/s per GPU, InfiniBand (400 Gb/s NIC per GPU)

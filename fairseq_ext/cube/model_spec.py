@@ -198,6 +198,11 @@ class ModelSpec:
             )
         if settings.sequence_parallel and plan.tp > 1:
             reasons += self._sequence_parallel_reasons(plan, settings)
+        if plan.offload_modules:
+            reasons.append(
+                f"activation offloading (OFFLOAD_ACTIVATIONS=1, offload_modules) with tensor or pipeline parallel "
+                f"(PLAN_NGPUS {plan.plan_ngpus}) is not available yet; use PLAN_NGPUS=1 or OFFLOAD_ACTIVATIONS=0"
+            )
         if settings.lora and plan.tp > 1 and self.model_type in _CONV1D_FAMILIES:
             reasons.append(
                 f"LoRA under tensor parallel splits nn.Linear projections; {self.model_type}'s are "

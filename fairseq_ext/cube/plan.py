@@ -8,7 +8,9 @@ ZeRO level (0: every unit keeps everything, 1 and 2: gradients and optimizer sta
 kept whole from forward to backward, 3: weights resharded after the forward too), sharded inside
 ``zero_n_groups`` groups of consecutive units and replicated across them. It also names the modules
 whose forward is recomputed in backward, and whether the optimizer steps each weight inside the backward
-(``optimizer_in_backward``: no gradient kept beyond the layer whose backward runs; ``optim/in_backward.py``).
+(``optimizer_in_backward``: no gradient kept beyond the layer whose backward runs; ``optim/in_backward.py``),
+and those whose activations wait in host memory until the backward (``offload_modules``). Both are written
+only when set, so plans without them keep their JSON and fingerprint.
 
 A Plan is saved as JSON (``plan.json``) and validated on load, so a hand-edited or stale file stops the
 run with one message that says what to change. ``fingerprint()`` identifies a plan's content; the
@@ -52,12 +54,13 @@ class Plan:
     zero_n_groups: int = 1  # hybrid sharding: shard inside this many groups of units, replicate across
     recompute_modules: Tuple[str, ...] = ()  # module class names
     optimizer_in_backward: bool = False  # OPTIMIZER_IN_BACKWARD; absent from the JSON when off
+    offload_modules: Tuple[str, ...] = ()  # module class names whose saved activations wait in host memory
     model_fingerprint: str = ""  # filled by the compile pass
     version: int = PLAN_VERSION
 
     def __post_init__(self):
         # JSON has no tuples: accept lists so that from_json and hand-built plans compare equal.
-        for name in ("stage_boundaries", "recompute_modules"):
+        for name in ("stage_boundaries", "recompute_modules", "offload_modules"):
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
@@ -144,6 +147,7 @@ class Plan:
             )
         if not isinstance(self.optimizer_in_backward, bool):
             raise UserInputError(f"optimizer_in_backward must be true or false, got {self.optimizer_in_backward!r}")
+        self._validate_offload()
         if not isinstance(self.model_fingerprint, str):
             raise UserInputError(f"model_fingerprint must be a string, got {self.model_fingerprint!r}")
         return self
@@ -167,6 +171,19 @@ class Plan:
             raise UserInputError(
                 f"stage_boundaries {list(boundaries)} must be strictly increasing "
                 f"(every stage needs at least one layer)"
+            )
+
+    def _validate_offload(self) -> None:
+        if not isinstance(self.offload_modules, tuple) or not all(
+            isinstance(name, str) and name for name in self.offload_modules
+        ):
+            raise UserInputError(f"offload_modules must be a list of module class names, got {self.offload_modules!r}")
+        both = sorted(set(self.offload_modules) & set(self.recompute_modules))
+        if both:
+            raise UserInputError(
+                f"{', '.join(both)} is both recomputed and offloaded: a recomputed module keeps only its inputs, "
+                f"so there is nothing to offload; recompute it (RECOMPUTE_MODULE_NAMES) or offload its "
+                f"activations (OFFLOAD_ACTIVATIONS=1), not both"
             )
 
     def _validate_zero(self) -> None:
@@ -193,10 +210,13 @@ class Plan:
             )
 
     def to_dict(self) -> dict:
-        """The plan as plain JSON values (tuples become lists); ``optimizer_in_backward`` only when on, so that
-        plans written before it existed keep their text and fingerprint."""
+        """The plan as plain JSON values (tuples become lists); ``optimizer_in_backward`` only when on and
+        ``offload_modules`` only when not empty, so that plans written before they existed keep their text and
+        fingerprint."""
         data = {
-            key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self).items()
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in dataclasses.asdict(self).items()
+            if key != "offload_modules" or value
         }
         if not self.optimizer_in_backward:
             del data["optimizer_in_backward"]

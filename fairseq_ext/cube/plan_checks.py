@@ -4,6 +4,7 @@ with refused, each with what to change."""
 import json
 import logging
 import os
+from dataclasses import replace
 from typing import List, NamedTuple, Optional
 
 import torch
@@ -16,12 +17,13 @@ from .compile import check_plan_is_current
 from .config import plan_from_config
 from .model_spec import RunSettings, optimizer_in_backward_reasons, spec_of
 from .plan import Plan
-from .runtime import float8
-from .runtime.compile_layers import compile_layers
+from .runtime import float8, offload
+from .runtime.compile_layers import compile_layers, repeated_block_classes
 from .runtime.mesh import DP, PP, build_mesh, init_one_process_group
 from .runtime.parallelize import apply_plan_recompute, parallelize
 from .runtime.pipeline import PipelineRunner
 from .runtime.precision import FLOAT8, check_precision, reduce_dtype, stored_as
+from .runtime.recompute import parse_module_names as recompute_names
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ def apply_plan(cfg: DictConfig, model: torch.nn.Module, criterion: Optional[obje
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     gpus_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     check_precision(getattr(cfg.task, "precision", "fp32"), optimizer=getattr(cfg.optimizer, "_name", None))
-    plan = plan_from_config(cfg.task, world_size, gpus_per_node)
+    plan = with_offload(cfg, model, plan_from_config(cfg.task, world_size, gpus_per_node))
     logger.info(f"cube plan: {json.dumps(plan.to_dict(), sort_keys=True)}")
     hf_config = getattr(getattr(model, "hf_model", None), "config", None)
     if hf_config is not None:
@@ -89,6 +91,7 @@ def apply_plan(cfg: DictConfig, model: torch.nn.Module, criterion: Optional[obje
             if reasons:
                 raise UserInputError("; ".join(reasons))
         apply_plan_recompute(getattr(model, "hf_model", model), plan)
+        offload.apply_plan_offload(getattr(model, "hf_model", model), plan)
         _compile_blocks(cfg, model, plan)
         return AppliedPlan(plan, None, False, None, [])
     hf_model = getattr(model, "hf_model", None)
@@ -126,6 +129,26 @@ def apply_plan(cfg: DictConfig, model: torch.nn.Module, criterion: Optional[obje
             dp_group=mesh.get_group(DP) if plan.scaling_factor > 1 else None,
         )
     return AppliedPlan(plan, mesh, vocab_parallel, pipeline, roots)
+
+
+def with_offload(cfg: DictConfig, model: torch.nn.Module, plan: Plan) -> Plan:
+    """``plan`` with OFFLOAD_ACTIVATIONS=1's (``--offload-activations``) decoder layers in ``offload_modules`` when
+    the plan names none; a plan that offloads is checked against the recompute the model was built with
+    (``--recompute-module-names``) and refused off CUDA (``offload.check_device``)."""
+    if getattr(cfg.task, "offload_activations", False) and not plan.offload_modules:
+        classes = repeated_block_classes(getattr(model, "hf_model", model))
+        if not classes:
+            raise UserInputError(
+                f"OFFLOAD_ACTIVATIONS=1 offloads the decoder layers, and {type(model).__name__} names none "
+                f"(no _no_split_modules); set OFFLOAD_ACTIVATIONS=0"
+            )
+        plan = replace(plan, offload_modules=tuple(sorted(classes)))
+    if not plan.offload_modules:
+        return plan
+    built = tuple(recompute_names(getattr(cfg.model, "recompute_module_names", "") or ""))
+    replace(plan, recompute_modules=plan.recompute_modules + built).validate()
+    offload.check_device(torch.cuda.is_available() and not cfg.common.cpu)
+    return plan.validate()
 
 
 def _compile_blocks(cfg: DictConfig, model: torch.nn.Module, plan: Plan) -> None:

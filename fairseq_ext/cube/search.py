@@ -20,6 +20,11 @@ it changes what a run does beyond memory (a kernel launch per weight instead of 
 applied when a gradient is not finite, other stochastic rounding under bf16-lean), so a plan that fits without
 it keeps today's step; where it lets a larger micro-batch fit, that plan ranks first (fewer micro-batches).
 
+Activation offloading (the decoder layers' saved tensors in pinned host memory, ``runtime/offload.py``) is
+costed beside every plan without recompute that does not fit MEM_PER_GPU, and competes with recompute on
+predicted step time (it trades the copies' seconds over the host link for recompute's FLOPs); with
+OFFLOAD_ACTIVATIONS=1 every plan without recompute offloads, and recompute is not tried.
+
 Plans the runtime refuses with the run's settings (the model spec's ``unsupported``: e.g. COMPILE=1 or
 fairseq's --fp16 with PLAN_NGPUS > 1, LoRA with pipeline parallel) are costed and listed with the spec's
 reason, never chosen.
@@ -72,6 +77,7 @@ class Fixed:
     stage_boundaries: Optional[Tuple[int, ...]] = None
     recompute_modules: Optional[Tuple[str, ...]] = None  # RECOMPUTE_MODULE_NAMES, when set
     optimizer_in_backward: Optional[bool] = None  # OPTIMIZER_IN_BACKWARD, when set
+    offload: Optional[bool] = None  # OFFLOAD_ACTIVATIONS: True offloads every plan; None: where it does not fit
 
 
 def search(
@@ -98,12 +104,20 @@ def search(
     """
     candidates = []
     for plan, recompute in _plans(profile, work, hw, plan_ngpus, scaling_factor, zero, zero_n_groups, fixed, spec):
+        if fixed.offload and recompute is None:
+            plan = replace(plan, offload_modules=(profile.layer_class,))
         cost = estimate(profile, plan, work, hw)
-        candidates.append(_judge(plan, cost, _label(recompute), budget_gib, spec, settings))
+        candidates.append(_judge(plan, cost, _label(recompute, plan), budget_gib, spec, settings))
         in_backward = _in_backward_variant(plan, cost, budget_gib, settings, fixed)
         if in_backward is not None:
             in_backward_cost = estimate(profile, in_backward, work, hw)
-            candidates.append(_judge(in_backward, in_backward_cost, _label(recompute), budget_gib, spec, settings))
+            candidates.append(
+                _judge(in_backward, in_backward_cost, _label(recompute, in_backward), budget_gib, spec, settings)
+            )
+        if recompute is None and cost.peak_gib > budget_gib and fixed.offload is None:
+            offloaded = _offloaded(profile, plan, work, hw, budget_gib, spec, settings)
+            if offloaded is not None:
+                candidates.append(offloaded)
         if (
             recompute is None
             and cost.peak_gib > budget_gib
@@ -293,6 +307,8 @@ def _recompute_options(profile, fixed) -> List[Optional[str]]:
         for name in known:  # the outermost class the user named decides what a layer keeps
             if name in fixed.recompute_modules:
                 return [name]
+    if fixed.offload:
+        return [None]
     return [None] + list(dict.fromkeys(known))
 
 
@@ -321,7 +337,20 @@ def _judge(plan, cost, label, budget_gib, spec, settings, extra=()) -> Candidate
     return Candidate(plan=plan, cost=cost, recompute=label, rejected=tuple(reasons) + tuple(extra))
 
 
-def _label(recompute: Optional[str]) -> str:
+def _offloaded(profile, plan, work, hw, budget_gib, spec, settings) -> Optional[Candidate]:
+    """``plan`` with its decoder layers' activations offloaded to host memory, costed and judged; None where the
+    runtime refuses offloading with that plan (the spec gives it reasons the plan without has not)."""
+    offloading = replace(plan, offload_modules=(profile.layer_class,))
+    if len(spec.unsupported(offloading, settings)) > len(spec.unsupported(plan, settings)):
+        return None
+    cost = estimate(profile, offloading, work, hw)
+    return _judge(offloading, cost, _label(None, offloading), budget_gib, spec, settings)
+
+
+def _label(recompute: Optional[str], plan: Optional[Plan] = None) -> str:
+    """The table's recompute column: the recomputed class, ``offload <class>``, or ``none``."""
+    if plan is not None and plan.offload_modules:
+        return "offload " + ",".join(plan.offload_modules)
     return recompute or "none"
 
 

@@ -57,6 +57,7 @@ NOT_DATA_SETTINGS = {
     "use_zero",
     "zero_n_groups",
     "recompute_module_names",
+    "offload_activations",
     "checkpoint_format",
     "optimizer_in_backward",
 }

@@ -10,6 +10,7 @@ from ..model_spec import spec_of
 from ..plan import Plan
 from .fsdp import shard_data_parallel
 from .mesh import PP, TP, data_parallel_mesh
+from .offload import apply_plan_offload
 from .pipeline import check_pipeline_model, split_model
 from .recompute import apply_recompute
 from .sequence_parallel import apply_sequence_parallel
@@ -70,7 +71,8 @@ def parallelize(
 
 def _split(hf_model, plan: Plan, mesh: DeviceMesh, sequence_parallel: bool):
     apply_plan_recompute(hf_model, plan)
-    # Recompute wraps layers in place, so it comes before the pipeline split, which keeps references to them.
+    apply_plan_offload(hf_model, plan)
+    # Recompute and offloading wrap layers in place, so it comes before the pipeline split, which keeps references to them.
     stages = []
     if mesh[PP].size() > 1:
         check_pipeline_model(hf_model, plan)
