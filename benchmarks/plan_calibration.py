@@ -1,8 +1,8 @@
 """The compile pass's predictions against GPU measurements: peak memory and step time of measured runs.
 
 Reads the JSON files ``single_gpu_speed.py`` wrote on the GPU, takes every full-finetune and LoRA row of
-ours (one GPU: PLAN_NGPUS=1, the row's PRECISION, COMPILE, micro-batch, LoRA, recompute and USE_ZERO, or the
-plan the compile pass chose for it), predicts it with the cost model on this machine (meta-device profile, no GPU) and
+ours (one GPU: PLAN_NGPUS=1, the row's PRECISION, COMPILE, micro-batch, LoRA, recompute, USE_ZERO and
+OPTIMIZER_IN_BACKWARD, or the plan the compile pass chose for it), predicts it with the cost model on this machine (meta-device profile, no GPU) and
 prints the table of ``cube.calibration_table.predicted_vs_measured``: predicted allocated memory (the cost model's peak
 before its allocator slack and workspace, which model what ``max_memory_reserved`` adds) against
 ``torch.cuda.max_memory_allocated``, predicted step time against the measured median.
@@ -42,11 +42,18 @@ def measured_rows(paths):
     """(row, settings) for each full-finetune or LoRA row of ours that ran, from benchmark JSON files."""
     for path in paths:
         data = json.loads(Path(path).read_text())
-        zero_of = {r["name"]: r.get("zero", 0) for r in data["settings"].get("rows", [])}  # the row settings' USE_ZERO
+        # the row settings' USE_ZERO and OPTIMIZER_IN_BACKWARD
+        settings_of = {r["name"]: r for r in data["settings"].get("rows", [])}
         for row in data["rows"]:
             if row.get("source") == "ours" and row.get("mode") in ("full", "lora") and row.get("status") == "ok":
+                given = settings_of.get(row["name"], {})
                 yield (
-                    dict(row, run=Path(path).stem, zero=row.get("zero", zero_of.get(row["name"], 0))),
+                    dict(
+                        row,
+                        run=Path(path).stem,
+                        zero=row.get("zero", given.get("zero", 0)),
+                        in_backward=bool(row.get("in_backward", given.get("in_backward", 0))),
+                    ),
                     data["settings"],
                 )
 
@@ -73,7 +80,15 @@ def predict(row: dict, settings: dict, hardware: Hardware) -> dict:
     else:
         recompute = tuple(filter(None, (row.get("recompute") or "").split(",")))
         # USE_ZERO >= 1 on one GPU: FSDP2 over one rank (Plan.on_fsdp)
-        plan = Plan(plan_ngpus=1, scaling_factor=1, tp=1, pp=1, zero=row.get("zero", 0), recompute_modules=recompute)
+        plan = Plan(
+            plan_ngpus=1,
+            scaling_factor=1,
+            tp=1,
+            pp=1,
+            zero=row.get("zero", 0),
+            recompute_modules=recompute,
+            optimizer_in_backward=bool(row.get("in_backward")),
+        )
     profile = _profile(
         config.to_json_string(), settings["seq"], row["precision"], bool(row.get("compile")), lora_of(row, settings)
     )

@@ -43,8 +43,10 @@ def _train_step(sample, model, criterion, optimizer, update_num, ignore_grad=Fal
 
 
 def _run(precision: str, in_backward: bool, updates: int = 2):
-    """``updates`` updates as fairseq's Trainer runs them (the last one with the device's synchronizations made
-    errors); returns the model, optimizer, last norm and the last update's peak allocated bytes."""
+    """``updates`` updates as fairseq's Trainer runs them (the last one after the first with the device's
+    synchronizations made errors: the first fills the kernels' caches); returns the model, optimizer, last norm
+    and what the last update allocated at its peak beyond what it started with (so that tensors of other runs
+    still alive do not count)."""
     torch.manual_seed(0)
     model = _Stack().to("cuda", torch.bfloat16)
     cfg = OmegaConf.create(
@@ -60,12 +62,13 @@ def _run(precision: str, in_backward: bool, updates: int = 2):
             "ntokens": TOKENS,
         }
         last = update == updates - 1
+        optimizer.zero_grad()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        if last:
+        start = torch.cuda.memory_allocated()
+        if last and update > 0:
             torch.cuda.set_sync_debug_mode("error")
         try:
-            optimizer.zero_grad()
             if hooks is not None:
                 hooks.start_update()
             train_step(sample=sample, model=model, criterion=_criterion, optimizer=optimizer, update_num=update)
@@ -76,7 +79,7 @@ def _run(precision: str, in_backward: bool, updates: int = 2):
         finally:
             torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
-    return model, optimizer, norm, torch.cuda.max_memory_allocated()
+    return model, optimizer, norm, torch.cuda.max_memory_allocated() - start
 
 
 @pytest.mark.parametrize("precision", ["bf16-master", "bf16-lean"])
