@@ -48,8 +48,10 @@ class Hardware:
     # (H100 runs 27: +0.070 to +0.106 s on each such update, none on the others; not a recompile)
     new_length_seconds: float = 0.09
     # bytes/s of one GPU's copies to and from pinned host memory (activation offloading, runtime/offload.py): PCIe
-    # Gen5 x16 (64 GB/s a direction on paper, about 50 effective); not yet fitted on a GPU row
-    host_bandwidth: float = 50e9
+    # Gen5 x16 (64 GB/s a direction on paper). H100 (benchmarks/results/offload_speed): pinned copies of 1 GiB ran
+    # at 55.2 GB/s each way, and offloading 10.03 GiB of a compiled 1.1B model at seq 8192 added 0.386 s to its
+    # forward-backward (55.8 GB/s for both ways, the copies not overlapped); the H200 not yet measured
+    host_bandwidth: float = 55e9
     intra_node_bandwidth: float = 450e9  # bytes/s per GPU, NVLink, effective for all-reduce
     intra_node_latency: float = 5e-6  # s per ring step
     inter_node_bandwidth: float = 50e9  # bytes/s per GPU, InfiniBand (400 Gb/s NIC per GPU)

@@ -120,6 +120,17 @@ def test_parameters_and_small_tensors_stay_on_their_device():
     assert hooks.stats["kept"] >= 256 * 256 * 4 + 2 * 16
 
 
+def test_a_tensor_saved_twice_is_copied_once():
+    x = torch.randn(64, 64, requires_grad=True)
+    hooks = HostOffload(set(), pin_memory=False, min_bytes=1)
+    with hooks:
+        y = x.sin()
+        loss = (y * y).sum()  # mul saves y as both of its inputs
+    assert hooks.stats == {"offloaded": 2 * 64 * 64 * 4, "kept": 0, "tensors": 2}  # x (by sin) and y, once
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * x.sin() * x.cos())
+
+
 def test_wrapping_keeps_the_state_dict_keys(tiny_llama):
     base, _ = tiny_llama
     model = copy.deepcopy(base)

@@ -4,8 +4,8 @@
 decoder layers) so that, while its forward runs, autograd's saved tensors go through
 :class:`HostOffload`'s pack and unpack hooks (``torch.autograd.graph.saved_tensors_hooks``, the mechanism of
 torch's ``save_on_cpu``): each saved activation of at least ``min_bytes`` is copied to pinned host memory
-and its GPU memory freed; the backward copies it back when it needs it. The layer's own parameters (and
-views of them) and small tensors stay on the device. Results are unchanged: the values round-trip exactly.
+and its GPU memory freed (a tensor several operations save is copied once); the backward copies it back when
+it needs it. The layer's own parameters (and views of them) and small tensors stay on the device. Results are unchanged: the values round-trip exactly.
 
 Unlike ``save_on_cpu``, the copy to the host is issued without the host waiting for it (``non_blocking``
 into pinned memory, on the compute stream, which orders it before any kernel that reuses the freed
@@ -22,6 +22,7 @@ A recomputed layer keeps only its inputs, so the plan never names one class for 
 """
 
 import logging
+import weakref
 from typing import Iterable, List, Set
 
 import torch
@@ -41,6 +42,7 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
 
     def __init__(self, kept_storages: Set[int], pin_memory: bool = True, min_bytes: int = MIN_BYTES):
         self.stats = {"offloaded": 0, "kept": 0, "tensors": 0}
+        copies = {}  # one host copy of a tensor that several operations save (the same view at the same version)
 
         def pack(tensor: torch.Tensor):
             nbytes = tensor.numel() * tensor.element_size()
@@ -51,10 +53,16 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
             ):
                 self.stats["kept"] += nbytes
                 return tensor
+            # the same tensor object at the same version; a weak reference, so that a tensor freed after its copy
+            # (whose memory and id a later one may take) never matches
+            seen = copies.get(id(tensor))
+            if seen is not None and seen[0]() is tensor and seen[1] == tensor._version:
+                return seen[2]
             host = torch.empty_strided(
                 tensor.size(), tensor.stride(), dtype=tensor.dtype, device="cpu", pin_memory=pin_memory
             )
             host.copy_(tensor, non_blocking=pin_memory)
+            copies[id(tensor)] = (weakref.ref(tensor), tensor._version, (tensor.device, host))
             self.stats["offloaded"] += nbytes
             self.stats["tensors"] += 1
             return tensor.device, host
