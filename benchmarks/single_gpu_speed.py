@@ -364,6 +364,26 @@ VARIANTS = [
         in_backward=1,
         timeout=420,
     ),
+    dict(
+        name="8B-full-bf16lean-compile-clip0",
+        model="B",
+        mode="full",
+        mb=2,
+        precision="bf16-lean",
+        compile=1,
+        in_backward=0,
+        timeout=420,
+    ),
+    dict(
+        name="8B-full-bf16lean-compile-inbwd",
+        model="B",
+        mode="full",
+        mb=2,
+        precision="bf16-lean",
+        compile=1,
+        in_backward=1,
+        timeout=420,
+    ),
     # accu: GRADIENT_ACCU_NUM (the plan is chosen for it; memory with accumulation against without)
     dict(
         name="8B-full-bf16lean-plan-compile-accu8",
