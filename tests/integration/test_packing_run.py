@@ -13,7 +13,10 @@ from tests.helpers import DATA_DIR, MODEL_DIR, fairseq_train, minilm_folder, tin
 
 
 def test_packed_training_runs_and_learns(tmp_path):
+    # a cache of its own: the packing (and its log line) happens where the cache is built, and another run may
+    # have built the shared one already
     args = ["--pack-sequences", "--sequence-length", "128", "--batch-size", "2", "--lr", "3e-3"]
+    args += ["--data-cache-dir", str(tmp_path / "cache")]
     result = fairseq_train(tiny_train_args(tmp_path, max_update=8, extra=args))
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
