@@ -22,28 +22,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from single_gpu_speed import MODEL_A, MODEL_B  # noqa: E402
 
 from fairseq_ext.cube.runtime.offload import apply_offload, offloaded_modules  # noqa: E402
 from fairseq_ext.cube.runtime.recompute import apply_recompute  # noqa: E402
 
-SHAPES = {
-    "A": dict(
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        vocab_size=32000,
-    ),
-    "B": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-    ),
-}
+# the shapes of single_gpu_speed.py (hf_baseline.py's MODEL_A / MODEL_B); the rotary table is computed per position
+SHAPES = {"A": MODEL_A, "B": MODEL_B}
 LAYER = "LlamaDecoderLayer"
 
 
