@@ -13,6 +13,7 @@ import logging
 
 import torch.distributed as dist
 
+from ..optim.in_backward import layer_step_groups
 from .runtime.local_shards import LocalShards
 from .runtime.mesh import PP
 from .runtime.recompute import state_dict_name
@@ -65,7 +66,7 @@ class ShardedOptimizer:
                 f"in {self.plan.zero_n_groups} group(s)"
             )
         if self.plan.optimizer_in_backward:  # refused with any other optimizer (model_spec.py)
-            fairseq_optimizer.step_in_backward()
+            fairseq_optimizer.step_in_backward(layer_step_groups(self._model.named_parameters()))
             logger.info("the optimizer steps each weight inside the backward (optimizer_in_backward)")
         if self.checkpoint_format == "dcp":
             check_optimizer_by_parameter(fairseq_optimizer.optimizer, self._optimizer_params())

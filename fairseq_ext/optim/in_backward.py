@@ -7,8 +7,11 @@ A full finetune holds a gradient per weight from the backward to the step: 2 byt
 contribution (a weight used twice, such as tied embeddings, once both arrived), and sets the gradient to None:
 only the gradients of the layer whose backward runs exist at a time.
 
-The step is the one :class:`~fairseq_ext.optim.adamw.MixedPrecisionAdamW` takes for all weights, taken weight by
-weight (``step_parameters``): the same kernels, learning rate, weight decay and fairseq's gradient factor,
+The step is the one :class:`~fairseq_ext.optim.adamw.MixedPrecisionAdamW` takes for all weights, taken a layer at a
+time (``step_parameters``): the weights of one layer of a ``ModuleList`` (a decoder layer; :func:`layer_step_groups`)
+are stepped together, in one launch of the fused step, once the last of their gradients is final; a weight
+outside such a layer alone; whatever the backward left incomplete (a weight without a gradient in this backward)
+at its end. The same kernels, learning rate, weight decay and fairseq's gradient factor,
 1 / sample size, which fairseq applies after the backward (``multiply_grads``) and which is known once the
 criterion's forward has given the sample size (:meth:`OptimizerInBackward.arming` sets it then). The numbers
 are the step's own: fp32 and bf16-master give the same weights (the CPU's fused kernel in place of its
@@ -19,15 +22,18 @@ on the device, combined when fairseq asks (no wait for the device).
 What cannot give the same numbers is refused before training (``cube/model_spec.py``
 ``optimizer_in_backward_reasons``): clipping (its norm needs every gradient first), accumulation over
 ``--update-freq`` or micro-batches (gradients must survive between backwards), several processes, fp16.
-A weight whose gradient is not finite is not stepped (decided on the device); the weights stepped before it
+A layer with a gradient that is not finite is not stepped (decided on the device); the layers stepped before it
 in that backward keep their step, and the run stops as fairseq stops it ("gradients are Nan/Inf").
 """
 
-from typing import Callable, Dict, Optional
+import re
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
 from .adamw import MixedPrecisionAdamW
+
+_LAYER_INDEX = re.compile(r"^(.*?\.\d+)\.")
 
 
 class OptimizerInBackward:
@@ -37,7 +43,7 @@ class OptimizerInBackward:
     NanDetector runs the batch again to name the module with non-finite values, and that changes no weight.
     """
 
-    def __init__(self, optimizer: MixedPrecisionAdamW):
+    def __init__(self, optimizer: MixedPrecisionAdamW, step_groups: Iterable[List[torch.Tensor]] = ()):
         self.optimizer = optimizer
         self._group: Dict[int, dict] = {}
         self._index: Dict[int, int] = {}  # the weight's position in the optimizer, the order norms combine in
@@ -46,27 +52,62 @@ class OptimizerInBackward:
             for param in group["params"]:
                 if param.requires_grad:
                     self._group[id(param)], self._index[id(param)] = group, len(self._index)
-                    self._handles.append(param.register_post_accumulate_grad_hook(self._step))
+                    self._handles.append(param.register_post_accumulate_grad_hook(self._arrived))
+        self._step_group: Dict[int, int] = {}  # weight -> its step group; weights in none are stepped alone
+        self._group_size: List[int] = []
+        for params in step_groups:
+            stepped = [p for p in params if id(p) in self._index]
+            for param in stepped:
+                self._step_group[id(param)] = len(self._group_size)
+            self._group_size.append(len(stepped))
+        self._pending: Dict[int, List[torch.Tensor]] = {}  # step group -> its weights with a final gradient
+        self._end_queued = False
         self._grad_scale = None  # this backward's gradient factor; None: not armed
         self._scale_used = None  # the factor of the update's backward, for fairseq's multiply_grads to match
         self._fresh_update = False  # the update's first task step is still to run
         self._norms: Dict[int, torch.Tensor] = {}
 
-    def _step(self, param: torch.Tensor) -> None:
+    def _arrived(self, param: torch.Tensor) -> None:
         if self._grad_scale is None:
             return
-        norm = torch._foreach_norm([param.grad], 2, dtype=torch.float32)[0]
-        self._norms[self._index[id(param)]] = norm
-        found_inf = torch.logical_not(torch.isfinite(norm)).to(torch.float32)
+        if not self._end_queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self._step_pending)
+            self._end_queued = True
+        key = self._step_group.get(id(param))
+        if key is None:
+            self._step([param])
+            return
+        pending = self._pending.setdefault(key, [])
+        pending.append(param)
+        if len(pending) == self._group_size[key]:
+            self._step(self._pending.pop(key))
+
+    def _step_pending(self) -> None:
+        """At the backward's end: the step groups some of whose weights got no gradient in this backward."""
+        self._end_queued = False
+        for key in list(self._pending):
+            self._step(self._pending.pop(key))
+
+    def _step(self, params: List[torch.Tensor]) -> None:
+        norms = torch._foreach_norm([p.grad for p in params], 2, dtype=torch.float32)
+        for param, norm in zip(params, norms):
+            self._norms[self._index[id(param)]] = norm
+        total = norms[0] if len(norms) == 1 else torch.stack(norms).sum()
+        found_inf = torch.logical_not(torch.isfinite(total)).to(torch.float32)
         scales = torch.is_tensor(self._grad_scale) or self._grad_scale != 1.0
-        self.optimizer.step_parameters(
-            self._group[id(param)], [param], self._grad_scale if scales else None, found_inf=found_inf
-        )
-        param.grad = None
+        by_group: Dict[int, Tuple[dict, List[torch.Tensor]]] = {}
+        for param in params:
+            group = self._group[id(param)]
+            by_group.setdefault(id(group), (group, []))[1].append(param)
+        for group, stepped in by_group.values():
+            self.optimizer.step_parameters(group, stepped, self._grad_scale if scales else None, found_inf=found_inf)
+        for param in params:
+            param.grad = None
 
     def start_update(self) -> None:
         """A new update: its first task step will run with the step inside its backward."""
         self._fresh_update, self._scale_used, self._norms = True, None, {}
+        self._pending, self._end_queued = {}, False
 
     def arming(self, train_step: Callable) -> Callable:
         """``train_step`` (the task's: criterion forward, then backward) with the criterion's sample size made
@@ -117,6 +158,17 @@ class OptimizerInBackward:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def layer_step_groups(named_parameters: Iterable[Tuple[str, torch.Tensor]]) -> List[List[torch.Tensor]]:
+    """The weights stepped together inside the backward: those of one element of a ``ModuleList`` (the name up to
+    its first numbered part: ``model.layers.3``, a decoder layer), in the order the names come."""
+    groups: Dict[str, List[torch.Tensor]] = {}
+    for name, param in named_parameters:
+        layer = _LAYER_INDEX.match(name)
+        if layer is not None:
+            groups.setdefault(layer.group(1), []).append(param)
+    return list(groups.values())
 
 
 class _FactorFromSampleSize:

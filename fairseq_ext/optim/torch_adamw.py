@@ -36,11 +36,12 @@ class FairseqTorchAdamW(FairseqOptimizer):
         self._found_inf = None  # 1 on the device when the next step is to change nothing
         self.in_backward = None  # an OptimizerInBackward once step_in_backward() is called
 
-    def step_in_backward(self) -> OptimizerInBackward:
-        """From now on each weight is stepped inside the backward, as its gradient is final (``in_backward.py``);
+    def step_in_backward(self, step_groups=()) -> OptimizerInBackward:
+        """From now on each weight is stepped inside the backward, as its gradient is final (``in_backward.py``),
+        the weights of each of ``step_groups`` (lists of them: a layer's) together once all are final;
         :meth:`multiply_grads`, :meth:`clip_grad_norm` and :meth:`step` then find the update done."""
         if self.in_backward is None:
-            self.in_backward = OptimizerInBackward(self._optimizer)
+            self.in_backward = OptimizerInBackward(self._optimizer, step_groups)
         return self.in_backward
 
     def multiply_grads(self, c) -> None:

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from fairseq_ext.cube.model_spec import RunSettings, optimizer_in_backward_reasons
 from fairseq_ext.cube.plan import Plan
+from fairseq_ext.optim.in_backward import layer_step_groups
 from fairseq_ext.optim.torch_adamw import FairseqTorchAdamW
 
 UPDATES = 3
@@ -55,13 +56,15 @@ def _samples():
         yield {"tokens": tokens, "target": torch.roll(tokens, -1, dims=1), "ntokens": ntokens}
 
 
-def _train(model, precision: str, in_backward: bool, updates: int = UPDATES):
-    """``updates`` updates as fairseq's Trainer runs them; returns the optimizer and each update's gradient norm."""
+def _train(model, precision: str, in_backward: bool, updates: int = UPDATES, by_layer: bool = True):
+    """``updates`` updates as fairseq's Trainer runs them (inside the backward: a layer's weights stepped together,
+    or each alone); returns the optimizer and each update's gradient norm."""
     cfg = OmegaConf.create(
         {"adam_betas": "(0.9, 0.95)", "adam_eps": 1e-8, "weight_decay": 0.1, "precision": precision, "lr": [LR]}
     )
     optimizer = FairseqTorchAdamW(cfg, [p for p in model.parameters() if p.requires_grad])
-    hooks = optimizer.step_in_backward() if in_backward else None
+    groups = layer_step_groups(model.named_parameters()) if by_layer else ()
+    hooks = optimizer.step_in_backward(groups) if in_backward else None
     train_step = hooks.arming(_train_step) if in_backward else _train_step
     norms = []
     for update, sample in zip(range(updates), _samples()):
@@ -86,10 +89,15 @@ def _model(dtype):
 
 
 @pytest.mark.parametrize(
-    "precision, dtype",
-    [("fp32", torch.float32), ("bf16-master", torch.bfloat16), ("bf16-lean", torch.bfloat16)],
+    "precision, dtype, by_layer",
+    [
+        ("fp32", torch.float32, True),
+        ("fp32", torch.float32, False),
+        ("bf16-master", torch.bfloat16, True),
+        ("bf16-lean", torch.bfloat16, True),
+    ],
 )
-def test_in_backward_updates_equal_the_step_after_the_backward(precision, dtype):
+def test_in_backward_updates_equal_the_step_after_the_backward(precision, dtype, by_layer):
     """fp32 and bf16-master, over UPDATES updates of a warm-up: the same weights, masters and moments within
     float32 rounding (the CPU's fused AdamW in place of its multi-tensor one, which reads found_inf). bf16-lean,
     one update (later ones start from weights rounded apart): the same moments, weights within one bf16 step
@@ -97,7 +105,7 @@ def test_in_backward_updates_equal_the_step_after_the_backward(precision, dtype)
     updates = 1 if precision == "bf16-lean" else UPDATES
     after, inside = _model(dtype), _model(dtype)
     stepped_after, norms_after = _train(after, precision, False, updates)
-    stepped_inside, norms_inside = _train(inside, precision, True, updates)
+    stepped_inside, norms_inside = _train(inside, precision, True, updates, by_layer)
     torch.testing.assert_close(norms_inside, norms_after, rtol=1e-6, atol=0)
     for (name, a), b in zip(after.named_parameters(), inside.parameters()):
         state_a, state_b = stepped_after.optimizer.state[a], stepped_inside.optimizer.state[b]
@@ -113,6 +121,36 @@ def test_in_backward_updates_equal_the_step_after_the_backward(precision, dtype)
             if key in state_a:
                 torch.testing.assert_close(state_b[key], state_a[key], rtol=1e-6, atol=1e-7, msg=f"{name} {key}")
         torch.testing.assert_close(b, a, rtol=1e-6 if dtype == torch.float32 else 2**-8, atol=1e-7)
+
+
+def test_a_layer_is_stepped_in_one_call_once_its_last_gradient_is_final():
+    """The layers in the backward's order, each in one call, before the next layer's backward; the embedding
+    (tied to the head) once both of its gradients arrived; a layer weight without a gradient in this backward
+    leaves its layer to be stepped at the backward's end, itself not stepped."""
+    model = _model(torch.float32)
+    model.layers[0].unused = torch.nn.Parameter(torch.zeros(3))
+    names = {id(p): n for n, p in model.named_parameters()}
+    optimizer = FairseqTorchAdamW(
+        OmegaConf.create({"adam_betas": "(0.9, 0.95)", "adam_eps": 1e-8, "weight_decay": 0.0, "lr": [LR]}),
+        list(model.parameters()),
+    )
+    hooks = optimizer.step_in_backward(layer_step_groups(model.named_parameters()))
+    calls, step_parameters = [], optimizer.optimizer.step_parameters
+
+    def recording(group, params, *args, **kwargs):
+        calls.append(sorted(names[id(p)] for p in params))
+        return step_parameters(group, params, *args, **kwargs)
+
+    optimizer.optimizer.step_parameters = recording
+    hooks.start_update()
+    hooks.arming(_train_step)(next(_samples()), model, _criterion, optimizer, 0)
+    assert sorted(calls[:2]) == [["norm.bias"], ["norm.weight"]]  # not a layer: each alone
+    assert calls[2:] == [
+        ["layers.1.bias", "layers.1.weight"],
+        ["embed.weight"],
+        ["layers.0.bias", "layers.0.weight"],  # at the backward's end: its unused weight got no gradient
+    ]
+    assert model.layers[0].unused.grad is None and "step" not in optimizer.optimizer.state[model.layers[0].unused]
 
 
 def test_a_nan_detector_rerun_steps_nothing():
