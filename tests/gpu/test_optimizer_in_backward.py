@@ -1,5 +1,5 @@
 """On a GPU: the optimizer step inside the backward (``optim/in_backward.py``) for bf16 weights, through the Triton
-kernels of bf16-master and bf16-lean weight by weight, against the step after the backward as fairseq drives both:
+kernels of bf16-master and bf16-lean a layer at a time, against the step after the backward as fairseq drives both:
 the same weights, masters and moments (bf16-lean: moments the same, weights one of the two bf16 neighbours),
 the same logged norm, no wait for the device, and a peak lower by about the gradients' bytes.
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from fairseq_ext.optim.in_backward import layer_step_groups
 from fairseq_ext.optim.lean_step import LeanAdamWStep, takes_fused_lean_step
 from fairseq_ext.optim.master_step import MasterAdamWStep, takes_fused_master_step
 from fairseq_ext.optim.torch_adamw import FairseqTorchAdamW
@@ -53,7 +54,7 @@ def _run(precision: str, in_backward: bool, updates: int = 2):
         {"adam_betas": "(0.9, 0.95)", "adam_eps": 1e-8, "weight_decay": 0.1, "precision": precision, "lr": [LR]}
     )
     optimizer = FairseqTorchAdamW(cfg, list(model.parameters()))
-    hooks = optimizer.step_in_backward() if in_backward else None
+    hooks = optimizer.step_in_backward(layer_step_groups(model.named_parameters())) if in_backward else None
     train_step = hooks.arming(_train_step) if hooks is not None else _train_step
     generator = torch.Generator(device="cuda").manual_seed(1)
     for update in range(updates):
@@ -93,7 +94,7 @@ def test_one_bf16_update_inside_the_backward_equals_the_step_after_it(precision)
         if precision == "bf16-master"
         else (takes_fused_lean_step, LeanAdamWStep)
     )
-    assert kernel in inside_optimizer.optimizer._one_launch_steps  # the Triton kernel, weight by weight
+    assert kernel in inside_optimizer.optimizer._one_launch_steps  # the Triton kernel, a layer at a time
     for a, b in zip(after.parameters(), inside.parameters()):
         state_a, state_b = after_optimizer.optimizer.state[a], inside_optimizer.optimizer.state[b]
         assert b.grad is None  # freed once stepped
