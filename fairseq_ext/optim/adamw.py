@@ -98,7 +98,7 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step_parameters(self, group: dict, params: List[torch.Tensor], grad_scale=None, found_inf=None) -> None:
         """One AdamW step of ``params`` (of ``group``, each with a gradient), as :meth:`step` takes it for all:
-        the step inside the backward (``in_backward.py``) takes it weight by weight."""
+        the step inside the backward (``in_backward.py``) takes it a layer at a time."""
         dense, master_params, lean_params = [], [], []
         for param in params:
             if param.grad.is_sparse:
