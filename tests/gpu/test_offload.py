@@ -37,16 +37,19 @@ def model_and_tokens():
 
 
 def forward_backward(model, tokens):
-    """Loss, gradients by parameter name, and the peak memory allocated above what was allocated before."""
+    """Loss, gradients by parameter name, the memory the forward left allocated for the backward and the peak
+    allocated, both above what was allocated before."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.memory_allocated()
     loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - start
     loss.backward()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - start
     grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in model.named_parameters()}
-    return loss.detach(), grads, peak
+    return loss.detach(), grads, held, peak
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -63,18 +66,22 @@ def test_offloading_keeps_results_and_frees_the_activations(model_and_tokens, co
         forward_backward(offloading, tokens)
         for model in (plain, offloading):
             model.zero_grad(set_to_none=True)
-    loss, grads, peak = forward_backward(plain, tokens)
-    offloaded_loss, offloaded_grads, offloaded_peak = forward_backward(offloading, tokens)
+    loss, grads, held, peak = forward_backward(plain, tokens)
+    offloaded_loss, offloaded_grads, offloaded_held, offloaded_peak = forward_backward(offloading, tokens)
     torch.testing.assert_close(offloaded_loss, loss, rtol=1e-6, atol=0)
     for name, grad in grads.items():
         torch.testing.assert_close(offloaded_grads[name], grad, rtol=1e-5, atol=1e-8)
     per_layer = [w.last_stats["offloaded"] for w in offloaded_modules(offloading)]
     assert all(b > 0 for b in per_layer) and offloading.model.layers[0].last_stats["kept"] > 0
+    # the layers' activations (all but the logits and what stays small) wait on the host after the forward; the
+    # bytes copied count a storage once per view saved (eager attention saves several), so they bound nothing
+    freed = held - offloaded_held
+    assert offloaded_held <= 0.25 * held
     saved = peak - offloaded_peak
-    # every layer's activations left the device but the one the backward holds again while it runs
-    expected = sum(per_layer) - max(per_layer)
     print(
-        f"compiled={compiled}: offloaded {sum(per_layer) / 2**20:.0f} MiB; peak {peak / 2**20:.0f} -> "
-        f"{offloaded_peak / 2**20:.0f} MiB (saved {saved / 2**20:.0f}, expected about {expected / 2**20:.0f})"
+        f"compiled={compiled}: copied {sum(per_layer) / 2**20:.0f} MiB; held after the forward {held / 2**20:.0f} -> "
+        f"{offloaded_held / 2**20:.0f} MiB; peak {peak / 2**20:.0f} -> {offloaded_peak / 2**20:.0f} MiB "
+        f"(saved {saved / 2**20:.0f})"
     )
-    assert 0.7 * expected <= saved <= 1.1 * sum(per_layer)
+    # every layer's activations left the device but the one the backward holds again while it runs
+    assert 0.7 * freed * (LAYERS - 1) / LAYERS <= saved <= 1.1 * freed
