@@ -67,7 +67,7 @@ def test_allowed_in_one_process_over_weights_kept_as_they_are():
     assert optimizer_states_reasons(Plan(2, 1, 2, 1), RunSettings(precision="bf16-master")) == []
 
 
-def test_compile_pass_drops_recompute_for_llama3_8b_accumulating_with_8bit_states():
+def test_compile_pass_plans_llama3_8b_with_8bit_states():
     """Llama-3-8B bf16-lean, 2 x 2048 tokens, GRADIENT_ACCU_NUM=8, 74 GB: with bf16 moments the gradients that
     live through the forward leave no room but for recomputed MLPs; 8-bit moments free 2 bytes a parameter
     (~15 GB), and the plan keeps every activation, faster by the recompute it drops."""
@@ -97,6 +97,15 @@ def test_compile_pass_drops_recompute_for_llama3_8b_accumulating_with_8bit_state
         check_plan_is_current(low_bit.plan, config, **current)
     with pytest.raises(UserInputError, match="compiled for another model or other settings"):
         check_plan_is_current(lean.plan, config, optimizer_states="8bit", **current)
+    # one micro-batch at 56 GB: bf16 moments need the step inside the backward (and recomputed MLPs), 8-bit ones
+    # neither; where 8-bit plans are over the budget, the search offers no step inside the backward (refused)
+    tight = dict(settings, grad_accu=1, batch_size=1, clip_norm=0.0)
+    lean = compile_plan(CompileSettings(**dict(tight, mem_per_gpu=56)))
+    assert lean.plan.optimizer_in_backward and lean.plan.recompute_modules
+    low_bit = compile_plan(CompileSettings(**dict(tight, mem_per_gpu=56), optimizer_states="8bit"))
+    assert not low_bit.plan.optimizer_in_backward and not low_bit.plan.recompute_modules
+    squeezed = compile_plan(CompileSettings(**dict(tight, mem_per_gpu=44), optimizer_states="8bit"))
+    assert not any(c.plan.optimizer_in_backward for c in squeezed.result.candidates)
 
 
 def test_without_torchao_the_optimizer_says_what_to_install(monkeypatch):
