@@ -87,7 +87,9 @@ class _FairseqLowBit:
                     buffer = self._new_buffer(param, signed)
                     buffer.copy_(moments[saved_id][key].to(param.device, torch.float32))
                     self.state[param][key] = buffer
-        for group in self.param_groups:
+        for group in self.param_groups:  # a checkpoint of bf16-lean's optimizer lacks torchao's settings (amsgrad)
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
             group["lr"] = float(group["lr"])
 
 

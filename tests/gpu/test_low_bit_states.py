@@ -149,3 +149,23 @@ def test_resume_from_the_state_dict_goes_where_an_uninterrupted_run_goes(states)
         _update(optimizer, resumed, step)
     # moments quantized again from their float32 values: a few codes differ (8bit: 0.0013, 4bit: 0.015 measured)
     assert _relative_error(resumed, uninterrupted) < TOLERANCE[states] / 4
+
+
+def test_checkpoints_move_between_bf16_lean_and_8bit_states():
+    """bf16-lean's checkpoint resumes under 8-bit states (its moments quantized) and the other way round."""
+    params = _weights(torch.bfloat16)
+    lean = _optimizer(params, "precision", "bf16-lean")
+    _update(lean, params, 0)
+    saved = lean.state_dict()
+    low_bit = _optimizer(params, "8bit", "bf16-lean")
+    low_bit.load_state_dict(saved, {})
+    moment = low_bit.optimizer.state[params[0]]["exp_avg"]
+    assert type(moment) is not torch.Tensor
+    expected = saved["state"][0]["exp_avg"].float().to(DEVICE)
+    assert (moment.dequantize() - expected).abs().max() <= 0.02 * expected.abs().max()
+    _update(low_bit, params, 1)
+    back = _optimizer(params, "precision", "bf16-lean")
+    back.load_state_dict(low_bit.state_dict(), {})
+    assert back.optimizer.state[params[0]]["exp_avg"].dtype == torch.bfloat16
+    _update(back, params, 2)
+    assert back.optimizer.state[params[0]]["step"].item() == 3

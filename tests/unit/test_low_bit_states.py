@@ -135,3 +135,25 @@ def test_without_torchao_the_optimizer_says_what_to_install(monkeypatch):
     params = [torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))]
     with pytest.raises(UserInputError, match=r"OPTIMIZER_STATES=8bit runs torchao's low-bit AdamW; install it \("):
         FairseqTorchAdamW(cfg, params)
+
+
+def test_bf16_lean_resumes_from_a_low_bit_checkpoint():
+    """A checkpoint of the low-bit optimizer holds float32 moments and torchao's group settings (no lean_states):
+    bf16-lean's optimizer resumes from it with bf16 moments and steps."""
+    from fairseq_ext.optim.adamw import MixedPrecisionAdamW
+
+    weight = torch.nn.Parameter(torch.randn(64, dtype=torch.bfloat16))
+    saved = {
+        "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(64), "exp_avg_sq": torch.rand(64)}},
+        "param_groups": [
+            dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, amsgrad=False, params=[0]),
+        ],
+    }
+    optimizer = MixedPrecisionAdamW([weight], lr=1e-3, lean_states=True)
+    optimizer.load_state_dict(saved)
+    weight.grad = torch.randn(64, dtype=torch.bfloat16)
+    before = weight.detach().clone()
+    optimizer.step()
+    state = optimizer.state[weight]
+    assert state["exp_avg"].dtype == torch.bfloat16 and "master" not in state and state["step"].item() == 4
+    assert not torch.equal(weight.detach(), before)
