@@ -92,7 +92,10 @@ def predict(row: dict, settings: dict, hardware: Hardware) -> dict:
     profile = _profile(
         config.to_json_string(), settings["seq"], row["precision"], bool(row.get("compile")), lora_of(row, settings)
     )
-    work = Workload(row["mb"], settings["seq"], grad_accu=row.get("accu", 1))
+    # OPTIMIZER_STATES of the row (single_gpu_speed's ``states``): the moments' bytes and the step's
+    work = Workload(
+        row["mb"], settings["seq"], grad_accu=row.get("accu", 1), optimizer_states=row.get("states") or "precision"
+    )
     cost = estimate(profile, plan, work, hardware)
     step_time = cost.step_time
     updates = run_micro_batches(row, settings)

@@ -396,6 +396,31 @@ VARIANTS = [
         mem_per_gpu=74,
         timeout=480,
     ),
+    # states: OPTIMIZER_STATES (torchao's quantized moments, 2 bytes a parameter less than bf16-lean's): the plan
+    # chosen for them, without and with accumulation
+    dict(
+        name="8B-full-bf16lean-8bit-plan-compile",
+        model="B",
+        mode="full",
+        mb=2,
+        precision="bf16-lean",
+        states="8bit",
+        compile=1,
+        mem_per_gpu=74,
+        timeout=480,
+    ),
+    dict(
+        name="8B-full-bf16lean-8bit-plan-compile-accu8",
+        model="B",
+        mode="full",
+        mb=2,
+        accu=8,
+        precision="bf16-lean",
+        states="8bit",
+        compile=1,
+        mem_per_gpu=74,
+        timeout=480,
+    ),
 ]
 ROW_KEYS = {
     "name",
@@ -413,6 +438,7 @@ ROW_KEYS = {
     "zero",
     "accu",
     "in_backward",
+    "states",
 }
 # rows of exactly seq tokens; of lengths uniform in [seq/8, seq]; or long-tailed as chat data (padding)
 DATA_KINDS = ("fixed", "varlen", "chat")
@@ -824,6 +850,7 @@ class Benchmark:
             zero=row["zero"],
             accu=row["accu"],
             in_backward=row.get("in_backward"),
+            states=row.get("states"),
             warmup=warmup,
             steps=self.args.steps,
             log=f"logs/{row['name']}.log",
@@ -871,6 +898,8 @@ class Benchmark:
         )
         if row.get("in_backward") is not None:
             settings.update(CLIP_NORM="0", OPTIMIZER_IN_BACKWARD=str(row["in_backward"]))
+        if row.get("states"):
+            settings.update(OPTIMIZER_STATES=row["states"])
         env = dict(os.environ, PYTHON=sys.executable, PYTHONUNBUFFERED="1", **settings)
         cmd = ["bash", str(RUN_SH), "--no-save", "--disable-validation", *row.get("args", [])]
         header = "".join(f"# {k}={v}\n" for k, v in settings.items()) + f"# {' '.join(cmd)}\n"

@@ -25,6 +25,7 @@ from fairseq_ext.cube.profile import PRECISIONS
 from fairseq_ext.cube.runtime.recompute import parse_module_names
 from fairseq_ext.cube.search import Fixed
 from fairseq_ext.errors import PREFIX, UserInputError
+from fairseq_ext.optim.low_bit import OPTIMIZER_STATES, PRECISION_STATES
 
 
 def parse_args(argv=None):
@@ -70,6 +71,12 @@ def parse_args(argv=None):
         "recompute, 0 never; auto (default): the search costs it where a plan does not fit MEM_PER_GPU",
     )
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="PRECISION")
+    parser.add_argument(
+        "--optimizer-states",
+        choices=OPTIMIZER_STATES,
+        default=PRECISION_STATES,
+        help="OPTIMIZER_STATES: Adam's moments as PRECISION keeps them (precision), or quantized (8bit, 4bit)",
+    )
     parser.add_argument(
         "--compile-layers",
         type=int,
@@ -201,6 +208,7 @@ def settings_from(args) -> CompileSettings:
         zero=args.use_zero,
         zero_n_groups=args.zero_n_groups,
         precision=args.precision,
+        optimizer_states=args.optimizer_states,
         attn_implementation="sdpa" if args.attn_implementation != "eager" else "eager",
         compiled=bool(args.compile_layers),
         lora_config=args.lora_config,

@@ -98,6 +98,8 @@ LORA_CONFIG=${LORA_CONFIG:-}
 CLIP_NORM=${CLIP_NORM:-1.0}  # gradient clipping of the default OPTIMIZE_PARAMS (--clip-norm); 0: off
 OPTIMIZER_IN_BACKWARD=${OPTIMIZER_IN_BACKWARD:-}  # 1: each weight stepped inside the backward, its gradient freed;
 # unset: off, and `run.sh compile` chooses (one process, CLIP_NORM=0, GRADIENT_ACCU_NUM=1)
+OPTIMIZER_STATES=${OPTIMIZER_STATES:-precision}  # 8bit / 4bit: Adam's moments quantized by torchao's low-bit AdamW
+# (one process, PRECISION=bf16-lean, fp8-lean or fp32; torchao installed); precision: as PRECISION keeps them
 OPTIMIZE_PARAMS=${OPTIMIZE_PARAMS:---optimizer torch_adamw --adam-betas (0.9,0.95) --weight-decay 0.0 --lr $LEARNING_RATE --clip-norm $CLIP_NORM}
 SAVE_STEPS=${SAVE_STEPS:-}  # default: MAX_STEPS / 4, set once MAX_STEPS is checked
 LOG_INTERVAL=${LOG_INTERVAL:-50}
@@ -167,6 +169,7 @@ if [[ ${1:-} == compile ]]; then
     if [[ -n $MAX_TOKENS ]]; then COMPILE_ARGS+=(--max-tokens "$MAX_TOKENS"); fi
     if [[ $USE_LORA == 1 ]]; then COMPILE_ARGS+=(--lora-config "$LORA_CONFIG"); fi
     COMPILE_ARGS+=(--clip-norm "$CLIP_NORM" --optimizer-in-backward "${OPTIMIZER_IN_BACKWARD:-auto}")
+    COMPILE_ARGS+=(--optimizer-states "$OPTIMIZER_STATES")
     PYTHONPATH=$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH} exec "$PYTHON" "$REPO_ROOT/scripts/plan_report.py" "${COMPILE_ARGS[@]}" "$@"
 fi
 if [[ $DATASET_TYPE == instruction ]]; then DATA=$DATA_DIR; else DATA=$DATASET_PATH; fi
@@ -217,6 +220,11 @@ RECOMPUTE_ARGS=()  # only when set: a user's model may have no such flag
 if [[ -n $RECOMPUTE_MODULE_NAMES ]]; then RECOMPUTE_ARGS=(--recompute-module-names "$RECOMPUTE_MODULE_NAMES"); fi
 [[ -z $OPTIMIZER_IN_BACKWARD || $OPTIMIZER_IN_BACKWARD == 0 || $OPTIMIZER_IN_BACKWARD == 1 ]] || fail "OPTIMIZER_IN_BACKWARD must be 0 or 1, got '$OPTIMIZER_IN_BACKWARD'"
 if [[ $OPTIMIZER_IN_BACKWARD == 1 ]]; then RECOMPUTE_ARGS+=(--optimizer-in-backward); fi
+case $OPTIMIZER_STATES in
+    precision) ;;
+    8bit | 4bit) PRECISION_ARGS+=(--optimizer-states "$OPTIMIZER_STATES") ;;
+    *) fail "OPTIMIZER_STATES must be precision, 8bit or 4bit, got '$OPTIMIZER_STATES'" ;;
+esac
 LORA_ARGS=()
 if [[ $USE_LORA == 1 ]]; then LORA_ARGS=(--use-lora --lora-config "$LORA_CONFIG"); fi
 
@@ -268,7 +276,7 @@ for name in NPROC_PER_NODE NNODES NODE_RANK MASTER_ADDR MASTER_PORT EXAMPLE_PATH
     OUTPUT_DIR TENSORBOARD_DIR LOG_DIR CHECKPOINT_DIR USER_DIR MODEL_ARCH HUGGINGFACE_MODEL_NAME_OR_PATH DATASET_TYPE LEARNING_RATE \
     DATASET_PATH PROMPT_TYPE SEQUENCE_LENGTH BATCH_SIZE MAX_TOKENS GRADIENT_ACCU_NUM WARMUP_STEPS MAX_STEPS SEED USE_ZERO \
     ZERO_N_GROUPS PLAN_NGPUS CUBE_SCALING_FACTOR PLAN_FILE RECOMPUTE_MODULE_NAMES OFFLOAD_ACTIVATIONS PRECISION COMPILE PACK_SEQUENCES PADDING_FREE SEQUENCE_PARALLEL \
-    SPEED_LOG PROFILE_UPDATES NUM_WORKERS CHECKPOINT_FORMAT USE_LORA LORA_CONFIG CLIP_NORM OPTIMIZER_IN_BACKWARD OPTIMIZE_PARAMS \
+    SPEED_LOG PROFILE_UPDATES NUM_WORKERS CHECKPOINT_FORMAT USE_LORA LORA_CONFIG CLIP_NORM OPTIMIZER_IN_BACKWARD OPTIMIZER_STATES OPTIMIZE_PARAMS \
     CHAT_TEMPLATE TRAIN_ON_ALL_TURNS DATA_CACHE_DIR COLLECTIVE_TIMEOUT; do
     printf '  %-32s %s\n' "$name" "${!name}"
 done

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import List, Optional, Tuple
 
 from ..errors import UserInputError
+from ..optim.low_bit import PRECISION_STATES
 from .batch_layout import token_budget
 from .cost import GIB, Hardware, Workload
 from .model_spec import RunSettings, spec_of
@@ -40,6 +41,7 @@ class CompileSettings:
     zero: Optional[int] = 0  # USE_ZERO: ZeRO level 0..3; None (auto): the search chooses
     zero_n_groups: Optional[int] = 1  # ZERO_N_GROUPS; None (auto): the search chooses
     precision: str = "fp32"  # PRECISION
+    optimizer_states: str = PRECISION_STATES  # OPTIMIZER_STATES: the precision's moments, or 8bit / 4bit
     attn_implementation: str = "sdpa"
     compiled: bool = False  # COMPILE: decoder layers under torch.compile (they keep fewer activations)
     lora_config: Optional[str] = None  # LORA_CONFIG when USE_LORA=1: only the adapters train
@@ -59,6 +61,7 @@ class CompileSettings:
         """What the runtime will run with (a causal LM, the compile pass's head)."""
         return RunSettings(
             precision=self.precision,
+            optimizer_states=self.optimizer_states,
             compiled=self.compiled,
             lora=self.lora_config is not None,
             packing=self.packing,
@@ -115,6 +118,8 @@ def model_fingerprint(config, s: CompileSettings) -> str:
         data.update(compiled=True)
     if s.sequence_parallel:
         data.update(sequence_parallel=True)
+    if s.optimizer_states != PRECISION_STATES:
+        data.update(optimizer_states=s.optimizer_states)
     if s.lora_config is not None:
         lora = Lora.from_config(s.lora_config, getattr(config, "model_type", ""))
         data.update(lora_rank=lora.rank, lora_targets=sorted(lora.targets))
@@ -134,6 +139,7 @@ def check_plan_is_current(
     lora_config: Optional[str] = None,
     sequence_parallel: bool = False,
     max_tokens: Optional[int] = None,
+    optimizer_states: str = PRECISION_STATES,
 ) -> None:
     """Refuse a compiled plan (one with a ``model_fingerprint``) made for another model or other settings.
 
@@ -153,11 +159,12 @@ def check_plan_is_current(
         compiled=compiled,
         lora_config=lora_config,
         sequence_parallel=sequence_parallel,
+        optimizer_states=optimizer_states,
     )
     if model_fingerprint(config, settings) != plan.model_fingerprint:
         raise UserInputError(
             f"{source} was compiled for another model or other settings (model sizes, SEQUENCE_LENGTH, BATCH_SIZE or MAX_TOKENS, "
-            f"GRADIENT_ACCU_NUM, PRECISION, COMPILE, SEQUENCE_PARALLEL, LoRA): run `bash run.sh compile` again with this run's settings, or remove "
+            f"GRADIENT_ACCU_NUM, PRECISION, OPTIMIZER_STATES, COMPILE, SEQUENCE_PARALLEL, LoRA): run `bash run.sh compile` again with this run's settings, or remove "
             f"model_fingerprint from the file to use it anyway"
         )
 
@@ -177,6 +184,7 @@ def compile_plan(s: CompileSettings) -> Compiled:
         grad_accu=s.grad_accu,
         sequence_parallel=s.sequence_parallel,
         layout=token_budget(s.max_tokens, s.seq_len) if s.max_tokens else None,
+        optimizer_states=s.optimizer_states,
     )
 
     def run(plan_ngpus, budget):

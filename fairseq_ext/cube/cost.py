@@ -63,8 +63,10 @@ kind: ``hardware.GPU_KINDS`` (fitted on the committed one-GPU runs, benchmarks/r
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+from ..optim import low_bit
+from ..optim.low_bit import PRECISION_STATES
 from .batch_layout import VARLEN, BatchLayout, full_rows
 from .communication_cost import link, p2p_seconds, tp_seconds
 from .data_parallel_cost import (
@@ -99,6 +101,7 @@ class Workload:
     # padded lengths the update runs for the first time in the run (batch_layout.first_lengths); 0 in the
     # steady state a plan is chosen for (at most SEQUENCE_LENGTH / LENGTH_BUCKET of them over a whole run)
     new_lengths: int = 0
+    optimizer_states: str = PRECISION_STATES  # OPTIMIZER_STATES: 8bit / 4bit quantize Adam's moments (low_bit.py)
 
     def batch_layout(self) -> BatchLayout:
         """The layout the cost is computed for: ``layout``, else full rows."""
@@ -116,7 +119,16 @@ _PRECISION_BYTES = {
 ADAM_STATE_BYTES = 8  # two fp32 moments
 
 
-def optimizer_step_bytes(precision: str) -> float:
+def precision_bytes(precision: str, optimizer_states: str = PRECISION_STATES) -> Tuple[float, float, float]:
+    """(weight, gradient, optimizer-held) bytes per trained parameter of ``precision`` with ``optimizer_states``:
+    low-bit states (``optim/low_bit.py``) replace the precision's moments and keep no master weights."""
+    weight_b, grad_b, optimizer_b = _PRECISION_BYTES[stored_as(precision)]
+    if low_bit.is_low_bit(optimizer_states):
+        optimizer_b = low_bit.state_bytes(optimizer_states)
+    return weight_b, grad_b, optimizer_b
+
+
+def optimizer_step_bytes(precision: str, optimizer_states: str = PRECISION_STATES) -> float:
     """Bytes the optimizer step reads and writes per parameter (before ZeRO-1 sharding).
 
     torch_adamw's fused kernel reads weight, gradient and two moments and writes weight and moments (7
@@ -126,8 +138,12 @@ def optimizer_step_bytes(precision: str) -> float:
     weight and writes moments and weight (2 + 3 * 2 + 3 * 2; the rounding's noise is made in registers;
     3.0 TB/s on an H100 over an 8B model's weights); its unfused path, off GPUs or without Triton, moves
     about 168;
-    fairseq's fp16 optimizer adds its float32 gradient copy to the fused step.
+    fairseq's fp16 optimizer adds its float32 gradient copy to the fused step. Low-bit states: ``low_bit.step_bytes``
+    (torchao's step, after a pass scaling the gradients).
     """
+    if low_bit.is_low_bit(optimizer_states):
+        weight_b, grad_b, _ = precision_bytes(precision, optimizer_states)
+        return low_bit.step_bytes(optimizer_states, weight_b, grad_b)
     precision = stored_as(precision)
     if precision == "bf16-lean":
         return 2 + 3 * 2 + 3 * 2
@@ -198,7 +214,7 @@ def estimate(
     head_acts = (profile.fused_head.get(edge_tp) if pp == 1 else None) or head.activations
     shared = profile.shared[tp]
     stages = stage_layers(profile.num_layers, plan.num_stages, plan.stage_boundaries)
-    weight_b, grad_b, optimizer_b = _PRECISION_BYTES[stored_as(profile.precision)]
+    weight_b, grad_b, optimizer_b = precision_bytes(profile.precision, work.optimizer_states)
     level = zero_level(plan)
     shards = zero_shards(plan)
     # Level 1 adds up accumulated batches in whole local gradients, reduced once per update
@@ -369,7 +385,9 @@ def estimate(
         dp_total = dp_seconds = one_rank_copy_seconds(
             plan, hw, busiest["weights"] * weight_b, numel, grad_b, reduce_b, passes, 1 if level == 1 else passes
         )
-    optimizer_seconds = numel * optimizer_step_bytes(profile.precision) / shards / hw.hbm_bandwidth
+    optimizer_seconds = (
+        numel * optimizer_step_bytes(profile.precision, work.optimizer_states) / shards / hw.hbm_bandwidth
+    )
     device_seconds = work.grad_accu * pipeline + dp_seconds + optimizer_seconds
     host_seconds = passes * hw.host_seconds_per_pass  # the host runs ahead of the device, unless batches are small
     step = max(device_seconds, host_seconds) + work.new_lengths * hw.new_length_seconds

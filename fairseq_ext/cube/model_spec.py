@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from ..optim.low_bit import low_bit_reasons
 from .custom import CUSTOM_MODULES, STYLES, registered_rules
 from .runtime.precision import FLOAT8, stored_as
 
@@ -83,6 +84,7 @@ class RunSettings:
     clip_norm: float = 0.0  # CLIP_NORM (--clip-norm)
     grad_accu: int = 1  # GRADIENT_ACCU_NUM (--update-freq)
     optimizer: str = "torch_adamw"  # --optimizer
+    optimizer_states: str = "precision"  # OPTIMIZER_STATES: precision, 8bit, 4bit (optim/low_bit.py)
 
     @property
     def half_flags(self) -> Tuple[str, ...]:
@@ -172,6 +174,7 @@ class ModelSpec:
                 f"at most); use USE_ZERO=1 or 0, or PRECISION=bf16-master"
             )
         reasons += optimizer_in_backward_reasons(plan, settings)
+        reasons += optimizer_states_reasons(plan, settings)
         if plan.plan_ngpus > 1:
             reasons += self._mesh_reasons(plan, settings)
         if plan.pp > 1:
@@ -327,6 +330,18 @@ def optimizer_in_backward_reasons(plan: "Plan", settings: RunSettings) -> List[s
             f"use torch_adamw (OPTIMIZE_PARAMS), {off}"
         )
     return reasons
+
+
+def optimizer_states_reasons(plan: "Plan", settings: RunSettings) -> List[str]:
+    """Why ``plan`` cannot run with ``settings``' low-bit optimizer states (``optim/low_bit.py``), each with what
+    to change; empty when it can, or when the states are the precision's. Any model."""
+    return low_bit_reasons(
+        settings.optimizer_states,
+        settings.precision,
+        one_process=plan.world_size == 1 and not plan.on_fsdp,
+        in_backward=plan.optimizer_in_backward,
+        optimizer=settings.optimizer,
+    )
 
 
 def spec_of(config: "PretrainedConfig") -> ModelSpec:

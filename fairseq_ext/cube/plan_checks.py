@@ -13,9 +13,10 @@ from omegaconf import DictConfig
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..errors import UserInputError
+from ..optim.low_bit import PRECISION_STATES
 from .compile import check_plan_is_current
 from .config import plan_from_config
-from .model_spec import RunSettings, optimizer_in_backward_reasons, spec_of
+from .model_spec import RunSettings, optimizer_in_backward_reasons, optimizer_states_reasons, spec_of
 from .plan import Plan
 from .runtime import float8, offload
 from .runtime.compile_layers import compile_layers, repeated_block_classes
@@ -71,10 +72,11 @@ def apply_plan(cfg: DictConfig, model: torch.nn.Module, criterion: Optional[obje
             lora_config=cfg.model.lora_config if getattr(cfg.model, "use_lora", False) else None,
             sequence_parallel=bool(getattr(cfg.task, "sequence_parallel", False)),
             max_tokens=getattr(cfg.dataset, "max_tokens", None),
+            optimizer_states=getattr(cfg.task, "optimizer_states", PRECISION_STATES),
         )
     settings = run_settings(cfg, model, criterion)
     if (plan.world_size == 1 and not plan.on_fsdp) or runs_on_fairseq_ddp(plan, model, settings):
-        reasons = optimizer_in_backward_reasons(plan, settings)
+        reasons = optimizer_in_backward_reasons(plan, settings) + optimizer_states_reasons(plan, settings)
         if reasons:
             raise UserInputError("; ".join(reasons))
         if plan.zero > 1 and plan.scaling_factor > 1:
@@ -197,4 +199,5 @@ def run_settings(cfg: DictConfig, model: torch.nn.Module, criterion: Optional[ob
         clip_norm=float(cfg.optimization.clip_norm),
         grad_accu=int(cfg.optimization.update_freq[0]),
         optimizer=str(getattr(cfg.optimizer, "_name", "") or ""),
+        optimizer_states=getattr(cfg.task, "optimizer_states", PRECISION_STATES),
     )

@@ -35,7 +35,13 @@ from typing import Iterator, List, Optional, Tuple
 
 from ..errors import UserInputError
 from .cost import Cost, Hardware, Workload, estimate, stage_seconds_per_layer
-from .model_spec import ModelSpec, RunSettings, optimizer_in_backward_reasons, stage_layers
+from .model_spec import (
+    ModelSpec,
+    RunSettings,
+    optimizer_in_backward_reasons,
+    optimizer_states_reasons,
+    stage_layers,
+)
 from .plan import INTERLEAVED, MAX_ZERO, Plan
 from .profile_types import ModelProfile
 
@@ -257,7 +263,8 @@ def _in_backward_variant(plan: Plan, cost: Cost, budget_gib: float, settings: Ru
     if fixed.optimizer_in_backward is not None or cost.peak_gib <= budget_gib:
         return None
     variant = replace(plan, optimizer_in_backward=True)
-    return None if optimizer_in_backward_reasons(variant, settings) else variant
+    refused = optimizer_in_backward_reasons(variant, settings) or optimizer_states_reasons(variant, settings)
+    return None if refused else variant
 
 
 def _valid(plan: Plan, recompute: Optional[str], spec: ModelSpec) -> Iterator[Tuple[Plan, Optional[str]]]:

@@ -236,6 +236,8 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
         parameter's dtype): float32 master weights and moments beside them, the parameter's dtype for lean
         moments, step counts on the weight's device."""
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # a checkpoint of torchao's low-bit AdamW (low_bit.py) lacks lean_states
+            group.setdefault("lean_states", self.defaults["lean_states"])
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         for saved_id, param in zip(saved_ids, params):

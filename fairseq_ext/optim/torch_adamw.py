@@ -13,6 +13,7 @@ from omegaconf import II, OmegaConf
 from ..cube.runtime.precision import stored_as
 from .adamw import MixedPrecisionAdamW
 from .in_backward import OptimizerInBackward
+from .low_bit import PRECISION_STATES, is_low_bit, torchao_adamw
 
 
 @dataclass
@@ -21,17 +22,23 @@ class TorchAdamWConfig(FairseqDataclass):
     adam_eps: float = field(default=1e-8, metadata={"help": "epsilon for AdamW"})
     weight_decay: float = field(default=0.0, metadata={"help": "decoupled weight decay"})
     precision: str = II("task.precision")  # bf16-lean keeps bf16 moments (the task's --precision)
+    optimizer_states: str = II("task.optimizer_states")  # 8bit / 4bit: torchao's quantized moments (low_bit.py)
     lr: List[float] = II("optimization.lr")
 
 
 @register_optimizer("torch_adamw", dataclass=TorchAdamWConfig)
 class FairseqTorchAdamW(FairseqOptimizer):
     """PyTorch's AdamW (fused on GPUs) with float32 master weights for bf16 models, or bf16 states
-    with stochastic rounding under ``--precision bf16-lean`` (see ``fairseq_ext/optim/adamw.py``)."""
+    with stochastic rounding under ``--precision bf16-lean`` (see ``fairseq_ext/optim/adamw.py``); with
+    ``--optimizer-states 8bit`` / ``4bit``, torchao's low-bit AdamW (``low_bit.py``)."""
 
     def __init__(self, cfg: TorchAdamWConfig, params):
         super().__init__(cfg)
-        self._optimizer = MixedPrecisionAdamW(params, **self.optimizer_config)
+        self.low_bit = is_low_bit(getattr(cfg, "optimizer_states", None) or PRECISION_STATES)
+        if self.low_bit:
+            self._optimizer = torchao_adamw(params, cfg.optimizer_states, **self.optimizer_config)
+        else:
+            self._optimizer = MixedPrecisionAdamW(params, **self.optimizer_config)
         self._grad_multiplier = 1.0  # pending factor of the gradients, applied by the next step
         self._found_inf = None  # 1 on the device when the next step is to change nothing
         self.in_backward = None  # an OptimizerInBackward once step_in_backward() is called
@@ -40,6 +47,8 @@ class FairseqTorchAdamW(FairseqOptimizer):
         """From now on each weight is stepped inside the backward, as its gradient is final (``in_backward.py``),
         the weights of each of ``step_groups`` (lists of them: a layer's) together once all are final;
         :meth:`multiply_grads`, :meth:`clip_grad_norm` and :meth:`step` then find the update done."""
+        if self.low_bit:
+            raise RuntimeError("low-bit optimizer states step after the backward (refused before training)")
         if self.in_backward is None:
             self.in_backward = OptimizerInBackward(self._optimizer, step_groups)
         return self.in_backward
@@ -81,7 +90,10 @@ class FairseqTorchAdamW(FairseqOptimizer):
 
     def skip_step_if_nonfinite(self, norm: torch.Tensor) -> bool:
         """Make the next step change nothing where ``norm`` (on the device) is not finite, decided on the device,
-        so the host need not wait for the gradients before launching the step. (Every step of torch_adamw can.)"""
+        so the host need not wait for the gradients before launching the step. Every step of torch_adamw can but
+        torchao's low-bit one (returns False: fairseq checks the norm before the step, as for other optimizers)."""
+        if self.low_bit:
+            return False
         self._found_inf = torch.logical_not(torch.isfinite(norm)).to(torch.float32)
         return True
 
@@ -95,6 +107,9 @@ class FairseqTorchAdamW(FairseqOptimizer):
         multiplier, self._grad_multiplier = self._grad_multiplier / scale, 1.0
         found_inf, self._found_inf = self._found_inf, None
         scales = torch.is_tensor(multiplier) or multiplier != 1.0
+        if self.low_bit:
+            self.optimizer.step(closure, grad_scale=multiplier if scales else None)
+            return
         self.optimizer.step(closure, grad_scale=multiplier if scales else None, found_inf=found_inf)
 
     def zero_grad(self) -> None:
@@ -110,13 +125,15 @@ class FairseqTorchAdamW(FairseqOptimizer):
             betas = ast.literal_eval(betas)  # fairseq passes "(0.9, 0.95)" as text
         elif OmegaConf.is_config(betas):
             betas = OmegaConf.to_container(betas)
-        return {
+        config = {
             "lr": self.cfg.lr[0] if isinstance(self.cfg.lr, Collection) else self.cfg.lr,
             "betas": tuple(betas),
             "eps": self.cfg.adam_eps,
             "weight_decay": self.cfg.weight_decay,
-            "lean_states": stored_as(getattr(self.cfg, "precision", "fp32")) == "bf16-lean",
         }
+        if not self.low_bit:
+            config["lean_states"] = stored_as(getattr(self.cfg, "precision", "fp32")) == "bf16-lean"
+        return config
 
     @property
     def supports_flat_params(self) -> bool:

@@ -23,6 +23,7 @@ from ..data.registry import get_dataset_builder, get_label_reader
 from ..data.tokenized import TokenizedDataset, report_truncation, to_hf_dataset, truncate
 from ..errors import UserInputError
 from ..models.hf_loading import load_tokenizer
+from ..optim.low_bit import OPTIMIZER_STATES, PRECISION_STATES, check_states
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,14 @@ class HFFinetuneConfig(CubeConfig):
             "fp8: bf16-master with the decoder blocks' linear layers in float8 (GPUs of compute capability 8.9+, "
             "torchao); fp8-lean: bf16-lean with those float8 layers (all need --optimizer torch_adamw). fairseq's own --bf16 does not work on GPUs; fp16 is "
             "fairseq's --fp16"
+        },
+    )
+    optimizer_states: str = field(
+        default=PRECISION_STATES,
+        metadata={
+            "help": f"Adam's moments ({', '.join(OPTIMIZER_STATES)}): precision keeps them as --precision does; "
+            "8bit / 4bit quantizes them block-wise with torchao's low-bit AdamW (--optimizer torch_adamw, one "
+            "process, --precision bf16-lean, fp8-lean or fp32; torchao installed)"
         },
     )
     float8_recipe: str = field(
@@ -154,6 +163,7 @@ class HFFinetuneTask(FairseqTask):
         if cfg.sequence_length <= 0:
             raise UserInputError(f"SEQUENCE_LENGTH must be a positive integer, got {cfg.sequence_length}")
         check_precision(cfg.precision, fp16=cfg.fp16, bf16=cfg.bf16)
+        check_states(cfg.optimizer_states)
         get_dataset_builder(cfg.dataset_type)  # an unknown type fails before the model is loaded
         reader = get_label_reader(cfg.dataset_type)
         label_set = reader(cfg) if reader else None

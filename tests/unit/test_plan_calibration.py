@@ -187,3 +187,18 @@ def test_the_optimizer_step_inside_the_backward_is_predicted_on_the_h100():
     )
     assert kept_inside["predicted_gib"] == kept_after["predicted_gib"]
     assert abs(kept_inside["measured_gib"] - kept_after["measured_gib"]) < 0.1
+
+
+def test_a_row_with_low_bit_states_is_predicted_with_their_bytes():
+    """A single_gpu_speed row's ``states`` (OPTIMIZER_STATES) reaches the prediction: run 33's 8B bf16-lean row with
+    8-bit moments is predicted 2 bytes a parameter (less their scales) lighter."""
+    row, settings = next(
+        (row, s)
+        for row, s in plan_calibration.measured_rows([RESULTS / "run33.json"])
+        if row["name"] == "8B-full-bf16lean-compile-recompute-clip0"
+    )
+    hardware = plan_calibration.hardware_for("H100")
+    lean = plan_calibration.predict(row, settings, hardware)
+    low_bit = plan_calibration.predict(dict(row, states="8bit"), settings, hardware)
+    saved_gib = 8.03e9 * (4 - 2 * (1 + 4 / 256)) / 2**30
+    assert lean["predicted_gib"] - low_bit["predicted_gib"] > 0.9 * saved_gib
