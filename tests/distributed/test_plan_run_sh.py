@@ -145,6 +145,24 @@ def test_two_tp2_scale_units_with_zero3_match_one_process(tmp_path, one_process)
     assert_same_training(run, one_process(2))
 
 
+def test_one_process_on_fsdp2_matches_the_plain_process_and_resumes_across_levels(tmp_path, one_process):
+    """One process alone on FSDP2 (USE_ZERO >= 1 on one GPU: a mesh of one rank), accumulation 2: USE_ZERO=3 for
+    updates 1-5, resumed by USE_ZERO=1 for updates 6-10 from the sharded checkpoint the first wrote, against the
+    plain process (USE_ZERO=0, no FSDP2): the same losses, gradient norms, tokens, samples and final weights."""
+    plain = one_process(2)
+    assert "FSDP2" not in plain[3]
+    runs = [
+        train(tmp_path, NPROC_PER_NODE=1, GRADIENT_ACCU_NUM=2, USE_ZERO=3, args=["--max-update", "5"]),
+        train(tmp_path, NPROC_PER_NODE=1, GRADIENT_ACCU_NUM=2, USE_ZERO=1),
+    ]
+    for run, level in zip(runs, (3, 1)):
+        line = f"data parallel (FSDP2, ZeRO {level}): 2 blocks and 1 root(s) over 1 scale units, sharding 1 x 1"
+        assert line in run[3], run[3][-3000:]
+    assert checkpoint_format(tmp_path) == "dcp"
+    assert [sorted(r[0]) for r in runs] == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
+    assert_same_training(chained(runs), plain)
+
+
 BAD_PLANS = {
     "world size not PLAN_NGPUS x CUBE_SCALING_FACTOR": (
         dict(NPROC_PER_NODE=2, PLAN_NGPUS=2, CUBE_SCALING_FACTOR=2),

@@ -74,11 +74,19 @@ def _first_update(tmp_path, name, pack, flags=()):
     return weights, train_losses(result.stdout)[1]
 
 
-def test_packed_rows_train_as_unpacked_rows_through_fairseq_train(tmp_path):
+@pytest.fixture(scope="module")
+def padded_update(tmp_path_factory):
+    """(weights, loss, speed log) of the padded update both tests below compare with: one run for the two."""
+    folder = tmp_path_factory.mktemp("padded")
+    log = folder / "padded.jsonl"
+    return (*_first_update(folder, "padded", pack=False, flags=["--speed-log", log]), log)
+
+
+def test_packed_rows_train_as_unpacked_rows_through_fairseq_train(tmp_path, padded_update):
     """One update over the same 40 samples, padded (SDPA) or packed into rows (document_varlen attention,
     per document on the CPU): the same loss and the same gradient (the SGD step), 1e-5 relative."""
     start = load_hf_model(AutoModelForCausalLM, str(MODEL_DIR), init_seed=3).state_dict()
-    unpacked, unpacked_loss = _first_update(tmp_path, "unpacked", pack=False)
+    unpacked, unpacked_loss, _ = padded_update
     packed, packed_loss = _first_update(tmp_path, "packed", pack=True)
     assert packed_loss == unpacked_loss
     for name, weight in start.items():
@@ -87,12 +95,12 @@ def test_packed_rows_train_as_unpacked_rows_through_fairseq_train(tmp_path):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()), msg=name)
 
 
-def test_padding_free_batches_train_as_padded_batches_through_fairseq_train(tmp_path):
+def test_padding_free_batches_train_as_padded_batches_through_fairseq_train(tmp_path, padded_update):
     """One update over the same 40 samples, padded (SDPA with a padding mask) or padding-free (``--padding-free``:
     the batch as one row of its samples, document_varlen attention): the same loss and gradient, 1e-5 relative."""
     start = load_hf_model(AutoModelForCausalLM, str(MODEL_DIR), init_seed=3).state_dict()
-    logs = {name: tmp_path / f"{name}.jsonl" for name in ("padded", "free")}
-    padded, padded_loss = _first_update(tmp_path, "padded", pack=False, flags=["--speed-log", logs["padded"]])
+    padded, padded_loss, padded_log = padded_update
+    logs = {"padded": padded_log, "free": tmp_path / "free.jsonl"}
     free, free_loss = _first_update(tmp_path, "free", pack=False, flags=["--padding-free", "--speed-log", logs["free"]])
     assert free_loss == padded_loss
     # the tokens computed, padding included: the padding-free batch has none

@@ -10,15 +10,22 @@ from fairseq_ext.errors import UserInputError
 from tests.helpers import fairseq_train, tiny_train_args, train_losses
 
 
-def test_bf16_autocast_trains_fp32_weights_close_to_fp32(tmp_path):
-    runs = {}
-    for precision in ("fp32", "bf16"):
-        result = fairseq_train(
-            tiny_train_args(tmp_path / precision, max_update=6, extra=["--precision", precision, "--lr", "3e-3"])
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[precision] = train_losses(result.stdout)
-    fp32, bf16 = runs["fp32"], runs["bf16"]
+@pytest.fixture(scope="module")
+def fp32_losses(tmp_path_factory):
+    """Per-update losses of the fp32 run every bf16 run here is compared with (the same command for each)."""
+    result = fairseq_train(
+        tiny_train_args(tmp_path_factory.mktemp("fp32"), max_update=6, extra=["--precision", "fp32", "--lr", "3e-3"])
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return train_losses(result.stdout)
+
+
+def test_bf16_autocast_trains_fp32_weights_close_to_fp32(tmp_path, fp32_losses):
+    result = fairseq_train(
+        tiny_train_args(tmp_path / "bf16", max_update=6, extra=["--precision", "bf16", "--lr", "3e-3"])
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    fp32, bf16 = fp32_losses, train_losses(result.stdout)
     assert bf16[1] == pytest.approx(fp32[1], rel=2e-2) and bf16[1] != fp32[1]  # same start, bf16 rounding
     assert bf16[6] < bf16[1] - 0.5, bf16
     state = checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "bf16" / "checkpoint_last.pt"))
@@ -27,14 +34,13 @@ def test_bf16_autocast_trains_fp32_weights_close_to_fp32(tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["bf16-master", "bf16-lean"])
-def test_bf16_weights_train_close_to_fp32_and_resume(tmp_path, precision):
+def test_bf16_weights_train_close_to_fp32_and_resume(tmp_path, precision, fp32_losses):
     """bf16 weights in the model and checkpoint, the optimizer's float32 master weights (bf16-master) or
     bf16 moments (bf16-lean) in the checkpoint's optimizer state; the run resumes from it."""
     args = ["--precision", precision, "--lr", "3e-3", "--optimizer", "torch_adamw"]
-    reference = fairseq_train(tiny_train_args(tmp_path / "fp32", max_update=6, extra=["--lr", "3e-3"]))
     run = fairseq_train(tiny_train_args(tmp_path / precision, max_update=6, extra=args))
-    assert reference.returncode == 0 and run.returncode == 0, run.stderr[-3000:]
-    fp32, bf16 = train_losses(reference.stdout), train_losses(run.stdout)
+    assert run.returncode == 0, run.stderr[-3000:]
+    fp32, bf16 = fp32_losses, train_losses(run.stdout)
     assert bf16[1] == pytest.approx(fp32[1], rel=2e-2)
     assert bf16[6] < bf16[1] - 0.5 and bf16[6] == pytest.approx(fp32[6], rel=5e-2), (bf16, fp32)
     state = checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / precision / "checkpoint_last.pt"))

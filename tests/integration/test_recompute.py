@@ -38,10 +38,20 @@ def test_unknown_module_name_lists_the_model_classes():
         apply_recompute(model, ["LlamaLayer"])
 
 
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    """(result, save dir) of 4 updates without recompute: the reference of the full-finetune and plan runs."""
+    save_dir = tmp_path_factory.mktemp("plain")
+    return fairseq_train(tiny_train_args(save_dir, max_update=4)), save_dir
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_fairseq_train_with_recompute_matches_without(tmp_path, lora):
+def test_fairseq_train_with_recompute_matches_without(tmp_path, lora, plain_run):
     extra = ["--use-lora"] if lora else []
-    plain = fairseq_train(tiny_train_args(tmp_path / "plain", max_update=4, extra=extra))
+    plain, plain_dir = plain_run
+    if lora:
+        plain_dir = tmp_path / "plain"
+        plain = fairseq_train(tiny_train_args(plain_dir, max_update=4, extra=extra))
     recomputed = fairseq_train(
         tiny_train_args(
             tmp_path / "recompute", max_update=4, extra=extra + ["--recompute-module-names", "LlamaDecoderLayer"]
@@ -51,22 +61,22 @@ def test_fairseq_train_with_recompute_matches_without(tmp_path, lora):
     assert "recompute: 2 modules" in recomputed.stdout
     assert train_losses(recomputed.stdout) == train_losses(plain.stdout)
     final = [
-        checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / run / "checkpoint_last.pt"))["model"]
-        for run in ("plain", "recompute")
+        checkpoint_utils.load_checkpoint_to_cpu(str(folder / "checkpoint_last.pt"))["model"]
+        for folder in (plain_dir, tmp_path / "recompute")
     ]
     assert final[0].keys() == final[1].keys()
     for key in final[0]:
         torch.testing.assert_close(final[1][key], final[0][key], rtol=1e-6, atol=1e-7)
 
 
-def test_a_plan_files_recompute_applies_on_one_process(tmp_path):
+def test_a_plan_files_recompute_applies_on_one_process(tmp_path, plain_run):
     """recompute_modules of a PLAN_FILE (as the compile pass writes it) take effect with PLAN_NGPUS 1 too."""
     plan = tmp_path / "plan.json"
     plan.write_text(
         json.dumps({"plan_ngpus": 1, "scaling_factor": 1, "tp": 1, "pp": 1, "recompute_modules": ["LlamaDecoderLayer"]})
     )
-    plain = fairseq_train(tiny_train_args(tmp_path / "plain", max_update=3))
-    planned = fairseq_train(tiny_train_args(tmp_path / "planned", max_update=3, extra=["--plan-file", str(plan)]))
-    assert planned.returncode == 0, planned.stderr[-3000:]
+    plain = plain_run[0]
+    planned = fairseq_train(tiny_train_args(tmp_path / "planned", max_update=4, extra=["--plan-file", str(plan)]))
+    assert plain.returncode == 0 and planned.returncode == 0, planned.stderr[-3000:]
     assert "recompute: 2 modules (LlamaDecoderLayer) from the plan" in planned.stdout + planned.stderr
     assert train_losses(planned.stdout) == train_losses(plain.stdout)

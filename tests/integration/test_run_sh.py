@@ -36,8 +36,10 @@ def exact_match(stdout: str, label: str) -> float:
 
 
 def test_default_run_learns_the_shipped_task(tmp_path):
-    """run.sh with no settings (but the output folder) trains and reports a large, real improvement."""
-    result = run_sh(tmp_path, timeout=1200)
+    """run.sh with no settings but the output folder and MAX_STEPS=1000 (half the default's updates: README's
+    timing row; the default's model, data, learning rate and warmup) trains and reports a large, real
+    improvement: 0.0% -> 78.5% measured, where 600 updates reach 49.0%."""
+    result = run_sh(tmp_path, timeout=1200, MAX_STEPS=1000)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "fairseq_ext run.sh settings:" in result.stdout and "MAX_STEPS" in result.stdout
     before, after = exact_match(result.stdout, "before"), exact_match(result.stdout, "after")
