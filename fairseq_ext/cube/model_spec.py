@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ..optim.low_bit import low_bit_reasons
+from ..optim.low_bit import PRECISION_STATES, low_bit_reasons
 from .custom import CUSTOM_MODULES, STYLES, registered_rules
 from .runtime.precision import FLOAT8, stored_as
 
@@ -84,7 +84,7 @@ class RunSettings:
     clip_norm: float = 0.0  # CLIP_NORM (--clip-norm)
     grad_accu: int = 1  # GRADIENT_ACCU_NUM (--update-freq)
     optimizer: str = "torch_adamw"  # --optimizer
-    optimizer_states: str = "precision"  # OPTIMIZER_STATES: precision, 8bit, 4bit (optim/low_bit.py)
+    optimizer_states: str = PRECISION_STATES  # OPTIMIZER_STATES: precision, 8bit, 4bit (optim/low_bit.py)
 
     @property
     def half_flags(self) -> Tuple[str, ...]:
