@@ -36,7 +36,9 @@ from typing import Dict, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from multi_gpu_parity import losses_of  # noqa: E402
-from single_gpu_speed import MODEL_A, REPO, RUN_SH, TINY_MODEL_A, free_port, write_model_folder  # noqa: E402
+from speed_inputs import write_model_folder  # noqa: E402
+from speed_models import MODEL_A, TINY_MODEL_A  # noqa: E402
+from speed_processes import REPO, RUN_SH, free_port  # noqa: E402
 
 WINDOW = 20
 MAX_RELATIVE = 0.03

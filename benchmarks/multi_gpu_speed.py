@@ -26,6 +26,7 @@ NVSHMEM_DISABLE_NVLS=1), as the lent multi-GPU machines require.
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -33,14 +34,17 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import single_gpu_speed as single  # noqa: E402
+from speed_inputs import write_dataset, write_model_folder  # noqa: E402
+from speed_logs import failure_excerpt, read_speed_log, summarize_speed_log  # noqa: E402
+from speed_models import MODEL_A, MODEL_B, PEAK_DATASHEET, TINY_MODEL_A, flops_per_token, mfu  # noqa: E402
+from speed_processes import REPO, RUN_SH, free_port, run_logged  # noqa: E402
 
-FSDP2 = single.REPO / "benchmarks" / "baseline" / "fsdp2_baseline.py"
+FSDP2 = REPO / "benchmarks" / "baseline" / "fsdp2_baseline.py"
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 SHAPES = {
-    "8B": single.MODEL_B,
-    "1.1B": single.MODEL_A,
-    "tiny": dict(single.TINY_MODEL_A, vocab_size=512, max_position_embeddings=256),
+    "8B": MODEL_B,
+    "1.1B": MODEL_A,
+    "tiny": dict(TINY_MODEL_A, vocab_size=512, max_position_embeddings=256),
 }
 
 
@@ -54,7 +58,7 @@ def run_fsdp2(args, work: Path, env: dict) -> dict:
         "--nproc-per-node",
         str(args.gpus),
         "--master-port",
-        str(single.free_port()),
+        str(free_port()),
         str(FSDP2),
         "--shape",
         args.shape,
@@ -71,12 +75,12 @@ def run_fsdp2(args, work: Path, env: dict) -> dict:
     ]
     cmd += ["--compile"] if args.fsdp2_compile else []
     cmd += ["--checkpoint"] if args.fsdp2_checkpoint else []
-    run = single.run_logged(cmd, env, args.out / "fsdp2.log", args.timeout)
+    run = run_logged(cmd, env, args.out / "fsdp2.log", args.timeout)
     if run["rc"] != 0 or not out.is_file():
         return dict(
             status="failed",
             reason=f"rc {run['rc']}{' (timed out)' if run['timed_out'] else ''}",
-            error=single.failure_excerpt(args.out / "fsdp2.log")[0],
+            error=failure_excerpt(args.out / "fsdp2.log")[0],
         )
     return dict(json.loads(out.read_text()), status="ok", wall_s=run["wall_s"])
 
@@ -110,7 +114,7 @@ def ours_settings(args, model: Path, data: Path, speed_log: Path, output_dir: Pa
         PLAN_NGPUS="1",
         CUBE_SCALING_FACTOR=str(args.gpus),
         MEM_PER_GPU=str(args.mem_per_gpu),
-        MASTER_PORT=str(single.free_port()),
+        MASTER_PORT=str(free_port()),
     )
     if args.zero != "auto":
         settings["USE_ZERO"] = args.zero
@@ -131,9 +135,9 @@ def run_ours(args, work: Path, env: dict, extra: str = "", name: str = "ours") -
     """``run.sh compile`` then ``run.sh`` with the plan (``extra``: more fairseq-train arguments); the speed log's
     summary and the plan's predictions."""
     shape = SHAPES[args.shape]
-    model = single.write_model_folder(work / "model", shape, args.seq)
+    model = write_model_folder(work / "model", shape, args.seq)
     rows = (args.warmup + args.steps + 1) * args.mb * args.gpus
-    data = single.write_dataset(work / "data", shape["vocab_size"], args.seq, rows)
+    data = write_dataset(work / "data", shape["vocab_size"], args.seq, rows)
     speed_log = work / f"{name}_speed.jsonl"
     settings = ours_settings(args, model, data, speed_log, work / name)
     inherited = {k: v for k, v in env.items() if k not in ("USE_ZERO", "ZERO_N_GROUPS")}  # the search's, unless --zero
@@ -141,27 +145,27 @@ def run_ours(args, work: Path, env: dict, extra: str = "", name: str = "ours") -
     result = dict(
         settings={k: v for k, v in settings.items() if k not in ("DATASET_PATH", "OUTPUT_DIR")}, extra_args=extra
     )
-    compiled = single.run_logged(["bash", str(single.RUN_SH), "compile"], env, args.out / f"{name}_compile.log", 300)
+    compiled = run_logged(["bash", str(RUN_SH), "compile"], env, args.out / f"{name}_compile.log", 300)
     plan_file = work / name / "plan.json"
     if compiled["rc"] != 0 or not plan_file.is_file():
         return dict(
             result,
             status="failed",
             reason="run.sh compile failed",
-            error=single.failure_excerpt(args.out / f"{name}_compile.log")[0],
+            error=failure_excerpt(args.out / f"{name}_compile.log")[0],
         )
     result.update(predictions((args.out / f"{name}_compile.log").read_text()))
     result["plan"] = json.loads(plan_file.read_text())
-    cmd = ["bash", str(single.RUN_SH), "--no-save", "--disable-validation", *extra.split()]
-    run = single.run_logged(cmd, dict(env, PLAN_FILE=str(plan_file)), args.out / f"{name}.log", args.timeout)
+    cmd = ["bash", str(RUN_SH), "--no-save", "--disable-validation", *extra.split()]
+    run = run_logged(cmd, dict(env, PLAN_FILE=str(plan_file)), args.out / f"{name}.log", args.timeout)
     if run["rc"] != 0 or not speed_log.is_file():
         return dict(
             result,
             status="failed",
             reason=f"run.sh rc {run['rc']}{' (timed out)' if run['timed_out'] else ''}",
-            error=single.failure_excerpt(args.out / f"{name}.log")[0],
+            error=failure_excerpt(args.out / f"{name}.log")[0],
         )
-    summary = single.summarize_speed_log(single.read_speed_log(speed_log), args.warmup)
+    summary = summarize_speed_log(read_speed_log(speed_log), args.warmup)
     return dict(
         result,
         status="ok",
@@ -176,7 +180,7 @@ def run_ours(args, work: Path, env: dict, extra: str = "", name: str = "ours") -
 
 def table(args, fsdp2: dict, ours_runs: list) -> str:
     shape = SHAPES[args.shape]
-    fpt = single.flops_per_token(shape, "full", args.seq)
+    fpt = flops_per_token(shape, "full", args.seq)
     rate = fsdp2.get("matmul_bf16_flops")
     lines = [
         f"# {args.shape} full finetune on {args.gpus} GPUs, seq {args.seq}, {args.mb} sequence(s) per GPU per update",
@@ -214,8 +218,8 @@ def table(args, fsdp2: dict, ours_runs: list) -> str:
                 f"step {r['predicted_step_s']:.3f} s; reserved {r['peak_reserved_gib'] or 0:.1f} GiB"
             )
         lines.append(
-            f"| {name} | {tps:,.0f} | {single.mfu(fpt, tps, single.PEAK_DATASHEET):.1%} | "
-            f"{single.mfu(fpt, tps, rate) or 0:.1%} | {r['peak_alloc_gib'] or 0:.1f} | {r['step_median_s']:.3f} | {note} |"
+            f"| {name} | {tps:,.0f} | {mfu(fpt, tps, PEAK_DATASHEET):.1%} | "
+            f"{mfu(fpt, tps, rate) or 0:.1%} | {r['peak_alloc_gib'] or 0:.1f} | {r['step_median_s']:.3f} | {note} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -299,7 +303,7 @@ def run_one(args, env: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    env = dict(single.os.environ, PYTHONUNBUFFERED="1", **NCCL_ENV)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **NCCL_ENV)
     texts = []
     for run in runs_of(args):
         texts.append(run_one(run, env))

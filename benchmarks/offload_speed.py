@@ -24,12 +24,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from single_gpu_speed import MODEL_A, MODEL_B  # noqa: E402
+from speed_models import MODEL_A, MODEL_B  # noqa: E402
 
 from fairseq_ext.cube.runtime.offload import apply_offload, offloaded_modules  # noqa: E402
 from fairseq_ext.cube.runtime.recompute import apply_recompute  # noqa: E402
 
-# the shapes of single_gpu_speed.py (hf_baseline.py's MODEL_A / MODEL_B); the rotary table is computed per position
+# the shapes of single_gpu_speed.py (the baseline's MODEL_A / MODEL_B); the rotary table is computed per position
 SHAPES = {"A": MODEL_A, "B": MODEL_B}
 LAYER = "LlamaDecoderLayer"
 

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from single_gpu_speed import MODEL_A, MODEL_B, linear_shapes  # noqa: E402
+from speed_models import MODEL_A, MODEL_B, linear_shapes  # noqa: E402
 
 from fairseq_ext.optim import lean_step, master_step  # noqa: E402
 from fairseq_ext.optim.adamw import MixedPrecisionAdamW  # noqa: E402

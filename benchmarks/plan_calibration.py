@@ -8,7 +8,7 @@ before its allocator slack and workspace, which model what ``max_memory_reserved
 ``torch.cuda.max_memory_allocated``, predicted step time against the measured median.
 
 Rows of variable-length data (``data`` varlen or chat, padded or packed) are costed with the micro-batches the
-run made: the benchmark's sample lengths (``single_gpu_speed.write_dataset``: the same generator and seed), cut
+run made: the benchmark's sample lengths (``speed_inputs.write_dataset``: the same generator and seed), cut
 and ordered as the run cut them (packing, the length-sorted order, fairseq's seeded shuffle of whole
 batches), padded rows at the length the runtime pads them to (``cube.batch_padding.LengthRule``); the step time is the median of each timed update's prediction, the memory that of the run's
 largest micro-batch (``cube.batch_layout``).
@@ -28,6 +28,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from speed_baseline import baseline_lengths  # noqa: E402
+from speed_rows import SAMPLES_PER_PACKED_ROW  # noqa: E402
 
 from fairseq_ext.cube.batch_layout import document_rows, first_lengths, from_micro_batches  # noqa: E402
 from fairseq_ext.cube.batch_padding import LengthRule  # noqa: E402
@@ -141,9 +145,8 @@ def run_micro_batches(row: dict, settings: dict):
     import numpy as np
     from fairseq.data import data_utils
 
-    speed = _speed_module()
     seq = settings["seq"]
-    lengths = speed.baseline_module().sample_lengths(kind, _dataset_rows(row, settings), seq, np.random.default_rng(0))
+    lengths = baseline_lengths().sample_lengths(kind, _dataset_rows(row, settings), seq, np.random.default_rng(0))
     # the run's order: ties in length broken by a permutation under the seed, whole batches shuffled under it
     run_seed = 1 + 1  # run.sh SEED=1, epoch 1
     rows = document_rows(lengths, seq, packing=bool(row.get("pack")))
@@ -168,24 +171,15 @@ def run_micro_batches(row: dict, settings: dict):
 def _dataset_rows(row: dict, settings: dict) -> int:
     """Samples the benchmark wrote for the row's data (``single_gpu_speed.Benchmark``: enough for the longest
     row of the run that uses the same vocabulary and data kind)."""
-    speed = _speed_module()
     vocab = settings["shapes"][row["model"]]["vocab_size"]
     need = 0
     for other in settings["rows"]:
         if settings["shapes"][other["model"]]["vocab_size"] != vocab or other.get("data", "fixed") != row["data"]:
             continue
         warmup = settings["compile_warmup"] if other["compile"] else settings["warmup"]
-        per_row = speed.SAMPLES_PER_PACKED_ROW[row["data"]] if other["pack"] else 1
+        per_row = SAMPLES_PER_PACKED_ROW[row["data"]] if other["pack"] else 1
         need = max(need, ((warmup + settings["steps"]) * other["mb"] + other["mb"]) * per_row)
     return need
-
-
-@functools.lru_cache(maxsize=1)
-def _speed_module():
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import single_gpu_speed
-
-    return single_gpu_speed
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,4 +1,4 @@
-"""benchmarks/single_gpu_speed.py: the speed-log medians and bookkeeping share on a synthetic log, the
+"""benchmarks/single_gpu_speed.py's modules (speed_*.py): the speed-log medians and bookkeeping share on a synthetic log, the
 parameter and FLOP counts against the numbers hf_baseline.py published for the H100, the shapes against
 the baseline's own, the table of a failed row, and a timed-out process tree ended. CPU only, a few seconds."""
 
@@ -11,15 +11,20 @@ import pytest
 
 from tests.helpers import REPO
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+import speed_baseline  # noqa: E402
+import speed_logs  # noqa: E402
+import speed_models  # noqa: E402
+import speed_processes  # noqa: E402
+import speed_report  # noqa: E402
+import speed_rows  # noqa: E402
+
 
 def load(path, name):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-speed = load(REPO / "benchmarks" / "single_gpu_speed.py", "single_gpu_speed")
 
 
 def record(update, step_s, compute_s, tokens=16384, peak=None):
@@ -48,7 +53,7 @@ def test_speed_log_medians_and_bookkeeping(tmp_path):
     log = tmp_path / "speed.jsonl"
     # Out of order, a blank line, and a last line cut off mid-write (a killed run): all tolerated.
     log.write_text("\n".join(json.dumps(r) for r in records[3:] + records[:3]) + '\n\n{"update": 8, "ste')
-    summary = speed.summarize_speed_log(speed.read_speed_log(log), warmup=2)
+    summary = speed_logs.summarize_speed_log(speed_logs.read_speed_log(log), warmup=2)
     assert summary["timed_updates"] == 5
     assert summary["tokens_per_s"] == pytest.approx(8192)
     assert summary["step_median_s"] == pytest.approx(2.0)
@@ -60,21 +65,21 @@ def test_speed_log_medians_and_bookkeeping(tmp_path):
 
 def test_speed_log_without_peaks_or_timed_updates():
     cpu = [record(1, 1.0, 0.5), record(2, 1.0, 0.5)]  # a CPU run logs no peak memory
-    summary = speed.summarize_speed_log(cpu, warmup=1)
+    summary = speed_logs.summarize_speed_log(cpu, warmup=1)
     assert summary["peak_alloc_gib"] is None and summary["tokens_per_s"] == pytest.approx(16384)
     with pytest.raises(ValueError, match="none after the 2 warm-up"):
-        speed.summarize_speed_log(cpu, warmup=2)
+        speed_logs.summarize_speed_log(cpu, warmup=2)
 
 
 def test_parameter_counts():
     # 1.1B: per layer q,o 2048^2, k,v 2048*256, gate/up/down 2048*5632 = 44,040,192; x22 + lm_head 32000*2048.
-    assert speed.linear_params(speed.MODEL_A) == 22 * 44_040_192 + 65_536_000 == 1_034_420_224
+    assert speed_models.linear_params(speed_models.MODEL_A) == 22 * 44_040_192 + 65_536_000 == 1_034_420_224
     # 8B: per layer q,o 4096^2, k,v 4096*1024, gate/up/down 4096*14336 = 218,103,808; x32 + lm_head 128256*4096.
-    assert speed.linear_params(speed.MODEL_B) == 32 * 218_103_808 + 525_336_576 == 7_504_658_432
+    assert speed_models.linear_params(speed_models.MODEL_B) == 32 * 218_103_808 + 525_336_576 == 7_504_658_432
     # LoRA r=16: r * (in + out) per target; 1.1B q,o 65536, k,v 36864, gate/up/down 122880 -> 573,440 a layer.
-    assert speed.lora_params(speed.MODEL_A) == 22 * 573_440
+    assert speed_models.lora_params(speed_models.MODEL_A) == 22 * 573_440
     # 8B: q,o 131072, k,v 81920, gate/up/down 294912 -> 1,310,720 a layer.
-    assert speed.lora_params(speed.MODEL_B) == 32 * 1_310_720
+    assert speed_models.lora_params(speed_models.MODEL_B) == 32 * 1_310_720
 
 
 @pytest.mark.parametrize(
@@ -87,20 +92,20 @@ def test_parameter_counts():
     ],
 )
 def test_mfu_matches_the_published_baseline(model, mode, tokens_per_s, published_mfu):
-    shape = {"A": speed.MODEL_A, "B": speed.MODEL_B}[model]
-    fpt = speed.flops_per_token(shape, mode, 2048)
-    assert speed.mfu(fpt, tokens_per_s, speed.PEAK_DATASHEET) == pytest.approx(published_mfu, abs=5e-4)
+    shape = {"A": speed_models.MODEL_A, "B": speed_models.MODEL_B}[model]
+    fpt = speed_models.flops_per_token(shape, mode, 2048)
+    assert speed_models.mfu(fpt, tokens_per_s, speed_models.PEAK_DATASHEET) == pytest.approx(published_mfu, abs=5e-4)
 
 
 def test_mfu_arithmetic_on_known_numbers():
     # Full FT of the 1.1B: 6 * 1,034,420,224 + 12 * 22 * 2048 * 2048 = 6,206,521,344 + 1,107,296,256.
-    fpt = speed.flops_per_token(speed.MODEL_A, "full", 2048)
+    fpt = speed_models.flops_per_token(speed_models.MODEL_A, "full", 2048)
     assert fpt == 7_313_817_600
     # 10,000 tokens/s over a measured 731.38176 TFLOP/s matmul is exactly 10%.
-    assert speed.mfu(fpt, 10_000, 731.38176e12) == pytest.approx(0.1)
-    assert speed.mfu(fpt, 10_000, None) is None and speed.mfu(fpt, None, 989e12) is None
-    assert speed.measured_matmul({"env_matmul": {"matmul_bf16_flops": [780e12, 800e12]}}) == 790e12
-    assert speed.measured_matmul({"env_matmul": {"status": "error"}}) is None
+    assert speed_models.mfu(fpt, 10_000, 731.38176e12) == pytest.approx(0.1)
+    assert speed_models.mfu(fpt, 10_000, None) is None and speed_models.mfu(fpt, None, 989e12) is None
+    assert speed_models.measured_matmul({"env_matmul": {"matmul_bf16_flops": [780e12, 800e12]}}) == 790e12
+    assert speed_models.measured_matmul({"env_matmul": {"status": "error"}}) is None
 
 
 @pytest.mark.parametrize("tiny", [False, True])
@@ -108,13 +113,15 @@ def test_shapes_are_the_baselines(monkeypatch, tiny):
     monkeypatch.delenv("ANCHOR_TINY", raising=False)
     if tiny:
         monkeypatch.setenv("ANCHOR_TINY", "1")
-    baseline = load(REPO / "benchmarks" / "baseline" / "hf_baseline.py", f"hf_baseline_{tiny}")
+    baseline = load(REPO / "benchmarks" / "baseline" / "hf_variants.py", f"hf_variants_{tiny}")
     assert (baseline.MODEL_A, baseline.MODEL_B, baseline.SEQ) == (
-        (speed.TINY_MODEL_A, speed.TINY_MODEL_B, speed.TINY_SEQ) if tiny else (speed.MODEL_A, speed.MODEL_B, speed.SEQ)
+        (speed_models.TINY_MODEL_A, speed_models.TINY_MODEL_B, speed_models.TINY_SEQ)
+        if tiny
+        else (speed_models.MODEL_A, speed_models.MODEL_B, speed_models.SEQ)
     )
-    assert baseline.LORA_TARGETS == speed.LORA_TARGETS and baseline.PEAK_DATASHEET == speed.PEAK_DATASHEET
-    assert set(speed.BASELINE_OF.values()) <= set(baseline.VARIANTS)
-    assert {v for pair in speed.BASELINE_OF_DATA.values() for v in pair} <= set(baseline.ORDER)
+    assert baseline.LORA_TARGETS == speed_models.LORA_TARGETS and baseline.PEAK_DATASHEET == speed_models.PEAK_DATASHEET
+    assert set(speed_baseline.BASELINE_OF.values()) <= set(baseline.VARIANTS)
+    assert {v for pair in speed_baseline.BASELINE_OF_DATA.values() for v in pair} <= set(baseline.ORDER)
 
 
 def test_length_distributions_and_batches_grouped_by_length():
@@ -122,16 +129,16 @@ def test_length_distributions_and_batches_grouped_by_length():
     tokens with a tail to seq; batches grouped by length pad far less than batches in random order."""
     import numpy as np
 
-    baseline = speed.baseline_module()
+    lengths = speed_baseline.baseline_lengths()
     rng = np.random.default_rng(0)
-    uniform = baseline.sample_lengths("varlen", 4000, 2048, rng)
+    uniform = lengths.sample_lengths("varlen", 4000, 2048, rng)
     assert min(uniform) >= 256 and max(uniform) <= 2048 and 1000 < np.mean(uniform) < 1300
-    chat = baseline.sample_lengths("chat", 4000, 2048, rng)
+    chat = lengths.sample_lengths("chat", 4000, 2048, rng)
     assert 200 < np.median(chat) < 400 and max(chat) == 2048 and min(chat) >= 16
     assert 0.05 < np.mean(np.array(chat) > 1024) < 0.15  # a tenth of the samples over half of seq
 
     def padding(order):
-        batches = baseline.length_batches("chat", order, 8, 200, 2048)
+        batches = lengths.length_batches("chat", order, 8, 200, 2048)
         assert len(batches) == 200 and all(len(b) == 8 for b in batches)
         return sum(8 * max(b) - sum(b) for b in batches) / sum(8 * max(b) for b in batches)
 
@@ -139,12 +146,12 @@ def test_length_distributions_and_batches_grouped_by_length():
 
 
 def test_rows_are_checked():
-    rows = speed.check_rows(speed.VARIANTS)
+    rows = speed_rows.check_rows(speed_rows.VARIANTS)
     assert all(r["timeout"] > 0 and r["compile"] in (0, 1) for r in rows)
     with pytest.raises(ValueError, match="unknown keys"):
-        speed.check_rows([dict(name="x", model="A", mode="full", mb=8, precision="bf16", gc=1)])
+        speed_rows.check_rows([dict(name="x", model="A", mode="full", mb=8, precision="bf16", gc=1)])
     with pytest.raises(ValueError, match="model must be A or B"):
-        speed.check_rows([dict(name="x", model="C", mode="full", mb=8, precision="bf16")])
+        speed_rows.check_rows([dict(name="x", model="C", mode="full", mb=8, precision="bf16")])
 
 
 def test_table_shows_a_failed_row_with_its_log():
@@ -180,7 +187,7 @@ def test_table_shows_a_failed_row_with_its_log():
     )
     env = {"baseline_env": {"gpu": "NVIDIA H100 80GB HBM3"}, "driver_versions": {"torch": "2.11.0"}}
     settings = dict(seq=2048, tiny=False, steps=10, warmup=5, compile_warmup=8)
-    table = speed.render_table([ok, failed], env, {}, settings)
+    table = speed_report.render_table([ok, failed], env, {}, settings)
     assert (
         "| ours 1.1B-full-bf16: PRECISION=bf16 COMPILE=0 | Llama 1.1B | full FT | 8 | 50,000 | 37.0% | 46.0% | "
         "40.0 | 2.0% | 1.13x |"
@@ -192,19 +199,23 @@ def test_table_shows_a_failed_row_with_its_log():
 def test_a_timed_out_process_tree_is_ended(tmp_path):
     log = tmp_path / "run.log"
     start = time.time()
-    run = speed.run_logged(["bash", "-c", "sleep 60 & echo child $!; wait"], None, log, timeout=1, header="# h\n")
+    run = speed_processes.run_logged(
+        ["bash", "-c", "sleep 60 & echo child $!; wait"], None, log, timeout=1, header="# h\n"
+    )
     assert run["timed_out"] and time.time() - start < 10
     text = log.read_text()
     assert text.startswith("# h\n") and "killed after the 1 s timeout" in text
     child = int(text.split("child ")[1].split()[0])
     deadline = time.time() + 5
-    while speed.alive(child) and time.time() < deadline:  # init reaps the orphaned sleep
+    while speed_processes.alive(child) and time.time() < deadline:  # init reaps the orphaned sleep
         time.sleep(0.05)
-    assert not speed.alive(child)
+    assert not speed_processes.alive(child)
 
 
 def test_a_failing_command_is_reported(tmp_path):
-    run = speed.run_logged([sys.executable, "-c", "raise SystemExit(3)"], None, tmp_path / "x.log", timeout=30)
+    run = speed_processes.run_logged(
+        [sys.executable, "-c", "raise SystemExit(3)"], None, tmp_path / "x.log", timeout=30
+    )
     assert run == dict(run, rc=3, timed_out=False)
 
 
@@ -226,14 +237,14 @@ def test_failure_excerpt_shows_the_workers_error_not_torchruns(tmp_path):
             ]
         )
     )
-    error, excerpt = speed.failure_excerpt(log, lines=3)
+    error, excerpt = speed_logs.failure_excerpt(log, lines=3)
     assert error == "FloatingPointError: gradients are Nan/Inf"
     assert excerpt.splitlines() == [
         '  File "fairseq/trainer.py", line 1, in train_step',
         '    raise FloatingPointError("gradients are Nan/Inf")',
         error,
     ]
-    error, excerpt = speed.failure_excerpt(log, at_error=False, lines=2)  # killed at its timeout: the last lines
+    error, excerpt = speed_logs.failure_excerpt(log, at_error=False, lines=2)  # killed at its timeout: the last lines
     assert error == "" and excerpt.splitlines()[-1] == "fairseq_cli.train FAILED"
     (tmp_path / "sh.log").write_text("run.sh: error: COMPILE must be 0 or 1, got '2'\n")
-    assert speed.failure_excerpt(tmp_path / "sh.log")[0] == "run.sh: error: COMPILE must be 0 or 1, got '2'"
+    assert speed_logs.failure_excerpt(tmp_path / "sh.log")[0] == "run.sh: error: COMPILE must be 0 or 1, got '2'"
