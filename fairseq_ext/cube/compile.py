@@ -15,6 +15,7 @@ from typing import List, Optional, Tuple
 
 from ..errors import UserInputError
 from ..optim.low_bit import PRECISION_STATES
+from . import profile_cache
 from .batch_layout import token_budget
 from .cost import GIB, Hardware, Workload
 from .model_spec import RunSettings, spec_of
@@ -241,14 +242,26 @@ def _profile(
     compiled: bool = False,
     lora: Optional[Lora] = None,
 ):
-    """The profile, remembered per config text and settings (the search is cheap, profiling is not)."""
+    """The profile, remembered per config text and settings (the search is cheap, profiling is not): in this
+    process, then on disk (``profile_cache``) for later ones."""
     from transformers import AutoConfig
 
-    data = json.loads(config_json)
-    config = AutoConfig.for_model(data.pop("model_type"), **data)
-    return profile_model(
-        config, seq_len, precision, tp_degrees, attn_implementation=attn_implementation, compiled=compiled, lora=lora
-    )
+    key = profile_cache.profile_key(config_json, seq_len, precision, tp_degrees, attn_implementation, compiled, lora)
+    profile = profile_cache.load(key)
+    if profile is None:
+        data = json.loads(config_json)
+        config = AutoConfig.for_model(data.pop("model_type"), **data)
+        profile = profile_model(
+            config,
+            seq_len,
+            precision,
+            tp_degrees,
+            attn_implementation=attn_implementation,
+            compiled=compiled,
+            lora=lora,
+        )
+        profile_cache.store(key, profile)
+    return profile
 
 
 def _no_fit_message(s: CompileSettings, result: SearchResult, run) -> str:
