@@ -1,19 +1,17 @@
 """Model profiles kept on disk, so that a later compile of the same model and settings skips profiling.
 
-A profile is stored as JSON (nothing executable is ever loaded from disk) in ``$FAIRSEQ_EXT_PROFILE_CACHE``,
-or ``~/.cache/fairseq_ext/profiles`` when unset; ``FAIRSEQ_EXT_PROFILE_CACHE=off`` turns the cache off. Its
-file is named by a hash of everything that changes the profile: the call's arguments (the config's JSON
-text, sequence length, precision, tp degrees, attention implementation, compile, LoRA), the classes
-registered with ``custom.register_module``, the torch and transformers versions, and the source of every
-``.py`` file of the ``fairseq_ext`` package. The whole package, not only ``cube/``: profiling reaches beyond
-it (``model_spec`` imports ``optim.low_bit``, LoRA reads ``models.lora``), hashing it all takes a few
-milliseconds, and a stale profile would mislead the search silently where an edit elsewhere costs one
-profiling.
+A profile is stored as JSON (nothing executable is loaded from disk) in ``$FAIRSEQ_EXT_PROFILE_CACHE``, or
+``~/.cache/fairseq_ext/profiles`` when unset (``off``: no cache), in a file named by a hash of all that
+changes it: ``profile_model``'s arguments, the classes given to ``custom.register_module``, the torch and
+transformers versions, and the source of every ``.py`` file of the ``fairseq_ext`` package. The whole
+package, not only ``cube/``: profiling reaches beyond it (``model_spec`` imports ``optim.low_bit``, LoRA reads
+``models.lora``), hashing it takes a few milliseconds, and a stale profile would mislead the search silently
+where a needless miss costs one profiling.
 
-Several processes may store the same profile at once (torchrun's ranks, pytest's workers): each writes a
-temporary file beside the final one and renames it into place, so no half-written file is ever read. A
-missing, unreadable or malformed file is a miss, and a folder that cannot be written leaves the profile
-unstored: the cache never fails a run.
+Several processes may store a profile at once (torchrun's ranks, pytest's workers): each writes a temporary
+file beside the final one and renames it into place, so no half-written file is ever read. A missing or
+malformed file is a miss, and a folder that cannot be written leaves the profile unstored: the cache never
+fails a run.
 """
 
 import contextlib
@@ -102,19 +100,20 @@ def store(key: Optional[str], profile: ModelProfile) -> None:
     if path is None:
         return
     text = json.dumps({"format": FORMAT, "key": key, "profile": encode(profile)})
+    tmp = None
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{key[:16]}-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+        tmp = None
     except OSError:
         pass
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def _path(key: Optional[str]) -> Optional[str]:
@@ -138,7 +137,7 @@ def encode(value: Any) -> Any:
 
 def decode(kind: Any, data: Any) -> Any:
     """The value of type ``kind`` (a dataclass or a typing annotation) that ``encode`` gave ``data``.
-    Raises TypeError or ValueError where ``data`` does not fit ``kind`` (a field missing or extra)."""
+    Raises ValueError where ``data`` does not fit ``kind`` (a field missing or extra, another type)."""
     origin, args = get_origin(kind), get_args(kind)
     if dataclasses.is_dataclass(kind):
         hints = get_type_hints(kind)
@@ -166,7 +165,7 @@ def decode(kind: Any, data: Any) -> Any:
         return _checked(data, (int, float))
     if kind in (bool, str):
         return _checked(data, kind)
-    raise TypeError(f"the profile cache cannot read {kind}")
+    raise NotImplementedError(f"the profile cache cannot read {kind}")  # loud: a type the codec lacks
 
 
 def _checked(data: Any, kind: Union[type, Tuple[type, ...]]) -> Any:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import threading
+from typing import List
 
 import pytest
 
@@ -114,6 +115,8 @@ def test_the_codec_refuses_what_it_cannot_read_back(profiles):
             profile_cache.decode(ModelProfile, broken)
     with pytest.raises(TypeError, match="cannot store"):
         profile_cache.encode(dataclasses.replace(profiles[0], precision=object()))
+    with pytest.raises(NotImplementedError, match="cannot read"):  # an annotation the codec lacks is no miss
+        profile_cache.decode(List[int], [1])
 
 
 def test_a_later_process_reads_the_profile_instead_of_profiling(config_json, cache, profiler, profiles):
@@ -190,6 +193,13 @@ def test_a_write_renames_a_whole_file_into_place(cache, monkeypatch, profiles):
     profile_cache.store("k", profiles[1])
     assert renames and renames[0][1] == str(cache / "k.json")
     assert os.listdir(cache) == ["k.json"]  # the temporary name is gone
+
+    def failing_replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(profile_cache.os, "replace", failing_replace)
+    profile_cache.store("other", profiles[1])
+    assert os.listdir(cache) == ["k.json"]  # nothing of the failed write is left
 
 
 def test_writers_at_once_never_show_a_partial_file(cache, profiles):
