@@ -73,12 +73,22 @@ def state_bytes(states: str) -> float:
     return 2 * LOW_BIT[states].moment_bytes
 
 
+# torchao's low-bit step runs this many times slower than the bytes it moves at the memory's rate (one compiled
+# call per tensor that dequantizes, updates and requantizes block by block). Fitted with the H200's cost parameters
+# on runs 34-34c (benchmarks/results/single_gpu_speed, H200), Llama-3 8B full FT bf16-lean: one update of 2 x 2048
+# tokens took 0.547 s with 8bit moments against 0.348 s with bf16 moments (one fused launch of 14 bytes a
+# parameter), so torchao's step takes about 0.22 s over 8.03e9 parameters for the 14.1 bytes a parameter it moves.
+# 4bit is taken to run as 8bit does (not measured).
+STEP_SLOWDOWN = 10.0
+
+
 def step_bytes(states: str, weight_bytes: int, grad_bytes: int) -> float:
-    """Bytes the low-bit step reads and writes per parameter: the gradient scaled in place first (fairseq's
-    1/sample-size factor and the clip coefficient: read and written), then torchao's step reads weight, gradient
-    and both quantized moments and writes weight and moments."""
+    """Bytes at the memory's rate that the low-bit step's time is worth, per parameter: the gradient scaled in
+    place first (fairseq's 1/sample-size factor and the clip coefficient: read and written), then torchao's
+    step, which reads weight, gradient and both quantized moments and writes weight and moments, at
+    :data:`STEP_SLOWDOWN` times the time those bytes take."""
     moments = state_bytes(states)
-    return 2 * grad_bytes + (weight_bytes + grad_bytes + moments) + (weight_bytes + moments)
+    return 2 * grad_bytes + STEP_SLOWDOWN * ((weight_bytes + grad_bytes + moments) + (weight_bytes + moments))
 
 
 def low_bit_reasons(states: str, precision: str, one_process: bool, in_backward: bool, optimizer: str) -> list:

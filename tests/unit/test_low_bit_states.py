@@ -14,7 +14,7 @@ from fairseq_ext.cube.model_spec import RunSettings, optimizer_states_reasons
 from fairseq_ext.cube.plan import Plan
 from fairseq_ext.cube.profile import load_config
 from fairseq_ext.errors import UserInputError
-from fairseq_ext.optim.low_bit import check_states, state_bytes, step_bytes
+from fairseq_ext.optim.low_bit import STEP_SLOWDOWN, check_states, state_bytes, step_bytes
 from tests.helpers import REPO
 
 LLAMA3_8B = str(REPO / "tests" / "assets" / "llama3-8b-config")
@@ -30,7 +30,9 @@ def test_bytes_per_parameter_of_the_states_and_their_step():
     assert precision_bytes("bf16-lean", "8bit") == (2, 2, state_bytes("8bit"))
     assert precision_bytes("fp8-lean", "4bit") == (2, 2, state_bytes("4bit"))
     assert precision_bytes("fp32", "8bit") == (4, 4, state_bytes("8bit"))
-    assert step_bytes("8bit", 2, 2) == 2 * 2 + (2 + 2 + state_bytes("8bit")) + (2 + state_bytes("8bit"))
+    assert step_bytes("8bit", 2, 2) == 2 * 2 + STEP_SLOWDOWN * (
+        (2 + 2 + state_bytes("8bit")) + (2 + state_bytes("8bit"))
+    )
     assert optimizer_step_bytes("bf16-lean", "8bit") == step_bytes("8bit", 2, 2)
     assert optimizer_step_bytes("bf16-lean") == 14  # the precision's own step, unchanged
     with pytest.raises(UserInputError, match="unknown OPTIMIZER_STATES '2bit'.*precision, 8bit, 4bit"):

@@ -1,6 +1,7 @@
 """The committed GPU calibration still holds, with the cost parameters of each GPU kind (``hardware.GPU_KINDS``) as
 the compile pass takes them: the cost model predicts the measured peaks within 5%, and the step times of the
-runs of the current code within 5% on the H200 and 10% on the H100 (calibration_by_gpu.md)."""
+runs of the current code within 10% (calibration_by_gpu.md); H200 runs 9-16 measured code that has since become
+6-13% faster on the same rows, and the model, fitted on today's, predicts them that much faster."""
 
 import sys
 
@@ -19,7 +20,17 @@ STALE = {
 H200 = plan_calibration.hardware_for("H200")
 
 
-def test_predicted_peaks_and_step_times_of_the_measured_gpu_runs_are_within_5_percent():
+# H200 runs 9-16 against today's code: each step predicted faster than measured, by at most this much
+OLDER_CODE_FASTER = (-0.15, 0.0)
+
+
+def _older_code(row) -> bool:
+    error = (row["predicted_s"] - row["measured_s"]) / row["measured_s"]
+    return OLDER_CODE_FASTER[0] <= error <= OLDER_CODE_FASTER[1]
+
+
+def test_predicted_peaks_of_the_measured_gpu_runs_are_within_5_percent():
+    """H200 runs 9-13 (full FT): peaks within 5%; steps as the older code ran them (``OLDER_CODE_FASTER``)."""
     runs = [RESULTS / f"run{n}.json" for n in (9, 10, 12, 13)]
     rows = [
         plan_calibration.predict(row, settings, H200)
@@ -29,7 +40,7 @@ def test_predicted_peaks_and_step_times_of_the_measured_gpu_runs_are_within_5_pe
     assert len(rows) == 8
     for row in rows:
         assert abs(row["predicted_gib"] - row["measured_gib"]) / row["measured_gib"] <= 0.05, row
-        assert abs(row["predicted_s"] - row["measured_s"]) / row["measured_s"] <= 0.05, row
+        assert _older_code(row), row
     by_name = {r["name"]: r for r in rows}
     # compile keeps fewer activations and runs faster, and the model knows both
     eager, compiled = by_name["run9 1.1B-full-bf16master"], by_name["run9 1.1B-full-bf16master-compile"]
@@ -39,7 +50,7 @@ def test_predicted_peaks_and_step_times_of_the_measured_gpu_runs_are_within_5_pe
 
 def test_lora_runs_are_predicted_within_5_percent():
     """8B LoRA r16 (frozen bf16 base, adapters with float32 master weights, frozen LM head in the fused loss):
-    memory and step time of runs 14-16 on the H200."""
+    memory of runs 14-16 on the H200 within 5%, their steps as the older code ran them."""
     runs = [RESULTS / f"run{n}.json" for n in (14, 15, 16)]
     rows = [
         plan_calibration.predict(row, settings, H200)
@@ -49,20 +60,21 @@ def test_lora_runs_are_predicted_within_5_percent():
     assert len(rows) == 4
     for row in rows:
         assert abs(row["predicted_gib"] - row["measured_gib"]) / row["measured_gib"] <= 0.05, row
-        assert abs(row["predicted_s"] - row["measured_s"]) / row["measured_s"] <= 0.05, row
+        assert _older_code(row), row
 
 
 def test_the_current_code_is_predicted_within_10_percent_on_each_gpu_kind():
     """The latest one-GPU runs of each kind: H100 runs 20 and session 8 (8B full FT bf16-lean with the
-    one-launch step, 1.1B full FT bf16-master), H200 runs 17-18 (1.1B full FT, 8B LoRA)."""
+    one-launch step, 1.1B full FT bf16-master), H200 runs 17-18 (1.1B full FT, 8B LoRA) and 34-34c (1.1B full FT,
+    8B full FT bf16-lean with bf16 and 8bit moments, without and with accumulation)."""
     measured = {
         "H100": [RESULTS / "run20.json", *sorted((RESULTS / "session8").glob("h100_*.json"))],
-        "H200": [RESULTS / "run17.json", RESULTS / "run18.json"],
+        "H200": [RESULTS / f"run{n}.json" for n in ("17", "18", "34", "34b", "34c")],
     }
     for kind, runs in measured.items():
         hardware = plan_calibration.hardware_for(kind)
         rows = [plan_calibration.predict(row, s, hardware) for row, s in plan_calibration.measured_rows(runs)]
-        assert len(rows) == (3 if kind == "H100" else 4)
+        assert len(rows) == (3 if kind == "H100" else 9)
         for row in rows:
             assert abs(row["predicted_s"] - row["measured_s"]) / row["measured_s"] <= 0.10, (kind, row)
             assert abs(row["predicted_gib"] - row["measured_gib"]) / row["measured_gib"] <= 0.05, (kind, row)
@@ -202,3 +214,27 @@ def test_a_row_with_low_bit_states_is_predicted_with_their_bytes():
     low_bit = plan_calibration.predict(dict(row, states="8bit"), settings, hardware)
     saved_gib = 8.03e9 * (4 - 2 * (1 + 4 / 256)) / 2**30
     assert lean["predicted_gib"] - low_bit["predicted_gib"] > 0.9 * saved_gib
+
+
+def test_low_bit_states_pay_with_accumulation_and_cost_without_on_the_h200():
+    """Runs 34-34c (H200, one warm machine), 8B full FT bf16-lean at MEM_PER_GPU=74, each with the plan the compile
+    pass chose: with GRADIENT_ACCU_NUM=8, 8bit moments free the memory to keep every activation (no recompute, one
+    micro-batch of 2 rows) and the update is faster than with bf16 moments (two micro-batches of 1 row, MLPs
+    recomputed); without accumulation the memory buys nothing and torchao's slower step makes the update slower.
+    Both orders are predicted as measured, and 8bit's peak is lower by about the moments' bytes."""
+    rows = {
+        f"{row['run']} {row['name']}": plan_calibration.predict(row, s, plan_calibration.hardware_for("H200"))
+        for row, s in plan_calibration.measured_rows([RESULTS / f"run{n}.json" for n in ("34", "34b", "34c")])
+        if row["name"].startswith("8B")
+    }
+    pairs = (
+        ("run34 8B-full-bf16lean-8bit-plan-compile-accu8", "run34 8B-full-bf16lean-plan-compile-accu8", True),
+        ("run34b 8B-full-bf16lean-8bit-plan-compile", "run34c 8B-full-bf16lean-plan-compile", False),
+    )
+    for low_bit, lean, low_bit_faster in pairs:
+        for kind in ("measured_s", "predicted_s"):
+            assert (rows[low_bit][kind] < rows[lean][kind]) == low_bit_faster, (low_bit, lean, kind)
+    saved_gib = 8.03e9 * (4 - 2 * (1 + 4 / 256)) / 2**30
+    low_bit, lean = rows["run34b 8B-full-bf16lean-8bit-plan-compile"], rows["run34c 8B-full-bf16lean-plan-compile"]
+    for kind in ("measured_gib", "predicted_gib"):
+        assert lean[kind] - low_bit[kind] > 0.9 * saved_gib, kind
