@@ -68,7 +68,8 @@ def test_padded_batches_give_the_same_loss_and_gradients():
         (loss, grads), (padded_loss, padded_grads) = results
         torch.testing.assert_close(padded_loss, loss, rtol=1e-6, atol=0)
         for grad, padded_grad in zip(grads, padded_grads):
-            torch.testing.assert_close(padded_grad, grad, rtol=1e-5, atol=1e-7)
+            # longer rows change the matmuls' summation order: float32 rounding of the tensor's own scale
+            torch.testing.assert_close(padded_grad, grad, rtol=1e-5, atol=1e-5 * grad.abs().max().item())
     unchanged = LengthRule(tp=2, sequence_length=7, compiled=True)
     assert pad_batch(sample, unchanged, pad_id=0) is sample and pad_batch({}, unchanged, pad_id=0) == {}
 
